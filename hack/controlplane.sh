@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane for tests and the local demo: etcd + kube-apiserver on
+# loopback, built from their Go modules (see hack/controlplane/*/go.mod), cached by version.
+#
+#   hack/controlplane.sh build          build (or reuse) kube-apiserver, kubectl and etcd; print the bin dir
+#   hack/controlplane.sh start [DIR]    start both in DIR (default .controlplane), wait for /readyz,
+#                                       write DIR/kubeconfig; prints `export KUBECONFIG=...`
+#   hack/controlplane.sh stop [DIR]     stop what start started
+#
+# No kubelet, scheduler or controller-manager: nothing garbage-collects and namespaces stay
+# Terminating. Tests must not rely on those.
+set -euo pipefail
+
+K8S_VERSION=v1.35.4
+ETCD_VERSION=v3.6.16
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${WEBHOOK_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/webhook-operator}
+bin="$cache/controlplane/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
+
+log() { echo "controlplane: $*" >&2; }
+
+build() {
+  if [[ -x "$bin/kube-apiserver" && -x "$bin/kubectl" && -x "$bin/etcd" ]]; then
+    echo "$bin"
+    return
+  fi
+  command -v go >/dev/null || { log "go is required (see README: prerequisites)"; exit 1; }
+  mkdir -p "$bin.tmp"
+  local major=${K8S_VERSION#v}; major=${major%%.*}
+  local minor=${K8S_VERSION#v*.}; minor=${minor%%.*}
+  local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION \
+    -X k8s.io/component-base/version.gitMajor=$major -X k8s.io/component-base/version.gitMinor=$minor \
+    -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION \
+    -X k8s.io/client-go/pkg/version.gitMajor=$major -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+  log "building kube-apiserver and kubectl $K8S_VERSION (cold build takes several minutes)"
+  (cd "$root/hack/controlplane/apiserver" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" \
+    -o "$bin.tmp/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl)
+  log "building etcd $ETCD_VERSION"
+  (cd "$root/hack/controlplane/etcd" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" \
+    -o "$bin.tmp/etcd" go.etcd.io/etcd/server/v3)
+  rm -rf "$bin" && mv "$bin.tmp" "$bin"
+  echo "$bin"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+start() {
+  local dir=${1:-$root/.controlplane}
+  build >/dev/null
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  stop "$dir" 2>/dev/null || true
+  rm -rf "$dir/etcd-data" "$dir/certs"
+  mkdir -p "$dir/certs"
+  local etcd_port peer_port api_port
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
+
+  # Serving certificate, service-account key, and a static admin token.
+  (cd "$dir/certs" &&
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=127.0.0.1" \
+      -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout apiserver.key -out apiserver.crt 2>/dev/null &&
+    openssl genrsa -out sa.key 2048 2>/dev/null &&
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null)
+  local token
+  token=$(openssl rand -hex 24)
+  echo "$token,admin,admin,system:masters" > "$dir/certs/tokens.csv"
+
+  "$bin/etcd" --data-dir "$dir/etcd-data" --name cp \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "cp=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level error \
+    >"$dir/etcd.log" 2>&1 &
+  echo $! > "$dir/etcd.pid"
+
+  "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --cert-dir "$dir/certs" --tls-cert-file "$dir/certs/apiserver.crt" --tls-private-key-file "$dir/certs/apiserver.key" \
+    --service-cluster-ip-range 10.0.0.0/24 --authorization-mode RBAC \
+    --disable-admission-plugins ServiceAccount --token-auth-file "$dir/certs/tokens.csv" \
+    --service-account-issuer https://127.0.0.1 --service-account-key-file "$dir/certs/sa.pub" \
+    --service-account-signing-key-file "$dir/certs/sa.key" --allow-privileged \
+    >"$dir/apiserver.log" 2>&1 &
+  echo $! > "$dir/apiserver.pid"
+
+  cat > "$dir/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: https://127.0.0.1:$api_port
+    certificate-authority: $dir/certs/apiserver.crt
+users:
+- name: admin
+  user:
+    token: $token
+contexts:
+- name: local
+  context: {cluster: local, user: admin, namespace: default}
+current-context: local
+EOF
+  for _ in $(seq 1 120); do
+    if "$bin/kubectl" --kubeconfig "$dir/kubeconfig" get --raw /readyz >/dev/null 2>&1; then
+      log "ready at https://127.0.0.1:$api_port"
+      echo "export KUBECONFIG=$dir/kubeconfig PATH=$bin:\$PATH"
+      return
+    fi
+    kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null || { tail -20 "$dir/apiserver.log" >&2; exit 1; }
+    sleep 0.5
+  done
+  log "kube-apiserver did not become ready; see $dir/apiserver.log"
+  exit 1
+}
+
+stop() {
+  local dir=${1:-$root/.controlplane}
+  for p in apiserver etcd; do
+    if [[ -f "$dir/$p.pid" ]]; then
+      kill "$(cat "$dir/$p.pid")" 2>/dev/null || true
+      rm -f "$dir/$p.pid"
+    fi
+  done
+}
+
+case "${1:-}" in
+  build) build ;;
+  start) start "${2:-}" ;;
+  stop) stop "${2:-}" ;;
+  *) echo "usage: $0 build|start [DIR]|stop [DIR]" >&2; exit 2 ;;
+esac

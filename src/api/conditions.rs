@@ -1,0 +1,38 @@
+//! Condition types and reasons: the contract with kubectl, kstatus, Flux and Argo CD.
+//! The README explains each reason and what to do about it.
+
+/// Condition types.
+pub mod types {
+    pub const READY: &str = "Ready";
+    pub const SYNCED: &str = "Synced";
+    pub const HEALTHY: &str = "Healthy";
+    pub const RECONCILING: &str = "Reconciling";
+    pub const STALLED: &str = "Stalled";
+}
+
+/// Condition reasons (CamelCase, stable: tools and alerts match on them).
+pub mod reasons {
+    pub const SYNCED: &str = "Synced";
+    pub const READY: &str = "Ready";
+    pub const ADOPTED: &str = "Adopted";
+    pub const DRIFT_REPAIRED: &str = "DriftRepaired";
+    pub const CREDENTIALS_MISSING: &str = "CredentialsMissing";
+    pub const UNAUTHORIZED: &str = "Unauthorized";
+    pub const UPSTREAM_UNAVAILABLE: &str = "UpstreamUnavailable";
+    pub const RATE_LIMITED: &str = "RateLimited";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const ENDPOINT_NOT_READY: &str = "EndpointNotReady";
+    pub const NOT_FOUND_UPSTREAM: &str = "NotFoundUpstream";
+    pub const DISABLED_UPSTREAM: &str = "DisabledUpstream";
+    pub const MANUAL_SETUP: &str = "ManualSetupRequired";
+    pub const OBSERVE_ONLY: &str = "ObserveOnly";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const INGRESS_ASSIGNED: &str = "IngressAssigned";
+    pub const DESTINATION_UNRESOLVABLE: &str = "DestinationUnresolvable";
+    pub const DESTINATION_FORBIDDEN: &str = "DestinationForbidden";
+    pub const SECRET_MISSING: &str = "SecretMissing";
+    pub const DELIVERING: &str = "Delivering";
+    pub const NO_DELIVERIES: &str = "NoDeliveries";
+    pub const DELIVERY_FAILING: &str = "DeliveryFailing";
+    pub const DEGRADED: &str = "Degraded";
+}

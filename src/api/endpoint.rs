@@ -1,0 +1,328 @@
+//! `WebhookEndpoint`: where the events for one ingress URL are delivered in the cluster.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::SecretKeyRef;
+
+/// Receives provider events at an unguessable ingress URL, stores each one durably and
+/// delivers it, signed with Standard Webhooks, to an in-cluster Service or a URL.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "hooks.webhook-operator.dev",
+    version = "v1alpha1",
+    kind = "WebhookEndpoint",
+    namespaced,
+    doc = "Receives provider events at an unguessable ingress URL, stores each one durably and delivers it, signed with Standard Webhooks, to an in-cluster Service or a URL.",
+    status = "WebhookEndpointStatus",
+    shortname = "whe",
+    category = "webhooks",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Healthy","type":"string","jsonPath":".status.conditions[?(@.type==\"Healthy\")].status"}"#,
+    printcolumn = r#"{"name":"Delivered","type":"integer","jsonPath":".status.delivery.delivered"}"#,
+    printcolumn = r#"{"name":"Failing","type":"integer","jsonPath":".status.delivery.consecutiveFailures"}"#,
+    printcolumn = r#"{"name":"Ingress","type":"string","jsonPath":".status.ingressURL","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookEndpointSpec {
+    /// Where events are delivered: exactly one of `service` or `url`.
+    pub destination: Destination,
+    /// How events are delivered: timeout, retries, concurrency, rate and dead letters.
+    #[serde(default)]
+    pub delivery: DeliveryPolicy,
+    /// Standard Webhooks signing of deliveries (`webhook-id`, `webhook-timestamp`,
+    /// `webhook-signature`). When `secretRef` is absent the operator generates a secret
+    /// into a Secret named `<endpoint>-signing` owned by this endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing: Option<Signing>,
+    /// Extra headers sent with every delivery; each value is read from a Secret key and
+    /// never shown in status, Events or logs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub headers: Vec<HeaderFromSecret>,
+    /// Deliver only these event types (the provider's event names, for example
+    /// `call_completed`); empty delivers every event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub event_types: Vec<EventTypeName>,
+}
+
+/// An event type name used in filters.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct EventTypeName(#[schemars(length(min = 1, max = 64))] pub String);
+
+/// The delivery target. Exactly one of `service` or `url`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.service) != has(self.url)",
+    "message": "exactly one of destination.service or destination.url must be set"
+}]))]
+pub struct Destination {
+    /// A Service in the cluster, addressed as `http://<name>.<namespace>.svc:<port><path>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceDestination>,
+    /// A URL. It must be `https`, or `http` to an in-cluster host (`*.svc`,
+    /// `*.cluster.local`, a bare Service name) or loopback. Link-local and cloud metadata
+    /// addresses are refused at delivery unless the operator allows them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "isURL(self) && (url(self).getScheme() == 'https' || (url(self).getScheme() == 'http' && (url(self).getHostname().endsWith('.svc') || url(self).getHostname().endsWith('.cluster.local') || !url(self).getHostname().contains('.') || url(self).getHostname() == '127.0.0.1')))",
+        "message": "must be an https URL, or http only to an in-cluster host (*.svc, *.cluster.local, a bare Service name) or loopback"
+    }]))]
+    pub url: Option<String>,
+}
+
+/// A Service destination.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ServiceDestination {
+    /// Service name.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Service namespace; defaults to the endpoint's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+    /// Service port.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// Request path, starting with `/`; defaults to `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), extend("pattern" = "^/"))]
+    pub path: Option<String>,
+}
+
+/// How events are delivered.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryPolicy {
+    /// Timeout of one delivery attempt (Go duration, 100ms to 5m).
+    #[serde(default = "default_timeout")]
+    #[schemars(extend(
+        "pattern" = super::common::DURATION_PATTERN,
+        "x-kubernetes-validations" = [{"rule": "duration(self) >= duration('100ms') && duration(self) <= duration('5m')", "message": "must be between 100ms and 5m"}]
+    ))]
+    pub timeout: String,
+    /// Retries of failed attempts.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// At most this many deliveries to this destination at once.
+    #[serde(default = "default_max_in_flight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_in_flight: u32,
+    /// At most this many delivery attempts per second; 0 means unlimited.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100000))]
+    pub rate_per_second: u32,
+    /// Events whose retries are exhausted are kept as dead letters for replay.
+    #[serde(default)]
+    pub dead_letter: DeadLetterPolicy,
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        Self {
+            timeout: default_timeout(),
+            retry: RetryPolicy::default(),
+            max_in_flight: default_max_in_flight(),
+            rate_per_second: 0,
+            dead_letter: DeadLetterPolicy::default(),
+        }
+    }
+}
+
+/// Retry policy of failed delivery attempts.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 to 100).
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: i32,
+    /// How the delay grows between attempts.
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// Delay before the first retry (Go duration, 10ms to 1h).
+    #[serde(default = "default_initial_delay")]
+    #[schemars(extend(
+        "pattern" = super::common::DURATION_PATTERN,
+        "x-kubernetes-validations" = [{"rule": "duration(self) >= duration('10ms') && duration(self) <= duration('1h')", "message": "must be between 10ms and 1h"}]
+    ))]
+    pub initial_delay: String,
+    /// Upper bound of any delay (Go duration, 10ms to 24h).
+    #[serde(default = "default_max_delay")]
+    #[schemars(extend(
+        "pattern" = super::common::DURATION_PATTERN,
+        "x-kubernetes-validations" = [{"rule": "duration(self) >= duration('10ms') && duration(self) <= duration('24h')", "message": "must be between 10ms and 24h"}]
+    ))]
+    pub max_delay: String,
+    /// An event older than this is dead-lettered instead of retried (Go duration, 1s to 720h).
+    #[serde(default = "default_max_age")]
+    #[schemars(extend(
+        "pattern" = super::common::DURATION_PATTERN,
+        "x-kubernetes-validations" = [{"rule": "duration(self) >= duration('1s') && duration(self) <= duration('720h')", "message": "must be between 1s and 720h"}]
+    ))]
+    pub max_age: String,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            backoff: Backoff::default(),
+            initial_delay: default_initial_delay(),
+            max_delay: default_max_delay(),
+            max_age: default_max_age(),
+        }
+    }
+}
+
+/// Backoff shape between delivery attempts; jitter is always added.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Backoff {
+    /// initialDelay × 2^(attempt−1), capped at maxDelay.
+    #[default]
+    Exponential,
+    /// initialDelay × attempt, capped at maxDelay.
+    Linear,
+}
+
+/// Dead-letter retention.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct DeadLetterPolicy {
+    /// How long dead letters are kept for replay (Go duration, 1m to 2160h).
+    #[serde(default = "default_retention")]
+    #[schemars(extend(
+        "pattern" = super::common::DURATION_PATTERN,
+        "x-kubernetes-validations" = [{"rule": "duration(self) >= duration('1m') && duration(self) <= duration('2160h')", "message": "must be between 1m and 2160h"}]
+    ))]
+    pub retention: String,
+}
+
+impl Default for DeadLetterPolicy {
+    fn default() -> Self {
+        Self {
+            retention: default_retention(),
+        }
+    }
+}
+
+/// Standard Webhooks signing.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Signing {
+    /// Secret key holding the signing secret (`whsec_<base64>` or raw bytes). When absent
+    /// the operator generates one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+/// A header added to every delivery, its value read from a Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderFromSecret {
+    /// Header name (an RFC 7230 token). The Standard Webhooks headers and hop-by-hop
+    /// headers are reserved.
+    #[schemars(length(min = 1, max = 128), extend(
+        "pattern" = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+        "x-kubernetes-validations" = [{"rule": "!(self.lowerAscii() in ['host', 'content-length', 'content-type', 'connection', 'transfer-encoding', 'webhook-id', 'webhook-timestamp', 'webhook-signature'])", "message": "is a reserved header name"}]
+    ))]
+    pub name: String,
+    /// The Secret key that holds the value.
+    pub secret_key_ref: SecretKeyRef,
+}
+
+/// Observed state of a WebhookEndpoint.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookEndpointStatus {
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`: ingress URL assigned and destination resolvable. `Healthy`: recent
+    /// deliveries succeed. `Reconciling` / `Stalled` in the kstatus sense.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Where providers must send events: the public base URL plus `/hooks/<token>`, or the
+    /// path alone when no public base URL is configured. Treat it as a secret.
+    #[serde(default, rename = "ingressURL", skip_serializing_if = "Option::is_none")]
+    pub ingress_url: Option<String>,
+    /// SHA-256 of the signing secret in force (never the secret), to detect rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_hash: Option<String>,
+    /// The last `hooks.webhook-operator.dev/requested-at` value handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_requested_at: Option<String>,
+    /// The last replay request handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_replay_at: Option<String>,
+    /// Delivery statistics since the operator started tracking this endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryStats>,
+}
+
+/// Delivery statistics.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryStats {
+    /// Events delivered (2xx from the destination).
+    #[serde(default)]
+    pub delivered: u64,
+    /// Failed attempts.
+    #[serde(default)]
+    pub failed: u64,
+    /// Events waiting for a retry now.
+    #[serde(default)]
+    pub retrying: u64,
+    /// Events moved to the dead-letter store.
+    #[serde(default)]
+    pub dead_lettered: u64,
+    /// Failed attempts since the last success.
+    #[serde(default)]
+    pub consecutive_failures: u64,
+    /// Share of failed attempts over the recent window, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_ratio: Option<f64>,
+    /// When a delivery last succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_time: Option<Time>,
+    /// When an attempt last failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// Short reason of the last failure (status code or transport error, no secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Median ingest-to-delivered latency over the recent window, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p50_ms: Option<f64>,
+    /// 99th percentile ingest-to-delivered latency over the recent window, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p99_ms: Option<f64>,
+}
+
+fn default_timeout() -> String {
+    "10s".into()
+}
+fn default_max_in_flight() -> u32 {
+    16
+}
+fn default_max_attempts() -> i32 {
+    8
+}
+fn default_initial_delay() -> String {
+    "1s".into()
+}
+fn default_max_delay() -> String {
+    "5m".into()
+}
+fn default_max_age() -> String {
+    "24h".into()
+}
+fn default_retention() -> String {
+    "168h".into()
+}

@@ -1,0 +1,299 @@
+//! `WebhookSubscription`: a subscription at a provider, kept in sync by the operator.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::Provider;
+
+/// Asks a provider to send events to an endpoint. The operator creates the subscription
+/// at the provider's API, repairs drift and removes it on delete (for Atllas, which has
+/// no API, it publishes what to paste into the portal).
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "hooks.webhook-operator.dev",
+    version = "v1alpha1",
+    kind = "WebhookSubscription",
+    namespaced,
+    doc = "Asks a provider to send events to an endpoint; the operator keeps the upstream subscription in sync (for Atllas, which has no API, it publishes what to paste into the portal).",
+    status = "WebhookSubscriptionStatus",
+    shortname = "whs",
+    category = "webhooks",
+    printcolumn = r#"{"name":"Provider","type":"string","jsonPath":".spec.provider"}"#,
+    printcolumn = r#"{"name":"Events","type":"string","jsonPath":".spec.events"}"#,
+    printcolumn = r#"{"name":"Synced","type":"string","jsonPath":".status.conditions[?(@.type==\"Synced\")].status"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Upstream","type":"string","jsonPath":".status.upstream.id"}"#,
+    printcolumn = r#"{"name":"Received","type":"integer","jsonPath":".status.events.received","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.provider == 'atllas' || has(self.credentialsRef)", "message": "credentialsRef is required for providers atlas, atomic and smallest", "fieldPath": ".credentialsRef"},
+    {"rule": "has(self.endpointRef) != has(self.url)", "message": "exactly one of endpointRef or url must be set", "fieldPath": ".endpointRef"},
+    {"rule": "self.provider != 'atllas' || has(self.endpointRef)", "message": "provider atllas delivers only to an endpointRef (the operator must receive its events)", "fieldPath": ".endpointRef"},
+    {"rule": "has(self.atlas) == (self.provider == 'atlas')", "message": "atlas (with campaignId) must be set for provider atlas, and only for it", "fieldPath": ".atlas"},
+    {"rule": "has(self.atomic) == (self.provider == 'atomic')", "message": "atomic (with organizationId and environmentId) must be set for provider atomic, and only for it", "fieldPath": ".atomic"},
+    {"rule": "has(self.smallest) == (self.provider == 'smallest')", "message": "smallest (with agentIds) must be set for provider smallest, and only for it", "fieldPath": ".smallest"},
+    {"rule": "!has(self.atllas) || self.provider == 'atllas'", "message": "atllas may be set only for provider atllas", "fieldPath": ".atllas"},
+    {"rule": "self.provider != 'atlas' || self.events.all(e, e in ['call_started', 'call_completed', 'message_received', 'message_sent'])", "message": "atlas events must be among call_started, call_completed, message_received, message_sent", "fieldPath": ".events"},
+    {"rule": "self.provider != 'atomic' || self.events.all(e, e in ['card-published', 'card-completed', 'card-dismissed', 'card-snoozed', 'card-unsnoozed', 'card-expired', 'card-cancelled', 'card-embargoed', 'card-error', 'card-displayed', 'card-subview-displayed', 'card-subview-exited'])", "message": "atomic events must be among the documented analytics events (card-published, card-completed, card-dismissed, card-snoozed, card-unsnoozed, card-expired, card-cancelled, card-embargoed, card-error, card-displayed, card-subview-displayed, card-subview-exited)", "fieldPath": ".events"},
+    {"rule": "self.provider != 'smallest' || self.events.all(e, e in ['pre-conversation', 'post-conversation', 'analytics-completed'])", "message": "smallest events must be among pre-conversation, post-conversation, analytics-completed", "fieldPath": ".events"},
+    {"rule": "self.provider != 'atllas' || self.events.all(e, e in ['call.finished', 'call.completed'])", "message": "atllas events must be among call.finished, call.completed", "fieldPath": ".events"}
+]))]
+pub struct WebhookSubscriptionSpec {
+    /// The provider: `atlas`, `atomic`, `smallest` or `atllas` (receive-only).
+    pub provider: Provider,
+    /// The Secret holding the provider credentials. Not used for `atllas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_ref: Option<CredentialsRef>,
+    /// Event names to subscribe to, as the provider spells them (Atlas `call_completed`,
+    /// Atomic `card-published`, Smallest `post-conversation`, Atllas `call.finished`).
+    #[schemars(length(min = 1, max = 32))]
+    pub events: Vec<EventName>,
+    /// Atlas scope; required for provider `atlas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atlas: Option<AtlasScope>,
+    /// Atomic scope; required for provider `atomic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atomic: Option<AtomicScope>,
+    /// Smallest.ai Atoms scope; required for provider `smallest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smallest: Option<SmallestScope>,
+    /// Atllas settings; optional for provider `atllas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atllas: Option<AtllasScope>,
+    /// The WebhookEndpoint (same namespace) whose ingress URL is registered at the
+    /// provider. Exactly one of `endpointRef` or `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_ref: Option<EndpointRef>,
+    /// An external https URL registered at the provider instead of an endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048), extend("x-kubernetes-validations" = [{
+        "rule": "isURL(self) && url(self).getScheme() == 'https'",
+        "message": "must be an https URL"
+    }]))]
+    pub url: Option<String>,
+    /// `Delete` (default) removes the upstream subscription when this object is deleted;
+    /// `Orphan` leaves it at the provider.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// `Manage` (default) creates and repairs the upstream subscription; `ObserveOnly`
+    /// never writes upstream and only reports what it finds.
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
+    /// How often the upstream subscription is re-checked and drift repaired (Go duration,
+    /// 30s to 24h; default 5m).
+    #[serde(default = "default_resync_interval")]
+    #[schemars(extend(
+        "pattern" = super::common::DURATION_PATTERN,
+        "x-kubernetes-validations" = [{"rule": "duration(self) >= duration('30s') && duration(self) <= duration('24h')", "message": "must be between 30s and 24h"}]
+    ))]
+    pub resync_interval: String,
+}
+
+/// An event name.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct EventName(#[schemars(length(min = 1, max = 64))] pub String);
+
+/// Where the provider credentials are: a Secret in the subscription's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the API key (Atlas, Smallest).
+    #[serde(default = "default_api_key_key")]
+    pub api_key_key: String,
+    /// Key of the OAuth2 client id (Atomic).
+    #[serde(default = "default_client_id_key")]
+    pub client_id_key: String,
+    /// Key of the OAuth2 client secret (Atomic).
+    #[serde(default = "default_client_secret_key")]
+    pub client_secret_key: String,
+}
+
+/// Atlas scope.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AtlasScope {
+    /// The campaign whose events are sent; `*` means every campaign of the account.
+    #[schemars(length(min = 1, max = 128))]
+    pub campaign_id: String,
+}
+
+/// Atomic scope.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AtomicScope {
+    /// The Atomic organization id (the API host is `<organizationId>.customer-api.atomic.io`).
+    #[schemars(length(min = 1, max = 128))]
+    pub organization_id: String,
+    /// The Atomic environment id.
+    #[schemars(length(min = 1, max = 128))]
+    pub environment_id: String,
+    /// Only events of this card template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_template_id: Option<String>,
+    /// Only events of this Action Flow configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_flow_config_id: Option<String>,
+    /// HTTP method Atomic uses for deliveries.
+    #[serde(default)]
+    pub method: AtomicMethod,
+}
+
+/// HTTP method of Atomic deliveries.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum AtomicMethod {
+    #[default]
+    #[serde(rename = "POST")]
+    Post,
+    #[serde(rename = "PUT")]
+    Put,
+}
+
+/// Smallest.ai Atoms scope.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SmallestScope {
+    /// The agents whose events are sent (24-hex ids).
+    #[schemars(length(min = 1, max = 50))]
+    pub agent_ids: Vec<AgentId>,
+}
+
+/// A Smallest.ai agent id.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(transparent)]
+pub struct AgentId(#[schemars(length(min = 1, max = 64))] pub String);
+
+/// Atllas settings (the webhook is created by hand in the Atllas portal).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AtllasScope {
+    /// Name of the custom header to configure in the portal; its value is generated into
+    /// the Secret named in `status.manualSetup.secretName`.
+    #[serde(default = "default_atllas_header")]
+    #[schemars(length(min = 1, max = 128), extend("pattern" = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))]
+    pub header_name: String,
+}
+
+/// Reference to a WebhookEndpoint in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct EndpointRef {
+    /// WebhookEndpoint name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// What happens upstream when the object is deleted.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DeletionPolicy {
+    #[default]
+    Delete,
+    Orphan,
+}
+
+/// Whether the operator writes upstream.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ManagementPolicy {
+    #[default]
+    Manage,
+    ObserveOnly,
+}
+
+/// Observed state of a WebhookSubscription.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSubscriptionStatus {
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Synced`: the last call to the provider succeeded. `Ready`: the subscription exists
+    /// upstream as specified and its endpoint is ready. `Reconciling` / `Stalled` in the
+    /// kstatus sense.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// What the provider holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamStatus>,
+    /// Events received for this subscription.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventCounters>,
+    /// For receive-only providers: what to enter in the provider's portal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manual_setup: Option<ManualSetup>,
+    /// The last `hooks.webhook-operator.dev/requested-at` value handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_requested_at: Option<String>,
+}
+
+/// The upstream subscription.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamStatus {
+    /// The provider's id (several ids joined by `,` where one object maps to several).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// What the provider echoed back (no secrets).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub echo: BTreeMap<String, String>,
+    /// The provider's own state of the subscription, for example `enabled` or `disabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// When the operator last talked to the provider successfully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<Time>,
+    /// The Secret (owned by this subscription) holding the signing secret the provider
+    /// issued, used by the ingress to verify deliveries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_name: Option<String>,
+}
+
+/// Event counters.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventCounters {
+    /// Events accepted at the ingress for this subscription.
+    #[serde(default)]
+    pub received: u64,
+    /// When the last one arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_received_time: Option<Time>,
+}
+
+/// What to configure by hand at a receive-only provider.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManualSetup {
+    /// The URL to paste in the provider's portal.
+    #[serde(default, rename = "hookURL", skip_serializing_if = "Option::is_none")]
+    pub hook_url: Option<String>,
+    /// The header name to add in the portal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_name: Option<String>,
+    /// The Secret (key `value`) holding the header value to add in the portal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+}
+
+fn default_resync_interval() -> String {
+    "5m".into()
+}
+fn default_api_key_key() -> String {
+    "apiKey".into()
+}
+fn default_client_id_key() -> String {
+    "clientId".into()
+}
+fn default_client_secret_key() -> String {
+    "clientSecret".into()
+}
+fn default_atllas_header() -> String {
+    "X-Webhook-Token".into()
+}

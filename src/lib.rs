@@ -1,0 +1,4 @@
+//! webhook-operator: manages provider webhooks as Kubernetes custom resources, receives
+//! their events, stores them durably and delivers them to in-cluster services.
+
+pub mod api;
