@@ -2,3 +2,4 @@
 //! their events, stores them durably and delivers them to in-cluster services.
 
 pub mod api;
+pub mod inbound;

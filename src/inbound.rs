@@ -1,0 +1,102 @@
+//! The contract between the ingress (provider-agnostic HTTP server) and the providers'
+//! inbound parsers (verification and normalisation of what a provider POSTs).
+//!
+//! The ingress finds the subscription a request belongs to (from its path), hands the raw
+//! request and that subscription's verification keys to an [`InboundParser`], and queues
+//! the events it returns. Nothing here knows a provider format or the queue.
+
+use bytes::Bytes;
+
+use crate::api::Provider;
+
+/// A request as it reached the ingress, before any verification.
+pub struct InboundRequest<'a> {
+    pub method: &'a http::Method,
+    pub headers: &'a http::HeaderMap,
+    /// The raw query string, without `?`.
+    pub query: Option<&'a str>,
+    /// The raw body, exactly as received (signatures are over these bytes).
+    pub body: &'a [u8],
+}
+
+/// What a request must prove, for one subscription.
+#[derive(Clone, Default)]
+pub struct VerificationKeys {
+    /// Accepted secrets, newest first: the provider's signing secret (Atomic, Smallest) or
+    /// the expected header value (Atllas). More than one during a rotation overlap.
+    pub secrets: Vec<Vec<u8>>,
+    /// The header that carries the shared value (Atllas).
+    pub header_name: Option<String>,
+}
+
+impl std::fmt::Debug for VerificationKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerificationKeys")
+            .field("secrets", &format_args!("<{} redacted>", self.secrets.len()))
+            .field("header_name", &self.header_name)
+            .finish()
+    }
+}
+
+/// One provider event, normalised: a batch or array is split into one of these each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InboundEvent {
+    /// The provider's event name (`call_completed`, `card-published`, `post-conversation`,
+    /// `call.finished`).
+    pub event_type: String,
+    /// Identity of the event at the provider (PROVIDERS.md); equal keys are duplicates.
+    pub dedupe_key: String,
+    /// The event as JSON, the single event object (not the provider's array or batch).
+    pub payload: Bytes,
+    /// A test event (a provider's test button or the operator's own test request).
+    pub test: bool,
+}
+
+/// Why a request was refused. Reasons are short, fixed strings: safe to return to the
+/// caller and to use as a metric label.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// Missing or wrong signature or header secret (401).
+    #[error("unauthorized: {0}")]
+    Unauthorized(&'static str),
+    /// Malformed body or missing fields (400).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// Not JSON (415).
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    /// A method the provider never uses (405).
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl Rejection {
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            Rejection::Unauthorized(_) => http::StatusCode::UNAUTHORIZED,
+            Rejection::BadRequest(_) => http::StatusCode::BAD_REQUEST,
+            Rejection::UnsupportedMediaType => http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Rejection::MethodNotAllowed => http::StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    /// Low-cardinality label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejection::Unauthorized(_) => "unauthorized",
+            Rejection::BadRequest(_) => "bad_request",
+            Rejection::UnsupportedMediaType => "unsupported_media_type",
+            Rejection::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+}
+
+/// Verifies and normalises one provider's deliveries. Implemented in `providers`.
+pub trait InboundParser: Send + Sync {
+    fn parse(
+        &self,
+        provider: Provider,
+        keys: &VerificationKeys,
+        request: &InboundRequest<'_>,
+    ) -> Result<Vec<InboundEvent>, Rejection>;
+}
