@@ -3,8 +3,10 @@
 # loopback, built from their Go modules (see hack/controlplane/*/go.mod), cached by version.
 #
 #   hack/controlplane.sh build          build (or reuse) kube-apiserver, kubectl and etcd; print the bin dir
-#   hack/controlplane.sh start [DIR]    start both in DIR (default .controlplane), wait for /readyz,
-#                                       write DIR/kubeconfig; prints `export KUBECONFIG=...`
+#   hack/controlplane.sh start [DIR] [OWNER_PID]
+#                                       start both in DIR (default .controlplane), wait for /readyz,
+#                                       write DIR/kubeconfig; prints `export KUBECONFIG=...`.
+#                                       With OWNER_PID, both stop when that process exits.
 #   hack/controlplane.sh stop [DIR]     stop what start started
 #
 # No kubelet, scheduler or controller-manager: nothing garbage-collects and namespaces stay
@@ -57,10 +59,16 @@ start() {
   local etcd_port peer_port api_port
   etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
 
-  # Serving certificate, service-account key, and a static admin token.
+  # A CA, a serving certificate it signs (rustls refuses a self-signed leaf), the
+  # service-account key pair, and a static admin token.
   (cd "$dir/certs" &&
-    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=127.0.0.1" \
-      -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout apiserver.key -out apiserver.crt 2>/dev/null &&
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=webhook-operator-test-ca" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -keyout ca.key -out ca.crt 2>/dev/null &&
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout apiserver.key -out apiserver.csr 2>/dev/null &&
+    printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n' > ext.cnf &&
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile ext.cnf -out apiserver.crt 2>/dev/null &&
     openssl genrsa -out sa.key 2048 2>/dev/null &&
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null)
   local token
@@ -80,7 +88,7 @@ start() {
     --service-cluster-ip-range 10.0.0.0/24 --authorization-mode RBAC \
     --disable-admission-plugins ServiceAccount --token-auth-file "$dir/certs/tokens.csv" \
     --service-account-issuer https://127.0.0.1 --service-account-key-file "$dir/certs/sa.pub" \
-    --service-account-signing-key-file "$dir/certs/sa.key" --allow-privileged \
+    --service-account-signing-key-file "$dir/certs/sa.key" --client-ca-file "$dir/certs/ca.crt" --allow-privileged \
     >"$dir/apiserver.log" 2>&1 &
   echo $! > "$dir/apiserver.pid"
 
@@ -91,7 +99,7 @@ clusters:
 - name: local
   cluster:
     server: https://127.0.0.1:$api_port
-    certificate-authority: $dir/certs/apiserver.crt
+    certificate-authority: $dir/certs/ca.crt
 users:
 - name: admin
   user:
@@ -104,6 +112,11 @@ EOF
   for _ in $(seq 1 120); do
     if "$bin/kubectl" --kubeconfig "$dir/kubeconfig" get --raw /readyz >/dev/null 2>&1; then
       log "ready at https://127.0.0.1:$api_port"
+      if [[ -n "${2:-}" ]]; then
+        # Watchdog: tests pass their own pid so a killed test run never leaks servers.
+        (while kill -0 "$2" 2>/dev/null; do sleep 1; done; stop "$dir") >/dev/null 2>&1 </dev/null &
+        disown
+      fi
       echo "export KUBECONFIG=$dir/kubeconfig PATH=$bin:\$PATH"
       return
     fi
@@ -126,7 +139,7 @@ stop() {
 
 case "${1:-}" in
   build) build ;;
-  start) start "${2:-}" ;;
+  start) start "${2:-}" "${3:-}" ;;
   stop) stop "${2:-}" ;;
   *) echo "usage: $0 build|start [DIR]|stop [DIR]" >&2; exit 2 ;;
 esac

@@ -2,4 +2,7 @@
 //! their events, stores them durably and delivers them to in-cluster services.
 
 pub mod api;
+pub mod config;
+pub mod controller;
 pub mod inbound;
+pub mod telemetry;

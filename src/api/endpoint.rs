@@ -71,7 +71,7 @@ pub struct Destination {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "isURL(self) && (url(self).getScheme() == 'https' || (url(self).getScheme() == 'http' && (url(self).getHostname().endsWith('.svc') || url(self).getHostname().endsWith('.cluster.local') || !url(self).getHostname().contains('.') || url(self).getHostname() == '127.0.0.1')))",
+        "rule": "isURL(self) && (self.startsWith('https://') || self.matches('^http://([a-z0-9]([-a-z0-9]*[a-z0-9])?|[-a-z0-9.]+[.]svc|[-a-z0-9.]+[.]cluster[.]local|localhost|127[.]0[.]0[.]1|\\\\[::1\\\\])(:[0-9]+)?([/?#].*)?$'))",
         "message": "must be an https URL, or http only to an in-cluster host (*.svc, *.cluster.local, a bare Service name) or loopback"
     }]))]
     pub url: Option<String>,
@@ -250,7 +250,11 @@ pub struct WebhookEndpointStatus {
     pub conditions: Vec<Condition>,
     /// Where providers must send events: the public base URL plus `/hooks/<token>`, or the
     /// path alone when no public base URL is configured. Treat it as a secret.
-    #[serde(default, rename = "ingressURL", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ingressURL",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ingress_url: Option<String>,
     /// SHA-256 of the signing secret in force (never the secret), to detect rotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -73,7 +73,7 @@ pub struct WebhookSubscriptionSpec {
     /// An external https URL registered at the provider instead of an endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048), extend("x-kubernetes-validations" = [{
-        "rule": "isURL(self) && url(self).getScheme() == 'https'",
+        "rule": "isURL(self) && self.startsWith('https://')",
         "message": "must be an https URL"
     }]))]
     pub url: Option<String>,

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the build, the tests and the local demo need, pinned, and builds the
+# cached control plane. Safe to run again: every step is skipped when already done.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+need_apt=()
+for tool in openssl python3 curl; do
+  command -v "$tool" >/dev/null || need_apt+=("$tool")
+done
+if ((${#need_apt[@]})); then
+  echo "setup: installing ${need_apt[*]} with apt-get" >&2
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+for tool in go cargo; do
+  command -v "$tool" >/dev/null || { echo "setup: $tool is required (Go >= 1.25, Rust stable >= 1.89)" >&2; exit 1; }
+done
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+# kube-apiserver, kubectl and etcd from their Go modules (cached by version).
+"$root/hack/controlplane.sh" build >/dev/null

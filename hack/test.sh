@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: set-up, formatting, lints, then every test (unit, simulator,
+# data plane, and the Kubernetes tests against a real kube-apiserver + etcd).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+start=$(date +%s)
+hack/setup.sh
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked
+echo "test.sh: finished in $(( $(date +%s) - start ))s"

@@ -1,0 +1,7 @@
+//! Tests against a real kube-apiserver + etcd (see `support`). One binary, so the control
+//! plane starts once.
+
+mod support;
+
+mod api_validation;
+mod operator_run;
