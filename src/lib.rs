@@ -3,3 +3,5 @@
 
 pub mod api;
 pub mod inbound;
+pub mod providers;
+pub mod sandbox;
