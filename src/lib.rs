@@ -5,4 +5,6 @@ pub mod api;
 pub mod config;
 pub mod controller;
 pub mod inbound;
+pub mod providers;
+pub mod sandbox;
 pub mod telemetry;

@@ -1,0 +1,243 @@
+//! Atllas (atll.as): receive-only. Outbound webhooks are set up by hand in the Atllas
+//! portal, so there is nothing to sync; deliveries are checked by a custom header whose
+//! value only the operator and the portal know.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use super::inbound_util::{parse_json, require_json, str_field, to_payload, verify_header_secret};
+use super::{
+    Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderError, Scope,
+    SyncAction, UpstreamState,
+};
+use crate::inbound::{InboundEvent, InboundRequest, Rejection, VerificationKeys};
+
+/// Event types Atllas sends: real deliveries and the response webhook / Test button.
+pub const EVENT_TYPES: [&str; 2] = ["call.finished", "call.completed"];
+/// The Test button's webhook ids start with this.
+const TEST_WEBHOOK_PREFIX: &str = "webhook_test_";
+
+/// No API: `ensure` reports manual setup and makes no network call.
+pub struct AtllasClient;
+
+fn manual(d: &DesiredSubscription) -> Result<Observed, ProviderError> {
+    let Scope::Atllas { header_name } = &d.scope else {
+        return Err(super::scope_mismatch(Provider::Atllas));
+    };
+    Ok(Observed {
+        id: "manual".into(),
+        echo: BTreeMap::from([("headerName".to_string(), header_name.clone())]),
+        state: UpstreamState::Manual,
+        signing_secret: None,
+        action: SyncAction::Unchanged,
+    })
+}
+
+#[async_trait]
+impl ProviderApi for AtllasClient {
+    async fn ensure(
+        &self,
+        _creds: &Credentials,
+        desired: &DesiredSubscription,
+        _previous: Option<&DesiredSubscription>,
+    ) -> Result<Observed, ProviderError> {
+        manual(desired)
+    }
+
+    async fn observe(
+        &self,
+        _creds: &Credentials,
+        desired: &DesiredSubscription,
+    ) -> Result<Option<Observed>, ProviderError> {
+        manual(desired).map(Some)
+    }
+
+    async fn delete(
+        &self,
+        _creds: &Credentials,
+        _applied: &DesiredSubscription,
+    ) -> Result<(), ProviderError> {
+        Ok(())
+    }
+}
+
+/// Verifies an Atllas delivery: POST with a JSON body, or GET with the JSON in the
+/// `payload` query parameter; the configured header must carry an accepted value.
+pub fn parse_inbound(
+    keys: &VerificationKeys,
+    req: &InboundRequest<'_>,
+) -> Result<Vec<InboundEvent>, Rejection> {
+    let from_query;
+    let body: &[u8] = if req.method == http::Method::POST {
+        require_json(req)?;
+        req.body
+    } else if req.method == http::Method::GET {
+        from_query = url::form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "payload")
+            .map(|(_, v)| v.into_owned())
+            .ok_or(Rejection::BadRequest("missing payload parameter"))?;
+        from_query.as_bytes()
+    } else {
+        return Err(Rejection::MethodNotAllowed);
+    };
+    verify_header_secret(req, keys.header_name.as_deref(), &keys.secrets)?;
+    let ev = parse_json(body)?;
+    let kind = str_field(&ev, "type").ok_or(Rejection::BadRequest("missing type"))?;
+    if !EVENT_TYPES.contains(&kind) {
+        return Err(Rejection::BadRequest("unknown event type"));
+    }
+    let call = ev
+        .get("call")
+        .ok_or(Rejection::BadRequest("missing call"))?;
+    let call_id = str_field(call, "id").ok_or(Rejection::BadRequest("missing call.id"))?;
+    str_field(call, "status").ok_or(Rejection::BadRequest("missing call.status"))?;
+    let test = ev
+        .get("webhook")
+        .and_then(|w| str_field(w, "id"))
+        .is_some_and(|id| id.starts_with(TEST_WEBHOOK_PREFIX));
+    Ok(vec![InboundEvent {
+        event_type: kind.to_string(),
+        dedupe_key: format!("{call_id}:{kind}"),
+        payload: if req.method == http::Method::POST {
+            bytes::Bytes::copy_from_slice(body)
+        } else {
+            to_payload(&ev)
+        },
+        test,
+    }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::inbound_util::testing::{POST, json_headers};
+    use proptest::prelude::*;
+
+    const HEADER: &str = "x-atllas-token";
+    const VALUE: &str = "s3cr3t-value-0123456789";
+
+    fn keys() -> VerificationKeys {
+        VerificationKeys {
+            secrets: vec![b"rotated-new".to_vec(), VALUE.as_bytes().to_vec()],
+            header_name: Some(HEADER.into()),
+        }
+    }
+
+    fn body(kind: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "type": kind, "timestamp": 1730179200000u64,
+            "webhook": {"id": "webhook_abc123", "type": "outbound"},
+            "call": {"id": "call_xyz789", "status": "finished"},
+            "campaign": {"id": "campaign_123", "name": "Q4"}
+        }))
+        .unwrap()
+    }
+
+    fn post(body: &[u8], value: &str) -> Result<Vec<InboundEvent>, Rejection> {
+        let h = json_headers(&[(HEADER, value)]);
+        parse_inbound(
+            &keys(),
+            &InboundRequest {
+                method: &POST,
+                headers: &h,
+                query: None,
+                body,
+            },
+        )
+    }
+
+    #[test]
+    fn accepts_both_types_and_get() {
+        for kind in EVENT_TYPES {
+            let evs = post(&body(kind), VALUE).unwrap();
+            assert_eq!(evs[0].event_type, kind);
+            assert_eq!(evs[0].dedupe_key, format!("call_xyz789:{kind}"));
+            assert!(!evs[0].test);
+        }
+        let q: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair(
+                "payload",
+                std::str::from_utf8(&body("call.finished")).unwrap(),
+            )
+            .finish();
+        let h = json_headers(&[(HEADER, VALUE)]);
+        let get = http::Method::GET;
+        let evs = parse_inbound(
+            &keys(),
+            &InboundRequest {
+                method: &get,
+                headers: &h,
+                query: Some(&q),
+                body: b"",
+            },
+        )
+        .unwrap();
+        assert_eq!(evs[0].event_type, "call.finished");
+    }
+
+    #[test]
+    fn test_button_is_flagged() {
+        let b = br#"{"type":"call.completed","timestamp":1,"webhook":{"id":"webhook_test_outbound_456","type":"outbound"},"call":{"id":"call_test_abc","status":"finished"}}"#;
+        assert!(post(b, VALUE).unwrap()[0].test);
+    }
+
+    #[test]
+    fn rejects() {
+        assert_eq!(
+            post(&body("call.finished"), "wrong"),
+            Err(Rejection::Unauthorized("wrong header value"))
+        );
+        assert_eq!(
+            post(&body("calls.execute"), VALUE),
+            Err(Rejection::BadRequest("unknown event type"))
+        );
+        assert_eq!(
+            post(br#"{"type":"call.finished","call":{}}"#, VALUE),
+            Err(Rejection::BadRequest("missing call.id"))
+        );
+        let h = json_headers(&[]);
+        assert_eq!(
+            parse_inbound(
+                &keys(),
+                &InboundRequest {
+                    method: &POST,
+                    headers: &h,
+                    query: None,
+                    body: &body("call.finished")
+                }
+            ),
+            Err(Rejection::Unauthorized("missing header"))
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn never_panics(b in proptest::collection::vec(any::<u8>(), 0..512), q in ".{0,64}", v in "[ -~]{0,40}") {
+            let _ = post(&b, &v);
+            let _ = post(&b, VALUE);
+            let h = json_headers(&[(HEADER, VALUE)]);
+            let get = http::Method::GET;
+            let _ = parse_inbound(&keys(), &InboundRequest { method: &get, headers: &h, query: Some(&q), body: &b });
+        }
+
+        #[test]
+        fn valid_body_parses(kind in prop::sample::select(EVENT_TYPES.to_vec())) {
+            prop_assert!(post(&body(kind), VALUE).is_ok());
+        }
+
+        #[test]
+        fn flipped_header_byte_is_rejected(idx in any::<prop::sample::Index>(), bit in 0u8..7) {
+            let mut v = VALUE.as_bytes().to_vec();
+            let i = idx.index(v.len());
+            v[i] ^= 1 << bit;
+            // Only visible ASCII can travel in a header; skip flips that leave it.
+            if let Ok(s) = std::str::from_utf8(&v) {
+                if s.bytes().all(|c| (0x21..0x7f).contains(&c)) {
+                    prop_assert!(post(&body("call.finished"), s).is_err());
+                }
+            }
+        }
+    }
+}
