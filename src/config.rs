@@ -36,7 +36,52 @@ pub struct OperatorConfig {
     /// Only watch this namespace (default: all namespaces).
     #[arg(long, env = "WEBHOOK_OPERATOR_NAMESPACE")]
     pub namespace: Option<String>,
+    #[command(flatten)]
+    pub providers: ProviderUrls,
     /// Log as JSON lines.
     #[arg(long, env = "WEBHOOK_OPERATOR_LOG_JSON")]
     pub log_json: bool,
+}
+
+/// Where the providers' management APIs are. Defaults are the providers' public APIs.
+#[derive(Args, Clone, Debug)]
+pub struct ProviderUrls {
+    /// Point every provider at a simulator (`webhook-operator sandbox`), e.g.
+    /// http://127.0.0.1:8090. Individual URLs below override it.
+    #[arg(long, env = "WEBHOOK_OPERATOR_PROVIDER_SANDBOX_URL")]
+    pub provider_sandbox_url: Option<String>,
+    /// Atlas API base URL.
+    #[arg(long, env = "WEBHOOK_OPERATOR_ATLAS_API_URL")]
+    pub atlas_api_url: Option<String>,
+    /// Atomic API base URL template (`{orgId}` is replaced).
+    #[arg(long, env = "WEBHOOK_OPERATOR_ATOMIC_API_URL")]
+    pub atomic_api_url: Option<String>,
+    /// Atomic OAuth2 token URL template (`{orgId}` is replaced).
+    #[arg(long, env = "WEBHOOK_OPERATOR_ATOMIC_TOKEN_URL")]
+    pub atomic_token_url: Option<String>,
+    /// Smallest.ai Atoms API base URL (the older base was https://atoms-api.smallest.ai/api/v1).
+    #[arg(long, env = "WEBHOOK_OPERATOR_SMALLEST_API_URL")]
+    pub smallest_api_url: Option<String>,
+}
+
+impl ProviderUrls {
+    pub fn endpoints(&self) -> crate::providers::ProviderEndpoints {
+        let mut e = match &self.provider_sandbox_url {
+            Some(base) => crate::providers::ProviderClients::sandbox(base),
+            None => crate::providers::ProviderEndpoints::default(),
+        };
+        if let Some(u) = &self.atlas_api_url {
+            e.atlas_base = u.clone();
+        }
+        if let Some(u) = &self.atomic_api_url {
+            e.atomic_base = u.clone();
+        }
+        if let Some(u) = &self.atomic_token_url {
+            e.atomic_token_url = u.clone();
+        }
+        if let Some(u) = &self.smallest_api_url {
+            e.smallest_base = u.clone();
+        }
+        e
+    }
 }

@@ -249,6 +249,10 @@ pub struct UpstreamStatus {
     /// When the operator last talked to the provider successfully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<Time>,
+    /// The last desired state applied upstream (JSON, no secrets). A spec change removes
+    /// upstream what this registered and the new spec no longer wants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<String>,
     /// The Secret (owned by this subscription) holding the signing secret the provider
     /// issued, used by the ingress to verify deliveries.
     #[serde(default, skip_serializing_if = "Option::is_none")]

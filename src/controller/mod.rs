@@ -1,26 +1,107 @@
 //! Reconcilers for both kinds, and the wiring that runs them.
+//!
+//! `endpoint` and `subscription` hold the reconcilers; `conditions`, `status` and
+//! `secrets` are the shared ways to build conditions, write status and touch Secrets;
+//! `routes` is what the reconcilers tell the data plane.
 
-use std::sync::Arc;
+pub mod backoff;
+pub mod conditions;
+pub mod endpoint;
+pub mod routes;
+pub mod secrets;
+pub mod status;
+pub mod subscription;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{finalizer, metadata_watcher, watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{WebhookEndpoint, WebhookSubscription};
 use crate::config::OperatorConfig;
+use crate::providers::{ProviderClients, ProviderError};
+use routes::Routes;
 
 /// What every reconcile needs.
 pub struct Context {
     pub client: Client,
     pub config: OperatorConfig,
+    pub providers: ProviderClients,
+    pub recorder: Recorder,
+    pub routes: Routes,
+    pub subscription_schedules: Mutex<HashMap<ObjectRef<WebhookSubscription>, subscription::Schedule>>,
+}
+
+impl Context {
+    pub fn new(client: Client, config: OperatorConfig, routes: Arc<dyn routes::IngressRoutes>) -> Self {
+        let reporter = Reporter {
+            controller: "webhook-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            providers: ProviderClients::new(config.providers.endpoints()),
+            client,
+            config,
+            routes: Routes(routes),
+            subscription_schedules: Mutex::default(),
+        }
+    }
+}
+
+/// Reconcile errors. `metric_label` is stable and low-cardinality.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+    #[error("provider: {0}")]
+    Provider(#[from] ProviderError),
+    #[error("cannot remove the upstream subscription: {0}")]
+    Cleanup(String),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::Provider(e) => e.reason(),
+            Error::Cleanup(_) => "cleanup",
+        }
+    }
+}
+
+/// Publishes a Kubernetes Event about `obj`; failures are logged, never fatal.
+pub async fn publish<K>(ctx: &Context, obj: &K, type_: EventType, reason: &str, action: &str, note: String)
+where
+    K: Resource<DynamicType = ()>,
+{
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: action.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "could not publish Event");
+    }
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
-    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
-    <K as kube::Resource>::DynamicType: Default,
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
 {
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -31,40 +112,101 @@ where
 /// Runs both controllers until `shutdown` is cancelled.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let ns = ctx.config.namespace.clone();
-    let endpoints = Controller::new(
-        api::<WebhookEndpoint>(&ctx.client, ns.as_deref()),
-        watcher::Config::default(),
-    )
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(reconcile_endpoint, error_policy, ctx.clone())
-    .for_each(|_| async {});
-    let subscriptions = Controller::new(
-        api::<WebhookSubscription>(&ctx.client, ns.as_deref()),
-        watcher::Config::default(),
-    )
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(reconcile_subscription, error_policy, ctx.clone())
-    .for_each(|_| async {});
-    tokio::join!(endpoints, subscriptions);
+    let client = &ctx.client;
+
+    // Health and counter changes trigger a pass; the passes write status (batched).
+    let (ep_tx, ep_rx) = futures::channel::mpsc::unbounded::<ObjectRef<WebhookEndpoint>>();
+    let (sub_tx, sub_rx) = futures::channel::mpsc::unbounded::<ObjectRef<WebhookSubscription>>();
+
+    let endpoints = Controller::new(api::<WebhookEndpoint>(client, ns.as_deref()), watcher::Config::default())
+        .owns(api::<Secret>(client, ns.as_deref()), watcher::Config::default().labels("app.kubernetes.io/managed-by=webhook-operator"))
+        .reconcile_on(ep_rx)
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let subscriptions = Controller::new(api::<WebhookSubscription>(client, ns.as_deref()), watcher::Config::default())
+        .reconcile_on(sub_rx)
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let ep_store = endpoints.store();
+    let sub_store = subscriptions.store();
+
+    // A subscription re-checks when its credentials Secret or its endpoint changes.
+    let store = sub_store.clone();
+    let secrets_changed = metadata_watcher(api::<Secret>(client, ns.as_deref()), watcher::Config::default()).touched_objects();
+    let subscriptions = subscriptions.watches_stream(secrets_changed, move |secret| {
+        let secret_ns = secret.namespace();
+        let secret_name = secret.name_any();
+        store
+            .state()
+            .into_iter()
+            .filter(|s| s.namespace() == secret_ns && s.spec.credentials_ref.as_ref().is_some_and(|c| c.name == secret_name))
+            .map(|s| ObjectRef::from_obj(&*s))
+            .collect::<Vec<_>>()
+    });
+    let store = sub_store.clone();
+    let endpoints_changed = watcher(api::<WebhookEndpoint>(client, ns.as_deref()), watcher::Config::default()).touched_objects();
+    let subscriptions = subscriptions.watches_stream(endpoints_changed, move |ep| {
+        let subs = store.state();
+        endpoint::subscribers(&ep.namespace().unwrap_or_default(), &ep.name_any(), &subs)
+            .map(|s| ObjectRef::from_obj(&**s))
+            .collect::<Vec<_>>()
+    });
+
+    let refresher = refresh_status(ctx.clone(), ep_store, sub_store, ep_tx, sub_tx, shutdown.clone());
+    let endpoints = endpoints
+        .run(endpoint::reconcile, error_policy, ctx.clone())
+        .for_each(|r| async move { log_result(r) });
+    let subscriptions = subscriptions
+        .run(subscription::reconcile, error_policy, ctx.clone())
+        .for_each(|r| async move { log_result(r) });
+    tokio::join!(endpoints, subscriptions, refresher);
 }
 
-async fn reconcile_endpoint(
-    ep: Arc<WebhookEndpoint>,
-    _ctx: Arc<Context>,
-) -> Result<Action, kube::Error> {
-    tracing::info!(namespace = ep.namespace().as_deref(), name = %ep.name_any(), kind = "WebhookEndpoint", "reconciling");
-    Ok(Action::await_change())
+fn log_result<K: Resource, E: std::fmt::Display>(r: Result<(ObjectRef<K>, Action), E>) {
+    match r {
+        Ok((obj, _)) => tracing::info!(namespace = obj.namespace.as_deref(), name = %obj.name, kind = %std::any::type_name::<K>().rsplit("::").next().unwrap_or_default(), "reconciled"),
+        Err(e) => tracing::debug!(error = %e, "reconcile loop"),
+    }
 }
 
-async fn reconcile_subscription(
-    sub: Arc<WebhookSubscription>,
-    _ctx: Arc<Context>,
-) -> Result<Action, kube::Error> {
-    tracing::info!(namespace = sub.namespace().as_deref(), name = %sub.name_any(), kind = "WebhookSubscription", "reconciling");
-    Ok(Action::await_change())
+/// Every two seconds, asks for a status pass of each endpoint whose delivery numbers and
+/// each subscription whose counters changed: at most one status write per object per
+/// period, none when nothing changed.
+async fn refresh_status(
+    ctx: Arc<Context>,
+    endpoints: kube::runtime::reflector::Store<WebhookEndpoint>,
+    subscriptions: kube::runtime::reflector::Store<WebhookSubscription>,
+    ep_tx: futures::channel::mpsc::UnboundedSender<ObjectRef<WebhookEndpoint>>,
+    sub_tx: futures::channel::mpsc::UnboundedSender<ObjectRef<WebhookSubscription>>,
+    shutdown: CancellationToken,
+) {
+    let mut last_health: HashMap<ObjectRef<WebhookEndpoint>, routes::EndpointHealthView> = HashMap::new();
+    let mut last_counters: HashMap<ObjectRef<WebhookSubscription>, u64> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for ep in endpoints.state() {
+            let key = (ep.namespace().unwrap_or_default(), ep.name_any());
+            let Some(health) = ctx.routes.0.endpoint_health(key) else { continue };
+            let r = ObjectRef::from_obj(&*ep);
+            if last_health.get(&r) != Some(&health) {
+                last_health.insert(r.clone(), health);
+                let _ = ep_tx.unbounded_send(r);
+            }
+        }
+        for sub in subscriptions.state() {
+            let Some((received, _)) = ctx.routes.counters(&sub) else { continue };
+            let r = ObjectRef::from_obj(&*sub);
+            if last_counters.get(&r) != Some(&received) {
+                last_counters.insert(r.clone(), received);
+                let _ = sub_tx.unbounded_send(r);
+            }
+        }
+    }
 }
 
-fn error_policy<K>(_obj: Arc<K>, err: &kube::Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %err, "reconcile failed");
-    Action::requeue(std::time::Duration::from_secs(5))
+fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %err, label = err.metric_label(), "reconcile failed");
+    Action::requeue(Duration::from_secs(5) + Duration::from_millis(rand::random::<u64>() % 5000))
 }

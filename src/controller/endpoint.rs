@@ -1,0 +1,269 @@
+//! The WebhookEndpoint reconciler: assigns the unguessable ingress URL, makes sure a
+//! signing secret exists, hands the delivery configuration to the data plane, and writes
+//! `Ready`, `Healthy` and the delivery statistics (batched: the refresher triggers a pass
+//! only when the data plane's numbers changed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use super::conditions::{self, Desired};
+use super::routes::{EndpointDelivery, EndpointHealthView};
+use super::{Context, Error, publish, secrets, status};
+use crate::api::conditions::{reasons, types};
+use crate::api::endpoint::{WebhookEndpoint, WebhookEndpointStatus};
+use crate::api::{REQUESTED_AT_ANNOTATION, WebhookSubscription};
+
+pub const FINALIZER: &str = "hooks.webhook-operator.dev/delivery";
+/// Annotation asking to re-queue dead letters; its value is echoed in
+/// `status.lastHandledReplayAt`. An RFC 3339 time in `hooks.webhook-operator.dev/replay-since`
+/// limits the replay to events dead-lettered since then.
+pub const REPLAY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-requested-at";
+pub const REPLAY_SINCE_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-since";
+
+const INGRESS_SECRET_KEY: &str = "token-key";
+const SIGNING_KEY: &str = "secret";
+
+pub fn ingress_secret_name(ep: &str) -> String {
+    format!("{ep}-ingress")
+}
+
+pub fn signing_secret_name(ep: &str) -> String {
+    format!("{ep}-signing")
+}
+
+/// The path token: derived from the endpoint's random key, not from its name, so knowing
+/// the name does not reveal the URL.
+pub fn ingress_token(key: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(b"webhook-operator ingress token v1");
+    hex::encode(&mac.finalize().into_bytes()[..20])
+}
+
+/// `status.ingressURL`: the public base URL plus the path, or the path alone.
+pub fn ingress_url(public_base: Option<&str>, token: &str) -> String {
+    let path = format!("/hooks/{token}");
+    match public_base {
+        Some(base) => format!("{}{path}", base.trim_end_matches('/')),
+        None => path,
+    }
+}
+
+/// SHA-256 of the signing secret, for status: rotation shows without revealing it.
+pub fn secret_hash(secret: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(secret)))
+}
+
+pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = ep.namespace().unwrap_or_default();
+    let api: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, ep, |event| async {
+        match event {
+            Finalizer::Apply(ep) => apply(&ep, &ctx, &api).await,
+            Finalizer::Cleanup(ep) => {
+                ctx.routes.0.remove_endpoint((ns.clone(), ep.name_any()));
+                Ok(Action::await_change())
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn apply(ep: &WebhookEndpoint, ctx: &Context, api: &Api<WebhookEndpoint>) -> Result<Action, Error> {
+    let ns = ep.namespace().unwrap_or_default();
+    let name = ep.name_any();
+    let key = (ns.clone(), name.clone());
+    let current = ep.status.clone().unwrap_or_default();
+
+    let token_key = secrets::ensure_generated(&ctx.client, ep, &ingress_secret_name(&name), INGRESS_SECRET_KEY, secrets::random_secret).await?;
+    let token = ingress_token(&token_key);
+
+    let mut problems: Vec<(&'static str, String)> = Vec::new();
+    let signing_secret = match ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
+        Some(r) => match secrets::read(&ctx.client, &ns, &r.name).await.and_then(|s| s.get(&r.key).map(<[u8]>::to_vec)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                problems.push((reasons::SECRET_MISSING, format!("signing secret: {e}")));
+                None
+            }
+        },
+        None => Some(
+            secrets::ensure_generated(&ctx.client, ep, &signing_secret_name(&name), SIGNING_KEY, || {
+                use base64::Engine;
+                format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(secrets::random_secret())).into_bytes()
+            })
+            .await?,
+        ),
+    };
+    let mut headers = Vec::new();
+    for h in &ep.spec.headers {
+        let r = &h.secret_key_ref;
+        match secrets::read(&ctx.client, &ns, &r.name).await.and_then(|s| s.get_string(&r.key)) {
+            Ok(v) => headers.push((h.name.clone(), v)),
+            Err(e) => problems.push((reasons::SECRET_MISSING, format!("header {}: {e}", h.name))),
+        }
+    }
+
+    if problems.is_empty() {
+        let delivery = EndpointDelivery {
+            key: key.clone(),
+            token: token.clone(),
+            spec: ep.spec.clone(),
+            signing_secrets: signing_secret.clone().into_iter().collect(),
+            headers,
+        };
+        if let Err(reason) = ctx.routes.0.configure_endpoint(&delivery) {
+            problems.push((reasons::DESTINATION_FORBIDDEN, reason));
+        }
+    }
+
+    // Replay requested through the annotation, handled once per value.
+    let replay_at = ep.annotations().get(REPLAY_ANNOTATION).cloned();
+    let mut last_replay = current.last_handled_replay_at.clone();
+    if replay_at.is_some() && replay_at != current.last_handled_replay_at {
+        let since = ep
+            .annotations()
+            .get(REPLAY_SINCE_ANNOTATION)
+            .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+            .map(std::time::SystemTime::from);
+        match ctx.routes.0.replay(key.clone(), since).await {
+            Ok(n) => {
+                publish(ctx, ep, EventType::Normal, "Replayed", "Replay", format!("re-queued {n} dead-lettered events")).await;
+                last_replay = replay_at;
+            }
+            Err(e) => {
+                publish(ctx, ep, EventType::Warning, "ReplayFailed", "Replay", e.to_string()).await;
+            }
+        }
+    }
+
+    let health = ctx.routes.0.endpoint_health(key.clone());
+    let next = next_status(
+        &current,
+        ep.meta().generation,
+        ingress_url(ctx.config.public_base_url.as_deref(), &token),
+        signing_secret.as_deref().map(secret_hash),
+        &problems,
+        health.as_ref(),
+        ep.annotations().get(REQUESTED_AT_ANNOTATION).cloned(),
+        last_replay,
+    );
+    publish_transitions(ctx, ep, &current, &next).await;
+    status::apply_if_changed(api, ep, ep.status.as_ref(), &next).await?;
+    if problems.is_empty() {
+        Ok(Action::requeue(Duration::from_secs(300)))
+    } else {
+        Ok(Action::requeue(Duration::from_secs(30)))
+    }
+}
+
+/// The next endpoint status. Pure.
+#[allow(clippy::too_many_arguments)]
+pub fn next_status(
+    current: &WebhookEndpointStatus,
+    generation: Option<i64>,
+    ingress_url: String,
+    signing_secret_hash: Option<String>,
+    problems: &[(&'static str, String)],
+    health: Option<&EndpointHealthView>,
+    requested_at: Option<String>,
+    last_replay: Option<String>,
+) -> WebhookEndpointStatus {
+    let ready = match problems.first() {
+        Some((reason, msg)) => Desired::new(types::READY, false, reason, msg.clone()),
+        None => Desired::new(types::READY, true, reasons::INGRESS_ASSIGNED, "ingress URL assigned and destination accepted"),
+    };
+    let healthy = match health {
+        Some(h) => Desired::new(types::HEALTHY, h.healthy, h.reason, h.message.clone()),
+        None => Desired::new(types::HEALTHY, true, reasons::NO_DELIVERIES, "no deliveries yet"),
+    };
+    let mut desired = vec![ready, healthy];
+    if let Some((reason, msg)) = problems.first() {
+        desired.push(Desired::new(types::STALLED, true, reason, msg.clone()));
+    }
+    WebhookEndpointStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(&current.conditions, &desired, generation, conditions::now()),
+        ingress_url: Some(ingress_url),
+        signing_secret_hash,
+        last_handled_requested_at: requested_at.or_else(|| current.last_handled_requested_at.clone()),
+        last_handled_replay_at: last_replay,
+        delivery: health.map(|h| h.stats.clone()).or_else(|| current.delivery.clone()),
+    }
+}
+
+/// Events when Ready or Healthy change.
+async fn publish_transitions(ctx: &Context, ep: &WebhookEndpoint, current: &WebhookEndpointStatus, next: &WebhookEndpointStatus) {
+    for type_ in [types::READY, types::HEALTHY] {
+        let before = current.conditions.iter().find(|c| c.type_ == type_);
+        let Some(after) = next.conditions.iter().find(|c| c.type_ == type_) else { continue };
+        if before.is_some_and(|b| b.status == after.status && b.reason == after.reason) {
+            continue;
+        }
+        if before.is_none() && after.status == "True" {
+            continue; // first pass, all well: nothing worth an Event
+        }
+        let kind = if after.status == "True" { EventType::Normal } else { EventType::Warning };
+        publish(ctx, ep, kind, &after.reason, type_, after.message.clone()).await;
+    }
+}
+
+/// Subscriptions that receive on this endpoint (to re-check them when it changes).
+pub fn subscribers<'a>(ep_ns: &'a str, ep_name: &'a str, subs: &'a [Arc<WebhookSubscription>]) -> impl Iterator<Item = &'a Arc<WebhookSubscription>> + 'a {
+    subs.iter().filter(move |s| {
+        s.namespace().as_deref() == Some(ep_ns) && s.spec.endpoint_ref.as_ref().is_some_and(|r| r.name == ep_name)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_depends_on_the_key_only_and_is_not_the_key() {
+        let a = ingress_token(b"key-a");
+        assert_eq!(a, ingress_token(b"key-a"));
+        assert_ne!(a, ingress_token(b"key-b"));
+        assert_eq!(a.len(), 40);
+        assert!(!a.contains(&hex::encode(b"key-a")));
+    }
+
+    #[test]
+    fn url_is_path_only_without_a_public_base() {
+        assert_eq!(ingress_url(None, "t"), "/hooks/t");
+        assert_eq!(ingress_url(Some("https://h.example.com/"), "t"), "https://h.example.com/hooks/t");
+    }
+
+    #[test]
+    fn a_problem_makes_the_endpoint_not_ready_and_stalled() {
+        let st = next_status(
+            &Default::default(),
+            Some(2),
+            "/hooks/t".into(),
+            None,
+            &[(reasons::DESTINATION_FORBIDDEN, "169.254.169.254 is link-local".into())],
+            None,
+            None,
+            None,
+        );
+        let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "DestinationForbidden"));
+        assert!(st.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True"));
+        assert_eq!(st.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn secret_hash_does_not_reveal_the_secret() {
+        let h = secret_hash(b"whsec_abc");
+        assert!(h.starts_with("sha256:"));
+        assert!(!h.contains("abc"));
+    }
+}

@@ -1,0 +1,85 @@
+//! What the reconcilers tell the data plane (ingress routes, verification keys, delivery
+//! targets) and what they read back from it (counters, health). A trait, so reconcilers
+//! are written against what they need and the data plane stays free of Kubernetes types.
+
+use std::time::SystemTime;
+
+use kube::ResourceExt;
+
+use crate::api::WebhookSubscription;
+use crate::inbound::VerificationKeys;
+
+/// Namespace and name of a WebhookEndpoint.
+pub type EndpointKey = (String, String);
+
+pub trait IngressRoutes: Send + Sync {
+    /// The ingress accepts requests for `subscription` on `endpoint`'s token path and
+    /// verifies them with `keys`.
+    fn upsert_subscription(&self, endpoint: EndpointKey, subscription: String, provider: crate::api::Provider, keys: VerificationKeys);
+    fn remove_subscription(&self, endpoint: EndpointKey, subscription: String);
+    /// Events received for the subscription, and when the last one arrived.
+    fn subscription_counters(&self, endpoint: EndpointKey, subscription: String) -> Option<(u64, Option<SystemTime>)>;
+    /// Deliver `endpoint`'s events as configured. `Err` is a user-facing reason the
+    /// destination is refused (for example a link-local address).
+    fn configure_endpoint(&self, endpoint: &EndpointDelivery) -> Result<(), String>;
+    fn remove_endpoint(&self, endpoint: EndpointKey);
+    /// Delivery statistics and the health verdict, if the endpoint is known.
+    fn endpoint_health(&self, endpoint: EndpointKey) -> Option<EndpointHealthView>;
+    /// Re-queues dead letters (`since`: only those dead-lettered at or after it).
+    fn replay(&self, endpoint: EndpointKey, since: Option<SystemTime>) -> futures::future::BoxFuture<'static, anyhow::Result<u64>>;
+}
+
+/// Everything delivery needs about one endpoint, secrets resolved.
+pub struct EndpointDelivery {
+    pub key: EndpointKey,
+    /// The unguessable path token.
+    pub token: String,
+    pub spec: crate::api::WebhookEndpointSpec,
+    /// Standard Webhooks secrets, newest first.
+    pub signing_secrets: Vec<Vec<u8>>,
+    /// Extra headers, values resolved from Secrets.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Delivery health as the status needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointHealthView {
+    pub stats: crate::api::endpoint::DeliveryStats,
+    pub healthy: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The endpoint a subscription receives on, when it uses one.
+pub fn endpoint_of(sub: &WebhookSubscription) -> Option<EndpointKey> {
+    sub.spec
+        .endpoint_ref
+        .as_ref()
+        .map(|r| (sub.namespace().unwrap_or_default(), r.name.clone()))
+}
+
+/// Convenience calls in the reconcilers' terms.
+pub struct Routes(pub std::sync::Arc<dyn IngressRoutes>);
+
+impl Routes {
+    pub fn subscription_keys(&self, sub: &WebhookSubscription, secrets: Vec<Vec<u8>>, header_name: Option<String>) {
+        if let Some(ep) = endpoint_of(sub) {
+            self.0.upsert_subscription(
+                ep,
+                sub.name_any(),
+                sub.spec.provider,
+                VerificationKeys { secrets, header_name },
+            );
+        }
+    }
+
+    pub fn remove_subscription(&self, sub: &WebhookSubscription) {
+        if let Some(ep) = endpoint_of(sub) {
+            self.0.remove_subscription(ep, sub.name_any());
+        }
+    }
+
+    pub fn counters(&self, sub: &WebhookSubscription) -> Option<(u64, Option<SystemTime>)> {
+        endpoint_of(sub).and_then(|ep| self.0.subscription_counters(ep, sub.name_any()))
+    }
+}

@@ -1,0 +1,506 @@
+//! The WebhookSubscription reconciler: keeps the provider's subscription as specified,
+//! repairs drift every `resyncInterval`, and removes it on delete (finalizer).
+//!
+//! Deciding is separated from doing: [`translate`] builds the provider-side desired state
+//! from the spec, [`outcome_status`] turns an outcome into the next status, and the async
+//! steps only read inputs, call the provider and write status.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+
+use super::conditions::{self, Desired};
+use super::{Context, Error, publish, secrets, status};
+use crate::api::conditions::{reasons, types};
+use crate::api::subscription::{
+    DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, UpstreamStatus,
+    WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
+};
+use crate::api::{Provider, REQUESTED_AT_ANNOTATION, WebhookEndpoint};
+use crate::providers::{
+    Credentials, DesiredSubscription, Observed, ProviderError, Scope, SyncAction, UpstreamState,
+};
+
+pub const FINALIZER: &str = "hooks.webhook-operator.dev/upstream";
+
+/// Key of the provider's signing secret in the Secret the subscription owns.
+pub const SIGNING_SECRET_KEY: &str = "secret";
+/// Key of the Atllas header value in the Secret the subscription owns.
+pub const HEADER_VALUE_KEY: &str = "value";
+
+pub fn signing_secret_name(sub: &str) -> String {
+    format!("{sub}-provider-signing")
+}
+
+pub fn atllas_header_secret_name(sub: &str) -> String {
+    format!("{sub}-atllas-header")
+}
+
+pub async fn reconcile(sub: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = sub.namespace().unwrap_or_default();
+    let api: Api<WebhookSubscription> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, sub, |event| async {
+        match event {
+            Finalizer::Apply(sub) => apply(&sub, &ctx, &api).await,
+            Finalizer::Cleanup(sub) => cleanup(&sub, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// The provider-side desired state of a spec, given the URL the provider must call.
+pub fn translate(namespace: &str, name: &str, spec: &WebhookSubscriptionSpec, hook_url: String) -> DesiredSubscription {
+    let scope = match spec.provider {
+        Provider::Atlas => Scope::Atlas {
+            campaign_id: spec.atlas.as_ref().map(|a| a.campaign_id.clone()).unwrap_or_default(),
+        },
+        Provider::Atomic => {
+            let a = spec.atomic.clone().unwrap_or_else(|| crate::api::subscription::AtomicScope {
+                organization_id: String::new(),
+                environment_id: String::new(),
+                card_template_id: None,
+                action_flow_config_id: None,
+                method: Default::default(),
+            });
+            Scope::Atomic {
+                organization_id: a.organization_id,
+                environment_id: a.environment_id,
+                card_template_id: a.card_template_id,
+                action_flow_config_id: a.action_flow_config_id,
+                method: a.method,
+            }
+        }
+        Provider::Smallest => Scope::Smallest {
+            agent_ids: spec
+                .smallest
+                .as_ref()
+                .map(|s| s.agent_ids.iter().map(|a| a.0.clone()).collect())
+                .unwrap_or_default(),
+        },
+        Provider::Atllas => Scope::Atllas {
+            header_name: atllas_header_name(spec),
+        },
+    };
+    DesiredSubscription {
+        provider: spec.provider,
+        hook_url,
+        events: spec.events.iter().map(|e| e.0.clone()).collect(),
+        scope,
+        owner: format!("{namespace}/{name}"),
+    }
+}
+
+fn atllas_header_name(spec: &WebhookSubscriptionSpec) -> String {
+    spec.atllas
+        .as_ref()
+        .map(|a| a.header_name.clone())
+        .unwrap_or_else(|| "X-Webhook-Token".into())
+}
+
+/// What one pass found or did.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Upstream matches the spec (or, ObserveOnly, what exists upstream).
+    Synced { observed: Observed, applied: Option<DesiredSubscription> },
+    /// ObserveOnly and nothing exists upstream.
+    MissingUpstream,
+    /// Atllas: nothing to call; the user configures the portal.
+    Manual { hook_url: String, header_name: String, secret_name: String },
+    EndpointNotReady(String),
+    CredentialsMissing(String),
+    Failed(ProviderError),
+}
+
+/// The next status from the current one and an outcome. Pure.
+pub fn outcome_status(
+    current: &WebhookSubscriptionStatus,
+    outcome: &Outcome,
+    generation: Option<i64>,
+    requested_at: Option<String>,
+    now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> WebhookSubscriptionStatus {
+    let mut next = WebhookSubscriptionStatus {
+        observed_generation: generation,
+        last_handled_requested_at: requested_at.or_else(|| current.last_handled_requested_at.clone()),
+        upstream: current.upstream.clone(),
+        events: current.events.clone(),
+        ..Default::default()
+    };
+    let desired: Vec<Desired> = match outcome {
+        Outcome::Synced { observed, applied } => {
+            let upstream = next.upstream.get_or_insert_with(UpstreamStatus::default);
+            upstream.id = Some(observed.id.clone());
+            upstream.echo = observed.echo.clone();
+            upstream.state = Some(match &observed.state {
+                UpstreamState::Enabled => "enabled".into(),
+                UpstreamState::Disabled { .. } => "disabled".into(),
+                UpstreamState::Manual => "manual".into(),
+            });
+            upstream.last_sync_time = Some(now.clone());
+            if let Some(applied) = applied {
+                upstream.applied = serde_json::to_string(applied).ok();
+            }
+            let synced_reason = match observed.action {
+                SyncAction::Adopted => reasons::ADOPTED,
+                SyncAction::Recreated => reasons::DRIFT_REPAIRED,
+                _ if applied.is_none() => reasons::OBSERVE_ONLY,
+                _ => reasons::SYNCED,
+            };
+            let ready = match &observed.state {
+                UpstreamState::Disabled { message } => Desired::new(
+                    types::READY,
+                    false,
+                    reasons::DISABLED_UPSTREAM,
+                    format!("the provider reports the subscription disabled: {message}"),
+                ),
+                _ => Desired::new(types::READY, true, reasons::READY, "the subscription exists upstream as specified"),
+            };
+            vec![
+                ready,
+                Desired::new(types::SYNCED, true, synced_reason, format!("upstream id {}", observed.id)),
+            ]
+        }
+        Outcome::MissingUpstream => vec![
+            Desired::new(types::READY, false, reasons::NOT_FOUND_UPSTREAM, "ObserveOnly: no such subscription exists upstream"),
+            Desired::new(types::SYNCED, true, reasons::OBSERVE_ONLY, "observed the provider; nothing found"),
+        ],
+        Outcome::Manual { hook_url, header_name, secret_name } => {
+            next.upstream = None;
+            next.manual_setup = Some(ManualSetup {
+                hook_url: Some(hook_url.clone()),
+                header_name: Some(header_name.clone()),
+                secret_name: Some(secret_name.clone()),
+            });
+            vec![
+                Desired::new(
+                    types::READY,
+                    true,
+                    reasons::MANUAL_SETUP,
+                    "receive-only provider: add status.manualSetup.hookURL and the header to the provider's portal",
+                ),
+                Desired::new(types::SYNCED, true, reasons::MANUAL_SETUP, "nothing to sync: the provider has no API"),
+            ]
+        }
+        Outcome::EndpointNotReady(msg) => vec![
+            Desired::new(types::READY, false, reasons::ENDPOINT_NOT_READY, msg.clone()),
+            Desired::new(types::SYNCED, false, reasons::ENDPOINT_NOT_READY, msg.clone()),
+            Desired::new(types::RECONCILING, true, reasons::ENDPOINT_NOT_READY, msg.clone()),
+        ],
+        Outcome::CredentialsMissing(msg) => vec![
+            Desired::new(types::READY, false, reasons::CREDENTIALS_MISSING, msg.clone()),
+            Desired::new(types::SYNCED, false, reasons::CREDENTIALS_MISSING, msg.clone()),
+            Desired::new(types::STALLED, true, reasons::CREDENTIALS_MISSING, msg.clone()),
+        ],
+        Outcome::Failed(err) => {
+            let msg = err.to_string();
+            let third = if err.is_permanent() {
+                Desired::new(types::STALLED, true, err.reason(), msg.clone())
+            } else {
+                Desired::new(types::RECONCILING, true, err.reason(), format!("retrying: {msg}"))
+            };
+            vec![
+                Desired::new(types::READY, false, err.reason(), msg.clone()),
+                Desired::new(types::SYNCED, false, err.reason(), msg.clone()),
+                third,
+            ]
+        }
+    };
+    next.conditions = conditions::merge(&current.conditions, &desired, generation, now);
+    next
+}
+
+/// Inputs whose change makes a pass due at once, whatever the schedule says.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+struct Inputs {
+    generation: Option<i64>,
+    credentials_version: Option<String>,
+    hook_url: Option<String>,
+    requested_at: Option<String>,
+}
+
+/// When the next provider call for an object is due, and how many failures in a row.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    inputs: Inputs,
+    next_due: Instant,
+    failures: u32,
+}
+
+async fn apply(sub: &WebhookSubscription, ctx: &Context, api: &Api<WebhookSubscription>) -> Result<Action, Error> {
+    let ns = sub.namespace().unwrap_or_default();
+    let name = sub.name_any();
+    let key = ObjectRef::from_obj(sub);
+    let requested_at = sub.annotations().get(REQUESTED_AT_ANNOTATION).cloned();
+    let current = sub.status.clone().unwrap_or_default();
+
+    // Inputs: the target URL and the credentials.
+    let target = resolve_target(sub, ctx).await?;
+    let credentials = if sub.spec.provider == Provider::Atllas {
+        Ok((Credentials::default(), None))
+    } else {
+        read_credentials(ctx, &ns, &sub.spec).await
+    };
+    let inputs = Inputs {
+        generation: sub.meta().generation,
+        credentials_version: credentials.as_ref().ok().and_then(|(_, v)| v.clone()),
+        hook_url: target.as_ref().ok().cloned(),
+        requested_at: requested_at.clone(),
+    };
+
+    // Nothing changed and nothing due: no provider call (our own status writes and
+    // unrelated events land here).
+    if let Some(s) = ctx.subscription_schedules.lock().unwrap().get(&key) {
+        let now = Instant::now();
+        if s.inputs == inputs && now < s.next_due {
+            let wait = s.next_due - now;
+            let mut next = current.clone();
+            next.events = event_counters(ctx, sub).or(next.events);
+            status::apply_if_changed(api, sub, sub.status.as_ref(), &next).await?;
+            return Ok(Action::requeue(wait));
+        }
+    }
+    let failures_before = ctx
+        .subscription_schedules
+        .lock()
+        .unwrap()
+        .get(&key)
+        .filter(|s| s.inputs == inputs)
+        .map_or(0, |s| s.failures);
+
+    let outcome = match (target, credentials) {
+        (Err(msg), _) => Outcome::EndpointNotReady(msg),
+        (_, Err(msg)) => Outcome::CredentialsMissing(msg),
+        (Ok(hook_url), Ok((creds, _))) => sync(sub, ctx, hook_url, &creds, &current).await?,
+    };
+
+    publish_outcome_event(ctx, sub, &current, &outcome).await;
+    let mut next = outcome_status(&current, &outcome, sub.meta().generation, requested_at, conditions::now());
+    next.events = event_counters(ctx, sub).or(next.events);
+    status::apply_if_changed(api, sub, sub.status.as_ref(), &next).await?;
+
+    let resync = crate::duration::parse_go_duration(&sub.spec.resync_interval).unwrap_or(Duration::from_secs(300));
+    let (wait, failures) = match &outcome {
+        Outcome::Synced { .. } | Outcome::MissingUpstream | Outcome::Manual { .. } => (resync, 0),
+        // Waits for the endpoint or the Secret to change (both are watched); the timer
+        // is a safety net.
+        Outcome::EndpointNotReady(_) | Outcome::CredentialsMissing(_) => (Duration::from_secs(60), 0),
+        Outcome::Failed(err) => {
+            let failures = failures_before + 1;
+            (super::backoff::delay(failures, err.retry_after(), rand::random()), failures)
+        }
+    };
+    tracing::debug!(namespace = %ns, name = %name, ?wait, failures, "next pass scheduled");
+    ctx.subscription_schedules.lock().unwrap().insert(
+        key,
+        Schedule {
+            inputs,
+            next_due: Instant::now() + wait,
+            failures,
+        },
+    );
+    Ok(Action::requeue(wait))
+}
+
+/// The URL the provider must call: the endpoint's ingress URL plus the subscription name,
+/// or the external `url`. `Err` says why it is not known yet.
+async fn resolve_target(sub: &WebhookSubscription, ctx: &Context) -> Result<Result<String, String>, Error> {
+    if let Some(url) = &sub.spec.url {
+        return Ok(Ok(url.clone()));
+    }
+    let Some(ep_ref) = &sub.spec.endpoint_ref else {
+        return Ok(Err("neither endpointRef nor url is set".into()));
+    };
+    let ns = sub.namespace().unwrap_or_default();
+    let endpoints: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(ep) = endpoints.get_opt(&ep_ref.name).await? else {
+        return Ok(Err(format!("WebhookEndpoint {} does not exist", ep_ref.name)));
+    };
+    let ready = ep.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == types::READY && c.status == "True")
+    });
+    let url = ep.status.as_ref().and_then(|s| s.ingress_url.clone());
+    match url {
+        Some(url) if ready && (url.starts_with("https://") || url.starts_with("http://")) => {
+            Ok(Ok(format!("{}/{}", url.trim_end_matches('/'), sub.name_any())))
+        }
+        Some(_) if ready && sub.spec.provider != Provider::Atllas => Ok(Err(format!(
+            "WebhookEndpoint {} has only an ingress path: configure the operator's public base URL",
+            ep_ref.name
+        ))),
+        Some(url) if ready => Ok(Ok(format!("{}/{}", url.trim_end_matches('/'), sub.name_any()))),
+        _ => Ok(Err(format!("WebhookEndpoint {} is not Ready yet", ep_ref.name))),
+    }
+}
+
+/// Credentials and the Secret's resourceVersion, or why they cannot be read.
+async fn read_credentials(
+    ctx: &Context,
+    ns: &str,
+    spec: &WebhookSubscriptionSpec,
+) -> Result<(Credentials, Option<String>), String> {
+    let Some(r) = &spec.credentials_ref else {
+        return Err("credentialsRef is not set".into());
+    };
+    let secret = secrets::read(&ctx.client, ns, &r.name).await.map_err(|e| e.to_string())?;
+    let creds = match spec.provider {
+        Provider::Atomic => Credentials {
+            api_key: None,
+            client_id: Some(secret.get_string(&r.client_id_key).map_err(|e| e.to_string())?),
+            client_secret: Some(secret.get_string(&r.client_secret_key).map_err(|e| e.to_string())?),
+        },
+        _ => Credentials {
+            api_key: Some(secret.get_string(&r.api_key_key).map_err(|e| e.to_string())?),
+            client_id: None,
+            client_secret: None,
+        },
+    };
+    Ok((creds, secret.resource_version.clone()))
+}
+
+/// Talks to the provider (or, for Atllas, prepares the manual set-up) and registers the
+/// subscription's verification keys with the ingress.
+async fn sync(
+    sub: &WebhookSubscription,
+    ctx: &Context,
+    hook_url: String,
+    creds: &Credentials,
+    current: &WebhookSubscriptionStatus,
+) -> Result<Outcome, Error> {
+    let ns = sub.namespace().unwrap_or_default();
+    let name = sub.name_any();
+    let desired = translate(&ns, &name, &sub.spec, hook_url.clone());
+
+    if sub.spec.provider == Provider::Atllas {
+        let secret_name = atllas_header_secret_name(&name);
+        let value = secrets::ensure_generated(&ctx.client, sub, &secret_name, HEADER_VALUE_KEY, || {
+            hex::encode(secrets::random_secret()).into_bytes()
+        })
+        .await?;
+        ctx.routes.subscription_keys(sub, vec![value], Some(atllas_header_name(&sub.spec)));
+        return Ok(Outcome::Manual {
+            hook_url,
+            header_name: atllas_header_name(&sub.spec),
+            secret_name,
+        });
+    }
+
+    let provider = ctx.providers.get(sub.spec.provider);
+    let result = match sub.spec.management_policy {
+        ManagementPolicy::ObserveOnly => match provider.observe(creds, &desired).await {
+            Ok(Some(observed)) => Ok((observed, None)),
+            Ok(None) => return Ok(Outcome::MissingUpstream),
+            Err(e) => Err(e),
+        },
+        ManagementPolicy::Manage => {
+            let previous: Option<DesiredSubscription> = current
+                .upstream
+                .as_ref()
+                .and_then(|u| u.applied.as_deref())
+                .and_then(|s| serde_json::from_str(s).ok());
+            provider
+                .ensure(creds, &desired, previous.as_ref())
+                .await
+                .map(|o| (o, Some(desired.clone())))
+        }
+    };
+    match result {
+        Ok((observed, applied)) => {
+            let mut keys = Vec::new();
+            if let Some(secret) = &observed.signing_secret {
+                let secret_name = signing_secret_name(&name);
+                let existing = secrets::read(&ctx.client, &ns, &secret_name).await.ok();
+                let unchanged = existing
+                    .as_ref()
+                    .and_then(|s| s.get(SIGNING_SECRET_KEY).ok())
+                    .is_some_and(|v| v == secret.as_bytes());
+                if !unchanged {
+                    secrets::write_owned(&ctx.client, sub, &secret_name, SIGNING_SECRET_KEY, secret.as_bytes()).await?;
+                }
+                keys.push(secret.as_bytes().to_vec());
+            }
+            ctx.routes.subscription_keys(sub, keys, None);
+            Ok(Outcome::Synced { observed, applied })
+        }
+        Err(e) => Ok(Outcome::Failed(e)),
+    }
+}
+
+/// An Event for every upstream change and for every new failure reason.
+async fn publish_outcome_event(ctx: &Context, sub: &WebhookSubscription, current: &WebhookSubscriptionStatus, outcome: &Outcome) {
+    let previous_reason = current
+        .conditions
+        .iter()
+        .find(|c| c.type_ == types::SYNCED)
+        .map(|c| c.reason.clone());
+    let (type_, reason, note) = match outcome {
+        Outcome::Synced { observed, .. } => {
+            let (reason, what) = match observed.action {
+                SyncAction::Created => ("Created", "created the upstream subscription"),
+                SyncAction::Adopted => (reasons::ADOPTED, "adopted an identical upstream subscription"),
+                SyncAction::Updated => ("Updated", "updated the upstream subscription"),
+                SyncAction::Replaced => ("Replaced", "replaced the upstream subscription"),
+                SyncAction::Recreated => (reasons::DRIFT_REPAIRED, "the upstream subscription had vanished or been disabled; recreated it"),
+                SyncAction::Unchanged => return,
+            };
+            (EventType::Normal, reason, format!("{what} (id {})", observed.id))
+        }
+        Outcome::Failed(e) => (EventType::Warning, e.reason(), e.to_string()),
+        Outcome::CredentialsMissing(m) => (EventType::Warning, reasons::CREDENTIALS_MISSING, m.clone()),
+        Outcome::EndpointNotReady(m) => (EventType::Normal, reasons::ENDPOINT_NOT_READY, m.clone()),
+        Outcome::MissingUpstream | Outcome::Manual { .. } => return,
+    };
+    if type_ == EventType::Warning && previous_reason.as_deref() == Some(reason) {
+        return; // same failure as last time: the condition already says so
+    }
+    publish(ctx, sub, type_, reason, "Sync", note).await;
+}
+
+async fn cleanup(sub: &WebhookSubscription, ctx: &Context) -> Result<Action, Error> {
+    ctx.routes.remove_subscription(sub);
+    ctx.subscription_schedules
+        .lock()
+        .unwrap()
+        .remove(&ObjectRef::from_obj(sub));
+    let applied: Option<DesiredSubscription> = sub
+        .status
+        .as_ref()
+        .and_then(|s| s.upstream.as_ref())
+        .and_then(|u| u.applied.as_deref())
+        .and_then(|s| serde_json::from_str(s).ok());
+    let keep = sub.spec.deletion_policy == DeletionPolicy::Orphan
+        || sub.spec.management_policy == ManagementPolicy::ObserveOnly
+        || sub.spec.provider == Provider::Atllas;
+    if let (Some(applied), false) = (applied, keep) {
+        let ns = sub.namespace().unwrap_or_default();
+        let (creds, _) = read_credentials(ctx, &ns, &sub.spec)
+            .await
+            .map_err(Error::Cleanup)?;
+        ctx.providers
+            .get(sub.spec.provider)
+            .delete(&creds, &applied)
+            .await
+            .map_err(Error::Provider)?;
+        publish(ctx, sub, EventType::Normal, "Deleted", "Delete", "removed the upstream subscription".into()).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// `status.events` from the ingress counters.
+fn event_counters(ctx: &Context, sub: &WebhookSubscription) -> Option<EventCounters> {
+    ctx.routes.counters(sub).map(|(received, last)| EventCounters {
+        received,
+        last_received_time: last
+            .and_then(|t| jiff::Timestamp::try_from(t).ok())
+            .and_then(|t| t.round(jiff::Unit::Second).ok())
+            .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+    })
+}
