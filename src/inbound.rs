@@ -32,7 +32,10 @@ pub struct VerificationKeys {
 impl std::fmt::Debug for VerificationKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerificationKeys")
-            .field("secrets", &format_args!("<{} redacted>", self.secrets.len()))
+            .field(
+                "secrets",
+                &format_args!("<{} redacted>", self.secrets.len()),
+            )
             .field("header_name", &self.header_name)
             .finish()
     }

@@ -2,4 +2,6 @@
 //! their events, stores them durably and delivers them to in-cluster services.
 
 pub mod api;
+pub mod duration;
 pub mod inbound;
+pub mod queue;

@@ -250,7 +250,11 @@ pub struct WebhookEndpointStatus {
     pub conditions: Vec<Condition>,
     /// Where providers must send events: the public base URL plus `/hooks/<token>`, or the
     /// path alone when no public base URL is configured. Treat it as a secret.
-    #[serde(default, rename = "ingressURL", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ingressURL",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ingress_url: Option<String>,
     /// SHA-256 of the signing secret in force (never the secret), to detect rotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
