@@ -2,6 +2,9 @@
 //! their events, stores them durably and delivers them to in-cluster services.
 
 pub mod api;
+pub mod delivery;
 pub mod duration;
+pub mod health;
 pub mod inbound;
+pub mod metrics;
 pub mod queue;
