@@ -21,7 +21,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{finalizer, metadata_watcher, watcher, WatchStreamExt};
+use kube::core::PartialObjectMeta;
+use kube::runtime::{WatchStreamExt, finalizer, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
@@ -130,7 +131,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 
     // A subscription re-checks when its credentials Secret or its endpoint changes.
     let store = sub_store.clone();
-    let secrets_changed = metadata_watcher(api::<Secret>(client, ns.as_deref()), watcher::Config::default()).touched_objects();
+    let secrets_changed = watcher(api::<PartialObjectMeta<Secret>>(client, ns.as_deref()), watcher::Config::default()).touched_objects();
     let subscriptions = subscriptions.watches_stream(secrets_changed, move |secret| {
         let secret_ns = secret.namespace();
         let secret_name = secret.name_any();

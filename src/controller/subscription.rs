@@ -256,7 +256,8 @@ async fn apply(sub: &WebhookSubscription, ctx: &Context, api: &Api<WebhookSubscr
 
     // Nothing changed and nothing due: no provider call (our own status writes and
     // unrelated events land here).
-    if let Some(s) = ctx.subscription_schedules.lock().unwrap().get(&key) {
+    let schedule = ctx.subscription_schedules.lock().unwrap().get(&key).cloned();
+    if let Some(s) = schedule {
         let now = Instant::now();
         if s.inputs == inputs && now < s.next_due {
             let wait = s.next_due - now;

@@ -1,0 +1,14 @@
+//! Delivery: workers that lease due events per endpoint and POST them, signed with
+//! Standard Webhooks, to the endpoint's destination, under its retry policy, concurrency
+//! and rate limits and a per-destination circuit breaker. Provider-agnostic: it sees
+//! queued events only. It never decides what an endpoint is; the facade tells it.
+
+mod breaker;
+mod destination;
+mod policy;
+mod signing;
+
+pub use breaker::{Admission, Breaker};
+pub use destination::{Destination, DestinationError, GuardedDns, Resolver, is_forbidden_ip};
+pub use policy::{Policy, parse_retry_after};
+pub use signing::{SecretError, SigningSecret, signature_header};

@@ -1,0 +1,341 @@
+//! Delivery health per endpoint: counters, a sliding failure window, latency percentiles
+//! and the `Healthy` verdict, fed by delivery outcomes and read by the controller.
+//!
+//! Recording is cheap (one short per-endpoint lock); snapshots compute percentiles and the
+//! verdict. A generation number per endpoint tells the controller whether anything changed
+//! since the status it last wrote, so unchanged endpoints cost no API write.
+
+mod verdict;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+pub use verdict::{HealthThresholds, Verdict, VerdictInput, verdict};
+
+use crate::api::endpoint::DeliveryStats;
+use crate::delivery::DestinationError;
+use crate::queue::EndpointKey;
+
+/// Window and thresholds of the health computation.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// Attempts older than this leave the failure window.
+    pub window: Duration,
+    /// At most this many recent attempts are in the window.
+    pub window_attempts: usize,
+    pub thresholds: HealthThresholds,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(300),
+            window_attempts: 100,
+            thresholds: HealthThresholds::default(),
+        }
+    }
+}
+
+/// One delivery attempt's result, as delivery reports it.
+#[derive(Clone, Copy, Debug)]
+pub enum Outcome<'a> {
+    Delivered {
+        /// Ingest to delivered.
+        latency: Duration,
+        /// Failed attempts the event had before this one.
+        prior_attempts: u32,
+    },
+    Failed {
+        /// Short and secret-free ("HTTP 503", "timeout").
+        error: &'a str,
+        prior_attempts: u32,
+        dead_lettered: bool,
+    },
+}
+
+/// What the controller reads for `status.delivery` and the `Healthy` condition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointHealth {
+    pub stats: DeliveryStats,
+    pub verdict: Verdict,
+    /// Events are parked because of the destination (`DestinationForbidden`, ...).
+    pub destination_error: Option<DestinationError>,
+    pub breaker_open: bool,
+    /// Grows on every change; equal generations mean equal snapshots.
+    pub generation: u64,
+}
+
+const LATENCY_SAMPLES: usize = 1024;
+const MAX_ERROR_LEN: usize = 160;
+
+#[derive(Default)]
+struct Tracker {
+    delivered: u64,
+    failed: u64,
+    retrying: u64,
+    dead_lettered: u64,
+    consecutive_failures: u64,
+    last_success: Option<SystemTime>,
+    last_failure: Option<SystemTime>,
+    last_error: Option<String>,
+    window: VecDeque<(Instant, bool)>,
+    latencies_ms: VecDeque<f64>,
+    breaker_open: bool,
+    destination_error: Option<DestinationError>,
+    generation: u64,
+}
+
+/// Health of every endpoint delivery knows.
+pub struct HealthRegistry {
+    config: HealthConfig,
+    endpoints: RwLock<HashMap<EndpointKey, Arc<Mutex<Tracker>>>>,
+}
+
+impl HealthRegistry {
+    pub fn new(config: HealthConfig) -> Self {
+        Self {
+            config,
+            endpoints: RwLock::default(),
+        }
+    }
+
+    fn tracker(&self, key: &EndpointKey) -> Arc<Mutex<Tracker>> {
+        if let Some(t) = self.endpoints.read().expect("health lock").get(key) {
+            return t.clone();
+        }
+        self.endpoints
+            .write()
+            .expect("health lock")
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    pub fn record(&self, key: &EndpointKey, outcome: Outcome<'_>) {
+        let tracker = self.tracker(key);
+        let mut t = tracker.lock().expect("tracker lock");
+        let now = Instant::now();
+        match outcome {
+            Outcome::Delivered {
+                latency,
+                prior_attempts,
+            } => {
+                t.delivered += 1;
+                t.consecutive_failures = 0;
+                t.last_success = Some(SystemTime::now());
+                if prior_attempts > 0 {
+                    t.retrying = t.retrying.saturating_sub(1);
+                }
+                if t.latencies_ms.len() == LATENCY_SAMPLES {
+                    t.latencies_ms.pop_front();
+                }
+                t.latencies_ms.push_back(latency.as_secs_f64() * 1000.0);
+                t.window.push_back((now, true));
+            }
+            Outcome::Failed {
+                error,
+                prior_attempts,
+                dead_lettered,
+            } => {
+                t.failed += 1;
+                t.consecutive_failures += 1;
+                t.last_failure = Some(SystemTime::now());
+                t.last_error = Some(error.chars().take(MAX_ERROR_LEN).collect());
+                match (dead_lettered, prior_attempts > 0) {
+                    (true, true) => t.retrying = t.retrying.saturating_sub(1),
+                    (false, false) => t.retrying += 1,
+                    _ => {}
+                }
+                if dead_lettered {
+                    t.dead_lettered += 1;
+                }
+                t.window.push_back((now, false));
+            }
+        }
+        while t.window.len() > self.config.window_attempts {
+            t.window.pop_front();
+        }
+        t.generation += 1;
+    }
+
+    pub fn set_breaker_open(&self, key: &EndpointKey, open: bool) {
+        let tracker = self.tracker(key);
+        let mut t = tracker.lock().expect("tracker lock");
+        if t.breaker_open != open {
+            t.breaker_open = open;
+            t.generation += 1;
+        }
+    }
+
+    pub fn set_destination_error(&self, key: &EndpointKey, error: Option<DestinationError>) {
+        let tracker = self.tracker(key);
+        let mut t = tracker.lock().expect("tracker lock");
+        if t.destination_error != error {
+            t.destination_error = error;
+            t.generation += 1;
+        }
+    }
+
+    /// Cheap change indicator: compare with the generation of the last snapshot written.
+    pub fn generation(&self, key: &EndpointKey) -> Option<u64> {
+        let tracker = self
+            .endpoints
+            .read()
+            .expect("health lock")
+            .get(key)
+            .cloned()?;
+        let g = tracker.lock().expect("tracker lock").generation;
+        Some(g)
+    }
+
+    pub fn remove(&self, key: &EndpointKey) {
+        self.endpoints.write().expect("health lock").remove(key);
+    }
+
+    pub fn snapshot(&self, key: &EndpointKey) -> Option<EndpointHealth> {
+        let tracker = self
+            .endpoints
+            .read()
+            .expect("health lock")
+            .get(key)
+            .cloned()?;
+        let mut t = tracker.lock().expect("tracker lock");
+        let now = Instant::now();
+        let window = self.config.window;
+        let before = t.window.len();
+        while t
+            .window
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > window)
+        {
+            t.window.pop_front();
+        }
+        if t.window.len() != before {
+            // The window moved: the verdict may have changed.
+            t.generation += 1;
+        }
+        let window_attempts = t.window.len();
+        let failures = t.window.iter().filter(|(_, ok)| !ok).count();
+        let failure_ratio = (window_attempts > 0).then(|| failures as f64 / window_attempts as f64);
+        let (p50, p99) = percentiles(&t.latencies_ms);
+        let input = VerdictInput {
+            delivered: t.delivered,
+            failed: t.failed,
+            consecutive_failures: t.consecutive_failures,
+            window_attempts,
+            failure_ratio,
+            breaker_open: t.breaker_open,
+            last_error: t.last_error.clone(),
+        };
+        let verdict = verdict(&input, &self.config.thresholds);
+        Some(EndpointHealth {
+            stats: DeliveryStats {
+                delivered: t.delivered,
+                failed: t.failed,
+                retrying: t.retrying,
+                dead_lettered: t.dead_lettered,
+                consecutive_failures: t.consecutive_failures,
+                failure_ratio,
+                last_success_time: t.last_success.and_then(to_time),
+                last_failure_time: t.last_failure.and_then(to_time),
+                last_error: t.last_error.clone(),
+                latency_p50_ms: p50,
+                latency_p99_ms: p99,
+            },
+            verdict,
+            destination_error: t.destination_error.clone(),
+            breaker_open: t.breaker_open,
+            generation: t.generation,
+        })
+    }
+}
+
+fn to_time(t: SystemTime) -> Option<Time> {
+    jiff::Timestamp::try_from(t).ok().map(Time)
+}
+
+fn percentiles(samples: &VecDeque<f64>) -> (Option<f64>, Option<f64>) {
+    if samples.is_empty() {
+        return (None, None);
+    }
+    let mut v: Vec<f64> = samples.iter().copied().collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (Some(at(0.5)), Some(at(0.99)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracks_retrying_window_and_latency() {
+        let reg = HealthRegistry::new(HealthConfig {
+            window: Duration::from_secs(60),
+            window_attempts: 4,
+            thresholds: HealthThresholds {
+                failing_after: 3,
+                degraded_ratio: 0.3,
+                min_window_attempts: 4,
+            },
+        });
+        let k = EndpointKey::new("ns", "a");
+        assert!(reg.snapshot(&k).is_none());
+        let fail = |prior, dead| Outcome::Failed {
+            error: "HTTP 500",
+            prior_attempts: prior,
+            dead_lettered: dead,
+        };
+        reg.record(&k, fail(0, false));
+        reg.record(&k, fail(1, false));
+        let s = reg.snapshot(&k).unwrap();
+        assert_eq!(
+            (
+                s.stats.failed,
+                s.stats.retrying,
+                s.stats.consecutive_failures
+            ),
+            (2, 1, 2)
+        );
+        assert!(
+            s.verdict.healthy,
+            "two failures, below thresholds: {:?}",
+            s.verdict
+        );
+        reg.record(&k, fail(2, true));
+        let s = reg.snapshot(&k).unwrap();
+        assert_eq!((s.stats.retrying, s.stats.dead_lettered), (0, 1));
+        assert_eq!(s.verdict.reason, "DeliveryFailing");
+        let g = reg.generation(&k).unwrap();
+        assert_eq!(reg.generation(&k), Some(g), "no change, same generation");
+        for ms in [10, 20, 30] {
+            reg.record(
+                &k,
+                Outcome::Delivered {
+                    latency: Duration::from_millis(ms),
+                    prior_attempts: 0,
+                },
+            );
+        }
+        assert!(reg.generation(&k).unwrap() > g);
+        let s = reg.snapshot(&k).unwrap();
+        // window: last 4 attempts = 1 failure, 3 successes
+        assert_eq!(s.stats.failure_ratio, Some(0.25));
+        assert_eq!((s.verdict.healthy, s.verdict.reason), (true, "Delivering"));
+        assert_eq!(s.stats.latency_p50_ms, Some(20.0));
+        assert_eq!(s.stats.latency_p99_ms, Some(30.0));
+        assert!(s.stats.last_success_time.is_some() && s.stats.last_failure_time.is_some());
+        reg.set_destination_error(&k, Some(DestinationError::Forbidden("x")));
+        assert_eq!(
+            reg.snapshot(&k)
+                .unwrap()
+                .destination_error
+                .unwrap()
+                .reason(),
+            "DestinationForbidden"
+        );
+    }
+}

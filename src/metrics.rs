@@ -1,0 +1,209 @@
+//! The data plane's Prometheus metrics, one registry. Labels are low-cardinality: an
+//! endpoint's namespace and name, a fixed reason, a queue state; never a token, URL or
+//! event id. Hot paths hold cloned per-endpoint handles ([`EndpointMetrics`]) so that a
+//! count is one atomic add, not a label lookup.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::queue::{EndpointKey, QueueDepth};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+type EpCounter = Family<EndpointLabels, Counter>;
+
+fn latency_histogram() -> Histogram {
+    // 5 ms .. ~82 s
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    received: EpCounter,
+    rejected: Family<ReasonLabels, Counter>,
+    queued: EpCounter,
+    duplicates: EpCounter,
+    filtered: EpCounter,
+    delivered: EpCounter,
+    failed: EpCounter,
+    retries: EpCounter,
+    dead_lettered: EpCounter,
+    queue_depth: Family<StateLabels, Gauge>,
+    latency: Family<EndpointLabels, Histogram>,
+}
+
+/// Counters of one endpoint, cheap to clone and to bump.
+#[derive(Clone, Debug)]
+pub struct EndpointMetrics {
+    pub received: Counter,
+    pub queued: Counter,
+    pub duplicates: Counter,
+    pub filtered: Counter,
+    pub delivered: Counter,
+    pub failed: Counter,
+    pub retries: Counter,
+    pub dead_lettered: Counter,
+    /// Ingest to delivered, seconds.
+    pub latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("webhook_operator");
+        let m = Self {
+            received: Family::default(),
+            rejected: Family::default(),
+            queued: Family::default(),
+            duplicates: Family::default(),
+            filtered: Family::default(),
+            delivered: Family::default(),
+            failed: Family::default(),
+            retries: Family::default(),
+            dead_lettered: Family::default(),
+            queue_depth: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "events_received",
+            "Events accepted from providers (verified)",
+            m.received.clone(),
+        );
+        r.register(
+            "requests_rejected",
+            "Ingress requests refused, by reason",
+            m.rejected.clone(),
+        );
+        r.register("events_queued", "Events stored durably", m.queued.clone());
+        r.register(
+            "events_duplicate",
+            "Events dropped as duplicates at ingest",
+            m.duplicates.clone(),
+        );
+        r.register(
+            "events_filtered",
+            "Events acknowledged but not queued (event type filter)",
+            m.filtered.clone(),
+        );
+        r.register(
+            "events_delivered",
+            "Events delivered (2xx from the destination)",
+            m.delivered.clone(),
+        );
+        r.register(
+            "delivery_attempts_failed",
+            "Failed delivery attempts",
+            m.failed.clone(),
+        );
+        r.register(
+            "delivery_retries_scheduled",
+            "Retries scheduled after a failed attempt",
+            m.retries.clone(),
+        );
+        r.register(
+            "events_dead_lettered",
+            "Events moved to the dead-letter store",
+            m.dead_lettered.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Events in the queue, by state",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "delivery_latency_seconds",
+            "Ingest to delivered latency",
+            m.latency.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn endpoint(&self, key: &EndpointKey) -> EndpointMetrics {
+        let l = EndpointLabels {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        };
+        EndpointMetrics {
+            received: self.received.get_or_create(&l).clone(),
+            queued: self.queued.get_or_create(&l).clone(),
+            duplicates: self.duplicates.get_or_create(&l).clone(),
+            filtered: self.filtered.get_or_create(&l).clone(),
+            delivered: self.delivered.get_or_create(&l).clone(),
+            failed: self.failed.get_or_create(&l).clone(),
+            retries: self.retries.get_or_create(&l).clone(),
+            dead_lettered: self.dead_lettered.get_or_create(&l).clone(),
+            latency: self.latency.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Drops the series of a removed endpoint.
+    pub fn remove_endpoint(&self, key: &EndpointKey) {
+        let l = EndpointLabels {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        };
+        for f in [
+            &self.received,
+            &self.queued,
+            &self.duplicates,
+            &self.filtered,
+            &self.delivered,
+            &self.failed,
+            &self.retries,
+            &self.dead_lettered,
+        ] {
+            f.remove(&l);
+        }
+        self.latency.remove(&l);
+    }
+
+    /// `reason` must be a fixed string (see `inbound::Rejection::label`).
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn set_queue_depth(&self, d: QueueDepth) {
+        for (state, v) in [
+            ("pending", d.pending),
+            ("leased", d.leased),
+            ("dead_lettered", d.dead_lettered),
+        ] {
+            self.queue_depth
+                .get_or_create(&StateLabels { state })
+                .set(v as i64);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,218 @@
+//! The in-memory view of what the store holds: per endpoint, which events are due when,
+//! which are leased and which are dead. Rebuilt from the file on open, changed only by the
+//! writer after a commit, so a lease never sees an uncommitted event. Sharded per endpoint
+//! so that endpoints never contend with each other.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::Notify;
+
+use super::{EndpointKey, QueueDepth};
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct DeadMeta {
+    pub dead_ms: u64,
+    pub received_ms: u64,
+}
+
+#[derive(Default)]
+pub(super) struct EndpointIndex {
+    /// (due, seq): ordered so the earliest due comes first.
+    pub ready: BTreeSet<(u64, u64)>,
+    /// seq → due time it had, so a released lease goes back where it was.
+    pub leased: HashMap<u64, u64>,
+    pub dead: BTreeMap<u64, DeadMeta>,
+}
+
+pub(super) struct Shard {
+    pub state: Mutex<EndpointIndex>,
+    /// Woken when an event becomes due earlier than a waiter may think.
+    pub notify: Notify,
+}
+
+#[derive(Default)]
+pub(super) struct Index {
+    shards: RwLock<HashMap<EndpointKey, Arc<Shard>>>,
+    pending: AtomicU64,
+    leased: AtomicU64,
+    dead: AtomicU64,
+}
+
+impl Index {
+    pub fn shard(&self, key: &EndpointKey) -> Arc<Shard> {
+        if let Some(s) = self.shards.read().expect("index lock").get(key) {
+            return s.clone();
+        }
+        self.shards
+            .write()
+            .expect("index lock")
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Shard {
+                    state: Mutex::new(EndpointIndex::default()),
+                    notify: Notify::new(),
+                })
+            })
+            .clone()
+    }
+
+    pub fn existing_shard(&self, key: &EndpointKey) -> Option<Arc<Shard>> {
+        self.shards.read().expect("index lock").get(key).cloned()
+    }
+
+    pub fn keys(&self) -> Vec<EndpointKey> {
+        self.shards
+            .read()
+            .expect("index lock")
+            .iter()
+            .filter(|(_, s)| {
+                let st = s.state.lock().expect("shard lock");
+                !(st.ready.is_empty() && st.leased.is_empty() && st.dead.is_empty())
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    pub fn add_ready(&self, key: &EndpointKey, due_ms: u64, seq: u64) {
+        let shard = self.shard(key);
+        shard
+            .state
+            .lock()
+            .expect("shard lock")
+            .ready
+            .insert((due_ms, seq));
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        shard.notify.notify_one();
+    }
+
+    pub fn add_dead(&self, key: &EndpointKey, seq: u64, meta: DeadMeta) {
+        self.shard(key)
+            .state
+            .lock()
+            .expect("shard lock")
+            .dead
+            .insert(seq, meta);
+        self.dead.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes up to `max` due events into the leased set.
+    pub fn lease(&self, key: &EndpointKey, max: usize, now_ms: u64) -> Vec<u64> {
+        let Some(shard) = self.existing_shard(key) else {
+            return Vec::new();
+        };
+        let mut st = shard.state.lock().expect("shard lock");
+        let mut out = Vec::new();
+        while out.len() < max {
+            match st.ready.first() {
+                Some(&(due, seq)) if due <= now_ms => {
+                    st.ready.pop_first();
+                    st.leased.insert(seq, due);
+                    out.push(seq);
+                }
+                _ => break,
+            }
+        }
+        let n = out.len() as u64;
+        self.pending.fetch_sub(n, Ordering::Relaxed);
+        self.leased.fetch_add(n, Ordering::Relaxed);
+        out
+    }
+
+    /// Ends a lease; returns whether it existed.
+    pub fn unlease(&self, key: &EndpointKey, seq: u64) -> bool {
+        let removed = self.existing_shard(key).is_some_and(|s| {
+            s.state
+                .lock()
+                .expect("shard lock")
+                .leased
+                .remove(&seq)
+                .is_some()
+        });
+        if removed {
+            self.leased.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Ends a lease without an attempt: the event is due again when it was.
+    pub fn release(&self, key: &EndpointKey, seq: u64) -> bool {
+        let Some(shard) = self.existing_shard(key) else {
+            return false;
+        };
+        let mut st = shard.state.lock().expect("shard lock");
+        let Some(due) = st.leased.remove(&seq) else {
+            return false;
+        };
+        st.ready.insert((due, seq));
+        drop(st);
+        self.leased.fetch_sub(1, Ordering::Relaxed);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        shard.notify.notify_one();
+        true
+    }
+
+    pub fn remove_dead(&self, key: &EndpointKey, seq: u64) -> bool {
+        let removed = self.existing_shard(key).is_some_and(|s| {
+            s.state
+                .lock()
+                .expect("shard lock")
+                .dead
+                .remove(&seq)
+                .is_some()
+        });
+        if removed {
+            self.dead.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    pub fn dead_matching(&self, key: &EndpointKey, pred: impl Fn(&DeadMeta) -> bool) -> Vec<u64> {
+        self.existing_shard(key)
+            .map(|s| {
+                s.state
+                    .lock()
+                    .expect("shard lock")
+                    .dead
+                    .iter()
+                    .filter(|(_, m)| pred(m))
+                    .map(|(seq, _)| *seq)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The earliest due time of `key`, if anything is waiting.
+    pub fn next_due(&self, key: &EndpointKey) -> Option<u64> {
+        self.existing_shard(key).and_then(|s| {
+            s.state
+                .lock()
+                .expect("shard lock")
+                .ready
+                .first()
+                .map(|(d, _)| *d)
+        })
+    }
+
+    pub fn depth(&self) -> QueueDepth {
+        QueueDepth {
+            pending: self.pending.load(Ordering::Relaxed),
+            leased: self.leased.load(Ordering::Relaxed),
+            dead_lettered: self.dead.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn endpoint_depth(&self, key: &EndpointKey) -> QueueDepth {
+        self.existing_shard(key)
+            .map(|s| {
+                let st = s.state.lock().expect("shard lock");
+                QueueDepth {
+                    pending: st.ready.len() as u64,
+                    leased: st.leased.len() as u64,
+                    dead_lettered: st.dead.len() as u64,
+                }
+            })
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,209 @@
+//! The durable event queue: the single place events live between the ingress's 2xx and
+//! the destination's 2xx.
+//!
+//! [`Queue`] is the contract (object-safe, so a JetStream implementation can replace the
+//! embedded one by configuration); [`RedbQueue`] is the default, an embedded store on a
+//! file. Events are opaque here: the queue never looks into a payload or knows a provider.
+//! Leasing, retry scheduling and dead letters live here; *when* to retry is delivery's
+//! decision, not the queue's.
+
+mod index;
+mod record;
+mod redb_queue;
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+pub use redb_queue::{RedbQueue, RedbQueueOptions};
+
+/// Identity of a `WebhookEndpoint`: its namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl EndpointKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for EndpointKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An event as the ingress hands it over, verified and normalised.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub endpoint: EndpointKey,
+    pub subscription: String,
+    pub event_type: String,
+    /// Equal keys for the same endpoint within the dedupe window are duplicates.
+    pub dedupe_key: String,
+    pub payload: Bytes,
+    pub received: SystemTime,
+}
+
+/// What became of one enqueued event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// Stored durably under this stable id (the `webhook-id` of every delivery attempt).
+    Accepted { id: String },
+    /// Same dedupe key seen for this endpoint within the window: dropped.
+    Duplicate,
+}
+
+/// A lease handle the implementation uses to find the leased event again in
+/// [`Queue::ack`] and friends. Opaque to callers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Receipt(pub u64);
+
+/// A leased event, ready for a delivery attempt.
+#[derive(Clone, Debug)]
+pub struct QueuedEvent {
+    pub receipt: Receipt,
+    /// Stable across attempts, replays and restarts.
+    pub id: String,
+    pub endpoint: EndpointKey,
+    pub subscription: String,
+    pub event_type: String,
+    pub dedupe_key: String,
+    pub payload: Bytes,
+    pub received: SystemTime,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    pub next_attempt: SystemTime,
+    pub last_error: Option<String>,
+}
+
+/// Which dead letters a replay sends back to pending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayFilter {
+    All,
+    /// Dead-lettered within `[from, to]`.
+    DeadLetteredBetween {
+        from: SystemTime,
+        to: SystemTime,
+    },
+    /// Originally received within `[from, to]`.
+    ReceivedBetween {
+        from: SystemTime,
+        to: SystemTime,
+    },
+}
+
+impl ReplayFilter {
+    pub(crate) fn matches(&self, dead_at: SystemTime, received: SystemTime) -> bool {
+        match *self {
+            ReplayFilter::All => true,
+            ReplayFilter::DeadLetteredBetween { from, to } => dead_at >= from && dead_at <= to,
+            ReplayFilter::ReceivedBetween { from, to } => received >= from && received <= to,
+        }
+    }
+}
+
+/// Event counts, cheap to read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Waiting for an attempt (due now or later).
+    pub pending: u64,
+    /// Leased by a delivery worker, attempt under way.
+    pub leased: u64,
+    pub dead_lettered: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// The queue was closed or its writer stopped; nothing can be stored.
+    #[error("queue closed")]
+    Closed,
+    /// The storage engine failed; the operation did not take effect.
+    #[error("queue storage error: {0}")]
+    Storage(String),
+    /// The receipt names no leased event (already acked, or from before a restart).
+    #[error("unknown receipt")]
+    UnknownReceipt,
+}
+
+/// A durable queue of opaque events, partitioned by endpoint.
+///
+/// Guarantees an implementation must keep: an `Accepted` outcome means the event survives
+/// a crash; a leased event that is neither acked, retried, dead-lettered nor released
+/// becomes due again after a restart; ids are stable.
+#[async_trait::async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Stores a batch durably; resolves only once it is committed. Outcomes are in input order.
+    async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<EnqueueOutcome>, QueueError>;
+
+    /// Leases up to `max` events of `endpoint` due at `now`, oldest due first.
+    async fn lease(
+        &self,
+        endpoint: &EndpointKey,
+        max: usize,
+        now: SystemTime,
+    ) -> Result<Vec<QueuedEvent>, QueueError>;
+
+    /// Waits until an event of `endpoint` may be due, or `max_wait` passes. A hint: callers
+    /// lease afterwards and must cope with finding nothing.
+    async fn wait_due(&self, endpoint: &EndpointKey, max_wait: Duration);
+
+    /// Delivered: removes the event.
+    async fn ack(&self, event: &QueuedEvent) -> Result<(), QueueError>;
+
+    /// Records one more failed attempt and makes the event due again at `next_attempt`.
+    async fn retry(
+        &self,
+        event: &QueuedEvent,
+        next_attempt: SystemTime,
+        error: &str,
+    ) -> Result<(), QueueError>;
+
+    /// Records one more failed attempt and moves the event to the dead-letter store.
+    async fn dead_letter(&self, event: &QueuedEvent, reason: &str) -> Result<(), QueueError>;
+
+    /// Gives a lease back without counting an attempt (the attempt never happened).
+    async fn release(&self, event: &QueuedEvent) -> Result<(), QueueError>;
+
+    /// Moves matching dead letters of `endpoint` back to pending, due now, attempts reset.
+    async fn replay(
+        &self,
+        endpoint: &EndpointKey,
+        filter: ReplayFilter,
+        now: SystemTime,
+    ) -> Result<u64, QueueError>;
+
+    /// Deletes dead letters of `endpoint` dead-lettered before `before`.
+    async fn prune_dead_letters(
+        &self,
+        endpoint: &EndpointKey,
+        before: SystemTime,
+    ) -> Result<u64, QueueError>;
+
+    /// Endpoints that hold events (pending, leased or dead).
+    fn endpoints(&self) -> Vec<EndpointKey>;
+
+    fn depth(&self) -> QueueDepth;
+
+    fn endpoint_depth(&self, endpoint: &EndpointKey) -> QueueDepth;
+
+    /// Proves the queue can commit a write now (readiness).
+    async fn check_writable(&self) -> Result<(), QueueError>;
+}
+
+/// Milliseconds since the Unix epoch; the queue's time unit on disk.
+pub(crate) fn to_millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn from_millis(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}

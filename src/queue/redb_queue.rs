@@ -1,0 +1,775 @@
+//! [`RedbQueue`]: the embedded queue on one redb file.
+//!
+//! Every write goes through one writer thread that drains whatever operations are waiting
+//! and applies them in one write transaction: one commit (one fsync) for many concurrent
+//! enqueues and acks — group commit. A caller's future resolves after the commit that holds
+//! its operation. Leases are in memory only, so after a crash every event that was not
+//! acked, retried or dead-lettered is simply pending again.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use super::index::{DeadMeta, Index};
+use super::record::{Record, STATE_DEAD, STATE_PENDING};
+use super::{
+    EndpointKey, EnqueueOutcome, NewEvent, Queue, QueueDepth, QueueError, QueuedEvent, Receipt,
+    ReplayFilter, from_millis, to_millis,
+};
+
+/// seq → encoded [`Record`].
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// "ns/name\ndedupe_key" → received ms.
+const DEDUPE: TableDefinition<&str, u64> = TableDefinition::new("dedupe");
+/// (received ms, dedupe entry) → (): expires dedupe entries in time order.
+const DEDUPE_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("dedupe_by_time");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const META_NONCE: &str = "nonce";
+const META_NEXT_SEQ: &str = "next_seq";
+const META_CHECK: &str = "writable_check";
+
+/// Tuning of the embedded queue.
+#[derive(Clone, Debug)]
+pub struct RedbQueueOptions {
+    /// An event whose dedupe key was seen for the same endpoint within this window is a duplicate.
+    pub dedupe_window: Duration,
+    /// Most operations in one transaction; bounds commit latency under load.
+    pub max_batch: usize,
+}
+
+impl Default for RedbQueueOptions {
+    fn default() -> Self {
+        Self {
+            dedupe_window: Duration::from_secs(24 * 3600),
+            max_batch: 4096,
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+
+enum Op {
+    Enqueue(Vec<NewEvent>, Reply<Vec<EnqueueOutcome>>),
+    Ack(EndpointKey, u64, Reply<()>),
+    Retry(EndpointKey, u64, u64, String, Reply<()>),
+    Dead(EndpointKey, u64, u64, String, Reply<()>),
+    Replay(EndpointKey, Vec<u64>, u64, Reply<u64>),
+    Prune(EndpointKey, Vec<u64>, Reply<u64>),
+    Check(Reply<()>),
+    Shutdown,
+}
+
+/// Index changes a committed operation causes.
+enum Effect {
+    Ready(EndpointKey, u64, u64),
+    Unlease(EndpointKey, u64),
+    Dead(EndpointKey, u64, DeadMeta),
+    RemoveDead(EndpointKey, u64),
+}
+
+enum Responder {
+    Outcomes(
+        Reply<Vec<EnqueueOutcome>>,
+        Result<Vec<EnqueueOutcome>, QueueError>,
+    ),
+    Unit(Reply<()>, Result<(), QueueError>),
+    Count(Reply<u64>, Result<u64, QueueError>),
+}
+
+impl Responder {
+    /// Sends the op's own result, or the batch's failure when the commit did not happen.
+    fn finish(self, batch_error: Option<&QueueError>) {
+        // A caller that gave up waiting is not an error for the writer.
+        match self {
+            Responder::Outcomes(tx, r) => drop(tx.send(batch_error.cloned().map_or(r, Err))),
+            Responder::Unit(tx, r) => drop(tx.send(batch_error.cloned().map_or(r, Err))),
+            Responder::Count(tx, r) => drop(tx.send(batch_error.cloned().map_or(r, Err))),
+        }
+    }
+}
+
+fn storage<E: std::fmt::Display>(e: E) -> QueueError {
+    QueueError::Storage(e.to_string())
+}
+
+fn event_id(nonce: u64, seq: u64) -> String {
+    format!("msg_{nonce:016x}{seq:016x}")
+}
+
+fn dedupe_entry(ns: &str, name: &str, key: &str) -> String {
+    let mut s = String::with_capacity(ns.len() + name.len() + key.len() + 2);
+    s.push_str(ns);
+    s.push('/');
+    s.push_str(name);
+    s.push('\n');
+    s.push_str(key);
+    s
+}
+
+/// The embedded queue. Cheap to share behind an `Arc`; dropping it stops the writer.
+pub struct RedbQueue {
+    db: Arc<Database>,
+    index: Arc<Index>,
+    ops: mpsc::Sender<Op>,
+    closed: AtomicBool,
+    nonce: u64,
+    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl RedbQueue {
+    /// Opens (or creates) the queue file and rebuilds the in-memory index from it.
+    pub fn open(path: impl AsRef<Path>, options: RedbQueueOptions) -> Result<Self, QueueError> {
+        let db = Arc::new(Database::create(path.as_ref()).map_err(storage)?);
+        let (nonce, mut next_seq) = {
+            let txn = db.begin_write().map_err(storage)?;
+            let ids = {
+                txn.open_table(EVENTS).map_err(storage)?;
+                txn.open_table(DEDUPE).map_err(storage)?;
+                txn.open_table(DEDUPE_BY_TIME).map_err(storage)?;
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                let nonce = match meta.get(META_NONCE).map_err(storage)? {
+                    Some(v) => v.value(),
+                    None => rand::random::<u64>(),
+                };
+                meta.insert(META_NONCE, nonce).map_err(storage)?;
+                let next = meta.get(META_NEXT_SEQ).map_err(storage)?.map(|v| v.value());
+                (nonce, next.unwrap_or(0))
+            };
+            txn.commit().map_err(storage)?;
+            ids
+        };
+
+        let index = Arc::new(Index::default());
+        {
+            let txn = db.begin_read().map_err(storage)?;
+            let events = txn.open_table(EVENTS).map_err(storage)?;
+            for item in events.iter().map_err(storage)? {
+                let (k, v) = item.map_err(storage)?;
+                let seq = k.value();
+                next_seq = next_seq.max(seq + 1);
+                let Some(rec) = Record::decode(v.value()) else {
+                    tracing::warn!(seq, "skipping an unreadable queue record");
+                    continue;
+                };
+                let key = EndpointKey::new(rec.namespace, rec.name);
+                if rec.state == STATE_DEAD {
+                    let meta = DeadMeta {
+                        dead_ms: rec.dead_ms,
+                        received_ms: rec.received_ms,
+                    };
+                    index.add_dead(&key, seq, meta);
+                } else {
+                    index.add_ready(&key, rec.due_ms, seq);
+                }
+            }
+        }
+
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            index: index.clone(),
+            options,
+            nonce,
+            next_seq,
+            buf: Vec::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("queue-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(storage)?;
+        Ok(Self {
+            db,
+            index,
+            ops: tx,
+            closed: AtomicBool::new(false),
+            nonce,
+            writer: std::sync::Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Stops accepting writes; every later write fails with [`QueueError::Closed`].
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = self.ops.send(Op::Shutdown);
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, QueueError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(QueueError::Closed);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.ops.send(make(tx)).map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+}
+
+impl Drop for RedbQueue {
+    fn drop(&mut self) {
+        self.close();
+        // Joining releases the file before a reopen in the same process.
+        if let Some(h) = self.writer.lock().ok().and_then(|mut w| w.take()) {
+            let _ = h.join();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Queue for RedbQueue {
+    async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.call(|r| Op::Enqueue(events, r)).await
+    }
+
+    async fn lease(
+        &self,
+        endpoint: &EndpointKey,
+        max: usize,
+        now: SystemTime,
+    ) -> Result<Vec<QueuedEvent>, QueueError> {
+        let seqs = self.index.lease(endpoint, max, to_millis(now));
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db = self.db.clone();
+        let nonce = self.nonce;
+        let wanted = seqs.clone();
+        let read = tokio::task::spawn_blocking(move || -> Result<_, QueueError> {
+            let txn = db.begin_read().map_err(storage)?;
+            let table = txn.open_table(EVENTS).map_err(storage)?;
+            let mut found = Vec::with_capacity(wanted.len());
+            let mut missing = Vec::new();
+            for seq in wanted {
+                match table.get(seq).map_err(storage)? {
+                    Some(v) => match Record::decode(v.value()) {
+                        Some(rec) if rec.state == STATE_PENDING => {
+                            found.push(to_event(nonce, seq, rec))
+                        }
+                        _ => missing.push(seq),
+                    },
+                    None => missing.push(seq),
+                }
+            }
+            Ok((found, missing))
+        })
+        .await
+        .map_err(storage)
+        .and_then(|r| r);
+        match read {
+            Ok((found, missing)) => {
+                for seq in missing {
+                    self.index.unlease(endpoint, seq);
+                }
+                Ok(found)
+            }
+            Err(e) => {
+                for seq in seqs {
+                    self.index.release(endpoint, seq);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn wait_due(&self, endpoint: &EndpointKey, max_wait: Duration) {
+        let shard = self.index.shard(endpoint);
+        let notified = shard.notify.notified();
+        let now = to_millis(SystemTime::now());
+        let wait = match self.index.next_due(endpoint) {
+            Some(due) if due <= now => return,
+            Some(due) => max_wait.min(Duration::from_millis(due - now)),
+            None => max_wait,
+        };
+        let _ = tokio::time::timeout(wait, notified).await;
+    }
+
+    async fn ack(&self, event: &QueuedEvent) -> Result<(), QueueError> {
+        let key = event.endpoint.clone();
+        self.call(|r| Op::Ack(key, event.receipt.0, r)).await
+    }
+
+    async fn retry(
+        &self,
+        event: &QueuedEvent,
+        next_attempt: SystemTime,
+        error: &str,
+    ) -> Result<(), QueueError> {
+        let key = event.endpoint.clone();
+        let due = to_millis(next_attempt);
+        self.call(|r| Op::Retry(key, event.receipt.0, due, error.to_owned(), r))
+            .await
+    }
+
+    async fn dead_letter(&self, event: &QueuedEvent, reason: &str) -> Result<(), QueueError> {
+        let key = event.endpoint.clone();
+        let now = to_millis(SystemTime::now());
+        self.call(|r| Op::Dead(key, event.receipt.0, now, reason.to_owned(), r))
+            .await
+    }
+
+    async fn release(&self, event: &QueuedEvent) -> Result<(), QueueError> {
+        if self.index.release(&event.endpoint, event.receipt.0) {
+            Ok(())
+        } else {
+            Err(QueueError::UnknownReceipt)
+        }
+    }
+
+    async fn replay(
+        &self,
+        endpoint: &EndpointKey,
+        filter: ReplayFilter,
+        now: SystemTime,
+    ) -> Result<u64, QueueError> {
+        let seqs = self.index.dead_matching(endpoint, |m| {
+            filter.matches(from_millis(m.dead_ms), from_millis(m.received_ms))
+        });
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let key = endpoint.clone();
+        self.call(|r| Op::Replay(key, seqs, to_millis(now), r))
+            .await
+    }
+
+    async fn prune_dead_letters(
+        &self,
+        endpoint: &EndpointKey,
+        before: SystemTime,
+    ) -> Result<u64, QueueError> {
+        let cutoff = to_millis(before);
+        let seqs = self.index.dead_matching(endpoint, |m| m.dead_ms < cutoff);
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let key = endpoint.clone();
+        self.call(|r| Op::Prune(key, seqs, r)).await
+    }
+
+    fn endpoints(&self) -> Vec<EndpointKey> {
+        self.index.keys()
+    }
+
+    fn depth(&self) -> QueueDepth {
+        self.index.depth()
+    }
+
+    fn endpoint_depth(&self, endpoint: &EndpointKey) -> QueueDepth {
+        self.index.endpoint_depth(endpoint)
+    }
+
+    async fn check_writable(&self) -> Result<(), QueueError> {
+        self.call(Op::Check).await
+    }
+}
+
+fn to_event(nonce: u64, seq: u64, rec: Record) -> QueuedEvent {
+    QueuedEvent {
+        receipt: Receipt(seq),
+        id: event_id(nonce, seq),
+        endpoint: EndpointKey::new(rec.namespace, rec.name),
+        subscription: rec.subscription,
+        event_type: rec.event_type,
+        dedupe_key: rec.dedupe_key,
+        payload: rec.payload,
+        received: from_millis(rec.received_ms),
+        attempts: rec.attempts,
+        next_attempt: from_millis(rec.due_ms),
+        last_error: (!rec.last_error.is_empty()).then_some(rec.last_error),
+    }
+}
+
+struct Writer {
+    db: Arc<Database>,
+    index: Arc<Index>,
+    options: RedbQueueOptions,
+    nonce: u64,
+    next_seq: u64,
+    /// Reused encode buffer: no allocation per record on the hot path.
+    buf: Vec<u8>,
+}
+
+type Tables<'t> = (
+    redb::Table<'t, u64, &'static [u8]>,
+    redb::Table<'t, &'static str, u64>,
+    redb::Table<'t, (u64, &'static str), ()>,
+    redb::Table<'t, &'static str, u64>,
+);
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        let mut last_expiry = Instant::now();
+        loop {
+            let first = match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.expire_dedupe(&mut last_expiry, true);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.options.max_batch {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            let stop = batch.iter().any(|op| matches!(op, Op::Shutdown));
+            self.commit_batch(batch);
+            if stop {
+                // Later callers see `Closed` from the dropped receiver.
+                return;
+            }
+            self.expire_dedupe(&mut last_expiry, false);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Op>) {
+        let mut done = Vec::with_capacity(batch.len());
+        let mut effects = Vec::new();
+        let mut fatal: Option<QueueError> = None;
+        let txn = self.db.begin_write().map_err(storage);
+        match &txn {
+            Ok(txn) => match open_tables(txn) {
+                Ok(mut tables) => {
+                    for op in batch {
+                        if let Some(r) = self.apply(&mut tables, op, &mut effects, &mut fatal) {
+                            done.push(r);
+                        }
+                    }
+                    if fatal.is_none()
+                        && let Err(e) = tables.3.insert(META_NEXT_SEQ, self.next_seq)
+                    {
+                        fatal = Some(storage(e));
+                    }
+                }
+                Err(e) => {
+                    fatal = Some(e);
+                    done.extend(batch.into_iter().filter_map(fail_op));
+                }
+            },
+            Err(e) => {
+                fatal = Some(e.clone());
+                done.extend(batch.into_iter().filter_map(fail_op));
+            }
+        }
+        let outcome = match (txn, fatal) {
+            (Ok(txn), None) => txn.commit().map_err(storage),
+            (Ok(txn), Some(e)) => {
+                let _ = txn.abort();
+                Err(e)
+            }
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(e),
+        };
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "queue commit failed");
+        } else {
+            for effect in effects {
+                match effect {
+                    Effect::Ready(k, due, seq) => self.index.add_ready(&k, due, seq),
+                    Effect::Unlease(k, seq) => {
+                        self.index.unlease(&k, seq);
+                    }
+                    Effect::Dead(k, seq, meta) => self.index.add_dead(&k, seq, meta),
+                    Effect::RemoveDead(k, seq) => {
+                        self.index.remove_dead(&k, seq);
+                    }
+                }
+            }
+        }
+        let err = outcome.err();
+        for r in done {
+            r.finish(err.as_ref());
+        }
+    }
+
+    /// Applies one op inside the open transaction. A storage error sets `fatal` (the whole
+    /// batch is aborted); an op-level error (unknown receipt) only fails that op.
+    fn apply(
+        &mut self,
+        t: &mut Tables<'_>,
+        op: Op,
+        effects: &mut Vec<Effect>,
+        fatal: &mut Option<QueueError>,
+    ) -> Option<Responder> {
+        if fatal.is_some() {
+            return fail_op(op);
+        }
+        let mut guard = |r: Result<(), QueueError>| {
+            if let Err(QueueError::Storage(m)) = &r {
+                *fatal = Some(QueueError::Storage(m.clone()));
+            }
+            r
+        };
+        Some(match op {
+            Op::Enqueue(events, reply) => {
+                let r = self.enqueue(t, events, effects);
+                if let Err(e) = &r {
+                    *fatal = Some(e.clone());
+                }
+                Responder::Outcomes(reply, r)
+            }
+            Op::Ack(key, seq, reply) => {
+                let r = match t.0.remove(seq).map_err(storage) {
+                    Ok(Some(_)) => {
+                        effects.push(Effect::Unlease(key, seq));
+                        Ok(())
+                    }
+                    Ok(None) => Err(QueueError::UnknownReceipt),
+                    Err(e) => Err(e),
+                };
+                Responder::Unit(reply, guard(r))
+            }
+            Op::Retry(key, seq, due, error, reply) => {
+                let r = self.update(t, seq, |rec| {
+                    rec.attempts += 1;
+                    rec.due_ms = due;
+                    rec.last_error = error;
+                });
+                if r.is_ok() {
+                    effects.push(Effect::Unlease(key.clone(), seq));
+                    effects.push(Effect::Ready(key, due, seq));
+                }
+                Responder::Unit(reply, guard(r.map(|_| ())))
+            }
+            Op::Dead(key, seq, now, reason, reply) => {
+                let r = self.update(t, seq, |rec| {
+                    rec.attempts += 1;
+                    rec.state = STATE_DEAD;
+                    rec.dead_ms = now;
+                    rec.last_error = reason;
+                });
+                let r = r.map(|rec| {
+                    effects.push(Effect::Unlease(key.clone(), seq));
+                    let meta = DeadMeta {
+                        dead_ms: now,
+                        received_ms: rec.received_ms,
+                    };
+                    effects.push(Effect::Dead(key, seq, meta));
+                });
+                Responder::Unit(reply, guard(r))
+            }
+            Op::Replay(key, seqs, now, reply) => {
+                let mut n = 0;
+                let mut r = Ok(());
+                for seq in seqs {
+                    let res = self.update_if_dead(t, seq, |rec| {
+                        rec.state = STATE_PENDING;
+                        rec.attempts = 0;
+                        rec.due_ms = now;
+                        rec.dead_ms = 0;
+                        rec.last_error.clear();
+                    });
+                    match res {
+                        Ok(true) => {
+                            n += 1;
+                            effects.push(Effect::RemoveDead(key.clone(), seq));
+                            effects.push(Effect::Ready(key.clone(), now, seq));
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                }
+                Responder::Count(reply, guard(r).map(|_| n))
+            }
+            Op::Prune(key, seqs, reply) => {
+                let mut n = 0;
+                let mut r = Ok(());
+                for seq in seqs {
+                    let dead = match t.0.get(seq) {
+                        Ok(v) => v.and_then(|v| Record::decode(v.value())).map(|r| r.state),
+                        Err(e) => {
+                            r = Err(storage(e));
+                            break;
+                        }
+                    };
+                    if dead == Some(STATE_DEAD) {
+                        if let Err(e) = t.0.remove(seq) {
+                            r = Err(storage(e));
+                            break;
+                        }
+                        n += 1;
+                        effects.push(Effect::RemoveDead(key.clone(), seq));
+                    }
+                }
+                Responder::Count(reply, guard(r).map(|_| n))
+            }
+            Op::Check(reply) => {
+                // A real write, so that a full disk or a broken file shows.
+                let now = to_millis(SystemTime::now());
+                let r = t.3.insert(META_CHECK, now).map(|_| ()).map_err(storage);
+                Responder::Unit(reply, guard(r))
+            }
+            Op::Shutdown => return None,
+        })
+    }
+
+    fn enqueue(
+        &mut self,
+        t: &mut Tables<'_>,
+        events: Vec<NewEvent>,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        let window = self.options.dedupe_window.as_millis() as u64;
+        let mut out = Vec::with_capacity(events.len());
+        for ev in events {
+            let received = to_millis(ev.received);
+            if !ev.dedupe_key.is_empty() {
+                let entry = dedupe_entry(&ev.endpoint.namespace, &ev.endpoint.name, &ev.dedupe_key);
+                let seen = t.1.get(entry.as_str()).map_err(storage)?.map(|v| v.value());
+                if let Some(prev) = seen {
+                    if received.saturating_sub(prev) < window {
+                        out.push(EnqueueOutcome::Duplicate);
+                        continue;
+                    }
+                    t.2.remove((prev, entry.as_str())).map_err(storage)?;
+                }
+                t.1.insert(entry.as_str(), received).map_err(storage)?;
+                t.2.insert((received, entry.as_str()), ())
+                    .map_err(storage)?;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let rec = Record {
+                state: STATE_PENDING,
+                attempts: 0,
+                received_ms: received,
+                due_ms: received,
+                dead_ms: 0,
+                namespace: ev.endpoint.namespace.clone(),
+                name: ev.endpoint.name.clone(),
+                subscription: ev.subscription,
+                event_type: ev.event_type,
+                dedupe_key: ev.dedupe_key,
+                last_error: String::new(),
+                payload: ev.payload,
+            };
+            rec.encode(&mut self.buf);
+            t.0.insert(seq, self.buf.as_slice()).map_err(storage)?;
+            effects.push(Effect::Ready(ev.endpoint, received, seq));
+            out.push(EnqueueOutcome::Accepted {
+                id: event_id(self.nonce, seq),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Rewrites a pending record; `UnknownReceipt` when it is gone or dead.
+    fn update(
+        &mut self,
+        t: &mut Tables<'_>,
+        seq: u64,
+        change: impl FnOnce(&mut Record),
+    ) -> Result<Record, QueueError> {
+        let rec =
+            t.0.get(seq)
+                .map_err(storage)?
+                .and_then(|v| Record::decode(v.value()));
+        let Some(mut rec) = rec.filter(|r| r.state == STATE_PENDING) else {
+            return Err(QueueError::UnknownReceipt);
+        };
+        change(&mut rec);
+        rec.encode(&mut self.buf);
+        t.0.insert(seq, self.buf.as_slice()).map_err(storage)?;
+        Ok(rec)
+    }
+
+    fn update_if_dead(
+        &mut self,
+        t: &mut Tables<'_>,
+        seq: u64,
+        change: impl FnOnce(&mut Record),
+    ) -> Result<bool, QueueError> {
+        let rec =
+            t.0.get(seq)
+                .map_err(storage)?
+                .and_then(|v| Record::decode(v.value()));
+        let Some(mut rec) = rec.filter(|r| r.state == STATE_DEAD) else {
+            return Ok(false);
+        };
+        change(&mut rec);
+        rec.encode(&mut self.buf);
+        t.0.insert(seq, self.buf.as_slice()).map_err(storage)?;
+        Ok(true)
+    }
+
+    /// Forgets dedupe keys older than the window, at most every 30 s and in bounded slices
+    /// so that a large backlog never stalls enqueues.
+    fn expire_dedupe(&mut self, last: &mut Instant, idle: bool) {
+        if !idle && last.elapsed() < Duration::from_secs(30) {
+            return;
+        }
+        *last = Instant::now();
+        let cutoff = to_millis(SystemTime::now())
+            .saturating_sub(self.options.dedupe_window.as_millis() as u64);
+        let result = (|| -> Result<usize, QueueError> {
+            let txn = self.db.begin_write().map_err(storage)?;
+            let n = {
+                let (_, mut dedupe, mut by_time, _) = open_tables(&txn)?;
+                let mut expired = Vec::new();
+                for item in by_time.range(..(cutoff, "")).map_err(storage)?.take(10_000) {
+                    let (k, _) = item.map_err(storage)?;
+                    let (ms, entry) = k.value();
+                    expired.push((ms, entry.to_owned()));
+                }
+                for (ms, entry) in &expired {
+                    by_time.remove((*ms, entry.as_str())).map_err(storage)?;
+                    let current = dedupe
+                        .get(entry.as_str())
+                        .map_err(storage)?
+                        .map(|v| v.value());
+                    if current == Some(*ms) {
+                        dedupe.remove(entry.as_str()).map_err(storage)?;
+                    }
+                }
+                expired.len()
+            };
+            txn.commit().map_err(storage)?;
+            Ok(n)
+        })();
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(expired = n, "expired dedupe keys"),
+            Err(e) => tracing::warn!(error = %e, "dedupe expiry failed"),
+        }
+    }
+}
+
+fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>, QueueError> {
+    Ok((
+        txn.open_table(EVENTS).map_err(storage)?,
+        txn.open_table(DEDUPE).map_err(storage)?,
+        txn.open_table(DEDUPE_BY_TIME).map_err(storage)?,
+        txn.open_table(META).map_err(storage)?,
+    ))
+}
+
+fn fail_op(op: Op) -> Option<Responder> {
+    fn e<T>() -> Result<T, QueueError> {
+        Err(QueueError::Storage("batch aborted".into()))
+    }
+    Some(match op {
+        Op::Enqueue(_, r) => Responder::Outcomes(r, e()),
+        Op::Ack(_, _, r) | Op::Retry(_, _, _, _, r) | Op::Dead(_, _, _, _, r) | Op::Check(r) => {
+            Responder::Unit(r, e())
+        }
+        Op::Replay(_, _, _, r) | Op::Prune(_, _, r) => Responder::Count(r, e()),
+        Op::Shutdown => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,362 @@
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use super::*;
+
+fn ep(name: &str) -> EndpointKey {
+    EndpointKey::new("ns", name)
+}
+
+fn event(endpoint: &EndpointKey, dedupe: &str, received: SystemTime) -> NewEvent {
+    NewEvent {
+        endpoint: endpoint.clone(),
+        subscription: "sub".into(),
+        event_type: "call_completed".into(),
+        dedupe_key: dedupe.into(),
+        payload: Bytes::from(format!("{{\"k\":\"{dedupe}\"}}")),
+        received,
+    }
+}
+
+fn accepted_id(o: &EnqueueOutcome) -> String {
+    match o {
+        EnqueueOutcome::Accepted { id } => id.clone(),
+        EnqueueOutcome::Duplicate => panic!("unexpected duplicate"),
+    }
+}
+
+fn open(path: &std::path::Path) -> RedbQueue {
+    RedbQueue::open(path, RedbQueueOptions::default()).unwrap()
+}
+
+fn far_future() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(3600)
+}
+
+#[tokio::test]
+async fn events_survive_reopen_and_leases_are_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let a = ep("a");
+    let now = SystemTime::now();
+    let ids: Vec<String> = {
+        let q = open(&path);
+        let out = q
+            .enqueue((0..5).map(|i| event(&a, &format!("k{i}"), now)).collect())
+            .await
+            .unwrap();
+        // Lease two and never settle them: a crash mid-delivery.
+        assert_eq!(q.lease(&a, 2, far_future()).await.unwrap().len(), 2);
+        assert_eq!(q.depth().leased, 2);
+        out.iter().map(accepted_id).collect()
+    };
+    let q = open(&path);
+    assert_eq!(q.depth().pending, 5);
+    let leased = q.lease(&a, 100, far_future()).await.unwrap();
+    let got: Vec<String> = leased.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(got, ids);
+    assert_eq!(leased[3].payload, Bytes::from_static(b"{\"k\":\"k3\"}"));
+    assert_eq!(leased[3].event_type, "call_completed");
+
+    // Ids keep growing after a reopen even when everything was acked: a consumer that
+    // dedupes on webhook-id must never see an id reused.
+    for e in &leased {
+        q.ack(e).await.unwrap();
+    }
+    drop(q);
+    let q = open(&path);
+    assert_eq!(q.depth(), QueueDepth::default());
+    let next = q.enqueue(vec![event(&a, "new", now)]).await.unwrap();
+    assert!(!ids.contains(&accepted_id(&next[0])));
+}
+
+#[tokio::test]
+async fn duplicates_are_dropped_within_the_window_per_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RedbQueueOptions {
+        dedupe_window: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let q = RedbQueue::open(dir.path().join("q.redb"), opts).unwrap();
+    let (a, b) = (ep("a"), ep("b"));
+    let t0 = SystemTime::now();
+    let out = q
+        .enqueue(vec![
+            event(&a, "x", t0),
+            event(&a, "x", t0), // same batch
+            event(&b, "x", t0), // other endpoint
+            event(&a, "", t0),  // no key: never a duplicate
+            event(&a, "", t0),
+        ])
+        .await
+        .unwrap();
+    let dup: Vec<bool> = out
+        .iter()
+        .map(|o| *o == EnqueueOutcome::Duplicate)
+        .collect();
+    assert_eq!(dup, [false, true, false, false, false]);
+    let again = q
+        .enqueue(vec![event(&a, "x", t0 + Duration::from_secs(59))])
+        .await
+        .unwrap();
+    assert_eq!(again, [EnqueueOutcome::Duplicate]);
+    let later = q
+        .enqueue(vec![event(&a, "x", t0 + Duration::from_secs(61))])
+        .await
+        .unwrap();
+    assert!(matches!(later[0], EnqueueOutcome::Accepted { .. }));
+    assert_eq!(q.endpoint_depth(&a).pending, 4);
+}
+
+#[tokio::test]
+async fn retry_schedules_and_counts_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir.path().join("q.redb"));
+    let a = ep("a");
+    let now = SystemTime::now();
+    q.enqueue(vec![event(&a, "1", now)]).await.unwrap();
+    let ev = q.lease(&a, 10, now).await.unwrap().pop().unwrap();
+    assert_eq!(ev.attempts, 0);
+    let later = now + Duration::from_secs(30);
+    q.retry(&ev, later, "HTTP 500").await.unwrap();
+    assert!(
+        q.lease(&a, 10, now).await.unwrap().is_empty(),
+        "not due yet"
+    );
+    let again = q.lease(&a, 10, later).await.unwrap().pop().unwrap();
+    assert_eq!((again.attempts, again.id.as_str()), (1, ev.id.as_str()));
+    assert_eq!(again.last_error.as_deref(), Some("HTTP 500"));
+    q.release(&again).await.unwrap();
+    let third = q.lease(&a, 10, later).await.unwrap().pop().unwrap();
+    assert_eq!(third.attempts, 1, "a release is not an attempt");
+    q.ack(&third).await.unwrap();
+    assert_eq!(q.ack(&third).await, Err(QueueError::UnknownReceipt));
+    assert_eq!(q.depth(), QueueDepth::default());
+}
+
+#[tokio::test]
+async fn dead_letters_replay_by_filter_and_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let a = ep("a");
+    let t0 = SystemTime::now() - Duration::from_secs(600);
+    let q = open(&path);
+    q.enqueue(vec![
+        event(&a, "old", t0),
+        event(&a, "new", t0 + Duration::from_secs(300)),
+    ])
+    .await
+    .unwrap();
+    for ev in q.lease(&a, 10, SystemTime::now()).await.unwrap() {
+        q.dead_letter(&ev, "max attempts").await.unwrap();
+    }
+    assert_eq!(q.endpoint_depth(&a).dead_lettered, 2);
+    assert!(q.lease(&a, 10, SystemTime::now()).await.unwrap().is_empty());
+
+    // Dead letters survive a reopen.
+    drop(q);
+    let q = open(&path);
+    assert_eq!(q.depth().dead_lettered, 2);
+
+    let filter = ReplayFilter::ReceivedBetween {
+        from: t0 + Duration::from_secs(200),
+        to: SystemTime::now(),
+    };
+    assert_eq!(q.replay(&a, filter, SystemTime::now()).await.unwrap(), 1);
+    let back = q.lease(&a, 10, SystemTime::now()).await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!((back[0].dedupe_key.as_str(), back[0].attempts), ("new", 0));
+    q.ack(&back[0]).await.unwrap();
+
+    let nothing = ReplayFilter::DeadLetteredBetween {
+        from: t0,
+        to: t0 + Duration::from_secs(1),
+    };
+    assert_eq!(q.replay(&a, nothing, SystemTime::now()).await.unwrap(), 0);
+    assert_eq!(
+        q.prune_dead_letters(&a, SystemTime::now() - Duration::from_secs(60))
+            .await
+            .unwrap(),
+        0,
+        "too young to prune"
+    );
+    assert_eq!(
+        q.prune_dead_letters(&a, SystemTime::now() + Duration::from_secs(1))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(q.depth(), QueueDepth::default());
+    drop(q);
+    assert_eq!(open(&path).depth(), QueueDepth::default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enqueues_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = std::sync::Arc::new(open(&dir.path().join("q.redb")));
+    let a = ep("a");
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let (q, a) = (q.clone(), a.clone());
+            tokio::spawn(async move {
+                q.enqueue(vec![event(&a, &format!("k{i}"), SystemTime::now())])
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for t in tasks {
+        ids.insert(accepted_id(&t.await.unwrap().unwrap()[0]));
+    }
+    assert_eq!(ids.len(), 400);
+    assert_eq!(q.depth().pending, 400);
+}
+
+#[tokio::test]
+async fn closed_queue_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir.path().join("q.redb"));
+    q.check_writable().await.unwrap();
+    q.close();
+    let a = ep("a");
+    assert_eq!(
+        q.enqueue(vec![event(&a, "1", SystemTime::now())]).await,
+        Err(QueueError::Closed)
+    );
+    assert_eq!(q.check_writable().await, Err(QueueError::Closed));
+}
+
+#[tokio::test]
+async fn wait_due_wakes_on_enqueue() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = std::sync::Arc::new(open(&dir.path().join("q.redb")));
+    let a = ep("a");
+    let waiter = {
+        let (q, a) = (q.clone(), a.clone());
+        tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            q.wait_due(&a, Duration::from_secs(10)).await;
+            start.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    q.enqueue(vec![event(&a, "1", SystemTime::now())])
+        .await
+        .unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("waiter woke")
+        .unwrap();
+    assert!(waited < Duration::from_secs(5));
+}
+
+const CRASH_CHILD_ENV: &str = "WEBHOOK_OPERATOR_QUEUE_CRASH_CHILD";
+
+/// The child half of `acknowledged_events_survive_sigkill`: when started by it (the env var
+/// names the file), enqueues from several tasks and prints each acknowledged id, until it
+/// is killed. Run directly, it has nothing to do and returns.
+#[test]
+fn crash_child_writer() {
+    let Ok(path) = std::env::var(CRASH_CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let q = std::sync::Arc::new(open(std::path::Path::new(&path)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let q = q.clone();
+                tokio::spawn(async move {
+                    let a = ep("crash");
+                    let mut i = 0u64;
+                    while std::time::Instant::now() < deadline {
+                        i += 1;
+                        let batch = (0..(1 + i % 3))
+                            .map(|j| event(&a, &format!("{t}-{i}-{j}"), SystemTime::now()))
+                            .collect();
+                        for o in q.enqueue(batch).await.unwrap() {
+                            println!("ACK {}", accepted_id(&o));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn acknowledged_events_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crash.redb");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "queue::redb_queue::tests::crash_child_writer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_CHILD_ENV, &path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(id) = line.strip_prefix("ACK ") {
+                let _ = tx.send(id.to_owned());
+            }
+        }
+    });
+    let mut acked = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while acked.len() < 2000 && std::time::Instant::now() < deadline {
+        if let Ok(id) = rx.recv_timeout(Duration::from_millis(100)) {
+            acked.push(id);
+        }
+    }
+    child.kill().unwrap(); // SIGKILL: no destructor, no flush, mid-commit
+    child.wait().unwrap();
+    reader.join().unwrap();
+    acked.extend(rx.try_iter());
+    assert!(
+        acked.len() >= 100,
+        "child acknowledged only {}",
+        acked.len()
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stored: HashSet<String> = rt.block_on(async {
+        let q = open(&path);
+        q.lease(&ep("crash"), usize::MAX, far_future())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect()
+    });
+    let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged events lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(3)]
+    );
+}
