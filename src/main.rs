@@ -17,12 +17,18 @@ enum Command {
     Crd,
     /// Run the operator against the current kubeconfig or the in-cluster config.
     Run(OperatorConfig),
+    /// Serve the provider simulators (Atlas, Atomic, Smallest) for tests and demos.
+    Sandbox(webhook_operator::sandbox::SandboxArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", api::crds_yaml()),
+        Command::Sandbox(args) => {
+            telemetry::init(false);
+            webhook_operator::sandbox::run(args).await?
+        }
         Command::Run(config) => {
             telemetry::init(config.log_json);
             let _ = rustls::crypto::ring::default_provider().install_default();
