@@ -5,3 +5,4 @@ mod support;
 
 mod api_validation;
 mod operator_run;
+mod subscription_sync;

@@ -1,0 +1,415 @@
+//! The WebhookSubscription reconciler against the real API server and the provider
+//! simulators. The controller runs in-process; the data plane is replaced by a recorder
+//! (it has its own tests), so these tests see exactly what the controller asks of it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use clap::Parser;
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use webhook_operator::api::{Provider, WebhookEndpoint, WebhookSubscription};
+use webhook_operator::config::OperatorConfig;
+use webhook_operator::controller::routes::{EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes};
+use webhook_operator::controller::{self, Context};
+use webhook_operator::inbound::VerificationKeys;
+use webhook_operator::sandbox::{self, SandboxConfig, SandboxHandle};
+
+use crate::support::{TestEnv, test_env, wait_until};
+
+/// Records what the controller tells the data plane.
+#[derive(Default)]
+struct RecordedRoutes {
+    subscriptions: Mutex<HashMap<(EndpointKey, String), (Provider, VerificationKeys)>>,
+}
+
+impl IngressRoutes for RecordedRoutes {
+    fn upsert_subscription(&self, endpoint: EndpointKey, subscription: String, provider: Provider, keys: VerificationKeys) {
+        self.subscriptions.lock().unwrap().insert((endpoint, subscription), (provider, keys));
+    }
+    fn remove_subscription(&self, endpoint: EndpointKey, subscription: String) {
+        self.subscriptions.lock().unwrap().remove(&(endpoint, subscription));
+    }
+    fn subscription_counters(&self, _: EndpointKey, _: String) -> Option<(u64, Option<SystemTime>)> {
+        None
+    }
+    fn configure_endpoint(&self, _: &EndpointDelivery) -> Result<(), String> {
+        Ok(())
+    }
+    fn remove_endpoint(&self, _: EndpointKey) {}
+    fn endpoint_health(&self, _: EndpointKey) -> Option<EndpointHealthView> {
+        None
+    }
+    fn replay(&self, _: EndpointKey, _: Option<SystemTime>) -> futures::future::BoxFuture<'static, anyhow::Result<u64>> {
+        Box::pin(async { Ok(0) })
+    }
+}
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    config: OperatorConfig,
+}
+
+struct Operator {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    async fn start(env: &TestEnv, sandbox: &SandboxHandle) -> Operator {
+        let config = Args::parse_from([
+            "test",
+            "--namespace",
+            &env.namespace,
+            "--public-base-url",
+            "http://127.0.0.1:9",
+            "--provider-sandbox-url",
+            &sandbox.base_url(),
+        ])
+        .config;
+        let ctx = Arc::new(Context::new(env.client.clone(), config, Arc::new(RecordedRoutes::default())));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(controller::run(ctx, shutdown.clone()));
+        Operator { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("controller stops")
+            .unwrap();
+    }
+}
+
+async fn sandbox() -> SandboxHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    sandbox::serve(listener, SandboxConfig::default()).await.unwrap()
+}
+
+async fn control(sandbox: &SandboxHandle, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let client = reqwest::Client::new();
+    let mut req = client.request(method, format!("{}/_control/{path}", sandbox.base_url()));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    assert!(resp.status().is_success(), "control {path}: {}", resp.status());
+    resp.json().await.unwrap_or(Value::Null)
+}
+
+/// The upstream objects whose hook URL points at `hook_url`.
+async fn upstream_for(sandbox: &SandboxHandle, provider: &str, hook_url: &str) -> Vec<Value> {
+    let snapshot = control(sandbox, reqwest::Method::GET, &format!("{provider}/subscriptions"), None).await;
+    let items = snapshot
+        .get("subscriptions")
+        .or_else(|| snapshot.get("webhooks"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    items
+        .into_iter()
+        .filter(|i| {
+            let url = i
+                .get("hookUrl")
+                .or_else(|| i.pointer("/webhook/url"))
+                .or_else(|| i.get("url"))
+                .and_then(Value::as_str);
+            url == Some(hook_url)
+        })
+        .collect()
+}
+
+async fn create_secret(env: &TestEnv, name: &str, data: Value) {
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data
+    }))
+    .unwrap();
+    secrets
+        .patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&secret))
+        .await
+        .unwrap();
+}
+
+async fn create_endpoint(env: &TestEnv, name: &str) {
+    let api: Api<WebhookEndpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    let ep: WebhookEndpoint = serde_json::from_value(json!({
+        "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
+        "metadata": {"name": name},
+        "spec": {"destination": {"service": {"name": "consumer", "port": 8080}}}
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &ep).await.unwrap();
+}
+
+async fn apply_subscription(env: &TestEnv, name: &str, spec: Value) {
+    let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    let obj = json!({
+        "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
+        "metadata": {"name": name}, "spec": spec
+    });
+    api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&obj))
+        .await
+        .unwrap();
+}
+
+/// Waits until the subscription's condition `type_` has `status` and returns the object.
+async fn wait_condition(env: &TestEnv, name: &str, type_: &str, status: &str, reason: Option<&str>) -> WebhookSubscription {
+    let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait_until(Duration::from_secs(45), &format!("{name} {type_}={status} {reason:?}"), || {
+        let api = api.clone();
+        async move {
+            let sub = api.get(name).await.ok()?;
+            let st = sub.status.as_ref()?;
+            let ok = st.conditions.iter().any(|c| {
+                c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r)
+            }) && st.observed_generation == sub.metadata.generation;
+            ok.then_some(sub)
+        }
+    })
+    .await
+}
+
+fn hook_url(sub: &WebhookSubscription) -> String {
+    let applied = sub.status.as_ref().unwrap().upstream.as_ref().unwrap().applied.clone().unwrap();
+    serde_json::from_str::<Value>(&applied).unwrap()["hookUrl"].as_str().unwrap().to_string()
+}
+
+fn specs() -> Vec<(&'static str, Value)> {
+    vec![
+        ("atlas", json!({"provider": "atlas", "credentialsRef": {"name": "atlas-creds"}, "events": ["call_completed"],
+            "atlas": {"campaignId": "camp-1"}, "endpointRef": {"name": "orders"}})),
+        ("atomic", json!({"provider": "atomic", "credentialsRef": {"name": "atomic-creds"}, "events": ["card-published", "card-completed"],
+            "atomic": {"organizationId": "org1", "environmentId": "env1"}, "endpointRef": {"name": "orders"}})),
+        ("smallest", json!({"provider": "smallest", "credentialsRef": {"name": "smallest-creds"}, "events": ["post-conversation"],
+            "smallest": {"agentIds": ["65f0c0ffee00000000000001"]}, "endpointRef": {"name": "orders"}})),
+    ]
+}
+
+async fn credentials(env: &TestEnv) {
+    create_secret(env, "atlas-creds", json!({"apiKey": "atlas-test-key"})).await;
+    create_secret(env, "atomic-creds", json!({"clientId": "atomic-client", "clientSecret": "atomic-secret"})).await;
+    create_secret(env, "smallest-creds", json!({"apiKey": "smallest-test-key"})).await;
+}
+
+#[tokio::test]
+async fn each_provider_gets_exactly_one_upstream_subscription_and_is_ready() {
+    let env = test_env("sync").await;
+    let sandbox = sandbox().await;
+    credentials(&env).await;
+    create_endpoint(&env, "orders").await;
+    let operator = Operator::start(&env, &sandbox).await;
+    for (name, spec) in specs() {
+        apply_subscription(&env, name, spec).await;
+    }
+    let mut urls = Vec::new();
+    for (name, _) in specs() {
+        let sub = wait_condition(&env, name, "Ready", "True", None).await;
+        let url = hook_url(&sub);
+        assert!(url.starts_with("http://127.0.0.1:9/hooks/") && url.ends_with(&format!("/{name}")), "{url}");
+        assert_eq!(upstream_for(&sandbox, name, &url).await.len(), 1, "{name}: one upstream object");
+        assert!(sub.status.unwrap().upstream.unwrap().id.is_some());
+        urls.push((name, url));
+    }
+    // kubectl wait sees it too.
+    let out = env.cp.kubectl(&["wait", "--for=condition=Ready", "--timeout=10s", "-n", &env.namespace, "webhooksubscriptions", "--all"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Apply again and restart the operator: still exactly one each.
+    operator.stop().await;
+    for (name, spec) in specs() {
+        apply_subscription(&env, name, spec).await;
+    }
+    let operator = Operator::start(&env, &sandbox).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (name, url) in &urls {
+        wait_condition(&env, name, "Ready", "True", None).await;
+        assert_eq!(upstream_for(&sandbox, name, url).await.len(), 1, "{name} after restart");
+    }
+
+    // No credential or signing secret in any status or Event.
+    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let text = format!(
+        "{}{}",
+        serde_json::to_string(&subs.list(&ListParams::default()).await.unwrap().items).unwrap(),
+        serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap()
+    );
+    for secret in ["atlas-test-key", "atomic-secret", "smallest-test-key"] {
+        assert!(!text.contains(secret), "{secret} leaked into status or Events");
+    }
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    for name in ["atomic", "smallest"] {
+        let s = secrets.get(&format!("{name}-provider-signing")).await.unwrap();
+        let value = &s.data.unwrap()["secret"].0;
+        assert!(!value.is_empty());
+        assert!(!text.contains(std::str::from_utf8(value).unwrap()), "{name} signing secret leaked");
+    }
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn changes_replace_upstream_and_delete_honours_the_deletion_policy() {
+    let env = test_env("change").await;
+    let sandbox = sandbox().await;
+    credentials(&env).await;
+    create_endpoint(&env, "orders").await;
+    let operator = Operator::start(&env, &sandbox).await;
+    let mut spec = specs()[0].1.clone();
+    apply_subscription(&env, "atlas", spec.clone()).await;
+    let url = hook_url(&wait_condition(&env, "atlas", "Ready", "True", None).await);
+
+    spec["events"] = json!(["call_started", "message_sent"]);
+    apply_subscription(&env, "atlas", spec.clone()).await;
+    wait_until(Duration::from_secs(30), "upstream follows the new events", || {
+        let sandbox = &sandbox;
+        let url = url.clone();
+        async move {
+            let mut triggers: Vec<String> = upstream_for(sandbox, "atlas", &url)
+                .await
+                .iter()
+                .map(|s| s["triggerName"].as_str().unwrap().to_string())
+                .collect();
+            triggers.sort();
+            (triggers == ["call_started", "message_sent"]).then_some(())
+        }
+    })
+    .await;
+
+    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    subs.delete("atlas", &DeleteParams::default()).await.unwrap();
+    wait_until(Duration::from_secs(30), "object and upstream gone", || {
+        let subs = subs.clone();
+        let sandbox = &sandbox;
+        let url = url.clone();
+        async move {
+            let gone = subs.get_opt("atlas").await.unwrap().is_none();
+            (gone && upstream_for(sandbox, "atlas", &url).await.is_empty()).then_some(())
+        }
+    })
+    .await;
+
+    // Orphan: the object goes, the upstream subscription stays.
+    let mut orphan = specs()[2].1.clone();
+    orphan["deletionPolicy"] = json!("Orphan");
+    apply_subscription(&env, "smallest", orphan).await;
+    let url = hook_url(&wait_condition(&env, "smallest", "Ready", "True", None).await);
+    subs.delete("smallest", &DeleteParams::default()).await.unwrap();
+    wait_until(Duration::from_secs(30), "orphaned object gone", || {
+        let subs = subs.clone();
+        async move { subs.get_opt("smallest").await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+    assert_eq!(upstream_for(&sandbox, "smallest", &url).await.len(), 1, "Orphan keeps upstream");
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn credentials_missing_then_wrong_then_fixed_recovers_without_restart() {
+    let env = test_env("creds").await;
+    let sandbox = sandbox().await;
+    create_endpoint(&env, "orders").await;
+    let operator = Operator::start(&env, &sandbox).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Synced", "False", Some("CredentialsMissing")).await;
+    wait_condition(&env, "atlas", "Stalled", "True", Some("CredentialsMissing")).await;
+
+    create_secret(&env, "atlas-creds", json!({"apiKey": "wrong-key"})).await;
+    let sub = wait_condition(&env, "atlas", "Synced", "False", Some("Unauthorized")).await;
+    assert!(!serde_json::to_string(&sub.status).unwrap().contains("wrong-key"));
+
+    create_secret(&env, "atlas-creds", json!({"apiKey": "atlas-test-key"})).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    wait_condition(&env, "atlas", "Synced", "True", None).await;
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn dropped_upstream_subscription_is_recreated_within_one_resync() {
+    let env = test_env("drift").await;
+    let sandbox = sandbox().await;
+    credentials(&env).await;
+    create_endpoint(&env, "orders").await;
+    let operator = Operator::start(&env, &sandbox).await;
+    let mut spec = specs()[1].1.clone();
+    spec["resyncInterval"] = json!("30s");
+    apply_subscription(&env, "atomic", spec).await;
+    let sub = wait_condition(&env, "atomic", "Ready", "True", None).await;
+    let url = hook_url(&sub);
+    let id = upstream_for(&sandbox, "atomic", &url).await[0].pointer("/webhook/id").unwrap().as_str().unwrap().to_string();
+    control(&sandbox, reqwest::Method::POST, "atomic/drop", Some(json!({"id": id}))).await;
+    assert!(upstream_for(&sandbox, "atomic", &url).await.is_empty());
+
+    let sub = wait_condition(&env, "atomic", "Synced", "True", Some("DriftRepaired")).await;
+    assert_eq!(upstream_for(&sandbox, "atomic", &url).await.len(), 1);
+    assert_ne!(sub.status.unwrap().upstream.unwrap().id.as_deref(), Some(id.as_str()));
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let list = events.list(&ListParams::default()).await.unwrap();
+    assert!(list.items.iter().any(|e| e.reason.as_deref() == Some("DriftRepaired")), "DriftRepaired Event");
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn provider_outage_is_retried_within_the_backoff_schedule_then_recovers() {
+    let env = test_env("outage").await;
+    let sandbox = sandbox().await;
+    credentials(&env).await;
+    create_endpoint(&env, "orders").await;
+    control(&sandbox, reqwest::Method::PUT, "atlas/faults", Some(json!({"errorRatio": 1.0, "errorStatus": 503}))).await;
+    control(&sandbox, reqwest::Method::DELETE, "atlas/calls", None).await;
+    let operator = Operator::start(&env, &sandbox).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Synced", "False", Some("UpstreamUnavailable")).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let calls = control(&sandbox, reqwest::Method::GET, "atlas/calls", None).await["management"].as_u64().unwrap();
+    // Backoff 1, 2, 4, 8, 16, 32 s (±20 %): at most 7 passes in 60 s, one call each
+    // (the first call fails). A hot loop would make hundreds.
+    assert!((3..=8).contains(&calls), "{calls} upstream calls in 60 s of outage");
+
+    control(&sandbox, reqwest::Method::DELETE, "atlas/faults", None).await;
+    let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait_until(Duration::from_secs(60), "recovery after the outage", || {
+        let api = api.clone();
+        async move {
+            let sub = api.get("atlas").await.ok()?;
+            sub.status?.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+        }
+    })
+    .await;
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn two_smallest_subscriptions_on_one_agent_coexist() {
+    let env = test_env("coexist").await;
+    let sandbox = sandbox().await;
+    credentials(&env).await;
+    create_endpoint(&env, "orders").await;
+    let operator = Operator::start(&env, &sandbox).await;
+    let spec = specs()[2].1.clone();
+    apply_subscription(&env, "first", spec.clone()).await;
+    apply_subscription(&env, "second", spec).await;
+    let first = hook_url(&wait_condition(&env, "first", "Ready", "True", None).await);
+    let second = hook_url(&wait_condition(&env, "second", "Ready", "True", None).await);
+    let subscribed = |hooks: Vec<Value>| {
+        hooks.first().and_then(|h| h["subscriptions"].as_array().map(|s| s.len())).unwrap_or(0)
+    };
+    assert_eq!(subscribed(upstream_for(&sandbox, "smallest", &first).await), 1);
+    assert_eq!(subscribed(upstream_for(&sandbox, "smallest", &second).await), 1);
+
+    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    subs.delete("first", &DeleteParams::default()).await.unwrap();
+    wait_until(Duration::from_secs(30), "first gone upstream", || {
+        let sandbox = &sandbox;
+        let first = first.clone();
+        async move { upstream_for(sandbox, "smallest", &first).await.is_empty().then_some(()) }
+    })
+    .await;
+    assert_eq!(subscribed(upstream_for(&sandbox, "smallest", &second).await), 1, "second keeps its agent subscription");
+    operator.stop().await;
+}
