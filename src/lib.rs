@@ -2,9 +2,11 @@
 //! their events, stores them durably and delivers them to in-cluster services.
 
 pub mod api;
+pub mod dataplane;
 pub mod delivery;
 pub mod duration;
 pub mod health;
 pub mod inbound;
+pub mod ingress;
 pub mod metrics;
 pub mod queue;
