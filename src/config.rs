@@ -36,6 +36,16 @@ pub struct OperatorConfig {
     /// Only watch this namespace (default: all namespaces).
     #[arg(long, env = "WEBHOOK_OPERATOR_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Allow delivery to link-local and cloud metadata addresses (off: refused).
+    #[arg(long, env = "WEBHOOK_OPERATOR_ALLOW_LINK_LOCAL")]
+    pub allow_link_local: bool,
+    /// Resolve a destination `host:port` to another address, e.g.
+    /// `consumer.apps.svc:8080=127.0.0.1:18080` (for running outside a cluster). Repeatable.
+    #[arg(long = "resolve", env = "WEBHOOK_OPERATOR_RESOLVE", value_delimiter = ',', value_parser = parse_resolve)]
+    pub resolve_overrides: Vec<(String, SocketAddr)>,
+    /// Larger ingress bodies are refused with 413.
+    #[arg(long, env = "WEBHOOK_OPERATOR_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
     #[command(flatten)]
     pub providers: ProviderUrls,
     /// Log as JSON lines.
@@ -83,5 +93,27 @@ impl ProviderUrls {
             e.smallest_base = u.clone();
         }
         e
+    }
+}
+
+fn parse_resolve(s: &str) -> Result<(String, SocketAddr), String> {
+    let (host, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected host:port=ip:port, got {s:?}"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?} is not ip:port: {e}"))?;
+    Ok((host.to_string(), addr))
+}
+
+impl OperatorConfig {
+    pub fn data_plane(&self) -> crate::dataplane::DataPlaneConfig {
+        crate::dataplane::DataPlaneConfig {
+            queue_path: self.data_dir.join("queue.redb"),
+            max_body_bytes: self.max_body_bytes,
+            allow_link_local: self.allow_link_local,
+            resolve_overrides: self.resolve_overrides.clone(),
+            ..Default::default()
+        }
     }
 }

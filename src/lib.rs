@@ -4,10 +4,12 @@
 pub mod api;
 pub mod config;
 pub mod controller;
+pub mod dataplane;
 pub mod delivery;
 pub mod duration;
 pub mod health;
 pub mod inbound;
+pub mod ingress;
 pub mod metrics;
 pub mod providers;
 pub mod queue;

@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use webhook_operator::dataplane::DataPlane;
 use webhook_operator::{api, config::OperatorConfig, controller, telemetry};
 
 #[derive(Parser)]
@@ -36,8 +37,17 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_default().await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            let ctx = Arc::new(controller::Context { client, config });
+
+            std::fs::create_dir_all(&config.data_dir)?;
+            let parser = Arc::new(webhook_operator::providers::ProviderParser);
+            let data_plane = DataPlane::open(config.data_plane(), parser).await?;
+            let ingress = serve("ingress", config.ingress_addr, data_plane.ingress_router(), shutdown.clone()).await?;
+            let ops = serve("ops", config.ops_addr, data_plane.ops_router(), shutdown.clone()).await?;
+            let delivery = data_plane.start_delivery(shutdown.clone().cancelled_owned());
+
+            let ctx = Arc::new(controller::Context::new(client, config, Arc::new(data_plane)));
             controller::run(ctx, shutdown).await;
+            let _ = tokio::join!(ingress, ops, delivery);
             tracing::info!("stopped");
         }
     }
@@ -54,4 +64,23 @@ async fn cancel_on_signal(token: CancellationToken) {
     }
     tracing::info!("shutdown requested");
     token.cancel();
+}
+
+/// Binds `addr` and serves `router` until `shutdown`.
+async fn serve(
+    what: &'static str,
+    addr: std::net::SocketAddr,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(server = what, addr = %listener.local_addr()?, "listening");
+    Ok(tokio::spawn(async move {
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(server = what, error = %e, "server failed");
+        }
+    }))
 }

@@ -146,6 +146,9 @@ async fn apply(ep: &WebhookEndpoint, ctx: &Context, api: &Api<WebhookEndpoint>) 
     }
 
     let health = ctx.routes.0.endpoint_health(key.clone());
+    if let Some((reason, msg)) = health.as_ref().and_then(|h| h.destination_error.clone()) {
+        problems.push((reason, msg));
+    }
     let next = next_status(
         &current,
         ep.meta().generation,

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod conditions;
+pub mod dataplane_routes;
 pub mod endpoint;
 pub mod routes;
 pub mod secrets;

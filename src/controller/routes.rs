@@ -48,6 +48,8 @@ pub struct EndpointHealthView {
     pub healthy: bool,
     pub reason: &'static str,
     pub message: String,
+    /// Why events cannot leave at all (condition reason, message), e.g. a forbidden address.
+    pub destination_error: Option<(&'static str, String)>,
 }
 
 /// The endpoint a subscription receives on, when it uses one.

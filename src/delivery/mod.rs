@@ -12,3 +12,9 @@ pub use breaker::{Admission, Breaker};
 pub use destination::{Destination, DestinationError, GuardedDns, Resolver, is_forbidden_ip};
 pub use policy::{Policy, parse_retry_after};
 pub use signing::{SecretError, SigningSecret, signature_header};
+
+mod dispatcher;
+mod worker;
+
+pub(crate) use dispatcher::{Dispatcher, DispatcherSettings};
+pub(crate) use worker::EndpointRuntime;

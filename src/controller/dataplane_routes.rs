@@ -1,0 +1,89 @@
+//! The data plane as the reconcilers see it: [`IngressRoutes`] for [`DataPlane`].
+
+use std::time::SystemTime;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use super::routes::{EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes};
+use crate::api::Provider;
+use crate::dataplane::{DataPlane, EndpointConfig, ReplayFilter, SubscriptionRoute};
+use crate::delivery::{Destination, Policy, SigningSecret};
+use crate::inbound::VerificationKeys;
+use crate::queue;
+
+fn key((namespace, name): EndpointKey) -> queue::EndpointKey {
+    queue::EndpointKey::new(namespace, name)
+}
+
+impl IngressRoutes for std::sync::Arc<DataPlane> {
+    fn upsert_subscription(&self, endpoint: EndpointKey, subscription: String, provider: Provider, keys: VerificationKeys) {
+        DataPlane::upsert_subscription(
+            self,
+            SubscriptionRoute {
+                endpoint: key(endpoint),
+                name: subscription,
+                provider,
+                keys,
+            },
+        );
+    }
+
+    fn remove_subscription(&self, endpoint: EndpointKey, subscription: String) {
+        DataPlane::remove_subscription(self, &key(endpoint), &subscription);
+    }
+
+    fn subscription_counters(&self, endpoint: EndpointKey, subscription: String) -> Option<(u64, Option<SystemTime>)> {
+        DataPlane::subscription_counters(self, &key(endpoint), &subscription)
+    }
+
+    fn configure_endpoint(&self, ep: &EndpointDelivery) -> Result<(), String> {
+        let destination = Destination::from_api(&ep.spec.destination, &ep.key.0)
+            .ok_or_else(|| "exactly one of destination.service or destination.url must be set".to_string())?;
+        let policy = Policy::try_from(&ep.spec.delivery).map_err(|e| format!("spec.delivery: {e}"))?;
+        let signing_secrets = ep
+            .signing_secrets
+            .iter()
+            .map(|s| SigningSecret::parse(s).map_err(|e| format!("signing secret: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        DataPlane::upsert_endpoint(
+            self,
+            EndpointConfig {
+                key: key(ep.key.clone()),
+                token: ep.token.clone(),
+                destination,
+                policy,
+                signing_secrets,
+                headers: ep.headers.clone(),
+                event_types: ep.spec.event_types.iter().map(|e| e.0.clone()).collect(),
+            },
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn remove_endpoint(&self, endpoint: EndpointKey) {
+        DataPlane::remove_endpoint(self, &key(endpoint));
+    }
+
+    fn endpoint_health(&self, endpoint: EndpointKey) -> Option<EndpointHealthView> {
+        DataPlane::endpoint_health(self, &key(endpoint)).map(|h| EndpointHealthView {
+            stats: h.stats,
+            healthy: h.verdict.healthy,
+            reason: h.verdict.reason,
+            message: h.verdict.message,
+            destination_error: h.destination_error.map(|e| (e.reason(), e.to_string())),
+        })
+    }
+
+    fn replay(&self, endpoint: EndpointKey, since: Option<SystemTime>) -> BoxFuture<'static, anyhow::Result<u64>> {
+        let dp = self.clone();
+        let filter = match since {
+            Some(from) => ReplayFilter::DeadLetteredBetween {
+                from,
+                to: SystemTime::now(),
+            },
+            None => ReplayFilter::All,
+        };
+        async move { DataPlane::replay(&dp, &key(endpoint), filter).await }.boxed()
+    }
+}

@@ -1,0 +1,116 @@
+//! What the controller tells the data plane: configuration of the data plane itself, of
+//! each endpoint and of each subscription route. Secrets inside are redacted in `Debug`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::api::Provider;
+use crate::delivery::{Destination, Policy, SigningSecret};
+use crate::health::HealthConfig;
+use crate::inbound::VerificationKeys;
+use crate::queue::EndpointKey;
+
+/// Data plane settings. `Default` gives production values; tests shorten the timings.
+#[derive(Clone, Debug)]
+pub struct DataPlaneConfig {
+    /// The redb queue file (on the pod's volume).
+    pub queue_path: PathBuf,
+    /// Larger ingress bodies get 413.
+    pub max_body_bytes: usize,
+    /// Same endpoint + dedupe key within this window is a duplicate.
+    pub dedupe_window: Duration,
+    /// Allow destinations on link-local / metadata addresses (off: SSRF guard).
+    pub allow_link_local: bool,
+    /// `host:port` → address, for `*.svc` names in tests and the local demo.
+    pub resolve_overrides: Vec<(String, SocketAddr)>,
+    /// Consecutive failures that open a destination's circuit breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker sends nothing before one probe.
+    pub breaker_cooldown: Duration,
+    /// Health window and thresholds.
+    pub health: HealthConfig,
+    /// How often dead letters past retention are pruned.
+    pub maintenance_interval: Duration,
+    /// How long shutdown waits for attempts under way.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self {
+            queue_path: PathBuf::from("/var/lib/webhook-operator/queue.redb"),
+            max_body_bytes: 1024 * 1024,
+            dedupe_window: Duration::from_secs(24 * 3600),
+            allow_link_local: false,
+            resolve_overrides: Vec::new(),
+            breaker_failure_threshold: 10,
+            breaker_cooldown: Duration::from_secs(30),
+            health: HealthConfig::default(),
+            maintenance_interval: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One `WebhookEndpoint` as the data plane needs it.
+#[derive(Clone)]
+pub struct EndpointConfig {
+    pub key: EndpointKey,
+    /// The unguessable path segment of `/hooks/{token}/...`.
+    pub token: String,
+    pub destination: Destination,
+    pub policy: Policy,
+    /// Newest first; more than one during a rotation overlap.
+    pub signing_secrets: Vec<SigningSecret>,
+    /// Extra delivery headers (name, value); values are secrets.
+    pub headers: Vec<(String, String)>,
+    /// Event types to deliver; empty delivers all.
+    pub event_types: Vec<String>,
+}
+
+impl std::fmt::Debug for EndpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointConfig")
+            .field("key", &self.key)
+            .field("token", &"<redacted>")
+            .field("destination", &self.destination)
+            .field("policy", &self.policy)
+            .field("signing_secrets", &self.signing_secrets.len())
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("event_types", &self.event_types)
+            .finish()
+    }
+}
+
+/// One `WebhookSubscription`'s route: where its provider's POSTs land and how to verify them.
+#[derive(Clone, Debug)]
+pub struct SubscriptionRoute {
+    pub endpoint: EndpointKey,
+    /// The `{subscription}` path segment: the subscription's name.
+    pub name: String,
+    pub provider: Provider,
+    pub keys: VerificationKeys,
+}
+
+/// Why an endpoint configuration was refused; the controller reports it as `InvalidSpec`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointConfigError {
+    #[error("token must be non-empty URL-safe text")]
+    InvalidToken,
+    #[error("token already used by another endpoint")]
+    TokenInUse,
+    #[error("header {0:?} is reserved or not a valid header name")]
+    InvalidHeaderName(String),
+    #[error("value of header {0:?} is not a valid header value")]
+    InvalidHeaderValue(String),
+    #[error("at least one signing secret is required")]
+    NoSigningSecret,
+}

@@ -1,0 +1,46 @@
+//! The operations server: `/metrics` (Prometheus text), `/healthz` (the process answers),
+//! `/readyz` (the queue is open and commits a write).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+
+#[derive(Clone)]
+struct Ops {
+    queue: Arc<dyn Queue>,
+    metrics: Arc<Metrics>,
+}
+
+pub(super) fn router(queue: Arc<dyn Queue>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(Ops { queue, metrics })
+}
+
+async fn metrics_handler(State(ops): State<Ops>) -> impl IntoResponse {
+    ops.metrics.set_queue_depth(ops.queue.depth());
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ops.metrics.encode(),
+    )
+}
+
+async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
+    match tokio::time::timeout(Duration::from_secs(2), ops.queue.check_writable()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "queue not writable"),
+    }
+}

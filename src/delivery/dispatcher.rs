@@ -1,0 +1,182 @@
+//! The delivery supervisor: keeps one worker per configured endpoint, hands workers their
+//! configuration changes, owns the HTTP client and the per-destination breakers, and prunes
+//! dead letters past their retention.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use super::worker::{self, EndpointRuntime};
+use super::{Breaker, GuardedDns, Resolver};
+use crate::health::HealthRegistry;
+use crate::queue::{EndpointKey, Queue};
+
+/// What workers and attempts share.
+pub(crate) struct Shared {
+    pub queue: Arc<dyn Queue>,
+    pub health: Arc<HealthRegistry>,
+    pub client: reqwest::Client,
+    pub resolver: Resolver,
+    pub shutdown_grace: Duration,
+}
+
+type ConfigTx = watch::Sender<Option<Arc<EndpointRuntime>>>;
+
+pub(crate) struct Dispatcher {
+    shared: Arc<Shared>,
+    endpoints: Mutex<HashMap<EndpointKey, ConfigTx>>,
+    breakers: Mutex<HashMap<String, Arc<Breaker>>>,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+    changed: Notify,
+    maintenance_interval: Duration,
+}
+
+pub(crate) struct DispatcherSettings {
+    pub resolver: Resolver,
+    pub allow_link_local: bool,
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: Duration,
+    pub maintenance_interval: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Dispatcher {
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        health: Arc<HealthRegistry>,
+        s: DispatcherSettings,
+    ) -> anyhow::Result<Self> {
+        // Another part of the process may have installed it already; either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .dns_resolver(Arc::new(GuardedDns {
+                allow_link_local: s.allow_link_local,
+            }))
+            // A redirect could lead past the destination guard.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .user_agent(concat!("webhook-operator/", env!("CARGO_PKG_VERSION")));
+        for (host, addr) in s.resolver.https_overrides() {
+            builder = builder.resolve(&host, addr);
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                queue,
+                health,
+                client: builder.build()?,
+                resolver: s.resolver,
+                shutdown_grace: s.shutdown_grace,
+            }),
+            endpoints: Mutex::default(),
+            breakers: Mutex::default(),
+            breaker_threshold: s.breaker_threshold,
+            breaker_cooldown: s.breaker_cooldown,
+            changed: Notify::new(),
+            maintenance_interval: s.maintenance_interval,
+        })
+    }
+
+    /// The breaker of a destination (scheme, host and port), shared by every endpoint
+    /// that sends there.
+    pub fn breaker(&self, origin: &str) -> Arc<Breaker> {
+        self.breakers
+            .lock()
+            .expect("breakers lock")
+            .entry(origin.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Breaker::new(self.breaker_threshold, self.breaker_cooldown))
+            })
+            .clone()
+    }
+
+    pub fn upsert(&self, rt: EndpointRuntime) {
+        let key = rt.key.clone();
+        let rt = Arc::new(rt);
+        let mut map = self.endpoints.lock().expect("endpoints lock");
+        match map.get(&key) {
+            Some(tx) => {
+                tx.send_replace(Some(rt));
+            }
+            None => {
+                map.insert(key, watch::channel(Some(rt)).0);
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    pub fn remove(&self, key: &EndpointKey) {
+        if let Some(tx) = self.endpoints.lock().expect("endpoints lock").remove(key) {
+            tx.send_replace(None);
+        }
+    }
+
+    fn retention(&self, key: &EndpointKey) -> Option<Duration> {
+        let map = self.endpoints.lock().expect("endpoints lock");
+        let rt = map.get(key)?.borrow().clone()?;
+        Some(rt.policy.dead_letter_retention)
+    }
+
+    /// Runs until `shutdown` resolves, then waits for the workers to finish.
+    pub fn start(
+        self: &Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let mut workers: HashMap<EndpointKey, JoinHandle<()>> = HashMap::new();
+            let mut maintenance = tokio::time::interval(this.maintenance_interval);
+            tokio::pin!(shutdown);
+            loop {
+                {
+                    let map = this.endpoints.lock().expect("endpoints lock");
+                    workers.retain(|_, h| !h.is_finished());
+                    for (key, tx) in map.iter() {
+                        if !workers.contains_key(key) {
+                            let h = tokio::spawn(worker::run(
+                                this.shared.clone(),
+                                key.clone(),
+                                tx.subscribe(),
+                                stop_rx.clone(),
+                            ));
+                            workers.insert(key.clone(), h);
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = this.changed.notified() => {}
+                    // Also notices workers that ended after a remove followed by a re-add.
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = maintenance.tick() => this.prune_dead_letters().await,
+                }
+            }
+            let _ = stop_tx.send(true);
+            for (_, h) in workers {
+                let _ = h.await;
+            }
+        })
+    }
+
+    async fn prune_dead_letters(&self) {
+        for key in self.shared.queue.endpoints() {
+            let Some(retention) = self.retention(&key) else {
+                continue; // unknown endpoint: keep its dead letters until it is configured
+            };
+            let before = SystemTime::now() - retention;
+            match self.shared.queue.prune_dead_letters(&key, before).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(endpoint = %key, pruned = n, "dead letters past retention pruned")
+                }
+                Err(e) => tracing::warn!(endpoint = %key, error = %e, "dead-letter pruning failed"),
+            }
+        }
+    }
+}

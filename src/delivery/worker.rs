@@ -1,0 +1,300 @@
+//! One worker task per configured endpoint: decides how many events may go now (destination
+//! allowed, breaker, `maxInFlight`, `ratePerSecond`), leases that many and runs one attempt
+//! task per event. Attempt outcomes go to the queue (ack / retry / dead letter), the
+//! breaker, health and metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::HeaderMap;
+use tokio::sync::{Notify, watch};
+use url::Url;
+
+use super::{Admission, Breaker, DestinationError, Policy, SigningSecret};
+use crate::health::Outcome;
+use crate::metrics::EndpointMetrics;
+use crate::queue::{EndpointKey, QueuedEvent};
+
+use super::dispatcher::Shared;
+
+/// An endpoint's configuration in the form delivery uses, rebuilt on each upsert.
+pub(crate) struct EndpointRuntime {
+    pub key: EndpointKey,
+    pub url: Result<Url, DestinationError>,
+    pub policy: Policy,
+    pub secrets: Vec<SigningSecret>,
+    pub headers: HeaderMap,
+    pub metrics: EndpointMetrics,
+    pub breaker: Arc<Breaker>,
+}
+
+/// How often an allowed destination is resolved and checked again.
+const RECHECK: Duration = Duration::from_secs(30);
+/// How often a refused destination is looked at again (it may have been fixed in DNS).
+const PARKED_RECHECK: Duration = Duration::from_secs(2);
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// Whole tokens available at `rate` per second (burst: one second's worth).
+    fn available(&mut self, rate: u32, now: Instant) -> usize {
+        if rate == 0 {
+            return usize::MAX;
+        }
+        let rate = f64::from(rate);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
+        self.last = now;
+        self.tokens.floor() as usize
+    }
+
+    fn take(&mut self, rate: u32, n: usize) {
+        if rate > 0 {
+            self.tokens -= n as f64;
+        }
+    }
+
+    fn until_next(&self, rate: u32) -> Duration {
+        Duration::from_secs_f64(((1.0 - self.tokens) / f64::from(rate.max(1))).max(0.001))
+    }
+}
+
+/// Decrements the in-flight count and wakes the worker however an attempt ends.
+struct InFlight(Arc<AtomicUsize>, Arc<Notify>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.notify_one();
+    }
+}
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    key: EndpointKey,
+    mut config: watch::Receiver<Option<Arc<EndpointRuntime>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let mut checked: Option<(Arc<EndpointRuntime>, Instant, Result<Url, DestinationError>)> = None;
+    let mut bucket = Bucket {
+        tokens: 0.0,
+        last: Instant::now(),
+    };
+
+    // Sleeps up to `d`, waking early on a config change, shutdown or a finished attempt.
+    // Returns false when the worker must stop.
+    macro_rules! idle {
+        ($d:expr) => {{
+            tokio::select! {
+                _ = tokio::time::sleep($d) => true,
+                r = config.changed() => r.is_ok(),
+                _ = shutdown.changed() => false,
+                _ = done.notified() => true,
+            }
+        }};
+    }
+
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let Some(rt) = config.borrow_and_update().clone() else {
+            break; // endpoint removed: its events stay parked
+        };
+
+        let stale = checked.as_ref().is_none_or(|(seen, at, r)| {
+            !Arc::ptr_eq(seen, &rt)
+                || at.elapsed() > if r.is_ok() { RECHECK } else { PARKED_RECHECK }
+        });
+        if stale {
+            let target = match &rt.url {
+                Ok(u) => shared.resolver.target(u).await,
+                Err(e) => Err(e.clone()),
+            };
+            if let Err(e) = &target {
+                tracing::warn!(endpoint = %key, reason = e.reason(), "destination refused; events parked");
+            }
+            shared
+                .health
+                .set_destination_error(&key, target.as_ref().err().cloned());
+            checked = Some((rt.clone(), Instant::now(), target));
+        }
+        let Some((_, _, Ok(url))) = checked.as_ref() else {
+            if !idle!(PARKED_RECHECK) {
+                break;
+            }
+            continue;
+        };
+        let url = url.clone();
+
+        shared.health.set_breaker_open(&key, rt.breaker.is_open());
+        let busy = in_flight.load(Ordering::Acquire);
+        let (mut room, probe) = match rt.breaker.admit(Instant::now()) {
+            Admission::Open => (
+                (rt.policy.max_in_flight as usize).saturating_sub(busy),
+                false,
+            ),
+            Admission::Probe if busy == 0 => (1, true),
+            Admission::Probe => {
+                rt.breaker.abandon_probe();
+                (0, false)
+            }
+            Admission::Wait(d) => {
+                if !idle!(d) {
+                    break;
+                }
+                continue;
+            }
+        };
+        if room == 0 {
+            if !idle!(Duration::from_secs(1)) {
+                break;
+            }
+            continue;
+        }
+        let rate = rt.policy.rate_per_second;
+        room = room.min(bucket.available(rate, Instant::now()));
+        if room == 0 {
+            if probe {
+                rt.breaker.abandon_probe();
+            }
+            if !idle!(bucket.until_next(rate)) {
+                break;
+            }
+            continue;
+        }
+
+        let events = match shared.queue.lease(&key, room, SystemTime::now()).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!(endpoint = %key, error = %e, "lease failed");
+                Vec::new()
+            }
+        };
+        if events.is_empty() {
+            if probe {
+                rt.breaker.abandon_probe();
+            }
+            let stop = tokio::select! {
+                _ = shared.queue.wait_due(&key, Duration::from_secs(1)) => false,
+                r = config.changed() => r.is_err(),
+                _ = shutdown.changed() => true,
+            };
+            if stop {
+                break;
+            }
+            continue;
+        }
+        bucket.take(rate, events.len());
+        for ev in events {
+            in_flight.fetch_add(1, Ordering::AcqRel);
+            let guard = InFlight(in_flight.clone(), done.clone());
+            tokio::spawn(attempt(shared.clone(), rt.clone(), url.clone(), ev, guard));
+        }
+    }
+
+    // Let attempts under way finish (their outcome is stored); anything else is safe in
+    // the queue and due again on the next start.
+    let deadline = Instant::now() + shared.shutdown_grace;
+    while in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(50), done.notified()).await;
+    }
+}
+
+fn classify(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_request() {
+        "request failed"
+    } else {
+        "transport error"
+    }
+}
+
+async fn attempt(
+    shared: Arc<Shared>,
+    rt: Arc<EndpointRuntime>,
+    url: Url,
+    ev: QueuedEvent,
+    _in_flight: InFlight,
+) {
+    let ts = jiff::Timestamp::now().as_second();
+    let signature = super::signature_header(&rt.secrets, &ev.id, ts, &ev.payload);
+    let request = shared
+        .client
+        .post(url)
+        .timeout(rt.policy.timeout)
+        .headers(rt.headers.clone())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header("webhook-id", ev.id.as_str())
+        .header("webhook-timestamp", ts)
+        .header("webhook-signature", signature)
+        .body(ev.payload.clone());
+    let failure = match request.send().await {
+        Ok(resp) if resp.status().is_success() => None,
+        Ok(resp) => {
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| super::parse_retry_after(v, jiff::Timestamp::now()));
+            Some((format!("HTTP {}", resp.status().as_u16()), retry_after))
+        }
+        Err(e) => Some((classify(&e).to_owned(), None)),
+    };
+    let now = SystemTime::now();
+    match failure {
+        None => {
+            rt.breaker.on_success();
+            let latency = now.duration_since(ev.received).unwrap_or_default();
+            if let Err(e) = shared.queue.ack(&ev).await {
+                // Delivered but not acked: it will be delivered again with the same id.
+                tracing::warn!(endpoint = %rt.key, error = %e, "ack failed");
+            }
+            rt.metrics.delivered.inc();
+            rt.metrics.latency.observe(latency.as_secs_f64());
+            shared.health.record(
+                &rt.key,
+                Outcome::Delivered {
+                    latency,
+                    prior_attempts: ev.attempts,
+                },
+            );
+        }
+        Some((error, retry_after)) => {
+            rt.breaker.on_failure(Instant::now());
+            let failed = ev.attempts + 1;
+            let delay = rt.policy.retry_delay(failed, retry_after, &mut rand::rng());
+            let age = now.duration_since(ev.received).unwrap_or_default();
+            // Too old by the time of the next attempt is as good as too old now.
+            let exhausted = failed >= rt.policy.max_attempts || age + delay > rt.policy.max_age;
+            let stored = if exhausted {
+                rt.metrics.dead_lettered.inc();
+                let reason = format!("{error} after {failed} attempts");
+                shared.queue.dead_letter(&ev, &reason).await
+            } else {
+                rt.metrics.retries.inc();
+                shared.queue.retry(&ev, now + delay, &error).await
+            };
+            if let Err(e) = stored {
+                tracing::warn!(endpoint = %rt.key, error = %e, "recording a failed attempt failed");
+            }
+            rt.metrics.failed.inc();
+            shared.health.record(
+                &rt.key,
+                Outcome::Failed {
+                    error: &error,
+                    prior_attempts: ev.attempts,
+                    dead_lettered: exhausted,
+                },
+            );
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The ingress: the HTTP server providers POST to (`/hooks/{token}/{subscription}`).
+//!
+//! Per request: route lookup (404), body limit (413), verification and normalisation by the
+//! provider's [`InboundParser`] (401/400/415/405), the endpoint's event-type filter,
+//! durable enqueue, then 2xx; 503 when the queue cannot persist. Nothing unverified is
+//! queued, and no answer is 2xx before the events are durable. Owns no provider format and
+//! never calls the Kubernetes API.
+
+mod routes;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+
+pub use routes::{EndpointRoute, RouteTable, SubscriptionCounters};
+
+use crate::inbound::{InboundParser, InboundRequest};
+use crate::metrics::Metrics;
+use crate::queue::{EnqueueOutcome, NewEvent, Queue};
+
+/// What the ingress handlers share.
+pub struct Ingress {
+    pub routes: Arc<RouteTable>,
+    pub parser: Arc<dyn InboundParser>,
+    pub queue: Arc<dyn Queue>,
+    pub metrics: Arc<Metrics>,
+    pub max_body_bytes: usize,
+}
+
+impl Ingress {
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/hooks/{token}/{subscription}", any(hook))
+            .with_state(self)
+    }
+}
+
+fn reply(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+fn refuse(ing: &Ingress, status: StatusCode, reason: &'static str) -> Response {
+    ing.metrics.rejected(reason);
+    reply(status, format!("{{\"error\":\"{reason}\"}}"))
+}
+
+async fn hook(
+    State(ing): State<Arc<Ingress>>,
+    Path((token, subscription)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    if !matches!(request.method(), &http::Method::POST | &http::Method::GET) {
+        return refuse(&ing, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    }
+    // The same answer for an unknown token and an unknown subscription: a prober learns
+    // nothing about which tokens exist.
+    let Some(route) = ing.routes.lookup(&token) else {
+        return refuse(&ing, StatusCode::NOT_FOUND, "unknown_endpoint");
+    };
+    let Some(sub) = route.subscriptions.get(&subscription) else {
+        return refuse(&ing, StatusCode::NOT_FOUND, "unknown_subscription");
+    };
+    let (parts, body) = request.into_parts();
+    if parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > ing.max_body_bytes)
+    {
+        return refuse(&ing, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+    }
+    let body = match read_limited(body, ing.max_body_bytes).await {
+        Ok(b) => b,
+        Err(reason) => {
+            let status = if reason == "body_too_large" {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return refuse(&ing, status, reason);
+        }
+    };
+    let inbound = InboundRequest {
+        method: &parts.method,
+        headers: &parts.headers,
+        query: parts.uri.query(),
+        body: &body,
+    };
+    let events = match ing.parser.parse(sub.provider, &sub.keys, &inbound) {
+        Ok(events) => events,
+        Err(rejection) => {
+            ing.metrics.rejected(rejection.label());
+            return reply(
+                rejection.status(),
+                format!("{{\"error\":\"{}\"}}", rejection.label()),
+            );
+        }
+    };
+    let now = SystemTime::now();
+    let received = events.len() as u64;
+    sub.counters.add(received, now);
+    route.metrics.received.inc_by(received);
+
+    let mut batch = Vec::with_capacity(events.len());
+    for ev in events {
+        if !route.event_types.is_empty() && !route.event_types.contains(&ev.event_type) {
+            continue;
+        }
+        batch.push(NewEvent {
+            endpoint: route.key.clone(),
+            subscription: subscription.clone(),
+            event_type: ev.event_type,
+            dedupe_key: ev.dedupe_key,
+            payload: ev.payload,
+            received: now,
+        });
+    }
+    let filtered = received - batch.len() as u64;
+    route.metrics.filtered.inc_by(filtered);
+    let outcomes = match ing.queue.enqueue(batch).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(endpoint = %route.key, error = %e, "queue refused events");
+            return refuse(&ing, StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable");
+        }
+    };
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| **o == EnqueueOutcome::Duplicate)
+        .count() as u64;
+    let accepted = outcomes.len() as u64 - duplicates;
+    route.metrics.queued.inc_by(accepted);
+    route.metrics.duplicates.inc_by(duplicates);
+    reply(
+        StatusCode::OK,
+        format!("{{\"accepted\":{accepted},\"duplicates\":{duplicates},\"filtered\":{filtered}}}"),
+    )
+}
+
+/// Reads the body, stopping as soon as it passes `max` (a chunked body has no
+/// Content-Length to refuse it by up front).
+async fn read_limited(body: axum::body::Body, max: usize) -> Result<bytes::Bytes, &'static str> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let Some(first) = stream.next().await else {
+        return Ok(bytes::Bytes::new());
+    };
+    let first = first.map_err(|_| "body_unreadable")?;
+    if first.len() > max {
+        return Err("body_too_large");
+    }
+    let mut rest = match stream.next().await {
+        // The common case: one chunk, no copy.
+        None => return Ok(first),
+        Some(next) => next.map_err(|_| "body_unreadable")?,
+    };
+    let mut buf = bytes::BytesMut::with_capacity((first.len() + rest.len()).max(8192));
+    buf.extend_from_slice(&first);
+    loop {
+        if buf.len() + rest.len() > max {
+            return Err("body_too_large");
+        }
+        buf.extend_from_slice(&rest);
+        rest = match stream.next().await {
+            None => return Ok(buf.freeze()),
+            Some(next) => next.map_err(|_| "body_unreadable")?,
+        };
+    }
+}

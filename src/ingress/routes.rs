@@ -1,0 +1,166 @@
+//! The ingress route table: token → endpoint, subscription name → provider and keys.
+//! Updated by the controller (through the facade) and read per request without any API
+//! call. Readers take a read lock for one map lookup and leave with an `Arc`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use crate::api::Provider;
+use crate::dataplane::{EndpointConfig, SubscriptionRoute};
+use crate::inbound::VerificationKeys;
+use crate::metrics::{EndpointMetrics, Metrics};
+use crate::queue::{EndpointKey, from_millis, to_millis};
+
+/// Events received on one subscription (verified ones, whatever became of them).
+#[derive(Debug, Default)]
+pub struct SubscriptionCounters {
+    total: AtomicU64,
+    /// Milliseconds since the epoch; 0: never.
+    last_ms: AtomicU64,
+}
+
+impl SubscriptionCounters {
+    pub fn add(&self, n: u64, at: SystemTime) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+        self.last_ms.fetch_max(to_millis(at), Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> (u64, Option<SystemTime>) {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        (
+            self.total.load(Ordering::Relaxed),
+            (last > 0).then(|| from_millis(last)),
+        )
+    }
+}
+
+pub struct SubscriptionEntry {
+    pub provider: Provider,
+    pub keys: VerificationKeys,
+    pub counters: Arc<SubscriptionCounters>,
+}
+
+/// Everything a request to one token needs.
+pub struct EndpointRoute {
+    pub key: EndpointKey,
+    /// Empty: every type is delivered.
+    pub event_types: HashSet<String>,
+    pub subscriptions: HashMap<String, SubscriptionEntry>,
+    pub metrics: EndpointMetrics,
+}
+
+#[derive(Default)]
+struct Desired {
+    endpoints: HashMap<EndpointKey, (String, Vec<String>)>,
+    subscriptions: HashMap<EndpointKey, HashMap<String, SubscriptionRoute>>,
+    counters: HashMap<(EndpointKey, String), Arc<SubscriptionCounters>>,
+}
+
+pub struct RouteTable {
+    by_token: RwLock<HashMap<String, Arc<EndpointRoute>>>,
+    /// Source of the table, so each change rebuilds one endpoint's route. Writers only.
+    desired: Mutex<Desired>,
+    metrics: Arc<Metrics>,
+}
+
+impl RouteTable {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            by_token: RwLock::default(),
+            desired: Mutex::default(),
+            metrics,
+        }
+    }
+
+    pub fn lookup(&self, token: &str) -> Option<Arc<EndpointRoute>> {
+        self.by_token
+            .read()
+            .expect("routes lock")
+            .get(token)
+            .cloned()
+    }
+
+    /// Whether `token` is free for `key`.
+    pub fn token_available(&self, key: &EndpointKey, token: &str) -> bool {
+        let d = self.desired.lock().expect("routes lock");
+        !d.endpoints.iter().any(|(k, (t, _))| t == token && k != key)
+    }
+
+    pub fn upsert_endpoint(&self, ep: &EndpointConfig) {
+        let mut d = self.desired.lock().expect("routes lock");
+        d.endpoints
+            .insert(ep.key.clone(), (ep.token.clone(), ep.event_types.clone()));
+        self.rebuild(&mut d, &ep.key);
+    }
+
+    pub fn remove_endpoint(&self, key: &EndpointKey) {
+        let mut d = self.desired.lock().expect("routes lock");
+        if let Some((token, _)) = d.endpoints.remove(key) {
+            self.by_token.write().expect("routes lock").remove(&token);
+        }
+    }
+
+    pub fn upsert_subscription(&self, sub: &SubscriptionRoute) {
+        let mut d = self.desired.lock().expect("routes lock");
+        d.subscriptions
+            .entry(sub.endpoint.clone())
+            .or_default()
+            .insert(sub.name.clone(), sub.clone());
+        self.rebuild(&mut d, &sub.endpoint);
+    }
+
+    pub fn remove_subscription(&self, endpoint: &EndpointKey, name: &str) {
+        let mut d = self.desired.lock().expect("routes lock");
+        if let Some(subs) = d.subscriptions.get_mut(endpoint) {
+            subs.remove(name);
+        }
+        d.counters.remove(&(endpoint.clone(), name.to_owned()));
+        self.rebuild(&mut d, endpoint);
+    }
+
+    pub fn counters(
+        &self,
+        endpoint: &EndpointKey,
+        name: &str,
+    ) -> Option<Arc<SubscriptionCounters>> {
+        let d = self.desired.lock().expect("routes lock");
+        d.subscriptions.get(endpoint)?.get(name)?;
+        d.counters
+            .get(&(endpoint.clone(), name.to_owned()))
+            .cloned()
+    }
+
+    fn rebuild(&self, d: &mut Desired, key: &EndpointKey) {
+        let Some((token, types)) = d.endpoints.get(key).cloned() else {
+            return;
+        };
+        let mut subscriptions = HashMap::new();
+        for (name, s) in d.subscriptions.get(key).cloned().unwrap_or_default() {
+            let counters = d
+                .counters
+                .entry((key.clone(), name.clone()))
+                .or_default()
+                .clone();
+            subscriptions.insert(
+                name,
+                SubscriptionEntry {
+                    provider: s.provider,
+                    keys: s.keys,
+                    counters,
+                },
+            );
+        }
+        let route = Arc::new(EndpointRoute {
+            key: key.clone(),
+            event_types: types.into_iter().collect(),
+            subscriptions,
+            metrics: self.metrics.endpoint(key),
+        });
+        let mut table = self.by_token.write().expect("routes lock");
+        // A token change leaves the old one unroutable.
+        table.retain(|t, r| r.key != *key || *t == token);
+        table.insert(token, route);
+    }
+}
