@@ -41,11 +41,27 @@ async fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(&config.data_dir)?;
             let parser = Arc::new(webhook_operator::providers::ProviderParser);
             let data_plane = DataPlane::open(config.data_plane(), parser).await?;
-            let ingress = serve("ingress", config.ingress_addr, data_plane.ingress_router(), shutdown.clone()).await?;
-            let ops = serve("ops", config.ops_addr, data_plane.ops_router(), shutdown.clone()).await?;
+            let ingress = serve(
+                "ingress",
+                config.ingress_addr,
+                data_plane.ingress_router(),
+                shutdown.clone(),
+            )
+            .await?;
+            let ops = serve(
+                "ops",
+                config.ops_addr,
+                data_plane.ops_router(),
+                shutdown.clone(),
+            )
+            .await?;
             let delivery = data_plane.start_delivery(shutdown.clone().cancelled_owned());
 
-            let ctx = Arc::new(controller::Context::new(client, config, Arc::new(data_plane)));
+            let ctx = Arc::new(controller::Context::new(
+                client,
+                config,
+                Arc::new(data_plane),
+            ));
             controller::run(ctx, shutdown).await;
             let _ = tokio::join!(ingress, ops, delivery);
             tracing::info!("stopped");

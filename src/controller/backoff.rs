@@ -39,9 +39,15 @@ mod tests {
 
     #[test]
     fn retry_after_is_honoured_but_capped() {
-        assert_eq!(delay(1, Some(Duration::from_secs(30)), 0.5), Duration::from_secs(30));
+        assert_eq!(
+            delay(1, Some(Duration::from_secs(30)), 0.5),
+            Duration::from_secs(30)
+        );
         assert_eq!(delay(1, Some(Duration::from_secs(3600)), 0.5), CAP);
         // A short Retry-After never shortens the backoff.
-        assert_eq!(delay(5, Some(Duration::from_secs(1)), 0.5), Duration::from_secs(16));
+        assert_eq!(
+            delay(5, Some(Duration::from_secs(1)), 0.5),
+            Duration::from_secs(16)
+        );
     }
 }

@@ -13,7 +13,12 @@ pub struct Desired {
 }
 
 impl Desired {
-    pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             type_,
             status,
@@ -26,7 +31,12 @@ impl Desired {
 /// The new condition list: `desired` in order, keeping each existing condition's
 /// `lastTransitionTime` when its status did not change. Conditions not in `desired` are
 /// dropped (the reconciler states every condition it owns on every pass).
-pub fn merge(existing: &[Condition], desired: &[Desired], generation: Option<i64>, now: Time) -> Vec<Condition> {
+pub fn merge(
+    existing: &[Condition],
+    desired: &[Desired],
+    generation: Option<i64>,
+    now: Time,
+) -> Vec<Condition> {
     desired
         .iter()
         .map(|d| {
@@ -68,26 +78,46 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_when_status_flips() {
-        let first = merge(&[], &[Desired::new("Ready", false, "Progressing", "wait")], Some(1), t(100));
+        let first = merge(
+            &[],
+            &[Desired::new("Ready", false, "Progressing", "wait")],
+            Some(1),
+            t(100),
+        );
         assert_eq!(first[0].last_transition_time, t(100));
         assert_eq!(first[0].status, "False");
         assert_eq!(first[0].observed_generation, Some(1));
 
         // Same status, new reason and message: time kept.
-        let same = merge(&first, &[Desired::new("Ready", false, "EndpointNotReady", "still")], Some(2), t(200));
+        let same = merge(
+            &first,
+            &[Desired::new("Ready", false, "EndpointNotReady", "still")],
+            Some(2),
+            t(200),
+        );
         assert_eq!(same[0].last_transition_time, t(100));
         assert_eq!(same[0].reason, "EndpointNotReady");
         assert_eq!(same[0].observed_generation, Some(2));
 
         // Flip: time moves.
-        let flipped = merge(&same, &[Desired::new("Ready", true, "Ready", "ok")], Some(2), t(300));
+        let flipped = merge(
+            &same,
+            &[Desired::new("Ready", true, "Ready", "ok")],
+            Some(2),
+            t(300),
+        );
         assert_eq!(flipped[0].last_transition_time, t(300));
         assert_eq!(flipped[0].status, "True");
     }
 
     #[test]
     fn desired_order_is_kept_and_stale_types_dropped() {
-        let existing = merge(&[], &[Desired::new("Stalled", true, "InvalidSpec", "x")], None, t(1));
+        let existing = merge(
+            &[],
+            &[Desired::new("Stalled", true, "InvalidSpec", "x")],
+            None,
+            t(1),
+        );
         let merged = merge(
             &existing,
             &[

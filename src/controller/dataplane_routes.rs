@@ -17,7 +17,13 @@ fn key((namespace, name): EndpointKey) -> queue::EndpointKey {
 }
 
 impl IngressRoutes for std::sync::Arc<DataPlane> {
-    fn upsert_subscription(&self, endpoint: EndpointKey, subscription: String, provider: Provider, keys: VerificationKeys) {
+    fn upsert_subscription(
+        &self,
+        endpoint: EndpointKey,
+        subscription: String,
+        provider: Provider,
+        keys: VerificationKeys,
+    ) {
         DataPlane::upsert_subscription(
             self,
             SubscriptionRoute {
@@ -33,14 +39,21 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         DataPlane::remove_subscription(self, &key(endpoint), &subscription);
     }
 
-    fn subscription_counters(&self, endpoint: EndpointKey, subscription: String) -> Option<(u64, Option<SystemTime>)> {
+    fn subscription_counters(
+        &self,
+        endpoint: EndpointKey,
+        subscription: String,
+    ) -> Option<(u64, Option<SystemTime>)> {
         DataPlane::subscription_counters(self, &key(endpoint), &subscription)
     }
 
     fn configure_endpoint(&self, ep: &EndpointDelivery) -> Result<(), String> {
-        let destination = Destination::from_api(&ep.spec.destination, &ep.key.0)
-            .ok_or_else(|| "exactly one of destination.service or destination.url must be set".to_string())?;
-        let policy = Policy::try_from(&ep.spec.delivery).map_err(|e| format!("spec.delivery: {e}"))?;
+        let destination =
+            Destination::from_api(&ep.spec.destination, &ep.key.0).ok_or_else(|| {
+                "exactly one of destination.service or destination.url must be set".to_string()
+            })?;
+        let policy =
+            Policy::try_from(&ep.spec.delivery).map_err(|e| format!("spec.delivery: {e}"))?;
         let signing_secrets = ep
             .signing_secrets
             .iter()
@@ -75,7 +88,11 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         })
     }
 
-    fn replay(&self, endpoint: EndpointKey, since: Option<SystemTime>) -> BoxFuture<'static, anyhow::Result<u64>> {
+    fn replay(
+        &self,
+        endpoint: EndpointKey,
+        since: Option<SystemTime>,
+    ) -> BoxFuture<'static, anyhow::Result<u64>> {
         let dp = self.clone();
         let filter = match since {
             Some(from) => ReplayFilter::DeadLetteredBetween {

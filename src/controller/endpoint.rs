@@ -77,18 +77,32 @@ pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Ac
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-async fn apply(ep: &WebhookEndpoint, ctx: &Context, api: &Api<WebhookEndpoint>) -> Result<Action, Error> {
+async fn apply(
+    ep: &WebhookEndpoint,
+    ctx: &Context,
+    api: &Api<WebhookEndpoint>,
+) -> Result<Action, Error> {
     let ns = ep.namespace().unwrap_or_default();
     let name = ep.name_any();
     let key = (ns.clone(), name.clone());
     let current = ep.status.clone().unwrap_or_default();
 
-    let token_key = secrets::ensure_generated(&ctx.client, ep, &ingress_secret_name(&name), INGRESS_SECRET_KEY, secrets::random_secret).await?;
+    let token_key = secrets::ensure_generated(
+        &ctx.client,
+        ep,
+        &ingress_secret_name(&name),
+        INGRESS_SECRET_KEY,
+        secrets::random_secret,
+    )
+    .await?;
     let token = ingress_token(&token_key);
 
     let mut problems: Vec<(&'static str, String)> = Vec::new();
     let signing_secret = match ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
-        Some(r) => match secrets::read(&ctx.client, &ns, &r.name).await.and_then(|s| s.get(&r.key).map(<[u8]>::to_vec)) {
+        Some(r) => match secrets::read(&ctx.client, &ns, &r.name)
+            .await
+            .and_then(|s| s.get(&r.key).map(<[u8]>::to_vec))
+        {
             Ok(v) => Some(v),
             Err(e) => {
                 problems.push((reasons::SECRET_MISSING, format!("signing secret: {e}")));
@@ -96,17 +110,30 @@ async fn apply(ep: &WebhookEndpoint, ctx: &Context, api: &Api<WebhookEndpoint>) 
             }
         },
         None => Some(
-            secrets::ensure_generated(&ctx.client, ep, &signing_secret_name(&name), SIGNING_KEY, || {
-                use base64::Engine;
-                format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(secrets::random_secret())).into_bytes()
-            })
+            secrets::ensure_generated(
+                &ctx.client,
+                ep,
+                &signing_secret_name(&name),
+                SIGNING_KEY,
+                || {
+                    use base64::Engine;
+                    format!(
+                        "whsec_{}",
+                        base64::engine::general_purpose::STANDARD.encode(secrets::random_secret())
+                    )
+                    .into_bytes()
+                },
+            )
             .await?,
         ),
     };
     let mut headers = Vec::new();
     for h in &ep.spec.headers {
         let r = &h.secret_key_ref;
-        match secrets::read(&ctx.client, &ns, &r.name).await.and_then(|s| s.get_string(&r.key)) {
+        match secrets::read(&ctx.client, &ns, &r.name)
+            .await
+            .and_then(|s| s.get_string(&r.key))
+        {
             Ok(v) => headers.push((h.name.clone(), v)),
             Err(e) => problems.push((reasons::SECRET_MISSING, format!("header {}: {e}", h.name))),
         }
@@ -136,11 +163,27 @@ async fn apply(ep: &WebhookEndpoint, ctx: &Context, api: &Api<WebhookEndpoint>) 
             .map(std::time::SystemTime::from);
         match ctx.routes.0.replay(key.clone(), since).await {
             Ok(n) => {
-                publish(ctx, ep, EventType::Normal, "Replayed", "Replay", format!("re-queued {n} dead-lettered events")).await;
+                publish(
+                    ctx,
+                    ep,
+                    EventType::Normal,
+                    "Replayed",
+                    "Replay",
+                    format!("re-queued {n} dead-lettered events"),
+                )
+                .await;
                 last_replay = replay_at;
             }
             Err(e) => {
-                publish(ctx, ep, EventType::Warning, "ReplayFailed", "Replay", e.to_string()).await;
+                publish(
+                    ctx,
+                    ep,
+                    EventType::Warning,
+                    "ReplayFailed",
+                    "Replay",
+                    e.to_string(),
+                )
+                .await;
             }
         }
     }
@@ -182,11 +225,21 @@ pub fn next_status(
 ) -> WebhookEndpointStatus {
     let ready = match problems.first() {
         Some((reason, msg)) => Desired::new(types::READY, false, reason, msg.clone()),
-        None => Desired::new(types::READY, true, reasons::INGRESS_ASSIGNED, "ingress URL assigned and destination accepted"),
+        None => Desired::new(
+            types::READY,
+            true,
+            reasons::INGRESS_ASSIGNED,
+            "ingress URL assigned and destination accepted",
+        ),
     };
     let healthy = match health {
         Some(h) => Desired::new(types::HEALTHY, h.healthy, h.reason, h.message.clone()),
-        None => Desired::new(types::HEALTHY, true, reasons::NO_DELIVERIES, "no deliveries yet"),
+        None => Desired::new(
+            types::HEALTHY,
+            true,
+            reasons::NO_DELIVERIES,
+            "no deliveries yet",
+        ),
     };
     let mut desired = vec![ready, healthy];
     if let Some((reason, msg)) = problems.first() {
@@ -197,32 +250,54 @@ pub fn next_status(
         conditions: conditions::merge(&current.conditions, &desired, generation, conditions::now()),
         ingress_url: Some(ingress_url),
         signing_secret_hash,
-        last_handled_requested_at: requested_at.or_else(|| current.last_handled_requested_at.clone()),
+        last_handled_requested_at: requested_at
+            .or_else(|| current.last_handled_requested_at.clone()),
         last_handled_replay_at: last_replay,
-        delivery: health.map(|h| h.stats.clone()).or_else(|| current.delivery.clone()),
+        delivery: health
+            .map(|h| h.stats.clone())
+            .or_else(|| current.delivery.clone()),
     }
 }
 
 /// Events when Ready or Healthy change.
-async fn publish_transitions(ctx: &Context, ep: &WebhookEndpoint, current: &WebhookEndpointStatus, next: &WebhookEndpointStatus) {
+async fn publish_transitions(
+    ctx: &Context,
+    ep: &WebhookEndpoint,
+    current: &WebhookEndpointStatus,
+    next: &WebhookEndpointStatus,
+) {
     for type_ in [types::READY, types::HEALTHY] {
         let before = current.conditions.iter().find(|c| c.type_ == type_);
-        let Some(after) = next.conditions.iter().find(|c| c.type_ == type_) else { continue };
+        let Some(after) = next.conditions.iter().find(|c| c.type_ == type_) else {
+            continue;
+        };
         if before.is_some_and(|b| b.status == after.status && b.reason == after.reason) {
             continue;
         }
         if before.is_none() && after.status == "True" {
             continue; // first pass, all well: nothing worth an Event
         }
-        let kind = if after.status == "True" { EventType::Normal } else { EventType::Warning };
+        let kind = if after.status == "True" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
         publish(ctx, ep, kind, &after.reason, type_, after.message.clone()).await;
     }
 }
 
 /// Subscriptions that receive on this endpoint (to re-check them when it changes).
-pub fn subscribers<'a>(ep_ns: &'a str, ep_name: &'a str, subs: &'a [Arc<WebhookSubscription>]) -> impl Iterator<Item = &'a Arc<WebhookSubscription>> + 'a {
+pub fn subscribers<'a>(
+    ep_ns: &'a str,
+    ep_name: &'a str,
+    subs: &'a [Arc<WebhookSubscription>],
+) -> impl Iterator<Item = &'a Arc<WebhookSubscription>> + 'a {
     subs.iter().filter(move |s| {
-        s.namespace().as_deref() == Some(ep_ns) && s.spec.endpoint_ref.as_ref().is_some_and(|r| r.name == ep_name)
+        s.namespace().as_deref() == Some(ep_ns)
+            && s.spec
+                .endpoint_ref
+                .as_ref()
+                .is_some_and(|r| r.name == ep_name)
     })
 }
 
@@ -242,7 +317,10 @@ mod tests {
     #[test]
     fn url_is_path_only_without_a_public_base() {
         assert_eq!(ingress_url(None, "t"), "/hooks/t");
-        assert_eq!(ingress_url(Some("https://h.example.com/"), "t"), "https://h.example.com/hooks/t");
+        assert_eq!(
+            ingress_url(Some("https://h.example.com/"), "t"),
+            "https://h.example.com/hooks/t"
+        );
     }
 
     #[test]
@@ -252,14 +330,24 @@ mod tests {
             Some(2),
             "/hooks/t".into(),
             None,
-            &[(reasons::DESTINATION_FORBIDDEN, "169.254.169.254 is link-local".into())],
+            &[(
+                reasons::DESTINATION_FORBIDDEN,
+                "169.254.169.254 is link-local".into(),
+            )],
             None,
             None,
             None,
         );
         let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "DestinationForbidden"));
-        assert!(st.conditions.iter().any(|c| c.type_ == "Stalled" && c.status == "True"));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "DestinationForbidden")
+        );
+        assert!(
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Stalled" && c.status == "True")
+        );
         assert_eq!(st.observed_generation, Some(2));
     }
 

@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, finalizer, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -39,11 +39,16 @@ pub struct Context {
     pub providers: ProviderClients,
     pub recorder: Recorder,
     pub routes: Routes,
-    pub subscription_schedules: Mutex<HashMap<ObjectRef<WebhookSubscription>, subscription::Schedule>>,
+    pub subscription_schedules:
+        Mutex<HashMap<ObjectRef<WebhookSubscription>, subscription::Schedule>>,
 }
 
 impl Context {
-    pub fn new(client: Client, config: OperatorConfig, routes: Arc<dyn routes::IngressRoutes>) -> Self {
+    pub fn new(
+        client: Client,
+        config: OperatorConfig,
+        routes: Arc<dyn routes::IngressRoutes>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "webhook-operator".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -84,8 +89,14 @@ impl Error {
 }
 
 /// Publishes a Kubernetes Event about `obj`; failures are logged, never fatal.
-pub async fn publish<K>(ctx: &Context, obj: &K, type_: EventType, reason: &str, action: &str, note: String)
-where
+pub async fn publish<K>(
+    ctx: &Context,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) where
     K: Resource<DynamicType = ()>,
 {
     let event = Event {
@@ -120,31 +131,54 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let (ep_tx, ep_rx) = futures::channel::mpsc::unbounded::<ObjectRef<WebhookEndpoint>>();
     let (sub_tx, sub_rx) = futures::channel::mpsc::unbounded::<ObjectRef<WebhookSubscription>>();
 
-    let endpoints = Controller::new(api::<WebhookEndpoint>(client, ns.as_deref()), watcher::Config::default())
-        .owns(api::<Secret>(client, ns.as_deref()), watcher::Config::default().labels("app.kubernetes.io/managed-by=webhook-operator"))
-        .reconcile_on(ep_rx)
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
-    let subscriptions = Controller::new(api::<WebhookSubscription>(client, ns.as_deref()), watcher::Config::default())
-        .reconcile_on(sub_rx)
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let endpoints = Controller::new(
+        api::<WebhookEndpoint>(client, ns.as_deref()),
+        watcher::Config::default(),
+    )
+    .owns(
+        api::<Secret>(client, ns.as_deref()),
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=webhook-operator"),
+    )
+    .reconcile_on(ep_rx)
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let subscriptions = Controller::new(
+        api::<WebhookSubscription>(client, ns.as_deref()),
+        watcher::Config::default(),
+    )
+    .reconcile_on(sub_rx)
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let ep_store = endpoints.store();
     let sub_store = subscriptions.store();
 
     // A subscription re-checks when its credentials Secret or its endpoint changes.
     let store = sub_store.clone();
-    let secrets_changed = watcher(api::<PartialObjectMeta<Secret>>(client, ns.as_deref()), watcher::Config::default()).touched_objects();
+    let secrets_changed = watcher(
+        api::<PartialObjectMeta<Secret>>(client, ns.as_deref()),
+        watcher::Config::default(),
+    )
+    .touched_objects();
     let subscriptions = subscriptions.watches_stream(secrets_changed, move |secret| {
         let secret_ns = secret.namespace();
         let secret_name = secret.name_any();
         store
             .state()
             .into_iter()
-            .filter(|s| s.namespace() == secret_ns && s.spec.credentials_ref.as_ref().is_some_and(|c| c.name == secret_name))
+            .filter(|s| {
+                s.namespace() == secret_ns
+                    && s.spec
+                        .credentials_ref
+                        .as_ref()
+                        .is_some_and(|c| c.name == secret_name)
+            })
             .map(|s| ObjectRef::from_obj(&*s))
             .collect::<Vec<_>>()
     });
     let store = sub_store.clone();
-    let endpoints_changed = watcher(api::<WebhookEndpoint>(client, ns.as_deref()), watcher::Config::default()).touched_objects();
+    let endpoints_changed = watcher(
+        api::<WebhookEndpoint>(client, ns.as_deref()),
+        watcher::Config::default(),
+    )
+    .touched_objects();
     let subscriptions = subscriptions.watches_stream(endpoints_changed, move |ep| {
         let subs = store.state();
         endpoint::subscribers(&ep.namespace().unwrap_or_default(), &ep.name_any(), &subs)
@@ -152,7 +186,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             .collect::<Vec<_>>()
     });
 
-    let refresher = refresh_status(ctx.clone(), ep_store, sub_store, ep_tx, sub_tx, shutdown.clone());
+    let refresher = refresh_status(
+        ctx.clone(),
+        ep_store,
+        sub_store,
+        ep_tx,
+        sub_tx,
+        shutdown.clone(),
+    );
     let endpoints = endpoints
         .run(endpoint::reconcile, error_policy, ctx.clone())
         .for_each(|r| async move { log_result(r) });
@@ -164,7 +205,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 
 fn log_result<K: Resource, E: std::fmt::Display>(r: Result<(ObjectRef<K>, Action), E>) {
     match r {
-        Ok((obj, _)) => tracing::info!(namespace = obj.namespace.as_deref(), name = %obj.name, kind = %std::any::type_name::<K>().rsplit("::").next().unwrap_or_default(), "reconciled"),
+        Ok((obj, _)) => {
+            tracing::info!(namespace = obj.namespace.as_deref(), name = %obj.name, kind = %std::any::type_name::<K>().rsplit("::").next().unwrap_or_default(), "reconciled")
+        }
         Err(e) => tracing::debug!(error = %e, "reconcile loop"),
     }
 }
@@ -180,7 +223,8 @@ async fn refresh_status(
     sub_tx: futures::channel::mpsc::UnboundedSender<ObjectRef<WebhookSubscription>>,
     shutdown: CancellationToken,
 ) {
-    let mut last_health: HashMap<ObjectRef<WebhookEndpoint>, routes::EndpointHealthView> = HashMap::new();
+    let mut last_health: HashMap<ObjectRef<WebhookEndpoint>, routes::EndpointHealthView> =
+        HashMap::new();
     let mut last_counters: HashMap<ObjectRef<WebhookSubscription>, u64> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -190,7 +234,9 @@ async fn refresh_status(
         }
         for ep in endpoints.state() {
             let key = (ep.namespace().unwrap_or_default(), ep.name_any());
-            let Some(health) = ctx.routes.0.endpoint_health(key) else { continue };
+            let Some(health) = ctx.routes.0.endpoint_health(key) else {
+                continue;
+            };
             let r = ObjectRef::from_obj(&*ep);
             if last_health.get(&r) != Some(&health) {
                 last_health.insert(r.clone(), health);
@@ -198,7 +244,9 @@ async fn refresh_status(
             }
         }
         for sub in subscriptions.state() {
-            let Some((received, _)) = ctx.routes.counters(&sub) else { continue };
+            let Some((received, _)) = ctx.routes.counters(&sub) else {
+                continue;
+            };
             let r = ObjectRef::from_obj(&*sub);
             if last_counters.get(&r) != Some(&received) {
                 last_counters.insert(r.clone(), received);

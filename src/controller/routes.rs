@@ -15,10 +15,20 @@ pub type EndpointKey = (String, String);
 pub trait IngressRoutes: Send + Sync {
     /// The ingress accepts requests for `subscription` on `endpoint`'s token path and
     /// verifies them with `keys`.
-    fn upsert_subscription(&self, endpoint: EndpointKey, subscription: String, provider: crate::api::Provider, keys: VerificationKeys);
+    fn upsert_subscription(
+        &self,
+        endpoint: EndpointKey,
+        subscription: String,
+        provider: crate::api::Provider,
+        keys: VerificationKeys,
+    );
     fn remove_subscription(&self, endpoint: EndpointKey, subscription: String);
     /// Events received for the subscription, and when the last one arrived.
-    fn subscription_counters(&self, endpoint: EndpointKey, subscription: String) -> Option<(u64, Option<SystemTime>)>;
+    fn subscription_counters(
+        &self,
+        endpoint: EndpointKey,
+        subscription: String,
+    ) -> Option<(u64, Option<SystemTime>)>;
     /// Deliver `endpoint`'s events as configured. `Err` is a user-facing reason the
     /// destination is refused (for example a link-local address).
     fn configure_endpoint(&self, endpoint: &EndpointDelivery) -> Result<(), String>;
@@ -26,7 +36,11 @@ pub trait IngressRoutes: Send + Sync {
     /// Delivery statistics and the health verdict, if the endpoint is known.
     fn endpoint_health(&self, endpoint: EndpointKey) -> Option<EndpointHealthView>;
     /// Re-queues dead letters (`since`: only those dead-lettered at or after it).
-    fn replay(&self, endpoint: EndpointKey, since: Option<SystemTime>) -> futures::future::BoxFuture<'static, anyhow::Result<u64>>;
+    fn replay(
+        &self,
+        endpoint: EndpointKey,
+        since: Option<SystemTime>,
+    ) -> futures::future::BoxFuture<'static, anyhow::Result<u64>>;
 }
 
 /// Everything delivery needs about one endpoint, secrets resolved.
@@ -64,13 +78,21 @@ pub fn endpoint_of(sub: &WebhookSubscription) -> Option<EndpointKey> {
 pub struct Routes(pub std::sync::Arc<dyn IngressRoutes>);
 
 impl Routes {
-    pub fn subscription_keys(&self, sub: &WebhookSubscription, secrets: Vec<Vec<u8>>, header_name: Option<String>) {
+    pub fn subscription_keys(
+        &self,
+        sub: &WebhookSubscription,
+        secrets: Vec<Vec<u8>>,
+        header_name: Option<String>,
+    ) {
         if let Some(ep) = endpoint_of(sub) {
             self.0.upsert_subscription(
                 ep,
                 sub.name_any(),
                 sub.spec.provider,
-                VerificationKeys { secrets, header_name },
+                VerificationKeys {
+                    secrets,
+                    header_name,
+                },
             );
         }
     }

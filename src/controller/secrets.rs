@@ -73,10 +73,10 @@ where
 {
     let namespace = owner.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    if let Some(existing) = api.get_opt(name).await? {
-        if let Some(value) = existing.data.as_ref().and_then(|d| d.get(key)) {
-            return Ok(value.0.clone());
-        }
+    if let Some(existing) = api.get_opt(name).await?
+        && let Some(value) = existing.data.as_ref().and_then(|d| d.get(key))
+    {
+        return Ok(value.0.clone());
     }
     let value = generate();
     write_owned(client, owner, name, key, &value).await?;
@@ -84,7 +84,13 @@ where
 }
 
 /// Creates or replaces the owned Secret `name` with one key.
-pub async fn write_owned<K>(client: &Client, owner: &K, name: &str, key: &str, value: &[u8]) -> Result<(), kube::Error>
+pub async fn write_owned<K>(
+    client: &Client,
+    owner: &K,
+    name: &str,
+    key: &str,
+    value: &[u8],
+) -> Result<(), kube::Error>
 where
     K: Resource<DynamicType = ()>,
 {
@@ -101,7 +107,10 @@ where
             )])),
             ..Default::default()
         },
-        data: Some(BTreeMap::from([(key.to_string(), ByteString(value.to_vec()))])),
+        data: Some(BTreeMap::from([(
+            key.to_string(),
+            ByteString(value.to_vec()),
+        )])),
         type_: Some("Opaque".into()),
         ..Default::default()
     };

@@ -10,7 +10,12 @@ use serde_json::json;
 pub const FIELD_MANAGER: &str = "webhook-operator";
 
 /// Applies `status` to `obj` unless it equals `current`. Returns whether it wrote.
-pub async fn apply_if_changed<K, S>(api: &Api<K>, obj: &K, current: Option<&S>, status: &S) -> Result<bool, kube::Error>
+pub async fn apply_if_changed<K, S>(
+    api: &Api<K>,
+    obj: &K,
+    current: Option<&S>,
+    status: &S,
+) -> Result<bool, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize + PartialEq,

@@ -56,19 +56,31 @@ pub async fn reconcile(sub: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Resu
 }
 
 /// The provider-side desired state of a spec, given the URL the provider must call.
-pub fn translate(namespace: &str, name: &str, spec: &WebhookSubscriptionSpec, hook_url: String) -> DesiredSubscription {
+pub fn translate(
+    namespace: &str,
+    name: &str,
+    spec: &WebhookSubscriptionSpec,
+    hook_url: String,
+) -> DesiredSubscription {
     let scope = match spec.provider {
         Provider::Atlas => Scope::Atlas {
-            campaign_id: spec.atlas.as_ref().map(|a| a.campaign_id.clone()).unwrap_or_default(),
+            campaign_id: spec
+                .atlas
+                .as_ref()
+                .map(|a| a.campaign_id.clone())
+                .unwrap_or_default(),
         },
         Provider::Atomic => {
-            let a = spec.atomic.clone().unwrap_or_else(|| crate::api::subscription::AtomicScope {
-                organization_id: String::new(),
-                environment_id: String::new(),
-                card_template_id: None,
-                action_flow_config_id: None,
-                method: Default::default(),
-            });
+            let a = spec
+                .atomic
+                .clone()
+                .unwrap_or_else(|| crate::api::subscription::AtomicScope {
+                    organization_id: String::new(),
+                    environment_id: String::new(),
+                    card_template_id: None,
+                    action_flow_config_id: None,
+                    method: Default::default(),
+                });
             Scope::Atomic {
                 organization_id: a.organization_id,
                 environment_id: a.environment_id,
@@ -106,13 +118,21 @@ fn atllas_header_name(spec: &WebhookSubscriptionSpec) -> String {
 
 /// What one pass found or did.
 #[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "one short-lived value per reconcile")]
 pub enum Outcome {
     /// Upstream matches the spec (or, ObserveOnly, what exists upstream).
-    Synced { observed: Observed, applied: Option<DesiredSubscription> },
+    Synced {
+        observed: Observed,
+        applied: Option<DesiredSubscription>,
+    },
     /// ObserveOnly and nothing exists upstream.
     MissingUpstream,
     /// Atllas: nothing to call; the user configures the portal.
-    Manual { hook_url: String, header_name: String, secret_name: String },
+    Manual {
+        hook_url: String,
+        header_name: String,
+        secret_name: String,
+    },
     EndpointNotReady(String),
     CredentialsMissing(String),
     Failed(ProviderError),
@@ -128,7 +148,8 @@ pub fn outcome_status(
 ) -> WebhookSubscriptionStatus {
     let mut next = WebhookSubscriptionStatus {
         observed_generation: generation,
-        last_handled_requested_at: requested_at.or_else(|| current.last_handled_requested_at.clone()),
+        last_handled_requested_at: requested_at
+            .or_else(|| current.last_handled_requested_at.clone()),
         upstream: current.upstream.clone(),
         events: current.events.clone(),
         ..Default::default()
@@ -160,18 +181,42 @@ pub fn outcome_status(
                     reasons::DISABLED_UPSTREAM,
                     format!("the provider reports the subscription disabled: {message}"),
                 ),
-                _ => Desired::new(types::READY, true, reasons::READY, "the subscription exists upstream as specified"),
+                _ => Desired::new(
+                    types::READY,
+                    true,
+                    reasons::READY,
+                    "the subscription exists upstream as specified",
+                ),
             };
             vec![
                 ready,
-                Desired::new(types::SYNCED, true, synced_reason, format!("upstream id {}", observed.id)),
+                Desired::new(
+                    types::SYNCED,
+                    true,
+                    synced_reason,
+                    format!("upstream id {}", observed.id),
+                ),
             ]
         }
         Outcome::MissingUpstream => vec![
-            Desired::new(types::READY, false, reasons::NOT_FOUND_UPSTREAM, "ObserveOnly: no such subscription exists upstream"),
-            Desired::new(types::SYNCED, true, reasons::OBSERVE_ONLY, "observed the provider; nothing found"),
+            Desired::new(
+                types::READY,
+                false,
+                reasons::NOT_FOUND_UPSTREAM,
+                "ObserveOnly: no such subscription exists upstream",
+            ),
+            Desired::new(
+                types::SYNCED,
+                true,
+                reasons::OBSERVE_ONLY,
+                "observed the provider; nothing found",
+            ),
         ],
-        Outcome::Manual { hook_url, header_name, secret_name } => {
+        Outcome::Manual {
+            hook_url,
+            header_name,
+            secret_name,
+        } => {
             next.upstream = None;
             next.manual_setup = Some(ManualSetup {
                 hook_url: Some(hook_url.clone()),
@@ -185,25 +230,65 @@ pub fn outcome_status(
                     reasons::MANUAL_SETUP,
                     "receive-only provider: add status.manualSetup.hookURL and the header to the provider's portal",
                 ),
-                Desired::new(types::SYNCED, true, reasons::MANUAL_SETUP, "nothing to sync: the provider has no API"),
+                Desired::new(
+                    types::SYNCED,
+                    true,
+                    reasons::MANUAL_SETUP,
+                    "nothing to sync: the provider has no API",
+                ),
             ]
         }
         Outcome::EndpointNotReady(msg) => vec![
-            Desired::new(types::READY, false, reasons::ENDPOINT_NOT_READY, msg.clone()),
-            Desired::new(types::SYNCED, false, reasons::ENDPOINT_NOT_READY, msg.clone()),
-            Desired::new(types::RECONCILING, true, reasons::ENDPOINT_NOT_READY, msg.clone()),
+            Desired::new(
+                types::READY,
+                false,
+                reasons::ENDPOINT_NOT_READY,
+                msg.clone(),
+            ),
+            Desired::new(
+                types::SYNCED,
+                false,
+                reasons::ENDPOINT_NOT_READY,
+                msg.clone(),
+            ),
+            Desired::new(
+                types::RECONCILING,
+                true,
+                reasons::ENDPOINT_NOT_READY,
+                msg.clone(),
+            ),
         ],
         Outcome::CredentialsMissing(msg) => vec![
-            Desired::new(types::READY, false, reasons::CREDENTIALS_MISSING, msg.clone()),
-            Desired::new(types::SYNCED, false, reasons::CREDENTIALS_MISSING, msg.clone()),
-            Desired::new(types::STALLED, true, reasons::CREDENTIALS_MISSING, msg.clone()),
+            Desired::new(
+                types::READY,
+                false,
+                reasons::CREDENTIALS_MISSING,
+                msg.clone(),
+            ),
+            Desired::new(
+                types::SYNCED,
+                false,
+                reasons::CREDENTIALS_MISSING,
+                msg.clone(),
+            ),
+            Desired::new(
+                types::STALLED,
+                true,
+                reasons::CREDENTIALS_MISSING,
+                msg.clone(),
+            ),
         ],
         Outcome::Failed(err) => {
             let msg = err.to_string();
             let third = if err.is_permanent() {
                 Desired::new(types::STALLED, true, err.reason(), msg.clone())
             } else {
-                Desired::new(types::RECONCILING, true, err.reason(), format!("retrying: {msg}"))
+                Desired::new(
+                    types::RECONCILING,
+                    true,
+                    err.reason(),
+                    format!("retrying: {msg}"),
+                )
             };
             vec![
                 Desired::new(types::READY, false, err.reason(), msg.clone()),
@@ -233,7 +318,11 @@ pub struct Schedule {
     failures: u32,
 }
 
-async fn apply(sub: &WebhookSubscription, ctx: &Context, api: &Api<WebhookSubscription>) -> Result<Action, Error> {
+async fn apply(
+    sub: &WebhookSubscription,
+    ctx: &Context,
+    api: &Api<WebhookSubscription>,
+) -> Result<Action, Error> {
     let ns = sub.namespace().unwrap_or_default();
     let name = sub.name_any();
     let key = ObjectRef::from_obj(sub);
@@ -256,7 +345,12 @@ async fn apply(sub: &WebhookSubscription, ctx: &Context, api: &Api<WebhookSubscr
 
     // Nothing changed and nothing due: no provider call (our own status writes and
     // unrelated events land here).
-    let schedule = ctx.subscription_schedules.lock().unwrap().get(&key).cloned();
+    let schedule = ctx
+        .subscription_schedules
+        .lock()
+        .unwrap()
+        .get(&key)
+        .cloned();
     if let Some(s) = schedule {
         let now = Instant::now();
         if s.inputs == inputs && now < s.next_due {
@@ -282,19 +376,31 @@ async fn apply(sub: &WebhookSubscription, ctx: &Context, api: &Api<WebhookSubscr
     };
 
     publish_outcome_event(ctx, sub, &current, &outcome).await;
-    let mut next = outcome_status(&current, &outcome, sub.meta().generation, requested_at, conditions::now());
+    let mut next = outcome_status(
+        &current,
+        &outcome,
+        sub.meta().generation,
+        requested_at,
+        conditions::now(),
+    );
     next.events = event_counters(ctx, sub).or(next.events);
     status::apply_if_changed(api, sub, sub.status.as_ref(), &next).await?;
 
-    let resync = crate::duration::parse_go_duration(&sub.spec.resync_interval).unwrap_or(Duration::from_secs(300));
+    let resync = crate::duration::parse_go_duration(&sub.spec.resync_interval)
+        .unwrap_or(Duration::from_secs(300));
     let (wait, failures) = match &outcome {
         Outcome::Synced { .. } | Outcome::MissingUpstream | Outcome::Manual { .. } => (resync, 0),
         // Waits for the endpoint or the Secret to change (both are watched); the timer
         // is a safety net.
-        Outcome::EndpointNotReady(_) | Outcome::CredentialsMissing(_) => (Duration::from_secs(60), 0),
+        Outcome::EndpointNotReady(_) | Outcome::CredentialsMissing(_) => {
+            (Duration::from_secs(60), 0)
+        }
         Outcome::Failed(err) => {
             let failures = failures_before + 1;
-            (super::backoff::delay(failures, err.retry_after(), rand::random()), failures)
+            (
+                super::backoff::delay(failures, err.retry_after(), rand::random()),
+                failures,
+            )
         }
     };
     tracing::debug!(namespace = %ns, name = %name, ?wait, failures, "next pass scheduled");
@@ -311,7 +417,10 @@ async fn apply(sub: &WebhookSubscription, ctx: &Context, api: &Api<WebhookSubscr
 
 /// The URL the provider must call: the endpoint's ingress URL plus the subscription name,
 /// or the external `url`. `Err` says why it is not known yet.
-async fn resolve_target(sub: &WebhookSubscription, ctx: &Context) -> Result<Result<String, String>, Error> {
+async fn resolve_target(
+    sub: &WebhookSubscription,
+    ctx: &Context,
+) -> Result<Result<String, String>, Error> {
     if let Some(url) = &sub.spec.url {
         return Ok(Ok(url.clone()));
     }
@@ -321,7 +430,10 @@ async fn resolve_target(sub: &WebhookSubscription, ctx: &Context) -> Result<Resu
     let ns = sub.namespace().unwrap_or_default();
     let endpoints: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(ep) = endpoints.get_opt(&ep_ref.name).await? else {
-        return Ok(Err(format!("WebhookEndpoint {} does not exist", ep_ref.name)));
+        return Ok(Err(format!(
+            "WebhookEndpoint {} does not exist",
+            ep_ref.name
+        )));
     };
     let ready = ep.status.as_ref().is_some_and(|s| {
         s.conditions
@@ -330,15 +442,22 @@ async fn resolve_target(sub: &WebhookSubscription, ctx: &Context) -> Result<Resu
     });
     let url = ep.status.as_ref().and_then(|s| s.ingress_url.clone());
     match url {
-        Some(url) if ready && (url.starts_with("https://") || url.starts_with("http://")) => {
-            Ok(Ok(format!("{}/{}", url.trim_end_matches('/'), sub.name_any())))
-        }
+        Some(url) if ready && (url.starts_with("https://") || url.starts_with("http://")) => Ok(
+            Ok(format!("{}/{}", url.trim_end_matches('/'), sub.name_any())),
+        ),
         Some(_) if ready && sub.spec.provider != Provider::Atllas => Ok(Err(format!(
             "WebhookEndpoint {} has only an ingress path: configure the operator's public base URL",
             ep_ref.name
         ))),
-        Some(url) if ready => Ok(Ok(format!("{}/{}", url.trim_end_matches('/'), sub.name_any()))),
-        _ => Ok(Err(format!("WebhookEndpoint {} is not Ready yet", ep_ref.name))),
+        Some(url) if ready => Ok(Ok(format!(
+            "{}/{}",
+            url.trim_end_matches('/'),
+            sub.name_any()
+        ))),
+        _ => Ok(Err(format!(
+            "WebhookEndpoint {} is not Ready yet",
+            ep_ref.name
+        ))),
     }
 }
 
@@ -351,15 +470,29 @@ async fn read_credentials(
     let Some(r) = &spec.credentials_ref else {
         return Err("credentialsRef is not set".into());
     };
-    let secret = secrets::read(&ctx.client, ns, &r.name).await.map_err(|e| e.to_string())?;
+    let secret = secrets::read(&ctx.client, ns, &r.name)
+        .await
+        .map_err(|e| e.to_string())?;
     let creds = match spec.provider {
         Provider::Atomic => Credentials {
             api_key: None,
-            client_id: Some(secret.get_string(&r.client_id_key).map_err(|e| e.to_string())?),
-            client_secret: Some(secret.get_string(&r.client_secret_key).map_err(|e| e.to_string())?),
+            client_id: Some(
+                secret
+                    .get_string(&r.client_id_key)
+                    .map_err(|e| e.to_string())?,
+            ),
+            client_secret: Some(
+                secret
+                    .get_string(&r.client_secret_key)
+                    .map_err(|e| e.to_string())?,
+            ),
         },
         _ => Credentials {
-            api_key: Some(secret.get_string(&r.api_key_key).map_err(|e| e.to_string())?),
+            api_key: Some(
+                secret
+                    .get_string(&r.api_key_key)
+                    .map_err(|e| e.to_string())?,
+            ),
             client_id: None,
             client_secret: None,
         },
@@ -382,11 +515,13 @@ async fn sync(
 
     if sub.spec.provider == Provider::Atllas {
         let secret_name = atllas_header_secret_name(&name);
-        let value = secrets::ensure_generated(&ctx.client, sub, &secret_name, HEADER_VALUE_KEY, || {
-            hex::encode(secrets::random_secret()).into_bytes()
-        })
-        .await?;
-        ctx.routes.subscription_keys(sub, vec![value], Some(atllas_header_name(&sub.spec)));
+        let value =
+            secrets::ensure_generated(&ctx.client, sub, &secret_name, HEADER_VALUE_KEY, || {
+                hex::encode(secrets::random_secret()).into_bytes()
+            })
+            .await?;
+        ctx.routes
+            .subscription_keys(sub, vec![value], Some(atllas_header_name(&sub.spec)));
         return Ok(Outcome::Manual {
             hook_url,
             header_name: atllas_header_name(&sub.spec),
@@ -424,7 +559,14 @@ async fn sync(
                     .and_then(|s| s.get(SIGNING_SECRET_KEY).ok())
                     .is_some_and(|v| v == secret.as_bytes());
                 if !unchanged {
-                    secrets::write_owned(&ctx.client, sub, &secret_name, SIGNING_SECRET_KEY, secret.as_bytes()).await?;
+                    secrets::write_owned(
+                        &ctx.client,
+                        sub,
+                        &secret_name,
+                        SIGNING_SECRET_KEY,
+                        secret.as_bytes(),
+                    )
+                    .await?;
                 }
                 keys.push(secret.as_bytes().to_vec());
             }
@@ -436,7 +578,12 @@ async fn sync(
 }
 
 /// An Event for every upstream change and for every new failure reason.
-async fn publish_outcome_event(ctx: &Context, sub: &WebhookSubscription, current: &WebhookSubscriptionStatus, outcome: &Outcome) {
+async fn publish_outcome_event(
+    ctx: &Context,
+    sub: &WebhookSubscription,
+    current: &WebhookSubscriptionStatus,
+    outcome: &Outcome,
+) {
     let previous_reason = current
         .conditions
         .iter()
@@ -446,16 +593,28 @@ async fn publish_outcome_event(ctx: &Context, sub: &WebhookSubscription, current
         Outcome::Synced { observed, .. } => {
             let (reason, what) = match observed.action {
                 SyncAction::Created => ("Created", "created the upstream subscription"),
-                SyncAction::Adopted => (reasons::ADOPTED, "adopted an identical upstream subscription"),
+                SyncAction::Adopted => (
+                    reasons::ADOPTED,
+                    "adopted an identical upstream subscription",
+                ),
                 SyncAction::Updated => ("Updated", "updated the upstream subscription"),
                 SyncAction::Replaced => ("Replaced", "replaced the upstream subscription"),
-                SyncAction::Recreated => (reasons::DRIFT_REPAIRED, "the upstream subscription had vanished or been disabled; recreated it"),
+                SyncAction::Recreated => (
+                    reasons::DRIFT_REPAIRED,
+                    "the upstream subscription had vanished or been disabled; recreated it",
+                ),
                 SyncAction::Unchanged => return,
             };
-            (EventType::Normal, reason, format!("{what} (id {})", observed.id))
+            (
+                EventType::Normal,
+                reason,
+                format!("{what} (id {})", observed.id),
+            )
         }
         Outcome::Failed(e) => (EventType::Warning, e.reason(), e.to_string()),
-        Outcome::CredentialsMissing(m) => (EventType::Warning, reasons::CREDENTIALS_MISSING, m.clone()),
+        Outcome::CredentialsMissing(m) => {
+            (EventType::Warning, reasons::CREDENTIALS_MISSING, m.clone())
+        }
         Outcome::EndpointNotReady(m) => (EventType::Normal, reasons::ENDPOINT_NOT_READY, m.clone()),
         Outcome::MissingUpstream | Outcome::Manual { .. } => return,
     };
@@ -490,18 +649,28 @@ async fn cleanup(sub: &WebhookSubscription, ctx: &Context) -> Result<Action, Err
             .delete(&creds, &applied)
             .await
             .map_err(Error::Provider)?;
-        publish(ctx, sub, EventType::Normal, "Deleted", "Delete", "removed the upstream subscription".into()).await;
+        publish(
+            ctx,
+            sub,
+            EventType::Normal,
+            "Deleted",
+            "Delete",
+            "removed the upstream subscription".into(),
+        )
+        .await;
     }
     Ok(Action::await_change())
 }
 
 /// `status.events` from the ingress counters.
 fn event_counters(ctx: &Context, sub: &WebhookSubscription) -> Option<EventCounters> {
-    ctx.routes.counters(sub).map(|(received, last)| EventCounters {
-        received,
-        last_received_time: last
-            .and_then(|t| jiff::Timestamp::try_from(t).ok())
-            .and_then(|t| t.round(jiff::Unit::Second).ok())
-            .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
-    })
+    ctx.routes
+        .counters(sub)
+        .map(|(received, last)| EventCounters {
+            received,
+            last_received_time: last
+                .and_then(|t| jiff::Timestamp::try_from(t).ok())
+                .and_then(|t| t.round(jiff::Unit::Second).ok())
+                .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+        })
 }

@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use webhook_operator::api::{Provider, WebhookEndpoint, WebhookSubscription};
 use webhook_operator::config::OperatorConfig;
-use webhook_operator::controller::routes::{EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes};
+use webhook_operator::controller::routes::{
+    EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes,
+};
 use webhook_operator::controller::{self, Context};
 use webhook_operator::inbound::VerificationKeys;
 use webhook_operator::sandbox::{self, SandboxConfig, SandboxHandle};
@@ -27,13 +29,29 @@ struct RecordedRoutes {
 }
 
 impl IngressRoutes for RecordedRoutes {
-    fn upsert_subscription(&self, endpoint: EndpointKey, subscription: String, provider: Provider, keys: VerificationKeys) {
-        self.subscriptions.lock().unwrap().insert((endpoint, subscription), (provider, keys));
+    fn upsert_subscription(
+        &self,
+        endpoint: EndpointKey,
+        subscription: String,
+        provider: Provider,
+        keys: VerificationKeys,
+    ) {
+        self.subscriptions
+            .lock()
+            .unwrap()
+            .insert((endpoint, subscription), (provider, keys));
     }
     fn remove_subscription(&self, endpoint: EndpointKey, subscription: String) {
-        self.subscriptions.lock().unwrap().remove(&(endpoint, subscription));
+        self.subscriptions
+            .lock()
+            .unwrap()
+            .remove(&(endpoint, subscription));
     }
-    fn subscription_counters(&self, _: EndpointKey, _: String) -> Option<(u64, Option<SystemTime>)> {
+    fn subscription_counters(
+        &self,
+        _: EndpointKey,
+        _: String,
+    ) -> Option<(u64, Option<SystemTime>)> {
         None
     }
     fn configure_endpoint(&self, _: &EndpointDelivery) -> Result<(), String> {
@@ -43,7 +61,11 @@ impl IngressRoutes for RecordedRoutes {
     fn endpoint_health(&self, _: EndpointKey) -> Option<EndpointHealthView> {
         None
     }
-    fn replay(&self, _: EndpointKey, _: Option<SystemTime>) -> futures::future::BoxFuture<'static, anyhow::Result<u64>> {
+    fn replay(
+        &self,
+        _: EndpointKey,
+        _: Option<SystemTime>,
+    ) -> futures::future::BoxFuture<'static, anyhow::Result<u64>> {
         Box::pin(async { Ok(0) })
     }
 }
@@ -71,7 +93,11 @@ impl Operator {
             &sandbox.base_url(),
         ])
         .config;
-        let ctx = Arc::new(Context::new(env.client.clone(), config, Arc::new(RecordedRoutes::default())));
+        let ctx = Arc::new(Context::new(
+            env.client.clone(),
+            config,
+            Arc::new(RecordedRoutes::default()),
+        ));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(controller::run(ctx, shutdown.clone()));
         Operator { shutdown, task }
@@ -88,23 +114,40 @@ impl Operator {
 
 async fn sandbox() -> SandboxHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    sandbox::serve(listener, SandboxConfig::default()).await.unwrap()
+    sandbox::serve(listener, SandboxConfig::default())
+        .await
+        .unwrap()
 }
 
-async fn control(sandbox: &SandboxHandle, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+async fn control(
+    sandbox: &SandboxHandle,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
     let client = reqwest::Client::new();
     let mut req = client.request(method, format!("{}/_control/{path}", sandbox.base_url()));
     if let Some(b) = body {
         req = req.json(&b);
     }
     let resp = req.send().await.unwrap();
-    assert!(resp.status().is_success(), "control {path}: {}", resp.status());
+    assert!(
+        resp.status().is_success(),
+        "control {path}: {}",
+        resp.status()
+    );
     resp.json().await.unwrap_or(Value::Null)
 }
 
 /// The upstream objects whose hook URL points at `hook_url`.
 async fn upstream_for(sandbox: &SandboxHandle, provider: &str, hook_url: &str) -> Vec<Value> {
-    let snapshot = control(sandbox, reqwest::Method::GET, &format!("{provider}/subscriptions"), None).await;
+    let snapshot = control(
+        sandbox,
+        reqwest::Method::GET,
+        &format!("{provider}/subscriptions"),
+        None,
+    )
+    .await;
     let items = snapshot
         .get("subscriptions")
         .or_else(|| snapshot.get("webhooks"))
@@ -131,7 +174,11 @@ async fn create_secret(env: &TestEnv, name: &str, data: Value) {
     }))
     .unwrap();
     secrets
-        .patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&secret))
+        .patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&secret),
+        )
         .await
         .unwrap();
 }
@@ -153,48 +200,93 @@ async fn apply_subscription(env: &TestEnv, name: &str, spec: Value) {
         "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
         "metadata": {"name": name}, "spec": spec
     });
-    api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&obj))
-        .await
-        .unwrap();
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap();
 }
 
 /// Waits until the subscription's condition `type_` has `status` and returns the object.
-async fn wait_condition(env: &TestEnv, name: &str, type_: &str, status: &str, reason: Option<&str>) -> WebhookSubscription {
+async fn wait_condition(
+    env: &TestEnv,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: Option<&str>,
+) -> WebhookSubscription {
     let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_until(Duration::from_secs(45), &format!("{name} {type_}={status} {reason:?}"), || {
-        let api = api.clone();
-        async move {
-            let sub = api.get(name).await.ok()?;
-            let st = sub.status.as_ref()?;
-            let ok = st.conditions.iter().any(|c| {
-                c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r)
-            }) && st.observed_generation == sub.metadata.generation;
-            ok.then_some(sub)
-        }
-    })
+    wait_until(
+        Duration::from_secs(45),
+        &format!("{name} {type_}={status} {reason:?}"),
+        || {
+            let api = api.clone();
+            async move {
+                let sub = api.get(name).await.ok()?;
+                let st = sub.status.as_ref()?;
+                let ok = st.conditions.iter().any(|c| {
+                    c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r)
+                }) && st.observed_generation == sub.metadata.generation;
+                ok.then_some(sub)
+            }
+        },
+    )
     .await
 }
 
 fn hook_url(sub: &WebhookSubscription) -> String {
-    let applied = sub.status.as_ref().unwrap().upstream.as_ref().unwrap().applied.clone().unwrap();
-    serde_json::from_str::<Value>(&applied).unwrap()["hookUrl"].as_str().unwrap().to_string()
+    let applied = sub
+        .status
+        .as_ref()
+        .unwrap()
+        .upstream
+        .as_ref()
+        .unwrap()
+        .applied
+        .clone()
+        .unwrap();
+    serde_json::from_str::<Value>(&applied).unwrap()["hookUrl"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn specs() -> Vec<(&'static str, Value)> {
     vec![
-        ("atlas", json!({"provider": "atlas", "credentialsRef": {"name": "atlas-creds"}, "events": ["call_completed"],
-            "atlas": {"campaignId": "camp-1"}, "endpointRef": {"name": "orders"}})),
-        ("atomic", json!({"provider": "atomic", "credentialsRef": {"name": "atomic-creds"}, "events": ["card-published", "card-completed"],
-            "atomic": {"organizationId": "org1", "environmentId": "env1"}, "endpointRef": {"name": "orders"}})),
-        ("smallest", json!({"provider": "smallest", "credentialsRef": {"name": "smallest-creds"}, "events": ["post-conversation"],
-            "smallest": {"agentIds": ["65f0c0ffee00000000000001"]}, "endpointRef": {"name": "orders"}})),
+        (
+            "atlas",
+            json!({"provider": "atlas", "credentialsRef": {"name": "atlas-creds"}, "events": ["call_completed"],
+            "atlas": {"campaignId": "camp-1"}, "endpointRef": {"name": "orders"}}),
+        ),
+        (
+            "atomic",
+            json!({"provider": "atomic", "credentialsRef": {"name": "atomic-creds"}, "events": ["card-published", "card-completed"],
+            "atomic": {"organizationId": "org1", "environmentId": "env1"}, "endpointRef": {"name": "orders"}}),
+        ),
+        (
+            "smallest",
+            json!({"provider": "smallest", "credentialsRef": {"name": "smallest-creds"}, "events": ["post-conversation"],
+            "smallest": {"agentIds": ["65f0c0ffee00000000000001"]}, "endpointRef": {"name": "orders"}}),
+        ),
     ]
 }
 
 async fn credentials(env: &TestEnv) {
     create_secret(env, "atlas-creds", json!({"apiKey": "atlas-test-key"})).await;
-    create_secret(env, "atomic-creds", json!({"clientId": "atomic-client", "clientSecret": "atomic-secret"})).await;
-    create_secret(env, "smallest-creds", json!({"apiKey": "smallest-test-key"})).await;
+    create_secret(
+        env,
+        "atomic-creds",
+        json!({"clientId": "atomic-client", "clientSecret": "atomic-secret"}),
+    )
+    .await;
+    create_secret(
+        env,
+        "smallest-creds",
+        json!({"apiKey": "smallest-test-key"}),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -211,14 +303,33 @@ async fn each_provider_gets_exactly_one_upstream_subscription_and_is_ready() {
     for (name, _) in specs() {
         let sub = wait_condition(&env, name, "Ready", "True", None).await;
         let url = hook_url(&sub);
-        assert!(url.starts_with("http://127.0.0.1:9/hooks/") && url.ends_with(&format!("/{name}")), "{url}");
-        assert_eq!(upstream_for(&sandbox, name, &url).await.len(), 1, "{name}: one upstream object");
+        assert!(
+            url.starts_with("http://127.0.0.1:9/hooks/") && url.ends_with(&format!("/{name}")),
+            "{url}"
+        );
+        assert_eq!(
+            upstream_for(&sandbox, name, &url).await.len(),
+            1,
+            "{name}: one upstream object"
+        );
         assert!(sub.status.unwrap().upstream.unwrap().id.is_some());
         urls.push((name, url));
     }
     // kubectl wait sees it too.
-    let out = env.cp.kubectl(&["wait", "--for=condition=Ready", "--timeout=10s", "-n", &env.namespace, "webhooksubscriptions", "--all"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.cp.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "--timeout=10s",
+        "-n",
+        &env.namespace,
+        "webhooksubscriptions",
+        "--all",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Apply again and restart the operator: still exactly one each.
     operator.stop().await;
@@ -229,7 +340,11 @@ async fn each_provider_gets_exactly_one_upstream_subscription_and_is_ready() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     for (name, url) in &urls {
         wait_condition(&env, name, "Ready", "True", None).await;
-        assert_eq!(upstream_for(&sandbox, name, url).await.len(), 1, "{name} after restart");
+        assert_eq!(
+            upstream_for(&sandbox, name, url).await.len(),
+            1,
+            "{name} after restart"
+        );
     }
 
     // No credential or signing secret in any status or Event.
@@ -241,14 +356,23 @@ async fn each_provider_gets_exactly_one_upstream_subscription_and_is_ready() {
         serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap()
     );
     for secret in ["atlas-test-key", "atomic-secret", "smallest-test-key"] {
-        assert!(!text.contains(secret), "{secret} leaked into status or Events");
+        assert!(
+            !text.contains(secret),
+            "{secret} leaked into status or Events"
+        );
     }
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
     for name in ["atomic", "smallest"] {
-        let s = secrets.get(&format!("{name}-provider-signing")).await.unwrap();
+        let s = secrets
+            .get(&format!("{name}-provider-signing"))
+            .await
+            .unwrap();
         let value = &s.data.unwrap()["secret"].0;
         assert!(!value.is_empty());
-        assert!(!text.contains(std::str::from_utf8(value).unwrap()), "{name} signing secret leaked");
+        assert!(
+            !text.contains(std::str::from_utf8(value).unwrap()),
+            "{name} signing secret leaked"
+        );
     }
     operator.stop().await;
 }
@@ -266,23 +390,29 @@ async fn changes_replace_upstream_and_delete_honours_the_deletion_policy() {
 
     spec["events"] = json!(["call_started", "message_sent"]);
     apply_subscription(&env, "atlas", spec.clone()).await;
-    wait_until(Duration::from_secs(30), "upstream follows the new events", || {
-        let sandbox = &sandbox;
-        let url = url.clone();
-        async move {
-            let mut triggers: Vec<String> = upstream_for(sandbox, "atlas", &url)
-                .await
-                .iter()
-                .map(|s| s["triggerName"].as_str().unwrap().to_string())
-                .collect();
-            triggers.sort();
-            (triggers == ["call_started", "message_sent"]).then_some(())
-        }
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "upstream follows the new events",
+        || {
+            let sandbox = &sandbox;
+            let url = url.clone();
+            async move {
+                let mut triggers: Vec<String> = upstream_for(sandbox, "atlas", &url)
+                    .await
+                    .iter()
+                    .map(|s| s["triggerName"].as_str().unwrap().to_string())
+                    .collect();
+                triggers.sort();
+                (triggers == ["call_started", "message_sent"]).then_some(())
+            }
+        },
+    )
     .await;
 
     let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    subs.delete("atlas", &DeleteParams::default()).await.unwrap();
+    subs.delete("atlas", &DeleteParams::default())
+        .await
+        .unwrap();
     wait_until(Duration::from_secs(30), "object and upstream gone", || {
         let subs = subs.clone();
         let sandbox = &sandbox;
@@ -299,13 +429,25 @@ async fn changes_replace_upstream_and_delete_honours_the_deletion_policy() {
     orphan["deletionPolicy"] = json!("Orphan");
     apply_subscription(&env, "smallest", orphan).await;
     let url = hook_url(&wait_condition(&env, "smallest", "Ready", "True", None).await);
-    subs.delete("smallest", &DeleteParams::default()).await.unwrap();
+    subs.delete("smallest", &DeleteParams::default())
+        .await
+        .unwrap();
     wait_until(Duration::from_secs(30), "orphaned object gone", || {
         let subs = subs.clone();
-        async move { subs.get_opt("smallest").await.unwrap().is_none().then_some(()) }
+        async move {
+            subs.get_opt("smallest")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        }
     })
     .await;
-    assert_eq!(upstream_for(&sandbox, "smallest", &url).await.len(), 1, "Orphan keeps upstream");
+    assert_eq!(
+        upstream_for(&sandbox, "smallest", &url).await.len(),
+        1,
+        "Orphan keeps upstream"
+    );
     operator.stop().await;
 }
 
@@ -321,7 +463,11 @@ async fn credentials_missing_then_wrong_then_fixed_recovers_without_restart() {
 
     create_secret(&env, "atlas-creds", json!({"apiKey": "wrong-key"})).await;
     let sub = wait_condition(&env, "atlas", "Synced", "False", Some("Unauthorized")).await;
-    assert!(!serde_json::to_string(&sub.status).unwrap().contains("wrong-key"));
+    assert!(
+        !serde_json::to_string(&sub.status)
+            .unwrap()
+            .contains("wrong-key")
+    );
 
     create_secret(&env, "atlas-creds", json!({"apiKey": "atlas-test-key"})).await;
     wait_condition(&env, "atlas", "Ready", "True", None).await;
@@ -341,16 +487,35 @@ async fn dropped_upstream_subscription_is_recreated_within_one_resync() {
     apply_subscription(&env, "atomic", spec).await;
     let sub = wait_condition(&env, "atomic", "Ready", "True", None).await;
     let url = hook_url(&sub);
-    let id = upstream_for(&sandbox, "atomic", &url).await[0].pointer("/webhook/id").unwrap().as_str().unwrap().to_string();
-    control(&sandbox, reqwest::Method::POST, "atomic/drop", Some(json!({"id": id}))).await;
+    let id = upstream_for(&sandbox, "atomic", &url).await[0]
+        .pointer("/webhook/id")
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    control(
+        &sandbox,
+        reqwest::Method::POST,
+        "atomic/drop",
+        Some(json!({"id": id})),
+    )
+    .await;
     assert!(upstream_for(&sandbox, "atomic", &url).await.is_empty());
 
     let sub = wait_condition(&env, "atomic", "Synced", "True", Some("DriftRepaired")).await;
     assert_eq!(upstream_for(&sandbox, "atomic", &url).await.len(), 1);
-    assert_ne!(sub.status.unwrap().upstream.unwrap().id.as_deref(), Some(id.as_str()));
+    assert_ne!(
+        sub.status.unwrap().upstream.unwrap().id.as_deref(),
+        Some(id.as_str())
+    );
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
     let list = events.list(&ListParams::default()).await.unwrap();
-    assert!(list.items.iter().any(|e| e.reason.as_deref() == Some("DriftRepaired")), "DriftRepaired Event");
+    assert!(
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("DriftRepaired")),
+        "DriftRepaired Event"
+    );
     operator.stop().await;
 }
 
@@ -360,16 +525,34 @@ async fn provider_outage_is_retried_within_the_backoff_schedule_then_recovers() 
     let sandbox = sandbox().await;
     credentials(&env).await;
     create_endpoint(&env, "orders").await;
-    control(&sandbox, reqwest::Method::PUT, "atlas/faults", Some(json!({"errorRatio": 1.0, "errorStatus": 503}))).await;
+    control(
+        &sandbox,
+        reqwest::Method::PUT,
+        "atlas/faults",
+        Some(json!({"errorRatio": 1.0, "errorStatus": 503})),
+    )
+    .await;
     control(&sandbox, reqwest::Method::DELETE, "atlas/calls", None).await;
     let operator = Operator::start(&env, &sandbox).await;
     apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Synced", "False", Some("UpstreamUnavailable")).await;
+    wait_condition(
+        &env,
+        "atlas",
+        "Synced",
+        "False",
+        Some("UpstreamUnavailable"),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let calls = control(&sandbox, reqwest::Method::GET, "atlas/calls", None).await["management"].as_u64().unwrap();
+    let calls = control(&sandbox, reqwest::Method::GET, "atlas/calls", None).await["management"]
+        .as_u64()
+        .unwrap();
     // Backoff 1, 2, 4, 8, 16, 32 s (±20 %): at most 7 passes in 60 s, one call each
     // (the first call fails). A hot loop would make hundreds.
-    assert!((3..=8).contains(&calls), "{calls} upstream calls in 60 s of outage");
+    assert!(
+        (3..=8).contains(&calls),
+        "{calls} upstream calls in 60 s of outage"
+    );
 
     control(&sandbox, reqwest::Method::DELETE, "atlas/faults", None).await;
     let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
@@ -377,7 +560,11 @@ async fn provider_outage_is_retried_within_the_backoff_schedule_then_recovers() 
         let api = api.clone();
         async move {
             let sub = api.get("atlas").await.ok()?;
-            sub.status?.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+            sub.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
         }
     })
     .await;
@@ -397,19 +584,39 @@ async fn two_smallest_subscriptions_on_one_agent_coexist() {
     let first = hook_url(&wait_condition(&env, "first", "Ready", "True", None).await);
     let second = hook_url(&wait_condition(&env, "second", "Ready", "True", None).await);
     let subscribed = |hooks: Vec<Value>| {
-        hooks.first().and_then(|h| h["subscriptions"].as_array().map(|s| s.len())).unwrap_or(0)
+        hooks
+            .first()
+            .and_then(|h| h["subscriptions"].as_array().map(|s| s.len()))
+            .unwrap_or(0)
     };
-    assert_eq!(subscribed(upstream_for(&sandbox, "smallest", &first).await), 1);
-    assert_eq!(subscribed(upstream_for(&sandbox, "smallest", &second).await), 1);
+    assert_eq!(
+        subscribed(upstream_for(&sandbox, "smallest", &first).await),
+        1
+    );
+    assert_eq!(
+        subscribed(upstream_for(&sandbox, "smallest", &second).await),
+        1
+    );
 
     let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    subs.delete("first", &DeleteParams::default()).await.unwrap();
+    subs.delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
     wait_until(Duration::from_secs(30), "first gone upstream", || {
         let sandbox = &sandbox;
         let first = first.clone();
-        async move { upstream_for(sandbox, "smallest", &first).await.is_empty().then_some(()) }
+        async move {
+            upstream_for(sandbox, "smallest", &first)
+                .await
+                .is_empty()
+                .then_some(())
+        }
     })
     .await;
-    assert_eq!(subscribed(upstream_for(&sandbox, "smallest", &second).await), 1, "second keeps its agent subscription");
+    assert_eq!(
+        subscribed(upstream_for(&sandbox, "smallest", &second).await),
+        1,
+        "second keeps its agent subscription"
+    );
     operator.stop().await;
 }
