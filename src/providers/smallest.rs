@@ -449,6 +449,7 @@ impl ProviderApi for SmallestClient {
         }
         let description = description_for(&desired.owner);
         let mut wrote = false;
+        let mut found = false;
         // Find by URL first: creating a second webhook for a registered URL is a 400.
         let id = match self.find_by_url(creds, &desired.hook_url).await? {
             None => {
@@ -469,6 +470,7 @@ impl ProviderApi for SmallestClient {
                 self.create(creds, &body).await?
             }
             Some(w) => {
+                found = true;
                 if w.description != description {
                     let patch = PatchWebhook {
                         description: Some(description),
@@ -502,10 +504,13 @@ impl ProviderApi for SmallestClient {
             }
         }
         let w = self.get(creds, &id).await?;
-        Ok(observed(
-            &w,
-            classify(desired, previous, wrote || replaced, replaced),
-        ))
+        let action = if found && previous.is_none() {
+            // Ours by URL but unknown to the caller: taken over, even if we fixed it up.
+            SyncAction::Adopted
+        } else {
+            classify(desired, previous, wrote || replaced, replaced)
+        };
+        Ok(observed(&w, action))
     }
 
     async fn observe(

@@ -1,0 +1,1025 @@
+//! Provider clients against the in-process simulators, over real loopback sockets, plus
+//! simulated deliveries into a loopback receiver checked by the inbound parsers.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::Request;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use webhook_operator::api::Provider;
+use webhook_operator::inbound::{
+    InboundEvent, InboundParser, InboundRequest, Rejection, VerificationKeys,
+};
+use webhook_operator::providers::{
+    AtomicMethod, Credentials, DesiredSubscription, ProviderClients, ProviderError, ProviderParser,
+    Scope, SyncAction, UpstreamState, install_crypto_provider,
+};
+use webhook_operator::sandbox::{SandboxConfig, SandboxHandle, serve};
+
+const ATLAS_KEY: &str = "atlas-key-Zq81";
+const SMALLEST_KEY: &str = "smallest-key-Pw07";
+const ATOMIC_ID: &str = "atomic-client";
+const ATOMIC_SECRET: &str = "atomic-secret-Xy55";
+const AGENT_X: &str = "60d0fe4f5311236168a109ca";
+const AGENT_Y: &str = "60d0fe4f5311236168a109cb";
+
+/// Every test is bounded: a hang fails the test instead of stalling CI.
+async fn bounded<F: Future<Output = ()>>(f: F) {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
+        .expect("test exceeded 30 s");
+}
+
+fn config() -> SandboxConfig {
+    SandboxConfig {
+        atlas_api_key: ATLAS_KEY.into(),
+        smallest_api_key: SMALLEST_KEY.into(),
+        atomic_client_id: ATOMIC_ID.into(),
+        atomic_client_secret: ATOMIC_SECRET.into(),
+        ..SandboxConfig::default()
+    }
+}
+
+struct Sim {
+    handle: SandboxHandle,
+    clients: ProviderClients,
+    http: reqwest::Client,
+}
+
+async fn sim_with(cfg: SandboxConfig) -> Sim {
+    install_crypto_provider();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handle = serve(listener, cfg).await.unwrap();
+    let mut ep = handle.endpoints();
+    ep.request_timeout = Duration::from_secs(2);
+    let clients = ProviderClients::new(ep);
+    Sim {
+        handle,
+        clients,
+        http: reqwest::Client::new(),
+    }
+}
+
+async fn sim() -> Sim {
+    sim_with(config()).await
+}
+
+impl Sim {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.handle.base_url())
+    }
+    async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+    async fn faults(&self, provider: &str, f: Value) {
+        let r = self
+            .http
+            .put(self.url(&format!("/_control/{provider}/faults")))
+            .json(&f)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204);
+    }
+    async fn calls(&self, provider: &str) -> (u64, u64) {
+        let v = self.get(&format!("/_control/{provider}/calls")).await;
+        (
+            v["management"].as_u64().unwrap(),
+            v["token"].as_u64().unwrap(),
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Got {
+    method: http::Method,
+    headers: http::HeaderMap,
+    query: Option<String>,
+    body: Bytes,
+}
+
+/// A loopback receiver that records every request and answers 200.
+async fn receiver() -> (String, Arc<Mutex<Vec<Got>>>) {
+    let seen: Arc<Mutex<Vec<Got>>> = Arc::default();
+    let s2 = seen.clone();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let seen = s2.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            seen.lock().unwrap().push(Got {
+                method: parts.method,
+                headers: parts.headers,
+                query: parts.uri.query().map(str::to_string),
+                body,
+            });
+            "ok"
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (format!("http://{addr}"), seen)
+}
+
+fn parse(
+    provider: Provider,
+    keys: &VerificationKeys,
+    g: &Got,
+) -> Result<Vec<InboundEvent>, Rejection> {
+    ProviderParser.parse(
+        provider,
+        keys,
+        &InboundRequest {
+            method: &g.method,
+            headers: &g.headers,
+            query: g.query.as_deref(),
+            body: &g.body,
+        },
+    )
+}
+
+fn secret_keys(secret: &str) -> VerificationKeys {
+    VerificationKeys {
+        secrets: vec![secret.as_bytes().to_vec()],
+        header_name: None,
+    }
+}
+
+fn assert_no_secret(e: &ProviderError, secrets: &[&str]) {
+    let text = format!("{e} {e:?}");
+    for s in secrets {
+        assert!(!text.contains(s), "error leaks a secret: {text}");
+    }
+}
+
+// ---------------------------------------------------------------- Atlas
+
+fn atlas(hook: &str, campaign: &str, events: &[&str]) -> DesiredSubscription {
+    DesiredSubscription {
+        provider: Provider::Atlas,
+        hook_url: hook.into(),
+        events: events.iter().map(|s| s.to_string()).collect(),
+        scope: Scope::Atlas {
+            campaign_id: campaign.into(),
+        },
+        owner: "ns/atlas-sub".into(),
+    }
+}
+
+async fn atlas_subs(s: &Sim) -> Vec<Value> {
+    s.get("/_control/atlas/subscriptions").await["subscriptions"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn atlas_lifecycle() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Atlas);
+        let creds = Credentials::api_key(ATLAS_KEY);
+        let d = atlas(
+            "https://hooks.example/atlas/t0k3n",
+            "camp1",
+            &["call_started", "call_completed"],
+        );
+
+        let o = c.ensure(&creds, &d, None).await.unwrap();
+        assert_eq!(o.action, SyncAction::Created);
+        let subs = atlas_subs(&s).await;
+        assert_eq!(subs.len(), 2);
+        for sub in &subs {
+            assert_eq!(sub["hookUrl"], d.hook_url);
+            assert_eq!(sub["campaignId"], "camp1");
+            assert_eq!(sub["provider"], "custom");
+            assert!(sub["id"].as_str().unwrap().starts_with("sub_"));
+        }
+        let mut ids: Vec<&str> = subs.iter().map(|x| x["id"].as_str().unwrap()).collect();
+        let mut got: Vec<&str> = o.id.split(',').collect();
+        ids.sort();
+        got.sort();
+        assert_eq!(ids, got);
+        assert!(
+            !o.echo.values().any(|v| v.contains("t0k3n")),
+            "the hook URL is Atlas' secret"
+        );
+
+        let before = s.calls("atlas").await.0;
+        let again = c.ensure(&creds, &d, Some(&d)).await.unwrap();
+        assert_eq!(again.action, SyncAction::Unchanged);
+        assert_eq!(again.id, o.id);
+        assert_eq!(atlas_subs(&s).await.len(), 2);
+        assert_eq!(
+            s.calls("atlas").await.0 - before,
+            1,
+            "a no-op ensure only lists"
+        );
+
+        let d2 = atlas(&d.hook_url, "camp1", &["call_completed", "message_sent"]);
+        assert_eq!(
+            c.ensure(&creds, &d2, Some(&d)).await.unwrap().action,
+            SyncAction::Updated
+        );
+        let mut triggers: Vec<String> = atlas_subs(&s)
+            .await
+            .iter()
+            .map(|x| x["triggerName"].as_str().unwrap().to_string())
+            .collect();
+        triggers.sort();
+        assert_eq!(triggers, ["call_completed", "message_sent"]);
+
+        let d3 = atlas(&d.hook_url, "camp2", &["message_sent"]);
+        assert_eq!(
+            c.ensure(&creds, &d3, Some(&d2)).await.unwrap().action,
+            SyncAction::Replaced
+        );
+        let subs = atlas_subs(&s).await;
+        assert_eq!(subs.len(), 1);
+        assert_eq!(subs[0]["campaignId"], "camp2");
+
+        // Drift: dropped behind our back, observed missing, recreated.
+        let (st, _) = s
+            .post("/_control/atlas/drop", json!({"id": subs[0]["id"]}))
+            .await;
+        assert_eq!(st, 204);
+        assert!(c.observe(&creds, &d3).await.unwrap().is_none());
+        assert_eq!(
+            c.ensure(&creds, &d3, Some(&d3)).await.unwrap().action,
+            SyncAction::Recreated
+        );
+
+        c.delete(&creds, &d3).await.unwrap();
+        assert!(atlas_subs(&s).await.is_empty());
+        // Already gone: still a success.
+        c.delete(&creds, &d3).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atlas_adopts_existing_subscription() {
+    bounded(async {
+        let s = sim().await;
+        let d = atlas("https://hooks.example/atlas/a", "c9", &["call_completed"]);
+        let r = s
+            .http
+            .post(s.url("/atlas/v1/api/events-gateway/trigger/subscribe"))
+            .header("api-key", ATLAS_KEY)
+            .json(&json!({"hookUrl": d.hook_url, "campaignId": "c9", "triggerName": "call_completed", "provider": "custom"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let id = r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let o = s
+            .clients
+            .get(Provider::Atlas)
+            .ensure(&Credentials::api_key(ATLAS_KEY), &d, None)
+            .await
+            .unwrap();
+        assert_eq!(o.action, SyncAction::Adopted);
+        assert_eq!(o.id, id);
+        assert_eq!(atlas_subs(&s).await.len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atlas_errors() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Atlas);
+        let d = atlas("https://hooks.example/atlas/e", "c", &["call_started"]);
+        let e = c
+            .ensure(&Credentials::api_key("wrong-key-123"), &d, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Unauthorized(_)), "{e:?}");
+        assert_no_secret(&e, &["wrong-key-123", ATLAS_KEY]);
+
+        let creds = Credentials::api_key(ATLAS_KEY);
+        s.faults("atlas", json!({"rateLimitRatio": 1.0, "retryAfterSecs": 7}))
+            .await;
+        let e = c.ensure(&creds, &d, None).await.unwrap_err();
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        assert_eq!(e.reason(), "RateLimited");
+
+        s.faults("atlas", json!({"errorRatio": 1.0, "errorStatus": 503}))
+            .await;
+        let e = c.observe(&creds, &d).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Unavailable(_)), "{e:?}");
+        assert_no_secret(&e, &[ATLAS_KEY]);
+
+        s.faults("atlas", json!({})).await;
+        let bad = atlas("not a url", "c", &["call_started"]);
+        let e = c.ensure(&creds, &bad, None).await.unwrap_err();
+        assert!(
+            matches!(e, ProviderError::Invalid(ref m) if m.contains("hookUrl")),
+            "{e:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atlas_hang_times_out_as_unavailable() {
+    bounded(async {
+        let s = sim().await;
+        let mut ep = s.handle.endpoints();
+        ep.request_timeout = Duration::from_millis(300);
+        let clients = ProviderClients::new(ep);
+        s.faults("atlas", json!({"hang": true})).await;
+        let d = atlas("https://hooks.example/atlas/h", "c", &["call_started"]);
+        let e = clients
+            .get(Provider::Atlas)
+            .observe(&Credentials::api_key(ATLAS_KEY), &d)
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "UpstreamUnavailable");
+        assert!(e.to_string().contains("timed out"), "{e}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atlas_fire_reaches_receiver_and_parses() {
+    bounded(async {
+        let s = sim().await;
+        let (base, seen) = receiver().await;
+        let d = atlas(
+            &format!("{base}/hooks/atlas-abc"),
+            "camp7",
+            &["call_completed"],
+        );
+        s.clients
+            .get(Provider::Atlas)
+            .ensure(&Credentials::api_key(ATLAS_KEY), &d, None)
+            .await
+            .unwrap();
+        let (st, v) = s
+            .post(
+                "/_control/atlas/fire",
+                json!({"event": "call_completed", "campaignId": "camp7"}),
+            )
+            .await;
+        assert_eq!(st, 200);
+        assert_eq!(v["deliveries"][0]["status"], 200);
+        // Another campaign's event does not reach this hook.
+        let (_, v) = s
+            .post(
+                "/_control/atlas/fire",
+                json!({"event": "call_completed", "campaignId": "other"}),
+            )
+            .await;
+        assert_eq!(v["deliveries"].as_array().unwrap().len(), 0);
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].method, http::Method::POST);
+        assert_eq!(got[0].headers["content-type"], "application/json");
+        let body: Value = serde_json::from_slice(&got[0].body).unwrap();
+        assert!(body.is_array());
+        let evs = parse(Provider::Atlas, &VerificationKeys::default(), &got[0]).unwrap();
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].event_type, "call_completed");
+        let call_id = body[0]["callId"].as_str().unwrap();
+        assert_eq!(evs[0].dedupe_key, format!("call:{call_id}:call_completed"));
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- Atomic
+
+fn atomic(hook: &str, events: &[&str], method: AtomicMethod) -> DesiredSubscription {
+    DesiredSubscription {
+        provider: Provider::Atomic,
+        hook_url: hook.into(),
+        events: events.iter().map(|s| s.to_string()).collect(),
+        scope: Scope::Atomic {
+            organization_id: "org1".into(),
+            environment_id: "envA".into(),
+            card_template_id: None,
+            action_flow_config_id: None,
+            method,
+        },
+        owner: "ns/atomic-sub".into(),
+    }
+}
+
+fn atomic_creds() -> Credentials {
+    Credentials::client(ATOMIC_ID, ATOMIC_SECRET)
+}
+
+async fn atomic_hooks(s: &Sim) -> Vec<Value> {
+    s.get("/_control/atomic/subscriptions").await["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["webhook"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn atomic_lifecycle() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Atomic);
+        let creds = atomic_creds();
+        let d = atomic(
+            "https://hooks.example/atomic/1",
+            &["card-published", "card-completed"],
+            AtomicMethod::Post,
+        );
+        let o = c.ensure(&creds, &d, None).await.unwrap();
+        assert_eq!(o.action, SyncAction::Created);
+        let hooks = atomic_hooks(&s).await;
+        assert_eq!(hooks.len(), 1);
+        let h = &hooks[0];
+        assert_eq!(h["id"], o.id.as_str());
+        assert_eq!(h["url"], d.hook_url);
+        assert_eq!(h["types"], json!(["card-completed", "card-published"]));
+        assert_eq!(h["enabled"], true);
+        assert_eq!(h["headers"]["X-Webhook-Operator-Owner"], "ns/atomic-sub");
+        assert_eq!(o.signing_secret.as_deref(), h["secret"].as_str());
+        assert!(!format!("{o:?}").contains(h["secret"].as_str().unwrap()));
+
+        let again = c.ensure(&creds, &d, Some(&d)).await.unwrap();
+        assert_eq!(again.action, SyncAction::Unchanged);
+        assert_eq!(atomic_hooks(&s).await.len(), 1);
+
+        // No update endpoint: a new webhook replaces the old, which is disabled.
+        let d2 = atomic(&d.hook_url, &["card-dismissed"], AtomicMethod::Post);
+        let o2 = c.ensure(&creds, &d2, Some(&d)).await.unwrap();
+        assert_eq!(o2.action, SyncAction::Replaced);
+        assert_ne!(o2.id, o.id);
+        let hooks = atomic_hooks(&s).await;
+        assert_eq!(hooks.len(), 2);
+        let old = hooks.iter().find(|h| h["id"] == o.id.as_str()).unwrap();
+        let new = hooks.iter().find(|h| h["id"] == o2.id.as_str()).unwrap();
+        assert_eq!(old["enabled"], false);
+        assert_eq!(new["enabled"], true);
+        assert_eq!(new["types"], json!(["card-dismissed"]));
+
+        c.delete(&creds, &d2).await.unwrap();
+        assert!(atomic_hooks(&s).await.iter().all(|h| h["enabled"] == false));
+        let after = c.observe(&creds, &d2).await.unwrap().unwrap();
+        assert!(matches!(after.state, UpstreamState::Disabled { .. }));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atomic_disabled_upstream_is_reported_then_recreated() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Atomic);
+        let creds = atomic_creds();
+        let d = atomic(
+            "https://hooks.example/atomic/2",
+            &["card-published"],
+            AtomicMethod::Put,
+        );
+        let o = c.ensure(&creds, &d, None).await.unwrap();
+        let (st, _) = s
+            .post("/_control/atomic/disable", json!({"id": o.id}))
+            .await;
+        assert_eq!(st, 204);
+        let seen = c.observe(&creds, &d).await.unwrap().unwrap();
+        assert!(
+            matches!(seen.state, UpstreamState::Disabled { .. }),
+            "{seen:?}"
+        );
+        let r = c.ensure(&creds, &d, Some(&d)).await.unwrap();
+        assert_eq!(r.action, SyncAction::Recreated);
+        assert_ne!(r.id, o.id);
+        assert_eq!(r.state, UpstreamState::Enabled);
+        let enabled = atomic_hooks(&s)
+            .await
+            .iter()
+            .filter(|h| h["enabled"] == true)
+            .count();
+        assert_eq!(enabled, 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atomic_adopts_identical_webhook() {
+    bounded(async {
+        let s = sim().await;
+        let d = atomic(
+            "https://hooks.example/atomic/3",
+            &["card-completed"],
+            AtomicMethod::Post,
+        );
+        let tok: Value = s
+            .http
+            .post(s.url("/atomic/org1/auth/token"))
+            .basic_auth(ATOMIC_ID, Some(ATOMIC_SECRET))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let r = s
+            .http
+            .post(s.url("/atomic/org1/v1/envA/webhook"))
+            .bearer_auth(tok["access_token"].as_str().unwrap())
+            .header("user-agent", "test")
+            .json(&json!({"types": ["card-completed"], "url": d.hook_url}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let id = r.json::<Value>().await.unwrap()["data"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let o = s
+            .clients
+            .get(Provider::Atomic)
+            .ensure(&atomic_creds(), &d, None)
+            .await
+            .unwrap();
+        assert_eq!(o.action, SyncAction::Adopted);
+        assert_eq!(o.id, id);
+        assert_eq!(atomic_hooks(&s).await.len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atomic_token_is_cached_and_refreshed() {
+    bounded(async {
+        let s = sim_with(SandboxConfig {
+            atomic_token_ttl: Duration::from_secs(2),
+            ..config()
+        })
+        .await;
+        let c = s.clients.get(Provider::Atomic);
+        let creds = atomic_creds();
+        let d = atomic(
+            "https://hooks.example/atomic/4",
+            &["card-published"],
+            AtomicMethod::Post,
+        );
+        c.ensure(&creds, &d, None).await.unwrap();
+        c.observe(&creds, &d).await.unwrap();
+        c.observe(&creds, &d).await.unwrap();
+        // ensure = list + create, then two lists: four API calls on one token.
+        assert_eq!(s.calls("atomic").await, (4, 1));
+        // A 2 s token is refreshed half-way through its life.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        c.observe(&creds, &d).await.unwrap();
+        assert_eq!(s.calls("atomic").await.1, 2);
+        c.observe(&creds, &d).await.unwrap();
+        assert_eq!(s.calls("atomic").await.1, 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atomic_errors() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Atomic);
+        let d = atomic(
+            "https://hooks.example/atomic/5",
+            &["card-published"],
+            AtomicMethod::Post,
+        );
+        let e = c
+            .ensure(&Credentials::client(ATOMIC_ID, "bad-secret-987"), &d, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Unauthorized(_)), "{e:?}");
+        assert_no_secret(&e, &["bad-secret-987", ATOMIC_SECRET]);
+
+        let e = c
+            .ensure(&Credentials::api_key("x"), &d, None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "InvalidSpec");
+
+        s.faults(
+            "atomic",
+            json!({"rateLimitRatio": 1.0, "retryAfterSecs": 3}),
+        )
+        .await;
+        let e = c.ensure(&atomic_creds(), &d, None).await.unwrap_err();
+        assert_eq!(
+            e,
+            ProviderError::RateLimited {
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+
+        s.faults("atomic", json!({"errorRatio": 1.0})).await;
+        let e = c.ensure(&atomic_creds(), &d, None).await.unwrap_err();
+        assert!(matches!(e, ProviderError::Unavailable(_)), "{e:?}");
+        assert_no_secret(&e, &[ATOMIC_SECRET]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atomic_fire_batched_put_is_signed_and_parses() {
+    bounded(async {
+        let s = sim().await;
+        let (base, seen) = receiver().await;
+        let d = atomic(
+            &format!("{base}/hooks/atomic"),
+            &["card-completed"],
+            AtomicMethod::Put,
+        );
+        let o = s
+            .clients
+            .get(Provider::Atomic)
+            .ensure(&atomic_creds(), &d, None)
+            .await
+            .unwrap();
+        let (_, v) = s
+            .post(
+                "/_control/atomic/fire",
+                json!({"event": "card-completed", "organizationId": "org1", "environmentId": "envA", "batched": true}),
+            )
+            .await;
+        assert_eq!(v["deliveries"][0]["status"], 200);
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].method, http::Method::PUT);
+        assert_eq!(got[0].headers["x-webhook-operator-owner"], "ns/atomic-sub");
+        let secret = o.signing_secret.unwrap();
+        let evs = parse(Provider::Atomic, &secret_keys(&secret), &got[0]).unwrap();
+        assert_eq!(evs.len(), 2);
+        assert!(evs.iter().all(|e| e.event_type == "card-completed"));
+        assert_ne!(evs[0].dedupe_key, evs[1].dedupe_key);
+        assert!(parse(Provider::Atomic, &secret_keys("not-the-secret"), &got[0]).is_err());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- Smallest
+
+fn smallest(hook: &str, agents: &[&str], events: &[&str], owner: &str) -> DesiredSubscription {
+    DesiredSubscription {
+        provider: Provider::Smallest,
+        hook_url: hook.into(),
+        events: events.iter().map(|s| s.to_string()).collect(),
+        scope: Scope::Smallest {
+            agent_ids: agents.iter().map(|s| s.to_string()).collect(),
+        },
+        owner: owner.into(),
+    }
+}
+
+async fn smallest_hooks(s: &Sim) -> Vec<Value> {
+    s.get("/_control/smallest/subscriptions").await["webhooks"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn pairs(hook: &Value) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = hook["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["agentId"]["_id"].as_str().unwrap().to_string(),
+                x["eventType"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn smallest_lifecycle() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Smallest);
+        let creds = Credentials::api_key(SMALLEST_KEY);
+        let d = smallest(
+            "https://hooks.example/sm/1",
+            &[AGENT_X, AGENT_Y],
+            &["post-conversation", "pre-conversation"],
+            "ns/a",
+        );
+        let o = c.ensure(&creds, &d, None).await.unwrap();
+        assert_eq!(o.action, SyncAction::Created);
+        let hooks = smallest_hooks(&s).await;
+        assert_eq!(hooks.len(), 1);
+        assert_eq!(hooks[0]["_id"], o.id.as_str());
+        assert_eq!(hooks[0]["url"], d.hook_url);
+        assert_eq!(hooks[0]["status"], "enabled");
+        assert!(hooks[0]["description"].as_str().unwrap().ends_with("ns/a"));
+        assert_eq!(pairs(&hooks[0]).len(), 4);
+        assert!(o.signing_secret.as_deref().is_some_and(|x| x.len() >= 32));
+
+        let before = s.calls("smallest").await.0;
+        assert_eq!(
+            c.ensure(&creds, &d, Some(&d)).await.unwrap().action,
+            SyncAction::Unchanged
+        );
+        assert_eq!(
+            s.calls("smallest").await.0 - before,
+            2,
+            "list, then get for the secret"
+        );
+        assert_eq!(smallest_hooks(&s).await.len(), 1);
+
+        let d2 = smallest(&d.hook_url, &[AGENT_X], &["analytics-completed"], "ns/a");
+        assert_eq!(
+            c.ensure(&creds, &d2, Some(&d)).await.unwrap().action,
+            SyncAction::Replaced
+        );
+        assert_eq!(
+            pairs(&smallest_hooks(&s).await[0]),
+            [(AGENT_X.to_string(), "analytics-completed".to_string())]
+        );
+
+        c.delete(&creds, &d2).await.unwrap();
+        assert!(smallest_hooks(&s).await.is_empty());
+        c.delete(&creds, &d2).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn smallest_two_owners_share_an_agent() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Smallest);
+        let creds = Credentials::api_key(SMALLEST_KEY);
+        let a = smallest(
+            "https://hooks.example/sm/a",
+            &[AGENT_X],
+            &["post-conversation"],
+            "ns/a",
+        );
+        let b = smallest(
+            "https://hooks.example/sm/b",
+            &[AGENT_X, AGENT_Y],
+            &["pre-conversation"],
+            "ns/b",
+        );
+        c.ensure(&creds, &a, None).await.unwrap();
+        c.ensure(&creds, &b, None).await.unwrap();
+        let a2 = smallest(
+            &a.hook_url,
+            &[AGENT_X],
+            &["analytics-completed", "post-conversation"],
+            "ns/a",
+        );
+        assert_eq!(
+            c.ensure(&creds, &a2, Some(&a)).await.unwrap().action,
+            SyncAction::Updated
+        );
+
+        let by_url = |hooks: &[Value], url: &str| hooks.iter().find(|h| h["url"] == url).cloned();
+        let hooks = smallest_hooks(&s).await;
+        let b_pairs = vec![
+            (AGENT_X.to_string(), "pre-conversation".to_string()),
+            (AGENT_Y.to_string(), "pre-conversation".to_string()),
+        ];
+        assert_eq!(pairs(&by_url(&hooks, &b.hook_url).unwrap()), b_pairs);
+        assert_eq!(pairs(&by_url(&hooks, &a.hook_url).unwrap()).len(), 2);
+
+        // Deleting A goes through the agent-wide DELETE; B's subscriptions must survive it.
+        c.delete(&creds, &a2).await.unwrap();
+        let hooks = smallest_hooks(&s).await;
+        assert!(by_url(&hooks, &a.hook_url).is_none());
+        assert_eq!(pairs(&by_url(&hooks, &b.hook_url).unwrap()), b_pairs);
+
+        // And events still flow to B for agent X.
+        let (_, v) = s
+            .post(
+                "/_control/smallest/fire",
+                json!({"event": "pre-conversation", "agentId": AGENT_X}),
+            )
+            .await;
+        assert_eq!(v["deliveries"][0]["url"], b.hook_url.as_str());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn smallest_adopts_and_reports_disabled() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Smallest);
+        let creds = Credentials::api_key(SMALLEST_KEY);
+        let d = smallest(
+            "https://hooks.example/sm/adopt",
+            &[AGENT_X],
+            &["post-conversation"],
+            "ns/z",
+        );
+        let r = s
+            .http
+            .post(s.url("/smallest/atoms/v1/webhook"))
+            .bearer_auth(SMALLEST_KEY)
+            .json(&json!({"endpoint": d.hook_url, "description": "made by hand", "events": [{"agentId": AGENT_X, "eventType": "post-conversation"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let id = r.json::<Value>().await.unwrap()["data"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let o = c.ensure(&creds, &d, None).await.unwrap();
+        assert_eq!(o.action, SyncAction::Adopted);
+        assert_eq!(o.id, id);
+        let hooks = smallest_hooks(&s).await;
+        assert_eq!(hooks.len(), 1);
+        assert!(
+            hooks[0]["description"]
+                .as_str()
+                .unwrap()
+                .ends_with("ns/z")
+        );
+
+        let (st, _) = s
+            .post("/_control/smallest/disable", json!({"id": id}))
+            .await;
+        assert_eq!(st, 204);
+        let seen = c.observe(&creds, &d).await.unwrap().unwrap();
+        assert!(matches!(seen.state, UpstreamState::Disabled { .. }));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn smallest_errors() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Smallest);
+        let d = smallest(
+            "https://hooks.example/sm/e",
+            &[AGENT_X],
+            &["post-conversation"],
+            "ns/e",
+        );
+        let e = c
+            .ensure(&Credentials::api_key("nope-key-4242"), &d, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Unauthorized(_)), "{e:?}");
+        assert_no_secret(&e, &["nope-key-4242", SMALLEST_KEY]);
+
+        let creds = Credentials::api_key(SMALLEST_KEY);
+        s.faults(
+            "smallest",
+            json!({"rateLimitRatio": 1.0, "retryAfterSecs": 11}),
+        )
+        .await;
+        let e = c.ensure(&creds, &d, None).await.unwrap_err();
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(11)));
+        s.faults("smallest", json!({"errorRatio": 1.0, "errorStatus": 500}))
+            .await;
+        let e = c.delete(&creds, &d).await.unwrap_err();
+        assert_eq!(e.reason(), "UpstreamUnavailable");
+        assert_no_secret(&e, &[SMALLEST_KEY]);
+        let r = s
+            .http
+            .delete(s.url("/_control/smallest/faults"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204);
+        assert!(c.ensure(&creds, &d, None).await.is_ok());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn smallest_fire_is_signed_and_parses() {
+    bounded(async {
+        let s = sim().await;
+        let (base, seen) = receiver().await;
+        let d = smallest(
+            &format!("{base}/hooks/sm"),
+            &[AGENT_Y],
+            &["post-conversation"],
+            "ns/f",
+        );
+        let o = s
+            .clients
+            .get(Provider::Smallest)
+            .ensure(&Credentials::api_key(SMALLEST_KEY), &d, None)
+            .await
+            .unwrap();
+        let (_, v) = s
+            .post(
+                "/_control/smallest/fire",
+                json!({"event": "post-conversation", "agentId": AGENT_Y}),
+            )
+            .await;
+        assert_eq!(v["deliveries"][0]["status"], 200);
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        let body: Value = serde_json::from_slice(&got[0].body).unwrap();
+        assert_eq!(body["event"], format!("{AGENT_Y}.post-conversation"));
+        assert_eq!(body["url"], d.hook_url);
+        assert!(body["metadata"]["callData"].is_object());
+        let keys = secret_keys(o.signing_secret.as_deref().unwrap());
+        let evs = parse(Provider::Smallest, &keys, &got[0]).unwrap();
+        assert_eq!(evs[0].event_type, "post-conversation");
+        assert_eq!(evs[0].dedupe_key, body["id"].as_str().unwrap());
+        assert_eq!(evs[0].payload, got[0].body);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------- Atllas
+
+#[tokio::test]
+async fn atllas_is_manual_and_deliveries_verify() {
+    bounded(async {
+        // Unroutable endpoints: Atllas must not touch the network.
+        let mut ep = ProviderClients::sandbox("http://127.0.0.1:1");
+        ep.connect_timeout = Duration::from_millis(100);
+        let clients = ProviderClients::new(ep);
+        let d = DesiredSubscription {
+            provider: Provider::Atllas,
+            hook_url: "https://hooks.example/atllas".into(),
+            events: vec!["call.finished".into()],
+            scope: Scope::Atllas {
+                header_name: "X-Atllas-Token".into(),
+            },
+            owner: "ns/m".into(),
+        };
+        let o = clients
+            .get(Provider::Atllas)
+            .ensure(&Credentials::default(), &d, None)
+            .await
+            .unwrap();
+        assert_eq!(o.id, "manual");
+        assert_eq!(o.state, UpstreamState::Manual);
+        clients
+            .get(Provider::Atllas)
+            .delete(&Credentials::default(), &d)
+            .await
+            .unwrap();
+
+        let s = sim().await;
+        let (base, seen) = receiver().await;
+        for method in ["POST", "GET"] {
+            let (_, v) = s
+                .post(
+                    "/_control/atllas/fire",
+                    json!({"url": format!("{base}/hooks/atllas"), "method": method, "headerName": "X-Atllas-Token", "headerValue": "v4lue"}),
+                )
+                .await;
+            assert_eq!(v["deliveries"][0]["status"], 200);
+        }
+        let keys = VerificationKeys {
+            secrets: vec![b"v4lue".to_vec()],
+            header_name: Some("X-Atllas-Token".into()),
+        };
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].method, http::Method::GET);
+        for g in &got {
+            let evs = parse(Provider::Atllas, &keys, g).unwrap();
+            assert_eq!(evs[0].event_type, "call.finished");
+        }
+        let wrong = VerificationKeys {
+            secrets: vec![b"other".to_vec()],
+            header_name: Some("X-Atllas-Token".into()),
+        };
+        assert!(parse(Provider::Atllas, &wrong, &got[0]).is_err());
+    })
+    .await;
+}
