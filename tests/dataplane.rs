@@ -1,0 +1,746 @@
+//! End-to-end tests of the data plane on loopback: a provider POSTs to the ingress, the
+//! events cross the durable queue and reach an axum consumer, signed with Standard Webhooks.
+//! Every server binds 127.0.0.1:0; every wait is bounded.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use tokio::sync::oneshot;
+
+use webhook_operator::api::Provider;
+use webhook_operator::dataplane::{
+    DataPlane, DataPlaneConfig, EndpointConfig, EndpointKey, ReplayFilter, SubscriptionRoute,
+};
+use webhook_operator::delivery::{Destination, DestinationError, Policy, SigningSecret};
+use webhook_operator::health::{HealthConfig, HealthThresholds};
+use webhook_operator::inbound::{
+    InboundEvent, InboundParser, InboundRequest, Rejection, VerificationKeys,
+};
+use webhook_operator::queue::{RedbQueue, RedbQueueOptions};
+
+const NEW_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+const OLD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const PROVIDER_SECRET: &str = "provider-shared-value";
+const TOKEN: &str = "tok_0123456789abcdef";
+
+/// A stand-in for the providers' parser: JSON object or array, `type` and `id` fields, and
+/// a shared secret in `x-test-secret` (checked in constant time).
+struct TestParser;
+
+impl InboundParser for TestParser {
+    fn parse(
+        &self,
+        _provider: Provider,
+        keys: &VerificationKeys,
+        req: &InboundRequest<'_>,
+    ) -> Result<Vec<InboundEvent>, Rejection> {
+        if req.method == http::Method::GET {
+            return Ok(Vec::new());
+        }
+        let given = req
+            .headers
+            .get("x-test-secret")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        let ok = keys
+            .secrets
+            .iter()
+            .any(|s| bool::from(subtle::ConstantTimeEq::ct_eq(s.as_slice(), given)));
+        if !ok {
+            return Err(Rejection::Unauthorized("bad secret"));
+        }
+        let json = req
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        if !json {
+            return Err(Rejection::UnsupportedMediaType);
+        }
+        let value: serde_json::Value =
+            serde_json::from_slice(req.body).map_err(|_| Rejection::BadRequest("not JSON"))?;
+        let items = match value {
+            serde_json::Value::Array(a) => a,
+            v => vec![v],
+        };
+        items
+            .into_iter()
+            .map(|item| {
+                let field = |k: &str| item.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+                Ok(InboundEvent {
+                    event_type: field("type").ok_or(Rejection::BadRequest("no type"))?,
+                    dedupe_key: field("id").ok_or(Rejection::BadRequest("no id"))?,
+                    payload: Bytes::from(serde_json::to_vec(&item).unwrap()),
+                    test: false,
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Received {
+    headers: HeaderMap,
+    body: Bytes,
+    at: Instant,
+}
+
+/// The in-cluster consumer: records every request and answers with a settable status.
+#[derive(Clone)]
+struct Consumer {
+    addr: SocketAddr,
+    status: Arc<AtomicU16>,
+    got: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Consumer {
+    async fn start() -> Self {
+        let status = Arc::new(AtomicU16::new(200));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let app = axum::Router::new()
+            .route(
+                "/in",
+                axum::routing::post(
+                    |State((status, got)): State<(Arc<AtomicU16>, Arc<Mutex<Vec<Received>>>)>,
+                     headers: HeaderMap,
+                     body: Bytes| async move {
+                        got.lock().unwrap().push(Received {
+                            headers,
+                            body,
+                            at: Instant::now(),
+                        });
+                        StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap()
+                    },
+                ),
+            )
+            .with_state((status.clone(), got.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { addr, status, got }
+    }
+
+    fn set_status(&self, s: u16) {
+        self.status.store(s, Ordering::SeqCst);
+    }
+
+    fn requests(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Requests answered 2xx, by webhook-id.
+    fn ids(&self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+struct Harness {
+    dp: Arc<DataPlane>,
+    ingress: SocketAddr,
+    ops: SocketAddr,
+    consumer: Consumer,
+    key: EndpointKey,
+    http: reqwest::Client,
+    _stop: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+fn fast_policy() -> Policy {
+    Policy {
+        timeout: Duration::from_secs(2),
+        max_attempts: 100,
+        initial_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(200),
+        max_age: Duration::from_secs(600),
+        ..Policy::default()
+    }
+}
+
+fn test_config(dir: &std::path::Path, consumer: SocketAddr) -> DataPlaneConfig {
+    DataPlaneConfig {
+        queue_path: dir.join("queue.redb"),
+        max_body_bytes: 4096,
+        resolve_overrides: vec![("sink.apps.svc:8080".into(), consumer)],
+        breaker_failure_threshold: 1000,
+        breaker_cooldown: Duration::from_millis(500),
+        health: HealthConfig {
+            window: Duration::from_secs(1),
+            window_attempts: 100,
+            thresholds: HealthThresholds {
+                failing_after: 3,
+                degraded_ratio: 0.2,
+                min_window_attempts: 3,
+            },
+        },
+        maintenance_interval: Duration::from_secs(3600),
+        shutdown_grace: Duration::from_secs(2),
+        ..DataPlaneConfig::default()
+    }
+}
+
+fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> EndpointConfig {
+    EndpointConfig {
+        key: key.clone(),
+        token: TOKEN.into(),
+        destination,
+        policy,
+        signing_secrets: vec![
+            SigningSecret::parse(NEW_SECRET.as_bytes()).unwrap(),
+            SigningSecret::parse(OLD_SECRET.as_bytes()).unwrap(),
+        ],
+        headers: vec![("x-consumer-key".into(), "consumer-secret".into())],
+        event_types: vec![],
+    }
+}
+
+fn service() -> Destination {
+    Destination::Service {
+        name: "sink".into(),
+        namespace: "apps".into(),
+        port: 8080,
+        path: "/in".into(),
+    }
+}
+
+async fn serve(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+impl Harness {
+    async fn start(tune: impl FnOnce(&mut DataPlaneConfig, &mut EndpointConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let consumer = Consumer::start().await;
+        let key = EndpointKey::new("apps", "orders");
+        let mut config = test_config(dir.path(), consumer.addr);
+        let mut ep = endpoint(&key, service(), fast_policy());
+        tune(&mut config, &mut ep);
+        let dp = DataPlane::open(config, Arc::new(TestParser)).await.unwrap();
+        Self::wire(dp, ep, consumer, dir).await
+    }
+
+    async fn wire(
+        dp: Arc<DataPlane>,
+        ep: EndpointConfig,
+        consumer: Consumer,
+        dir: tempfile::TempDir,
+    ) -> Self {
+        let key = ep.key.clone();
+        dp.upsert_endpoint(ep).unwrap();
+        dp.upsert_subscription(SubscriptionRoute {
+            endpoint: key.clone(),
+            name: "calls".into(),
+            provider: Provider::Atlas,
+            keys: VerificationKeys {
+                secrets: vec![PROVIDER_SECRET.as_bytes().to_vec()],
+                header_name: Some("x-test-secret".into()),
+            },
+        });
+        let ingress = serve(dp.ingress_router()).await;
+        let ops = serve(dp.ops_router()).await;
+        let (stop, stopped) = oneshot::channel::<()>();
+        dp.start_delivery(async move {
+            let _ = stopped.await;
+        });
+        Self {
+            dp,
+            ingress,
+            ops,
+            consumer,
+            key,
+            http: reqwest::Client::new(),
+            _stop: stop,
+            _dir: dir,
+        }
+    }
+
+    async fn post_to(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        secret: &str,
+        ctype: &str,
+    ) -> (u16, String) {
+        let r = self
+            .http
+            .post(format!("http://{}{path}", self.ingress))
+            .header("x-test-secret", secret)
+            .header("content-type", ctype)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn post(&self, body: serde_json::Value) -> (u16, String) {
+        let path = format!("/hooks/{TOKEN}/calls");
+        self.post_to(&path, body.to_string(), PROVIDER_SECRET, "application/json")
+            .await
+    }
+
+    async fn metrics(&self) -> String {
+        self.http
+            .get(format!("http://{}/metrics", self.ops))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+fn ev(id: &str, ty: &str) -> serde_json::Value {
+    serde_json::json!({"type": ty, "id": id, "data": {"n": id}})
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn verify_all(requests: &[Received]) {
+    let new = standardwebhooks::Webhook::new(NEW_SECRET).unwrap();
+    let old = standardwebhooks::Webhook::new(OLD_SECRET).unwrap();
+    for r in requests {
+        new.verify(&r.body, &r.headers)
+            .expect("newest secret verifies");
+        old.verify(&r.body, &r.headers)
+            .expect("previous secret verifies during rotation");
+        assert_eq!(r.headers["x-consumer-key"], "consumer-secret");
+        assert_eq!(r.headers["content-type"], "application/json");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_delivered_once_and_signed_with_both_secrets() {
+    let h = Harness::start(|_, ep| {
+        ep.event_types = vec!["call_completed".into(), "call_started".into()];
+    })
+    .await;
+    let mut sent = HashSet::new();
+    for i in 0..10 {
+        let (status, _) = h.post(ev(&format!("e{i}"), "call_completed")).await;
+        assert_eq!(status, 200);
+        sent.insert(format!("e{i}"));
+    }
+    // A batch of several events in one request, one of them filtered out.
+    let batch = serde_json::json!([
+        ev("b1", "call_started"),
+        ev("b2", "call_completed"),
+        ev("f1", "message_sent")
+    ]);
+    let (status, body) = h.post(batch).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"filtered\":1"), "{body}");
+    sent.extend(["b1".to_string(), "b2".to_string()]);
+    // A provider retry of an event already accepted.
+    let (status, body) = h.post(ev("e3", "call_completed")).await;
+    assert_eq!(
+        (status, body.contains("\"duplicates\":1")),
+        (200, true),
+        "{body}"
+    );
+
+    wait_for("12 deliveries", Duration::from_secs(10), || {
+        h.consumer.requests().len() >= 12
+    })
+    .await;
+    // Nothing more arrives: no duplicate, no filtered event.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let requests = h.consumer.requests();
+    assert_eq!(requests.len(), 12);
+    verify_all(&requests);
+    let ids: HashSet<String> = h.consumer.ids().into_iter().collect();
+    assert_eq!(ids.len(), 12, "one webhook-id per event");
+    let delivered: HashSet<String> = requests
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            v["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(delivered, sent);
+
+    let (count, last) = h.dp.subscription_counters(&h.key, "calls").unwrap();
+    assert_eq!(
+        count, 14,
+        "every verified event counts, filtered and duplicate too"
+    );
+    assert!(last.is_some());
+    assert!(h.dp.subscription_counters(&h.key, "nope").is_none());
+    let health = h.dp.endpoint_health(&h.key).unwrap();
+    assert_eq!(health.stats.delivered, 12);
+    assert_eq!(
+        (health.verdict.healthy, health.verdict.reason),
+        (true, "Delivering")
+    );
+    assert!(health.stats.latency_p50_ms.is_some());
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(
+            "webhook_operator_events_delivered_total{namespace=\"apps\",name=\"orders\"} 12"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "webhook_operator_events_duplicate_total{namespace=\"apps\",name=\"orders\"} 1"
+        )
+    );
+    assert!(!metrics.contains(TOKEN) && !metrics.contains("consumer-secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_and_never_queued() {
+    let h = Harness::start(|_, _| {}).await;
+    let good = ev("x1", "call_completed").to_string();
+    let hook = format!("/hooks/{TOKEN}/calls");
+    let json = "application/json";
+    let cases: Vec<(String, String, &str, &str, u16)> = vec![
+        (
+            "/hooks/wrong-token/calls".into(),
+            good.clone(),
+            PROVIDER_SECRET,
+            json,
+            404,
+        ),
+        (
+            format!("/hooks/{TOKEN}/unknown-sub"),
+            good.clone(),
+            PROVIDER_SECRET,
+            json,
+            404,
+        ),
+        (hook.clone(), good.clone(), "wrong-secret", json, 401),
+        (hook.clone(), "{not json".into(), PROVIDER_SECRET, json, 400),
+        (
+            hook.clone(),
+            "{\"id\":\"no-type\"}".into(),
+            PROVIDER_SECRET,
+            json,
+            400,
+        ),
+        (
+            hook.clone(),
+            good.clone(),
+            PROVIDER_SECRET,
+            "text/plain",
+            415,
+        ),
+        (
+            hook.clone(),
+            format!(
+                "{{\"type\":\"t\",\"id\":\"big\",\"pad\":\"{}\"}}",
+                "x".repeat(5000)
+            ),
+            PROVIDER_SECRET,
+            json,
+            413,
+        ),
+    ];
+    for (path, body, secret, ctype, want) in cases {
+        let (status, reply) = h.post_to(&path, body, secret, ctype).await;
+        assert_eq!(status, want, "{path}: {reply}");
+        assert!(reply.len() < 100 && !reply.contains(PROVIDER_SECRET));
+    }
+    // A chunked body (no Content-Length) over the limit is cut off too.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(h.ingress).await.unwrap();
+        let head = format!(
+            "POST {hook} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-test-secret: {PROVIDER_SECRET}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        for _ in 0..10 {
+            let chunk = format!("3e8\r\n{}\r\n", " ".repeat(1000));
+            if conn.write_all(chunk.as_bytes()).await.is_err() {
+                break; // the server may stop reading once it has refused
+            }
+        }
+        let _ = conn.write_all(b"0\r\n\r\n").await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+    let put = h
+        .http
+        .put(format!("http://{}{hook}", h.ingress))
+        .body(good.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 405);
+    assert_eq!(h.dp.queue_depth(&h.key).pending, 0);
+
+    // The pipeline works: the valid request after all the bad ones is the only delivery.
+    assert_eq!(h.post(ev("ok", "call_completed")).await.0, 200);
+    wait_for("the valid event", Duration::from_secs(10), || {
+        !h.consumer.requests().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.consumer.requests().len(), 1);
+    let metrics = h.metrics().await;
+    for (reason, n) in [
+        ("unknown_endpoint", 1),
+        ("unknown_subscription", 1),
+        ("unauthorized", 1),
+        ("bad_request", 2),
+        ("unsupported_media_type", 1),
+        ("body_too_large", 2),
+        ("method_not_allowed", 1),
+    ] {
+        let line = format!("webhook_operator_requests_rejected_total{{reason=\"{reason}\"}} {n}");
+        assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_consumer_is_retried_with_backoff_and_health_recovers() {
+    let h = Harness::start(|_, _| {}).await;
+    h.consumer.set_status(500);
+    for i in 0..3 {
+        assert_eq!(h.post(ev(&format!("r{i}"), "call_completed")).await.0, 200);
+    }
+    wait_for("repeated failures", Duration::from_secs(10), || {
+        h.consumer.requests().len() >= 12
+    })
+    .await;
+    let health = h.dp.endpoint_health(&h.key).unwrap();
+    assert!(!health.verdict.healthy, "{:?}", health.verdict);
+    assert!(["DeliveryFailing", "Degraded"].contains(&health.verdict.reason));
+    assert!(
+        health.verdict.message.contains("HTTP 500"),
+        "{}",
+        health.verdict.message
+    );
+    assert!(health.stats.retrying >= 1 && health.stats.consecutive_failures >= 3);
+
+    // Backoff: the attempts of one event are spaced by at least ~initialDelay (−20 % jitter).
+    let first_id = h.consumer.ids()[0].clone();
+    let times: Vec<Instant> = h
+        .consumer
+        .requests()
+        .iter()
+        .filter(|r| r.headers["webhook-id"] == first_id.as_str())
+        .map(|r| r.at)
+        .collect();
+    assert!(times.len() >= 2);
+    for w in times.windows(2) {
+        assert!(
+            w[1] - w[0] >= Duration::from_millis(35),
+            "retried after {:?}",
+            w[1] - w[0]
+        );
+    }
+
+    h.consumer.set_status(200);
+    wait_for("recovery", Duration::from_secs(10), || {
+        h.dp.endpoint_health(&h.key)
+            .is_some_and(|s| s.stats.delivered == 3)
+    })
+    .await;
+    let health = h.dp.endpoint_health(&h.key).unwrap();
+    assert_eq!(
+        (health.stats.retrying, health.stats.consecutive_failures),
+        (0, 0)
+    );
+    // The failures age out of the (1 s) window and the verdict turns healthy.
+    wait_for("healthy verdict", Duration::from_secs(5), || {
+        h.dp.endpoint_health(&h.key)
+            .is_some_and(|s| s.verdict.healthy)
+    })
+    .await;
+    assert_eq!(
+        h.dp.endpoint_health(&h.key).unwrap().verdict.reason,
+        "Delivering"
+    );
+    // Three events, each retried under its own stable id.
+    assert_eq!(
+        h.consumer.ids().into_iter().collect::<HashSet<_>>().len(),
+        3
+    );
+    verify_all(&h.consumer.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_events_are_dead_lettered_then_replayed() {
+    let h = Harness::start(|_, ep| {
+        ep.policy.max_attempts = 2;
+        ep.policy.initial_delay = Duration::from_millis(20);
+    })
+    .await;
+    h.consumer.set_status(503);
+    for i in 0..3 {
+        assert_eq!(h.post(ev(&format!("d{i}"), "call_completed")).await.0, 200);
+    }
+    wait_for("dead letters", Duration::from_secs(10), || {
+        h.dp.queue_depth(&h.key).dead_lettered == 3
+    })
+    .await;
+    assert_eq!(
+        h.consumer.requests().len(),
+        6,
+        "two attempts each, then nothing"
+    );
+    let health = h.dp.endpoint_health(&h.key).unwrap();
+    assert_eq!((health.stats.dead_lettered, health.stats.retrying), (3, 0));
+    let failed_ids: HashSet<String> = h.consumer.ids().into_iter().collect();
+
+    h.consumer.set_status(200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        h.consumer.requests().len(),
+        6,
+        "dead letters are not retried"
+    );
+    assert_eq!(h.dp.replay(&h.key, ReplayFilter::All).await.unwrap(), 3);
+    wait_for("replayed deliveries", Duration::from_secs(10), || {
+        h.consumer.requests().len() == 9
+    })
+    .await;
+    let replayed: HashSet<String> = h.consumer.ids()[6..].iter().cloned().collect();
+    assert_eq!(replayed, failed_ids, "replays keep the webhook-id");
+    assert_eq!(h.dp.queue_depth(&h.key), Default::default());
+    verify_all(&h.consumer.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_queue_answers_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let consumer = Consumer::start().await;
+    let config = test_config(dir.path(), consumer.addr);
+    let queue =
+        Arc::new(RedbQueue::open(dir.path().join("q.redb"), RedbQueueOptions::default()).unwrap());
+    let dp = DataPlane::with_queue(config, Arc::new(TestParser), queue.clone()).unwrap();
+    let key = EndpointKey::new("apps", "orders");
+    let h = Harness::wire(dp, endpoint(&key, service(), fast_policy()), consumer, dir).await;
+    let ready = |h: &Harness| {
+        let url = format!("http://{}/readyz", h.ops);
+        let http = h.http.clone();
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(ready(&h).await, 200);
+    assert_eq!(h.post(ev("a", "call_completed")).await.0, 200);
+    queue.close();
+    let (status, body) = h.post(ev("b", "call_completed")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(ready(&h).await, 503);
+    let healthz = h
+        .http
+        .get(format!("http://{}/healthz", h.ops))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthz.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_destination_is_refused_and_events_stay_parked() {
+    let h = Harness::start(|_, ep| {
+        ep.destination = Destination::Url("http://169.254.169.254/latest/meta-data".into());
+    })
+    .await;
+    for i in 0..2 {
+        assert_eq!(h.post(ev(&format!("p{i}"), "call_completed")).await.0, 200);
+    }
+    wait_for("DestinationForbidden", Duration::from_secs(5), || {
+        h.dp.endpoint_health(&h.key)
+            .and_then(|s| s.destination_error)
+            .is_some_and(|e| {
+                matches!(e, DestinationError::Forbidden(_)) && e.reason() == "DestinationForbidden"
+            })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let depth = h.dp.queue_depth(&h.key);
+    assert_eq!((depth.pending, depth.dead_lettered), (2, 0));
+    assert_eq!(
+        h.dp.endpoint_health(&h.key).unwrap().stats.failed,
+        0,
+        "no attempt was made"
+    );
+
+    // Removed, the endpoint's events stay; configured again with a good destination, they go.
+    h.dp.remove_endpoint(&h.key);
+    assert_eq!(h.post(ev("p9", "call_completed")).await.0, 404);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.dp.queue_depth(&h.key).pending, 2);
+    h.dp.upsert_endpoint(endpoint(&h.key, service(), fast_policy()))
+        .unwrap();
+    wait_for("parked events delivered", Duration::from_secs(10), || {
+        h.consumer.requests().len() == 2
+    })
+    .await;
+    verify_all(&h.consumer.requests());
+    wait_for("destination error cleared", Duration::from_secs(5), || {
+        h.dp.endpoint_health(&h.key)
+            .is_some_and(|s| s.destination_error.is_none())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_bounds_attempts_while_open_and_closes_after_recovery() {
+    let h = Harness::start(|cfg, ep| {
+        cfg.breaker_failure_threshold = 3;
+        cfg.breaker_cooldown = Duration::from_millis(400);
+        ep.policy.initial_delay = Duration::from_millis(10);
+        ep.policy.max_delay = Duration::from_millis(20);
+        ep.policy.max_attempts = 1000;
+        ep.policy.max_in_flight = 4;
+    })
+    .await;
+    h.consumer.set_status(500);
+    for i in 0..5 {
+        assert_eq!(h.post(ev(&format!("c{i}"), "call_completed")).await.0, 200);
+    }
+    wait_for("breaker open", Duration::from_secs(5), || {
+        h.dp.endpoint_health(&h.key).is_some_and(|s| s.breaker_open)
+    })
+    .await;
+    let start = h.consumer.requests().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = h.consumer.requests().len() - start;
+    // Without the breaker: 5 events every ~15 ms ≈ 600 attempts in 2 s. With it: in-flight
+    // stragglers plus one probe per 400 ms cool-down.
+    assert!(during <= 12, "{during} attempts while the breaker was open");
+    let health = h.dp.endpoint_health(&h.key).unwrap();
+    assert_eq!(
+        (health.verdict.healthy, health.verdict.reason),
+        (false, "DeliveryFailing")
+    );
+    assert!(health.verdict.message.contains("circuit breaker open"));
+    assert_eq!(
+        health.stats.dead_lettered, 0,
+        "events wait, they are not burned"
+    );
+
+    h.consumer.set_status(200);
+    wait_for(
+        "all delivered after recovery",
+        Duration::from_secs(10),
+        || {
+            h.dp.endpoint_health(&h.key)
+                .is_some_and(|s| s.stats.delivered == 5)
+        },
+    )
+    .await;
+    assert!(!h.dp.endpoint_health(&h.key).unwrap().breaker_open);
+}
