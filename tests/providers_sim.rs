@@ -606,6 +606,33 @@ async fn atomic_token_is_cached_and_refreshed() {
 }
 
 #[tokio::test]
+async fn atomic_revoked_token_is_renewed_once() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Atomic);
+        let creds = atomic_creds();
+        let d = atomic(
+            "https://hooks.example/atomic/6",
+            &["card-published"],
+            AtomicMethod::Post,
+        );
+        c.ensure(&creds, &d, None).await.unwrap();
+        let r = s
+            .http
+            .post(s.url("/_control/atomic/revoke-tokens"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204);
+        let (calls, tokens) = s.calls("atomic").await;
+        assert!(c.observe(&creds, &d).await.unwrap().is_some());
+        // The cached token got a 401: one new token, the list retried once.
+        assert_eq!(s.calls("atomic").await, (calls + 2, tokens + 1));
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn atomic_errors() {
     bounded(async {
         let s = sim().await;

@@ -215,24 +215,18 @@ impl ProviderApi for AtlasClient {
         };
         // What the previous spec registered and this one does not want.
         let mut stale: Vec<TriggerRequest> = Vec::new();
-        if let Some(prev) = previous.filter(|p| p.provider == Provider::Atlas) {
-            if let Ok(prev_campaign) = campaign_of(prev) {
-                for trigger in prev.event_set() {
-                    let t = tuple(prev, prev_campaign, &trigger);
-                    if !keep(&t) {
-                        stale.push(t);
-                    }
+        if let Some(prev) = previous.filter(|p| p.provider == Provider::Atlas)
+            && let Ok(prev_campaign) = campaign_of(prev)
+        {
+            for trigger in prev.event_set() {
+                let t = tuple(prev, prev_campaign, &trigger);
+                if !keep(&t) {
+                    stale.push(t);
                 }
             }
         }
-        // Leftovers of ours in this campaign (a sync that failed half-way): same hook URL,
-        // a trigger no longer wanted. The hook URL is unique to this subscription.
-        for s in existing.iter().filter(|s| s.hook_url == desired.hook_url) {
-            let t = tuple(desired, &s.campaign_id, &s.trigger_name);
-            if !keep(&t) && !stale.contains(&t) {
-                stale.push(t);
-            }
-        }
+        // Only `previous` says what is ours to remove: another subscription may share this
+        // hook URL (same endpoint) with other triggers, so other tuples are left alone.
         for t in &stale {
             self.unsubscribe(creds, t).await?;
             wrote = true;

@@ -225,10 +225,10 @@ impl AtomicClient {
     async fn token(&self, creds: &Credentials, org: &str) -> Result<String, ProviderError> {
         let (id, secret) = Self::client_creds(creds)?;
         let key = (org.to_string(), id.to_string());
-        if let Some(t) = self.tokens.lock().expect("token cache").get(&key) {
-            if Instant::now() < t.refresh_at {
-                return Ok(t.token.clone());
-            }
+        if let Some(t) = self.tokens.lock().expect("token cache").get(&key)
+            && Instant::now() < t.refresh_at
+        {
+            return Ok(t.token.clone());
         }
         let url = self.token_template.replace("{orgId}", org);
         let resp = self
@@ -462,13 +462,13 @@ impl ProviderApi for AtomicClient {
             )
             .await?;
         // The previous spec lived in another org or environment: clean up there too.
-        if let Some((p, ps)) = &prev {
-            if ps.org != s.org || ps.env != s.env {
-                let old = self.list(creds, ps).await?;
-                replaced |= self
-                    .disable_ours(creds, ps, &old, &p.owner, Some((p, ps)), None)
-                    .await?;
-            }
+        if let Some((p, ps)) = &prev
+            && (ps.org != s.org || ps.env != s.env)
+        {
+            let old = self.list(creds, ps).await?;
+            replaced |= self
+                .disable_ours(creds, ps, &old, &p.owner, Some((p, ps)), None)
+                .await?;
         }
         Ok(Observed {
             id: active.id.clone(),

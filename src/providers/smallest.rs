@@ -497,11 +497,10 @@ impl ProviderApi for SmallestClient {
         let mut replaced = false;
         if let Some(prev) =
             previous.filter(|p| p.provider == Provider::Smallest && p.hook_url != desired.hook_url)
+            && let Some(old) = self.find_by_url(creds, &prev.hook_url).await?
         {
-            if let Some(old) = self.find_by_url(creds, &prev.hook_url).await? {
-                self.delete_webhook(creds, &old).await?;
-                replaced = true;
-            }
+            self.delete_webhook(creds, &old).await?;
+            replaced = true;
         }
         let w = self.get(creds, &id).await?;
         let action = if found && previous.is_none() {

@@ -371,6 +371,11 @@ pub(crate) fn snapshot(s: &Shared) -> Value {
     json!({"webhooks": hooks})
 }
 
+/// Forgets every issued token, as if they had been revoked.
+pub(crate) fn revoke_tokens(s: &Shared) {
+    s.atomic.lock().expect("atomic state").tokens.clear();
+}
+
 pub(crate) fn drop_webhook(s: &Shared, id: &str) -> bool {
     let mut st = s.atomic.lock().expect("atomic state");
     let before = st.webhooks.len();

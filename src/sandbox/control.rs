@@ -125,6 +125,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/_control/{provider}/fire", post(fire))
         .route("/_control/{provider}/drop", post(drop_one))
         .route("/_control/{provider}/disable", post(disable_one))
+        .route("/_control/atomic/revoke-tokens", post(revoke_tokens))
 }
 
 fn bad(msg: &str) -> Response {
@@ -234,6 +235,11 @@ async fn fire(
 #[derive(Deserialize)]
 struct ById {
     id: String,
+}
+
+async fn revoke_tokens(State(s): State<AppState>) -> StatusCode {
+    atomic::revoke_tokens(&s);
+    StatusCode::NO_CONTENT
 }
 
 async fn drop_one(
