@@ -83,6 +83,8 @@ impl InboundParser for TestParser {
     }
 }
 
+type ConsumerState = (Arc<AtomicU16>, Arc<Mutex<Vec<Received>>>);
+
 #[derive(Clone, Debug)]
 struct Received {
     headers: HeaderMap,
@@ -106,7 +108,7 @@ impl Consumer {
             .route(
                 "/in",
                 axum::routing::post(
-                    |State((status, got)): State<(Arc<AtomicU16>, Arc<Mutex<Vec<Received>>>)>,
+                    |State((status, got)): State<ConsumerState>,
                      headers: HeaderMap,
                      body: Bytes| async move {
                         got.lock().unwrap().push(Received {
