@@ -83,6 +83,8 @@ impl InboundParser for TestParser {
     }
 }
 
+type ConsumerState = (Arc<AtomicU16>, Arc<Mutex<Vec<Received>>>);
+
 #[derive(Clone, Debug)]
 struct Received {
     headers: HeaderMap,
@@ -106,7 +108,7 @@ impl Consumer {
             .route(
                 "/in",
                 axum::routing::post(
-                    |State((status, got)): State<(Arc<AtomicU16>, Arc<Mutex<Vec<Received>>>)>,
+                    |State((status, got)): State<ConsumerState>,
                      headers: HeaderMap,
                      body: Bytes| async move {
                         got.lock().unwrap().push(Received {
@@ -743,4 +745,26 @@ async fn breaker_bounds_attempts_while_open_and_closes_after_recovery() {
     )
     .await;
     assert!(!h.dp.endpoint_health(&h.key).unwrap().breaker_open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_past_max_age_are_dead_lettered_before_max_attempts() {
+    let h = Harness::start(|_, ep| {
+        ep.policy.max_attempts = 100;
+        ep.policy.initial_delay = Duration::from_millis(200);
+        ep.policy.max_delay = Duration::from_millis(400);
+        ep.policy.max_age = Duration::from_secs(1);
+    })
+    .await;
+    h.consumer.set_status(500);
+    assert_eq!(h.post(ev("old", "call_completed")).await.0, 200);
+    wait_for("dead letter by age", Duration::from_secs(5), || {
+        h.dp.queue_depth(&h.key).dead_lettered == 1
+    })
+    .await;
+    let attempts = h.consumer.requests().len();
+    assert!(
+        (2..=6).contains(&attempts),
+        "{attempts} attempts within a 1 s max age"
+    );
 }
