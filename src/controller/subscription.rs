@@ -118,7 +118,10 @@ fn atllas_header_name(spec: &WebhookSubscriptionSpec) -> String {
 
 /// What one pass found or did.
 #[derive(Debug)]
-#[expect(clippy::large_enum_variant, reason = "one short-lived value per reconcile")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one short-lived value per reconcile"
+)]
 pub enum Outcome {
     /// Upstream matches the spec (or, ObserveOnly, what exists upstream).
     Synced {
