@@ -70,6 +70,35 @@ impl IngressRoutes for RecordedRoutes {
     }
 }
 
+/// Everything the in-process controllers log, at debug level, for the no-secrets check.
+static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+
+#[derive(Clone)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = LogBuffer(buffer.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("webhook_operator=debug,kube=info")
+            .with_writer(move || writer.clone())
+            .try_init();
+        buffer
+    })
+    .clone()
+}
+
 #[derive(Parser)]
 struct Args {
     #[command(flatten)]
@@ -83,6 +112,7 @@ struct Operator {
 
 impl Operator {
     async fn start(env: &TestEnv, sandbox: &SandboxHandle) -> Operator {
+        captured_logs();
         let config = Args::parse_from([
             "test",
             "--namespace",
