@@ -46,6 +46,9 @@ pub struct OperatorConfig {
     /// Larger ingress bodies are refused with 413.
     #[arg(long, env = "WEBHOOK_OPERATOR_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// How far back the failure ratio of the `Healthy` condition looks (Go duration).
+    #[arg(long, env = "WEBHOOK_OPERATOR_HEALTH_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    pub health_window: std::time::Duration,
     #[command(flatten)]
     pub providers: ProviderUrls,
     /// Log as JSON lines.
@@ -96,6 +99,10 @@ impl ProviderUrls {
     }
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse_go_duration(s).map_err(|e| e.to_string())
+}
+
 fn parse_resolve(s: &str) -> Result<(String, SocketAddr), String> {
     let (host, addr) = s
         .split_once('=')
@@ -113,6 +120,10 @@ impl OperatorConfig {
             max_body_bytes: self.max_body_bytes,
             allow_link_local: self.allow_link_local,
             resolve_overrides: self.resolve_overrides.clone(),
+            health: crate::health::HealthConfig {
+                window: self.health_window,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }

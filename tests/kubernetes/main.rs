@@ -1,8 +1,10 @@
 //! Tests against a real kube-apiserver + etcd (see `support`). One binary, so the control
 //! plane starts once.
 
+mod fixtures;
 mod support;
 
 mod api_validation;
+mod delivery_e2e;
 mod operator_run;
 mod subscription_sync;

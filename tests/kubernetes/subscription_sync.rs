@@ -8,18 +8,19 @@ use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Event, Secret};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use webhook_operator::api::{Provider, WebhookEndpoint, WebhookSubscription};
+use webhook_operator::api::{Provider, WebhookSubscription};
 use webhook_operator::config::OperatorConfig;
 use webhook_operator::controller::routes::{
     EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes,
 };
 use webhook_operator::controller::{self, Context};
 use webhook_operator::inbound::VerificationKeys;
-use webhook_operator::sandbox::{self, SandboxConfig, SandboxHandle};
+use webhook_operator::sandbox::SandboxHandle;
 
+use crate::fixtures::*;
 use crate::support::{TestEnv, test_env, wait_until};
 
 /// Records what the controller tells the data plane.
@@ -140,183 +141,6 @@ impl Operator {
             .expect("controller stops")
             .unwrap();
     }
-}
-
-async fn sandbox() -> SandboxHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    sandbox::serve(listener, SandboxConfig::default())
-        .await
-        .unwrap()
-}
-
-async fn control(
-    sandbox: &SandboxHandle,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> Value {
-    let client = reqwest::Client::new();
-    let mut req = client.request(method, format!("{}/_control/{path}", sandbox.base_url()));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    assert!(
-        resp.status().is_success(),
-        "control {path}: {}",
-        resp.status()
-    );
-    resp.json().await.unwrap_or(Value::Null)
-}
-
-/// The upstream objects whose hook URL points at `hook_url`.
-async fn upstream_for(sandbox: &SandboxHandle, provider: &str, hook_url: &str) -> Vec<Value> {
-    let snapshot = control(
-        sandbox,
-        reqwest::Method::GET,
-        &format!("{provider}/subscriptions"),
-        None,
-    )
-    .await;
-    let items = snapshot
-        .get("subscriptions")
-        .or_else(|| snapshot.get("webhooks"))
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    items
-        .into_iter()
-        .filter(|i| {
-            let url = i
-                .get("hookUrl")
-                .or_else(|| i.pointer("/webhook/url"))
-                .or_else(|| i.get("url"))
-                .and_then(Value::as_str);
-            url == Some(hook_url)
-        })
-        .collect()
-}
-
-async fn create_secret(env: &TestEnv, name: &str, data: Value) {
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data
-    }))
-    .unwrap();
-    secrets
-        .patch(
-            name,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .unwrap();
-}
-
-async fn create_endpoint(env: &TestEnv, name: &str) {
-    let api: Api<WebhookEndpoint> = Api::namespaced(env.client.clone(), &env.namespace);
-    let ep: WebhookEndpoint = serde_json::from_value(json!({
-        "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
-        "metadata": {"name": name},
-        "spec": {"destination": {"service": {"name": "consumer", "port": 8080}}}
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &ep).await.unwrap();
-}
-
-async fn apply_subscription(env: &TestEnv, name: &str, spec: Value) {
-    let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    let obj = json!({
-        "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
-        "metadata": {"name": name}, "spec": spec
-    });
-    api.patch(
-        name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap();
-}
-
-/// Waits until the subscription's condition `type_` has `status` and returns the object.
-async fn wait_condition(
-    env: &TestEnv,
-    name: &str,
-    type_: &str,
-    status: &str,
-    reason: Option<&str>,
-) -> WebhookSubscription {
-    let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_until(
-        Duration::from_secs(45),
-        &format!("{name} {type_}={status} {reason:?}"),
-        || {
-            let api = api.clone();
-            async move {
-                let sub = api.get(name).await.ok()?;
-                let st = sub.status.as_ref()?;
-                let ok = st.conditions.iter().any(|c| {
-                    c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r)
-                }) && st.observed_generation == sub.metadata.generation;
-                ok.then_some(sub)
-            }
-        },
-    )
-    .await
-}
-
-fn hook_url(sub: &WebhookSubscription) -> String {
-    let applied = sub
-        .status
-        .as_ref()
-        .unwrap()
-        .upstream
-        .as_ref()
-        .unwrap()
-        .applied
-        .clone()
-        .unwrap();
-    serde_json::from_str::<Value>(&applied).unwrap()["hookUrl"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-fn specs() -> Vec<(&'static str, Value)> {
-    vec![
-        (
-            "atlas",
-            json!({"provider": "atlas", "credentialsRef": {"name": "atlas-creds"}, "events": ["call_completed"],
-            "atlas": {"campaignId": "camp-1"}, "endpointRef": {"name": "orders"}}),
-        ),
-        (
-            "atomic",
-            json!({"provider": "atomic", "credentialsRef": {"name": "atomic-creds"}, "events": ["card-published", "card-completed"],
-            "atomic": {"organizationId": "org1", "environmentId": "env1"}, "endpointRef": {"name": "orders"}}),
-        ),
-        (
-            "smallest",
-            json!({"provider": "smallest", "credentialsRef": {"name": "smallest-creds"}, "events": ["post-conversation"],
-            "smallest": {"agentIds": ["65f0c0ffee00000000000001"]}, "endpointRef": {"name": "orders"}}),
-        ),
-    ]
-}
-
-async fn credentials(env: &TestEnv) {
-    create_secret(env, "atlas-creds", json!({"apiKey": "atlas-test-key"})).await;
-    create_secret(
-        env,
-        "atomic-creds",
-        json!({"clientId": "atomic-client", "clientSecret": "atomic-secret"}),
-    )
-    .await;
-    create_secret(
-        env,
-        "smallest-creds",
-        json!({"apiKey": "smallest-test-key"}),
-    )
-    .await;
 }
 
 #[tokio::test]

@@ -1,0 +1,762 @@
+//! The whole path with the real binary: provider simulator → operator ingress → durable
+//! queue → delivery → a loopback consumer that checks every signature with an independent
+//! Standard Webhooks implementation (the `standardwebhooks` crate, not our code).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
+use webhook_operator::sandbox::SandboxHandle;
+
+use crate::fixtures::*;
+use crate::support::{TestEnv, test_env, wait_until};
+
+/// One delivery as the consumer saw it.
+#[derive(Clone, Debug)]
+struct Received {
+    webhook_id: String,
+    body: Value,
+    verified: bool,
+}
+
+/// A loopback consumer: answers with `status`, records what arrives, verifies signatures.
+#[derive(Clone)]
+struct Consumer {
+    port: u16,
+    status: Arc<AtomicU16>,
+    secret: Arc<Mutex<Option<String>>>,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Consumer {
+    async fn start() -> Consumer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let consumer = Consumer {
+            port: listener.local_addr().unwrap().port(),
+            status: Arc::new(AtomicU16::new(200)),
+            secret: Arc::default(),
+            received: Arc::default(),
+        };
+        let app = axum::Router::new()
+            .fallback(receive)
+            .with_state(consumer.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        consumer
+    }
+
+    fn answer(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+async fn receive(
+    State(c): State<Consumer>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    let status = StatusCode::from_u16(c.status.load(Ordering::SeqCst)).unwrap();
+    if !status.is_success() {
+        return status;
+    }
+    let secret = c.secret.lock().unwrap().clone();
+    let verified = secret.is_some_and(|s| {
+        standardwebhooks::Webhook::new(&s)
+            .and_then(|wh| wh.verify(&body, &headers))
+            .is_ok()
+    });
+    let webhook_id = headers
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    c.received.lock().unwrap().push(Received {
+        webhook_id,
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        verified,
+    });
+    status
+}
+
+/// `webhook-operator run` as a child process, its log lines collected.
+struct OperatorProcess {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl OperatorProcess {
+    fn start(
+        env: &TestEnv,
+        sandbox: &SandboxHandle,
+        consumer: &Consumer,
+        ingress_port: u16,
+        data_dir: &Path,
+    ) -> OperatorProcess {
+        Self::start_with(env, sandbox, consumer, ingress_port, data_dir, &[])
+    }
+
+    fn start_with(
+        env: &TestEnv,
+        sandbox: &SandboxHandle,
+        consumer: &Consumer,
+        ingress_port: u16,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> OperatorProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
+            .arg("run")
+            .args(extra)
+            .args(["--ingress-addr", &format!("127.0.0.1:{ingress_port}")])
+            .args(["--ops-addr", "127.0.0.1:0"])
+            .args([
+                "--public-base-url",
+                &format!("http://127.0.0.1:{ingress_port}"),
+            ])
+            .args(["--provider-sandbox-url", &sandbox.base_url()])
+            .args([
+                "--resolve",
+                &format!(
+                    "consumer.{}.svc:8080=127.0.0.1:{}",
+                    env.namespace, consumer.port
+                ),
+            ])
+            .args(["--namespace", &env.namespace])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("KUBECONFIG", &env.cp.kubeconfig)
+            .env("RUST_LOG", "webhook_operator=info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start operator");
+        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        OperatorProcess { child, logs }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn apply_endpoint(env: &TestEnv, name: &str, spec: Value) {
+    let api: Api<WebhookEndpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    let obj = json!({
+        "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
+        "metadata": {"name": name}, "spec": spec
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap();
+}
+
+fn consumer_destination() -> Value {
+    json!({"service": {"name": "consumer", "port": 8080, "path": "/events"}})
+}
+
+/// Waits until the endpoint's status satisfies `check`.
+async fn wait_endpoint<F>(env: &TestEnv, name: &str, what: &str, check: F) -> WebhookEndpoint
+where
+    F: Fn(&WebhookEndpoint) -> bool,
+{
+    let api: Api<WebhookEndpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait_until(Duration::from_secs(90), what, || {
+        let api = api.clone();
+        let check = &check;
+        async move {
+            let ep = api.get(name).await.ok()?;
+            check(&ep).then_some(ep)
+        }
+    })
+    .await
+}
+
+fn condition(ep: &WebhookEndpoint, type_: &str) -> Option<(String, String)> {
+    ep.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+fn delivered(ep: &WebhookEndpoint) -> u64 {
+    ep.status
+        .as_ref()
+        .and_then(|s| s.delivery.as_ref())
+        .map_or(0, |d| d.delivered)
+}
+
+async fn signing_secret(env: &TestEnv, endpoint: &str) -> String {
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let s = secrets.get(&format!("{endpoint}-signing")).await.unwrap();
+    String::from_utf8(s.data.unwrap()["secret"].0.clone()).unwrap()
+}
+
+async fn ingress_url(env: &TestEnv, endpoint: &str) -> String {
+    let ep = wait_endpoint(env, endpoint, "endpoint Ready", |ep| {
+        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+    ep.status.unwrap().ingress_url.unwrap()
+}
+
+/// Sandbox, consumer, credentials, endpoint `orders` and a running operator.
+async fn setup(
+    prefix: &str,
+    endpoint_spec: Value,
+) -> (
+    TestEnv,
+    SandboxHandle,
+    Consumer,
+    OperatorProcess,
+    tempfile::TempDir,
+    u16,
+) {
+    setup_with(prefix, endpoint_spec, &[]).await
+}
+
+async fn setup_with(
+    prefix: &str,
+    endpoint_spec: Value,
+    extra: &[&str],
+) -> (
+    TestEnv,
+    SandboxHandle,
+    Consumer,
+    OperatorProcess,
+    tempfile::TempDir,
+    u16,
+) {
+    let env = test_env(prefix).await;
+    let sandbox = sandbox().await;
+    let consumer = Consumer::start().await;
+    credentials(&env).await;
+    apply_endpoint(&env, "orders", endpoint_spec).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let operator =
+        OperatorProcess::start_with(&env, &sandbox, &consumer, port, data_dir.path(), extra);
+    ingress_url(&env, "orders").await;
+    *consumer.secret.lock().unwrap() = Some(signing_secret(&env, "orders").await);
+    (env, sandbox, consumer, operator, data_dir, port)
+}
+
+fn atlas_event(call_id: &str) -> Value {
+    json!([{"callId": call_id, "campaignId": "camp-1", "triggerName": "call_completed", "customerNumber": "+15550100"}])
+}
+
+#[tokio::test]
+async fn each_provider_event_reaches_the_consumer_once_signed() {
+    let (env, sandbox, consumer, operator, _dir, _) =
+        setup("e2e", json!({"destination": consumer_destination()})).await;
+    for (name, spec) in specs() {
+        apply_subscription(&env, name, spec).await;
+    }
+    apply_subscription(&env, "atllas", json!({"provider": "atllas", "events": ["call.finished"], "endpointRef": {"name": "orders"}})).await;
+    for name in ["atlas", "atomic", "smallest", "atllas"] {
+        wait_condition(&env, name, "Ready", "True", None).await;
+    }
+    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    let manual = subs
+        .get("atllas")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .manual_setup
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let header_value = String::from_utf8(
+        secrets
+            .get(&manual.secret_name.unwrap())
+            .await
+            .unwrap()
+            .data
+            .unwrap()["value"]
+            .0
+            .clone(),
+    )
+    .unwrap();
+
+    let fired = [
+        (
+            "atlas",
+            json!({"event": "call_completed", "campaignId": "camp-1"}),
+        ),
+        (
+            "atomic",
+            json!({"event": "card-published", "organizationId": "org1", "environmentId": "env1"}),
+        ),
+        (
+            "smallest",
+            json!({"event": "post-conversation", "agentId": "65f0c0ffee00000000000001"}),
+        ),
+        (
+            "atllas",
+            json!({"url": manual.hook_url.unwrap(), "event": "call.finished", "headerName": manual.header_name.unwrap(), "headerValue": header_value}),
+        ),
+    ];
+    for (provider, body) in fired {
+        let result = control(
+            &sandbox,
+            reqwest::Method::POST,
+            &format!("{provider}/fire"),
+            Some(body),
+        )
+        .await;
+        let statuses: Vec<u64> = result["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["status"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            statuses,
+            [200],
+            "{provider}: the ingress accepted exactly one delivery: {result}"
+        );
+    }
+    wait_until(Duration::from_secs(30), "four deliveries", || {
+        let n = consumer.received().len();
+        async move { (n >= 4).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = consumer.received();
+    assert_eq!(received.len(), 4, "each event exactly once: {received:?}");
+    assert!(
+        received.iter().all(|r| r.verified),
+        "every signature verifies with the independent library"
+    );
+    let ids: BTreeSet<_> = received.iter().map(|r| r.webhook_id.clone()).collect();
+    assert_eq!(ids.len(), 4, "distinct webhook-id per event");
+
+    // Status reflects it: delivered count, Healthy, events received per subscription.
+    let ep = wait_endpoint(&env, "orders", "delivered=4 and Healthy", |ep| {
+        delivered(ep) == 4
+            && condition(ep, "Healthy").is_some_and(|(s, r)| s == "True" && r == "Delivering")
+    })
+    .await;
+    assert!(
+        ep.status
+            .unwrap()
+            .delivery
+            .unwrap()
+            .latency_p99_ms
+            .is_some()
+    );
+    for name in ["atlas", "atomic", "smallest", "atllas"] {
+        let api = subs.clone();
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{name} counts its event"),
+            || {
+                let api = api.clone();
+                async move {
+                    let s = api.get(name).await.ok()?;
+                    (s.status?.events?.received == 1).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    drop(operator);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_and_nothing_reaches_the_consumer() {
+    let (env, _sandbox, consumer, operator, _dir, port) =
+        setup("reject", json!({"destination": consumer_destination()})).await;
+    apply_subscription(&env, "atomic", specs()[1].1.clone()).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    apply_subscription(&env, "atllas", json!({"provider": "atllas", "events": ["call.finished"], "endpointRef": {"name": "orders"}})).await;
+    for name in ["atomic", "atlas", "atllas"] {
+        wait_condition(&env, name, "Ready", "True", None).await;
+    }
+    let base = ingress_url(&env, "orders").await;
+    let http = reqwest::Client::new();
+    let post = |url: String, body: Vec<u8>, headers: Vec<(&'static str, &'static str)>| {
+        let http = http.clone();
+        async move {
+            let mut req = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            req.send().await.unwrap().status().as_u16()
+        }
+    };
+    let atomic_body = br#"{"requestId":"r","environmentId":"env1","webhookId":"w","isBatched":false,"data":{"id":"e1","analyticsEvent":"card-published","timestamp":"2026-01-01T00:00:00Z"}}"#.to_vec();
+    let atllas_body =
+        br#"{"type":"call.finished","timestamp":1,"call":{"id":"c1","status":"finished"}}"#
+            .to_vec();
+    let cases = [
+        (
+            "bad Atomic signature",
+            post(
+                format!("{base}/atomic"),
+                atomic_body,
+                vec![("x-atomic-signature", "00")],
+            )
+            .await,
+            401,
+        ),
+        (
+            "wrong Atllas header",
+            post(
+                format!("{base}/atllas"),
+                atllas_body,
+                vec![("x-webhook-token", "wrong")],
+            )
+            .await,
+            401,
+        ),
+        (
+            "unknown token",
+            post(
+                format!("http://127.0.0.1:{port}/hooks/0000/atlas"),
+                atlas_event("c").to_string().into_bytes(),
+                vec![],
+            )
+            .await,
+            404,
+        ),
+        (
+            "unknown subscription",
+            post(
+                format!("{base}/nobody"),
+                atlas_event("c").to_string().into_bytes(),
+                vec![],
+            )
+            .await,
+            404,
+        ),
+        (
+            "oversize",
+            post(format!("{base}/atlas"), vec![b' '; 2 * 1024 * 1024], vec![]).await,
+            413,
+        ),
+        (
+            "malformed JSON",
+            post(format!("{base}/atlas"), b"[{\"callId\":".to_vec(), vec![]).await,
+            400,
+        ),
+    ];
+    for (what, got, want) in cases {
+        assert_eq!(got, want, "{what}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        consumer.received().is_empty(),
+        "nothing unverified was delivered"
+    );
+    let metrics_seen = operator
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|l| !l.contains("panicked"));
+    assert!(metrics_seen, "the operator did not panic");
+}
+
+#[tokio::test]
+async fn failing_consumer_is_retried_health_degrades_then_recovers() {
+    let spec = json!({"destination": consumer_destination(),
+        "delivery": {"retry": {"maxAttempts": 100, "initialDelay": "200ms", "maxDelay": "2s"}}});
+    // A short health window, so recovery shows within the test rather than after 5 min.
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup_with("retry", spec, &["--health-window", "10s"]).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    consumer.answer(500);
+    let http = reqwest::Client::new();
+    for i in 0..3 {
+        let status = http
+            .post(&url)
+            .json(&atlas_event(&format!("retry-{i}")))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status.is_success());
+    }
+    let ep = wait_endpoint(&env, "orders", "Healthy=False", |ep| {
+        condition(ep, "Healthy").is_some_and(|(s, _)| s == "False")
+    })
+    .await;
+    let (_, reason) = condition(&ep, "Healthy").unwrap();
+    assert!(
+        reason == "DeliveryFailing" || reason == "Degraded",
+        "{reason}"
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(consumer.received().is_empty());
+    consumer.answer(200);
+    let ep = wait_endpoint(
+        &env,
+        "orders",
+        "delivered after recovery and Healthy again",
+        |ep| delivered(ep) == 3 && condition(ep, "Healthy").is_some_and(|(s, _)| s == "True"),
+    )
+    .await;
+    assert!(
+        ep.status.unwrap().delivery.unwrap().failed >= 3,
+        "attempts failed while the consumer was down"
+    );
+    let mut ids: Vec<String> = consumer
+        .received()
+        .iter()
+        .map(|r| r.body["callId"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["retry-0", "retry-1", "retry-2"]);
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == &reason),
+        "an Event for the failure: {reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r == "Delivering"),
+        "an Event for the recovery: {reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn exhausted_events_are_dead_lettered_and_replayed() {
+    let spec = json!({"destination": consumer_destination(),
+        "delivery": {"retry": {"maxAttempts": 2, "initialDelay": "100ms", "maxDelay": "200ms"}}});
+    let (env, _sandbox, consumer, _operator, _dir, _) = setup("dlq", spec).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    consumer.answer(503);
+    let http = reqwest::Client::new();
+    for i in 0..2 {
+        assert!(
+            http.post(&url)
+                .json(&atlas_event(&format!("dlq-{i}")))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .is_success()
+        );
+    }
+    wait_endpoint(&env, "orders", "two dead letters", |ep| {
+        ep.status
+            .as_ref()
+            .and_then(|s| s.delivery.as_ref())
+            .is_some_and(|d| d.dead_lettered == 2)
+    })
+    .await;
+    consumer.answer(200);
+    let api: Api<WebhookEndpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    let patch = json!({"metadata": {"annotations": {"hooks.webhook-operator.dev/replay-requested-at": "first"}}});
+    api.patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_endpoint(&env, "orders", "replay handled", |ep| {
+        ep.status
+            .as_ref()
+            .and_then(|s| s.last_handled_replay_at.as_deref())
+            == Some("first")
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "replayed events delivered", || {
+        let n = consumer.received().len();
+        async move { (n == 2).then_some(()) }
+    })
+    .await;
+    assert!(consumer.received().iter().all(|r| r.verified));
+}
+
+#[tokio::test]
+async fn sigkill_mid_delivery_loses_no_acknowledged_event() {
+    let spec = json!({"destination": consumer_destination(),
+        "delivery": {"ratePerSecond": 1500, "maxInFlight": 32, "retry": {"initialDelay": "100ms", "maxDelay": "1s"}}});
+    let (env, sandbox, consumer, mut operator, dir, port) = setup("crash", spec).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+
+    const TOTAL: usize = 10_000;
+    let accepted: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = |stop_at: usize| {
+        let (accepted, next, url) = (accepted.clone(), next.clone(), url.clone());
+        async move {
+            let http = reqwest::Client::new();
+            let workers: Vec<_> = (0..32)
+                .map(|_| {
+                    let (accepted, next, url, http) =
+                        (accepted.clone(), next.clone(), url.clone(), http.clone());
+                    tokio::spawn(async move {
+                        while accepted.lock().unwrap().len() < stop_at {
+                            let n = next.fetch_add(1, Ordering::SeqCst);
+                            let id = format!("load-{n}");
+                            if let Ok(r) = http.post(&url).json(&atlas_event(&id)).send().await
+                                && r.status().is_success()
+                            {
+                                accepted.lock().unwrap().insert(id);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.await.unwrap();
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), load(TOTAL / 2))
+        .await
+        .expect("first half of the load");
+    operator.kill9();
+    let delivered_at_kill = consumer.received().len();
+    assert!(
+        delivered_at_kill < accepted.lock().unwrap().len(),
+        "the kill landed mid-delivery"
+    );
+    let _operator = OperatorProcess::start(&env, &sandbox, &consumer, port, dir.path());
+    wait_until(Duration::from_secs(30), "ingress back", || {
+        let url = url.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .post(&url)
+                .json(&atlas_event("probe"))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        }
+    })
+    .await;
+    accepted.lock().unwrap().insert("probe".into());
+    tokio::time::timeout(Duration::from_secs(120), load(TOTAL))
+        .await
+        .expect("second half of the load");
+
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(accepted.len() >= TOTAL);
+    wait_until(
+        Duration::from_secs(180),
+        "every acknowledged event delivered",
+        || {
+            let got: BTreeSet<String> = consumer
+                .received()
+                .iter()
+                .filter_map(|r| r.body["callId"].as_str().map(String::from))
+                .collect();
+            let missing = accepted.difference(&got).count();
+            async move { (missing == 0).then_some(()) }
+        },
+    )
+    .await;
+    // A redelivery after the crash is allowed, but only with the same webhook-id.
+    let mut ids: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in consumer.received() {
+        assert!(r.verified);
+        ids.entry(r.body["callId"].as_str().unwrap().to_string())
+            .or_default()
+            .insert(r.webhook_id);
+    }
+    assert!(
+        ids.values().all(|s| s.len() == 1),
+        "a duplicate carried a new webhook-id"
+    );
+    println!(
+        "crash test: {} acknowledged, {} delivered at the kill, {} deliveries in all ({} duplicates)",
+        accepted.len(),
+        delivered_at_kill,
+        consumer.received().len(),
+        consumer.received().len() - ids.len()
+    );
+}
+
+#[tokio::test]
+async fn link_local_destination_is_refused_with_a_condition() {
+    let env = test_env("ssrf").await;
+    // http to a public or link-local host is refused by the API server already.
+    let api: Api<WebhookEndpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    let obj = json!({"apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
+        "metadata": {"name": "metadata"}, "spec": {"destination": {"url": "http://169.254.169.254/"}}});
+    let err = api
+        .patch("metadata", &PatchParams::apply("test"), &Patch::Apply(&obj))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("spec.destination.url"), "{err}");
+
+    // https passes the schema; the operator refuses it at delivery and says so.
+    let sandbox = sandbox().await;
+    let consumer = Consumer::start().await;
+    apply_endpoint(
+        &env,
+        "metadata",
+        json!({"destination": {"url": "https://169.254.169.254/latest/meta-data"}}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let _operator = OperatorProcess::start(&env, &sandbox, &consumer, free_port(), dir.path());
+    let ep = wait_endpoint(&env, "metadata", "Ready=False DestinationForbidden", |ep| {
+        condition(ep, "Ready").is_some_and(|(s, r)| s == "False" && r == "DestinationForbidden")
+    })
+    .await;
+    let msg = ep
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .message;
+    assert!(msg.contains("forbidden"), "{msg}");
+}
