@@ -13,5 +13,6 @@ pub mod ingress;
 pub mod metrics;
 pub mod providers;
 pub mod queue;
+pub mod replay;
 pub mod sandbox;
 pub mod telemetry;

@@ -18,6 +18,8 @@ enum Command {
     Crd,
     /// Run the operator against the current kubeconfig or the in-cluster config.
     Run(OperatorConfig),
+    /// Re-queue the dead letters of a WebhookEndpoint (through the replay annotation).
+    Replay(webhook_operator::replay::ReplayArgs),
     /// Serve the provider simulators (Atlas, Atomic, Smallest) for tests and demos.
     Sandbox(webhook_operator::sandbox::SandboxArgs),
 }
@@ -26,6 +28,10 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", api::crds_yaml()),
+        Command::Replay(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            webhook_operator::replay::run(args).await?
+        }
         Command::Sandbox(args) => {
             telemetry::init(false);
             webhook_operator::sandbox::run(args).await?

@@ -599,18 +599,40 @@ async fn exhausted_events_are_dead_lettered_and_replayed() {
     })
     .await;
     consumer.answer(200);
-    let api: Api<WebhookEndpoint> = Api::namespaced(env.client.clone(), &env.namespace);
-    let patch = json!({"metadata": {"annotations": {"hooks.webhook-operator.dev/replay-requested-at": "first"}}});
-    api.patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
+    // `webhook-operator replay` sets the annotation and waits for the operator's echo.
+    let out = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
+        .args([
+            "replay",
+            "orders",
+            "--namespace",
+            &env.namespace,
+            "--timeout",
+            "60s",
+        ])
+        .env("KUBECONFIG", &env.cp.kubeconfig)
+        .output()
         .unwrap();
-    wait_endpoint(&env, "orders", "replay handled", |ep| {
-        ep.status
-            .as_ref()
-            .and_then(|s| s.last_handled_replay_at.as_deref())
-            == Some("first")
-    })
-    .await;
+    assert!(
+        out.status.success(),
+        "replay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("handled"));
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let notes: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("re-queued 2 dead-lettered events")),
+        "{notes:?}"
+    );
     wait_until(Duration::from_secs(30), "replayed events delivered", || {
         let n = consumer.received().len();
         async move { (n == 2).then_some(()) }

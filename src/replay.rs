@@ -1,0 +1,66 @@
+//! `webhook-operator replay`: asks the operator to re-queue an endpoint's dead letters by
+//! setting the replay annotation (the same request a GitOps change can make), then waits
+//! until the operator echoes it in status.
+
+use std::time::Duration;
+
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use crate::api::WebhookEndpoint;
+use crate::controller::endpoint::{REPLAY_ANNOTATION, REPLAY_SINCE_ANNOTATION};
+
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    /// The WebhookEndpoint whose dead letters are re-queued.
+    pub endpoint: String,
+    /// Its namespace (default: the kubeconfig's).
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// Only events dead-lettered at or after this RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<jiff::Timestamp>,
+    /// How long to wait for the operator to handle the request.
+    #[arg(long, default_value = "60s", value_parser = |s: &str| crate::duration::parse_go_duration(s).map_err(|e| e.to_string()))]
+    pub timeout: Duration,
+}
+
+pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let ns = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let api: Api<WebhookEndpoint> = Api::namespaced(client, &ns);
+    let request = jiff::Timestamp::now().to_string();
+    let patch = json!({"metadata": {"annotations": {
+        REPLAY_ANNOTATION: request,
+        REPLAY_SINCE_ANNOTATION: args.since.map(|t| t.to_string()),
+    }}});
+    api.patch(
+        &args.endpoint,
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    loop {
+        let ep = api.get(&args.endpoint).await?;
+        if ep.status.and_then(|s| s.last_handled_replay_at).as_deref() == Some(request.as_str()) {
+            println!(
+                "replay of {ns}/{} handled (request {request}); see its Events for the count",
+                args.endpoint
+            );
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the operator did not handle the replay of {ns}/{} within {:?}",
+                args.endpoint,
+                args.timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
