@@ -24,6 +24,7 @@ pub mod reasons {
     pub const ENDPOINT_NOT_READY: &str = "EndpointNotReady";
     pub const NOT_FOUND_UPSTREAM: &str = "NotFoundUpstream";
     pub const DISABLED_UPSTREAM: &str = "DisabledUpstream";
+    pub const DRIFT_DETECTED: &str = "DriftDetected";
     pub const MANUAL_SETUP: &str = "ManualSetupRequired";
     pub const OBSERVE_ONLY: &str = "ObserveOnly";
     pub const PROGRESSING: &str = "Progressing";

@@ -165,6 +165,7 @@ pub fn outcome_status(
             upstream.state = Some(match &observed.state {
                 UpstreamState::Enabled => "enabled".into(),
                 UpstreamState::Disabled { .. } => "disabled".into(),
+                UpstreamState::Incomplete { .. } => "incomplete".into(),
                 UpstreamState::Manual => "manual".into(),
             });
             upstream.last_sync_time = Some(now.clone());
@@ -172,6 +173,7 @@ pub fn outcome_status(
                 upstream.applied = serde_json::to_string(applied).ok();
             }
             let synced_reason = match observed.action {
+                _ if matches!(observed.state, UpstreamState::Disabled { .. }) => reasons::SYNCED,
                 SyncAction::Adopted => reasons::ADOPTED,
                 SyncAction::Recreated => reasons::DRIFT_REPAIRED,
                 _ if applied.is_none() => reasons::OBSERVE_ONLY,
@@ -182,7 +184,13 @@ pub fn outcome_status(
                     types::READY,
                     false,
                     reasons::DISABLED_UPSTREAM,
-                    format!("the provider reports the subscription disabled: {message}"),
+                    message.clone(),
+                ),
+                UpstreamState::Incomplete { message } => Desired::new(
+                    types::READY,
+                    false,
+                    reasons::DRIFT_DETECTED,
+                    message.clone(),
                 ),
                 _ => Desired::new(
                     types::READY,
@@ -545,10 +553,23 @@ async fn sync(
                 .as_ref()
                 .and_then(|u| u.applied.as_deref())
                 .and_then(|s| serde_json::from_str(s).ok());
-            provider
-                .ensure(creds, &desired, previous.as_ref())
-                .await
-                .map(|o| (o, Some(desired.clone())))
+            // Once something was applied, look before writing: a subscription the provider
+            // disabled is reported, not silently replaced (re-enabling is the user's call).
+            let disabled = match previous.as_ref().filter(|p| **p == desired) {
+                Some(_) => match provider.observe(creds, &desired).await {
+                    Ok(Some(o)) if matches!(o.state, UpstreamState::Disabled { .. }) => Some(Ok(o)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                },
+                None => None,
+            };
+            match disabled {
+                Some(result) => result.map(|o| (o, previous.clone())),
+                None => provider
+                    .ensure(creds, &desired, previous.as_ref())
+                    .await
+                    .map(|o| (o, Some(desired.clone()))),
+            }
         }
     };
     match result {
@@ -592,7 +613,27 @@ async fn publish_outcome_event(
         .iter()
         .find(|c| c.type_ == types::SYNCED)
         .map(|c| c.reason.clone());
+    let previous_ready = current
+        .conditions
+        .iter()
+        .find(|c| c.type_ == types::READY)
+        .map(|c| c.reason.clone());
     let (type_, reason, note) = match outcome {
+        Outcome::Synced { observed, .. }
+            if matches!(observed.state, UpstreamState::Disabled { .. }) =>
+        {
+            if previous_ready.as_deref() == Some(reasons::DISABLED_UPSTREAM) {
+                return;
+            }
+            let UpstreamState::Disabled { message } = &observed.state else {
+                return;
+            };
+            (
+                EventType::Warning,
+                reasons::DISABLED_UPSTREAM,
+                message.clone(),
+            )
+        }
         Outcome::Synced { observed, .. } => {
             let (reason, what) = match observed.action {
                 SyncAction::Created => ("Created", "created the upstream subscription"),
@@ -606,6 +647,14 @@ async fn publish_outcome_event(
                     reasons::DRIFT_REPAIRED,
                     "the upstream subscription had vanished or been disabled; recreated it",
                 ),
+                SyncAction::Unchanged
+                    if previous_ready.as_deref() == Some(reasons::DISABLED_UPSTREAM) =>
+                {
+                    (
+                        "EnabledUpstream",
+                        "the provider reports the subscription enabled again",
+                    )
+                }
                 SyncAction::Unchanged => return,
             };
             (

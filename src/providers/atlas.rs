@@ -263,7 +263,7 @@ impl ProviderApi for AtlasClient {
         let state = if missing.is_empty() {
             UpstreamState::Enabled
         } else {
-            UpstreamState::Disabled {
+            UpstreamState::Incomplete {
                 message: format!("triggers missing upstream: {}", missing.join(",")),
             }
         };

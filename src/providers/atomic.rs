@@ -497,7 +497,7 @@ impl ProviderApi for AtomicClient {
                 UpstreamState::Enabled
             } else {
                 UpstreamState::Disabled {
-                    message: "webhook is disabled at Atomic".into(),
+                    message: "Atomic lists the webhook with enabled=false (disabled, or paused after failed deliveries); re-enable it in the Atomic Workbench (the API cannot)".into(),
                 }
             },
             signing_secret: w.secret.clone(),

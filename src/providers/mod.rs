@@ -139,8 +139,14 @@ impl DesiredSubscription {
 #[serde(tag = "state", rename_all = "camelCase")]
 pub enum UpstreamState {
     Enabled,
-    /// Exists but does not deliver (disabled, paused, or partly missing); the message says why.
+    /// The provider disabled or paused it; the message has the provider's words and
+    /// what the user can do. `ensure` repairs nothing here: re-enabling is the user's call.
     Disabled {
+        message: String,
+    },
+    /// Exists, but part of what is wanted is missing upstream (triggers, agent events);
+    /// `ensure` repairs it.
+    Incomplete {
         message: String,
     },
     /// Configured by hand (Atllas): nothing to observe.

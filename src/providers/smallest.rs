@@ -222,7 +222,10 @@ fn observed(w: &Webhook, action: SyncAction) -> Observed {
             UpstreamState::Enabled
         } else {
             UpstreamState::Disabled {
-                message: format!("webhook status is {} at Smallest", w.status),
+                message: format!(
+                    "Smallest reports the webhook status {:?}; re-enable it in the Atoms dashboard (the API cannot)",
+                    w.status
+                ),
             }
         },
         signing_secret: w.decrypted_secret_key.clone(),
@@ -531,7 +534,7 @@ impl ProviderApi for SmallestClient {
             .map(String::as_str)
             .collect();
         if o.state == UpstreamState::Enabled && !missing.is_empty() {
-            o.state = UpstreamState::Disabled {
+            o.state = UpstreamState::Incomplete {
                 message: format!(
                     "agents without the desired subscriptions: {}",
                     missing.join(",")

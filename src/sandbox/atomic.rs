@@ -383,11 +383,12 @@ pub(crate) fn drop_webhook(s: &Shared, id: &str) -> bool {
     st.webhooks.len() != before
 }
 
-pub(crate) fn disable_webhook(s: &Shared, id: &str) -> bool {
+/// Disables (pauses) or re-enables a webhook, as Atomic or a Workbench user would.
+pub(crate) fn set_enabled(s: &Shared, id: &str, enabled: bool) -> bool {
     let mut st = s.atomic.lock().expect("atomic state");
     match st.webhooks.iter_mut().find(|e| e.hook.id == id) {
         Some(e) => {
-            e.hook.enabled = false;
+            e.hook.enabled = enabled;
             true
         }
         None => false,

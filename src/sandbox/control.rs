@@ -125,6 +125,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/_control/{provider}/fire", post(fire))
         .route("/_control/{provider}/drop", post(drop_one))
         .route("/_control/{provider}/disable", post(disable_one))
+        .route("/_control/{provider}/enable", post(enable_one))
         .route("/_control/atomic/revoke-tokens", post(revoke_tokens))
 }
 
@@ -265,10 +266,22 @@ async fn disable_one(
     Path(name): Path<String>,
     Json(b): Json<ById>,
 ) -> Response {
-    let found = match provider_from(name.as_str()) {
-        Some(Provider::Atomic) => atomic::disable_webhook(&s, &b.id),
-        Some(Provider::Smallest) => smallest::disable_webhook(&s, &b.id),
-        _ => return bad("only atomic and smallest webhooks can be disabled"),
+    set_enabled(&s, &name, &b.id, false)
+}
+
+async fn enable_one(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Json(b): Json<ById>,
+) -> Response {
+    set_enabled(&s, &name, &b.id, true)
+}
+
+fn set_enabled(s: &AppState, name: &str, id: &str, enabled: bool) -> Response {
+    let found = match provider_from(name) {
+        Some(Provider::Atomic) => atomic::set_enabled(s, id, enabled),
+        Some(Provider::Smallest) => smallest::set_enabled(s, id, enabled),
+        _ => return bad("only atomic and smallest webhooks can be disabled or enabled"),
     };
     if found {
         StatusCode::NO_CONTENT.into_response()

@@ -451,11 +451,12 @@ pub(crate) fn drop_webhook(s: &Shared, id: &str) -> bool {
     st.hooks.len() != before
 }
 
-pub(crate) fn disable_webhook(s: &Shared, id: &str) -> bool {
+/// Disables or re-enables a webhook, as a dashboard user would.
+pub(crate) fn set_enabled(s: &Shared, id: &str, enabled: bool) -> bool {
     let mut st = s.smallest.lock().expect("smallest state");
     match st.hooks.iter_mut().find(|x| x.id == id) {
         Some(hk) => {
-            hk.status = "disabled".into();
+            hk.status = if enabled { "enabled" } else { "disabled" }.into();
             true
         }
         None => false,

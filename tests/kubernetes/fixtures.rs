@@ -117,7 +117,7 @@ pub async fn wait_condition(
 ) -> WebhookSubscription {
     let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
     wait_until(
-        Duration::from_secs(45),
+        Duration::from_secs(75),
         &format!("{name} {type_}={status} {reason:?}"),
         || {
             let api = api.clone();

@@ -479,3 +479,105 @@ async fn two_smallest_subscriptions_on_one_agent_coexist() {
     );
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn a_subscription_the_provider_disabled_is_reported_until_re_enabled() {
+    let env = test_env("disabled").await;
+    let sandbox = sandbox().await;
+    credentials(&env).await;
+    create_endpoint(&env, "orders").await;
+    let operator = Operator::start(&env, &sandbox).await;
+    let mut ids = Vec::new();
+    for (name, mut spec) in specs().into_iter().skip(1) {
+        spec["resyncInterval"] = json!("30s");
+        apply_subscription(&env, name, spec).await;
+        let url = hook_url(&wait_condition(&env, name, "Ready", "True", None).await);
+        let upstream = upstream_for(&sandbox, name, &url).await;
+        let id = upstream[0]
+            .pointer("/webhook/id")
+            .or_else(|| upstream[0].get("_id"))
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string();
+        ids.push((name, id));
+    }
+    for (name, id) in &ids {
+        control(
+            &sandbox,
+            reqwest::Method::POST,
+            &format!("{name}/disable"),
+            Some(json!({"id": id})),
+        )
+        .await;
+    }
+    for (name, hint) in [("atomic", "Workbench"), ("smallest", "Atoms dashboard")] {
+        let sub = wait_condition(&env, name, "Ready", "False", Some("DisabledUpstream")).await;
+        let ready = sub
+            .status
+            .as_ref()
+            .unwrap()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap()
+            .clone();
+        assert!(
+            ready.message.contains(hint),
+            "{name}: says what to do: {}",
+            ready.message
+        );
+        assert_eq!(
+            sub.status.unwrap().upstream.unwrap().state.as_deref(),
+            Some("disabled")
+        );
+    }
+    // Reported, not replaced: still exactly one upstream object each, the same one.
+    for (name, id) in &ids {
+        let snapshot = control(
+            &sandbox,
+            reqwest::Method::GET,
+            &format!("{name}/subscriptions"),
+            None,
+        )
+        .await;
+        assert_eq!(
+            snapshot["webhooks"].as_array().unwrap().len(),
+            1,
+            "{name}: {snapshot}"
+        );
+        assert!(snapshot.to_string().contains(id.as_str()));
+    }
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let reasons = |list: Vec<Event>| {
+        list.into_iter()
+            .filter_map(|e| e.reason)
+            .collect::<Vec<_>>()
+    };
+    let seen = reasons(events.list(&ListParams::default()).await.unwrap().items);
+    assert_eq!(
+        seen.iter().filter(|r| *r == "DisabledUpstream").count(),
+        2,
+        "{seen:?}"
+    );
+
+    for (name, id) in &ids {
+        control(
+            &sandbox,
+            reqwest::Method::POST,
+            &format!("{name}/enable"),
+            Some(json!({"id": id})),
+        )
+        .await;
+    }
+    for (name, _) in &ids {
+        wait_condition(&env, name, "Ready", "True", None).await;
+    }
+    let seen = reasons(events.list(&ListParams::default()).await.unwrap().items);
+    assert_eq!(
+        seen.iter().filter(|r| *r == "EnabledUpstream").count(),
+        2,
+        "{seen:?}"
+    );
+    operator.stop().await;
+}
