@@ -220,6 +220,24 @@ pub struct Signing {
     /// the operator generates one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
+    /// After a rotation, deliveries carry a signature with the old secret too for this
+    /// long (Go duration, 0s to 720h), so consumers can switch at their pace. The same
+    /// window applies when a provider's signing secret changes.
+    #[serde(default = "default_rotation_overlap")]
+    #[schemars(extend(
+        "pattern" = super::common::DURATION_PATTERN,
+        "x-kubernetes-validations" = [{"rule": "duration(self) >= duration('0s') && duration(self) <= duration('720h')", "message": "must be between 0s and 720h"}]
+    ))]
+    pub rotation_overlap: String,
+}
+
+impl Default for Signing {
+    fn default() -> Self {
+        Self {
+            secret_ref: None,
+            rotation_overlap: default_rotation_overlap(),
+        }
+    }
 }
 
 /// A header added to every delivery, its value read from a Secret.
@@ -256,6 +274,9 @@ pub struct WebhookEndpointStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub ingress_url: Option<String>,
+    /// The last `hooks.webhook-operator.dev/rotate-signing-secret` value handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_rotation: Option<String>,
     /// SHA-256 of the signing secret in force (never the secret), to detect rotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_secret_hash: Option<String>,
@@ -325,6 +346,9 @@ fn default_max_delay() -> String {
     "5m".into()
 }
 fn default_max_age() -> String {
+    "24h".into()
+}
+fn default_rotation_overlap() -> String {
     "24h".into()
 }
 fn default_retention() -> String {

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::conditions::{self, Desired};
 use super::routes::{EndpointDelivery, EndpointHealthView};
-use super::{Context, Error, publish, secrets, status};
+use super::{Context, Error, publish, rotation, secrets, status};
 use crate::api::conditions::{reasons, types};
 use crate::api::endpoint::{WebhookEndpoint, WebhookEndpointStatus};
 use crate::api::{REQUESTED_AT_ANNOTATION, WebhookSubscription};
@@ -27,9 +27,14 @@ pub const FINALIZER: &str = "hooks.webhook-operator.dev/delivery";
 /// limits the replay to events dead-lettered since then.
 pub const REPLAY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-requested-at";
 pub const REPLAY_SINCE_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-since";
+/// Annotation asking for a new generated signing secret (only without `signing.secretRef`:
+/// a user-provided secret rotates when its Secret changes). Handled once per value.
+pub const ROTATE_ANNOTATION: &str = "hooks.webhook-operator.dev/rotate-signing-secret";
 
 const INGRESS_SECRET_KEY: &str = "token-key";
 const SIGNING_KEY: &str = "secret";
+/// The rotation request that produced the generated secret.
+const ROTATION_REQUEST_KEY: &str = "rotation-request";
 
 pub fn ingress_secret_name(ep: &str) -> String {
     format!("{ep}-ingress")
@@ -37,6 +42,23 @@ pub fn ingress_secret_name(ep: &str) -> String {
 
 pub fn signing_secret_name(ep: &str) -> String {
     format!("{ep}-signing")
+}
+
+/// The rotation overlap window of an endpoint (24 h when unset).
+pub fn rotation_overlap(signing: Option<&crate::api::endpoint::Signing>) -> Duration {
+    let fallback = Duration::from_secs(24 * 3600);
+    signing.map_or(fallback, |s| {
+        crate::duration::parse_go_duration(&s.rotation_overlap).unwrap_or(fallback)
+    })
+}
+
+fn generate_signing_secret() -> Vec<u8> {
+    use base64::Engine;
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(secrets::random_secret())
+    )
+    .into_bytes()
 }
 
 /// The path token: derived from the endpoint's random key, not from its name, so knowing
@@ -98,6 +120,17 @@ async fn apply(
     let token = ingress_token(&token_key);
 
     let mut problems: Vec<(&'static str, String)> = Vec::new();
+    // The signing secret: the user's, or one the operator generates (and regenerates on
+    // request). Its rotation state lives in the owned `<endpoint>-signing` Secret.
+    let owned_name = signing_secret_name(&name);
+    let mut owned = secrets::read_owned(&ctx.client, &ns, &owned_name).await?;
+    let rotate_request = ep.annotations().get(ROTATE_ANNOTATION).cloned();
+    // The handled request is kept next to the secret it produced (read from the API, not
+    // the cache), so a pass that sees a stale object cannot rotate twice.
+    let handled_rotation = owned
+        .get(ROTATION_REQUEST_KEY)
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    let rotate_now = rotate_request.is_some() && rotate_request != handled_rotation;
     let signing_secret = match ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
         Some(r) => match secrets::read(&ctx.client, &ns, &r.name)
             .await
@@ -109,24 +142,51 @@ async fn apply(
                 None
             }
         },
-        None => Some(
-            secrets::ensure_generated(
-                &ctx.client,
-                ep,
-                &signing_secret_name(&name),
-                SIGNING_KEY,
-                || {
-                    use base64::Engine;
-                    format!(
-                        "whsec_{}",
-                        base64::engine::general_purpose::STANDARD.encode(secrets::random_secret())
-                    )
-                    .into_bytes()
-                },
-            )
-            .await?,
-        ),
+        None => {
+            if rotate_now || !owned.contains_key(SIGNING_KEY) {
+                owned.insert(SIGNING_KEY.into(), generate_signing_secret());
+            }
+            if let Some(request) = rotate_request.as_ref().filter(|_| rotate_now) {
+                owned.insert(ROTATION_REQUEST_KEY.into(), request.clone().into_bytes());
+            }
+            owned.get(SIGNING_KEY).cloned()
+        }
     };
+    let mut signing_secrets = Vec::new();
+    let mut overlap_ends = None;
+    if let Some(secret) = &signing_secret {
+        let decision = rotation::decide(
+            &owned,
+            secret,
+            jiff::Timestamp::now(),
+            rotation_overlap(ep.spec.signing.as_ref()),
+        );
+        let mut next = decision.stored.clone();
+        for key in [SIGNING_KEY, ROTATION_REQUEST_KEY] {
+            if let Some(v) = owned.get(key) {
+                next.insert(key.into(), v.clone());
+            }
+        }
+        if next != owned {
+            secrets::write_owned(&ctx.client, ep, &owned_name, &next).await?;
+        }
+        if decision.rotated {
+            let until = decision
+                .overlap_ends
+                .map_or("now".to_string(), |t| t.to_string());
+            publish(
+                ctx,
+                ep,
+                EventType::Normal,
+                "SigningSecretRotated",
+                "Rotate",
+                format!("signing with the new secret; the old one is also used until {until}"),
+            )
+            .await;
+        }
+        signing_secrets = decision.secrets;
+        overlap_ends = decision.overlap_ends;
+    }
     let mut headers = Vec::new();
     for h in &ep.spec.headers {
         let r = &h.secret_key_ref;
@@ -144,7 +204,7 @@ async fn apply(
             key: key.clone(),
             token: token.clone(),
             spec: ep.spec.clone(),
-            signing_secrets: signing_secret.clone().into_iter().collect(),
+            signing_secrets,
             headers,
         };
         if let Err(reason) = ctx.routes.0.configure_endpoint(&delivery) {
@@ -154,8 +214,16 @@ async fn apply(
 
     // Replay requested through the annotation, handled once per value.
     let replay_at = ep.annotations().get(REPLAY_ANNOTATION).cloned();
-    let mut last_replay = current.last_handled_replay_at.clone();
-    if replay_at.is_some() && replay_at != current.last_handled_replay_at {
+    // Remembered in memory too: the cached object may predate our own status write, and a
+    // request must be handled once.
+    let mut last_replay = ctx
+        .handled_replays
+        .lock()
+        .unwrap()
+        .get(&key)
+        .cloned()
+        .or_else(|| current.last_handled_replay_at.clone());
+    if replay_at.is_some() && replay_at != last_replay {
         let since = ep
             .annotations()
             .get(REPLAY_SINCE_ANNOTATION)
@@ -172,6 +240,12 @@ async fn apply(
                     format!("re-queued {n} dead-lettered events"),
                 )
                 .await;
+                if let Some(r) = &replay_at {
+                    ctx.handled_replays
+                        .lock()
+                        .unwrap()
+                        .insert(key.clone(), r.clone());
+                }
                 last_replay = replay_at;
             }
             Err(e) => {
@@ -192,7 +266,7 @@ async fn apply(
     if let Some((reason, msg)) = health.as_ref().and_then(|h| h.destination_error.clone()) {
         problems.push((reason, msg));
     }
-    let next = next_status(
+    let mut next = next_status(
         &current,
         ep.meta().generation,
         ingress_url(ctx.config.public_base_url.as_deref(), &token),
@@ -202,13 +276,25 @@ async fn apply(
         ep.annotations().get(REQUESTED_AT_ANNOTATION).cloned(),
         last_replay,
     );
+    next.last_handled_rotation = if rotate_request.is_some() {
+        rotate_request
+    } else {
+        current.last_handled_rotation.clone()
+    };
     publish_transitions(ctx, ep, &current, &next).await;
     status::apply_if_changed(api, ep, ep.status.as_ref(), &next).await?;
-    if problems.is_empty() {
-        Ok(Action::requeue(Duration::from_secs(300)))
+    let mut wait = if problems.is_empty() {
+        Duration::from_secs(300)
     } else {
-        Ok(Action::requeue(Duration::from_secs(30)))
+        Duration::from_secs(30)
+    };
+    // Drop the old secret right when the overlap ends.
+    if let Some(end) = overlap_ends {
+        let left = end.duration_since(jiff::Timestamp::now());
+        let left = Duration::try_from(left).unwrap_or_default() + Duration::from_millis(200);
+        wait = wait.min(left);
     }
+    Ok(Action::requeue(wait))
 }
 
 /// The next endpoint status. Pure.
@@ -253,6 +339,7 @@ pub fn next_status(
         last_handled_requested_at: requested_at
             .or_else(|| current.last_handled_requested_at.clone()),
         last_handled_replay_at: last_replay,
+        last_handled_rotation: current.last_handled_rotation.clone(),
         delivery: health
             .map(|h| h.stats.clone())
             .or_else(|| current.delivery.clone()),

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod conditions;
 pub mod dataplane_routes;
 pub mod endpoint;
+pub mod rotation;
 pub mod routes;
 pub mod secrets;
 pub mod status;
@@ -41,6 +42,8 @@ pub struct Context {
     pub routes: Routes,
     pub subscription_schedules:
         Mutex<HashMap<ObjectRef<WebhookSubscription>, subscription::Schedule>>,
+    /// The last replay request handled per endpoint (namespace, name).
+    pub handled_replays: Mutex<HashMap<routes::EndpointKey, String>>,
 }
 
 impl Context {
@@ -60,6 +63,7 @@ impl Context {
             config,
             routes: Routes(routes),
             subscription_schedules: Mutex::default(),
+            handled_replays: Mutex::default(),
         }
     }
 }
@@ -183,6 +187,37 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         let subs = store.state();
         endpoint::subscribers(&ep.namespace().unwrap_or_default(), &ep.name_any(), &subs)
             .map(|s| ObjectRef::from_obj(&**s))
+            .collect::<Vec<_>>()
+    });
+
+    // An endpoint re-checks when a Secret it reads (signing secret, header values) changes.
+    let store = ep_store.clone();
+    let endpoint_secrets_changed = watcher(
+        api::<PartialObjectMeta<Secret>>(client, ns.as_deref()),
+        watcher::Config::default(),
+    )
+    .touched_objects();
+    let endpoints = endpoints.watches_stream(endpoint_secrets_changed, move |secret| {
+        let secret_ns = secret.namespace();
+        let secret_name = secret.name_any();
+        store
+            .state()
+            .into_iter()
+            .filter(|ep| {
+                ep.namespace() == secret_ns
+                    && (ep
+                        .spec
+                        .signing
+                        .as_ref()
+                        .and_then(|s| s.secret_ref.as_ref())
+                        .is_some_and(|r| r.name == secret_name)
+                        || ep
+                            .spec
+                            .headers
+                            .iter()
+                            .any(|h| h.secret_key_ref.name == secret_name))
+            })
+            .map(|ep| ObjectRef::from_obj(&*ep))
             .collect::<Vec<_>>()
     });
 

@@ -44,6 +44,27 @@ impl SecretData {
     pub fn optional_string(&self, key: &str) -> Option<String> {
         self.get_string(key).ok().filter(|s| !s.is_empty())
     }
+
+    /// Every key and value.
+    pub fn all(&self) -> BTreeMap<String, Vec<u8>> {
+        self.data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect()
+    }
+}
+
+/// The data of an operator-owned Secret, empty when it does not exist yet.
+pub async fn read_owned(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<BTreeMap<String, Vec<u8>>, kube::Error> {
+    match read(client, namespace, name).await {
+        Ok(s) => Ok(s.all()),
+        Err(SecretError::NotFound(_) | SecretError::MissingKey(..)) => Ok(BTreeMap::new()),
+        Err(SecretError::Api(_, e)) => Err(e),
+    }
 }
 
 pub async fn read(client: &Client, namespace: &str, name: &str) -> Result<SecretData, SecretError> {
@@ -60,7 +81,7 @@ pub async fn read(client: &Client, namespace: &str, name: &str) -> Result<Secret
 }
 
 /// Returns the value under `key` of the Secret `name` owned by `owner`, creating the
-/// Secret with `generate()` when it or the key is missing. Existing values are kept.
+/// Secret with `generate()` when it or the key is missing. Existing keys are kept.
 pub async fn ensure_generated<K>(
     client: &Client,
     owner: &K,
@@ -72,57 +93,51 @@ where
     K: Resource<DynamicType = ()>,
 {
     let namespace = owner.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    if let Some(existing) = api.get_opt(name).await?
-        && let Some(value) = existing.data.as_ref().and_then(|d| d.get(key))
-    {
-        return Ok(value.0.clone());
+    let mut data = read_owned(client, &namespace, name).await?;
+    if let Some(value) = data.get(key) {
+        return Ok(value.clone());
     }
     let value = generate();
-    write_owned(client, owner, name, key, &value).await?;
+    data.insert(key.to_string(), value.clone());
+    write_owned(client, owner, name, &data).await?;
     Ok(value)
 }
 
-/// Creates or replaces the owned Secret `name` with one key.
+/// Creates or replaces the owned Secret `name` with exactly `data`.
 pub async fn write_owned<K>(
     client: &Client,
     owner: &K,
     name: &str,
-    key: &str,
-    value: &[u8],
+    data: &BTreeMap<String, Vec<u8>>,
 ) -> Result<(), kube::Error>
 where
     K: Resource<DynamicType = ()>,
 {
     let namespace = owner.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            namespace: Some(namespace),
-            owner_references: owner_reference(owner).map(|o| vec![o]),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_string(),
-                "webhook-operator".to_string(),
-            )])),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(
-            key.to_string(),
-            ByteString(value.to_vec()),
+    let metadata = ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(namespace),
+        owner_references: owner_reference(owner).map(|o| vec![o]),
+        labels: Some(BTreeMap::from([(
+            "app.kubernetes.io/managed-by".to_string(),
+            "webhook-operator".to_string(),
         )])),
-        type_: Some("Opaque".into()),
         ..Default::default()
     };
+    let data: BTreeMap<String, ByteString> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), ByteString(v.clone())))
+        .collect();
     api.patch(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&serde_json::json!({
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": secret.metadata,
-            "data": secret.data,
-            "type": secret.type_,
+            "metadata": metadata,
+            "data": data,
+            "type": "Opaque",
         })),
     )
     .await?;

@@ -36,3 +36,22 @@ where
     .await?;
     Ok(true)
 }
+
+/// Merges `patch` into the status subresource: for a part of status that changes on its
+/// own (counters) when the cached object may be older than the last full write.
+pub async fn merge_patch<K>(
+    api: &Api<K>,
+    obj: &K,
+    patch: &serde_json::Value,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await?;
+    Ok(())
+}

@@ -16,7 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::conditions::{self, Desired};
-use super::{Context, Error, publish, secrets, status};
+use super::{Context, Error, publish, rotation, secrets, status};
 use crate::api::conditions::{reasons, types};
 use crate::api::subscription::{
     DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, UpstreamStatus,
@@ -366,9 +366,17 @@ async fn apply(
         let now = Instant::now();
         if s.inputs == inputs && now < s.next_due {
             let wait = s.next_due - now;
-            let mut next = current.clone();
-            next.events = event_counters(ctx, sub).or(next.events);
-            status::apply_if_changed(api, sub, sub.status.as_ref(), &next).await?;
+            // Only the counters may have moved. The cached object can lag behind our own
+            // last write, so patch just `status.events` rather than re-applying all of it.
+            let counters = event_counters(ctx, sub);
+            if counters.is_some() && counters != current.events {
+                status::merge_patch(
+                    api,
+                    sub,
+                    &serde_json::json!({"status": {"events": counters}}),
+                )
+                .await?;
+            }
             return Ok(Action::requeue(wait));
         }
     }
@@ -576,29 +584,42 @@ async fn sync(
         Ok((observed, applied)) => {
             let mut keys = Vec::new();
             if let Some(secret) = &observed.signing_secret {
+                // A changed provider secret (Atomic replacement, Smallest re-read) is
+                // accepted in old and new form for the endpoint's rotation window.
                 let secret_name = signing_secret_name(&name);
-                let existing = secrets::read(&ctx.client, &ns, &secret_name).await.ok();
-                let unchanged = existing
-                    .as_ref()
-                    .and_then(|s| s.get(SIGNING_SECRET_KEY).ok())
-                    .is_some_and(|v| v == secret.as_bytes());
-                if !unchanged {
-                    secrets::write_owned(
-                        &ctx.client,
-                        sub,
-                        &secret_name,
-                        SIGNING_SECRET_KEY,
-                        secret.as_bytes(),
-                    )
-                    .await?;
+                let owned = secrets::read_owned(&ctx.client, &ns, &secret_name).await?;
+                let decision = rotation::decide(
+                    &owned,
+                    secret.as_bytes(),
+                    jiff::Timestamp::now(),
+                    endpoint_overlap(sub, ctx).await,
+                );
+                let mut next = decision.stored.clone();
+                next.insert(SIGNING_SECRET_KEY.into(), secret.as_bytes().to_vec());
+                if next != owned {
+                    secrets::write_owned(&ctx.client, sub, &secret_name, &next).await?;
                 }
-                keys.push(secret.as_bytes().to_vec());
+                if decision.rotated {
+                    publish(ctx, sub, EventType::Normal, "ProviderSecretRotated", "Sync", "the provider's signing secret changed; the old one is accepted during the overlap window".into()).await;
+                }
+                keys = decision.secrets;
             }
             ctx.routes.subscription_keys(sub, keys, None);
             Ok(Outcome::Synced { observed, applied })
         }
         Err(e) => Ok(Outcome::Failed(e)),
     }
+}
+
+/// The rotation window of the endpoint the subscription receives on.
+async fn endpoint_overlap(sub: &WebhookSubscription, ctx: &Context) -> Duration {
+    let ns = sub.namespace().unwrap_or_default();
+    let endpoints: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let ep = match &sub.spec.endpoint_ref {
+        Some(r) => endpoints.get_opt(&r.name).await.ok().flatten(),
+        None => None,
+    };
+    super::endpoint::rotation_overlap(ep.as_ref().and_then(|e| e.spec.signing.as_ref()))
 }
 
 /// An Event for every upstream change and for every new failure reason.

@@ -41,6 +41,7 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
                 name: "signing".into(),
                 key: "secret".into(),
             }),
+            rotation_overlap: "1h".into(),
         }),
         headers: vec![HeaderFromSecret {
             name: "X-Api-Token".into(),

@@ -27,6 +27,9 @@ struct Received {
     webhook_id: String,
     body: Value,
     verified: bool,
+    /// Whether each of `Consumer::also_verify_with` verifies it, in order.
+    verified_with: Vec<bool>,
+    at: std::time::SystemTime,
 }
 
 /// A loopback consumer: answers with `status`, records what arrives, verifies signatures.
@@ -35,6 +38,7 @@ struct Consumer {
     port: u16,
     status: Arc<AtomicU16>,
     secret: Arc<Mutex<Option<String>>>,
+    also_verify_with: Arc<Mutex<Vec<String>>>,
     received: Arc<Mutex<Vec<Received>>>,
 }
 
@@ -45,6 +49,7 @@ impl Consumer {
             port: listener.local_addr().unwrap().port(),
             status: Arc::new(AtomicU16::new(200)),
             secret: Arc::default(),
+            also_verify_with: Arc::default(),
             received: Arc::default(),
         };
         let app = axum::Router::new()
@@ -72,12 +77,20 @@ async fn receive(
     if !status.is_success() {
         return status;
     }
-    let secret = c.secret.lock().unwrap().clone();
-    let verified = secret.is_some_and(|s| {
-        standardwebhooks::Webhook::new(&s)
+    let verifies = |s: &str| {
+        standardwebhooks::Webhook::new(s)
             .and_then(|wh| wh.verify(&body, &headers))
             .is_ok()
-    });
+    };
+    let secret = c.secret.lock().unwrap().clone();
+    let verified = secret.is_some_and(|s| verifies(&s));
+    let verified_with = c
+        .also_verify_with
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| verifies(s))
+        .collect();
     let webhook_id = headers
         .get("webhook-id")
         .and_then(|v| v.to_str().ok())
@@ -87,6 +100,8 @@ async fn receive(
         webhook_id,
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
         verified,
+        verified_with,
+        at: std::time::SystemTime::now(),
     });
     status
 }
@@ -781,4 +796,132 @@ async fn link_local_destination_is_refused_with_a_condition() {
         .unwrap()
         .message;
     assert!(msg.contains("forbidden"), "{msg}");
+}
+
+#[tokio::test]
+async fn rotating_the_signing_secret_signs_with_both_during_the_overlap() {
+    let spec =
+        json!({"destination": consumer_destination(), "signing": {"rotationOverlap": "10s"}});
+    let (env, _sandbox, consumer, _operator, _dir, _) = setup("rotate", spec).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let old = signing_secret(&env, "orders").await;
+    *consumer.also_verify_with.lock().unwrap() = vec![old.clone()];
+
+    // Events flow the whole time.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (stop, url) = (stop.clone(), url.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let r = http
+                    .post(&url)
+                    .json(&atlas_event(&format!("rot-{n}")))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success());
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let api: Api<WebhookEndpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    let before = api
+        .get("orders")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .signing_secret_hash
+        .unwrap();
+    let patch = json!({"metadata": {"annotations": {"hooks.webhook-operator.dev/rotate-signing-secret": "1"}}});
+    api.patch("orders", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let ep = wait_endpoint(&env, "orders", "new secret hash", |ep| {
+        ep.status
+            .as_ref()
+            .and_then(|s| s.signing_secret_hash.as_ref())
+            .is_some_and(|h| *h != before)
+    })
+    .await;
+    assert_eq!(
+        ep.status.unwrap().last_handled_rotation.as_deref(),
+        Some("1")
+    );
+    let new = signing_secret(&env, "orders").await;
+    assert_ne!(new, old);
+    // The consumer switches to the new secret at once; it keeps checking the old one too.
+    *consumer.secret.lock().unwrap() = Some(new.clone());
+    *consumer.also_verify_with.lock().unwrap() = vec![old.clone(), new.clone()];
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let owned = secrets.get("orders-signing").await.unwrap().data.unwrap();
+    let until: jiff::Timestamp = String::from_utf8(owned["previous-until"].0.clone())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let window_start = std::time::SystemTime::from(until) - Duration::from_secs(10);
+    let window_end = std::time::SystemTime::from(until);
+
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    stop.store(true, Ordering::SeqCst);
+    let sent = sender.await.unwrap();
+    wait_until(Duration::from_secs(30), "every event delivered", || {
+        let n = consumer.received().len();
+        async move { (n >= sent).then_some(()) }
+    })
+    .await;
+
+    let received = consumer.received();
+    let (mut inside, mut after) = (0, 0);
+    for r in &received {
+        let v = &r.verified_with;
+        if v.len() == 1 {
+            assert!(
+                v[0],
+                "before the rotation every delivery verifies with the old secret"
+            );
+            continue;
+        }
+        let (with_old, with_new) = (v[0], v[1]);
+        if r.at > window_start + Duration::from_millis(1500)
+            && r.at + Duration::from_millis(1500) < window_end
+        {
+            assert!(
+                with_old && with_new,
+                "inside the window both secrets verify: {v:?} at {:?} window {:?}..{:?} id {}",
+                r.at,
+                window_start,
+                window_end,
+                r.webhook_id
+            );
+            inside += 1;
+        } else if r.at > window_end + Duration::from_millis(2500) {
+            assert!(
+                with_new && !with_old,
+                "after the window only the new secret verifies"
+            );
+            after += 1;
+        } else {
+            assert!(with_new || with_old, "no delivery fails verification");
+        }
+    }
+    assert!(
+        inside >= 20 && after >= 10,
+        "the test observed both periods ({inside} inside, {after} after)"
+    );
+    assert!(
+        received
+            .iter()
+            .filter(|r| r.verified_with.len() == 2)
+            .all(|r| r.verified),
+        "the switched consumer accepts everything from the rotation on"
+    );
 }
