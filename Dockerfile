@@ -17,7 +17,8 @@ FROM debian:bookworm-slim
 # CA roots for the provider APIs (TLS is verified against the system store).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /var/lib/webhook-operator && chown 65532:65532 /var/lib/webhook-operator
 COPY --from=build /src/target/release/webhook-operator /usr/local/bin/webhook-operator
 USER 65532:65532
 EXPOSE 8080 9090
