@@ -4,5 +4,6 @@
 mod support;
 
 mod api_validation;
+mod chart;
 mod operator_run;
 mod subscription_sync;
