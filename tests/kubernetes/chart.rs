@@ -177,7 +177,10 @@ spec:
 ---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
-metadata: {name: httproutes.gateway.networking.k8s.io}
+metadata:
+  name: httproutes.gateway.networking.k8s.io
+  # *.k8s.io groups need this; the real Gateway API CRDs carry the same.
+  annotations: {api-approved.kubernetes.io: "https://github.com/kubernetes-sigs/gateway-api/pull/2466"}
 spec:
   group: gateway.networking.k8s.io
   names: {kind: HTTPRoute, listKind: HTTPRouteList, plural: httproutes, singular: httproute}
