@@ -76,7 +76,7 @@ kubectl create namespace "$ns" >/dev/null
 # The consumer's signing secret: in a Secret for the operator, in a file for the consumer.
 umask 077
 secret_file="$dir/signing-secret"
-echo "whsec_$(openssl rand -base64 32)" > "$secret_file"
+printf 'whsec_%s' "$(openssl rand -base64 32)" > "$secret_file"  # no newline: it is part of the key
 kubectl -n "$ns" create secret generic demo-signing --from-file=secret="$secret_file" >/dev/null
 
 say "starting the provider simulators, the demo consumer and the operator"
