@@ -36,7 +36,16 @@ cleanup() {
   trap - EXIT INT TERM
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # The control plane's processes, by the pids its start wrote; stop asks them to exit,
+  # and what still runs after 15 s is killed.
+  local cp_pids
+  cp_pids=$(cat "$dir/controlplane/apiserver.pid" "$dir/controlplane/etcd.pid" 2>/dev/null || true)
   hack/controlplane.sh stop "$dir/controlplane" 2>/dev/null || true
+  for _ in $(seq 1 150); do
+    kill -0 $cp_pids 2>/dev/null || break
+    sleep 0.1
+  done
+  for pid in $cp_pids; do kill -KILL "$pid" 2>/dev/null || true; done
   exit "$rc"
 }
 trap cleanup EXIT
@@ -96,7 +105,7 @@ wait_http "http://127.0.0.1:$ops_port/readyz" "the operator"
 
 say "applying examples/ (credentials, endpoints, subscriptions)"
 kubectl -n "$ns" apply -f examples/credentials.yaml -f examples/endpoints.yaml -f examples/subscriptions.yaml >/dev/null
-left=$(( deadline - $(date +%s) ))
+left=$(( deadline - $(date +%s) )); (( left > 0 )) || left=1
 kubectl -n "$ns" wait --for=condition=Ready --timeout="${left}s" webhookendpoints,webhooksubscriptions --all >/dev/null ||
   diagnose "not every resource became Ready"
 
