@@ -162,27 +162,10 @@ mod tests {
                 &header
             ));
         }
-        assert!(!verify(
-            &[new.clone()],
-            "msg_2",
-            "1700000000",
-            b"{}",
-            &header
-        ));
-        assert!(!verify(
-            &[new.clone()],
-            "msg_1",
-            "1700000001",
-            b"{}",
-            &header
-        ));
-        assert!(!verify(
-            &[new.clone()],
-            "msg_1",
-            "1700000000",
-            b"{ }",
-            &header
-        ));
+        let only_new = std::slice::from_ref(&new);
+        assert!(!verify(only_new, "msg_2", "1700000000", b"{}", &header));
+        assert!(!verify(only_new, "msg_1", "1700000001", b"{}", &header));
+        assert!(!verify(only_new, "msg_1", "1700000000", b"{ }", &header));
         let stranger = SigningSecret::parse(b"another key").unwrap();
         assert!(!verify(&[stranger], "msg_1", "1700000000", b"{}", &header));
         assert!(!verify(
