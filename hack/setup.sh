@@ -19,3 +19,6 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 
 # kube-apiserver, kubectl and etcd from their Go modules (cached by version).
 "$root/hack/controlplane.sh" build >/dev/null
+
+# Helm, for the chart's lint/template tests (pinned; built from its Go module once).
+"$root/hack/helm.sh" version >/dev/null

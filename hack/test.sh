@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: set-up, formatting, lints, then every test (unit, simulator,
-# data plane, and the Kubernetes tests against a real kube-apiserver + etcd).
+# data plane, the chart, and the Kubernetes tests against a real kube-apiserver + etcd),
+# then the local demo as a bounded smoke run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$(date +%s)
@@ -8,4 +9,5 @@ hack/setup.sh
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
+hack/run-local.sh --smoke
 echo "test.sh: finished in $(( $(date +%s) - start ))s"

@@ -6,6 +6,7 @@ pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod delivery;
+pub mod demo_consumer;
 pub mod duration;
 pub mod health;
 pub mod inbound;

@@ -22,6 +22,8 @@ enum Command {
     Replay(webhook_operator::replay::ReplayArgs),
     /// Serve the provider simulators (Atlas, Atomic, Smallest) for tests and demos.
     Sandbox(webhook_operator::sandbox::SandboxArgs),
+    /// Receive deliveries for the local demo: verify their signatures and count them.
+    DemoConsumer(webhook_operator::demo_consumer::DemoConsumerArgs),
 }
 
 #[tokio::main]
@@ -35,6 +37,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Sandbox(args) => {
             telemetry::init(false);
             webhook_operator::sandbox::run(args).await?
+        }
+        Command::DemoConsumer(args) => {
+            telemetry::init(false);
+            webhook_operator::demo_consumer::run(args).await?
         }
         Command::Run(config) => {
             telemetry::init(config.log_json);

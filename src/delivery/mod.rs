@@ -11,7 +11,7 @@ mod signing;
 pub use breaker::{Admission, Breaker};
 pub use destination::{Destination, DestinationError, GuardedDns, Resolver, is_forbidden_ip};
 pub use policy::{Policy, parse_retry_after};
-pub use signing::{SecretError, SigningSecret, signature_header};
+pub use signing::{SecretError, SigningSecret, signature_header, verify as verify_signature};
 
 mod dispatcher;
 mod worker;

@@ -71,6 +71,33 @@ pub fn signature_header(
     out
 }
 
+/// Whether any `v1,<sig>` in a `webhook-signature` header is the signature of
+/// `{id}.{timestamp}.{body}` under one of `secrets` (the consumer's side; constant-time
+/// comparison). The timestamp tolerance is the caller's to check.
+pub fn verify(
+    secrets: &[SigningSecret],
+    id: &str,
+    timestamp: &str,
+    body: &[u8],
+    header: &str,
+) -> bool {
+    use subtle::ConstantTimeEq;
+    let expected: Vec<[u8; 32]> = secrets.iter().map(|s| s.mac(id, timestamp, body)).collect();
+    let mut ok = false;
+    for part in header.split(' ') {
+        let Some(b64) = part.strip_prefix("v1,") else {
+            continue;
+        };
+        let Ok(sig) = STANDARD.decode(b64) else {
+            continue;
+        };
+        for e in &expected {
+            ok |= bool::from(sig.as_slice().ct_eq(e.as_slice()));
+        }
+    }
+    ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +146,34 @@ mod tests {
             Err(SecretError::InvalidBase64)
         );
         assert!(!format!("{raw:?}").contains("plain"));
+    }
+
+    #[test]
+    fn verify_accepts_each_secret_and_refuses_changes() {
+        let old = SigningSecret::parse(b"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let new = SigningSecret::parse(b"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
+        let header = signature_header(&[new.clone(), old.clone()], "msg_1", 1_700_000_000, b"{}");
+        for s in [&old, &new] {
+            assert!(verify(
+                std::slice::from_ref(s),
+                "msg_1",
+                "1700000000",
+                b"{}",
+                &header
+            ));
+        }
+        let only_new = std::slice::from_ref(&new);
+        assert!(!verify(only_new, "msg_2", "1700000000", b"{}", &header));
+        assert!(!verify(only_new, "msg_1", "1700000001", b"{}", &header));
+        assert!(!verify(only_new, "msg_1", "1700000000", b"{ }", &header));
+        let stranger = SigningSecret::parse(b"another key").unwrap();
+        assert!(!verify(&[stranger], "msg_1", "1700000000", b"{}", &header));
+        assert!(!verify(
+            &[new],
+            "msg_1",
+            "1700000000",
+            b"{}",
+            "v1,not base64!"
+        ));
     }
 }
