@@ -9,7 +9,9 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use crate::api::WebhookEndpoint;
-use crate::controller::endpoint::{REPLAY_ANNOTATION, REPLAY_SINCE_ANNOTATION};
+use crate::controller::endpoint::{
+    REPLAY_ANNOTATION, REPLAY_BY_ANNOTATION, REPLAY_SINCE_ANNOTATION, REPLAY_UNTIL_ANNOTATION,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct ReplayArgs {
@@ -18,9 +20,15 @@ pub struct ReplayArgs {
     /// Its namespace (default: the kubeconfig's).
     #[arg(short, long)]
     pub namespace: Option<String>,
-    /// Only events dead-lettered at or after this RFC 3339 time.
+    /// Only events at or after this RFC 3339 time (see `--by`).
     #[arg(long)]
     pub since: Option<jiff::Timestamp>,
+    /// Only events at or before this RFC 3339 time (see `--by`).
+    #[arg(long)]
+    pub until: Option<jiff::Timestamp>,
+    /// Which time the window applies to.
+    #[arg(long, value_parser = ["dead-lettered", "received"], default_value = "dead-lettered")]
+    pub by: String,
     /// How long to wait for the operator to handle the request.
     #[arg(long, default_value = "60s", value_parser = |s: &str| crate::duration::parse_go_duration(s).map_err(|e| e.to_string()))]
     pub timeout: Duration,
@@ -37,6 +45,8 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let patch = json!({"metadata": {"annotations": {
         REPLAY_ANNOTATION: request,
         REPLAY_SINCE_ANNOTATION: args.since.map(|t| t.to_string()),
+        REPLAY_UNTIL_ANNOTATION: args.until.map(|t| t.to_string()),
+        REPLAY_BY_ANNOTATION: args.by,
     }}});
     api.patch(
         &args.endpoint,

@@ -91,16 +91,9 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
     fn replay(
         &self,
         endpoint: EndpointKey,
-        since: Option<SystemTime>,
+        filter: ReplayFilter,
     ) -> BoxFuture<'static, anyhow::Result<u64>> {
         let dp = self.clone();
-        let filter = match since {
-            Some(from) => ReplayFilter::DeadLetteredBetween {
-                from,
-                to: SystemTime::now(),
-            },
-            None => ReplayFilter::All,
-        };
         async move { DataPlane::replay(&dp, &key(endpoint), filter).await }.boxed()
     }
 }

@@ -23,10 +23,14 @@ use crate::api::{REQUESTED_AT_ANNOTATION, WebhookSubscription};
 
 pub const FINALIZER: &str = "hooks.webhook-operator.dev/delivery";
 /// Annotation asking to re-queue dead letters; its value is echoed in
-/// `status.lastHandledReplayAt`. An RFC 3339 time in `hooks.webhook-operator.dev/replay-since`
-/// limits the replay to events dead-lettered since then.
+/// `status.lastHandledReplayAt`. `replay-since` / `replay-until` (RFC 3339) limit it to a
+/// window of the time events were dead-lettered, or received with `replay-by: received`.
 pub const REPLAY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-requested-at";
 pub const REPLAY_SINCE_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-since";
+/// RFC 3339 end of the replay window (default: now).
+pub const REPLAY_UNTIL_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-until";
+/// Which time the window applies to: `dead-lettered` (default) or `received`.
+pub const REPLAY_BY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-by";
 /// Annotation asking for a new generated signing secret (only without `signing.secretRef`:
 /// a user-provided secret rotates when its Secret changes). Handled once per value.
 pub const ROTATE_ANNOTATION: &str = "hooks.webhook-operator.dev/rotate-signing-secret";
@@ -42,6 +46,43 @@ pub fn ingress_secret_name(ep: &str) -> String {
 
 pub fn signing_secret_name(ep: &str) -> String {
     format!("{ep}-signing")
+}
+
+/// The dead letters a replay request selects, from its annotations. Without a window,
+/// all of them; a window applies to the time they were dead-lettered or received.
+pub fn replay_filter(
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<crate::queue::ReplayFilter, String> {
+    use crate::queue::ReplayFilter;
+    let time = |k: &str| -> Result<Option<std::time::SystemTime>, String> {
+        annotations
+            .get(k)
+            .map(|s| {
+                s.parse::<jiff::Timestamp>()
+                    .map(std::time::SystemTime::from)
+                    .map_err(|_| format!("annotation {k} must be an RFC 3339 time, got {s:?}"))
+            })
+            .transpose()
+    };
+    let (since, until) = (
+        time(REPLAY_SINCE_ANNOTATION)?,
+        time(REPLAY_UNTIL_ANNOTATION)?,
+    );
+    let by = annotations.get(REPLAY_BY_ANNOTATION).map(String::as_str);
+    if !matches!(by, None | Some("dead-lettered") | Some("received")) {
+        return Err(format!(
+            "annotation {REPLAY_BY_ANNOTATION} must be dead-lettered or received"
+        ));
+    }
+    if since.is_none() && until.is_none() {
+        return Ok(ReplayFilter::All);
+    }
+    let from = since.unwrap_or(std::time::UNIX_EPOCH);
+    let to = until.unwrap_or_else(std::time::SystemTime::now);
+    Ok(match by {
+        Some("received") => ReplayFilter::ReceivedBetween { from, to },
+        _ => ReplayFilter::DeadLetteredBetween { from, to },
+    })
 }
 
 /// The rotation overlap window of an endpoint (24 h when unset).
@@ -224,12 +265,23 @@ async fn apply(
         .cloned()
         .or_else(|| current.last_handled_replay_at.clone());
     if replay_at.is_some() && replay_at != last_replay {
-        let since = ep
-            .annotations()
-            .get(REPLAY_SINCE_ANNOTATION)
-            .and_then(|s| s.parse::<jiff::Timestamp>().ok())
-            .map(std::time::SystemTime::from);
-        match ctx.routes.0.replay(key.clone(), since).await {
+        let result = match replay_filter(ep.annotations()) {
+            Ok(filter) => ctx.routes.0.replay(key.clone(), filter).await,
+            Err(invalid) => {
+                // A bad request is answered once; a new request value tries again.
+                publish(
+                    ctx,
+                    ep,
+                    EventType::Warning,
+                    "ReplayInvalid",
+                    "Replay",
+                    invalid,
+                )
+                .await;
+                Ok(0)
+            }
+        };
+        match result {
             Ok(n) => {
                 publish(
                     ctx,

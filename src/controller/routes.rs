@@ -35,11 +35,11 @@ pub trait IngressRoutes: Send + Sync {
     fn remove_endpoint(&self, endpoint: EndpointKey);
     /// Delivery statistics and the health verdict, if the endpoint is known.
     fn endpoint_health(&self, endpoint: EndpointKey) -> Option<EndpointHealthView>;
-    /// Re-queues dead letters (`since`: only those dead-lettered at or after it).
+    /// Re-queues the endpoint's dead letters that `filter` selects.
     fn replay(
         &self,
         endpoint: EndpointKey,
-        since: Option<SystemTime>,
+        filter: crate::queue::ReplayFilter,
     ) -> futures::future::BoxFuture<'static, anyhow::Result<u64>>;
 }
 

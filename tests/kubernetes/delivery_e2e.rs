@@ -954,3 +954,117 @@ async fn rotating_the_signing_secret_signs_with_both_during_the_overlap() {
         "the switched consumer accepts everything from the rotation on"
     );
 }
+
+#[tokio::test]
+async fn a_replay_window_redelivers_exactly_the_events_in_it() {
+    let spec =
+        json!({"destination": consumer_destination(), "delivery": {"retry": {"maxAttempts": 1}}});
+    let (env, _sandbox, consumer, _operator, _dir, _) = setup("window", spec).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    consumer.answer(503);
+    let http = reqwest::Client::new();
+    let send = |ids: Vec<&'static str>| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            for id in ids {
+                assert!(
+                    http.post(&url)
+                        .json(&atlas_event(id))
+                        .send()
+                        .await
+                        .unwrap()
+                        .status()
+                        .is_success()
+                );
+            }
+        }
+    };
+    let dead = |n: u64| {
+        let env = &env;
+        async move {
+            wait_endpoint(env, "orders", &format!("{n} dead letters"), |ep| {
+                ep.status
+                    .as_ref()
+                    .and_then(|s| s.delivery.as_ref())
+                    .is_some_and(|d| d.dead_lettered == n)
+            })
+            .await;
+        }
+    };
+    send(vec!["early-1", "early-2"]).await;
+    dead(2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let since = jiff::Timestamp::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send(vec!["late-1", "late-2", "late-3"]).await;
+    dead(5).await;
+    consumer.answer(200);
+
+    // Reviewed in Git, applied as annotations: received since `since` only.
+    let api: Api<WebhookEndpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    let replay = |value: &str, window: Option<String>| {
+        let mut annotations = json!({"hooks.webhook-operator.dev/replay-requested-at": value});
+        if let Some(since) = window {
+            annotations["hooks.webhook-operator.dev/replay-since"] = json!(since);
+            annotations["hooks.webhook-operator.dev/replay-by"] = json!("received");
+        } else {
+            annotations["hooks.webhook-operator.dev/replay-since"] = Value::Null;
+            annotations["hooks.webhook-operator.dev/replay-by"] = Value::Null;
+        }
+        json!({"metadata": {"annotations": annotations}})
+    };
+    api.patch(
+        "orders",
+        &PatchParams::default(),
+        &Patch::Merge(&replay("late", Some(since.to_string()))),
+    )
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the window's events delivered",
+        || {
+            let n = consumer.received().len();
+            async move { (n >= 3).then_some(()) }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut ids: Vec<String> = consumer
+        .received()
+        .iter()
+        .map(|r| r.body["callId"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["late-1", "late-2", "late-3"],
+        "exactly the events in the window"
+    );
+
+    // The same request again does nothing; a new one without a window takes the rest.
+    api.patch(
+        "orders",
+        &PatchParams::default(),
+        &Patch::Merge(&replay("late", Some(since.to_string()))),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(consumer.received().len(), 3, "a request is handled once");
+    api.patch(
+        "orders",
+        &PatchParams::default(),
+        &Patch::Merge(&replay("rest", None)),
+    )
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(30), "the rest delivered", || {
+        let n = consumer.received().len();
+        async move { (n == 5).then_some(()) }
+    })
+    .await;
+    assert!(consumer.received().iter().all(|r| r.verified));
+}

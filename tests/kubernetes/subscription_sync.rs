@@ -65,7 +65,7 @@ impl IngressRoutes for RecordedRoutes {
     fn replay(
         &self,
         _: EndpointKey,
-        _: Option<SystemTime>,
+        _: webhook_operator::queue::ReplayFilter,
     ) -> futures::future::BoxFuture<'static, anyhow::Result<u64>> {
         Box::pin(async { Ok(0) })
     }
