@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod duration;
 pub mod health;
 pub mod inbound;
+pub mod leader;
 pub mod ingress;
 pub mod metrics;
 pub mod providers;

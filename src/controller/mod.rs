@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod conditions;
 pub mod dataplane_routes;
 pub mod endpoint;
+pub mod route_sync;
 pub mod routes;
 pub mod secrets;
 pub mod status;
