@@ -6,3 +6,7 @@ mod support;
 mod api_validation;
 mod operator_run;
 mod subscription_sync;
+mod scaleout;
+
+#[path = "../common/nats.rs"]
+mod nats;
