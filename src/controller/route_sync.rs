@@ -48,7 +48,7 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
         .default_backoff()
         .applied_objects();
     let stop = shutdown.clone();

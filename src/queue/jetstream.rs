@@ -435,7 +435,7 @@ impl Inner {
             .js
             .send_publish(
                 subject,
-                async_nats::jetstream::context::Publish::build()
+                async_nats::jetstream::message::PublishMessage::build()
                     .payload(body)
                     .message_id(msg_id),
             )
@@ -444,15 +444,17 @@ impl Inner {
         ack.await.map_err(storage)
     }
 
-    /// Calls `f` on each dead letter of `key` in stream order.
-    async fn for_each_dead(
+    /// Up to `limit` dead letters of `key` from stream sequence `from` on, in order.
+    async fn dead_page(
         &self,
         key: &EndpointKey,
-        mut f: impl AsyncFnMut(u64, Envelope, Bytes) -> Result<(), QueueError>,
-    ) -> Result<(), QueueError> {
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Envelope, Bytes)>, QueueError> {
         let subject = self.subject("dead", key);
-        let mut seq = 1;
-        loop {
+        let mut seq = from;
+        let mut out = Vec::new();
+        while out.len() < limit {
             let msg = match self
                 .dead
                 .raw_message_builder()
@@ -462,20 +464,16 @@ impl Inner {
                 .await
             {
                 Ok(m) => m,
-                Err(e)
-                    if e.kind()
-                        == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
-                {
-                    return Ok(());
-                }
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
                 Err(e) => return Err(storage(e)),
             };
             seq = msg.sequence + 1;
             match decode(&msg.payload) {
-                Some((env, payload)) => f(msg.sequence, env, payload).await?,
+                Some((env, payload)) => out.push((msg.sequence, env, payload)),
                 None => tracing::warn!(seq = msg.sequence, "skipping an unreadable dead letter"),
             }
         }
+        Ok(out)
     }
 }
 
@@ -506,7 +504,7 @@ impl Queue for JetStreamQueue {
                 .js
                 .send_publish(
                     inner.subject("events", &ev.endpoint),
-                    async_nats::jetstream::context::Publish::build()
+                    async_nats::jetstream::message::PublishMessage::build()
                         .payload(encode(&env, &ev.payload))
                         .message_id(hex::encode(digest)),
                 )
@@ -737,11 +735,17 @@ impl Queue for JetStreamQueue {
     ) -> Result<u64, QueueError> {
         let inner = &self.inner;
         let mut n = 0;
-        inner
-            .for_each_dead(endpoint, async |seq, mut env, payload| {
+        let mut from = 1;
+        loop {
+            let page = inner.dead_page(endpoint, from, 256).await?;
+            let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
+                break;
+            };
+            from = last + 1;
+            for (seq, mut env, payload) in page {
                 let dead_at = from_millis(env.dead_ms.unwrap_or(0));
                 if !filter.matches(dead_at, from_millis(env.received_ms)) {
-                    return Ok(());
+                    continue;
                 }
                 env.base_attempts = 0;
                 env.dead_ms = None;
@@ -755,9 +759,8 @@ impl Queue for JetStreamQueue {
                     .await?;
                 inner.dead.delete_message(seq).await.map_err(storage)?;
                 n += 1;
-                Ok(())
-            })
-            .await?;
+            }
+        }
         let _ = inner.refresh_counts().await;
         Ok(n)
     }
@@ -770,15 +773,20 @@ impl Queue for JetStreamQueue {
         let inner = &self.inner;
         let before = to_millis(before);
         let mut n = 0;
-        inner
-            .for_each_dead(endpoint, async |seq, env, _| {
+        let mut from = 1;
+        loop {
+            let page = inner.dead_page(endpoint, from, 256).await?;
+            let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
+                break;
+            };
+            from = last + 1;
+            for (seq, env, _) in page {
                 if env.dead_ms.unwrap_or(0) < before {
                     inner.dead.delete_message(seq).await.map_err(storage)?;
                     n += 1;
                 }
-                Ok(())
-            })
-            .await?;
+            }
+        }
         if n > 0 {
             let _ = inner.refresh_counts().await;
         }
