@@ -73,7 +73,11 @@ pub enum QueueBackend {
 pub struct NatsArgs {
     /// NATS server URL(s), comma-separated. Credentials in the URL are accepted but
     /// redacted when the configuration is printed; prefer the files below.
-    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: NatsUrl,
     /// A NATS `.creds` file (user JWT + nkey seed).
     #[arg(long, env = "WEBHOOK_OPERATOR_NATS_CREDENTIALS_FILE")]
@@ -115,7 +119,9 @@ impl std::fmt::Debug for NatsUrl {
             .0
             .split(',')
             .map(|u| match (u.find("://"), u.rfind('@')) {
-                (Some(s), Some(at)) if at > s => format!("{}<redacted>@{}", &u[..s + 3], &u[at + 1..]),
+                (Some(s), Some(at)) if at > s => {
+                    format!("{}<redacted>@{}", &u[..s + 3], &u[at + 1..])
+                }
                 (None, Some(at)) => format!("<redacted>@{}", &u[at + 1..]),
                 _ => u.to_string(),
             })
@@ -133,7 +139,11 @@ pub struct LeaderArgs {
     /// Namespace of the Lease (default: --namespace, else `POD_NAMESPACE`, else `default`).
     #[arg(long, env = "WEBHOOK_OPERATOR_LEADER_ELECTION_NAMESPACE")]
     pub leader_election_namespace: Option<String>,
-    #[arg(long, env = "WEBHOOK_OPERATOR_LEASE_NAME", default_value = "webhook-operator")]
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_LEASE_NAME",
+        default_value = "webhook-operator"
+    )]
     pub lease_name: String,
     /// A replica that sees no renewal for this long takes the Lease over.
     #[arg(long, env = "WEBHOOK_OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
@@ -271,7 +281,13 @@ mod tests {
             .parse()
             .unwrap();
         let shown = format!("{u:?}");
-        assert!(!shown.contains("hunter2") && !shown.contains("tok@"), "{shown}");
-        assert!(shown.contains("nats-1:4222") && shown.contains("nats://n3:4222"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("tok@"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("nats-1:4222") && shown.contains("nats://n3:4222"),
+            "{shown}"
+        );
     }
 }

@@ -36,7 +36,12 @@ pub struct LeaderConfig {
 
 impl LeaderConfig {
     /// client-go's proportions: renew deadline 2/3 of the duration, retry every ~2/15.
-    pub fn new(namespace: String, lease_name: String, identity: String, duration: Duration) -> Self {
+    pub fn new(
+        namespace: String,
+        lease_name: String,
+        identity: String,
+        duration: Duration,
+    ) -> Self {
         Self {
             namespace,
             lease_name,
@@ -160,9 +165,7 @@ async fn try_acquire_or_renew(
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
     let record = (
         holder.clone(),
-        spec.renew_time
-            .as_ref()
-            .map(|t| t.0.to_string()),
+        spec.renew_time.as_ref().map(|t| t.0.to_string()),
         lease.metadata.resource_version.clone(),
     );
     if observed.record.as_ref() != Some(&record) {

@@ -25,10 +25,13 @@ fn options(url: &str) -> JetStreamOptions {
 }
 
 async fn connect(server: &NatsServer) -> JetStreamQueue {
-    tokio::time::timeout(Duration::from_secs(20), JetStreamQueue::connect(options(&server.url())))
-        .await
-        .expect("connect in time")
-        .expect("connect")
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        JetStreamQueue::connect(options(&server.url())),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect")
 }
 
 fn event(ep: &EndpointKey, key: &str, payload: &str) -> NewEvent {
@@ -83,7 +86,10 @@ async fn durable_dedupe_across_replicas_and_exclusive_leases() {
         accepted_id(&out[1]);
         // The same provider event arriving at the other replica's ingress.
         let out = q2
-            .enqueue(vec![event(&ep, "k1", "one again"), event(&other, "k1", "x")])
+            .enqueue(vec![
+                event(&ep, "k1", "one again"),
+                event(&other, "k1", "x"),
+            ])
             .await
             .unwrap();
         assert_eq!(out[0], EnqueueOutcome::Duplicate);
@@ -104,14 +110,23 @@ async fn durable_dedupe_across_replicas_and_exclusive_leases() {
     assert_eq!(payloads, vec![Bytes::from("one"), Bytes::from("two")]);
     assert!(leased.iter().all(|e| e.attempts == 0 && e.endpoint == ep));
     // Leased by q1: the other replica gets nothing for this endpoint.
-    assert!(q2.lease(&ep, 10, SystemTime::now()).await.unwrap().is_empty());
+    assert!(
+        q2.lease(&ep, 10, SystemTime::now())
+            .await
+            .unwrap()
+            .is_empty()
+    );
     for e in &leased {
         q1.ack(e).await.unwrap();
     }
     assert_eq!(q1.ack(&leased[0]).await, Err(QueueError::UnknownReceipt));
     // Acked: not redelivered after the lease timeout.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(lease_n(&q2, &ep, 1, Duration::from_millis(600)).await.is_empty());
+    assert!(
+        lease_n(&q2, &ep, 1, Duration::from_millis(600))
+            .await
+            .is_empty()
+    );
     q1.refresh_counts().await.unwrap();
     assert_eq!(q1.endpoint_depth(&ep).pending, 0);
 }
@@ -147,16 +162,25 @@ async fn retry_waits_dead_letters_replay_and_prune() {
         "not due before the retry delay"
     );
     let e = lease_n(&q, &ep, 1, Duration::from_secs(5)).await.remove(0);
-    assert!(SystemTime::now() >= retry_at, "redelivered only after the delay");
+    assert!(
+        SystemTime::now() >= retry_at,
+        "redelivered only after the delay"
+    );
     assert_eq!((e.id.as_str(), e.attempts), (id.as_str(), 1));
 
-    q.dead_letter(&e, "HTTP 503 after 2 attempts").await.unwrap();
+    q.dead_letter(&e, "HTTP 503 after 2 attempts")
+        .await
+        .unwrap();
     q.refresh_counts().await.unwrap();
     let d = q.endpoint_depth(&ep);
     assert_eq!((d.pending, d.dead_lettered), (0, 1));
     // Dead: never redelivered.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(lease_n(&q, &ep, 1, Duration::from_millis(400)).await.is_empty());
+    assert!(
+        lease_n(&q, &ep, 1, Duration::from_millis(400))
+            .await
+            .is_empty()
+    );
 
     // A filter that matches nothing replays nothing.
     let past = SystemTime::now() - Duration::from_secs(3600);
@@ -166,11 +190,17 @@ async fn retry_waits_dead_letters_replay_and_prune() {
     };
     assert_eq!(q.replay(&ep, none, SystemTime::now()).await.unwrap(), 0);
     assert_eq!(
-        q.replay(&ep, ReplayFilter::All, SystemTime::now()).await.unwrap(),
+        q.replay(&ep, ReplayFilter::All, SystemTime::now())
+            .await
+            .unwrap(),
         1
     );
     let e = lease_n(&q, &ep, 1, Duration::from_secs(5)).await.remove(0);
-    assert_eq!((e.id.as_str(), e.attempts), (id.as_str(), 0), "replay resets attempts");
+    assert_eq!(
+        (e.id.as_str(), e.attempts),
+        (id.as_str(), 0),
+        "replay resets attempts"
+    );
     q.dead_letter(&e, "again").await.unwrap();
 
     assert_eq!(
@@ -204,7 +234,10 @@ async fn writes_fail_while_the_server_is_away_and_recover() {
     )
     .await
     .expect("enqueue answers in bounded time");
-    assert!(r.is_err(), "enqueue must fail while nothing can persist: {r:?}");
+    assert!(
+        r.is_err(),
+        "enqueue must fail while nothing can persist: {r:?}"
+    );
     assert!(q.check_writable().await.is_err());
     assert!(started.elapsed() < Duration::from_secs(10));
 
@@ -215,7 +248,10 @@ async fn writes_fail_while_the_server_is_away_and_recover() {
         if q.check_writable().await.is_ok() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "queue never recovered");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue never recovered"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let out = q.enqueue(vec![event(&ep, "after", "p")]).await.unwrap();

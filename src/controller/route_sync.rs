@@ -125,7 +125,10 @@ fn fingerprint(parts: &[&[u8]]) -> [u8; 32] {
 }
 
 /// The endpoint's delivery configuration, if every Secret it needs exists.
-pub fn endpoint_delivery(ep: &WebhookEndpoint, secrets: &Store<Secret>) -> Option<EndpointDelivery> {
+pub fn endpoint_delivery(
+    ep: &WebhookEndpoint,
+    secrets: &Store<Secret>,
+) -> Option<EndpointDelivery> {
     let ns = ep.namespace().unwrap_or_default();
     let name = ep.name_any();
     let token_key = secret_value(
@@ -147,7 +150,10 @@ pub fn endpoint_delivery(ep: &WebhookEndpoint, secrets: &Store<Secret>) -> Optio
     for h in &ep.spec.headers {
         let r = &h.secret_key_ref;
         let v = secret_value(secrets, &ns, &r.name, &r.key)?;
-        headers.push((h.name.clone(), String::from_utf8_lossy(&v).trim().to_string()));
+        headers.push((
+            h.name.clone(),
+            String::from_utf8_lossy(&v).trim().to_string(),
+        ));
     }
     Some(EndpointDelivery {
         key: (ns, name),
@@ -224,8 +230,12 @@ fn sync_once(
         let fp = fingerprint(&parts);
         if applied.endpoints.get(&d.key) != Some(&fp) {
             match routes.configure_endpoint(&d) {
-                Ok(()) => tracing::info!(namespace = %d.key.0, name = %d.key.1, "route sync: endpoint configured"),
-                Err(reason) => tracing::warn!(namespace = %d.key.0, name = %d.key.1, %reason, "route sync: endpoint refused"),
+                Ok(()) => {
+                    tracing::info!(namespace = %d.key.0, name = %d.key.1, "route sync: endpoint configured")
+                }
+                Err(reason) => {
+                    tracing::warn!(namespace = %d.key.0, name = %d.key.1, %reason, "route sync: endpoint refused")
+                }
             }
         }
         seen_eps.insert(d.key.clone(), fp);

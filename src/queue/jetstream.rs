@@ -258,7 +258,10 @@ impl JetStreamQueue {
         let js = jetstream::ContextBuilder::new()
             .timeout(options.request_timeout)
             .build(client);
-        let upper = options.prefix.to_ascii_uppercase().replace(['.', '*', '>'], "_");
+        let upper = options
+            .prefix
+            .to_ascii_uppercase()
+            .replace(['.', '*', '>'], "_");
         let p = &options.prefix;
         let events = js
             .get_or_create_stream(stream::Config {

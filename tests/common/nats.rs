@@ -49,7 +49,14 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let child = Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -58,7 +65,10 @@ impl NatsServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen in 15 s");
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen in 15 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

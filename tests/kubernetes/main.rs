@@ -5,8 +5,8 @@ mod support;
 
 mod api_validation;
 mod operator_run;
-mod subscription_sync;
 mod scaleout;
+mod subscription_sync;
 
 #[path = "../common/nats.rs"]
 mod nats;

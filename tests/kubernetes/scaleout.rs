@@ -93,7 +93,9 @@ struct Cluster {
 impl Cluster {
     async fn new(prefix: &str) -> Cluster {
         let env = test_env(prefix).await;
-        let nats = tokio::task::spawn_blocking(NatsServer::start).await.unwrap();
+        let nats = tokio::task::spawn_blocking(NatsServer::start)
+            .await
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let sandbox = sandbox::serve(listener, SandboxConfig::default())
             .await
@@ -114,7 +116,10 @@ impl Cluster {
         let ns = &self.env.namespace;
         let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
             .arg("run")
-            .args(["--ingress-addr", &format!("127.0.0.1:{}", self.ports[index])])
+            .args([
+                "--ingress-addr",
+                &format!("127.0.0.1:{}", self.ports[index]),
+            ])
             .args(["--ops-addr", "127.0.0.1:0"])
             .args(["--namespace", ns])
             .args(["--queue", "jetstream", "--nats-url", &self.nats.url()])
@@ -191,9 +196,13 @@ impl Cluster {
                      "events": ["call_completed"], "atlas": {"campaignId": campaign},
                      "endpointRef": {"name": "orders"}}
         });
-        api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&obj))
-            .await
-            .unwrap();
+        api.patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap();
     }
 
     async fn wait_ready(&self, name: &str, timeout: Duration) {
@@ -336,14 +345,31 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
     let mut replicas = vec![c.start_replica(0), c.start_replica(1)];
     c.wait_ready("atlas", Duration::from_secs(60)).await;
     let leader = wait_until(Duration::from_secs(30), "a Lease holder", || c.holder()).await;
-    let li = replicas.iter().position(|r| r.name == leader).expect("holder is one of ours");
+    let li = replicas
+        .iter()
+        .position(|r| r.name == leader)
+        .expect("holder is one of ours");
     let fi = 1 - li;
     let path = c.hook_path().await;
     let http = reqwest::Client::new();
 
     // Events at both ingresses, including the follower's (route sync), are all delivered.
-    let mut acked = fire(&http, &replicas[li].hook(&format!("{path}/atlas")), "camp-1", 20).await;
-    acked.extend(fire(&http, &replicas[fi].hook(&format!("{path}/atlas")), "camp-1", 20).await);
+    let mut acked = fire(
+        &http,
+        &replicas[li].hook(&format!("{path}/atlas")),
+        "camp-1",
+        20,
+    )
+    .await;
+    acked.extend(
+        fire(
+            &http,
+            &replicas[fi].hook(&format!("{path}/atlas")),
+            "camp-1",
+            20,
+        )
+        .await,
+    );
     c.wait_delivered(&acked, Duration::from_secs(60)).await;
     // The same provider event at the other replica is a duplicate, not a second delivery.
     let dup = acked.iter().next().unwrap().clone();
@@ -358,7 +384,11 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.unwrap();
     assert_eq!(answer["duplicates"], 1, "{answer}");
-    assert_eq!(c.registrations("camp-1").await, 1, "one registration upstream");
+    assert_eq!(
+        c.registrations("camp-1").await,
+        1,
+        "one registration upstream"
+    );
 
     // The leader writes status with the merged counts of both replicas' deliveries.
     let eps: Api<WebhookEndpoint> = Api::namespaced(c.env.client.clone(), &c.env.namespace);
@@ -371,8 +401,13 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
     })
     .await;
     let posts = c.received.lock().unwrap().posts;
-    assert_eq!(delivered, posts, "status counts every delivery of both replicas");
-    eprintln!("scaleout: 40 events fired at both ingresses, {posts} deliveries, status.delivered={delivered}");
+    assert_eq!(
+        delivered, posts,
+        "status counts every delivery of both replicas"
+    );
+    eprintln!(
+        "scaleout: 40 events fired at both ingresses, {posts} deliveries, status.delivered={delivered}"
+    );
 
     // Kill the Lease holder; the follower takes over within the Lease duration.
     replicas[li].kill();
@@ -386,18 +421,34 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
     .await;
     let takeover = killed.elapsed();
     eprintln!("scaleout: takeover after {:.1} s", takeover.as_secs_f64());
-    assert!(takeover <= Duration::from_secs(20), "takeover took {takeover:?}");
+    assert!(
+        takeover <= Duration::from_secs(20),
+        "takeover took {takeover:?}"
+    );
 
     // Reconciles resume on the new leader: a new subscription gets registered once, the
     // old one is not registered again.
     c.apply_subscription("atlas-2", "camp-2").await;
     c.wait_ready("atlas-2", Duration::from_secs(60)).await;
     assert_eq!(c.registrations("camp-2").await, 1);
-    assert_eq!(c.registrations("camp-1").await, 1, "no second registration after takeover");
-    let more = fire(&http, &replicas[fi].hook(&format!("{path}/atlas-2")), "camp-2", 10).await;
+    assert_eq!(
+        c.registrations("camp-1").await,
+        1,
+        "no second registration after takeover"
+    );
+    let more = fire(
+        &http,
+        &replicas[fi].hook(&format!("{path}/atlas-2")),
+        "camp-2",
+        10,
+    )
+    .await;
     c.wait_delivered(&more, Duration::from_secs(60)).await;
     let logs = replicas[fi].logs.lock().unwrap().join("\n");
-    assert!(logs.contains("became leader"), "the follower logged its takeover");
+    assert!(
+        logs.contains("became leader"),
+        "the follower logged its takeover"
+    );
 }
 
 /// Fires `total` events as POSTs of `per_post` at the replicas' ingresses with a fixed
@@ -441,7 +492,10 @@ async fn load(
                     if let Ok(200) = post(&http, url, atlas_body("camp-1", &ids)).await {
                         break;
                     }
-                    assert!(Instant::now() < deadline, "no ingress accepted a POST in 60 s");
+                    assert!(
+                        Instant::now() < deadline,
+                        "no ingress accepted a POST in 60 s"
+                    );
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 let n = {
@@ -495,7 +549,10 @@ async fn sigkill_of_a_replica_during_load_loses_no_acknowledged_event() {
     c.wait_delivered(&acked, Duration::from_secs(180)).await;
     let (unique, posts) = {
         let r = c.received.lock().unwrap();
-        (acked.iter().filter(|i| r.calls.contains(*i)).count(), r.posts)
+        (
+            acked.iter().filter(|i| r.calls.contains(*i)).count(),
+            r.posts,
+        )
     };
     eprintln!(
         "scaleout: 10000 acknowledged in {:.1} s, replica-1 SIGKILLed at 3000; {unique} delivered, {posts} delivery POSTs (redeliveries included), all within {:.1} s",
@@ -518,8 +575,7 @@ async fn nats_restart_during_load_answers_503_never_2xx_and_recovers() {
 
     // A steady sender records (sent, answered, status) of every POST.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let log: Arc<Mutex<Vec<(Instant, Instant, Result<u16, String>, String)>>> =
-        Arc::default();
+    let log: Arc<Mutex<Vec<(Instant, Instant, Result<u16, String>, String)>>> = Arc::default();
     let sender = {
         let (stop, log, http, url) = (stop.clone(), log.clone(), http.clone(), url.clone());
         tokio::spawn(async move {
@@ -565,9 +621,19 @@ async fn nats_restart_during_load_answers_503_never_2xx_and_recovers() {
             *during.entry(k).or_default() += 1;
         }
     }
-    eprintln!("scaleout: answers while nats-server was down: {during:?}; first 2xx {:.1} s after restart", recovered.as_secs_f64());
-    assert!(during.get("503").copied().unwrap_or(0) > 0, "saw no 503 during the outage: {during:?}");
-    assert_eq!(during.keys().filter(|k| *k != "503").count(), 0, "only 503 while it cannot persist: {during:?}");
+    eprintln!(
+        "scaleout: answers while nats-server was down: {during:?}; first 2xx {:.1} s after restart",
+        recovered.as_secs_f64()
+    );
+    assert!(
+        during.get("503").copied().unwrap_or(0) > 0,
+        "saw no 503 during the outage: {during:?}"
+    );
+    assert_eq!(
+        during.keys().filter(|k| *k != "503").count(),
+        0,
+        "only 503 while it cannot persist: {during:?}"
+    );
     acked.extend(
         log.iter()
             .filter(|(_, _, r, _)| matches!(r, Ok(s) if (200..300).contains(s)))
