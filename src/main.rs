@@ -19,7 +19,7 @@ enum Command {
     /// Print the CRD YAML of both kinds.
     Crd,
     /// Run the operator against the current kubeconfig or the in-cluster config.
-    Run(OperatorConfig),
+    Run(Box<OperatorConfig>),
     /// Serve the provider simulators (Atlas, Atomic, Smallest) for tests and demos.
     Sandbox(webhook_operator::sandbox::SandboxArgs),
 }
@@ -33,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
             webhook_operator::sandbox::run(args).await?
         }
         Command::Run(config) => {
+            let config = *config;
             telemetry::init(config.log_json);
             let _ = rustls::crypto::ring::default_provider().install_default();
             tracing::info!(?config, "starting");

@@ -342,7 +342,7 @@ async fn fire(http: &reqwest::Client, url: &str, campaign: &str, n: usize) -> Ha
 async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
     let c = Cluster::new("scale").await;
     c.setup_objects(&[("atlas", "camp-1")]).await;
-    let mut replicas = vec![c.start_replica(0), c.start_replica(1)];
+    let mut replicas = [c.start_replica(0), c.start_replica(1)];
     c.wait_ready("atlas", Duration::from_secs(60)).await;
     let leader = wait_until(Duration::from_secs(30), "a Lease holder", || c.holder()).await;
     let li = replicas
@@ -562,6 +562,9 @@ async fn sigkill_of_a_replica_during_load_loses_no_acknowledged_event() {
     assert_eq!(unique, 10_000);
 }
 
+/// One POST: sent, answered, status (or transport error), the callId it carried.
+type Answer = (Instant, Instant, Result<u16, String>, String);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_restart_during_load_answers_503_never_2xx_and_recovers() {
     let mut c = Cluster::new("scale-nats").await;
@@ -575,19 +578,23 @@ async fn nats_restart_during_load_answers_503_never_2xx_and_recovers() {
 
     // A steady sender records (sent, answered, status) of every POST.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let log: Arc<Mutex<Vec<(Instant, Instant, Result<u16, String>, String)>>> = Arc::default();
-    let sender = {
-        let (stop, log, http, url) = (stop.clone(), log.clone(), http.clone(), url.clone());
-        tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let id = new_id();
-                let sent = Instant::now();
-                let r = post(&http, &url, atlas_body("camp-1", std::slice::from_ref(&id))).await;
-                log.lock().unwrap().push((sent, Instant::now(), r, id));
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+    let log: Arc<Mutex<Vec<Answer>>> = Arc::default();
+    // Four senders, so answers keep coming while some wait on the queue.
+    let senders: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, log, http, url) = (stop.clone(), log.clone(), http.clone(), url.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let id = new_id();
+                    let sent = Instant::now();
+                    let r =
+                        post(&http, &url, atlas_body("camp-1", std::slice::from_ref(&id))).await;
+                    log.lock().unwrap().push((sent, Instant::now(), r, id));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
         })
-    };
+        .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let down = Instant::now();
     tokio::task::block_in_place(|| c.nats.kill());
@@ -608,7 +615,9 @@ async fn nats_restart_during_load_answers_503_never_2xx_and_recovers() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    sender.await.unwrap();
+    for s in senders {
+        s.await.unwrap();
+    }
 
     let log = log.lock().unwrap().clone();
     let mut during: HashMap<String, usize> = HashMap::new();
