@@ -78,6 +78,11 @@ impl Replica {
 impl Drop for Replica {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let logs = self.logs.lock().unwrap();
+            let tail = &logs[logs.len().saturating_sub(60)..];
+            eprintln!("--- {} log tail ---\n{}", self.name, tail.join("\n"));
+        }
     }
 }
 
@@ -208,19 +213,30 @@ impl Cluster {
     async fn wait_ready(&self, name: &str, timeout: Duration) {
         let api: Api<WebhookSubscription> =
             Api::namespaced(self.env.client.clone(), &self.env.namespace);
-        wait_until(timeout, &format!("subscription {name} Ready"), || {
-            let api = api.clone();
-            async move {
-                let s = api.get(name).await.ok()?;
-                s.status
-                    .as_ref()?
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-                    .then_some(())
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = api.get(name).await.ok();
+            let conditions = s
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .map(|st| st.conditions.clone())
+                .unwrap_or_default();
+            if conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+            {
+                return;
             }
-        })
-        .await
+            assert!(
+                Instant::now() < deadline,
+                "subscription {name} not Ready after {timeout:?}: {:?}",
+                conditions
+                    .iter()
+                    .map(|c| (&c.type_, &c.status, &c.reason, &c.message))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// `/hooks/<token>` of the endpoint.
