@@ -559,16 +559,26 @@ impl Queue for JetStreamQueue {
             );
         }
         if msgs.len() < max {
-            let consumer = inner.consumer(endpoint).await?;
-            let mut batch = consumer
-                .fetch()
-                .max_messages(max - msgs.len())
-                .messages()
-                .await
-                .map_err(storage)?;
-            while let Some(m) = batch.next().await {
-                msgs.push(m.map_err(storage)?);
-            }
+            let want = max - msgs.len();
+            // A pull whose server went away mid-request may never end: bounded, so the
+            // delivery worker is never stuck on it (unacked messages come back after ack_wait).
+            let fetched = tokio::time::timeout(inner.options.request_timeout, async {
+                let consumer = inner.consumer(endpoint).await?;
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(want)
+                    .messages()
+                    .await
+                    .map_err(storage)?;
+                let mut got = Vec::new();
+                while let Some(m) = batch.next().await {
+                    got.push(m.map_err(storage)?);
+                }
+                Ok::<_, QueueError>(got)
+            })
+            .await
+            .map_err(|_| QueueError::Storage("lease timed out".into()))??;
+            msgs.extend(fetched);
         }
         let mut out = Vec::with_capacity(msgs.len());
         for msg in msgs {
@@ -626,7 +636,7 @@ impl Queue for JetStreamQueue {
             return;
         }
         let started = Instant::now();
-        let pulled = async {
+        let pulled = tokio::time::timeout(max_wait + inner.options.request_timeout, async {
             let consumer = inner.consumer(endpoint).await?;
             let mut batch = consumer
                 .batch()
@@ -639,8 +649,9 @@ impl Queue for JetStreamQueue {
                 Some(m) => Ok::<_, QueueError>(Some(m.map_err(storage)?)),
                 None => Ok(None),
             }
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(QueueError::Storage("pull timed out".into())));
         match pulled {
             Ok(Some(msg)) => inner
                 .prefetched
