@@ -252,8 +252,10 @@ pub async fn run_while_leading<L, LF, F, FF>(
             futures::future::Either::Right(follow(stop))
         };
         tokio::pin!(role);
+        let mut finished = false;
         let changed = tokio::select! {
             _ = &mut role => {
+                finished = true;
                 // The role ended by itself: wait for a change or shutdown before going on.
                 tokio::select! {
                     r = leading.changed() => r.is_ok(),
@@ -263,7 +265,9 @@ pub async fn run_while_leading<L, LF, F, FF>(
             r = leading.changed() => r.is_ok(),
         };
         token.cancel();
-        role.await;
+        if !finished {
+            role.await;
+        }
         if !changed {
             return;
         }
