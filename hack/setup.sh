@@ -22,3 +22,11 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 
 # Helm, for the chart's lint/template tests (pinned; built from its Go module once).
 "$root/hack/helm.sh" version >/dev/null
+# nats-server with JetStream, for the JetStream queue and scale-out tests, from its Go
+# module (pinned; the tests look for it here).
+NATS_SERVER_VERSION=v2.14.9
+nats_bin="${XDG_CACHE_HOME:-$HOME/.cache}/webhook-operator/bin"
+if ! "$nats_bin/nats-server" --version 2>/dev/null | grep -q "${NATS_SERVER_VERSION#v}"; then
+  mkdir -p "$nats_bin"
+  GOBIN="$nats_bin" go install "github.com/nats-io/nats-server/v2@$NATS_SERVER_VERSION"
+fi

@@ -54,6 +54,107 @@ pub struct OperatorConfig {
     /// Log as JSON lines.
     #[arg(long, env = "WEBHOOK_OPERATOR_LOG_JSON")]
     pub log_json: bool,
+    /// Where events wait for delivery: `embedded` (a file on --data-dir; one replica) or
+    /// `jetstream` (NATS JetStream at --nats-url; several replicas share it).
+    #[arg(long, env = "WEBHOOK_OPERATOR_QUEUE", value_enum, default_value_t = QueueBackend::Embedded)]
+    pub queue: QueueBackend,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub leader: LeaderArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueBackend {
+    Embedded,
+    Jetstream,
+}
+
+/// NATS JetStream settings (`--queue jetstream`). Credentials come from files (a mounted
+/// Secret), never from flags, and are never printed.
+#[derive(Args, Clone, Debug)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated. Credentials in the URL are accepted but
+    /// redacted when the configuration is printed; prefer the files below.
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: NatsUrl,
+    /// A NATS `.creds` file (user JWT + nkey seed).
+    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_CREDENTIALS_FILE")]
+    pub nats_credentials_file: Option<PathBuf>,
+    /// A file holding a NATS token.
+    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_TOKEN_FILE")]
+    pub nats_token_file: Option<PathBuf>,
+    /// NATS user; the password is read from --nats-password-file.
+    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_PASSWORD_FILE")]
+    pub nats_password_file: Option<PathBuf>,
+    /// Prefix of the subjects and (upper-cased) streams the operator uses.
+    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_PREFIX", default_value = "webhook")]
+    pub nats_prefix: String,
+    /// Lease timeout of a delivery attempt: unacknowledged events are redelivered (to any
+    /// replica) after this. Longer than the longest delivery timeout.
+    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_ACK_WAIT", default_value = "60s", value_parser = parse_duration)]
+    pub nats_ack_wait: std::time::Duration,
+}
+
+/// A NATS URL whose `Debug` hides any user info.
+#[derive(Clone)]
+pub struct NatsUrl(pub String);
+
+impl std::str::FromStr for NatsUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Err("empty NATS URL".into());
+        }
+        Ok(NatsUrl(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for NatsUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<String> = self
+            .0
+            .split(',')
+            .map(|u| match (u.find("://"), u.rfind('@')) {
+                (Some(s), Some(at)) if at > s => {
+                    format!("{}<redacted>@{}", &u[..s + 3], &u[at + 1..])
+                }
+                (None, Some(at)) => format!("<redacted>@{}", &u[at + 1..]),
+                _ => u.to_string(),
+            })
+            .collect();
+        write!(f, "{:?}", shown.join(","))
+    }
+}
+
+/// Leader election: with several replicas, only the holder of a `coordination.k8s.io/v1`
+/// Lease runs the reconcilers; every replica serves the ingress and delivers.
+#[derive(Args, Clone, Debug)]
+pub struct LeaderArgs {
+    #[arg(long, env = "WEBHOOK_OPERATOR_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// Namespace of the Lease (default: --namespace, else `POD_NAMESPACE`, else `default`).
+    #[arg(long, env = "WEBHOOK_OPERATOR_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_LEASE_NAME",
+        default_value = "webhook-operator"
+    )]
+    pub lease_name: String,
+    /// A replica that sees no renewal for this long takes the Lease over.
+    #[arg(long, env = "WEBHOOK_OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse_go_duration(s).map_err(|e| e.to_string())
 }
 
 /// Where the providers' management APIs are. Defaults are the providers' public APIs.
@@ -99,10 +200,6 @@ impl ProviderUrls {
     }
 }
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    crate::duration::parse_go_duration(s).map_err(|e| e.to_string())
-}
-
 fn parse_resolve(s: &str) -> Result<(String, SocketAddr), String> {
     let (host, addr) = s
         .split_once('=')
@@ -126,5 +223,78 @@ impl OperatorConfig {
             },
             ..Default::default()
         }
+    }
+}
+
+impl OperatorConfig {
+    /// The JetStream queue settings; reads the credential files.
+    pub fn jetstream(&self) -> anyhow::Result<crate::queue::JetStreamOptions> {
+        use crate::queue::NatsAuth;
+        let read = |p: &PathBuf| -> anyhow::Result<String> {
+            Ok(std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?
+                .trim()
+                .to_string())
+        };
+        let n = &self.nats;
+        let auth = if let Some(p) = &n.nats_credentials_file {
+            NatsAuth::CredentialsFile(p.clone())
+        } else if let Some(p) = &n.nats_token_file {
+            NatsAuth::Token(read(p)?)
+        } else if let Some(user) = &n.nats_user {
+            let password = match &n.nats_password_file {
+                Some(p) => read(p)?,
+                None => anyhow::bail!("--nats-user needs --nats-password-file"),
+            };
+            NatsAuth::UserPassword(user.clone(), password)
+        } else {
+            NatsAuth::None
+        };
+        Ok(crate::queue::JetStreamOptions {
+            url: n.nats_url.0.clone(),
+            auth,
+            prefix: n.nats_prefix.clone(),
+            ack_wait: n.nats_ack_wait,
+            dedupe_window: self.data_plane().dedupe_window,
+            ..Default::default()
+        })
+    }
+
+    /// Leader election settings for this replica.
+    pub fn leader_config(&self, identity: String) -> crate::leader::LeaderConfig {
+        let namespace = self
+            .leader
+            .leader_election_namespace
+            .clone()
+            .or_else(|| self.namespace.clone())
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        crate::leader::LeaderConfig::new(
+            namespace,
+            self.leader.lease_name.clone(),
+            identity,
+            self.leader.lease_duration,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NatsUrl;
+
+    #[test]
+    fn nats_url_debug_hides_credentials() {
+        let u: NatsUrl = "nats://user:hunter2@nats-1:4222,tls://tok@nats-2:4222,nats://n3:4222"
+            .parse()
+            .unwrap();
+        let shown = format!("{u:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("tok@"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("nats-1:4222") && shown.contains("nats://n3:4222"),
+            "{shown}"
+        );
     }
 }

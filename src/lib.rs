@@ -11,6 +11,7 @@ pub mod duration;
 pub mod health;
 pub mod inbound;
 pub mod ingress;
+pub mod leader;
 pub mod metrics;
 pub mod providers;
 pub mod queue;

@@ -2,8 +2,10 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use webhook_operator::config::{OperatorConfig, QueueBackend};
 use webhook_operator::dataplane::DataPlane;
-use webhook_operator::{api, config::OperatorConfig, controller, telemetry};
+use webhook_operator::queue::JetStreamQueue;
+use webhook_operator::{api, controller, health, leader, telemetry};
 
 #[derive(Parser)]
 #[command(name = "webhook-operator", version, about)]
@@ -17,7 +19,7 @@ enum Command {
     /// Print the CRD YAML of both kinds.
     Crd,
     /// Run the operator against the current kubeconfig or the in-cluster config.
-    Run(OperatorConfig),
+    Run(Box<OperatorConfig>),
     /// Re-queue the dead letters of a WebhookEndpoint (through the replay annotation).
     Replay(webhook_operator::replay::ReplayArgs),
     /// Serve the provider simulators (Atlas, Atomic, Smallest) for tests and demos.
@@ -43,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
             webhook_operator::demo_consumer::run(args).await?
         }
         Command::Run(config) => {
+            let config = *config;
             telemetry::init(config.log_json);
             let _ = rustls::crypto::ring::default_provider().install_default();
             tracing::info!(?config, "starting");
@@ -50,9 +53,30 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
 
-            std::fs::create_dir_all(&config.data_dir)?;
             let parser = Arc::new(webhook_operator::providers::ProviderParser);
-            let data_plane = DataPlane::open(config.data_plane(), parser).await?;
+            let identity = leader::default_identity();
+            let (data_plane, nats) = match config.queue {
+                QueueBackend::Embedded => {
+                    std::fs::create_dir_all(&config.data_dir)?;
+                    (DataPlane::open(config.data_plane(), parser).await?, None)
+                }
+                QueueBackend::Jetstream => {
+                    let queue = JetStreamQueue::connect(config.jetstream()?).await?;
+                    let nats = queue.nats_client();
+                    let dp = DataPlane::with_queue(config.data_plane(), parser, Arc::new(queue))?;
+                    (dp, Some(nats))
+                }
+            };
+            if let Some(nats) = nats {
+                health::cluster::share(
+                    nats,
+                    format!("{}.health", config.nats.nats_prefix),
+                    identity.clone(),
+                    data_plane.health_registry(),
+                    shutdown.clone(),
+                )
+                .await?;
+            }
             let ingress = serve(
                 "ingress",
                 config.ingress_addr,
@@ -69,12 +93,30 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             let delivery = data_plane.start_delivery(shutdown.clone().cancelled_owned());
 
+            let election = config
+                .leader
+                .leader_election
+                .then(|| config.leader_config(identity));
             let ctx = Arc::new(controller::Context::new(
-                client,
+                client.clone(),
                 config,
                 Arc::new(data_plane),
             ));
-            controller::run(ctx, shutdown).await;
+            match election {
+                None => controller::run(ctx, shutdown).await,
+                Some(election) => {
+                    // Reconcilers only while holding the Lease; route sync otherwise.
+                    let (leading, elector) = leader::spawn(client, election, shutdown.clone());
+                    leader::run_while_leading(
+                        leading,
+                        shutdown.clone(),
+                        |token| controller::run(ctx.clone(), token),
+                        |token| controller::route_sync::run(ctx.clone(), token),
+                    )
+                    .await;
+                    let _ = elector.await;
+                }
+            }
             let _ = tokio::join!(ingress, ops, delivery);
             tracing::info!("stopped");
         }

@@ -35,8 +35,9 @@ pub const REPLAY_BY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-by";
 /// a user-provided secret rotates when its Secret changes). Handled once per value.
 pub const ROTATE_ANNOTATION: &str = "hooks.webhook-operator.dev/rotate-signing-secret";
 
-const INGRESS_SECRET_KEY: &str = "token-key";
-const SIGNING_KEY: &str = "secret";
+/// Keys of the Secrets this reconciler generates (route sync reads them too).
+pub const INGRESS_SECRET_KEY: &str = "token-key";
+pub const SIGNING_KEY: &str = "secret";
 /// The rotation request that produced the generated secret.
 const ROTATION_REQUEST_KEY: &str = "rotation-request";
 

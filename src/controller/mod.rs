@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod dataplane_routes;
 pub mod endpoint;
 pub mod rotation;
+pub mod route_sync;
 pub mod routes;
 pub mod secrets;
 pub mod status;

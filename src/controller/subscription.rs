@@ -109,11 +109,14 @@ pub fn translate(
     }
 }
 
+/// The Atllas header name when the spec has no `atllas` block.
+pub const DEFAULT_ATLLAS_HEADER: &str = "X-Webhook-Token";
+
 fn atllas_header_name(spec: &WebhookSubscriptionSpec) -> String {
     spec.atllas
         .as_ref()
         .map(|a| a.header_name.clone())
-        .unwrap_or_else(|| "X-Webhook-Token".into())
+        .unwrap_or_else(|| DEFAULT_ATLLAS_HEADER.into())
 }
 
 /// What one pass found or did.
@@ -411,9 +414,10 @@ async fn apply(
         Outcome::Synced { .. } | Outcome::MissingUpstream | Outcome::Manual { .. } => (resync, 0),
         // Waits for the endpoint or the Secret to change (both are watched); the timer
         // is a safety net.
-        Outcome::EndpointNotReady(_) | Outcome::CredentialsMissing(_) => {
-            (Duration::from_secs(60), 0)
-        }
+        // The endpoint check is a cheap read: recheck soon, in case a watch event came
+        // before this object was in the store.
+        Outcome::EndpointNotReady(_) => (Duration::from_secs(10), 0),
+        Outcome::CredentialsMissing(_) => (Duration::from_secs(60), 0),
         Outcome::Failed(err) => {
             let failures = failures_before + 1;
             (

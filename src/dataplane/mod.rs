@@ -217,6 +217,12 @@ impl DataPlane {
         Ok(self.queue.replay(key, filter, SystemTime::now()).await?)
     }
 
+    /// The delivery health registry, to merge other replicas' outcomes into
+    /// (`health::cluster`).
+    pub fn health_registry(&self) -> Arc<HealthRegistry> {
+        self.health.clone()
+    }
+
     /// Queue counts of one endpoint (pending, leased, dead-lettered).
     pub fn queue_depth(&self, key: &EndpointKey) -> crate::queue::QueueDepth {
         self.queue.endpoint_depth(key)

@@ -5,6 +5,7 @@
 //! verdict. A generation number per endpoint tells the controller whether anything changed
 //! since the status it last wrote, so unchanged endpoints cost no API write.
 
+pub mod cluster;
 mod verdict;
 
 use std::collections::{HashMap, VecDeque};
@@ -88,10 +89,14 @@ struct Tracker {
     generation: u64,
 }
 
+/// Gets every outcome this replica records, to share it with other replicas.
+pub type OutcomeSink = Arc<dyn Fn(&EndpointKey, &Outcome<'_>) + Send + Sync>;
+
 /// Health of every endpoint delivery knows.
 pub struct HealthRegistry {
     config: HealthConfig,
     endpoints: RwLock<HashMap<EndpointKey, Arc<Mutex<Tracker>>>>,
+    sink: std::sync::OnceLock<OutcomeSink>,
 }
 
 impl HealthRegistry {
@@ -99,6 +104,7 @@ impl HealthRegistry {
         Self {
             config,
             endpoints: RwLock::default(),
+            sink: std::sync::OnceLock::new(),
         }
     }
 
@@ -114,7 +120,21 @@ impl HealthRegistry {
             .clone()
     }
 
+    /// Also hands every later local outcome to `sink` (set once; see [`cluster`]).
+    pub fn set_sink(&self, sink: OutcomeSink) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// An outcome of this replica's delivery.
     pub fn record(&self, key: &EndpointKey, outcome: Outcome<'_>) {
+        self.record_remote(key, outcome);
+        if let Some(sink) = self.sink.get() {
+            sink(key, &outcome);
+        }
+    }
+
+    /// An outcome another replica's delivery reported: counted, not passed on again.
+    pub fn record_remote(&self, key: &EndpointKey, outcome: Outcome<'_>) {
         let tracker = self.tracker(key);
         let mut t = tracker.lock().expect("tracker lock");
         let now = Instant::now();

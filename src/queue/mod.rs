@@ -3,11 +3,13 @@
 //!
 //! [`Queue`] is the contract (object-safe, so a JetStream implementation can replace the
 //! embedded one by configuration); [`RedbQueue`] is the default, an embedded store on a
-//! file. Events are opaque here: the queue never looks into a payload or knows a provider.
+//! file; [`JetStreamQueue`] is the queue several replicas share (NATS JetStream).
+//! Events are opaque here: the queue never looks into a payload or knows a provider.
 //! Leasing, retry scheduling and dead letters live here; *when* to retry is delivery's
 //! decision, not the queue's.
 
 mod index;
+mod jetstream;
 mod record;
 mod redb_queue;
 
@@ -15,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+pub use jetstream::{JetStreamOptions, JetStreamQueue, NatsAuth};
 pub use redb_queue::{RedbQueue, RedbQueueOptions};
 
 /// Identity of a `WebhookEndpoint`: its namespace and name.

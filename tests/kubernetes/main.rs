@@ -8,4 +8,8 @@ mod api_validation;
 mod chart;
 mod delivery_e2e;
 mod operator_run;
+mod scaleout;
 mod subscription_sync;
+
+#[path = "../common/nats.rs"]
+mod nats;

@@ -1,0 +1,904 @@
+//! [`JetStreamQueue`]: the [`Queue`] on NATS JetStream, for several replicas sharing one
+//! queue.
+//!
+//! Layout, all names under a configurable prefix (default `webhook`, streams `WEBHOOK_*`):
+//!
+//! - `WEBHOOK_EVENTS`, a **work-queue** stream on `webhook.events.<ns>.<name>`: pending
+//!   deliveries. File storage; a message leaves it when a replica acks it.
+//! - one **durable pull consumer per endpoint** on that stream, filtered to the endpoint's
+//!   subject and shared by every replica, so each message is handed to one replica at a
+//!   time. `ack_wait` is the lease timeout: a replica that dies with an attempt under way
+//!   never acks, and the server hands the event to another replica after `ack_wait`.
+//! - `WEBHOOK_DEAD`, a limits stream on `webhook.dead.<ns>.<name>`: dead letters.
+//! - `WEBHOOK_CHECK`, one message on `webhook.check`: the readiness write.
+//!
+//! Why each piece:
+//!
+//! - **Durability point.** `enqueue` publishes every event and awaits its PubAck; the
+//!   server sends that ack only once the message is stored in the stream. Any publish that
+//!   fails or times out (server down, restarting, JetStream not ready) fails the whole batch,
+//!   so the ingress answers 503, never 2xx, for events that may not be stored.
+//! - **Dedupe across replicas.** The `Nats-Msg-Id` header is a hash of (endpoint, dedupe
+//!   key) and the events stream's `duplicate_window` is the dedupe window, so the *server*
+//!   refuses the second copy whichever replica's ingress got it; `PubAck.duplicate` maps
+//!   to [`EnqueueOutcome::Duplicate`].
+//! - **Retry** is a NAK with the delay delivery chose (`-NAK {"delay":…}`): the server keeps
+//!   the message and redelivers it when due, to any replica. A NAK cannot carry data, so the
+//!   attempt count is the server's delivery count (`info.delivered - 1`) plus the count a
+//!   message carried when it was (re)published; the last error is not carried across
+//!   attempts (delivery only logs it). A release is a NAK without delay and, unlike the
+//!   embedded queue, counts as one delivery (releases only happen at shutdown).
+//! - **Max deliver.** Delivery dead-letters at the endpoint's `maxAttempts`. The consumer's
+//!   `max_deliver` is a server-side bound above that ([`JetStreamOptions::max_deliver`]); a
+//!   message leased at that bound (it was redelivered that often without any outcome,
+//!   e.g. replicas crashing on it) goes to the dead-letter stream instead of to delivery,
+//!   so it is never silently dropped by the server.
+//! - **Dead letters** are published to the dead-letter stream (awaiting the PubAck), then
+//!   the original is acked: never lost in between, at worst present twice until the ack
+//!   lands. Replay republishes them as fresh pending messages (attempts reset) and deletes
+//!   them from the dead-letter stream; pruning deletes old ones.
+//! - **Receipts** map to the leased `jetstream::Message` in memory on this replica only,
+//!   which is all ack/NAK need (the message's reply subject).
+//! - **Counts** (`depth`, `endpoint_depth`, `endpoints`) are synchronous in the trait, so
+//!   a background task refreshes them every second from per-subject stream counts; pending
+//!   and dead-lettered are cluster-wide, leased is this replica's.
+//!
+//! Payload and metadata travel together in the message body (a length-prefixed JSON
+//! envelope, then the payload bytes): dedupe keys and event types are arbitrary text that
+//! headers could not carry safely. NATS credentials are never logged.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{
+    EndpointKey, EnqueueOutcome, NewEvent, Queue, QueueDepth, QueueError, QueuedEvent, Receipt,
+    ReplayFilter, from_millis, to_millis,
+};
+
+/// How to reach and authenticate to NATS. `Debug` never shows a secret.
+#[derive(Clone, Default)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    /// A NATS `.creds` file (user JWT and nkey seed), e.g. a mounted Secret.
+    CredentialsFile(std::path::PathBuf),
+    Token(String),
+    UserPassword(String, String),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::CredentialsFile(p) => write!(f, "CredentialsFile({})", p.display()),
+            NatsAuth::Token(_) => f.write_str("Token(<redacted>)"),
+            NatsAuth::UserPassword(u, _) => write!(f, "UserPassword({u}, <redacted>)"),
+        }
+    }
+}
+
+/// Settings of the JetStream queue.
+#[derive(Clone, Debug)]
+pub struct JetStreamOptions {
+    /// `nats://host:port` (comma-separated for several servers). No credentials here.
+    pub url: String,
+    pub auth: NatsAuth,
+    /// Prefix of subjects (`<prefix>.events.…`) and, upper-cased, of stream names.
+    pub prefix: String,
+    /// Lease timeout: an attempt not acked within this is handed out again.
+    pub ack_wait: Duration,
+    /// The events stream's duplicate window.
+    pub dedupe_window: Duration,
+    /// Server-side bound on deliveries of one message (see the module docs).
+    pub max_deliver: i64,
+    /// Bound on every JetStream request and publish ack: how long the ingress waits before
+    /// answering 503 when the server cannot persist.
+    pub request_timeout: Duration,
+}
+
+impl Default for JetStreamOptions {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            auth: NatsAuth::None,
+            prefix: "webhook".into(),
+            ack_wait: Duration::from_secs(60),
+            dedupe_window: Duration::from_secs(24 * 3600),
+            max_deliver: 1000,
+            request_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Metadata that travels with the payload.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Envelope {
+    id: String,
+    ns: String,
+    name: String,
+    sub: String,
+    ty: String,
+    key: String,
+    received_ms: u64,
+    /// Attempts made before this message was (re)published.
+    #[serde(default)]
+    base_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dead_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+fn encode(env: &Envelope, payload: &[u8]) -> Bytes {
+    let meta = serde_json::to_vec(env).expect("envelope serialises");
+    let mut b = BytesMut::with_capacity(4 + meta.len() + payload.len());
+    b.put_u32(meta.len() as u32);
+    b.put_slice(&meta);
+    b.put_slice(payload);
+    b.freeze()
+}
+
+fn decode(body: &Bytes) -> Option<(Envelope, Bytes)> {
+    let len = u32::from_be_bytes(body.get(..4)?.try_into().ok()?) as usize;
+    let meta = body.get(4..4 + len)?;
+    let env = serde_json::from_slice(meta).ok()?;
+    Some((env, body.slice(4 + len..)))
+}
+
+/// One subject token from arbitrary text, reversibly: `[a-z0-9-]` stay, every other byte
+/// becomes `_xx` (hex). Kubernetes names keep their shape except for dots.
+pub(crate) fn escape_token(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    if out.is_empty() {
+        out.push('_'); // an empty token is not a valid subject; "_" alone decodes to ""
+    }
+    out
+}
+
+pub(crate) fn unescape_token(s: &str) -> Option<String> {
+    if s == "_" {
+        return Some(String::new());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'_' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn storage<E: std::fmt::Display>(e: E) -> QueueError {
+    QueueError::Storage(e.to_string())
+}
+
+struct Leased {
+    key: EndpointKey,
+    msg: jetstream::Message,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// In the events stream (pending or leased anywhere), per endpoint.
+    stored: HashMap<EndpointKey, u64>,
+    dead: HashMap<EndpointKey, u64>,
+}
+
+struct Inner {
+    js: jetstream::Context,
+    options: JetStreamOptions,
+    events: stream::Stream,
+    dead: stream::Stream,
+    consumers: tokio::sync::Mutex<HashMap<EndpointKey, consumer::PullConsumer>>,
+    /// A message `wait_due` pulled, handed out by the next `lease`: (message, pulled at).
+    prefetched: Mutex<HashMap<EndpointKey, Vec<(jetstream::Message, Instant)>>>,
+    leased: Mutex<HashMap<u64, Leased>>,
+    next_receipt: AtomicU64,
+    counts: Mutex<Counts>,
+    known: Mutex<HashSet<EndpointKey>>,
+}
+
+/// The JetStream queue. Cheap to share behind an `Arc`; dropping it stops the count refresher.
+pub struct JetStreamQueue {
+    inner: Arc<Inner>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for JetStreamQueue {
+    fn drop(&mut self) {
+        self.refresher.abort();
+    }
+}
+
+impl JetStreamQueue {
+    /// Connects, creates (or checks) the streams and starts the count refresher.
+    pub async fn connect(options: JetStreamOptions) -> Result<Self, QueueError> {
+        let mut connect = async_nats::ConnectOptions::new()
+            .name("webhook-operator")
+            .connection_timeout(Duration::from_secs(5))
+            // Come back quickly after a server restart; the ingress answers 503 meanwhile.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64 * 100).min(1000))
+            });
+        connect = match &options.auth {
+            NatsAuth::None => connect,
+            NatsAuth::CredentialsFile(path) => connect
+                .credentials_file(path)
+                .await
+                .map_err(|e| QueueError::Storage(format!("reading NATS credentials file: {e}")))?,
+            NatsAuth::Token(t) => connect.token(t.clone()),
+            NatsAuth::UserPassword(u, p) => connect.user_and_password(u.clone(), p.clone()),
+        };
+        let client = connect
+            .connect(options.url.as_str())
+            .await
+            .map_err(|e| QueueError::Storage(format!("connecting to NATS: {e}")))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(options.request_timeout)
+            .build(client);
+        let upper = options
+            .prefix
+            .to_ascii_uppercase()
+            .replace(['.', '*', '>'], "_");
+        let p = &options.prefix;
+        let events = js
+            .get_or_create_stream(stream::Config {
+                name: format!("{upper}_EVENTS"),
+                subjects: vec![format!("{p}.events.>")],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: options.dedupe_window,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(storage)?;
+        let dead = js
+            .get_or_create_stream(stream::Config {
+                name: format!("{upper}_DEAD"),
+                subjects: vec![format!("{p}.dead.>")],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(storage)?;
+        js.get_or_create_stream(stream::Config {
+            name: format!("{upper}_CHECK"),
+            subjects: vec![format!("{p}.check")],
+            storage: stream::StorageType::File,
+            max_messages_per_subject: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(storage)?;
+        let inner = Arc::new(Inner {
+            js,
+            options,
+            events,
+            dead,
+            consumers: Default::default(),
+            prefetched: Default::default(),
+            leased: Default::default(),
+            next_receipt: AtomicU64::new(1),
+            counts: Default::default(),
+            known: Default::default(),
+        });
+        let _ = inner.refresh_counts().await;
+        let weak = Arc::downgrade(&inner);
+        let refresher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = inner.refresh_counts().await {
+                    tracing::debug!(error = %e, "queue counts not refreshed");
+                }
+            }
+        });
+        Ok(Self { inner, refresher })
+    }
+
+    /// The NATS connection, for other cluster traffic (health sharing).
+    pub fn nats_client(&self) -> async_nats::Client {
+        self.inner.js.client()
+    }
+
+    /// Refreshes the counts `depth` and `endpoint_depth` read now (they lag by up to 1 s).
+    pub async fn refresh_counts(&self) -> Result<(), QueueError> {
+        self.inner.refresh_counts().await
+    }
+}
+
+impl Inner {
+    fn subject(&self, kind: &str, key: &EndpointKey) -> String {
+        format!(
+            "{}.{kind}.{}.{}",
+            self.options.prefix,
+            escape_token(&key.namespace),
+            escape_token(&key.name)
+        )
+    }
+
+    fn key_of(&self, kind: &str, subject: &str) -> Option<EndpointKey> {
+        let rest = subject.strip_prefix(&format!("{}.{kind}.", self.options.prefix))?;
+        let (ns, name) = rest.split_once('.')?;
+        Some(EndpointKey::new(unescape_token(ns)?, unescape_token(name)?))
+    }
+
+    async fn refresh_counts(&self) -> Result<(), QueueError> {
+        let mut stored = HashMap::new();
+        let mut info = self
+            .events
+            .info_with_subjects(format!("{}.events.>", self.options.prefix))
+            .await
+            .map_err(storage)?;
+        while let Some((subject, n)) = info.try_next().await.map_err(storage)? {
+            if let Some(k) = self.key_of("events", &subject) {
+                stored.insert(k, n as u64);
+            }
+        }
+        let mut dead = HashMap::new();
+        let mut info = self
+            .dead
+            .info_with_subjects(format!("{}.dead.>", self.options.prefix))
+            .await
+            .map_err(storage)?;
+        while let Some((subject, n)) = info.try_next().await.map_err(storage)? {
+            if let Some(k) = self.key_of("dead", &subject) {
+                dead.insert(k, n as u64);
+            }
+        }
+        {
+            let mut known = self.known.lock().expect("known lock");
+            known.extend(stored.keys().cloned());
+            known.extend(dead.keys().cloned());
+        }
+        *self.counts.lock().expect("counts lock") = Counts { stored, dead };
+        Ok(())
+    }
+
+    async fn consumer(&self, key: &EndpointKey) -> Result<consumer::PullConsumer, QueueError> {
+        let mut consumers = self.consumers.lock().await;
+        if let Some(c) = consumers.get(key) {
+            return Ok(c.clone());
+        }
+        // Consumer names cannot hold dots; a hash of the key is short and collision-free
+        // in practice. The description names the endpoint for `nats consumer ls`.
+        let digest = Sha256::digest(format!("{}\n{}", key.namespace, key.name));
+        let name = format!("ep-{}", &hex::encode(digest)[..32]);
+        let c = self
+            .events
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    description: Some(format!("deliveries of {key}")),
+                    filter_subject: self.subject("events", key),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: self.options.ack_wait,
+                    max_deliver: self.options.max_deliver,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(storage)?;
+        consumers.insert(key.clone(), c.clone());
+        self.known.lock().expect("known lock").insert(key.clone());
+        Ok(c)
+    }
+
+    fn take(&self, event: &QueuedEvent) -> Result<Leased, QueueError> {
+        self.leased
+            .lock()
+            .expect("leased lock")
+            .remove(&event.receipt.0)
+            .ok_or(QueueError::UnknownReceipt)
+    }
+
+    /// Puts a lease back when the server did not confirm the operation, so a later call
+    /// with the same receipt can try again.
+    fn restore(&self, receipt: Receipt, leased: Leased) {
+        self.leased
+            .lock()
+            .expect("leased lock")
+            .insert(receipt.0, leased);
+    }
+
+    async fn publish_confirmed(
+        &self,
+        subject: String,
+        msg_id: &str,
+        body: Bytes,
+    ) -> Result<async_nats::jetstream::publish::PublishAck, QueueError> {
+        let ack = self
+            .js
+            .send_publish(
+                subject,
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(body)
+                    .message_id(msg_id),
+            )
+            .await
+            .map_err(storage)?;
+        ack.await.map_err(storage)
+    }
+
+    /// Up to `limit` dead letters of `key` from stream sequence `from` on, in order.
+    async fn dead_page(
+        &self,
+        key: &EndpointKey,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Envelope, Bytes)>, QueueError> {
+        let subject = self.subject("dead", key);
+        let mut seq = from;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let msg = match self
+                .dead
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject(subject.clone())
+                .send()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(storage(e)),
+            };
+            seq = msg.sequence + 1;
+            match decode(&msg.payload) {
+                Some((env, payload)) => out.push((msg.sequence, env, payload)),
+                None => tracing::warn!(seq = msg.sequence, "skipping an unreadable dead letter"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl Queue for JetStreamQueue {
+    async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        let inner = &self.inner;
+        let mut acks = Vec::with_capacity(events.len());
+        for ev in &events {
+            let id = format!("msg_{:032x}", rand::random::<u128>());
+            let env = Envelope {
+                id: id.clone(),
+                ns: ev.endpoint.namespace.clone(),
+                name: ev.endpoint.name.clone(),
+                sub: ev.subscription.clone(),
+                ty: ev.event_type.clone(),
+                key: ev.dedupe_key.clone(),
+                received_ms: to_millis(ev.received),
+                base_attempts: 0,
+                dead_ms: None,
+                reason: None,
+            };
+            let digest = Sha256::digest(format!(
+                "{}\n{}\n{}",
+                ev.endpoint.namespace, ev.endpoint.name, ev.dedupe_key
+            ));
+            let ack = inner
+                .js
+                .send_publish(
+                    inner.subject("events", &ev.endpoint),
+                    async_nats::jetstream::message::PublishMessage::build()
+                        .payload(encode(&env, &ev.payload))
+                        .message_id(hex::encode(digest)),
+                )
+                .await
+                .map_err(storage)?;
+            acks.push((id, ack));
+        }
+        // The durability point: every PubAck means "stored in the stream".
+        let mut outcomes = Vec::with_capacity(acks.len());
+        for (id, ack) in acks {
+            let ack = ack.await.map_err(storage)?;
+            outcomes.push(if ack.duplicate {
+                EnqueueOutcome::Duplicate
+            } else {
+                EnqueueOutcome::Accepted { id }
+            });
+        }
+        let mut known = inner.known.lock().expect("known lock");
+        for ev in &events {
+            if !known.contains(&ev.endpoint) {
+                known.insert(ev.endpoint.clone());
+            }
+        }
+        Ok(outcomes)
+    }
+
+    async fn lease(
+        &self,
+        endpoint: &EndpointKey,
+        max: usize,
+        _now: SystemTime,
+    ) -> Result<Vec<QueuedEvent>, QueueError> {
+        let inner = &self.inner;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut msgs: Vec<jetstream::Message> = Vec::new();
+        if let Some(buf) = inner
+            .prefetched
+            .lock()
+            .expect("prefetch lock")
+            .remove(endpoint)
+        {
+            // A message held past half its lease may already be someone else's: leave it.
+            msgs.extend(
+                buf.into_iter()
+                    .filter(|(_, at)| at.elapsed() < inner.options.ack_wait / 2)
+                    .map(|(m, _)| m),
+            );
+        }
+        if msgs.len() < max {
+            let want = max - msgs.len();
+            // A pull whose server went away mid-request may never end: bounded, so the
+            // delivery worker is never stuck on it (unacked messages come back after ack_wait).
+            let fetched = tokio::time::timeout(inner.options.request_timeout, async {
+                let consumer = inner.consumer(endpoint).await?;
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages(want)
+                    .messages()
+                    .await
+                    .map_err(storage)?;
+                let mut got = Vec::new();
+                while let Some(m) = batch.next().await {
+                    got.push(m.map_err(storage)?);
+                }
+                Ok::<_, QueueError>(got)
+            })
+            .await
+            .map_err(|_| QueueError::Storage("lease timed out".into()))??;
+            msgs.extend(fetched);
+        }
+        let mut out = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let (delivered, seq) = match msg.info() {
+                Ok(i) => (i.delivered.max(1) as u32, i.stream_sequence),
+                Err(e) => return Err(storage(e)),
+            };
+            let Some((env, payload)) = decode(&msg.payload) else {
+                tracing::warn!(endpoint = %endpoint, seq, "dropping an unreadable queue message");
+                let _ = msg.ack_with(AckKind::Term).await;
+                continue;
+            };
+            let attempts = env.base_attempts + delivered - 1;
+            let receipt = Receipt(inner.next_receipt.fetch_add(1, Ordering::Relaxed));
+            let event = QueuedEvent {
+                receipt,
+                id: env.id.clone(),
+                endpoint: endpoint.clone(),
+                subscription: env.sub.clone(),
+                event_type: env.ty.clone(),
+                dedupe_key: env.key.clone(),
+                payload,
+                received: from_millis(env.received_ms),
+                attempts,
+                next_attempt: SystemTime::now(),
+                last_error: None,
+            };
+            inner.leased.lock().expect("leased lock").insert(
+                receipt.0,
+                Leased {
+                    key: endpoint.clone(),
+                    msg,
+                },
+            );
+            if i64::from(delivered) >= inner.options.max_deliver {
+                let reason = format!("redelivered {delivered} times without an outcome");
+                tracing::warn!(endpoint = %endpoint, id = %event.id, "{reason}; dead-lettered");
+                self.dead_letter(&event, &reason).await?;
+                continue;
+            }
+            out.push(event);
+        }
+        Ok(out)
+    }
+
+    async fn wait_due(&self, endpoint: &EndpointKey, max_wait: Duration) {
+        let inner = &self.inner;
+        if inner
+            .prefetched
+            .lock()
+            .expect("prefetch lock")
+            .get(endpoint)
+            .is_some_and(|b| !b.is_empty())
+        {
+            return;
+        }
+        let started = Instant::now();
+        let pulled = tokio::time::timeout(max_wait + inner.options.request_timeout, async {
+            let consumer = inner.consumer(endpoint).await?;
+            let mut batch = consumer
+                .batch()
+                .max_messages(1)
+                .expires(max_wait.max(Duration::from_millis(100)))
+                .messages()
+                .await
+                .map_err(storage)?;
+            match batch.next().await {
+                Some(m) => Ok::<_, QueueError>(Some(m.map_err(storage)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(QueueError::Storage("pull timed out".into())));
+        match pulled {
+            Ok(Some(msg)) => inner
+                .prefetched
+                .lock()
+                .expect("prefetch lock")
+                .entry(endpoint.clone())
+                .or_default()
+                .push((msg, Instant::now())),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(endpoint = %endpoint, error = %e, "waiting for events failed");
+                // Do not spin while the server is away.
+                tokio::time::sleep(max_wait.saturating_sub(started.elapsed())).await;
+            }
+        }
+    }
+
+    async fn ack(&self, event: &QueuedEvent) -> Result<(), QueueError> {
+        let leased = self.inner.take(event)?;
+        if let Err(e) = leased.msg.double_ack().await {
+            self.inner.restore(event.receipt, leased);
+            return Err(storage(e));
+        }
+        Ok(())
+    }
+
+    async fn retry(
+        &self,
+        event: &QueuedEvent,
+        next_attempt: SystemTime,
+        _error: &str,
+    ) -> Result<(), QueueError> {
+        let leased = self.inner.take(event)?;
+        let delay = next_attempt
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        if let Err(e) = leased.msg.double_ack_with(AckKind::Nak(Some(delay))).await {
+            self.inner.restore(event.receipt, leased);
+            return Err(storage(e));
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(&self, event: &QueuedEvent, reason: &str) -> Result<(), QueueError> {
+        let inner = &self.inner;
+        let leased = inner.take(event)?;
+        let seq = leased.msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let env = Envelope {
+            id: event.id.clone(),
+            ns: event.endpoint.namespace.clone(),
+            name: event.endpoint.name.clone(),
+            sub: event.subscription.clone(),
+            ty: event.event_type.clone(),
+            key: event.dedupe_key.clone(),
+            received_ms: to_millis(event.received),
+            base_attempts: event.attempts + 1,
+            dead_ms: Some(to_millis(SystemTime::now())),
+            reason: Some(reason.chars().take(200).collect()),
+        };
+        // The msg id makes a repeated dead-letter of the same stored message a no-op.
+        let stored = inner
+            .publish_confirmed(
+                inner.subject("dead", &leased.key),
+                &format!("dead-{}-{seq}", event.id),
+                encode(&env, &event.payload),
+            )
+            .await;
+        if let Err(e) = stored {
+            inner.restore(event.receipt, leased);
+            return Err(e);
+        }
+        if let Err(e) = leased.msg.double_ack().await {
+            // Stored as a dead letter; the original comes back after ack_wait and would be
+            // dead-lettered again (same msg id: deduplicated).
+            inner.restore(event.receipt, leased);
+            return Err(storage(e));
+        }
+        Ok(())
+    }
+
+    async fn release(&self, event: &QueuedEvent) -> Result<(), QueueError> {
+        let leased = self.inner.take(event)?;
+        if let Err(e) = leased.msg.double_ack_with(AckKind::Nak(None)).await {
+            self.inner.restore(event.receipt, leased);
+            return Err(storage(e));
+        }
+        Ok(())
+    }
+
+    async fn replay(
+        &self,
+        endpoint: &EndpointKey,
+        filter: ReplayFilter,
+        _now: SystemTime,
+    ) -> Result<u64, QueueError> {
+        let inner = &self.inner;
+        let mut n = 0;
+        let mut from = 1;
+        loop {
+            let page = inner.dead_page(endpoint, from, 256).await?;
+            let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
+                break;
+            };
+            from = last + 1;
+            for (seq, mut env, payload) in page {
+                let dead_at = from_millis(env.dead_ms.unwrap_or(0));
+                if !filter.matches(dead_at, from_millis(env.received_ms)) {
+                    continue;
+                }
+                env.base_attempts = 0;
+                env.dead_ms = None;
+                env.reason = None;
+                inner
+                    .publish_confirmed(
+                        inner.subject("events", endpoint),
+                        &format!("replay-{}-{seq}", env.id),
+                        encode(&env, &payload),
+                    )
+                    .await?;
+                inner.dead.delete_message(seq).await.map_err(storage)?;
+                n += 1;
+            }
+        }
+        let _ = inner.refresh_counts().await;
+        Ok(n)
+    }
+
+    async fn prune_dead_letters(
+        &self,
+        endpoint: &EndpointKey,
+        before: SystemTime,
+    ) -> Result<u64, QueueError> {
+        let inner = &self.inner;
+        let before = to_millis(before);
+        let mut n = 0;
+        let mut from = 1;
+        loop {
+            let page = inner.dead_page(endpoint, from, 256).await?;
+            let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
+                break;
+            };
+            from = last + 1;
+            for (seq, env, _) in page {
+                if env.dead_ms.unwrap_or(0) < before {
+                    inner.dead.delete_message(seq).await.map_err(storage)?;
+                    n += 1;
+                }
+            }
+        }
+        if n > 0 {
+            let _ = inner.refresh_counts().await;
+        }
+        Ok(n)
+    }
+
+    fn endpoints(&self) -> Vec<EndpointKey> {
+        let mut v: Vec<_> = self
+            .inner
+            .known
+            .lock()
+            .expect("known lock")
+            .iter()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn depth(&self) -> QueueDepth {
+        let counts = self.inner.counts.lock().expect("counts lock");
+        let leased = self.inner.leased.lock().expect("leased lock").len() as u64;
+        let stored: u64 = counts.stored.values().sum();
+        QueueDepth {
+            pending: stored.saturating_sub(leased),
+            leased,
+            dead_lettered: counts.dead.values().sum(),
+        }
+    }
+
+    fn endpoint_depth(&self, endpoint: &EndpointKey) -> QueueDepth {
+        let counts = self.inner.counts.lock().expect("counts lock");
+        let leased = self
+            .inner
+            .leased
+            .lock()
+            .expect("leased lock")
+            .values()
+            .filter(|l| &l.key == endpoint)
+            .count() as u64;
+        let stored = counts.stored.get(endpoint).copied().unwrap_or(0);
+        QueueDepth {
+            pending: stored.saturating_sub(leased),
+            leased,
+            dead_lettered: counts.dead.get(endpoint).copied().unwrap_or(0),
+        }
+    }
+
+    async fn check_writable(&self) -> Result<(), QueueError> {
+        let inner = &self.inner;
+        inner
+            .publish_confirmed(
+                format!("{}.check", inner.options.prefix),
+                &format!("check-{:032x}", rand::random::<u128>()),
+                Bytes::from_static(b"ok"),
+            )
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_stay_single_tokens() {
+        for s in ["apps", "my-endpoint", "a.b.c", "", "Ünï code*>", "x_y", "_"] {
+            let t = escape_token(s);
+            assert!(!t.is_empty());
+            assert!(
+                !t.contains(['.', '*', '>', ' ']),
+                "{s:?} escaped to {t:?} is not one subject token"
+            );
+            assert_eq!(unescape_token(&t).as_deref(), Some(s), "{s:?} via {t:?}");
+        }
+        assert_ne!(escape_token("a.b"), escape_token("a_b"));
+    }
+
+    #[test]
+    fn envelope_round_trips_with_payload() {
+        let env = Envelope {
+            id: "msg_1".into(),
+            ns: "n".into(),
+            name: "e".into(),
+            sub: "s".into(),
+            ty: "call.finished".into(),
+            key: "k\r\nwith newline".into(),
+            received_ms: 42,
+            base_attempts: 3,
+            dead_ms: None,
+            reason: None,
+        };
+        let body = encode(&env, b"{\"a\":1}");
+        let (back, payload) = decode(&body).unwrap();
+        assert_eq!(back.key, env.key);
+        assert_eq!(back.base_attempts, 3);
+        assert_eq!(&payload[..], b"{\"a\":1}");
+        assert!(decode(&Bytes::from_static(b"\0\0\0\xffshort")).is_none());
+    }
+}
