@@ -8,4 +8,6 @@ hack/setup.sh
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
+# The benchmark in smoke mode (dev profile: no release build in CI); it only has to complete.
+cargo bench --locked --profile dev --bench bench -- --smoke
 echo "test.sh: finished in $(( $(date +%s) - start ))s"

@@ -125,6 +125,11 @@ fn machine() -> String {
                 "HEAD"
             ]
         ),
+        if cfg!(debug_assertions) {
+            "dev profile (unoptimised: its figures mean nothing)"
+        } else {
+            "release profile (`lto = \"thin\"`, `codegen-units = 4`)"
+        },
     )
 }
 

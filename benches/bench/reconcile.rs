@@ -358,7 +358,18 @@ pub async fn run(
             break true;
         }
         if Instant::now() > deadline {
-            eprintln!("bench: only {count}/{n} Ready after {timeout:?}");
+            let mut why = BTreeMap::<String, usize>::new();
+            for s in list.items.iter().filter(|s| !ready(s)) {
+                let reason = s
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.conditions.iter().find(|c| c.type_ == "Ready"))
+                    .map_or("no Ready condition".to_string(), |c| {
+                        format!("{} {}: {}", c.status, c.reason, c.message)
+                    });
+                *why.entry(reason).or_default() += 1;
+            }
+            eprintln!("bench: only {count}/{n} Ready after {timeout:?}: {why:#?}");
             break false;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
