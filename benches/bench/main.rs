@@ -21,6 +21,9 @@ use std::time::Duration;
 const BEGIN: &str = "<!-- bench:begin -->";
 const END: &str = "<!-- bench:end -->";
 
+/// `/proc/loadavg` at start: the machine is shared, and the figures depend on it.
+static LOADAVG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 struct Opts {
     smoke: bool,
     seconds: u64,
@@ -108,10 +111,12 @@ fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
         "- machine: {cores} cores available (nproc), {cpu}, {:.1} GiB memory\n\
+         - load average when the run started (1/5/15 min; other work shares the machine): {}\n\
          - kernel: {}\n\
          - rustc: {}\n\
          - webhook-operator {} (git {}), {}\n",
         mem_kib / 1024.0 / 1024.0,
+        LOADAVG.get().map_or("unknown", String::as_str),
         read("/proc/sys/kernel/osrelease").trim(),
         command_output("rustc", &["-V"]),
         env!("CARGO_PKG_VERSION"),
@@ -318,6 +323,13 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let o = opts()?;
+    let load = read("/proc/loadavg");
+    let _ = LOADAVG.set(
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

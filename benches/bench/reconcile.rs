@@ -70,7 +70,25 @@ impl Drop for Cleanup {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let pids: Vec<String> = ["apiserver.pid", "etcd.pid"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(self.dir.join(f)).ok())
+            .map(|p| p.trim().to_string())
+            .collect();
         let _ = controlplane(&["stop", self.dir.to_str().unwrap_or_default()]);
+        // Still ours (its command line names our directory) after a grace: kill it.
+        let ours = |pid: &str| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*self.dir.to_string_lossy()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids.iter().any(|p| ours(p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for p in pids.iter().filter(|p| ours(p)) {
+            let _ = Command::new("kill").args(["-KILL", p]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
