@@ -143,7 +143,8 @@ fn spec(i: usize) -> Value {
             "endpointRef": {"name": "orders"}}),
         1 => json!({"provider": "atomic", "credentialsRef": {"name": "atomic-creds"},
             "events": ["card-published", "card-completed"],
-            "atomic": {"organizationId": "org1", "environmentId": "env1"},
+            // The Atomic simulator allows 100 webhooks per environment: ten per environment here.
+            "atomic": {"organizationId": "org1", "environmentId": format!("env{}", i / 30)},
             "endpointRef": {"name": "orders"}}),
         _ => json!({"provider": "smallest", "credentialsRef": {"name": "smallest-creds"},
             "events": ["post-conversation"],
