@@ -1,0 +1,360 @@
+//! The operator's benchmark (issue 7): the delivery path against a pass-through baseline,
+//! latency at half load, and reconcile at scale against a real API server. Prints a table
+//! and writes it, with the machine, the versions and the command, into `BENCHMARKS.md`
+//! between the `bench:begin` / `bench:end` markers (the analysis around them is kept).
+//!
+//! ```text
+//! cargo bench --bench bench                 # full run (10 s per phase, 1,000 subscriptions)
+//! cargo bench --bench bench -- --smoke      # CI: 2 s per phase, 50 subscriptions
+//! ```
+//! Flags: `--smoke`, `--seconds N`, `--concurrency N`, `--subscriptions N`,
+//! `--only delivery|reconcile`, `--out FILE`. `BENCH_SMOKE=1` is the same as `--smoke`.
+//! Smoke runs write `target/BENCHMARKS.smoke.md` unless `--out` says otherwise.
+
+mod delivery;
+mod reconcile;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const BEGIN: &str = "<!-- bench:begin -->";
+const END: &str = "<!-- bench:end -->";
+
+/// `/proc/loadavg` at start: the machine is shared, and the figures depend on it.
+static LOADAVG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+struct Opts {
+    smoke: bool,
+    seconds: u64,
+    concurrency: usize,
+    subscriptions: usize,
+    delivery: bool,
+    reconcile: bool,
+    out: PathBuf,
+    args: Vec<String>,
+}
+
+fn opts() -> anyhow::Result<Opts> {
+    // cargo passes `--bench`; `cargo test` runs this binary without it.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let smoke = args.iter().any(|a| a == "--smoke")
+        || std::env::var("BENCH_SMOKE").is_ok_and(|v| !v.is_empty() && v != "0");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut o = Opts {
+        smoke,
+        seconds: if smoke { 2 } else { 10 },
+        concurrency: 64,
+        subscriptions: if smoke { 50 } else { 1000 },
+        delivery: true,
+        reconcile: true,
+        out: if smoke {
+            root.join("target/BENCHMARKS.smoke.md")
+        } else {
+            root.join("BENCHMARKS.md")
+        },
+        args: args.clone(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--smoke" => {}
+            "--seconds" => o.seconds = value()?.parse()?,
+            "--concurrency" => o.concurrency = value()?.parse()?,
+            "--subscriptions" => o.subscriptions = value()?.parse()?,
+            "--out" => o.out = value()?.into(),
+            "--only" => match value()?.as_str() {
+                "delivery" => o.reconcile = false,
+                "reconcile" => o.delivery = false,
+                other => anyhow::bail!("--only delivery|reconcile, not {other}"),
+            },
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    Ok(o)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine() -> String {
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mem_kib: f64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "- machine: {cores} cores available (nproc), {cpu}, {:.1} GiB memory\n\
+         - load average when the run started (1/5/15 min; other work shares the machine): {}\n\
+         - kernel: {}\n\
+         - rustc: {}\n\
+         - webhook-operator {} (git {}), {}\n",
+        mem_kib / 1024.0 / 1024.0,
+        LOADAVG.get().map_or("unknown", String::as_str),
+        read("/proc/sys/kernel/osrelease").trim(),
+        command_output("rustc", &["-V"]),
+        env!("CARGO_PKG_VERSION"),
+        command_output(
+            "git",
+            &[
+                "-C",
+                env!("CARGO_MANIFEST_DIR"),
+                "rev-parse",
+                "--short",
+                "HEAD"
+            ]
+        ),
+        if cfg!(debug_assertions) {
+            "dev profile (unoptimised: its figures mean nothing)"
+        } else {
+            "release profile (`lto = \"thin\"`, `codegen-units = 4`)"
+        },
+    )
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+fn report(
+    o: &Opts,
+    d: Option<&delivery::DeliveryResults>,
+    r: Option<&reconcile::ReconcileResults>,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{BEGIN}");
+    let _ = writeln!(
+        s,
+        "Generated by `cargo bench --bench bench{}{}` on {} (UTC, unix time {}).\n",
+        if o.args.is_empty() { "" } else { " -- " },
+        o.args.join(" "),
+        jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M"),
+        jiff::Timestamp::now().as_second(),
+    );
+    s.push_str(&machine());
+    if let Some(r) = r {
+        let _ = writeln!(s, "- kube-apiserver: {}", r.apiserver_version);
+    }
+    s.push('\n');
+    if let Some(d) = d {
+        let (o_, b, h) = (&d.ours, &d.baseline, &d.half);
+        let ratio = o_.delivered_per_s / b.delivered_per_s.max(1.0);
+        let _ = writeln!(
+            s,
+            "### Delivery path ({} senders, {:.1} s per phase, 1 KiB events, Atlas and signed Smallest in turn, `maxInFlight` {})\n",
+            o.concurrency, o_.seconds, d.max_in_flight
+        );
+        let _ = writeln!(
+            s,
+            "| phase | offered/s | accepted/s | delivered/s | refused | p50 ms | p99 ms | max ms | drain s |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        for (name, p) in [
+            ("operator, closed loop (redb, durable)", o_),
+            ("pass-through baseline, closed loop", b),
+            ("operator, half load (open loop)", h),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {:.0} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                p.offered_per_s
+                    .map_or("max".to_string(), |r| format!("{r:.0}")),
+                p.accepted_per_s,
+                p.delivered_per_s,
+                p.failed,
+                p.latency.p50_ms,
+                p.latency.p99_ms,
+                p.latency.max_ms,
+                p.drain_seconds,
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nDelivered in all (drain included): operator {} of {} accepted, baseline {} of {}, half load {} of {}.\n",
+            o_.delivered_total,
+            o_.accepted,
+            b.delivered_total,
+            b.accepted,
+            h.delivered_total,
+            h.accepted
+        );
+        let _ = writeln!(s, "| target | measured | |\n|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| ≥ 10,000 events/s end to end, durable | {:.0} delivered/s | {} |",
+            o_.delivered_per_s,
+            mark(o_.delivered_per_s >= 10_000.0)
+        );
+        let _ = writeln!(
+            s,
+            "| ≥ 0.5 of the pass-through baseline | {ratio:.2} ({:.0} / {:.0}) | {} |",
+            o_.delivered_per_s,
+            b.delivered_per_s,
+            mark(ratio >= 0.5)
+        );
+        let _ = writeln!(
+            s,
+            "| p99 ingest-to-delivered ≤ 20 ms at half load | {:.2} ms | {} |",
+            h.latency.p99_ms,
+            mark(h.latency.p99_ms <= 20.0 && h.latency.count > 0)
+        );
+        s.push('\n');
+    }
+    if let Some(r) = r {
+        let provider_total: u64 = r.provider_calls.values().sum();
+        let per_sub = provider_total as f64 / r.subscriptions as f64;
+        let api_per_sub = r.operator_requests as f64 / r.subscriptions as f64;
+        let _ = writeln!(
+            s,
+            "### Reconcile at scale ({} WebhookSubscriptions, Atlas/Atomic/Smallest in turn, created 32 at a time)\n",
+            r.subscriptions
+        );
+        let _ = writeln!(s, "| measure | value |\n|---|---|");
+        let _ = writeln!(
+            s,
+            "| time until all Ready | {:.2} s{} |",
+            r.ready_seconds,
+            if r.all_ready { "" } else { " (timed out)" }
+        );
+        let calls: Vec<String> = r
+            .provider_calls
+            .iter()
+            .map(|(p, c)| format!("{p} {c}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| provider management calls | {provider_total} ({}), {per_sub:.2} per subscription; Atomic token calls {} |",
+            calls.join(", "),
+            r.atomic_token_calls
+        );
+        let by: Vec<String> = r
+            .operator_requests_by
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| operator API-server requests | {} ({api_per_sub:.2} per subscription): {} |",
+            r.operator_requests,
+            by.join(", ")
+        );
+        let _ = writeln!(
+            s,
+            "| every API-server request in the window less the benchmark's own | {} |",
+            r.all_requests_less_ours
+        );
+        let _ = writeln!(
+            s,
+            "| operator peak RSS (VmHWM) | {:.1} MiB |\n",
+            r.rss_peak_mib
+        );
+        let _ = writeln!(s, "| target | measured | |\n|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| {} Ready ≤ 30 s | {:.2} s | {} |",
+            r.subscriptions,
+            r.ready_seconds,
+            mark(r.all_ready && r.ready_seconds <= 30.0)
+        );
+        let _ = writeln!(
+            s,
+            "| ≤ 3 provider calls per subscription at creation | {per_sub:.2} | {} |",
+            mark(per_sub <= 3.0)
+        );
+        let _ = writeln!(
+            s,
+            "| operator RSS ≤ 150 MiB | {:.1} MiB | {} |",
+            r.rss_peak_mib,
+            mark(r.rss_peak_mib <= 150.0)
+        );
+        s.push('\n');
+    }
+    let _ = writeln!(s, "{END}");
+    s
+}
+
+/// Replaces the generated block of `path` (or appends one), keeping the rest.
+fn write_report(path: &std::path::Path, block: &str) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{}{}", &old[..b], block.trim_end(), &old[e + END.len()..])
+        }
+        _ if old.is_empty() => format!("# Benchmarks\n\n{block}"),
+        _ => format!("{}\n\n{block}", old.trim_end()),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, new)?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    if !std::env::args().any(|a| a == "--bench") && std::env::var_os("BENCH_SMOKE").is_none() {
+        // `cargo test --all-targets` runs bench binaries without `--bench`: not a test.
+        println!("benchmark: run it with `cargo bench --bench bench`");
+        return Ok(());
+    }
+    let o = opts()?;
+    let load = read("/proc/loadavg");
+    let _ = LOADAVG.set(
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (d, r) = rt.block_on(async {
+        let d = if o.delivery {
+            Some(delivery::run(o.concurrency, Duration::from_secs(o.seconds)).await?)
+        } else {
+            None
+        };
+        let r = if o.reconcile {
+            let (settle, timeout) = if o.smoke {
+                (Duration::from_secs(2), Duration::from_secs(60))
+            } else {
+                (Duration::from_secs(5), Duration::from_secs(120))
+            };
+            Some(reconcile::run(o.subscriptions, settle, timeout).await?)
+        } else {
+            None
+        };
+        anyhow::Ok((d, r))
+    })?;
+    let block = report(&o, d.as_ref(), r.as_ref());
+    println!("{block}");
+    write_report(&o.out, &block)?;
+    eprintln!("bench: wrote {}", o.out.display());
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
