@@ -130,7 +130,13 @@ impl Cluster {
             .args(["--queue", "jetstream", "--nats-url", &self.nats.url()])
             .args(["--nats-prefix", &format!("wo{}", &ns[ns.len() - 8..])])
             .args(["--nats-ack-wait", "5s"])
-            .args(["--leader-election", "--lease-name", "webhook-operator", "--lease-duration", "10s"])
+            .args([
+                "--leader-election",
+                "--lease-name",
+                "webhook-operator",
+                "--lease-duration",
+                "10s",
+            ])
             .args(["--provider-sandbox-url", &self.sandbox.base_url()])
             // Both replicas publish the first replica's URL, as a Service would.
             .args([
