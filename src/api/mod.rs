@@ -23,6 +23,10 @@ pub const GROUP: &str = "hooks.webhook-operator.dev";
 /// Annotation that forces a reconcile; its value is echoed in `status.lastHandledRequestedAt`.
 pub const REQUESTED_AT_ANNOTATION: &str = "hooks.webhook-operator.dev/requested-at";
 
+/// Annotation on a WebhookSubscription asking for a test event through the whole path;
+/// the outcome lands in `status.lastTest`. Handled once per value.
+pub const TEST_REQUESTED_AT_ANNOTATION: &str = "hooks.webhook-operator.dev/test-requested-at";
+
 /// Both CRDs, endpoint first (subscriptions refer to endpoints).
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![WebhookEndpoint::crd(), WebhookSubscription::crd()]

@@ -231,6 +231,26 @@ pub struct WebhookSubscriptionStatus {
     /// The last `hooks.webhook-operator.dev/requested-at` value handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_requested_at: Option<String>,
+    /// The outcome of the last `hooks.webhook-operator.dev/test-requested-at` request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_test: Option<LastTest>,
+}
+
+/// A test event sent through the whole path: provider (or a synthetic event in the
+/// provider's format, injected at the ingress) → queue → delivery → destination.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastTest {
+    /// The annotation value this result answers (each value is handled once).
+    pub requested_at: String,
+    /// `Pending`, `Delivered` or `Failed`.
+    pub result: String,
+    /// Ingest-to-delivered latency of the test event, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+    /// How the test was sent, or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// The upstream subscription.

@@ -5,7 +5,9 @@ use std::time::SystemTime;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use super::routes::{EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes};
+use super::routes::{
+    EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes, TestInjection,
+};
 use crate::api::Provider;
 use crate::dataplane::{DataPlane, EndpointConfig, ReplayFilter, SubscriptionRoute};
 use crate::delivery::{Destination, Policy, SigningSecret};
@@ -95,5 +97,31 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
     ) -> BoxFuture<'static, anyhow::Result<u64>> {
         let dp = self.clone();
         async move { DataPlane::replay(&dp, &key(endpoint), filter).await }.boxed()
+    }
+}
+
+impl TestInjection for std::sync::Arc<DataPlane> {
+    fn inject(
+        &self,
+        token: String,
+        subscription: String,
+        headers: http::HeaderMap,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, anyhow::Result<u16>> {
+        let dp = self.clone();
+        async move {
+            Ok(DataPlane::inject(&dp, &token, &subscription, headers, body)
+                .await?
+                .as_u16())
+        }
+        .boxed()
+    }
+
+    fn last_test(
+        &self,
+        endpoint: EndpointKey,
+        subscription: String,
+    ) -> Option<(SystemTime, std::time::Duration)> {
+        DataPlane::last_test(self, &key(endpoint), &subscription)
     }
 }

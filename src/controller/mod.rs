@@ -14,6 +14,7 @@ pub mod routes;
 pub mod secrets;
 pub mod status;
 pub mod subscription;
+pub mod test_event;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,10 @@ pub struct Context {
         Mutex<HashMap<ObjectRef<WebhookSubscription>, subscription::Schedule>>,
     /// The last replay request handled per endpoint (namespace, name).
     pub handled_replays: Mutex<HashMap<routes::EndpointKey, String>>,
+    /// Test events sent and not yet seen delivered.
+    pub pending_tests: Mutex<HashMap<ObjectRef<WebhookSubscription>, test_event::Pending>>,
+    /// The last test request handled per subscription.
+    pub handled_tests: Mutex<HashMap<ObjectRef<WebhookSubscription>, String>>,
 }
 
 impl Context {
@@ -65,6 +70,8 @@ impl Context {
             routes: Routes(routes),
             subscription_schedules: Mutex::default(),
             handled_replays: Mutex::default(),
+            pending_tests: Mutex::default(),
+            handled_tests: Mutex::default(),
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::inbound::VerificationKeys;
 /// Namespace and name of a WebhookEndpoint.
 pub type EndpointKey = (String, String);
 
-pub trait IngressRoutes: Send + Sync {
+pub trait IngressRoutes: TestInjection + Send + Sync {
     /// The ingress accepts requests for `subscription` on `endpoint`'s token path and
     /// verifies them with `keys`.
     fn upsert_subscription(
@@ -41,6 +41,24 @@ pub trait IngressRoutes: Send + Sync {
         endpoint: EndpointKey,
         filter: crate::queue::ReplayFilter,
     ) -> futures::future::BoxFuture<'static, anyhow::Result<u64>>;
+}
+
+/// The ingress in-process, for test events: `(headers, body)` as the provider would
+/// send them to `/hooks/{token}/{subscription}`.
+pub trait TestInjection: Send + Sync {
+    fn inject(
+        &self,
+        token: String,
+        subscription: String,
+        headers: http::HeaderMap,
+        body: Vec<u8>,
+    ) -> futures::future::BoxFuture<'static, anyhow::Result<u16>>;
+    /// When a test event of the subscription was last delivered, and its latency.
+    fn last_test(
+        &self,
+        endpoint: EndpointKey,
+        subscription: String,
+    ) -> Option<(SystemTime, std::time::Duration)>;
 }
 
 /// Everything delivery needs about one endpoint, secrets resolved.

@@ -16,7 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::conditions::{self, Desired};
-use super::{Context, Error, publish, rotation, secrets, status};
+use super::{Context, Error, publish, rotation, secrets, status, test_event};
 use crate::api::conditions::{reasons, types};
 use crate::api::subscription::{
     DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, UpstreamStatus,
@@ -112,7 +112,7 @@ pub fn translate(
 /// The Atllas header name when the spec has no `atllas` block.
 pub const DEFAULT_ATLLAS_HEADER: &str = "X-Webhook-Token";
 
-fn atllas_header_name(spec: &WebhookSubscriptionSpec) -> String {
+pub fn atllas_header_name(spec: &WebhookSubscriptionSpec) -> String {
     spec.atllas
         .as_ref()
         .map(|a| a.header_name.clone())
@@ -322,6 +322,8 @@ struct Inputs {
     credentials_version: Option<String>,
     hook_url: Option<String>,
     requested_at: Option<String>,
+    /// A test request not handled yet.
+    test_request: Option<String>,
 }
 
 /// When the next provider call for an object is due, and how many failures in a row.
@@ -355,6 +357,7 @@ async fn apply(
         credentials_version: credentials.as_ref().ok().and_then(|(_, v)| v.clone()),
         hook_url: target.as_ref().ok().cloned(),
         requested_at: requested_at.clone(),
+        test_request: test_event::new_request(sub, ctx),
     };
 
     // Nothing changed and nothing due: no provider call (our own status writes and
@@ -368,9 +371,9 @@ async fn apply(
     if let Some(s) = schedule {
         let now = Instant::now();
         if s.inputs == inputs && now < s.next_due {
-            let wait = s.next_due - now;
-            // Only the counters may have moved. The cached object can lag behind our own
-            // last write, so patch just `status.events` rather than re-applying all of it.
+            let mut wait = s.next_due - now;
+            // Only the counters and a pending test may have moved. The cached object can
+            // lag behind our own last write, so patch just those rather than re-applying.
             let counters = event_counters(ctx, sub);
             if counters.is_some() && counters != current.events {
                 status::merge_patch(
@@ -379,6 +382,18 @@ async fn apply(
                     &serde_json::json!({"status": {"events": counters}}),
                 )
                 .await?;
+            }
+            if let Some(result) = test_event::check(sub, ctx) {
+                publish_test(ctx, sub, &result).await;
+                status::merge_patch(
+                    api,
+                    sub,
+                    &serde_json::json!({"status": {"lastTest": result}}),
+                )
+                .await?;
+            }
+            if test_event::is_pending(sub, ctx) {
+                wait = wait.min(test_event::RECHECK);
             }
             return Ok(Action::requeue(wait));
         }
@@ -391,10 +406,15 @@ async fn apply(
         .filter(|s| s.inputs == inputs)
         .map_or(0, |s| s.failures);
 
+    let mut test_inputs = None;
     let outcome = match (target, credentials) {
         (Err(msg), _) => Outcome::EndpointNotReady(msg),
         (_, Err(msg)) => Outcome::CredentialsMissing(msg),
-        (Ok(hook_url), Ok((creds, _))) => sync(sub, ctx, hook_url, &creds, &current).await?,
+        (Ok(hook_url), Ok((creds, _))) => {
+            let outcome = sync(sub, ctx, hook_url.clone(), &creds, &current).await?;
+            test_inputs = Some((translate(&ns, &name, &sub.spec, hook_url), creds));
+            outcome
+        }
     };
 
     publish_outcome_event(ctx, sub, &current, &outcome).await;
@@ -406,6 +426,32 @@ async fn apply(
         conditions::now(),
     );
     next.events = event_counters(ctx, sub).or(next.events);
+    next.last_test = current.last_test.clone();
+    if let Some(request) = inputs.test_request.clone() {
+        let result = match (&outcome, &test_inputs) {
+            (Outcome::Synced { observed, applied }, Some((desired, creds)))
+                if observed.state == UpstreamState::Enabled =>
+            {
+                let upstream_id = applied.as_ref().map(|_| observed.id.as_str());
+                test_event::send(sub, ctx, request, desired, upstream_id, creds).await
+            }
+            (Outcome::Manual { .. }, Some((desired, creds))) => {
+                test_event::send(sub, ctx, request, desired, None, creds).await
+            }
+            _ => crate::api::subscription::LastTest {
+                requested_at: request,
+                result: test_event::FAILED.into(),
+                latency_ms: None,
+                message: Some("the subscription is not Ready; see its conditions".into()),
+            },
+        };
+        publish_test(ctx, sub, &result).await;
+        next.last_test = Some(result);
+    }
+    if let Some(result) = test_event::check(sub, ctx) {
+        publish_test(ctx, sub, &result).await;
+        next.last_test = Some(result);
+    }
     status::apply_if_changed(api, sub, sub.status.as_ref(), &next).await?;
 
     let resync = crate::duration::parse_go_duration(&sub.spec.resync_interval)
@@ -426,7 +472,16 @@ async fn apply(
             )
         }
     };
+    let wait = if test_event::is_pending(sub, ctx) {
+        wait.min(test_event::RECHECK)
+    } else {
+        wait
+    };
     tracing::debug!(namespace = %ns, name = %name, ?wait, failures, "next pass scheduled");
+    let inputs = Inputs {
+        test_request: None,
+        ..inputs
+    };
     ctx.subscription_schedules.lock().unwrap().insert(
         key,
         Schedule {
@@ -703,6 +758,9 @@ async fn publish_outcome_event(
 
 async fn cleanup(sub: &WebhookSubscription, ctx: &Context) -> Result<Action, Error> {
     ctx.routes.remove_subscription(sub);
+    let key = ObjectRef::from_obj(sub);
+    ctx.pending_tests.lock().unwrap().remove(&key);
+    ctx.handled_tests.lock().unwrap().remove(&key);
     ctx.subscription_schedules
         .lock()
         .unwrap()
@@ -737,6 +795,25 @@ async fn cleanup(sub: &WebhookSubscription, ctx: &Context) -> Result<Action, Err
         .await;
     }
     Ok(Action::await_change())
+}
+
+/// An Event for a test's outcome (not for `Pending`).
+async fn publish_test(
+    ctx: &Context,
+    sub: &WebhookSubscription,
+    result: &crate::api::subscription::LastTest,
+) {
+    let (type_, reason) = match result.result.as_str() {
+        test_event::DELIVERED => (EventType::Normal, "TestDelivered"),
+        test_event::FAILED => (EventType::Warning, "TestFailed"),
+        _ => return,
+    };
+    let note = format!(
+        "test {}: {}",
+        result.requested_at,
+        result.message.clone().unwrap_or_default()
+    );
+    publish(ctx, sub, type_, reason, "Test", note).await;
 }
 
 /// `status.events` from the ingress counters.

@@ -213,6 +213,33 @@ impl DataPlane {
     }
 
     /// Sends matching dead letters of the endpoint back for delivery; returns how many.
+    /// Runs a request through the ingress in-process, exactly as if it had arrived on
+    /// `/hooks/{token}/{subscription}` (verification, filter, durable enqueue); returns the
+    /// status the ingress answered.
+    pub async fn inject(
+        &self,
+        token: &str,
+        subscription: &str,
+        headers: http::HeaderMap,
+        body: Vec<u8>,
+    ) -> anyhow::Result<http::StatusCode> {
+        use tower::ServiceExt;
+        let mut request = http::Request::post(format!("/hooks/{token}/{subscription}"))
+            .body(axum::body::Body::from(body))?;
+        *request.headers_mut() = headers;
+        let response = self.ingress_router().oneshot(request).await?;
+        Ok(response.status())
+    }
+
+    /// When a test event of the subscription was last delivered, and its latency.
+    pub fn last_test(
+        &self,
+        endpoint: &EndpointKey,
+        subscription: &str,
+    ) -> Option<(SystemTime, std::time::Duration)> {
+        self.health.last_test(endpoint, subscription)
+    }
+
     pub async fn replay(&self, key: &EndpointKey, filter: ReplayFilter) -> anyhow::Result<u64> {
         Ok(self.queue.replay(key, filter, SystemTime::now()).await?)
     }

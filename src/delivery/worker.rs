@@ -260,6 +260,14 @@ async fn attempt(
             }
             rt.metrics.delivered.inc();
             rt.metrics.latency.observe(latency.as_secs_f64());
+            if ev
+                .dedupe_key
+                .starts_with(crate::ingress::TEST_DEDUPE_PREFIX)
+            {
+                shared
+                    .health
+                    .record_test(&rt.key, &ev.subscription, latency);
+            }
             shared.health.record(
                 &rt.key,
                 Outcome::Delivered {

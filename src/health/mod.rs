@@ -97,6 +97,9 @@ pub struct HealthRegistry {
     config: HealthConfig,
     endpoints: RwLock<HashMap<EndpointKey, Arc<Mutex<Tracker>>>>,
     sink: std::sync::OnceLock<OutcomeSink>,
+    /// The last test event delivered per (endpoint, subscription): when, and its
+    /// ingest-to-delivered latency.
+    tests: Mutex<HashMap<(EndpointKey, String), (SystemTime, Duration)>>,
 }
 
 impl HealthRegistry {
@@ -105,6 +108,7 @@ impl HealthRegistry {
             config,
             endpoints: RwLock::default(),
             sink: std::sync::OnceLock::new(),
+            tests: Mutex::default(),
         }
     }
 
@@ -126,6 +130,27 @@ impl HealthRegistry {
     }
 
     /// An outcome of this replica's delivery.
+    /// A test event of `subscription` was delivered (this replica only).
+    pub fn record_test(&self, key: &EndpointKey, subscription: &str, latency: Duration) {
+        self.tests.lock().expect("tests lock").insert(
+            (key.clone(), subscription.to_owned()),
+            (SystemTime::now(), latency),
+        );
+    }
+
+    /// When a test event of `subscription` was last delivered, and its latency.
+    pub fn last_test(
+        &self,
+        key: &EndpointKey,
+        subscription: &str,
+    ) -> Option<(SystemTime, Duration)> {
+        self.tests
+            .lock()
+            .expect("tests lock")
+            .get(&(key.clone(), subscription.to_owned()))
+            .copied()
+    }
+
     pub fn record(&self, key: &EndpointKey, outcome: Outcome<'_>) {
         self.record_remote(key, outcome);
         if let Some(sink) = self.sink.get() {

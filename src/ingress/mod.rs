@@ -23,6 +23,10 @@ use crate::inbound::{InboundParser, InboundRequest};
 use crate::metrics::Metrics;
 use crate::queue::{EnqueueOutcome, NewEvent, Queue};
 
+/// Prefix of the dedupe key of a test event (a provider's test button or the operator's
+/// own test request), so delivery can report it without another field in the queue.
+pub const TEST_DEDUPE_PREFIX: &str = "test:";
+
 /// What the ingress handlers share.
 pub struct Ingress {
     pub routes: Arc<RouteTable>,
@@ -121,7 +125,11 @@ async fn hook(
             endpoint: route.key.clone(),
             subscription: subscription.clone(),
             event_type: ev.event_type,
-            dedupe_key: ev.dedupe_key,
+            dedupe_key: if ev.test {
+                format!("{TEST_DEDUPE_PREFIX}{}", ev.dedupe_key)
+            } else {
+                ev.dedupe_key
+            },
             payload: ev.payload,
             received: now,
         });

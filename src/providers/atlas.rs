@@ -324,7 +324,7 @@ fn parse_event(ev: &serde_json::Value) -> Result<InboundEvent, Rejection> {
         event_type: trigger.to_string(),
         dedupe_key,
         payload: to_payload(ev),
-        test: false,
+        test: ev.get("test").and_then(serde_json::Value::as_bool) == Some(true),
     })
 }
 

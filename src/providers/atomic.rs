@@ -426,6 +426,25 @@ fn urlencode(s: &str) -> String {
 
 #[async_trait]
 impl ProviderApi for AtomicClient {
+    async fn send_test(
+        &self,
+        creds: &Credentials,
+        applied: &DesiredSubscription,
+        id: &str,
+    ) -> Result<bool, ProviderError> {
+        let s = scope_of(applied)?;
+        self.call(
+            creds,
+            s.org,
+            Method::POST,
+            &format!("/v1/{}/webhook/{}/test", s.env, urlencode(id)),
+            None,
+            "atomic test",
+        )
+        .await?;
+        Ok(true)
+    }
+
     async fn ensure(
         &self,
         creds: &Credentials,

@@ -269,6 +269,80 @@ pub trait ProviderApi: Send + Sync {
         creds: &Credentials,
         applied: &DesiredSubscription,
     ) -> Result<(), ProviderError>;
+
+    /// Asks the provider to send its own test event to subscription `id`. `Ok(false)`:
+    /// the provider has no such endpoint (the operator then sends a synthetic one).
+    async fn send_test(
+        &self,
+        _creds: &Credentials,
+        _applied: &DesiredSubscription,
+        _id: &str,
+    ) -> Result<bool, ProviderError> {
+        Ok(false)
+    }
+}
+
+/// Marks the events the operator makes up for a test request (ids and payloads).
+pub const SYNTHETIC_TEST_PREFIX: &str = "webhook-operator-test-";
+
+/// A test delivery in `desired.provider`'s own format, as its parser expects it, signed or
+/// headed with `keys` the way that provider does; the parser marks it as a test.
+pub fn synthetic_test_event(
+    desired: &DesiredSubscription,
+    keys: &VerificationKeys,
+) -> (::http::HeaderMap, Vec<u8>) {
+    let id = format!("{SYNTHETIC_TEST_PREFIX}{:016x}", rand::random::<u64>());
+    let event = desired.events.first().cloned().unwrap_or_default();
+    let now = jiff::Timestamp::now();
+    let mut headers = ::http::HeaderMap::new();
+    headers.insert(
+        ::http::header::CONTENT_TYPE,
+        ::http::HeaderValue::from_static("application/json"),
+    );
+    let secret = keys.secrets.first().cloned().unwrap_or_default();
+    let body = match &desired.scope {
+        Scope::Atlas { campaign_id } => serde_json::json!([{
+            "callId": id, "campaignId": campaign_id, "triggerName": event,
+            "customerNumber": "+10000000000", "startedAt": now.to_string(), "test": true,
+        }]),
+        Scope::Atomic { environment_id, .. } => serde_json::json!({
+            "requestId": id, "environmentId": environment_id, "webhookId": "test", "isBatched": false,
+            "data": {"id": id, "analyticsEvent": atomic::TEST_EVENT, "endUserId": "test", "timestamp": now.to_string()},
+        }),
+        Scope::Smallest { agent_ids } => {
+            let agent = agent_ids.first().cloned().unwrap_or_default();
+            serde_json::json!({
+                "url": desired.hook_url, "description": "webhook-operator test event",
+                "event": format!("{agent}.{event}"), "id": id, "test": true,
+                "metadata": {"agentId": agent, "eventType": event, "conversationType": "test", "callId": id},
+            })
+        }
+        Scope::Atllas { .. } => serde_json::json!({
+            "type": "call.finished", "timestamp": now.as_millisecond(),
+            "webhook": {"id": format!("webhook_test_{id}"), "type": "outbound"},
+            "call": {"id": id, "status": "finished"},
+        }),
+    };
+    let body = serde_json::to_vec(&body).expect("a JSON value serialises");
+    let sign = |name: &'static str, headers: &mut ::http::HeaderMap| {
+        if let Ok(v) = ::http::HeaderValue::from_str(&sign_hex(&secret, &body)) {
+            headers.insert(name, v);
+        }
+    };
+    match &desired.scope {
+        Scope::Atomic { .. } => sign("x-atomic-signature", &mut headers),
+        Scope::Smallest { .. } => sign("x-signature", &mut headers),
+        Scope::Atllas { header_name } => {
+            if let (Ok(n), Ok(v)) = (
+                ::http::HeaderName::try_from(header_name.as_str()),
+                ::http::HeaderValue::from_bytes(&secret),
+            ) {
+                headers.insert(n, v);
+            }
+        }
+        Scope::Atlas { .. } => {}
+    }
+    (headers, body)
 }
 
 /// Base URLs and timeouts of the providers' management APIs.

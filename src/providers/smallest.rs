@@ -587,7 +587,7 @@ pub fn parse_inbound(
         dedupe_key: id.to_string(),
         // The envelope is the event: keep the exact bytes that were signed.
         payload: bytes::Bytes::copy_from_slice(req.body),
-        test: false,
+        test: ev.get("test").and_then(serde_json::Value::as_bool) == Some(true),
     }])
 }
 

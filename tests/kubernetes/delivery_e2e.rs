@@ -1068,3 +1068,75 @@ async fn a_replay_window_redelivers_exactly_the_events_in_it() {
     .await;
     assert!(consumer.received().iter().all(|r| r.verified));
 }
+
+#[tokio::test]
+async fn a_test_annotation_sends_one_test_event_through_the_whole_path() {
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup("testev", json!({"destination": consumer_destination()})).await;
+    for (name, spec) in specs() {
+        apply_subscription(&env, name, spec).await;
+    }
+    apply_subscription(&env, "atllas", json!({"provider": "atllas", "events": ["call.finished"], "endpointRef": {"name": "orders"}})).await;
+    let names = ["atlas", "atomic", "smallest", "atllas"];
+    for name in names {
+        wait_condition(&env, name, "Ready", "True", None).await;
+    }
+    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    let request = json!({"metadata": {"annotations": {"hooks.webhook-operator.dev/test-requested-at": "2026-11-23T08:00:00Z"}}});
+    for name in names {
+        subs.patch(name, &PatchParams::default(), &Patch::Merge(&request))
+            .await
+            .unwrap();
+    }
+    for name in names {
+        let api = subs.clone();
+        let last = wait_until(
+            Duration::from_secs(60),
+            &format!("{name}: lastTest Delivered"),
+            || {
+                let api = api.clone();
+                async move {
+                    let t = api.get(name).await.ok()?.status?.last_test?;
+                    assert_ne!(t.result, "Failed", "{name}: {t:?}");
+                    (t.result == "Delivered").then_some(t)
+                }
+            },
+        )
+        .await;
+        assert_eq!(last.requested_at, "2026-11-23T08:00:00Z");
+        assert!(
+            last.latency_ms.is_some_and(|ms| ms >= 0.0),
+            "{name}: {last:?}"
+        );
+    }
+    let provider_sent = subs
+        .get("atomic")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .last_test
+        .unwrap()
+        .message
+        .unwrap();
+    assert!(
+        provider_sent.contains("provider's test endpoint"),
+        "Atomic uses its own test endpoint: {provider_sent}"
+    );
+    let received = consumer.received();
+    assert_eq!(
+        received.len(),
+        4,
+        "exactly one test event per subscription: {received:?}"
+    );
+    assert!(received.iter().all(|r| r.verified));
+
+    // Applying the same value again does nothing.
+    for name in names {
+        subs.patch(name, &PatchParams::default(), &Patch::Merge(&request))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(consumer.received().len(), 4, "a request is handled once");
+}

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use webhook_operator::api::{Provider, WebhookSubscription};
 use webhook_operator::config::OperatorConfig;
 use webhook_operator::controller::routes::{
-    EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes,
+    EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes, TestInjection,
 };
 use webhook_operator::controller::{self, Context};
 use webhook_operator::inbound::VerificationKeys;
@@ -27,6 +27,21 @@ use crate::support::{TestEnv, test_env, wait_until};
 #[derive(Default)]
 struct RecordedRoutes {
     subscriptions: Mutex<HashMap<(EndpointKey, String), (Provider, VerificationKeys)>>,
+}
+
+impl TestInjection for RecordedRoutes {
+    fn inject(
+        &self,
+        _: String,
+        _: String,
+        _: http::HeaderMap,
+        _: Vec<u8>,
+    ) -> futures::future::BoxFuture<'static, anyhow::Result<u16>> {
+        Box::pin(async { anyhow::bail!("no ingress in these tests") })
+    }
+    fn last_test(&self, _: EndpointKey, _: String) -> Option<(SystemTime, Duration)> {
+        None
+    }
 }
 
 impl IngressRoutes for RecordedRoutes {
