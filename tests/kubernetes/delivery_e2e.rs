@@ -1140,3 +1140,82 @@ async fn a_test_annotation_sends_one_test_event_through_the_whole_path() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(consumer.received().len(), 4, "a request is handled once");
 }
+
+#[tokio::test]
+async fn a_changed_provider_secret_is_accepted_old_and_new_during_the_overlap() {
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup("provsecret", json!({"destination": consumer_destination()})).await;
+    let mut spec = specs()[1].1.clone();
+    apply_subscription(&env, "atomic", spec.clone()).await;
+    wait_condition(&env, "atomic", "Ready", "True", None).await;
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let read = |secrets: Api<Secret>| async move {
+        let data = secrets
+            .get("atomic-provider-signing")
+            .await
+            .unwrap()
+            .data
+            .unwrap();
+        data["secret"].0.clone()
+    };
+    let old = read(secrets.clone()).await;
+
+    // Atomic has no update: a new event set replaces the webhook, with a new secret.
+    spec["events"] = json!(["card-dismissed"]);
+    apply_subscription(&env, "atomic", spec).await;
+    let new = wait_until(Duration::from_secs(60), "a new provider secret", || {
+        let (secrets, old) = (secrets.clone(), old.clone());
+        async move {
+            let now = read(secrets).await;
+            (now != old).then_some(now)
+        }
+    })
+    .await;
+    wait_condition(&env, "atomic", "Ready", "True", None).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let url = format!("{}/atomic", ingress_url(&env, "orders").await);
+    let http = reqwest::Client::new();
+    let post = |secret: Vec<u8>, id: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let body = json!({"requestId": id, "environmentId": "env1", "webhookId": "w", "isBatched": false,
+                "data": {"id": id, "analyticsEvent": "card-dismissed", "timestamp": "2026-11-23T08:00:00Z"}})
+            .to_string();
+            let sig = webhook_operator::providers::sign_hex(&secret, body.as_bytes());
+            http.post(&url)
+                .header("content-type", "application/json")
+                .header("x-atomic-signature", sig)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        post(new.clone(), "signed-new").await,
+        200,
+        "the new secret verifies"
+    );
+    assert_eq!(
+        post(old.clone(), "signed-old").await,
+        200,
+        "the old secret still verifies inside the window"
+    );
+    assert_eq!(
+        post(b"neither".to_vec(), "signed-other").await,
+        401,
+        "anything else does not"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "both accepted events delivered",
+        || {
+            let n = consumer.received().len();
+            async move { (n == 2).then_some(()) }
+        },
+    )
+    .await;
+}
