@@ -187,21 +187,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn apply_endpoint(env: &TestEnv, name: &str, spec: Value) {
-    let api: Api<WebhookEndpoint> = Api::namespaced(env.client.clone(), &env.namespace);
-    let obj = json!({
-        "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
-        "metadata": {"name": name}, "spec": spec
-    });
-    api.patch(
-        name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap();
-}
-
 fn consumer_destination() -> Value {
     json!({"service": {"name": "consumer", "port": 8080, "path": "/events"}})
 }

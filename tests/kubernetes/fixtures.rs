@@ -92,10 +92,17 @@ pub async fn create_endpoint(env: &TestEnv, name: &str) {
     api.create(&PostParams::default(), &ep).await.unwrap();
 }
 
-pub async fn apply_subscription(env: &TestEnv, name: &str, spec: Value) {
-    let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+/// Server-side applies an object of one of our kinds with `spec`.
+async fn apply_kind<K>(env: &TestEnv, name: &str, spec: Value)
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(env.client.clone(), &env.namespace);
     let obj = json!({
-        "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
+        "apiVersion": K::api_version(&()), "kind": K::kind(&()),
         "metadata": {"name": name}, "spec": spec
     });
     api.patch(
@@ -105,6 +112,14 @@ pub async fn apply_subscription(env: &TestEnv, name: &str, spec: Value) {
     )
     .await
     .unwrap();
+}
+
+pub async fn apply_subscription(env: &TestEnv, name: &str, spec: Value) {
+    apply_kind::<WebhookSubscription>(env, name, spec).await;
+}
+
+pub async fn apply_endpoint(env: &TestEnv, name: &str, spec: Value) {
+    apply_kind::<WebhookEndpoint>(env, name, spec).await;
 }
 
 /// Waits until the subscription's condition `type_` has `status` and returns the object.
