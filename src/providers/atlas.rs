@@ -96,15 +96,7 @@ impl AtlasClient {
         what: &str,
         creds: &Credentials,
     ) -> Result<Response, ProviderError> {
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| phttp::transport_error(what, &e))?;
-        if resp.status().is_success() {
-            Ok(resp)
-        } else {
-            Err(phttp::error_from_response(resp, what, creds, &[], extract_error).await)
-        }
+        phttp::send(req, what, creds, extract_error).await
     }
 
     async fn list(

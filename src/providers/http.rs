@@ -88,6 +88,22 @@ pub(crate) fn status_error(
     }
 }
 
+/// Sends `req`; a non-2xx answer becomes a typed error read with `extract` (the provider's
+/// error shape). For providers whose credential is one header (no token to refresh).
+pub(crate) async fn send(
+    req: reqwest::RequestBuilder,
+    what: &str,
+    creds: &Credentials,
+    extract: fn(&serde_json::Value) -> Option<String>,
+) -> Result<Response, ProviderError> {
+    let resp = req.send().await.map_err(|e| transport_error(what, &e))?;
+    if resp.status().is_success() {
+        Ok(resp)
+    } else {
+        Err(error_from_response(resp, what, creds, &[], extract).await)
+    }
+}
+
 /// Reads a failed response's body and maps it with `extract` (the provider's error shape).
 pub(crate) async fn error_from_response(
     resp: Response,
