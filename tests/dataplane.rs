@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use tokio::sync::oneshot;
@@ -87,10 +87,17 @@ type ConsumerState = (Arc<AtomicU16>, Arc<Mutex<Vec<Received>>>);
 
 #[derive(Clone, Debug)]
 struct Received {
+    /// The delivering connection's address: equal for requests on one kept-alive connection.
+    peer: SocketAddr,
     headers: HeaderMap,
     body: Bytes,
     at: Instant,
 }
+
+/// What the consumer answers: a body larger than one read, as some consumers send (a
+/// copy of the event, an HTML page). Delivery must read it to keep the connection.
+static CONSUMER_ANSWER: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{{\"echo\":\"{}\"}}", "x".repeat(48 * 1024)));
 
 /// The in-cluster consumer: records every request and answers with a settable status.
 #[derive(Clone)]
@@ -109,20 +116,24 @@ impl Consumer {
                 "/in",
                 axum::routing::post(
                     |State((status, got)): State<ConsumerState>,
+                     ConnectInfo(peer): ConnectInfo<SocketAddr>,
                      headers: HeaderMap,
                      body: Bytes| async move {
                         got.lock().unwrap().push(Received {
+                            peer,
                             headers,
                             body,
                             at: Instant::now(),
                         });
-                        StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap()
+                        let status = StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap();
+                        (status, CONSUMER_ANSWER.as_str())
                     },
                 ),
             )
             .with_state((status.clone(), got.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { addr, status, got }
     }
@@ -405,6 +416,25 @@ async fn events_are_delivered_once_and_signed_with_both_secrets() {
         )
     );
     assert!(!metrics.contains(TOKEN) && !metrics.contains("consumer-secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_reuse_the_connection_when_the_consumer_answers_with_a_body() {
+    let h = Harness::start(|_, ep| ep.policy.max_in_flight = 1).await;
+    for i in 0..20 {
+        assert_eq!(h.post(ev(&format!("e{i}"), "call_completed")).await.0, 200);
+        let delivered = i + 1;
+        wait_for("the delivery", Duration::from_secs(10), || {
+            h.consumer.requests().len() >= delivered
+        })
+        .await;
+    }
+    let peers: HashSet<SocketAddr> = h.consumer.requests().iter().map(|r| r.peer).collect();
+    assert_eq!(
+        peers.len(),
+        1,
+        "one kept-alive connection for 20 deliveries: {peers:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

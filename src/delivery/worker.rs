@@ -62,13 +62,48 @@ impl Bucket {
     }
 }
 
-/// Decrements the in-flight count and wakes the worker however an attempt ends.
-struct InFlight(Arc<AtomicUsize>, Arc<Notify>);
+/// Counts what a worker has under way and wakes it when that changes.
+#[derive(Default)]
+struct Attempts {
+    /// Requests to the destination not yet answered: what `maxInFlight` limits.
+    requests: AtomicUsize,
+    /// Attempts not yet finished, outcome stored included: what shutdown waits for.
+    unfinished: AtomicUsize,
+    changed: Notify,
+}
+
+/// One attempt's hold on [`Attempts`]. The request slot is freed as soon as the
+/// destination has answered ([`InFlight::answered`]), so storing the outcome (a queue
+/// commit) does not keep the destination's concurrency from being used; dropping the
+/// guard ends the attempt however it ends.
+struct InFlight {
+    attempts: Arc<Attempts>,
+    holds_request: bool,
+}
+
+impl InFlight {
+    fn start(attempts: &Arc<Attempts>) -> Self {
+        attempts.requests.fetch_add(1, Ordering::AcqRel);
+        attempts.unfinished.fetch_add(1, Ordering::AcqRel);
+        Self {
+            attempts: attempts.clone(),
+            holds_request: true,
+        }
+    }
+
+    fn answered(&mut self) {
+        if std::mem::take(&mut self.holds_request) {
+            self.attempts.requests.fetch_sub(1, Ordering::AcqRel);
+            self.attempts.changed.notify_one();
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-        self.1.notify_one();
+        self.answered();
+        self.attempts.unfinished.fetch_sub(1, Ordering::AcqRel);
+        self.attempts.changed.notify_one();
     }
 }
 
@@ -78,8 +113,7 @@ pub(crate) async fn run(
     mut config: watch::Receiver<Option<Arc<EndpointRuntime>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(Notify::new());
+    let attempts = Arc::new(Attempts::default());
     let mut checked: Option<(Arc<EndpointRuntime>, Instant, Result<Url, DestinationError>)> = None;
     let mut bucket = Bucket {
         tokens: 0.0,
@@ -94,7 +128,7 @@ pub(crate) async fn run(
                 _ = tokio::time::sleep($d) => true,
                 r = config.changed() => r.is_ok(),
                 _ = shutdown.changed() => false,
-                _ = done.notified() => true,
+                _ = attempts.changed.notified() => true,
             }
         }};
     }
@@ -133,7 +167,7 @@ pub(crate) async fn run(
         let url = url.clone();
 
         shared.health.set_breaker_open(&key, rt.breaker.is_open());
-        let busy = in_flight.load(Ordering::Acquire);
+        let busy = attempts.requests.load(Ordering::Acquire);
         let (mut room, probe) = match rt.breaker.admit(Instant::now()) {
             Admission::Open => (
                 (rt.policy.max_in_flight as usize).saturating_sub(busy),
@@ -192,8 +226,7 @@ pub(crate) async fn run(
         }
         bucket.take(rate, events.len());
         for ev in events {
-            in_flight.fetch_add(1, Ordering::AcqRel);
-            let guard = InFlight(in_flight.clone(), done.clone());
+            let guard = InFlight::start(&attempts);
             tokio::spawn(attempt(shared.clone(), rt.clone(), url.clone(), ev, guard));
         }
     }
@@ -201,8 +234,8 @@ pub(crate) async fn run(
     // Let attempts under way finish (their outcome is stored); anything else is safe in
     // the queue and due again on the next start.
     let deadline = Instant::now() + shared.shutdown_grace;
-    while in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-        let _ = tokio::time::timeout(Duration::from_millis(50), done.notified()).await;
+    while attempts.unfinished.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(50), attempts.changed.notified()).await;
     }
 }
 
@@ -218,12 +251,25 @@ fn classify(e: &reqwest::Error) -> &'static str {
     }
 }
 
+/// A response body is never used, but one left unread closes its connection instead of
+/// returning it to the pool; a small one is read to its end so the next attempt reuses it.
+async fn discard_body(mut resp: reqwest::Response) {
+    const KEEP_ALIVE_LIMIT: usize = 64 * 1024;
+    let mut read = 0;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        read += chunk.len();
+        if read > KEEP_ALIVE_LIMIT {
+            break;
+        }
+    }
+}
+
 async fn attempt(
     shared: Arc<Shared>,
     rt: Arc<EndpointRuntime>,
     url: Url,
     ev: QueuedEvent,
-    _in_flight: InFlight,
+    mut in_flight: InFlight,
 ) {
     let ts = jiff::Timestamp::now().as_second();
     let signature = super::signature_header(&rt.secrets, &ev.id, ts, &ev.payload);
@@ -238,17 +284,23 @@ async fn attempt(
         .header("webhook-signature", signature)
         .body(ev.payload.clone());
     let failure = match request.send().await {
-        Ok(resp) if resp.status().is_success() => None,
+        Ok(resp) if resp.status().is_success() => {
+            discard_body(resp).await;
+            None
+        }
         Ok(resp) => {
             let retry_after = resp
                 .headers()
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| super::parse_retry_after(v, jiff::Timestamp::now()));
-            Some((format!("HTTP {}", resp.status().as_u16()), retry_after))
+            let status = resp.status().as_u16();
+            discard_body(resp).await;
+            Some((format!("HTTP {status}"), retry_after))
         }
         Err(e) => Some((classify(&e).to_owned(), None)),
     };
+    in_flight.answered();
     let now = SystemTime::now();
     match failure {
         None => {

@@ -2,6 +2,11 @@
 //! which are leased and which are dead. Rebuilt from the file on open, changed only by the
 //! writer after a commit, so a lease never sees an uncommitted event. Sharded per endpoint
 //! so that endpoints never contend with each other.
+//!
+//! The index also keeps the records of ready events it was handed by the writer, up to a
+//! memory budget, so that a lease usually needs no read of the file: the writer just
+//! committed them. Records past the budget, and every record after a restart, are read
+//! from the file at lease time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::Notify;
 
+use super::record::Record;
 use super::{EndpointKey, QueueDepth};
 
 #[derive(Clone, Copy, Debug)]
@@ -24,6 +30,8 @@ pub(super) struct EndpointIndex {
     /// seq → due time it had, so a released lease goes back where it was.
     pub leased: HashMap<u64, u64>,
     pub dead: BTreeMap<u64, DeadMeta>,
+    /// seq → committed record of a ready event, within the index's memory budget.
+    cached: HashMap<u64, Record>,
 }
 
 pub(super) struct Shard {
@@ -38,9 +46,19 @@ pub(super) struct Index {
     pending: AtomicU64,
     leased: AtomicU64,
     dead: AtomicU64,
+    cached_bytes: AtomicU64,
+    cache_budget: u64,
 }
 
 impl Index {
+    /// An empty index that keeps at most `cache_budget` bytes of ready records in memory.
+    pub fn new(cache_budget: u64) -> Self {
+        Self {
+            cache_budget,
+            ..Self::default()
+        }
+    }
+
     pub fn shard(&self, key: &EndpointKey) -> Arc<Shard> {
         if let Some(s) = self.shards.read().expect("index lock").get(key) {
             return s.clone();
@@ -75,14 +93,23 @@ impl Index {
             .collect()
     }
 
-    pub fn add_ready(&self, key: &EndpointKey, due_ms: u64, seq: u64) {
+    /// An event is due at `due_ms`; its committed `record`, when given and within the
+    /// budget, is kept for the lease.
+    pub fn add_ready(&self, key: &EndpointKey, due_ms: u64, seq: u64, record: Option<Record>) {
         let shard = self.shard(key);
-        shard
-            .state
-            .lock()
-            .expect("shard lock")
-            .ready
-            .insert((due_ms, seq));
+        {
+            let mut st = shard.state.lock().expect("shard lock");
+            st.ready.insert((due_ms, seq));
+            if let Some(rec) = record {
+                let weight = rec.weight();
+                let used = self.cached_bytes.fetch_add(weight, Ordering::Relaxed);
+                if used + weight <= self.cache_budget {
+                    st.cached.insert(seq, rec);
+                } else {
+                    self.cached_bytes.fetch_sub(weight, Ordering::Relaxed);
+                }
+            }
+        }
         self.pending.fetch_add(1, Ordering::Relaxed);
         shard.notify.notify_one();
     }
@@ -97,8 +124,8 @@ impl Index {
         self.dead.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Takes up to `max` due events into the leased set.
-    pub fn lease(&self, key: &EndpointKey, max: usize, now_ms: u64) -> Vec<u64> {
+    /// Takes up to `max` due events into the leased set, with their records where cached.
+    pub fn lease(&self, key: &EndpointKey, max: usize, now_ms: u64) -> Vec<(u64, Option<Record>)> {
         let Some(shard) = self.existing_shard(key) else {
             return Vec::new();
         };
@@ -109,7 +136,11 @@ impl Index {
                 Some(&(due, seq)) if due <= now_ms => {
                     st.ready.pop_first();
                     st.leased.insert(seq, due);
-                    out.push(seq);
+                    let rec = st.cached.remove(&seq);
+                    if let Some(r) = &rec {
+                        self.cached_bytes.fetch_sub(r.weight(), Ordering::Relaxed);
+                    }
+                    out.push((seq, rec));
                 }
                 _ => break,
             }
@@ -193,6 +224,13 @@ impl Index {
                 .first()
                 .map(|(d, _)| *d)
         })
+    }
+
+    /// Records of `key` held in memory.
+    #[cfg(test)]
+    pub fn cached_len(&self, key: &EndpointKey) -> usize {
+        self.existing_shard(key)
+            .map_or(0, |s| s.state.lock().expect("shard lock").cached.len())
     }
 
     pub fn depth(&self) -> QueueDepth {

@@ -25,6 +25,19 @@ pub(super) struct Record {
 }
 
 impl Record {
+    /// Roughly the memory a record takes, for the in-memory cache's budget.
+    pub fn weight(&self) -> u64 {
+        const FIXED: usize = 128;
+        (FIXED
+            + self.namespace.len()
+            + self.name.len()
+            + self.subscription.len()
+            + self.event_type.len()
+            + self.dedupe_key.len()
+            + self.last_error.len()
+            + self.payload.len()) as u64
+    }
+
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
         out.push(VERSION);

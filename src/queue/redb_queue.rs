@@ -42,6 +42,8 @@ pub struct RedbQueueOptions {
     pub dedupe_window: Duration,
     /// Most operations in one transaction; bounds commit latency under load.
     pub max_batch: usize,
+    /// Memory for records of ready events kept so that a lease need not read the file.
+    pub cache_bytes: u64,
 }
 
 impl Default for RedbQueueOptions {
@@ -49,6 +51,7 @@ impl Default for RedbQueueOptions {
         Self {
             dedupe_window: Duration::from_secs(24 * 3600),
             max_batch: 4096,
+            cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -68,7 +71,8 @@ enum Op {
 
 /// Index changes a committed operation causes.
 enum Effect {
-    Ready(EndpointKey, u64, u64),
+    /// Due at, seq, and the committed record when the writer has it at hand.
+    Ready(EndpointKey, u64, u64, Option<Record>),
     Unlease(EndpointKey, u64),
     Dead(EndpointKey, u64, DeadMeta),
     RemoveDead(EndpointKey, u64),
@@ -146,7 +150,7 @@ impl RedbQueue {
             ids
         };
 
-        let index = Arc::new(Index::default());
+        let index = Arc::new(Index::new(options.cache_bytes));
         {
             let txn = db.begin_read().map_err(storage)?;
             let events = txn.open_table(EVENTS).map_err(storage)?;
@@ -166,7 +170,7 @@ impl RedbQueue {
                     };
                     index.add_dead(&key, seq, meta);
                 } else {
-                    index.add_ready(&key, rec.due_ms, seq);
+                    index.add_ready(&key, rec.due_ms, seq, None);
                 }
             }
         }
@@ -235,13 +239,21 @@ impl Queue for RedbQueue {
         max: usize,
         now: SystemTime,
     ) -> Result<Vec<QueuedEvent>, QueueError> {
-        let seqs = self.index.lease(endpoint, max, to_millis(now));
-        if seqs.is_empty() {
-            return Ok(Vec::new());
+        let leased = self.index.lease(endpoint, max, to_millis(now));
+        let mut events = Vec::with_capacity(leased.len());
+        let mut uncached = Vec::new();
+        for (seq, rec) in leased {
+            match rec {
+                Some(rec) => events.push(to_event(self.nonce, seq, rec)),
+                None => uncached.push(seq),
+            }
+        }
+        if uncached.is_empty() {
+            return Ok(events);
         }
         let db = self.db.clone();
         let nonce = self.nonce;
-        let wanted = seqs.clone();
+        let wanted = uncached.clone();
         let read = tokio::task::spawn_blocking(move || -> Result<_, QueueError> {
             let txn = db.begin_read().map_err(storage)?;
             let table = txn.open_table(EVENTS).map_err(storage)?;
@@ -268,10 +280,15 @@ impl Queue for RedbQueue {
                 for seq in missing {
                     self.index.unlease(endpoint, seq);
                 }
-                Ok(found)
+                events.extend(found);
+                events.sort_by_key(|e| (e.next_attempt, e.receipt.0));
+                Ok(events)
             }
             Err(e) => {
-                for seq in seqs {
+                let leased = uncached
+                    .into_iter()
+                    .chain(events.iter().map(|e| e.receipt.0));
+                for seq in leased {
                     self.index.release(endpoint, seq);
                 }
                 Err(e)
@@ -476,7 +493,7 @@ impl Writer {
         } else {
             for effect in effects {
                 match effect {
-                    Effect::Ready(k, due, seq) => self.index.add_ready(&k, due, seq),
+                    Effect::Ready(k, due, seq, rec) => self.index.add_ready(&k, due, seq, rec),
                     Effect::Unlease(k, seq) => {
                         self.index.unlease(&k, seq);
                     }
@@ -536,11 +553,11 @@ impl Writer {
                     rec.due_ms = due;
                     rec.last_error = error;
                 });
-                if r.is_ok() {
+                let r = r.map(|rec| {
                     effects.push(Effect::Unlease(key.clone(), seq));
-                    effects.push(Effect::Ready(key, due, seq));
-                }
-                Responder::Unit(reply, guard(r.map(|_| ())))
+                    effects.push(Effect::Ready(key, due, seq, Some(rec)));
+                });
+                Responder::Unit(reply, guard(r))
             }
             Op::Dead(key, seq, now, reason, reply) => {
                 let r = self.update(t, seq, |rec| {
@@ -574,7 +591,7 @@ impl Writer {
                         Ok(true) => {
                             n += 1;
                             effects.push(Effect::RemoveDead(key.clone(), seq));
-                            effects.push(Effect::Ready(key.clone(), now, seq));
+                            effects.push(Effect::Ready(key.clone(), now, seq, None));
                         }
                         Ok(false) => {}
                         Err(e) => {
@@ -659,7 +676,7 @@ impl Writer {
             };
             rec.encode(&mut self.buf);
             t.0.insert(seq, self.buf.as_slice()).map_err(storage)?;
-            effects.push(Effect::Ready(ev.endpoint, received, seq));
+            effects.push(Effect::Ready(ev.endpoint, received, seq, Some(rec)));
             out.push(EnqueueOutcome::Accepted {
                 id: event_id(self.nonce, seq),
             });

@@ -138,6 +138,47 @@ async fn retry_schedules_and_counts_attempts() {
 }
 
 #[tokio::test]
+async fn a_lease_reads_what_the_memory_cache_does_not_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = ep("a");
+    let now = SystemTime::now();
+    let events: Vec<NewEvent> = (0..6).map(|i| event(&a, &format!("k{i}"), now)).collect();
+    let expected: Vec<Bytes> = events.iter().map(|e| e.payload.clone()).collect();
+    // Room for two records: the other four come from the file, in the same lease.
+    let options = RedbQueueOptions {
+        cache_bytes: 2 * 200,
+        ..RedbQueueOptions::default()
+    };
+    let q = RedbQueue::open(dir.path().join("q.redb"), options).unwrap();
+    let ids: Vec<String> = q
+        .enqueue(events)
+        .await
+        .unwrap()
+        .iter()
+        .map(accepted_id)
+        .collect();
+    assert_eq!(q.index.cached_len(&a), 2);
+
+    let leased = q.lease(&a, 10, now).await.unwrap();
+    let got: Vec<(String, Bytes)> = leased
+        .iter()
+        .map(|e| (e.id.clone(), e.payload.clone()))
+        .collect();
+    let want: Vec<(String, Bytes)> = ids.into_iter().zip(expected).collect();
+    assert_eq!(got, want, "every record, oldest first, cached or not");
+    assert_eq!(q.index.cached_len(&a), 0);
+
+    // A retry keeps its updated record in memory; the next lease sees the attempt.
+    q.retry(&leased[0], now, "HTTP 503").await.unwrap();
+    assert_eq!(q.index.cached_len(&a), 1);
+    let again = q.lease(&a, 1, now).await.unwrap().pop().unwrap();
+    assert_eq!(
+        (again.attempts, again.last_error.as_deref()),
+        (1, Some("HTTP 503"))
+    );
+}
+
+#[tokio::test]
 async fn dead_letters_replay_by_filter_and_are_pruned() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.redb");
