@@ -1,3 +1,8 @@
+/// A general-purpose allocator that keeps small, short-lived allocations (one request,
+/// one event) off the system allocator's locks; see BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};

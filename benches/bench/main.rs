@@ -11,6 +11,11 @@
 //! `--only delivery|reconcile`, `--out FILE`. `BENCH_SMOKE=1` is the same as `--smoke`.
 //! Smoke runs write `target/BENCHMARKS.smoke.md` unless `--out` says otherwise.
 
+/// A general-purpose allocator that keeps small, short-lived allocations (one request,
+/// one event) off the system allocator's locks; see BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod delivery;
 mod reconcile;
 

@@ -51,7 +51,7 @@ impl Default for RedbQueueOptions {
         Self {
             dedupe_window: Duration::from_secs(24 * 3600),
             max_batch: 4096,
-            cache_bytes: 64 * 1024 * 1024,
+            cache_bytes: 32 * 1024 * 1024,
         }
     }
 }
