@@ -25,8 +25,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{WatchStreamExt, finalizer, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, finalizer, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +50,8 @@ pub struct Context {
     pub pending_tests: Mutex<HashMap<ObjectRef<WebhookSubscription>, test_event::Pending>>,
     /// The last test request handled per subscription.
     pub handled_tests: Mutex<HashMap<ObjectRef<WebhookSubscription>, String>>,
+    /// The WebhookEndpoint cache of the controllers [`run`] started last.
+    endpoints: Mutex<Option<Store<WebhookEndpoint>>>,
 }
 
 impl Context {
@@ -72,7 +74,26 @@ impl Context {
             handled_replays: Mutex::default(),
             pending_tests: Mutex::default(),
             handled_tests: Mutex::default(),
+            endpoints: Mutex::default(),
         }
+    }
+
+    /// A WebhookEndpoint as the controllers' cache holds it (no API request; the cache is
+    /// updated before an endpoint change re-runs its subscribers), or from the API server
+    /// while no controller runs.
+    pub async fn endpoint(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Arc<WebhookEndpoint>>, kube::Error> {
+        let store = self.endpoints.lock().expect("endpoints lock").clone();
+        if let Some(store) = store
+            && store.wait_until_ready().await.is_ok()
+        {
+            return Ok(store.get(&ObjectRef::new(name).within(namespace)));
+        }
+        let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), namespace);
+        Ok(api.get_opt(name).await?.map(Arc::new))
     }
 }
 
@@ -185,10 +206,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             .map(|s| ObjectRef::from_obj(&*s))
             .collect::<Vec<_>>()
     });
+    // The cache subscriptions read their endpoint from is filled by the same stream that
+    // triggers them, so a pass an endpoint change starts sees that change.
+    let (endpoint_cache, endpoint_cache_writer) = reflector::store();
+    *ctx.endpoints.lock().expect("endpoints lock") = Some(endpoint_cache);
     let store = sub_store.clone();
-    let endpoints_changed = watcher(
-        api::<WebhookEndpoint>(client, ns.as_deref()),
-        watcher::Config::default(),
+    let endpoints_changed = reflector(
+        endpoint_cache_writer,
+        watcher(
+            api::<WebhookEndpoint>(client, ns.as_deref()),
+            watcher::Config::default(),
+        ),
     )
     .touched_objects();
     let subscriptions = subscriptions.watches_stream(endpoints_changed, move |ep| {

@@ -22,7 +22,7 @@ use crate::api::subscription::{
     DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, UpstreamStatus,
     WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
 };
-use crate::api::{Provider, REQUESTED_AT_ANNOTATION, WebhookEndpoint};
+use crate::api::{Provider, REQUESTED_AT_ANNOTATION};
 use crate::providers::{
     Credentials, DesiredSubscription, Observed, ProviderError, Scope, SyncAction, UpstreamState,
 };
@@ -506,8 +506,7 @@ async fn resolve_target(
         return Ok(Err("neither endpointRef nor url is set".into()));
     };
     let ns = sub.namespace().unwrap_or_default();
-    let endpoints: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(ep) = endpoints.get_opt(&ep_ref.name).await? else {
+    let Some(ep) = ctx.endpoint(&ns, &ep_ref.name).await? else {
         return Ok(Err(format!(
             "WebhookEndpoint {} does not exist",
             ep_ref.name
@@ -673,12 +672,11 @@ async fn sync(
 /// The rotation window of the endpoint the subscription receives on.
 async fn endpoint_overlap(sub: &WebhookSubscription, ctx: &Context) -> Duration {
     let ns = sub.namespace().unwrap_or_default();
-    let endpoints: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
     let ep = match &sub.spec.endpoint_ref {
-        Some(r) => endpoints.get_opt(&r.name).await.ok().flatten(),
+        Some(r) => ctx.endpoint(&ns, &r.name).await.ok().flatten(),
         None => None,
     };
-    super::endpoint::rotation_overlap(ep.as_ref().and_then(|e| e.spec.signing.as_ref()))
+    super::endpoint::rotation_overlap(ep.as_deref().and_then(|e| e.spec.signing.as_ref()))
 }
 
 /// An Event for every upstream change and for every new failure reason.
