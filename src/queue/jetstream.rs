@@ -348,29 +348,28 @@ impl Inner {
         Some(EndpointKey::new(unescape_token(ns)?, unescape_token(name)?))
     }
 
+    /// Messages per endpoint in `stream`, whose subjects are `<prefix>.<kind>.<ns>.<name>`.
+    async fn counts_by_endpoint(
+        &self,
+        stream: &stream::Stream,
+        kind: &str,
+    ) -> Result<HashMap<EndpointKey, u64>, QueueError> {
+        let mut counts = HashMap::new();
+        let mut info = stream
+            .info_with_subjects(format!("{}.{kind}.>", self.options.prefix))
+            .await
+            .map_err(storage)?;
+        while let Some((subject, n)) = info.try_next().await.map_err(storage)? {
+            if let Some(k) = self.key_of(kind, &subject) {
+                counts.insert(k, n as u64);
+            }
+        }
+        Ok(counts)
+    }
+
     async fn refresh_counts(&self) -> Result<(), QueueError> {
-        let mut stored = HashMap::new();
-        let mut info = self
-            .events
-            .info_with_subjects(format!("{}.events.>", self.options.prefix))
-            .await
-            .map_err(storage)?;
-        while let Some((subject, n)) = info.try_next().await.map_err(storage)? {
-            if let Some(k) = self.key_of("events", &subject) {
-                stored.insert(k, n as u64);
-            }
-        }
-        let mut dead = HashMap::new();
-        let mut info = self
-            .dead
-            .info_with_subjects(format!("{}.dead.>", self.options.prefix))
-            .await
-            .map_err(storage)?;
-        while let Some((subject, n)) = info.try_next().await.map_err(storage)? {
-            if let Some(k) = self.key_of("dead", &subject) {
-                dead.insert(k, n as u64);
-            }
-        }
+        let stored = self.counts_by_endpoint(&self.events, "events").await?;
+        let dead = self.counts_by_endpoint(&self.dead, "dead").await?;
         {
             let mut known = self.known.lock().expect("known lock");
             known.extend(stored.keys().cloned());
