@@ -27,7 +27,9 @@ build() {
     return
   fi
   command -v go >/dev/null || { log "go is required (see README: prerequisites)"; exit 1; }
-  mkdir -p "$bin.tmp"
+  # A build directory of its own, so two runs at once cannot move each other's build away.
+  mkdir -p "$(dirname "$bin")"
+  local tmp; tmp=$(mktemp -d "$bin.tmp.XXXXXX")
   local major=${K8S_VERSION#v}; major=${major%%.*}
   local minor=${K8S_VERSION#v*.}; minor=${minor%%.*}
   local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION \
@@ -36,11 +38,15 @@ build() {
     -X k8s.io/client-go/pkg/version.gitMajor=$major -X k8s.io/client-go/pkg/version.gitMinor=$minor"
   log "building kube-apiserver and kubectl $K8S_VERSION (cold build takes several minutes)"
   (cd "$root/hack/controlplane/apiserver" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" \
-    -o "$bin.tmp/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl)
+    -o "$tmp/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl)
   log "building etcd $ETCD_VERSION"
   (cd "$root/hack/controlplane/etcd" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" \
-    -o "$bin.tmp/etcd" go.etcd.io/etcd/server/v3)
-  rm -rf "$bin" && mv "$bin.tmp" "$bin"
+    -o "$tmp/etcd" go.etcd.io/etcd/server/v3)
+  if [[ -x "$bin/kube-apiserver" && -x "$bin/kubectl" && -x "$bin/etcd" ]]; then
+    rm -rf "$tmp"
+  else
+    rm -rf "$bin" && mv "$tmp" "$bin"
+  fi
   echo "$bin"
 }
 

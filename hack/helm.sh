@@ -11,9 +11,11 @@ bin="$cache/bin/helm-$HELM_VERSION"
 if [[ ! -x "$bin/helm" ]]; then
   command -v go >/dev/null || { echo "helm.sh: go is required (see README: prerequisites)" >&2; exit 1; }
   echo "helm.sh: building helm $HELM_VERSION (once)" >&2
-  mkdir -p "$bin.tmp"
-  GOBIN="$bin.tmp" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
-  rm -rf "$bin" && mv "$bin.tmp" "$bin"
+  # A build directory of its own, so two runs at once cannot move each other's build away.
+  mkdir -p "$cache/bin"
+  tmp=$(mktemp -d "$bin.tmp.XXXXXX")
+  GOBIN="$tmp" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
+  if [[ -x "$bin/helm" ]]; then rm -rf "$tmp"; else rm -rf "$bin" && mv "$tmp" "$bin"; fi
 fi
 
 if [[ "${1:-}" == path ]]; then

@@ -55,6 +55,32 @@ pub struct InboundEvent {
     pub test: bool,
 }
 
+/// An element of a provider's batch that could not be read. It is kept raw, never
+/// dropped unseen: the ingress stores it straight in the dead-letter store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MalformedEvent {
+    /// Why it was not read; a short fixed string, safe as a metric label.
+    pub reason: &'static str,
+    /// The element exactly as the provider sent it.
+    pub raw: Bytes,
+}
+
+/// What one request held: the events that were read and the batch elements that were not.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Parsed {
+    pub events: Vec<InboundEvent>,
+    pub malformed: Vec<MalformedEvent>,
+}
+
+impl From<Vec<InboundEvent>> for Parsed {
+    fn from(events: Vec<InboundEvent>) -> Self {
+        Parsed {
+            events,
+            malformed: Vec::new(),
+        }
+    }
+}
+
 /// Why a request was refused. Reasons are short, fixed strings: safe to return to the
 /// caller and to use as a metric label.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +109,14 @@ impl Rejection {
         }
     }
 
+    /// The short fixed reason, for a dead letter or a log line.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::Unauthorized(reason) | Rejection::BadRequest(reason) => reason,
+            other => other.label(),
+        }
+    }
+
     /// Low-cardinality label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -95,11 +129,15 @@ impl Rejection {
 }
 
 /// Verifies and normalises one provider's deliveries. Implemented in `providers`.
+///
+/// A request that fails verification, or whose envelope cannot be read, is refused as a
+/// whole; a batch that verifies but holds some unreadable elements is [`Parsed`] into the
+/// events that were read and the [`MalformedEvent`]s that were not.
 pub trait InboundParser: Send + Sync {
     fn parse(
         &self,
         provider: Provider,
         keys: &VerificationKeys,
         request: &InboundRequest<'_>,
-    ) -> Result<Vec<InboundEvent>, Rejection>;
+    ) -> Result<Parsed, Rejection>;
 }

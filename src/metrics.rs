@@ -42,6 +42,7 @@ pub struct Metrics {
     queued: EpCounter,
     duplicates: EpCounter,
     filtered: EpCounter,
+    malformed: EpCounter,
     delivered: EpCounter,
     failed: EpCounter,
     retries: EpCounter,
@@ -57,6 +58,8 @@ pub struct EndpointMetrics {
     pub queued: Counter,
     pub duplicates: Counter,
     pub filtered: Counter,
+    /// Batch elements that could not be read (stored as dead letters, not delivered).
+    pub malformed: Counter,
     pub delivered: Counter,
     pub failed: Counter,
     pub retries: Counter,
@@ -80,6 +83,7 @@ impl Metrics {
             queued: Family::default(),
             duplicates: Family::default(),
             filtered: Family::default(),
+            malformed: Family::default(),
             delivered: Family::default(),
             failed: Family::default(),
             retries: Family::default(),
@@ -109,6 +113,11 @@ impl Metrics {
             "events_filtered",
             "Events acknowledged but not queued (event type filter)",
             m.filtered.clone(),
+        );
+        r.register(
+            "events_malformed",
+            "Elements of a provider batch that could not be read, kept as dead letters",
+            m.malformed.clone(),
         );
         r.register(
             "events_delivered",
@@ -153,6 +162,7 @@ impl Metrics {
             queued: self.queued.get_or_create(&l).clone(),
             duplicates: self.duplicates.get_or_create(&l).clone(),
             filtered: self.filtered.get_or_create(&l).clone(),
+            malformed: self.malformed.get_or_create(&l).clone(),
             delivered: self.delivered.get_or_create(&l).clone(),
             failed: self.failed.get_or_create(&l).clone(),
             retries: self.retries.get_or_create(&l).clone(),
@@ -172,6 +182,7 @@ impl Metrics {
             &self.queued,
             &self.duplicates,
             &self.filtered,
+            &self.malformed,
             &self.delivered,
             &self.failed,
             &self.retries,

@@ -20,7 +20,7 @@ use webhook_operator::dataplane::{
 use webhook_operator::delivery::{Destination, DestinationError, Policy, SigningSecret};
 use webhook_operator::health::{HealthConfig, HealthThresholds};
 use webhook_operator::inbound::{
-    InboundEvent, InboundParser, InboundRequest, Rejection, VerificationKeys,
+    InboundEvent, InboundParser, InboundRequest, Parsed, Rejection, VerificationKeys,
 };
 use webhook_operator::queue::{RedbQueue, RedbQueueOptions};
 
@@ -39,9 +39,12 @@ impl InboundParser for TestParser {
         _provider: Provider,
         keys: &VerificationKeys,
         req: &InboundRequest<'_>,
-    ) -> Result<Vec<InboundEvent>, Rejection> {
+    ) -> Result<Parsed, Rejection> {
         if req.method == http::Method::GET {
-            return Ok(Vec::new());
+            return Ok(Parsed::default());
+        }
+        if req.method != http::Method::POST {
+            return Err(Rejection::MethodNotAllowed);
         }
         let given = req
             .headers
@@ -79,7 +82,8 @@ impl InboundParser for TestParser {
                     test: false,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()
+            .map(Parsed::from)
     }
 }
 
@@ -259,6 +263,7 @@ impl Harness {
                 header_name: Some("x-test-secret".into()),
             },
         });
+        dp.mark_routes_loaded();
         let ingress = serve(dp.ingress_router()).await;
         let ops = serve(dp.ops_router()).await;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -510,14 +515,15 @@ async fn bad_requests_are_refused_and_never_queued() {
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     }
-    let put = h
+    // The method is the provider parser's call (here: POST only), not the ingress's.
+    let delete = h
         .http
-        .put(format!("http://{}{hook}", h.ingress))
+        .delete(format!("http://{}{hook}", h.ingress))
         .body(good.clone())
         .send()
         .await
         .unwrap();
-    assert_eq!(put.status().as_u16(), 405);
+    assert_eq!(delete.status().as_u16(), 405);
     assert_eq!(h.dp.queue_depth(&h.key).pending, 0);
 
     // The pipeline works: the valid request after all the bad ones is the only delivery.
@@ -655,6 +661,46 @@ async fn exhausted_events_are_dead_lettered_then_replayed() {
     })
     .await;
     verify_all(&h.consumer.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_answer_503_until_the_routes_are_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let consumer = Consumer::start().await;
+    let dp = DataPlane::open(test_config(dir.path(), consumer.addr), Arc::new(TestParser))
+        .await
+        .unwrap();
+    let ingress = serve(dp.ingress_router()).await;
+    let ops = serve(dp.ops_router()).await;
+    let http = reqwest::Client::new();
+    let probe = || async {
+        let r = http
+            .post(format!("http://{ingress}/hooks/{TOKEN}/calls"))
+            .header("x-test-secret", PROVIDER_SECRET)
+            .json(&ev("early", "call_completed"))
+            .send()
+            .await
+            .unwrap();
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        (r.status().as_u16(), retry_after)
+    };
+    let ready = || async {
+        http.get(format!("http://{ops}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // Loading: the route may just not be there yet.
+    assert_eq!(probe().await, (503, Some("1".to_string())));
+    assert_eq!(ready().await, 503);
+    dp.mark_routes_loaded();
+    assert_eq!(probe().await, (404, None));
+    assert_eq!(ready().await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

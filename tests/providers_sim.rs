@@ -147,16 +147,18 @@ fn parse(
     keys: &VerificationKeys,
     g: &Got,
 ) -> Result<Vec<InboundEvent>, Rejection> {
-    ProviderParser.parse(
-        provider,
-        keys,
-        &InboundRequest {
-            method: &g.method,
-            headers: &g.headers,
-            query: g.query.as_deref(),
-            body: &g.body,
-        },
-    )
+    ProviderParser
+        .parse(
+            provider,
+            keys,
+            &InboundRequest {
+                method: &g.method,
+                headers: &g.headers,
+                query: g.query.as_deref(),
+                body: &g.body,
+            },
+        )
+        .map(|parsed| parsed.events)
 }
 
 fn secret_keys(secret: &str) -> VerificationKeys {

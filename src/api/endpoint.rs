@@ -304,9 +304,14 @@ pub struct DeliveryStats {
     /// Events waiting for a retry now.
     #[serde(default)]
     pub retrying: u64,
-    /// Events moved to the dead-letter store.
+    /// Events moved to the dead-letter store (including `malformed`).
     #[serde(default)]
     pub dead_lettered: u64,
+    /// Elements of a provider's batch that could not be read (for example an Atlas array
+    /// element without `callId`). The valid elements of the batch are delivered; these are
+    /// kept as dead letters to inspect, and each is announced by a `MalformedEvents` Event.
+    #[serde(default)]
+    pub malformed: u64,
     /// Failed attempts since the last success.
     #[serde(default)]
     pub consecutive_failures: u64,

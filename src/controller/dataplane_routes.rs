@@ -90,6 +90,10 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         })
     }
 
+    fn mark_loaded(&self) {
+        DataPlane::mark_routes_loaded(self);
+    }
+
     fn replay(
         &self,
         endpoint: EndpointKey,

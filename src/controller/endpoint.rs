@@ -424,6 +424,19 @@ async fn publish_transitions(
         };
         publish(ctx, ep, kind, &after.reason, type_, after.message.clone()).await;
     }
+    let malformed = |s: &WebhookEndpointStatus| s.delivery.as_ref().map_or(0, |d| d.malformed);
+    let new = malformed(next).saturating_sub(malformed(current));
+    if new > 0 {
+        publish(
+            ctx,
+            ep,
+            EventType::Warning,
+            "MalformedEvents",
+            "Receive",
+            format!("{new} event(s) from the provider could not be read; they are kept in the dead-letter store for inspection"),
+        )
+        .await;
+    }
 }
 
 /// Subscriptions that receive on this endpoint (to re-check them when it changes).

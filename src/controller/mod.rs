@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
@@ -87,8 +87,15 @@ impl Context {
         name: &str,
     ) -> Result<Option<Arc<WebhookEndpoint>>, kube::Error> {
         let store = self.endpoints.lock().expect("endpoints lock").clone();
+        // Never await the cache's readiness here: that future keeps one waker, so of the
+        // passes waiting on it at start-up only the last would ever wake, and the others
+        // would hang (with the finalizer's deletes behind them). Until the first list is
+        // in, a GET answers.
         if let Some(store) = store
-            && store.wait_until_ready().await.is_ok()
+            && store
+                .wait_until_ready()
+                .now_or_never()
+                .is_some_and(|ready| ready.is_ok())
         {
             return Ok(store.get(&ObjectRef::new(name).within(namespace)));
         }
@@ -157,6 +164,7 @@ where
 
 /// Runs both controllers until `shutdown` is cancelled.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    route_sync::prime(&ctx, &shutdown).await;
     let ns = ctx.config.namespace.clone();
     let client = &ctx.client;
 

@@ -81,26 +81,63 @@ struct Applied {
     subscriptions: HashMap<(EndpointKey, String), [u8; 32]>,
 }
 
+/// The three caches route sync reads, filled by their own watches.
+struct Caches {
+    endpoints: Store<WebhookEndpoint>,
+    subscriptions: Store<WebhookSubscription>,
+    secrets: Store<Secret>,
+}
+
+impl Caches {
+    /// Starts the watches (they stop with `shutdown`) and waits for their first lists;
+    /// `None` when `shutdown` came first.
+    async fn start(ctx: &Context, shutdown: &CancellationToken) -> Option<Caches> {
+        let ns = ctx.config.namespace.clone();
+        let caches = Caches {
+            endpoints: reflect(api(&ctx.client, ns.as_deref()), shutdown),
+            subscriptions: reflect(api(&ctx.client, ns.as_deref()), shutdown),
+            secrets: reflect(api(&ctx.client, ns.as_deref()), shutdown),
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => None,
+            _ = async {
+                let _ = caches.endpoints.wait_until_ready().await;
+                let _ = caches.subscriptions.wait_until_ready().await;
+                let _ = caches.secrets.wait_until_ready().await;
+            } => Some(caches),
+        }
+    }
+
+    fn sync(&self, routes: &dyn IngressRoutes, applied: &mut Applied) {
+        sync_once(
+            routes,
+            &self.endpoints.state(),
+            &self.subscriptions.state(),
+            &self.secrets,
+            applied,
+        );
+    }
+}
+
+/// Loads the routes of every object that exists now from what the cluster already holds
+/// (the same build as the follower's, no provider call), then tells the ingress its
+/// routes are loaded. The leader runs this before its reconcilers: their first passes
+/// can take long (a provider that is down, a backlog of objects), and until a route is
+/// loaded its events would be refused.
+pub async fn prime(ctx: &Context, shutdown: &CancellationToken) {
+    let watches = shutdown.child_token();
+    if let Some(caches) = Caches::start(ctx, &watches).await {
+        caches.sync(ctx.routes.0.as_ref(), &mut Applied::default());
+        ctx.routes.0.mark_loaded();
+    }
+    watches.cancel();
+}
+
 /// Keeps the data plane's routes in step with the cluster, read-only, until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let ns = ctx.config.namespace.clone();
-    let endpoints = reflect(
-        api::<WebhookEndpoint>(&ctx.client, ns.as_deref()),
-        &shutdown,
-    );
-    let subscriptions = reflect(
-        api::<WebhookSubscription>(&ctx.client, ns.as_deref()),
-        &shutdown,
-    );
-    let secrets = reflect(api::<Secret>(&ctx.client, ns.as_deref()), &shutdown);
-    tokio::select! {
-        _ = shutdown.cancelled() => return,
-        _ = async {
-            let _ = endpoints.wait_until_ready().await;
-            let _ = subscriptions.wait_until_ready().await;
-            let _ = secrets.wait_until_ready().await;
-        } => {}
-    }
+    let Some(caches) = Caches::start(&ctx, &shutdown).await else {
+        return;
+    };
     tracing::info!("following: route sync started");
     let mut applied = Applied::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -109,13 +146,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        sync_once(
-            ctx.routes.0.as_ref(),
-            &endpoints.state(),
-            &subscriptions.state(),
-            &secrets,
-            &mut applied,
-        );
+        caches.sync(ctx.routes.0.as_ref(), &mut applied);
+        ctx.routes.0.mark_loaded();
     }
     tracing::info!("route sync stopped");
 }

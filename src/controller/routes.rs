@@ -35,6 +35,9 @@ pub trait IngressRoutes: TestInjection + Send + Sync {
     fn remove_endpoint(&self, endpoint: EndpointKey);
     /// Delivery statistics and the health verdict, if the endpoint is known.
     fn endpoint_health(&self, endpoint: EndpointKey) -> Option<EndpointHealthView>;
+    /// The routes of every object that existed at start-up are configured (see
+    /// [`crate::controller::route_sync::prime`]).
+    fn mark_loaded(&self);
     /// Re-queues the endpoint's dead letters that `filter` selects.
     fn replay(
         &self,

@@ -108,14 +108,25 @@ impl DataPlane {
         }))
     }
 
-    /// `/hooks/{token}/{subscription}` (POST, and GET for portal checks).
+    /// `/hooks/{token}/{subscription}` (each provider's parser decides which methods it takes).
     pub fn ingress_router(&self) -> axum::Router {
         self.ingress.clone().router()
     }
 
-    /// `/metrics`, `/healthz`, `/readyz` (ready: the queue commits a write).
+    /// `/metrics`, `/healthz`, `/readyz` (ready: the routes are loaded and the queue
+    /// commits a write).
     pub fn ops_router(&self) -> axum::Router {
-        ops::router(self.queue.clone(), self.metrics.clone())
+        ops::router(
+            self.queue.clone(),
+            self.routes.clone(),
+            self.metrics.clone(),
+        )
+    }
+
+    /// The routes of every object that existed at start-up are configured: the ingress
+    /// may now answer 404 for an unknown route, and `/readyz` may pass.
+    pub fn mark_routes_loaded(&self) {
+        self.routes.mark_loaded();
     }
 
     /// Starts delivery; it stops when `shutdown` resolves (for example
@@ -165,7 +176,7 @@ impl DataPlane {
         self.dispatcher.upsert(EndpointRuntime {
             key: ep.key.clone(),
             url,
-            breaker: self.dispatcher.breaker(&origin),
+            breaker: self.dispatcher.breaker(&ep.key, &origin),
             policy: ep.policy,
             secrets: ep.signing_secrets,
             headers,

@@ -1,5 +1,5 @@
 //! The operations server: `/metrics` (Prometheus text), `/healthz` (the process answers),
-//! `/readyz` (the queue is open and commits a write).
+//! `/readyz` (the ingress routes are loaded, and the queue is open and commits a write).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,21 +10,31 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::ingress::RouteTable;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 
 #[derive(Clone)]
 struct Ops {
     queue: Arc<dyn Queue>,
+    routes: Arc<RouteTable>,
     metrics: Arc<Metrics>,
 }
 
-pub(super) fn router(queue: Arc<dyn Queue>, metrics: Arc<Metrics>) -> Router {
+pub(super) fn router(
+    queue: Arc<dyn Queue>,
+    routes: Arc<RouteTable>,
+    metrics: Arc<Metrics>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .with_state(Ops { queue, metrics })
+        .with_state(Ops {
+            queue,
+            routes,
+            metrics,
+        })
 }
 
 async fn metrics_handler(State(ops): State<Ops>) -> impl IntoResponse {
@@ -39,6 +49,9 @@ async fn metrics_handler(State(ops): State<Ops>) -> impl IntoResponse {
 }
 
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
+    if !ops.routes.is_loaded() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "ingress routes loading");
+    }
     match tokio::time::timeout(Duration::from_secs(2), ops.queue.check_writable()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "queue not writable"),

@@ -1,5 +1,5 @@
 //! The delivery supervisor: keeps one worker per configured endpoint, hands workers their
-//! configuration changes, owns the HTTP client and the per-destination breakers, and prunes
+//! configuration changes, owns the HTTP client and the endpoints' breakers, and prunes
 //! dead letters past their retention.
 
 use std::collections::HashMap;
@@ -28,7 +28,9 @@ type ConfigTx = watch::Sender<Option<Arc<EndpointRuntime>>>;
 pub(crate) struct Dispatcher {
     shared: Arc<Shared>,
     endpoints: Mutex<HashMap<EndpointKey, ConfigTx>>,
-    breakers: Mutex<HashMap<String, Arc<Breaker>>>,
+    /// Per endpoint and destination origin: one endpoint's failures never stop another's
+    /// deliveries, even behind the same gateway; a new destination starts closed.
+    breakers: Mutex<HashMap<EndpointKey, (String, Arc<Breaker>)>>,
     breaker_threshold: u32,
     breaker_cooldown: Duration,
     changed: Notify,
@@ -82,17 +84,18 @@ impl Dispatcher {
         })
     }
 
-    /// The breaker of a destination (scheme, host and port), shared by every endpoint
-    /// that sends there.
-    pub fn breaker(&self, origin: &str) -> Arc<Breaker> {
-        self.breakers
-            .lock()
-            .expect("breakers lock")
-            .entry(origin.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Breaker::new(self.breaker_threshold, self.breaker_cooldown))
-            })
-            .clone()
+    /// The breaker of `endpoint` while it sends to `origin` (scheme, host and port): kept
+    /// across configuration changes that keep the origin, new when the origin changes.
+    pub fn breaker(&self, endpoint: &EndpointKey, origin: &str) -> Arc<Breaker> {
+        let mut breakers = self.breakers.lock().expect("breakers lock");
+        match breakers.get(endpoint) {
+            Some((o, b)) if o == origin => b.clone(),
+            _ => {
+                let b = Arc::new(Breaker::new(self.breaker_threshold, self.breaker_cooldown));
+                breakers.insert(endpoint.clone(), (origin.to_owned(), b.clone()));
+                b
+            }
+        }
     }
 
     pub fn upsert(&self, rt: EndpointRuntime) {
@@ -111,6 +114,7 @@ impl Dispatcher {
     }
 
     pub fn remove(&self, key: &EndpointKey) {
+        self.breakers.lock().expect("breakers lock").remove(key);
         if let Some(tx) = self.endpoints.lock().expect("endpoints lock").remove(key) {
             tx.send_replace(None);
         }

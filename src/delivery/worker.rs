@@ -264,6 +264,31 @@ async fn discard_body(mut resp: reqwest::Response) {
     }
 }
 
+/// A failed attempt.
+struct Failure {
+    error: String,
+    retry_after: Option<Duration>,
+    /// The destination refused this event itself (see [`refuses_this_event`]).
+    permanent: bool,
+}
+
+/// Answers that refuse the event, not the moment: sending the same bytes again gets the
+/// same answer, so the event goes to the dead-letter store at once (a replay can send it
+/// again after the consumer is fixed) and the breaker does not count it, so one bad event
+/// does not hold back the rest. Everything else (5xx, 408, 429, and 401/403/404, which
+/// usually mean a misconfiguration every event shares) is retried.
+fn refuses_this_event(status: http::StatusCode) -> bool {
+    use http::StatusCode as S;
+    matches!(
+        status,
+        S::BAD_REQUEST
+            | S::GONE
+            | S::PAYLOAD_TOO_LARGE
+            | S::UNSUPPORTED_MEDIA_TYPE
+            | S::UNPROCESSABLE_ENTITY
+    )
+}
+
 async fn attempt(
     shared: Arc<Shared>,
     rt: Arc<EndpointRuntime>,
@@ -271,6 +296,22 @@ async fn attempt(
     ev: QueuedEvent,
     mut in_flight: InFlight,
 ) {
+    if let Some(reason) = crate::ingress::malformed_reason(&ev.dedupe_key) {
+        // An element the provider sent that could not be read: kept for inspection in the
+        // dead-letter store, never sent.
+        in_flight.answered();
+        let reason = format!("malformed provider event: {reason}");
+        match shared.queue.dead_letter(&ev, &reason).await {
+            Ok(()) => {
+                rt.metrics.dead_lettered.inc();
+                shared.health.record(&rt.key, Outcome::Malformed);
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %rt.key, error = %e, "storing a malformed event as a dead letter failed")
+            }
+        }
+        return;
+    }
     let ts = jiff::Timestamp::now().as_second();
     let signature = super::signature_header(&rt.secrets, &ev.id, ts, &ev.payload);
     let request = shared
@@ -294,11 +335,19 @@ async fn attempt(
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| super::parse_retry_after(v, jiff::Timestamp::now()));
-            let status = resp.status().as_u16();
+            let status = resp.status();
             discard_body(resp).await;
-            Some((format!("HTTP {status}"), retry_after))
+            Some(Failure {
+                error: format!("HTTP {}", status.as_u16()),
+                retry_after,
+                permanent: refuses_this_event(status),
+            })
         }
-        Err(e) => Some((classify(&e).to_owned(), None)),
+        Err(e) => Some(Failure {
+            error: classify(&e).to_owned(),
+            retry_after: None,
+            permanent: false,
+        }),
     };
     in_flight.answered();
     let now = SystemTime::now();
@@ -328,16 +377,31 @@ async fn attempt(
                 },
             );
         }
-        Some((error, retry_after)) => {
-            rt.breaker.on_failure(Instant::now());
+        Some(Failure {
+            error,
+            retry_after,
+            permanent,
+        }) => {
+            if permanent {
+                // The destination is up and refused this one event: no reason to hold
+                // back the others.
+                rt.breaker.on_success();
+            } else {
+                rt.breaker.on_failure(Instant::now());
+            }
             let failed = ev.attempts + 1;
             let delay = rt.policy.retry_delay(failed, retry_after, &mut rand::rng());
             let age = now.duration_since(ev.received).unwrap_or_default();
             // Too old by the time of the next attempt is as good as too old now.
-            let exhausted = failed >= rt.policy.max_attempts || age + delay > rt.policy.max_age;
+            let exhausted =
+                permanent || failed >= rt.policy.max_attempts || age + delay > rt.policy.max_age;
             let stored = if exhausted {
                 rt.metrics.dead_lettered.inc();
-                let reason = format!("{error} after {failed} attempts");
+                let reason = if permanent {
+                    format!("{error}: the destination refused this event")
+                } else {
+                    format!("{error} after {failed} attempts")
+                };
                 shared.queue.dead_letter(&ev, &reason).await
             } else {
                 rt.metrics.retries.inc();

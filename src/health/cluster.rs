@@ -38,6 +38,10 @@ enum WireOutcome {
         prior: u32,
         dead: bool,
     },
+    Malformed {
+        ns: String,
+        name: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -67,6 +71,10 @@ fn to_wire(key: &EndpointKey, o: &Outcome<'_>) -> WireOutcome {
             error: error.to_owned(),
             prior: prior_attempts,
             dead: dead_lettered,
+        },
+        Outcome::Malformed => WireOutcome::Malformed {
+            ns: key.namespace.clone(),
+            name: key.name.clone(),
         },
     }
 }
@@ -98,6 +106,10 @@ fn apply(registry: &HealthRegistry, w: &WireOutcome) {
                 prior_attempts: *prior,
                 dead_lettered: *dead,
             },
+        ),
+        WireOutcome::Malformed { ns, name } => registry.record_remote(
+            &EndpointKey::new(ns.as_str(), name.as_str()),
+            Outcome::Malformed,
         ),
     }
 }

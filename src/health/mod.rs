@@ -55,6 +55,9 @@ pub enum Outcome<'a> {
         prior_attempts: u32,
         dead_lettered: bool,
     },
+    /// An element of a provider's batch that could not be read went straight to the
+    /// dead-letter store (never an attempt: the destination's health is not touched).
+    Malformed,
 }
 
 /// What the controller reads for `status.delivery` and the `Healthy` condition.
@@ -78,6 +81,7 @@ struct Tracker {
     failed: u64,
     retrying: u64,
     dead_lettered: u64,
+    malformed: u64,
     consecutive_failures: u64,
     last_success: Option<SystemTime>,
     last_failure: Option<SystemTime>,
@@ -199,6 +203,10 @@ impl HealthRegistry {
                 }
                 t.window.push_back((now, false));
             }
+            Outcome::Malformed => {
+                t.malformed += 1;
+                t.dead_lettered += 1;
+            }
         }
         while t.window.len() > self.config.window_attempts {
             t.window.pop_front();
@@ -282,6 +290,7 @@ impl HealthRegistry {
                 failed: t.failed,
                 retrying: t.retrying,
                 dead_lettered: t.dead_lettered,
+                malformed: t.malformed,
                 consecutive_failures: t.consecutive_failures,
                 failure_ratio,
                 last_success_time: t.last_success.and_then(to_time),

@@ -19,13 +19,19 @@ use axum::routing::any;
 
 pub use routes::{EndpointRoute, RouteTable, SubscriptionCounters};
 
-use crate::inbound::{InboundParser, InboundRequest};
+use crate::inbound::{InboundParser, InboundRequest, MalformedEvent};
 use crate::metrics::Metrics;
 use crate::queue::{EnqueueOutcome, NewEvent, Queue};
 
 /// Prefix of the dedupe key of a test event (a provider's test button or the operator's
 /// own test request), so delivery can report it without another field in the queue.
 pub const TEST_DEDUPE_PREFIX: &str = "test:";
+
+/// Prefix of the dedupe key of an unreadable batch element (see [`malformed_reason`]).
+const MALFORMED_DEDUPE_PREFIX: &str = "malformed:";
+
+/// The event type of an unreadable batch element in the dead-letter store.
+pub const MALFORMED_EVENT_TYPE: &str = "webhook-operator.malformed";
 
 /// What the ingress handlers share.
 pub struct Ingress {
@@ -58,21 +64,39 @@ fn refuse(ing: &Ingress, status: StatusCode, reason: &'static str) -> Response {
     reply(status, format!("{{\"error\":\"{reason}\"}}"))
 }
 
+/// How long a client should wait before retrying while the routes load.
+const LOADING_RETRY_AFTER_SECONDS: &str = "1";
+
+/// 404 for a route that does not exist; while the routes of the objects that existed at
+/// start-up are still loading, the route may just not be there yet: 503 with
+/// `Retry-After`, so a provider retries rather than drops the event.
+fn unknown(ing: &Ingress, reason: &'static str) -> Response {
+    if ing.routes.is_loaded() {
+        return refuse(ing, StatusCode::NOT_FOUND, reason);
+    }
+    let mut response = refuse(ing, StatusCode::SERVICE_UNAVAILABLE, "routes_loading");
+    response.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static(LOADING_RETRY_AFTER_SECONDS),
+    );
+    response
+}
+
 async fn hook(
     State(ing): State<Arc<Ingress>>,
     Path((token, subscription)): Path<(String, String)>,
     request: Request,
 ) -> Response {
-    if !matches!(request.method(), &http::Method::POST | &http::Method::GET) {
-        return refuse(&ing, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
-    }
+    // Which methods a provider may use is the provider parser's call (Atomic delivers by
+    // PUT when configured, Atllas may send GET): the ingress accepts them all here.
+    //
     // The same answer for an unknown token and an unknown subscription: a prober learns
     // nothing about which tokens exist.
     let Some(route) = ing.routes.lookup(&token) else {
-        return refuse(&ing, StatusCode::NOT_FOUND, "unknown_endpoint");
+        return unknown(&ing, "unknown_endpoint");
     };
     let Some(sub) = route.subscriptions.get(&subscription) else {
-        return refuse(&ing, StatusCode::NOT_FOUND, "unknown_subscription");
+        return unknown(&ing, "unknown_subscription");
     };
     let (parts, body) = request.into_parts();
     if parts
@@ -101,8 +125,8 @@ async fn hook(
         query: parts.uri.query(),
         body: &body,
     };
-    let events = match ing.parser.parse(sub.provider, &sub.keys, &inbound) {
-        Ok(events) => events,
+    let parsed = match ing.parser.parse(sub.provider, &sub.keys, &inbound) {
+        Ok(parsed) => parsed,
         Err(rejection) => {
             ing.metrics.rejected(rejection.label());
             return reply(
@@ -112,12 +136,12 @@ async fn hook(
         }
     };
     let now = SystemTime::now();
-    let received = events.len() as u64;
+    let received = parsed.events.len() as u64;
     sub.counters.add(received, now);
     route.metrics.received.inc_by(received);
 
-    let mut batch = Vec::with_capacity(events.len());
-    for ev in events {
+    let mut batch = Vec::with_capacity(parsed.events.len() + parsed.malformed.len());
+    for ev in parsed.events {
         if !route.event_types.is_empty() && !route.event_types.contains(&ev.event_type) {
             continue;
         }
@@ -126,7 +150,7 @@ async fn hook(
             subscription: subscription.clone(),
             event_type: ev.event_type,
             dedupe_key: if ev.test {
-                format!("{TEST_DEDUPE_PREFIX}{}", ev.dedupe_key)
+                test_dedupe_key(&ev.dedupe_key)
             } else {
                 ev.dedupe_key
             },
@@ -136,6 +160,17 @@ async fn hook(
     }
     let filtered = received - batch.len() as u64;
     route.metrics.filtered.inc_by(filtered);
+    let malformed = parsed.malformed.len() as u64;
+    if malformed > 0 {
+        tracing::warn!(endpoint = %route.key, subscription = %subscription, malformed, "kept unreadable batch elements as dead letters");
+        route.metrics.malformed.inc_by(malformed);
+    }
+    batch.extend(
+        parsed
+            .malformed
+            .into_iter()
+            .map(|m| malformed_event(&route.key, &subscription, m, now)),
+    );
     let outcomes = match ing.queue.enqueue(batch).await {
         Ok(o) => o,
         Err(e) => {
@@ -147,13 +182,52 @@ async fn hook(
         .iter()
         .filter(|o| **o == EnqueueOutcome::Duplicate)
         .count() as u64;
-    let accepted = outcomes.len() as u64 - duplicates;
+    let accepted = outcomes.len() as u64 - duplicates - malformed;
     route.metrics.queued.inc_by(accepted);
     route.metrics.duplicates.inc_by(duplicates);
     reply(
         StatusCode::OK,
-        format!("{{\"accepted\":{accepted},\"duplicates\":{duplicates},\"filtered\":{filtered}}}"),
+        format!(
+            "{{\"accepted\":{accepted},\"duplicates\":{duplicates},\"filtered\":{filtered},\"malformed\":{malformed}}}"
+        ),
     )
+}
+
+/// A test event is delivered each time it is sent: a provider's test button sends the
+/// same example event (same ids) every time, so its key is made unique per request.
+fn test_dedupe_key(key: &str) -> String {
+    format!("{TEST_DEDUPE_PREFIX}{key}:{:016x}", rand::random::<u64>())
+}
+
+/// An unreadable batch element as a queue entry that delivery moves straight to the
+/// dead-letter store (see [`malformed_reason`]). Keyed by its content, so a provider's
+/// retry of the same batch does not store it twice.
+fn malformed_event(
+    endpoint: &crate::queue::EndpointKey,
+    subscription: &str,
+    m: MalformedEvent,
+    now: SystemTime,
+) -> NewEvent {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(&m.raw);
+    NewEvent {
+        endpoint: endpoint.clone(),
+        subscription: subscription.to_string(),
+        event_type: MALFORMED_EVENT_TYPE.to_string(),
+        dedupe_key: format!(
+            "{MALFORMED_DEDUPE_PREFIX}{}:{}",
+            m.reason,
+            hex::encode(&digest[..16])
+        ),
+        payload: m.raw,
+        received: now,
+    }
+}
+
+/// Why a queued event is an unreadable element kept for inspection, if it is one.
+pub fn malformed_reason(dedupe_key: &str) -> Option<&str> {
+    let rest = dedupe_key.strip_prefix(MALFORMED_DEDUPE_PREFIX)?;
+    Some(rest.rsplit_once(':').map_or(rest, |(reason, _)| reason))
 }
 
 /// Reads the body, stopping as soon as it passes `max` (a chunked body has no

@@ -3,7 +3,7 @@
 //! call. Readers take a read lock for one map lookup and leave with an `Arc`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -60,6 +60,10 @@ struct Desired {
 
 pub struct RouteTable {
     by_token: RwLock<HashMap<String, Arc<EndpointRoute>>>,
+    /// Set once the routes of every object that existed at start-up are in the table
+    /// (see [`RouteTable::mark_loaded`]). Until then an unknown token may be one not
+    /// loaded yet, so the ingress cannot answer 404 for it.
+    loaded: AtomicBool,
     /// Source of the table, so each change rebuilds one endpoint's route. Writers only.
     desired: Mutex<Desired>,
     metrics: Arc<Metrics>,
@@ -69,6 +73,7 @@ impl RouteTable {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             by_token: RwLock::default(),
+            loaded: AtomicBool::new(false),
             desired: Mutex::default(),
             metrics,
         }
@@ -80,6 +85,18 @@ impl RouteTable {
             .expect("routes lock")
             .get(token)
             .cloned()
+    }
+
+    /// Every object that existed at start-up has its route: from now on an unknown token
+    /// or subscription really is unknown.
+    pub fn mark_loaded(&self) {
+        if !self.loaded.swap(true, Ordering::Release) {
+            tracing::info!("ingress routes loaded");
+        }
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
     }
 
     /// Whether `token` is free for `key`.

@@ -13,7 +13,7 @@ use super::{
     Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
     ProviderError, Scope, SyncAction, UpstreamState, classify,
 };
-use crate::inbound::{InboundEvent, InboundRequest, Rejection};
+use crate::inbound::{InboundEvent, InboundRequest, MalformedEvent, Parsed, Rejection};
 
 /// The `provider` value for direct API use.
 pub const PROVIDER_CUSTOM: &str = "custom";
@@ -283,8 +283,10 @@ impl ProviderApi for AtlasClient {
 }
 
 /// Verifies and splits an Atlas delivery. Atlas does not sign: the unguessable hook URL,
-/// already matched by the ingress, is the whole check.
-pub fn parse_inbound(req: &InboundRequest<'_>) -> Result<Vec<InboundEvent>, Rejection> {
+/// already matched by the ingress, is the whole check. Atlas may not retry, so one
+/// unreadable element does not cost the others: they are read, and it is returned as
+/// [`MalformedEvent`] for the dead-letter store.
+pub fn parse_inbound(req: &InboundRequest<'_>) -> Result<Parsed, Rejection> {
     if req.method != http::Method::POST {
         return Err(Rejection::MethodNotAllowed);
     }
@@ -296,7 +298,17 @@ pub fn parse_inbound(req: &InboundRequest<'_>) -> Result<Vec<InboundEvent>, Reje
     if items.is_empty() {
         return Err(Rejection::BadRequest("no events"));
     }
-    items.iter().map(parse_event).collect()
+    let mut parsed = Parsed::default();
+    for item in items {
+        match parse_event(item) {
+            Ok(event) => parsed.events.push(event),
+            Err(rejection) => parsed.malformed.push(MalformedEvent {
+                reason: rejection.reason(),
+                raw: to_payload(item),
+            }),
+        }
+    }
+    Ok(parsed)
 }
 
 fn parse_event(ev: &serde_json::Value) -> Result<InboundEvent, Rejection> {
@@ -340,7 +352,9 @@ mod tests {
         let h = json_headers(&[]);
         let body = br#"[{"callId":"c1","campaignId":"k","triggerName":"call_completed","customerNumber":"+1"},
                         {"messageId":"m9","campaignId":"k","triggerName":"message_sent"}]"#;
-        let evs = parse_inbound(&req(&h, body)).unwrap();
+        let parsed = parse_inbound(&req(&h, body)).unwrap();
+        assert!(parsed.malformed.is_empty());
+        let evs = parsed.events;
         assert_eq!(evs.len(), 2);
         assert_eq!(evs[0].event_type, "call_completed");
         assert_eq!(evs[0].dedupe_key, "call:c1:call_completed");
@@ -350,17 +364,35 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_element_is_kept_raw_and_the_others_are_read() {
+        let h = json_headers(&[]);
+        let body = br#"[{"callId":"c1","triggerName":"call_completed"},
+                        {"callId":"c2"},
+                        "not an object",
+                        {"triggerName":"call_started"}]"#;
+        let parsed = parse_inbound(&req(&h, body)).unwrap();
+        assert_eq!(parsed.events.len(), 1);
+        assert_eq!(parsed.events[0].dedupe_key, "call:c1:call_completed");
+        let reasons: Vec<_> = parsed.malformed.iter().map(|m| m.reason).collect();
+        assert_eq!(
+            reasons,
+            [
+                "missing triggerName",
+                "event is not an object",
+                "missing callId or messageId"
+            ]
+        );
+        assert_eq!(&parsed.malformed[0].raw[..], br#"{"callId":"c2"}"#);
+        assert_eq!(&parsed.malformed[1].raw[..], br#""not an object""#);
+    }
+
+    #[test]
     fn rejects_bad_input() {
         let h = json_headers(&[]);
         for (body, why) in [
             (&b"{"[..], "malformed json"),
             (br#"{"callId":"c"}"#, "expected a json array"),
             (b"[]", "no events"),
-            (br#"[{"callId":"c"}]"#, "missing triggerName"),
-            (
-                br#"[{"triggerName":"call_started"}]"#,
-                "missing callId or messageId",
-            ),
         ] {
             assert_eq!(
                 parse_inbound(&req(&h, body)),
@@ -395,7 +427,7 @@ mod tests {
         fn valid_event_always_parses(call in "[A-Za-z0-9_-]{1,24}", trig in prop::sample::select(vec!["call_started", "call_completed"])) {
             let h = json_headers(&[]);
             let body = serde_json::to_vec(&serde_json::json!([{"callId": call, "triggerName": trig, "campaignId": "c"}])).unwrap();
-            let evs = parse_inbound(&req(&h, &body)).unwrap();
+            let evs = parse_inbound(&req(&h, &body)).unwrap().events;
             prop_assert_eq!(evs.len(), 1);
             prop_assert_eq!(&evs[0].dedupe_key, &format!("call:{call}:{trig}"));
         }

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use crate::api::Provider;
-use crate::inbound::{InboundEvent, InboundParser, InboundRequest, Rejection, VerificationKeys};
+use crate::inbound::{InboundParser, InboundRequest, Parsed, Rejection, VerificationKeys};
 pub use http::install_crypto_provider;
 pub use inbound_util::sign_hex;
 
@@ -424,12 +424,12 @@ impl InboundParser for ProviderParser {
         provider: Provider,
         keys: &VerificationKeys,
         request: &InboundRequest<'_>,
-    ) -> Result<Vec<InboundEvent>, Rejection> {
+    ) -> Result<Parsed, Rejection> {
         match provider {
             Provider::Atlas => atlas::parse_inbound(request),
-            Provider::Atomic => atomic::parse_inbound(keys, request),
-            Provider::Smallest => smallest::parse_inbound(keys, request),
-            Provider::Atllas => atllas::parse_inbound(keys, request),
+            Provider::Atomic => atomic::parse_inbound(keys, request).map(Parsed::from),
+            Provider::Smallest => smallest::parse_inbound(keys, request).map(Parsed::from),
+            Provider::Atllas => atllas::parse_inbound(keys, request).map(Parsed::from),
         }
     }
 }

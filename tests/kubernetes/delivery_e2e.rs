@@ -40,6 +40,8 @@ struct Consumer {
     secret: Arc<Mutex<Option<String>>>,
     also_verify_with: Arc<Mutex<Vec<String>>>,
     received: Arc<Mutex<Vec<Received>>>,
+    /// `(marker, status)`: a body that contains the marker gets that status instead.
+    answers_by_body: Arc<Mutex<Vec<(String, u16)>>>,
 }
 
 impl Consumer {
@@ -51,6 +53,7 @@ impl Consumer {
             secret: Arc::default(),
             also_verify_with: Arc::default(),
             received: Arc::default(),
+            answers_by_body: Arc::default(),
         };
         let app = axum::Router::new()
             .fallback(receive)
@@ -73,7 +76,16 @@ async fn receive(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> StatusCode {
-    let status = StatusCode::from_u16(c.status.load(Ordering::SeqCst)).unwrap();
+    let text = String::from_utf8_lossy(&body);
+    let by_body = c
+        .answers_by_body
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(marker, _)| text.contains(marker.as_str()))
+        .map(|(_, status)| *status);
+    let status =
+        StatusCode::from_u16(by_body.unwrap_or_else(|| c.status.load(Ordering::SeqCst))).unwrap();
     if !status.is_success() {
         return status;
     }
@@ -1200,6 +1212,457 @@ async fn a_changed_provider_secret_is_accepted_old_and_new_during_the_overlap() 
         || {
             let n = consumer.received().len();
             async move { (n == 2).then_some(()) }
+        },
+    )
+    .await;
+}
+
+impl OperatorProcess {
+    /// SIGTERM, then waits for the process to exit (SIGKILL after 60 s).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the operator did not stop within 60 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// What a client posting in a tight loop across restarts saw.
+#[derive(Default)]
+struct LoopResult {
+    accepted: BTreeSet<String>,
+    not_found: u64,
+    unavailable: u64,
+    not_listening: u64,
+}
+
+/// Posts a new Atlas event to `url` until `stop`, as fast as the ingress answers.
+async fn post_until(url: String, stop: Arc<std::sync::atomic::AtomicBool>) -> LoopResult {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut seen = LoopResult::default();
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let id = format!("loop-{n}");
+        match http.post(&url).json(&atlas_event(&id)).send().await {
+            Ok(r) if r.status().is_success() => {
+                seen.accepted.insert(id);
+            }
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => seen.not_found += 1,
+            Ok(r) => {
+                assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+                assert!(
+                    r.headers().contains_key("retry-after"),
+                    "503 without Retry-After"
+                );
+                seen.unavailable += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(_) => {
+                seen.not_listening += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    seen
+}
+
+/// Asks every subscription for a pass (the requested-at annotation) and waits until each
+/// has echoed it: proof that each one was reconciled.
+async fn every_subscription_reconciled(
+    env: &TestEnv,
+    operator: &OperatorProcess,
+    names: &[&str],
+    token: &str,
+    within: Duration,
+) {
+    let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    let patch =
+        json!({"metadata": {"annotations": {"hooks.webhook-operator.dev/requested-at": token}}});
+    for name in names {
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let subs = api.list(&ListParams::default()).await.unwrap();
+        let waiting: Vec<String> = subs
+            .items
+            .iter()
+            .filter(|s| {
+                s.status
+                    .as_ref()
+                    .and_then(|st| st.last_handled_requested_at.as_deref())
+                    != Some(token)
+            })
+            .map(|s| s.metadata.name.clone().unwrap_or_default())
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after {within:?}, these subscriptions had no pass for {token}: {waiting:?}\noperator log:\n{}",
+            operator.logs.lock().unwrap().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn restarts_never_answer_404_and_reconcile_every_subscription() {
+    let (env, sandbox, consumer, mut operator, dir, port) =
+        setup("restart", json!({"destination": consumer_destination()})).await;
+    let mut subs = specs();
+    for campaign in ["camp-2", "camp-3"] {
+        let mut spec = subs[0].1.clone();
+        spec["atlas"]["campaignId"] = json!(campaign);
+        subs.push((
+            if campaign == "camp-2" {
+                "atlas-2"
+            } else {
+                "atlas-3"
+            },
+            spec,
+        ));
+    }
+    subs.push((
+        "atllas",
+        json!({"provider": "atllas", "events": ["call.finished"], "endpointRef": {"name": "orders"}}),
+    ));
+    let names: Vec<&str> = subs.iter().map(|(n, _)| *n).collect();
+    for (name, spec) in &subs {
+        apply_subscription(&env, name, spec.clone()).await;
+    }
+    for name in &names {
+        wait_condition(&env, name, "Ready", "True", None).await;
+    }
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = tokio::spawn(post_until(url, stop.clone()));
+
+    const RESTARTS: usize = 6;
+    for round in 0..RESTARTS {
+        // Let the loop get some events in before each stop.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if round % 2 == 0 {
+            operator.kill9();
+        } else {
+            let status = operator.terminate();
+            assert!(
+                status.success(),
+                "SIGTERM: the operator exited with {status}"
+            );
+        }
+        operator = OperatorProcess::start(&env, &sandbox, &consumer, port, dir.path());
+        every_subscription_reconciled(
+            &env,
+            &operator,
+            &names,
+            &format!("restart-{round}"),
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+    // Deletes finish too (the finalizer's pass is not stuck behind anything).
+    let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    for name in ["atomic", "smallest", "atlas-3"] {
+        api.delete(name, &Default::default()).await.unwrap();
+    }
+    let remaining = names.len() - 3;
+    wait_until(
+        Duration::from_secs(30),
+        "three subscriptions deleted",
+        || {
+            let api = api.clone();
+            async move {
+                let left = api.list(&ListParams::default()).await.ok()?.items.len();
+                (left == remaining).then_some(())
+            }
+        },
+    )
+    .await;
+
+    stop.store(true, Ordering::SeqCst);
+    let seen = client.await.unwrap();
+    println!(
+        "restart loop: {} accepted, {} x 503 while loading, {} x not listening, {} x 404",
+        seen.accepted.len(),
+        seen.unavailable,
+        seen.not_listening,
+        seen.not_found
+    );
+    assert_eq!(seen.not_found, 0, "a valid hook URL was answered 404");
+    assert!(!seen.accepted.is_empty());
+    wait_until(
+        Duration::from_secs(120),
+        "every acknowledged event delivered",
+        || {
+            let got: BTreeSet<String> = consumer
+                .received()
+                .iter()
+                .filter_map(|r| r.body["callId"].as_str().map(String::from))
+                .collect();
+            let missing = seen.accepted.difference(&got).count();
+            async move { (missing == 0).then_some(()) }
+        },
+    )
+    .await;
+}
+
+fn call_ids(consumer: &Consumer) -> BTreeSet<String> {
+    consumer
+        .received()
+        .iter()
+        .filter_map(|r| r.body["callId"].as_str().map(String::from))
+        .collect()
+}
+
+#[tokio::test]
+async fn atomic_deliveries_by_put_reach_the_consumer() {
+    let (env, sandbox, consumer, _operator, _dir, _) =
+        setup("put", json!({"destination": consumer_destination()})).await;
+    let mut spec = specs()[1].1.clone();
+    spec["atomic"]["method"] = json!("PUT");
+    apply_subscription(&env, "atomic", spec).await;
+    wait_condition(&env, "atomic", "Ready", "True", None).await;
+    let result = control(
+        &sandbox,
+        reqwest::Method::POST,
+        "atomic/fire",
+        Some(json!({"event": "card-published", "organizationId": "org1", "environmentId": "env1"})),
+    )
+    .await;
+    let statuses: Vec<u64> = result["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [200],
+        "the ingress accepts Atomic's PUT: {result}"
+    );
+    wait_until(Duration::from_secs(30), "the PUT event delivered", || {
+        let n = consumer.received().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    assert!(consumer.received()[0].verified);
+    assert_eq!(
+        consumer.received()[0].body["analyticsEvent"],
+        "card-published"
+    );
+}
+
+#[tokio::test]
+async fn a_partly_bad_atlas_array_delivers_the_good_events_and_keeps_the_bad_one() {
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup("partial", json!({"destination": consumer_destination()})).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let batch = json!([
+        {"callId": "good-1", "campaignId": "camp-1", "triggerName": "call_completed"},
+        {"campaignId": "camp-1", "customerNumber": "+15550100"},
+        {"callId": "good-2", "campaignId": "camp-1", "triggerName": "call_completed"}
+    ]);
+    let r = reqwest::Client::new()
+        .post(&url)
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["malformed"].as_u64()),
+        (Some(2), Some(1)),
+        "{answer}"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "both good events delivered",
+        || {
+            let ids = call_ids(&consumer);
+            async move { (ids.len() == 2).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        call_ids(&consumer),
+        BTreeSet::from(["good-1".to_string(), "good-2".to_string()])
+    );
+    // The bad one is counted, kept as a dead letter and announced; it is never sent.
+    wait_endpoint(&env, "orders", "malformed=1, deadLettered=1", |ep| {
+        let d = ep.status.as_ref().and_then(|s| s.delivery.as_ref());
+        d.is_some_and(|d| d.malformed == 1 && d.dead_lettered == 1 && d.delivered == 2)
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait_until(Duration::from_secs(30), "a MalformedEvents Event", || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("MalformedEvents"))
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(consumer.received().len(), 2);
+}
+
+#[tokio::test]
+async fn every_press_of_the_atllas_test_button_reaches_the_consumer() {
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup("testbutton", json!({"destination": consumer_destination()})).await;
+    apply_subscription(&env, "atllas", json!({"provider": "atllas", "events": ["call.finished", "call.completed"], "endpointRef": {"name": "orders"}})).await;
+    let sub = wait_condition(&env, "atllas", "Ready", "True", None).await;
+    let manual = sub.status.unwrap().manual_setup.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let value = String::from_utf8(
+        secrets
+            .get(&manual.secret_name.unwrap())
+            .await
+            .unwrap()
+            .data
+            .unwrap()["value"]
+            .0
+            .clone(),
+    )
+    .unwrap();
+    // The portal's Test button sends this same example payload on every press.
+    let pressed = json!({
+        "type": "call.completed", "timestamp": 1730179200000u64,
+        "webhook": {"id": "webhook_test_outbound_456", "type": "outbound"},
+        "call": {"id": "call_test_abc123def456", "status": "finished", "summary": "Example call summary from the test button."},
+        "campaign": {"id": "campaign_test_xyz789", "name": "Example Campaign"}
+    });
+    let http = reqwest::Client::new();
+    for press in 1..=3 {
+        let r = http
+            .post(manual.hook_url.as_deref().unwrap())
+            .header(manual.header_name.as_deref().unwrap(), &value)
+            .json(&pressed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "press {press}");
+        wait_until(
+            Duration::from_secs(30),
+            &format!("press {press} delivered"),
+            || {
+                let n = consumer.received().len();
+                async move { (n == press).then_some(()) }
+            },
+        )
+        .await;
+    }
+    assert!(
+        consumer
+            .received()
+            .iter()
+            .all(|r| r.body["call"]["id"] == "call_test_abc123def456")
+    );
+}
+
+#[tokio::test]
+async fn a_refused_event_is_dead_lettered_and_breakers_belong_to_one_endpoint() {
+    let spec = |path: &str| {
+        json!({"destination": {"service": {"name": "consumer", "port": 8080, "path": path}},
+            "delivery": {"retry": {"maxAttempts": 20, "initialDelay": "100ms", "maxDelay": "200ms"}}})
+    };
+    let (env, _sandbox, consumer, _operator, _dir, _) = setup("breaker", spec("/orders")).await;
+    apply_endpoint(&env, "billing", spec("/billing")).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    let mut billing_sub = specs()[0].1.clone();
+    billing_sub["endpointRef"]["name"] = json!("billing");
+    billing_sub["atlas"]["campaignId"] = json!("camp-2");
+    apply_subscription(&env, "billing", billing_sub).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    wait_condition(&env, "billing", "Ready", "True", None).await;
+    let orders = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let billing = format!("{}/billing", ingress_url(&env, "billing").await);
+    consumer
+        .answers_by_body
+        .lock()
+        .unwrap()
+        .extend([("poison".to_string(), 400), ("flaky".to_string(), 503)]);
+    let http = reqwest::Client::new();
+    let post = |url: &str, id: &str| {
+        let req = http.post(url).json(&atlas_event(id));
+        async move { assert!(req.send().await.unwrap().status().is_success()) }
+    };
+
+    // Fifteen events the consumer refuses (400): each is dead-lettered after one attempt,
+    // and the endpoint's breaker does not open, so a good event right after goes out.
+    for n in 0..15 {
+        post(&orders, &format!("poison-{n}")).await;
+    }
+    wait_endpoint(&env, "orders", "15 refused events dead-lettered", |ep| {
+        let d = ep.status.as_ref().and_then(|s| s.delivery.as_ref());
+        d.is_some_and(|d| d.dead_lettered == 15)
+    })
+    .await;
+    post(&orders, "good-orders").await;
+    wait_until(
+        Duration::from_secs(10),
+        "orders delivers after the refusals",
+        || {
+            let ids = call_ids(&consumer);
+            async move { ids.contains("good-orders").then_some(()) }
+        },
+    )
+    .await;
+    let ep = wait_endpoint(&env, "orders", "failed=15", |ep| {
+        ep.status
+            .as_ref()
+            .and_then(|s| s.delivery.as_ref())
+            .is_some_and(|d| d.failed == 15)
+    })
+    .await;
+    assert_eq!(
+        ep.status.unwrap().delivery.unwrap().dead_lettered,
+        15,
+        "one attempt each"
+    );
+
+    // Transient failures open the orders breaker; billing, behind the same origin, is not
+    // held back by it.
+    for n in 0..12 {
+        post(&orders, &format!("flaky-{n}")).await;
+    }
+    wait_endpoint(&env, "orders", "orders failing (breaker open)", |ep| {
+        ep.status
+            .as_ref()
+            .and_then(|s| s.delivery.as_ref())
+            .is_some_and(|d| d.consecutive_failures >= 10)
+    })
+    .await;
+    post(&billing, "good-billing").await;
+    wait_until(
+        Duration::from_secs(10),
+        "billing delivers while orders' breaker is open",
+        || {
+            let ids = call_ids(&consumer);
+            async move { ids.contains("good-billing").then_some(()) }
         },
     )
     .await;

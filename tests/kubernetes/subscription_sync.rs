@@ -74,6 +74,7 @@ impl IngressRoutes for RecordedRoutes {
         Ok(())
     }
     fn remove_endpoint(&self, _: EndpointKey) {}
+    fn mark_loaded(&self) {}
     fn endpoint_health(&self, _: EndpointKey) -> Option<EndpointHealthView> {
         None
     }
