@@ -30,3 +30,12 @@ if ! "$nats_bin/nats-server" --version 2>/dev/null | grep -q "${NATS_SERVER_VERS
   mkdir -p "$nats_bin"
   GOBIN="$nats_bin" go install "github.com/nats-io/nats-server/v2@$NATS_SERVER_VERSION"
 fi
+
+# The official Smallest Python SDK, pinned, in its own venv: the conformance test
+# (tests/smallest_sdk.rs) drives the Smallest simulator with it.
+SMALLESTAI_VERSION=5.14.0
+sdk_venv="${XDG_CACHE_HOME:-$HOME/.cache}/webhook-operator/sdk-venv"
+if ! "$sdk_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('smallestai') != '$SMALLESTAI_VERSION')" 2>/dev/null; then
+  python3 -m venv "$sdk_venv"
+  "$sdk_venv/bin/pip" install --quiet "smallestai==$SMALLESTAI_VERSION"
+fi
