@@ -24,30 +24,41 @@ pub fn desired(spec: &WebhookSubscriptionSpec, events: Option<&EventCounters>) -
         (_, None) => true,
         (None, Some(_)) => false,
     };
-    let when = last_bad
-        .map(|t| format!(", the last at {t}"))
-        .unwrap_or_default();
-    if failing {
-        Some(Desired::new(
+    // No count or time in the message (they are in status.events): the condition then
+    // changes only when verification flips, and each change costs a full pass.
+    Some(if failing {
+        Desired::new(
             types::SIGNATURES_VERIFIED,
             false,
             reasons::SIGNATURE_MISMATCH,
             format!(
-                "{} deliveries refused{when}: {}",
-                ev.signature_mismatches,
+                "deliveries are refused: {} (how many and when: status.events.signatureMismatches, lastSignatureMismatchTime)",
                 expectation(spec)
             ),
-        ))
+        )
     } else {
-        Some(Desired::new(
+        Desired::new(
             types::SIGNATURES_VERIFIED,
             true,
             reasons::SIGNATURES_VERIFY_AGAIN,
-            format!(
-                "deliveries verify again ({} refused earlier{when})",
-                ev.signature_mismatches
-            ),
-        ))
+            "deliveries verify again after earlier refusals (status.events.signatureMismatches)",
+        )
+    })
+}
+
+/// Whether `desired` differs from the `SignaturesVerified` condition in `existing`.
+pub fn changed(existing: &[Condition], desired: Option<&Desired>) -> bool {
+    let current = existing
+        .iter()
+        .find(|c| c.type_ == types::SIGNATURES_VERIFIED);
+    match (current, desired) {
+        (None, None) => false,
+        (Some(c), Some(d)) => {
+            c.status != if d.status { "True" } else { "False" }
+                || c.reason != d.reason
+                || c.message != d.message
+        }
+        _ => true,
     }
 }
 
@@ -133,9 +144,18 @@ mod tests {
             d.message
         );
         assert!(d.message.contains("spec.atomic.signature"), "{}", d.message);
+        let written = merged(&[], &[], Some(&d), Some(1), t(200).unwrap());
+        assert!(!changed(&written, Some(&d)));
+        // Another refusal does not change the condition (no extra full pass).
+        ev.signature_mismatches = 3;
+        ev.last_signature_mismatch_time = t(250);
+        assert!(!changed(&written, desired(&s, Some(&ev)).as_ref()));
         ev.last_received_time = t(300);
         let d = desired(&s, Some(&ev)).unwrap();
         assert!(d.status);
         assert_eq!(d.reason, reasons::SIGNATURES_VERIFY_AGAIN);
+        assert!(changed(&written, Some(&d)));
+        assert!(changed(&written, None));
+        assert!(!changed(&[], None));
     }
 }

@@ -371,23 +371,23 @@ async fn apply(
         .cloned();
     if let Some(s) = schedule {
         let now = Instant::now();
-        if s.inputs == inputs && now < s.next_due {
+        let counters = event_counters(ctx, sub);
+        // Deliveries started or stopped failing verification: a full pass writes the
+        // condition (rare: it flips only between refused and verified).
+        let verification_flipped = signature_check::changed(
+            &current.conditions,
+            signature_check::desired(&sub.spec, counters.as_ref().or(current.events.as_ref()))
+                .as_ref(),
+        );
+        if s.inputs == inputs && now < s.next_due && !verification_flipped {
             let mut wait = s.next_due - now;
             // Only the counters and a pending test may have moved. The cached object can
             // lag behind our own last write, so patch just those rather than re-applying.
-            let counters = event_counters(ctx, sub);
             if counters.is_some() && counters != current.events {
-                let conds = signature_check::merged(
-                    &current.conditions,
-                    &current.conditions,
-                    signature_check::desired(&sub.spec, counters.as_ref()).as_ref(),
-                    sub.meta().generation,
-                    conditions::now(),
-                );
                 status::merge_patch(
                     api,
                     sub,
-                    &serde_json::json!({"status": {"events": counters, "conditions": conds}}),
+                    &serde_json::json!({"status": {"events": counters}}),
                 )
                 .await?;
             }
