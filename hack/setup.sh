@@ -8,6 +8,8 @@ need_apt=()
 for tool in openssl python3 curl; do
   command -v "$tool" >/dev/null || need_apt+=("$tool")
 done
+# `python3 -m venv` (for the SDK conformance test) needs ensurepip: python3-venv on Debian.
+python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]} with apt-get" >&2
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -29,4 +31,14 @@ nats_bin="${XDG_CACHE_HOME:-$HOME/.cache}/webhook-operator/bin"
 if ! "$nats_bin/nats-server" --version 2>/dev/null | grep -q "${NATS_SERVER_VERSION#v}"; then
   mkdir -p "$nats_bin"
   GOBIN="$nats_bin" go install "github.com/nats-io/nats-server/v2@$NATS_SERVER_VERSION"
+fi
+
+# The official Smallest Python SDK, pinned, in its own venv: the conformance test
+# smallest_official_sdk_conforms (tests/providers_sim.rs) runs
+# tests/conformance/smallest_sdk.py with it against the Smallest simulator.
+SMALLESTAI_VERSION=5.14.0
+sdk_venv="${XDG_CACHE_HOME:-$HOME/.cache}/webhook-operator/sdk-venv"
+if ! "$sdk_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('smallestai') != '$SMALLESTAI_VERSION')" 2>/dev/null; then
+  python3 -m venv "$sdk_venv"
+  "$sdk_venv/bin/pip" install --quiet "smallestai==$SMALLESTAI_VERSION"
 fi

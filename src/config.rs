@@ -167,6 +167,15 @@ pub struct ProviderUrls {
     /// Atlas API base URL.
     #[arg(long, env = "WEBHOOK_OPERATOR_ATLAS_API_URL")]
     pub atlas_api_url: Option<String>,
+    /// Path of the Atlas list call under the API base (not in Atlas' documents: an
+    /// assumption). If Atlas answers it with an error, subscriptions report
+    /// `CannotObserve` instead of being re-created.
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_ATLAS_LIST_PATH",
+        default_value = crate::providers::atlas::DEFAULT_LIST_PATH
+    )]
+    pub atlas_list_path: String,
     /// Atomic API base URL template (`{orgId}` is replaced).
     #[arg(long, env = "WEBHOOK_OPERATOR_ATOMIC_API_URL")]
     pub atomic_api_url: Option<String>,
@@ -187,6 +196,7 @@ impl ProviderUrls {
         if let Some(u) = &self.atlas_api_url {
             e.atlas_base = u.clone();
         }
+        e.atlas_list_path = self.atlas_list_path.clone();
         if let Some(u) = &self.atomic_api_url {
             e.atomic_base = u.clone();
         }

@@ -8,6 +8,7 @@
 use bytes::Bytes;
 
 use crate::api::Provider;
+pub use crate::api::subscription::SignatureEncoding;
 
 /// A request as it reached the ingress, before any verification.
 pub struct InboundRequest<'a> {
@@ -25,8 +26,11 @@ pub struct VerificationKeys {
     /// Accepted secrets, newest first: the provider's signing secret (Atomic, Smallest) or
     /// the expected header value (Atllas). More than one during a rotation overlap.
     pub secrets: Vec<Vec<u8>>,
-    /// The header that carries the shared value (Atllas).
+    /// The header that carries the shared value (Atllas), or the signature when the
+    /// subscription overrides the provider's default (Atomic).
     pub header_name: Option<String>,
+    /// How the signature is written (Atomic may be configured; others are hex).
+    pub signature_encoding: SignatureEncoding,
 }
 
 impl std::fmt::Debug for VerificationKeys {
@@ -37,6 +41,7 @@ impl std::fmt::Debug for VerificationKeys {
                 &format_args!("<{} redacted>", self.secrets.len()),
             )
             .field("header_name", &self.header_name)
+            .field("signature_encoding", &self.signature_encoding)
             .finish()
     }
 }
@@ -115,6 +120,12 @@ impl Rejection {
             Rejection::Unauthorized(reason) | Rejection::BadRequest(reason) => reason,
             other => other.label(),
         }
+    }
+
+    /// The request did not verify (signature or header secret): the provider may sign
+    /// in a way the subscription does not expect, which is reported on it.
+    pub fn is_signature_failure(&self) -> bool {
+        matches!(self, Rejection::Unauthorized(_))
     }
 
     /// Low-cardinality label for metrics.

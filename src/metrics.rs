@@ -23,6 +23,14 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// A subscription: its namespace and name (the endpoint it receives on is not needed,
+/// names are unique in a namespace).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubscriptionLabels {
+    pub namespace: String,
+    pub subscription: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: &'static str,
@@ -39,6 +47,7 @@ pub struct Metrics {
     registry: Registry,
     received: EpCounter,
     rejected: Family<ReasonLabels, Counter>,
+    signature_mismatches: Family<SubscriptionLabels, Counter>,
     queued: EpCounter,
     duplicates: EpCounter,
     filtered: EpCounter,
@@ -80,6 +89,7 @@ impl Metrics {
         let m = Self {
             received: Family::default(),
             rejected: Family::default(),
+            signature_mismatches: Family::default(),
             queued: Family::default(),
             duplicates: Family::default(),
             filtered: Family::default(),
@@ -102,6 +112,11 @@ impl Metrics {
             "requests_rejected",
             "Ingress requests refused, by reason",
             m.rejected.clone(),
+        );
+        r.register(
+            "signature_mismatches",
+            "Requests refused for a missing or wrong signature or header secret, by subscription",
+            m.signature_mismatches.clone(),
         );
         r.register("events_queued", "Events stored durably", m.queued.clone());
         r.register(
@@ -196,6 +211,16 @@ impl Metrics {
     /// `reason` must be a fixed string (see `inbound::Rejection::label`).
     pub fn rejected(&self, reason: &'static str) {
         self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A delivery for `subscription` (receiving on `endpoint`) failed signature checks.
+    pub fn signature_mismatch(&self, endpoint: &EndpointKey, subscription: &str) {
+        self.signature_mismatches
+            .get_or_create(&SubscriptionLabels {
+                namespace: endpoint.namespace.clone(),
+                subscription: subscription.to_string(),
+            })
+            .inc();
     }
 
     pub fn set_queue_depth(&self, d: QueueDepth) {

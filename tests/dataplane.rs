@@ -261,6 +261,7 @@ impl Harness {
             keys: VerificationKeys {
                 secrets: vec![PROVIDER_SECRET.as_bytes().to_vec()],
                 header_name: Some("x-test-secret".into()),
+                ..Default::default()
             },
         });
         dp.mark_routes_loaded();
@@ -846,5 +847,39 @@ async fn events_past_max_age_are_dead_lettered_before_max_attempts() {
     assert!(
         (2..=6).contains(&attempts),
         "{attempts} attempts within a 1 s max age"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signature_failures_are_counted_per_subscription() {
+    let h = Harness::start(|_, _| {}).await;
+    let hook = format!("/hooks/{TOKEN}/calls");
+    let body = ev("s1", "call_completed").to_string();
+    assert_eq!(
+        h.dp.subscription_signature_failures(&h.key, "calls"),
+        Some((0, None))
+    );
+    for _ in 0..2 {
+        let (status, _) = h
+            .post_to(&hook, body.clone(), "wrong-secret", "application/json")
+            .await;
+        assert_eq!(status, 401);
+    }
+    // A malformed body that verifies is not a signature failure.
+    let (status, _) = h
+        .post_to(&hook, "{not json", PROVIDER_SECRET, "application/json")
+        .await;
+    assert_eq!(status, 400);
+    let (count, last) =
+        h.dp.subscription_signature_failures(&h.key, "calls")
+            .unwrap();
+    assert_eq!(count, 2);
+    assert!(last.is_some());
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(
+            "webhook_operator_signature_mismatches_total{namespace=\"apps\",subscription=\"calls\"} 2"
+        ),
+        "{metrics}"
     );
 }

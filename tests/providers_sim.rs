@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use webhook_operator::api::Provider;
 use webhook_operator::inbound::{
-    InboundEvent, InboundParser, InboundRequest, Rejection, VerificationKeys,
+    InboundEvent, InboundParser, InboundRequest, Rejection, SignatureEncoding, VerificationKeys,
 };
 use webhook_operator::providers::{
     AtomicMethod, Credentials, DesiredSubscription, ProviderClients, ProviderError, ProviderParser,
@@ -165,6 +165,7 @@ fn secret_keys(secret: &str) -> VerificationKeys {
     VerificationKeys {
         secrets: vec![secret.as_bytes().to_vec()],
         header_name: None,
+        ..Default::default()
     }
 }
 
@@ -213,7 +214,9 @@ async fn atlas_lifecycle() {
         let subs = atlas_subs(&s).await;
         assert_eq!(subs.len(), 2);
         for sub in &subs {
-            assert_eq!(sub["hookUrl"], d.hook_url);
+            // One hook URL per trigger, so a delivery is known by where it arrived.
+            let trigger = sub["triggerName"].as_str().unwrap();
+            assert_eq!(sub["hookUrl"], format!("{}?trigger={trigger}", d.hook_url));
             assert_eq!(sub["campaignId"], "camp1");
             assert_eq!(sub["provider"], "custom");
             assert!(sub["id"].as_str().unwrap().starts_with("sub_"));
@@ -782,8 +785,8 @@ async fn smallest_lifecycle() {
         );
         assert_eq!(
             s.calls("smallest").await.0 - before,
-            2,
-            "list, then get for the secret"
+            1,
+            "a no-op ensure only lists: the list carries the secret (as the SDK documents)"
         );
         assert_eq!(smallest_hooks(&s).await.len(), 1);
 
@@ -1036,6 +1039,7 @@ async fn atllas_is_manual_and_deliveries_verify() {
         let keys = VerificationKeys {
             secrets: vec![b"v4lue".to_vec()],
             header_name: Some("X-Atllas-Token".into()),
+            ..Default::default()
         };
         let got = seen.lock().unwrap().clone();
         assert_eq!(got.len(), 2);
@@ -1047,8 +1051,406 @@ async fn atllas_is_manual_and_deliveries_verify() {
         let wrong = VerificationKeys {
             secrets: vec![b"other".to_vec()],
             header_name: Some("X-Atllas-Token".into()),
+            ..Default::default()
         };
         assert!(parse(Provider::Atllas, &wrong, &got[0]).is_err());
+    })
+    .await;
+}
+
+// ------------------------------------------- fail-safe assumptions (issue 16)
+
+/// Creates an Atomic webhook straight through the simulator's API (someone else's).
+async fn atomic_raw_create(s: &Sim, body: Value) -> String {
+    let tok: Value = s
+        .http
+        .post(s.url("/atomic/org1/auth/token"))
+        .basic_auth(ATOMIC_ID, Some(ATOMIC_SECRET))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = s
+        .http
+        .post(s.url("/atomic/org1/v1/envA/webhook"))
+        .bearer_auth(tok["access_token"].as_str().unwrap())
+        .header("user-agent", "test")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    r.json::<Value>().await.unwrap()["data"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn atomic_without_assumed_echo_resyncs_create_nothing() {
+    bounded(async {
+        let s = sim_with(SandboxConfig {
+            atomic_echo_assumed_fields: false,
+            ..config()
+        })
+        .await;
+        let c = s.clients.get(Provider::Atomic);
+        let creds = atomic_creds();
+        let mut d = atomic(
+            "https://hooks.example/atomic/noecho",
+            &["card-completed"],
+            AtomicMethod::Put,
+        );
+        if let Scope::Atomic {
+            card_template_id,
+            action_flow_config_id,
+            ..
+        } = &mut d.scope
+        {
+            *card_template_id = Some("tmpl-1".into());
+            *action_flow_config_id = Some("flow-1".into());
+        }
+        let first = c.ensure(&creds, &d, None).await.unwrap();
+        assert_eq!(first.action, SyncAction::Created);
+        for _ in 0..3 {
+            let again = c.ensure(&creds, &d, Some(&d)).await.unwrap();
+            assert_eq!(again.action, SyncAction::Unchanged);
+            assert_eq!(again.id, first.id);
+        }
+        let hooks = atomic_hooks(&s).await;
+        assert_eq!(hooks.len(), 1, "resyncs created webhooks: {hooks:?}");
+        assert_eq!(hooks[0]["enabled"], true);
+        let seen = c.observe(&creds, &d).await.unwrap().unwrap();
+        assert_eq!(seen.state, UpstreamState::Enabled);
+        assert!(!seen.echo.contains_key("enabled"), "{:?}", seen.echo);
+
+        // A change in a field the provider does not echo still replaces (we know what
+        // we sent last time).
+        let mut post = d.clone();
+        if let Scope::Atomic { method, .. } = &mut post.scope {
+            *method = AtomicMethod::Post;
+        }
+        let moved = c.ensure(&creds, &post, Some(&d)).await.unwrap();
+        assert_eq!(moved.action, SyncAction::Replaced);
+        let hooks = atomic_hooks(&s).await;
+        assert_eq!(hooks.len(), 2);
+        let old = hooks.iter().find(|h| h["id"] == first.id.as_str()).unwrap();
+        assert_eq!(old["enabled"], false);
+        let again = c.ensure(&creds, &post, Some(&post)).await.unwrap();
+        assert_eq!(again.action, SyncAction::Unchanged);
+        assert_eq!(atomic_hooks(&s).await.len(), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atomic_does_not_adopt_a_webhook_whose_enabled_is_unknown() {
+    bounded(async {
+        let s = sim_with(SandboxConfig {
+            atomic_echo_assumed_fields: false,
+            ..config()
+        })
+        .await;
+        let d = atomic(
+            "https://hooks.example/atomic/foreign",
+            &["card-completed"],
+            AtomicMethod::Post,
+        );
+        // Someone else's twin, disabled: the list does not say so.
+        let foreign =
+            atomic_raw_create(&s, json!({"types": ["card-completed"], "url": d.hook_url})).await;
+        let (st, _) = s
+            .post("/_control/atomic/disable", json!({"id": foreign}))
+            .await;
+        assert_eq!(st, 204);
+        let o = s
+            .clients
+            .get(Provider::Atomic)
+            .ensure(&atomic_creds(), &d, None)
+            .await
+            .unwrap();
+        assert_eq!(o.action, SyncAction::Created);
+        assert_ne!(o.id, foreign);
+        let hooks = atomic_hooks(&s).await;
+        let ours = hooks.iter().find(|h| h["id"] == o.id.as_str()).unwrap();
+        assert_eq!(ours["enabled"], true);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atlas_unlistable_is_cannot_observe_not_recreate() {
+    bounded(async {
+        let s = sim().await;
+        let mut ep = s.handle.endpoints();
+        ep.atlas_list_path = "/events-gateway/trigger/not-the-real-path".into();
+        let clients = ProviderClients::new(ep);
+        let c = clients.get(Provider::Atlas);
+        let creds = Credentials::api_key(ATLAS_KEY);
+        let d = atlas(
+            "https://hooks.example/atlas/unlistable",
+            "camp-1",
+            &["call_started", "call_completed"],
+        );
+        // A new spec is applied with the subscribe calls, even unobserved.
+        let first = c.ensure(&creds, &d, None).await.unwrap();
+        assert_eq!(first.action, SyncAction::Created);
+        let before = atlas_subs(&s).await;
+        assert_eq!(before.len(), 2);
+        // Once applied, a refused list is "unknown": reported, never re-created.
+        for _ in 0..3 {
+            match c.observe(&creds, &d).await {
+                Err(e @ ProviderError::CannotObserve(_)) => {
+                    assert_eq!(e.reason(), "CannotObserve");
+                    assert!(e.to_string().contains("--atlas-list-path"), "{e}");
+                }
+                other => panic!("observe must report CannotObserve, got {other:?}"),
+            }
+            match c.ensure(&creds, &d, Some(&d)).await {
+                Err(ProviderError::CannotObserve(_)) => {}
+                other => panic!("ensure must not re-create on a refused list, got {other:?}"),
+            }
+        }
+        assert_eq!(atlas_subs(&s).await, before);
+        // The default path still lists (the simulator serves it).
+        let seen = s
+            .clients
+            .get(Provider::Atlas)
+            .observe(&creds, &d)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen.state, UpstreamState::Enabled);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atlas_ids_holding_the_hook_url_are_redacted() {
+    bounded(async {
+        let s = sim_with(SandboxConfig {
+            atlas_ids_are_hook_urls: true,
+            ..config()
+        })
+        .await;
+        let c = s.clients.get(Provider::Atlas);
+        let creds = Credentials::api_key(ATLAS_KEY);
+        let token = "tok5f1d0c9a7e3b24680aceb";
+        let d = atlas(
+            &format!("https://hooks.example/hooks/{token}/atlas-sub"),
+            "camp-2",
+            &["call_started", "message_sent"],
+        );
+        let o = c.ensure(&creds, &d, None).await.unwrap();
+        let seen = c.observe(&creds, &d).await.unwrap().unwrap();
+        // The simulator did use the hook URL as the id.
+        assert!(
+            atlas_subs(&s)
+                .await
+                .iter()
+                .all(|x| x["id"].as_str().unwrap().contains(token))
+        );
+        for obs in [&o, &seen] {
+            let shown = format!("{} {:?} {obs:?}", obs.id, obs.echo);
+            assert!(!shown.contains(token), "hook token leaked: {shown}");
+            assert!(!shown.contains("hooks.example"), "hook URL leaked: {shown}");
+            assert_eq!(obs.id.split(',').count(), 2);
+        }
+        assert_eq!(o.id, seen.id);
+        // Plain ids are left as they are.
+        let plain = sim().await;
+        let p = plain
+            .clients
+            .get(Provider::Atlas)
+            .ensure(&creds, &d, None)
+            .await
+            .unwrap();
+        assert!(p.id.split(',').all(|id| id.starts_with("sub_")), "{}", p.id);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn atlas_event_without_trigger_is_known_by_the_url_it_arrived_on() {
+    bounded(async {
+        let s = sim_with(SandboxConfig {
+            atlas_events_name_trigger: false,
+            ..config()
+        })
+        .await;
+        let (base, seen) = receiver().await;
+        let d = atlas(
+            &format!("{base}/hooks/atlas-notrigger"),
+            "camp8",
+            &["call_started", "message_received"],
+        );
+        s.clients
+            .get(Provider::Atlas)
+            .ensure(&Credentials::api_key(ATLAS_KEY), &d, None)
+            .await
+            .unwrap();
+        for event in ["call_started", "message_received"] {
+            let (st, v) = s
+                .post(
+                    "/_control/atlas/fire",
+                    json!({"event": event, "campaignId": "camp8"}),
+                )
+                .await;
+            assert_eq!(st, 200);
+            assert_eq!(v["deliveries"][0]["status"], 200, "{v}");
+        }
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 2);
+        let mut types = Vec::new();
+        for g in &got {
+            let body: Value = serde_json::from_slice(&g.body).unwrap();
+            assert!(body[0].get("triggerName").is_none(), "{body}");
+            let evs = parse(Provider::Atlas, &VerificationKeys::default(), g).unwrap();
+            types.push(evs[0].event_type.clone());
+        }
+        types.sort();
+        assert_eq!(types, ["call_started", "message_received"]);
+    })
+    .await;
+}
+
+// ------------------------------------------- conformance with the official Smallest SDK
+
+/// The venv `hack/setup.sh` installs the pinned `smallestai` SDK into.
+fn sdk_python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("WEBHOOK_OPERATOR_SDK_PYTHON") {
+        return p.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache")
+        });
+    cache.join("webhook-operator/sdk-venv/bin/python")
+}
+
+#[tokio::test]
+async fn smallest_official_sdk_conforms() {
+    let s = sim().await;
+    let python = sdk_python();
+    assert!(
+        python.exists(),
+        "{} is missing: run hack/setup.sh (it installs the pinned smallestai SDK)",
+        python.display()
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/conformance/smallest_sdk.py"
+    );
+    let base = s.url("/smallest/atoms/v1");
+    let run = tokio::process::Command::new(&python)
+        .args([script, &base, SMALLEST_KEY])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the SDK run exceeded 60 s")
+        .expect("python runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the SDK disagrees with the simulator:\n{text}"
+    );
+    assert!(text.contains("conformant"), "{text}");
+    // Every step ran (a step that is skipped would not print).
+    assert_eq!(
+        text.matches("\nok   ").count() + usize::from(text.starts_with("ok   ")),
+        7,
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn atomic_signature_header_and_encoding_are_configurable() {
+    bounded(async {
+        // An account whose deliveries are signed differently from the operator's guess.
+        let s = sim_with(SandboxConfig {
+            atomic_signature: ("X-Signature-256".into(), SignatureEncoding::Base64),
+            ..config()
+        })
+        .await;
+        let (base, seen) = receiver().await;
+        let d = atomic(
+            &format!("{base}/hooks/atomic-sig"),
+            &["card-completed"],
+            AtomicMethod::Post,
+        );
+        let o = s
+            .clients
+            .get(Provider::Atomic)
+            .ensure(&atomic_creds(), &d, None)
+            .await
+            .unwrap();
+        let (_, v) = s
+            .post(
+                "/_control/atomic/fire",
+                json!({"event": "card-completed", "organizationId": "org1", "environmentId": "envA"}),
+            )
+            .await;
+        assert_eq!(v["deliveries"][0]["status"], 200);
+        let got = seen.lock().unwrap().clone();
+        let secret = o.signing_secret.unwrap();
+        // The default guess refuses it...
+        assert_eq!(
+            parse(Provider::Atomic, &secret_keys(&secret), &got[0]),
+            Err(Rejection::Unauthorized("missing signature"))
+        );
+        // ...the configured scheme accepts it, and still refuses another secret.
+        let keys = |secret: &str| VerificationKeys {
+            secrets: vec![secret.as_bytes().to_vec()],
+            header_name: Some("X-Signature-256".into()),
+            signature_encoding: SignatureEncoding::Base64,
+        };
+        let evs = parse(Provider::Atomic, &keys(&secret), &got[0]).unwrap();
+        assert_eq!(evs[0].event_type, "card-completed");
+        assert_eq!(
+            parse(Provider::Atomic, &keys("not-the-secret"), &got[0]),
+            Err(Rejection::Unauthorized("bad signature"))
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn smallest_reads_the_secret_by_id_when_the_list_lacks_it() {
+    bounded(async {
+        let s = sim_with(SandboxConfig {
+            smallest_secret_in_list: false,
+            ..config()
+        })
+        .await;
+        let c = s.clients.get(Provider::Smallest);
+        let creds = Credentials::api_key(SMALLEST_KEY);
+        let d = smallest(
+            "https://hooks.example/smallest/nolistsecret",
+            &[AGENT_X],
+            &["post-conversation"],
+            "ns/a",
+        );
+        let o = c.ensure(&creds, &d, None).await.unwrap();
+        let before = s.calls("smallest").await.0;
+        let again = c.ensure(&creds, &d, Some(&d)).await.unwrap();
+        assert_eq!(again.action, SyncAction::Unchanged);
+        assert_eq!(again.signing_secret, o.signing_secret);
+        assert!(again.signing_secret.is_some());
+        assert_eq!(
+            s.calls("smallest").await.0 - before,
+            2,
+            "list, then get by id"
+        );
     })
     .await;
 }

@@ -385,6 +385,7 @@ pub async fn run(concurrency: usize, duration: Duration) -> anyhow::Result<Deliv
         keys: VerificationKeys {
             secrets: vec![SMALLEST_SECRET.to_vec()],
             header_name: None,
+            ..Default::default()
         },
     });
     let ingress = serve(dp.ingress_router()).await?;

@@ -8,12 +8,16 @@ pub mod types {
     pub const HEALTHY: &str = "Healthy";
     pub const RECONCILING: &str = "Reconciling";
     pub const STALLED: &str = "Stalled";
+    /// Deliveries verify (present once a delivery has failed verification).
+    pub const SIGNATURES_VERIFIED: &str = "SignaturesVerified";
 }
 
 /// Condition reasons (CamelCase, stable: tools and alerts match on them).
 pub mod reasons {
     pub const SYNCED: &str = "Synced";
     pub const READY: &str = "Ready";
+    pub const SIGNATURE_MISMATCH: &str = "SignatureMismatch";
+    pub const SIGNATURES_VERIFY_AGAIN: &str = "SignaturesVerifyAgain";
     pub const ADOPTED: &str = "Adopted";
     pub const DRIFT_REPAIRED: &str = "DriftRepaired";
     pub const CREDENTIALS_MISSING: &str = "CredentialsMissing";

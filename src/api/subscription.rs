@@ -146,6 +146,52 @@ pub struct AtomicScope {
     /// HTTP method Atomic uses for deliveries.
     #[serde(default)]
     pub method: AtomicMethod,
+    /// How Atomic signs deliveries. Atomic does not document it: the defaults
+    /// (`X-Atomic-Signature`, lowercase hex HMAC-SHA256 of the raw body keyed by the
+    /// webhook secret) are a guess. If deliveries are refused with a signature mismatch,
+    /// set what your account actually sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<AtomicSignature>,
+}
+
+/// Where an HMAC-SHA256 signature travels and how it is written.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AtomicSignature {
+    /// Header carrying the signature.
+    #[serde(default = "default_atomic_signature_header")]
+    #[schemars(length(min = 1, max = 128), extend("pattern" = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))]
+    pub header: String,
+    /// `hex` (lowercase or uppercase) or `base64` (standard alphabet).
+    #[serde(default)]
+    pub encoding: SignatureEncoding,
+}
+
+/// The header Atomic is assumed to sign deliveries in.
+pub const DEFAULT_ATOMIC_SIGNATURE_HEADER: &str = "X-Atomic-Signature";
+
+fn default_atomic_signature_header() -> String {
+    DEFAULT_ATOMIC_SIGNATURE_HEADER.into()
+}
+
+/// How a signature's bytes are written in its header.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureEncoding {
+    #[default]
+    Hex,
+    Base64,
+}
+
+impl WebhookSubscriptionSpec {
+    /// The signature header (when the spec overrides the provider's) and encoding the
+    /// ingress checks deliveries with.
+    pub fn signature_scheme(&self) -> (Option<String>, SignatureEncoding) {
+        match self.atomic.as_ref().and_then(|a| a.signature.as_ref()) {
+            Some(sig) => (Some(sig.header.clone()), sig.encoding),
+            None => (None, SignatureEncoding::Hex),
+        }
+    }
 }
 
 /// HTTP method of Atomic deliveries.
@@ -289,6 +335,17 @@ pub struct EventCounters {
     /// When the last one arrived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_received_time: Option<Time>,
+    /// Deliveries refused because their signature (or header secret) did not verify,
+    /// counted since the ingress replica started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub signature_mismatches: u64,
+    /// When the last one was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_signature_mismatch_time: Option<Time>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What to configure by hand at a receive-only provider.

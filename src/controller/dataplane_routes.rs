@@ -49,6 +49,14 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         DataPlane::subscription_counters(self, &key(endpoint), &subscription)
     }
 
+    fn subscription_signature_failures(
+        &self,
+        endpoint: EndpointKey,
+        subscription: String,
+    ) -> Option<(u64, Option<SystemTime>)> {
+        DataPlane::subscription_signature_failures(self, &key(endpoint), &subscription)
+    }
+
     fn configure_endpoint(&self, ep: &EndpointDelivery) -> Result<(), String> {
         let destination =
             Destination::from_api(&ep.spec.destination, &ep.key.0).ok_or_else(|| {

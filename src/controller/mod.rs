@@ -12,6 +12,7 @@ pub mod rotation;
 pub mod route_sync;
 pub mod routes;
 pub mod secrets;
+pub mod signature_check;
 pub mod status;
 pub mod subscription;
 pub mod test_event;

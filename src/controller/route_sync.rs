@@ -231,6 +231,7 @@ pub fn subscription_keys(
         return Some(VerificationKeys {
             secrets: vec![value],
             header_name: Some(header),
+            ..Default::default()
         });
     }
     // Synced at least once: the provider's signing secret (if it has one) is stored.
@@ -239,9 +240,11 @@ pub fn subscription_keys(
     let keys = secret_value(secrets, &ns, &owned, subscription::SIGNING_SECRET_KEY)
         .map(|current| with_rotation(secrets, &ns, &owned, current))
         .unwrap_or_default();
+    let (header_name, signature_encoding) = sub.spec.signature_scheme();
     Some(VerificationKeys {
         secrets: keys,
-        header_name: None,
+        header_name,
+        signature_encoding,
     })
 }
 

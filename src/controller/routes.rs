@@ -29,6 +29,14 @@ pub trait IngressRoutes: TestInjection + Send + Sync {
         endpoint: EndpointKey,
         subscription: String,
     ) -> Option<(u64, Option<SystemTime>)>;
+    /// Requests refused for a missing or wrong signature, and when the last one came.
+    fn subscription_signature_failures(
+        &self,
+        _endpoint: EndpointKey,
+        _subscription: String,
+    ) -> Option<(u64, Option<SystemTime>)> {
+        None
+    }
     /// Deliver `endpoint`'s events as configured. `Err` is a user-facing reason the
     /// destination is refused (for example a link-local address).
     fn configure_endpoint(&self, endpoint: &EndpointDelivery) -> Result<(), String>;
@@ -106,15 +114,15 @@ impl Routes {
         header_name: Option<String>,
     ) {
         if let Some(ep) = endpoint_of(sub) {
-            self.0.upsert_subscription(
-                ep,
-                sub.name_any(),
-                sub.spec.provider,
-                VerificationKeys {
-                    secrets,
-                    header_name,
-                },
-            );
+            self.0
+                .upsert_subscription(ep, sub.name_any(), sub.spec.provider, {
+                    let (signature_header, signature_encoding) = sub.spec.signature_scheme();
+                    VerificationKeys {
+                        secrets,
+                        header_name: header_name.or(signature_header),
+                        signature_encoding,
+                    }
+                });
         }
     }
 
@@ -126,5 +134,12 @@ impl Routes {
 
     pub fn counters(&self, sub: &WebhookSubscription) -> Option<(u64, Option<SystemTime>)> {
         endpoint_of(sub).and_then(|ep| self.0.subscription_counters(ep, sub.name_any()))
+    }
+
+    pub fn signature_failures(
+        &self,
+        sub: &WebhookSubscription,
+    ) -> Option<(u64, Option<SystemTime>)> {
+        endpoint_of(sub).and_then(|ep| self.0.subscription_signature_failures(ep, sub.name_any()))
     }
 }

@@ -16,7 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::conditions::{self, Desired};
-use super::{Context, Error, publish, rotation, secrets, status, test_event};
+use super::{Context, Error, publish, rotation, secrets, signature_check, status, test_event};
 use crate::api::conditions::{reasons, types};
 use crate::api::subscription::{
     DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, UpstreamStatus,
@@ -80,6 +80,7 @@ pub fn translate(
                     card_template_id: None,
                     action_flow_config_id: None,
                     method: Default::default(),
+                    signature: None,
                 });
             Scope::Atomic {
                 organization_id: a.organization_id,
@@ -370,11 +371,18 @@ async fn apply(
         .cloned();
     if let Some(s) = schedule {
         let now = Instant::now();
-        if s.inputs == inputs && now < s.next_due {
+        let counters = event_counters(ctx, sub);
+        // Deliveries started or stopped failing verification: a full pass writes the
+        // condition (rare: it flips only between refused and verified).
+        let verification_flipped = signature_check::changed(
+            &current.conditions,
+            signature_check::desired(&sub.spec, counters.as_ref().or(current.events.as_ref()))
+                .as_ref(),
+        );
+        if s.inputs == inputs && now < s.next_due && !verification_flipped {
             let mut wait = s.next_due - now;
             // Only the counters and a pending test may have moved. The cached object can
             // lag behind our own last write, so patch just those rather than re-applying.
-            let counters = event_counters(ctx, sub);
             if counters.is_some() && counters != current.events {
                 status::merge_patch(
                     api,
@@ -426,6 +434,13 @@ async fn apply(
         conditions::now(),
     );
     next.events = event_counters(ctx, sub).or(next.events);
+    next.conditions = signature_check::merged(
+        &next.conditions,
+        &current.conditions,
+        signature_check::desired(&sub.spec, next.events.as_ref()).as_ref(),
+        sub.meta().generation,
+        conditions::now(),
+    );
     next.last_test = current.last_test.clone();
     if let Some(request) = inputs.test_request.clone() {
         let result = match (&outcome, &test_inputs) {
@@ -816,13 +831,18 @@ async fn publish_test(
 
 /// `status.events` from the ingress counters.
 fn event_counters(ctx: &Context, sub: &WebhookSubscription) -> Option<EventCounters> {
+    let time = |t: Option<std::time::SystemTime>| {
+        t.and_then(|t| jiff::Timestamp::try_from(t).ok())
+            .and_then(|t| t.round(jiff::Unit::Second).ok())
+            .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
+    };
+    let (mismatches, last_mismatch) = ctx.routes.signature_failures(sub).unwrap_or_default();
     ctx.routes
         .counters(sub)
         .map(|(received, last)| EventCounters {
             received,
-            last_received_time: last
-                .and_then(|t| jiff::Timestamp::try_from(t).ok())
-                .and_then(|t| t.round(jiff::Unit::Second).ok())
-                .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+            last_received_time: time(last),
+            signature_mismatches: mismatches,
+            last_signature_mismatch_time: time(last_mismatch),
         })
 }

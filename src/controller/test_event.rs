@@ -144,6 +144,7 @@ async fn verification_keys(
 ) -> Result<VerificationKeys, String> {
     let ns = sub.namespace().unwrap_or_default();
     let name = sub.name_any();
+    let (signature_header, signature_encoding) = sub.spec.signature_scheme();
     let (secret, key, header_name) = match sub.spec.provider {
         Provider::Atlas => return Ok(VerificationKeys::default()),
         Provider::Atllas => (
@@ -154,7 +155,7 @@ async fn verification_keys(
         Provider::Atomic | Provider::Smallest => (
             subscription::signing_secret_name(&name),
             subscription::SIGNING_SECRET_KEY,
-            None,
+            signature_header,
         ),
     };
     let data = secrets::read(&ctx.client, &ns, &secret)
@@ -163,6 +164,7 @@ async fn verification_keys(
     Ok(VerificationKeys {
         secrets: vec![data.get(key).map_err(|e| e.to_string())?.to_vec()],
         header_name,
+        signature_encoding,
     })
 }
 

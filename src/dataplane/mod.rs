@@ -223,6 +223,17 @@ impl DataPlane {
         self.routes.counters(endpoint, name).map(|c| c.get())
     }
 
+    /// Requests refused for their signature on a subscription: total and last time.
+    pub fn subscription_signature_failures(
+        &self,
+        endpoint: &EndpointKey,
+        name: &str,
+    ) -> Option<(u64, Option<SystemTime>)> {
+        self.routes
+            .counters(endpoint, name)
+            .map(|c| c.signature_failures())
+    }
+
     /// Sends matching dead letters of the endpoint back for delivery; returns how many.
     /// Runs a request through the ingress in-process, exactly as if it had arrived on
     /// `/hooks/{token}/{subscription}` (verification, filter, durable enqueue); returns the

@@ -129,6 +129,10 @@ async fn hook(
         Ok(parsed) => parsed,
         Err(rejection) => {
             ing.metrics.rejected(rejection.label());
+            if rejection.is_signature_failure() {
+                sub.counters.signature_failure(SystemTime::now());
+                ing.metrics.signature_mismatch(&route.key, &subscription);
+            }
             return reply(
                 rejection.status(),
                 format!("{{\"error\":\"{}\"}}", rejection.label()),

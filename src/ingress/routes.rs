@@ -13,12 +13,15 @@ use crate::inbound::VerificationKeys;
 use crate::metrics::{EndpointMetrics, Metrics};
 use crate::queue::{EndpointKey, from_millis, to_millis};
 
-/// Events received on one subscription (verified ones, whatever became of them).
+/// Events received on one subscription (verified ones, whatever became of them), and
+/// requests refused for a missing or wrong signature.
 #[derive(Debug, Default)]
 pub struct SubscriptionCounters {
     total: AtomicU64,
     /// Milliseconds since the epoch; 0: never.
     last_ms: AtomicU64,
+    signature_failures: AtomicU64,
+    last_signature_failure_ms: AtomicU64,
 }
 
 impl SubscriptionCounters {
@@ -31,6 +34,21 @@ impl SubscriptionCounters {
         let last = self.last_ms.load(Ordering::Relaxed);
         (
             self.total.load(Ordering::Relaxed),
+            (last > 0).then(|| from_millis(last)),
+        )
+    }
+
+    pub fn signature_failure(&self, at: SystemTime) {
+        self.signature_failures.fetch_add(1, Ordering::Relaxed);
+        self.last_signature_failure_ms
+            .fetch_max(to_millis(at), Ordering::Relaxed);
+    }
+
+    /// Requests refused for their signature: total and last time.
+    pub fn signature_failures(&self) -> (u64, Option<SystemTime>) {
+        let last = self.last_signature_failure_ms.load(Ordering::Relaxed);
+        (
+            self.signature_failures.load(Ordering::Relaxed),
             (last > 0).then(|| from_millis(last)),
         )
     }

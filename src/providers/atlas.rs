@@ -15,6 +15,9 @@ use super::{
 };
 use crate::inbound::{InboundEvent, InboundRequest, MalformedEvent, Parsed, Rejection};
 
+/// Where the list call is assumed to be (no Atlas document names it).
+pub const DEFAULT_LIST_PATH: &str = "/events-gateway/trigger/list";
+
 /// The `provider` value for direct API use.
 pub const PROVIDER_CUSTOM: &str = "custom";
 
@@ -74,6 +77,7 @@ fn extract_error(v: &serde_json::Value) -> Option<String> {
 pub struct AtlasClient {
     http: reqwest::Client,
     base: String,
+    list_path: String,
 }
 
 impl AtlasClient {
@@ -81,6 +85,7 @@ impl AtlasClient {
         AtlasClient {
             http: phttp::build_client(endpoints, USER_AGENT),
             base: endpoints.atlas_base.trim_end_matches('/').to_string(),
+            list_path: endpoints.atlas_list_path.clone(),
         }
     }
 
@@ -99,6 +104,9 @@ impl AtlasClient {
         phttp::send(req, what, creds, extract_error).await
     }
 
+    /// The campaign's subscriptions. The list call is an assumption: a 404, another
+    /// refusal or an unreadable answer means we cannot see upstream, never "nothing
+    /// there" (that would re-subscribe every trigger on every resync).
     async fn list(
         &self,
         creds: &Credentials,
@@ -106,12 +114,17 @@ impl AtlasClient {
     ) -> Result<Vec<TriggerSubscription>, ProviderError> {
         let key = creds.require_api_key()?;
         let req = self
-            .request(Method::GET, "/events-gateway/trigger/list", key)
+            .request(Method::GET, &self.list_path, key)
             .query(&[("campaignId", campaign_id)]);
+        let cannot = |e: ProviderError| {
+            ProviderError::CannotObserve(format!(
+                "the Atlas list call GET {} failed ({e}); the recorded subscription is kept and drift is not checked; set --atlas-list-path if Atlas lists subscriptions elsewhere",
+                self.list_path
+            ))
+        };
         match self.send(req, "atlas list", creds).await {
-            Ok(resp) => phttp::decode(resp, "atlas list").await,
-            // A campaign without subscriptions may answer 404 rather than [].
-            Err(ProviderError::NotFound(_)) => Ok(Vec::new()),
+            Ok(resp) => phttp::decode(resp, "atlas list").await.map_err(cannot),
+            Err(e @ (ProviderError::NotFound(_) | ProviderError::Invalid(_))) => Err(cannot(e)),
             Err(e) => Err(e),
         }
     }
@@ -153,17 +166,75 @@ fn campaign_of(d: &DesiredSubscription) -> Result<&str, ProviderError> {
     }
 }
 
+/// The hook URL registered for one trigger: the subscription's hook URL with
+/// `trigger=<name>`, so a delivery that names no trigger is known by where it arrived.
+fn registered_url(hook_url: &str, trigger: &str) -> String {
+    match url::Url::parse(hook_url) {
+        Ok(mut u) => {
+            u.query_pairs_mut().append_pair("trigger", trigger);
+            u.to_string()
+        }
+        Err(_) => format!("{hook_url}?trigger={trigger}"),
+    }
+}
+
 fn tuple(d: &DesiredSubscription, campaign: &str, trigger: &str) -> TriggerRequest {
     TriggerRequest {
-        hook_url: d.hook_url.clone(),
+        hook_url: registered_url(&d.hook_url, trigger),
         campaign_id: campaign.to_string(),
         trigger_name: trigger.to_string(),
         provider: PROVIDER_CUSTOM.to_string(),
     }
 }
 
-fn matches(s: &TriggerSubscription, t: &TriggerRequest) -> bool {
-    s.hook_url == t.hook_url && s.campaign_id == t.campaign_id && s.trigger_name == t.trigger_name
+/// `t` under either URL form: per trigger, or the bare hook URL `bare` (registered by
+/// earlier versions, or by hand) which is adopted as it is.
+fn matches(s: &TriggerSubscription, t: &TriggerRequest, bare: &str) -> bool {
+    (s.hook_url == t.hook_url || s.hook_url == bare)
+        && s.campaign_id == t.campaign_id
+        && s.trigger_name == t.trigger_name
+}
+
+/// `t` as it is listed upstream (either URL form), or as we would register it.
+fn registered_forms(
+    existing: &[TriggerSubscription],
+    t: &TriggerRequest,
+    bare: &str,
+) -> Vec<TriggerRequest> {
+    let listed: Vec<TriggerRequest> = existing
+        .iter()
+        .filter(|s| matches(s, t, bare))
+        .map(|s| TriggerRequest {
+            hook_url: s.hook_url.clone(),
+            ..t.clone()
+        })
+        .collect();
+    if listed.is_empty() {
+        vec![t.clone()]
+    } else {
+        listed
+    }
+}
+
+/// A subscription id fit for status, Events and logs. The subscribe document calls the
+/// id "the registered hookUrl"; the hook URL is Atlas' only secret, so an id holding it
+/// (or any URL) is replaced by a digest that still tells ids apart.
+fn safe_id(id: &str, hook_url: &str) -> String {
+    // The ingress token is a long path segment of the hook URL.
+    let path = url::Url::parse(hook_url)
+        .map(|u| u.path().to_string())
+        .unwrap_or_default();
+    let holds_token = path
+        .split('/')
+        .filter(|seg| seg.len() >= 16)
+        .any(|seg| id.contains(seg));
+    if id.contains("://") || id.contains(hook_url) || holds_token {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(id.as_bytes());
+        format!("redacted-{}", &hex::encode(digest)[..16])
+    } else {
+        id.to_string()
+    }
 }
 
 /// The hook URL is Atlas' only protection (deliveries are unsigned), so it is never echoed.
@@ -187,33 +258,44 @@ impl ProviderApi for AtlasClient {
         if wanted.is_empty() {
             return Err(ProviderError::Invalid("no events".into()));
         }
-        let existing = self.list(creds, campaign).await?;
+        let existing = match self.list(creds, campaign).await {
+            Ok(list) => list,
+            // Unobservable: nothing is written on a guess once this spec was applied;
+            // a new or changed spec is applied with the (idempotent) subscribe calls.
+            Err(ProviderError::CannotObserve(_)) if previous != Some(desired) => Vec::new(),
+            Err(e) => return Err(e),
+        };
         let mut wrote = false;
         let mut ids = Vec::with_capacity(wanted.len());
         for trigger in &wanted {
             let t = tuple(desired, campaign, trigger);
-            match existing.iter().find(|s| matches(s, &t)) {
-                Some(s) => ids.push(s.id.clone()),
+            match existing.iter().find(|s| matches(s, &t, &desired.hook_url)) {
+                Some(s) => ids.push(safe_id(&s.id, &desired.hook_url)),
                 None => {
-                    ids.push(self.subscribe(creds, &t).await?.id);
+                    ids.push(safe_id(
+                        &self.subscribe(creds, &t).await?.id,
+                        &desired.hook_url,
+                    ));
                     wrote = true;
                 }
             }
         }
-        let keep = |t: &TriggerRequest| {
-            t.hook_url == desired.hook_url
-                && t.campaign_id == campaign
-                && wanted.contains(&t.trigger_name)
-        };
         // What the previous spec registered and this one does not want.
         let mut stale: Vec<TriggerRequest> = Vec::new();
         if let Some(prev) = previous.filter(|p| p.provider == Provider::Atlas)
             && let Ok(prev_campaign) = campaign_of(prev)
         {
+            let same_place = prev.hook_url == desired.hook_url && prev_campaign == campaign;
+            let prev_existing = if prev_campaign == campaign {
+                existing.clone()
+            } else {
+                // Unlistable: the per-trigger form is removed; a bare one cannot be seen.
+                self.list(creds, prev_campaign).await.unwrap_or_default()
+            };
             for trigger in prev.event_set() {
-                let t = tuple(prev, prev_campaign, &trigger);
-                if !keep(&t) {
-                    stale.push(t);
+                if !(same_place && wanted.contains(&trigger)) {
+                    let t = tuple(prev, prev_campaign, &trigger);
+                    stale.extend(registered_forms(&prev_existing, &t, &prev.hook_url));
                 }
             }
         }
@@ -244,8 +326,8 @@ impl ProviderApi for AtlasClient {
         let mut missing = Vec::new();
         for trigger in &wanted {
             let t = tuple(desired, campaign, trigger);
-            match existing.iter().find(|s| matches(s, &t)) {
-                Some(s) => ids.push(s.id.clone()),
+            match existing.iter().find(|s| matches(s, &t, &desired.hook_url)) {
+                Some(s) => ids.push(safe_id(&s.id, &desired.hook_url)),
                 None => missing.push(trigger.clone()),
             }
         }
@@ -275,8 +357,14 @@ impl ProviderApi for AtlasClient {
     ) -> Result<(), ProviderError> {
         let campaign = campaign_of(applied)?;
         for trigger in applied.event_set() {
-            self.unsubscribe(creds, &tuple(applied, campaign, &trigger))
-                .await?;
+            // Both URL forms: a bare one may have been adopted. An absent one is gone.
+            let t = tuple(applied, campaign, &trigger);
+            let bare = TriggerRequest {
+                hook_url: applied.hook_url.clone(),
+                ..t.clone()
+            };
+            self.unsubscribe(creds, &t).await?;
+            self.unsubscribe(creds, &bare).await?;
         }
         Ok(())
     }
@@ -298,9 +386,10 @@ pub fn parse_inbound(req: &InboundRequest<'_>) -> Result<Parsed, Rejection> {
     if items.is_empty() {
         return Err(Rejection::BadRequest("no events"));
     }
+    let hint = trigger_hint(req.query);
     let mut parsed = Parsed::default();
     for item in items {
-        match parse_event(item) {
+        match parse_event(item, hint) {
             Ok(event) => parsed.events.push(event),
             Err(rejection) => parsed.malformed.push(MalformedEvent {
                 reason: rejection.reason(),
@@ -311,26 +400,48 @@ pub fn parse_inbound(req: &InboundRequest<'_>) -> Result<Parsed, Rejection> {
     Ok(parsed)
 }
 
-fn parse_event(ev: &serde_json::Value) -> Result<InboundEvent, Rejection> {
+/// The trigger a hook URL was registered for, when it says so (`?trigger=<name>`).
+fn trigger_hint(query: Option<&str>) -> Option<&'static str> {
+    let t = url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "trigger")?
+        .1;
+    Provider::Atlas
+        .event_names()
+        .iter()
+        .find(|n| **n == t)
+        .copied()
+}
+
+/// One event. Atlas documents only `callId`; `triggerName` and `messageId` are used when
+/// present. Without a trigger the event is known by where it arrived (`hint`), and the
+/// dedupe key falls back to a digest of the event itself, so two different events never
+/// share a key while a redelivery of the same one still does.
+fn parse_event(ev: &serde_json::Value, hint: Option<&str>) -> Result<InboundEvent, Rejection> {
     if !ev.is_object() {
         return Err(Rejection::BadRequest("event is not an object"));
     }
-    let trigger =
-        str_field(ev, "triggerName").ok_or(Rejection::BadRequest("missing triggerName"))?;
-    let dedupe_key = if let Some(m) = str_field(ev, "messageId") {
-        format!("message:{m}")
-    } else if let Some(c) = str_field(ev, "callId") {
-        format!("call:{c}:{trigger}")
-    } else {
-        return Err(Rejection::BadRequest("missing callId or messageId"));
+    let trigger = str_field(ev, "triggerName").or(hint);
+    let digest = || {
+        use sha2::Digest;
+        let bytes = serde_json::to_vec(ev).expect("a JSON value serialises");
+        hex::encode(&sha2::Sha256::digest(&bytes)[..12])
+    };
+    let dedupe_key = match (str_field(ev, "messageId"), str_field(ev, "callId"), trigger) {
+        (Some(m), _, _) => format!("message:{m}"),
+        (None, Some(c), Some(t)) => format!("call:{c}:{t}"),
+        (None, Some(c), None) => format!("call:{c}:sha256:{}", digest()),
+        (None, None, _) => format!("sha256:{}", digest()),
     };
     Ok(InboundEvent {
-        event_type: trigger.to_string(),
+        event_type: trigger.unwrap_or(UNKNOWN_TRIGGER).to_string(),
         dedupe_key,
         payload: to_payload(ev),
         test: ev.get("test").and_then(serde_json::Value::as_bool) == Some(true),
     })
 }
+
+/// Event type of an event that names no trigger and arrived on a URL that does not say.
+pub const UNKNOWN_TRIGGER: &str = "unknown";
 
 #[cfg(test)]
 mod tests {
@@ -367,23 +478,23 @@ mod tests {
     fn a_bad_element_is_kept_raw_and_the_others_are_read() {
         let h = json_headers(&[]);
         let body = br#"[{"callId":"c1","triggerName":"call_completed"},
-                        {"callId":"c2"},
                         "not an object",
-                        {"triggerName":"call_started"}]"#;
+                        {"callId":"c2","triggerName":"call_started"},
+                        42]"#;
         let parsed = parse_inbound(&req(&h, body)).unwrap();
-        assert_eq!(parsed.events.len(), 1);
-        assert_eq!(parsed.events[0].dedupe_key, "call:c1:call_completed");
+        let keys: Vec<_> = parsed
+            .events
+            .iter()
+            .map(|e| e.dedupe_key.as_str())
+            .collect();
+        assert_eq!(keys, ["call:c1:call_completed", "call:c2:call_started"]);
         let reasons: Vec<_> = parsed.malformed.iter().map(|m| m.reason).collect();
         assert_eq!(
             reasons,
-            [
-                "missing triggerName",
-                "event is not an object",
-                "missing callId or messageId"
-            ]
+            ["event is not an object", "event is not an object"]
         );
-        assert_eq!(&parsed.malformed[0].raw[..], br#"{"callId":"c2"}"#);
-        assert_eq!(&parsed.malformed[1].raw[..], br#""not an object""#);
+        assert_eq!(&parsed.malformed[0].raw[..], br#""not an object""#);
+        assert_eq!(&parsed.malformed[1].raw[..], b"42");
     }
 
     #[test]
@@ -412,6 +523,67 @@ mod tests {
             body: b"[]",
         };
         assert_eq!(parse_inbound(&r), Err(Rejection::MethodNotAllowed));
+    }
+
+    #[test]
+    fn events_without_trigger_or_message_id_are_accepted_and_kept_apart() {
+        let h = json_headers(&[]);
+        // Only `callId` is documented: no triggerName, no messageId.
+        let started = br#"[{"callId":"c7","campaignId":"k","startedAt":"2025-01-01T00:00:00Z"}]"#;
+        let completed = br#"[{"callId":"c7","campaignId":"k","startedAt":"2025-01-01T00:00:00Z","endedAt":"2025-01-01T00:02:00Z","status":"completed"}]"#;
+        let a = parse_inbound(&req(&h, started)).unwrap().events;
+        let b = parse_inbound(&req(&h, completed)).unwrap().events;
+        assert_eq!(a[0].event_type, UNKNOWN_TRIGGER);
+        assert_ne!(a[0].dedupe_key, b[0].dedupe_key, "two events merged");
+        assert!(
+            a[0].dedupe_key.starts_with("call:c7:"),
+            "{}",
+            a[0].dedupe_key
+        );
+        // A redelivery of the same event keeps its key.
+        assert_eq!(
+            parse_inbound(&req(&h, started)).unwrap().events[0].dedupe_key,
+            a[0].dedupe_key
+        );
+        // A message event without messageId is keyed by its content too.
+        let m1 = parse_inbound(&req(
+            &h,
+            br#"[{"campaignId":"k","triggerName":"message_sent","text":"a"}]"#,
+        ))
+        .unwrap()
+        .events;
+        let m2 = parse_inbound(&req(
+            &h,
+            br#"[{"campaignId":"k","triggerName":"message_sent","text":"b"}]"#,
+        ))
+        .unwrap()
+        .events;
+        assert_eq!(m1[0].event_type, "message_sent");
+        assert_ne!(m1[0].dedupe_key, m2[0].dedupe_key);
+    }
+
+    #[test]
+    fn trigger_is_known_from_the_hook_url_it_arrived_on() {
+        let h = json_headers(&[]);
+        let body = br#"[{"callId":"c8","campaignId":"k"}]"#;
+        let r = InboundRequest {
+            method: &POST,
+            headers: &h,
+            query: Some("trigger=call_completed"),
+            body,
+        };
+        let evs = parse_inbound(&r).unwrap().events;
+        assert_eq!(evs[0].event_type, "call_completed");
+        assert_eq!(evs[0].dedupe_key, "call:c8:call_completed");
+        // A field in the event wins over the URL; an unknown hint is ignored.
+        let r = InboundRequest {
+            query: Some("trigger=bogus"),
+            ..r
+        };
+        assert_eq!(
+            parse_inbound(&r).unwrap().events[0].event_type,
+            UNKNOWN_TRIGGER
+        );
     }
 
     proptest! {

@@ -62,27 +62,25 @@ impl ProviderApi for AtllasClient {
     }
 }
 
-/// Verifies an Atllas delivery: POST with a JSON body, or GET with the JSON in the
-/// `payload` query parameter; the configured header must carry an accepted value.
+/// Verifies an Atllas delivery: POST with a JSON body, or GET (see [`get_event`]); the
+/// configured header must carry an accepted value.
 pub fn parse_inbound(
     keys: &VerificationKeys,
     req: &InboundRequest<'_>,
 ) -> Result<Vec<InboundEvent>, Rejection> {
-    let from_query;
-    let body: &[u8] = if req.method == http::Method::POST {
+    let ev = if req.method == http::Method::POST {
         require_json(req)?;
-        req.body
+        None
     } else if req.method == http::Method::GET {
-        from_query = url::form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
-            .find(|(k, _)| k == "payload")
-            .map(|(_, v)| v.into_owned())
-            .ok_or(Rejection::BadRequest("missing payload parameter"))?;
-        from_query.as_bytes()
+        Some(get_event(req)?)
     } else {
         return Err(Rejection::MethodNotAllowed);
     };
     verify_header_secret(req, keys.header_name.as_deref(), &keys.secrets)?;
-    let ev = parse_json(body)?;
+    let ev = match ev {
+        Some(ev) => ev,
+        None => parse_json(req.body)?,
+    };
     let kind = str_field(&ev, "type").ok_or(Rejection::BadRequest("missing type"))?;
     if !EVENT_TYPES.contains(&kind) {
         return Err(Rejection::BadRequest("unknown event type"));
@@ -100,12 +98,55 @@ pub fn parse_inbound(
         event_type: kind.to_string(),
         dedupe_key: format!("{call_id}:{kind}"),
         payload: if req.method == http::Method::POST {
-            bytes::Bytes::copy_from_slice(body)
+            bytes::Bytes::copy_from_slice(req.body)
         } else {
             to_payload(&ev)
         },
         test,
     }])
+}
+
+/// The event of a GET delivery. How it travels is not documented, so every form is a
+/// guess (PROVIDERS.md): a JSON body; the JSON in the `payload` query parameter; or the
+/// fields as query parameters, nested by dotted or bracketed names
+/// (`type=call.finished&call.id=c1&call[status]=finished`), values as strings.
+fn get_event(req: &InboundRequest<'_>) -> Result<serde_json::Value, Rejection> {
+    if !req.body.is_empty() {
+        return parse_json(req.body);
+    }
+    let pairs: Vec<(String, String)> =
+        url::form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    if let Some((_, p)) = pairs.iter().find(|(k, _)| k == "payload") {
+        return parse_json(p.as_bytes());
+    }
+    if pairs.is_empty() {
+        return Err(Rejection::BadRequest("missing payload parameter"));
+    }
+    let mut root = serde_json::Map::new();
+    for (key, value) in pairs {
+        let path: Vec<&str> = key
+            .split(['.', '[', ']'])
+            .filter(|p| !p.is_empty())
+            .collect();
+        let Some((last, parents)) = path.split_last() else {
+            continue;
+        };
+        let mut node = &mut root;
+        for p in parents {
+            node = node
+                .entry(p.to_string())
+                .or_insert_with(|| serde_json::Value::Object(Default::default()))
+                .as_object_mut()
+                .ok_or(Rejection::BadRequest("conflicting query fields"))?;
+        }
+        if node.contains_key(*last) {
+            return Err(Rejection::BadRequest("conflicting query fields"));
+        }
+        node.insert(last.to_string(), serde_json::Value::String(value));
+    }
+    Ok(serde_json::Value::Object(root))
 }
 
 #[cfg(test)]
@@ -121,6 +162,7 @@ mod tests {
         VerificationKeys {
             secrets: vec![b"rotated-new".to_vec(), VALUE.as_bytes().to_vec()],
             header_name: Some(HEADER.into()),
+            ..Default::default()
         }
     }
 
@@ -174,6 +216,51 @@ mod tests {
         )
         .unwrap();
         assert_eq!(evs[0].event_type, "call.finished");
+    }
+
+    fn get(query: Option<&str>, body: &[u8]) -> Result<Vec<InboundEvent>, Rejection> {
+        let h = json_headers(&[(HEADER, VALUE)]);
+        let get = http::Method::GET;
+        parse_inbound(
+            &keys(),
+            &InboundRequest {
+                method: &get,
+                headers: &h,
+                query,
+                body,
+            },
+        )
+    }
+
+    #[test]
+    fn get_accepts_json_body_and_query_fields() {
+        // A JSON body on GET.
+        let evs = get(None, &body("call.completed")).unwrap();
+        assert_eq!(evs[0].dedupe_key, "call_xyz789:call.completed");
+        // Form-encoded fields, dotted or bracketed.
+        let evs = get(
+            Some("type=call.finished&call.id=c42&call%5Bstatus%5D=finished&campaign.id=k"),
+            b"",
+        )
+        .unwrap();
+        assert_eq!(evs[0].event_type, "call.finished");
+        assert_eq!(evs[0].dedupe_key, "c42:call.finished");
+        let p: serde_json::Value = serde_json::from_slice(&evs[0].payload).unwrap();
+        assert_eq!(p["call"]["status"], "finished");
+        assert_eq!(p["campaign"]["id"], "k");
+        // Still checked: the header, the fields, conflicts.
+        assert_eq!(
+            get(Some("type=call.finished&call.id=c42"), b""),
+            Err(Rejection::BadRequest("missing call.status"))
+        );
+        assert_eq!(
+            get(Some("call=x&call.id=c"), b""),
+            Err(Rejection::BadRequest("conflicting query fields"))
+        );
+        assert_eq!(
+            get(None, b""),
+            Err(Rejection::BadRequest("missing payload parameter"))
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! per subscription, no update endpoint (replace = create new, then disable old), and
 //! deliveries signed with `X-Atomic-Signature` (an assumption, see PROVIDERS.md).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::http::{self as phttp, USER_AGENT};
-use super::inbound_util::{parse_json, require_json, str_field, to_payload, verify_hex_signature};
+use super::inbound_util::{parse_json, require_json, str_field, to_payload, verify_signature};
 use super::{
     AtomicMethod, Credentials, DesiredSubscription, Observed, Provider, ProviderApi,
     ProviderEndpoints, ProviderError, Scope, SyncAction, UpstreamState, classify, method_str,
@@ -62,9 +62,10 @@ pub struct Webhook {
     pub action_flow_config_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<AtomicMethod>,
-    /// Disabled webhooks stay listed with `enabled: false` (assumption).
-    #[serde(default = "yes")]
-    pub enabled: bool,
+    /// Disabled webhooks stay listed with `enabled: false` (assumption). `None`: the
+    /// provider did not say, which is never read as enabled when adopting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -76,10 +77,6 @@ impl std::fmt::Debug for Webhook {
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .finish_non_exhaustive()
     }
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// Atomic wraps every answer in `data`.
@@ -121,7 +118,15 @@ pub struct AtomicClient {
     token_template: String,
     /// Per (organization, client id): one credential's token is useless for another org.
     tokens: Mutex<HashMap<(String, String), CachedToken>>,
+    /// Webhooks this client disabled. Atomic may not say `enabled: false` in its list
+    /// (an assumption), so without this a disabled one would be disabled again, and
+    /// reported as a change, on every resync.
+    disabled: Mutex<HashSet<String>>,
 }
+
+/// Bound of [`AtomicClient::disabled`]; past it the memory starts over (at worst one
+/// redundant disable call per webhook).
+const DISABLED_MEMORY: usize = 10_000;
 
 struct AtomicScope<'a> {
     org: &'a str,
@@ -163,16 +168,27 @@ fn scope_of(d: &DesiredSubscription) -> Result<AtomicScope<'_>, ProviderError> {
     }
 }
 
-/// Same delivery as `d` wants (ignoring headers and enabled).
+/// Same delivery as `d` wants. Only what the provider documents in its answers (`url`,
+/// `types`) must match; the assumed echoes (`cardTemplateId`, `actionFlowConfigId`,
+/// `method`) are compared only when the provider returned them, so a provider that does
+/// not echo them never makes us replace a webhook (PROVIDERS.md).
 fn identical(w: &Webhook, d: &DesiredSubscription, s: &AtomicScope<'_>) -> bool {
     let mut types = w.types.clone();
     types.sort();
     types.dedup();
+    let same_if_returned = |got: Option<&str>, want: Option<&str>| got.is_none() || got == want;
     w.url == d.hook_url
         && types == d.event_set()
-        && w.card_template_id.as_deref() == s.card
-        && w.action_flow_config_id.as_deref() == s.flow
-        && w.method.unwrap_or_default() == s.method
+        && same_if_returned(w.card_template_id.as_deref(), s.card)
+        && same_if_returned(w.action_flow_config_id.as_deref(), s.flow)
+        && w.method.is_none_or(|m| m == s.method)
+}
+
+/// Worth keeping for `d` (the caller also drops what is known to be disabled): ours
+/// (the owner header we send), or someone else's that the provider says is enabled:
+/// adopting needs certainty, a missing `enabled` is not enough.
+fn keepable(w: &Webhook, d: &DesiredSubscription, s: &AtomicScope<'_>) -> bool {
+    identical(w, d, s) && (owned_by(w, &d.owner) || w.enabled == Some(true))
 }
 
 fn owned_by(w: &Webhook, owner: &str) -> bool {
@@ -186,13 +202,15 @@ fn echo(w: &Webhook, s: &AtomicScope<'_>) -> BTreeMap<String, String> {
         ("webhookId".to_string(), w.id.clone()),
         ("types".to_string(), w.types.join(",")),
         ("environmentId".to_string(), s.env.to_string()),
-        (
-            "method".to_string(),
-            method_str(w.method.unwrap_or_default()).into(),
-        ),
-        ("enabled".to_string(), w.enabled.to_string()),
         ("updated".to_string(), w.updated.clone()),
     ]);
+    // Assumed fields: echoed only when the provider returned them.
+    if let Some(m) = w.method {
+        e.insert("method".into(), method_str(m).into());
+    }
+    if let Some(en) = w.enabled {
+        e.insert("enabled".into(), en.to_string());
+    }
     if let Some(c) = &w.card_template_id {
         e.insert("cardTemplateId".into(), c.clone());
     }
@@ -210,6 +228,7 @@ impl AtomicClient {
             base_template: endpoints.atomic_base.trim_end_matches('/').to_string(),
             token_template: endpoints.atomic_token_url.clone(),
             tokens: Mutex::new(HashMap::new()),
+            disabled: Mutex::new(HashSet::new()),
         }
     }
 
@@ -408,15 +427,38 @@ impl AtomicClient {
         let mut any = false;
         for w in list
             .iter()
-            .filter(|w| w.enabled && Some(w.id.as_str()) != keep)
+            .filter(|w| self.may_be_enabled(w) && Some(w.id.as_str()) != keep)
         {
             let was_prev = prev.is_some_and(|(p, ps)| identical(w, p, ps));
             if owned_by(w, owner) || was_prev {
                 self.disable(creds, s, &w.id).await?;
+                let mut disabled = self.disabled.lock().expect("disabled ids");
+                if disabled.len() >= DISABLED_MEMORY {
+                    disabled.clear();
+                }
+                disabled.insert(w.id.clone());
                 any = true;
             }
         }
         Ok(any)
+    }
+
+    /// Not known to be disabled, neither by the list nor because we disabled it.
+    fn may_be_enabled(&self, w: &Webhook) -> bool {
+        match w.enabled {
+            Some(enabled) => enabled,
+            None => !self.disabled.lock().expect("disabled ids").contains(&w.id),
+        }
+    }
+
+    /// Which of several identical webhooks is the live one: one that may be enabled,
+    /// ours, the newest (replacing creates the new one before disabling the old).
+    fn rank<'w>(&self, w: &'w Webhook, owner: &str) -> (bool, bool, &'w str) {
+        (
+            self.may_be_enabled(w),
+            owned_by(w, owner),
+            w.created.as_str(),
+        )
     }
 }
 
@@ -456,20 +498,27 @@ impl ProviderApi for AtomicClient {
             return Err(ProviderError::Invalid("no events".into()));
         }
         let list = self.list(creds, &s).await?;
-        // Prefer the one we created ourselves when several identical ones exist.
+        let prev = previous
+            .filter(|p| p.provider == Provider::Atomic)
+            .and_then(|p| scope_of(p).ok().map(|ps| (p, ps)));
+        // The spec changed in a field the provider may not echo: what `previous` created
+        // looks identical in the list, yet is the old delivery.
+        let unechoed_change = prev
+            .as_ref()
+            .is_some_and(|(_, ps)| ps.card != s.card || ps.flow != s.flow || ps.method != s.method);
         let found = list
             .iter()
-            .filter(|w| w.enabled && identical(w, desired, &s))
-            .max_by_key(|w| owned_by(w, &desired.owner))
+            .filter(|w| self.may_be_enabled(w) && keepable(w, desired, &s))
+            .filter(|w| {
+                !(unechoed_change && prev.as_ref().is_some_and(|(p, ps)| identical(w, p, ps)))
+            })
+            .max_by_key(|w| self.rank(w, &desired.owner))
             .cloned();
         let (active, created) = match found {
             Some(w) => (w, false),
             // A disabled identical one cannot be re-enabled through the API: create anew.
             None => (self.create(creds, desired, &s).await?, true),
         };
-        let prev = previous
-            .filter(|p| p.provider == Provider::Atomic)
-            .and_then(|p| scope_of(p).ok().map(|ps| (p, ps)));
         let mut replaced = self
             .disable_ours(
                 creds,
@@ -505,18 +554,19 @@ impl ProviderApi for AtomicClient {
     ) -> Result<Option<Observed>, ProviderError> {
         let s = scope_of(desired)?;
         let list = self.list(creds, &s).await?;
-        let mut matching: Vec<&Webhook> =
-            list.iter().filter(|w| identical(w, desired, &s)).collect();
         // An enabled one wins over disabled leftovers.
-        matching.sort_by_key(|w| (!w.enabled, !owned_by(w, &desired.owner)));
-        Ok(matching.first().map(|w| Observed {
+        let live = list
+            .iter()
+            .filter(|w| identical(w, desired, &s))
+            .max_by_key(|w| self.rank(w, &desired.owner));
+        Ok(live.map(|w| Observed {
             id: w.id.clone(),
             echo: echo(w, &s),
-            state: if w.enabled {
+            state: if self.may_be_enabled(w) {
                 UpstreamState::Enabled
             } else {
                 UpstreamState::Disabled {
-                    message: "Atomic lists the webhook with enabled=false (disabled, or paused after failed deliveries); re-enable it in the Atomic Workbench (the API cannot)".into(),
+                    message: "Atomic lists the webhook with enabled=false (disabled, or paused after failed deliveries), or the operator disabled it; re-enable it in the Atomic Workbench (the API cannot)".into(),
                 }
             },
             signing_secret: w.secret.clone(),
@@ -537,7 +587,8 @@ impl ProviderApi for AtomicClient {
     }
 }
 
-/// Verifies and splits an Atomic delivery (POST or PUT, `X-Atomic-Signature`).
+/// Verifies and splits an Atomic delivery (POST or PUT, signed in `X-Atomic-Signature`
+/// unless the subscription says otherwise).
 pub fn parse_inbound(
     keys: &VerificationKeys,
     req: &InboundRequest<'_>,
@@ -546,7 +597,9 @@ pub fn parse_inbound(
         return Err(Rejection::MethodNotAllowed);
     }
     require_json(req)?;
-    verify_hex_signature(req, SIGNATURE_HEADER, &keys.secrets)?;
+    // The scheme is a guess; a subscription may name another header and encoding.
+    let header = keys.header_name.as_deref().unwrap_or(SIGNATURE_HEADER);
+    verify_signature(req, header, &keys.secrets, keys.signature_encoding)?;
     let env = parse_json(req.body)?;
     if !env.is_object() {
         return Err(Rejection::BadRequest("expected a json object"));
@@ -596,6 +649,7 @@ mod tests {
         VerificationKeys {
             secrets: vec![b"new-secret".to_vec(), SECRET.to_vec()],
             header_name: None,
+            ..Default::default()
         }
     }
 

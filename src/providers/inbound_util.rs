@@ -5,7 +5,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::inbound::{InboundRequest, Rejection};
+use base64::Engine;
+
+use crate::inbound::{InboundRequest, Rejection, SignatureEncoding};
 
 /// POST/PUT bodies must be declared JSON (`application/json`, `application/*+json`),
 /// parameters such as `charset` allowed.
@@ -33,16 +35,26 @@ pub(crate) fn require_json(req: &InboundRequest<'_>) -> Result<(), Rejection> {
 /// HMAC-SHA256 of `body` keyed by `secret`, lowercase hex: the scheme both Atomic and
 /// Smallest use. Shared with the simulators so they sign exactly what we verify.
 pub fn sign_hex(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length");
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
+    encode_signature(secret, body, SignatureEncoding::Hex)
 }
 
-/// Verifies a hex HMAC-SHA256 signature header against every accepted secret.
-pub(crate) fn verify_hex_signature(
+/// A signature written the way `encoding` says (what [`verify_signature`] accepts).
+pub fn encode_signature(secret: &[u8], body: &[u8], encoding: SignatureEncoding) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length");
+    mac.update(body);
+    let bytes = mac.finalize().into_bytes();
+    match encoding {
+        SignatureEncoding::Hex => hex::encode(bytes),
+        SignatureEncoding::Base64 => base64::engine::general_purpose::STANDARD.encode(bytes),
+    }
+}
+
+/// Verifies an HMAC-SHA256 signature header, hex or base64, against every accepted secret.
+pub(crate) fn verify_signature(
     req: &InboundRequest<'_>,
     header: &str,
     secrets: &[Vec<u8>],
+    encoding: SignatureEncoding,
 ) -> Result<(), Rejection> {
     if secrets.is_empty() {
         return Err(Rejection::Unauthorized("no signing secret configured"));
@@ -54,7 +66,13 @@ pub(crate) fn verify_hex_signature(
         .ok_or(Rejection::Unauthorized("missing signature"))?;
     // The providers send lowercase hex; decoding accepts either case, and the comparison
     // is on bytes, so case is not a forgery vector.
-    let given = hex::decode(given.trim()).map_err(|_| Rejection::Unauthorized("bad signature"))?;
+    let given = match encoding {
+        SignatureEncoding::Hex => hex::decode(given.trim()),
+        SignatureEncoding::Base64 => base64::engine::general_purpose::STANDARD
+            .decode(given.trim())
+            .map_err(|_| hex::FromHexError::OddLength),
+    }
+    .map_err(|_| Rejection::Unauthorized("bad signature"))?;
     let mut matched = subtle::Choice::from(0u8);
     for secret in secrets {
         let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");

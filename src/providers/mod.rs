@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::api::Provider;
 use crate::inbound::{InboundParser, InboundRequest, Parsed, Rejection, VerificationKeys};
 pub use http::install_crypto_provider;
-pub use inbound_util::sign_hex;
+pub use inbound_util::{encode_signature, sign_hex};
 
 /// Credentials read from the subscription's Secret. `Debug` never shows values.
 #[derive(Clone, Default)]
@@ -211,6 +211,10 @@ pub enum ProviderError {
     Unavailable(String),
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The provider's state cannot be read (e.g. the assumed list call is refused), so
+    /// drift is unknown: nothing is re-created on a guess.
+    #[error("cannot observe upstream: {0}")]
+    CannotObserve(String),
 }
 
 impl ProviderError {
@@ -222,6 +226,7 @@ impl ProviderError {
             ProviderError::RateLimited { .. } => "RateLimited",
             ProviderError::Unavailable(_) => "UpstreamUnavailable",
             ProviderError::Invalid(_) => "InvalidSpec",
+            ProviderError::CannotObserve(_) => "CannotObserve",
         }
     }
 
@@ -236,7 +241,10 @@ impl ProviderError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            ProviderError::Unauthorized(_) | ProviderError::Invalid(_) | ProviderError::NotFound(_)
+            ProviderError::Unauthorized(_)
+                | ProviderError::Invalid(_)
+                | ProviderError::NotFound(_)
+                | ProviderError::CannotObserve(_)
         )
     }
 }
@@ -324,14 +332,27 @@ pub fn synthetic_test_event(
         }),
     };
     let body = serde_json::to_vec(&body).expect("a JSON value serialises");
-    let sign = |name: &'static str, headers: &mut ::http::HeaderMap| {
-        if let Ok(v) = ::http::HeaderValue::from_str(&sign_hex(&secret, &body)) {
-            headers.insert(name, v);
+    let sign = |name: &str, encoding, headers: &mut ::http::HeaderMap| {
+        if let (Ok(n), Ok(v)) = (
+            ::http::HeaderName::try_from(name),
+            ::http::HeaderValue::from_str(&encode_signature(&secret, &body, encoding)),
+        ) {
+            headers.insert(n, v);
         }
     };
     match &desired.scope {
-        Scope::Atomic { .. } => sign("x-atomic-signature", &mut headers),
-        Scope::Smallest { .. } => sign("x-signature", &mut headers),
+        Scope::Atomic { .. } => sign(
+            keys.header_name
+                .as_deref()
+                .unwrap_or(atomic::SIGNATURE_HEADER),
+            keys.signature_encoding,
+            &mut headers,
+        ),
+        Scope::Smallest { .. } => sign(
+            smallest::SIGNATURE_HEADER,
+            crate::inbound::SignatureEncoding::Hex,
+            &mut headers,
+        ),
         Scope::Atllas { header_name } => {
             if let (Ok(n), Ok(v)) = (
                 ::http::HeaderName::try_from(header_name.as_str()),
@@ -349,6 +370,8 @@ pub fn synthetic_test_event(
 #[derive(Clone, Debug)]
 pub struct ProviderEndpoints {
     pub atlas_base: String,
+    /// Path of the Atlas list call (an assumption, PROVIDERS.md).
+    pub atlas_list_path: String,
     /// Template: `{orgId}` is replaced by the scope's organization id.
     pub atomic_base: String,
     /// Template: `{orgId}` is replaced by the scope's organization id.
@@ -362,6 +385,7 @@ impl Default for ProviderEndpoints {
     fn default() -> Self {
         ProviderEndpoints {
             atlas_base: "https://api.youratlas.com/v1/api".into(),
+            atlas_list_path: atlas::DEFAULT_LIST_PATH.into(),
             atomic_base: "https://{orgId}.customer-api.atomic.io".into(),
             // Assumption (PROVIDERS.md): the token endpoint lives on the org's API host.
             atomic_token_url: "https://{orgId}.customer-api.atomic.io/auth/token".into(),
@@ -405,6 +429,7 @@ impl ProviderClients {
         let base = base.trim_end_matches('/');
         ProviderEndpoints {
             atlas_base: format!("{base}/atlas/v1/api"),
+            atlas_list_path: atlas::DEFAULT_LIST_PATH.into(),
             atomic_base: format!("{base}/atomic/{{orgId}}"),
             atomic_token_url: format!("{base}/atomic/{{orgId}}/auth/token"),
             smallest_base: format!("{base}/smallest/atoms/v1"),

@@ -9,12 +9,14 @@ use reqwest::{Method, RequestBuilder, Response};
 use serde::{Deserialize, Serialize};
 
 use super::http::{self as phttp, USER_AGENT};
-use super::inbound_util::{parse_json, require_json, str_field, verify_hex_signature};
+use super::inbound_util::{parse_json, require_json, str_field, verify_signature};
 use super::{
     Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
     ProviderError, Scope, SyncAction, UpstreamState, classify,
 };
-use crate::inbound::{InboundEvent, InboundRequest, Rejection, VerificationKeys};
+use crate::inbound::{
+    InboundEvent, InboundRequest, Rejection, SignatureEncoding, VerificationKeys,
+};
 
 pub const SIGNATURE_HEADER: &str = "x-signature";
 /// Prefix of the descriptions we write; the rest is the owner (`namespace/name`).
@@ -276,7 +278,20 @@ impl SmallestClient {
         )
     }
 
-    /// Get by id: the only answer that carries the signing secret.
+    /// `w` as listed when the list carried its secret (the SDK documents it there), else
+    /// read again by id.
+    async fn with_secret(&self, creds: &Credentials, w: Webhook) -> Result<Webhook, ProviderError> {
+        if w.decrypted_secret_key
+            .as_deref()
+            .is_some_and(|k| !k.is_empty())
+        {
+            Ok(w)
+        } else {
+            self.get(creds, &w.id).await
+        }
+    }
+
+    /// Get by id: always carries the signing secret.
     async fn get(&self, creds: &Credentials, id: &str) -> Result<Webhook, ProviderError> {
         let key = creds.require_api_key()?;
         let req = self
@@ -445,6 +460,7 @@ impl ProviderApi for SmallestClient {
         let description = description_for(&desired.owner);
         let mut wrote = false;
         let mut found = false;
+        let mut listed = None;
         // Find by URL first: creating a second webhook for a registered URL is a 400.
         let id = match self.find_by_url(creds, &desired.hook_url).await? {
             None => {
@@ -485,7 +501,9 @@ impl ProviderApi for SmallestClient {
                     self.remove_from_agent(creds, agent, &w.id).await?;
                     wrote = true;
                 }
-                w.id
+                let id = w.id.clone();
+                listed = Some(w);
+                id
             }
         };
         // The hook URL moved: the old webhook is ours alone and must go.
@@ -497,7 +515,10 @@ impl ProviderApi for SmallestClient {
             self.delete_webhook(creds, &old).await?;
             replaced = true;
         }
-        let w = self.get(creds, &id).await?;
+        let w = match listed.filter(|_| !wrote && !replaced) {
+            Some(w) => self.with_secret(creds, w).await?,
+            None => self.get(creds, &id).await?,
+        };
         let action = if found && previous.is_none() {
             // Ours by URL but unknown to the caller: taken over, even if we fixed it up.
             SyncAction::Adopted
@@ -516,7 +537,7 @@ impl ProviderApi for SmallestClient {
         let Some(w) = self.find_by_url(creds, &desired.hook_url).await? else {
             return Ok(None);
         };
-        let w = self.get(creds, &w.id).await?;
+        let w = self.with_secret(creds, w).await?;
         let mut o = observed(&w, SyncAction::Unchanged);
         let events: BTreeSet<String> = desired.event_set().into_iter().collect();
         let current = subscribed(&w);
@@ -557,7 +578,7 @@ pub fn parse_inbound(
         return Err(Rejection::MethodNotAllowed);
     }
     require_json(req)?;
-    verify_hex_signature(req, SIGNATURE_HEADER, &keys.secrets)?;
+    verify_signature(req, SIGNATURE_HEADER, &keys.secrets, SignatureEncoding::Hex)?;
     let ev = parse_json(req.body)?;
     if !ev.is_object() {
         return Err(Rejection::BadRequest("expected a json object"));
@@ -596,6 +617,7 @@ mod tests {
         VerificationKeys {
             secrets: vec![SECRET.to_vec()],
             header_name: None,
+            ..Default::default()
         }
     }
 

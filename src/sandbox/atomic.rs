@@ -18,8 +18,8 @@ use subtle::ConstantTimeEq;
 use super::control::{Delivery, faults_layer};
 use super::{AppState, Shared, deliver, now, parse_body, random_hex, valid_hook_url};
 use crate::api::Provider;
-use crate::providers::atomic::{SIGNATURE_HEADER, TEST_EVENT, Webhook};
-use crate::providers::{AtomicMethod, sign_hex};
+use crate::providers::atomic::{TEST_EVENT, Webhook};
+use crate::providers::{AtomicMethod, encode_signature};
 
 /// Documented limit of subscriptions per environment.
 const MAX_PER_ENV: usize = 100;
@@ -144,11 +144,11 @@ async fn list(
         return r;
     }
     let st = s.atomic.lock().expect("atomic state");
-    let hooks: Vec<&Webhook> = st
+    let hooks: Vec<Webhook> = st
         .webhooks
         .iter()
         .filter(|e| e.org == org && e.env == env)
-        .map(|e| &e.hook)
+        .map(|e| shown(&s, &e.hook))
         .collect();
     Json(json!({"data": hooks})).into_response()
 }
@@ -181,7 +181,7 @@ async fn create(
     let count = st
         .webhooks
         .iter()
-        .filter(|e| e.org == org && e.env == env && e.hook.enabled)
+        .filter(|e| e.org == org && e.env == env && e.hook.enabled == Some(true))
         .count();
     if count >= MAX_PER_ENV {
         return error(
@@ -194,7 +194,21 @@ async fn create(
         env,
         hook: hook.clone(),
     });
-    (StatusCode::CREATED, Json(json!({"data": hook}))).into_response()
+    (StatusCode::CREATED, Json(json!({"data": shown(&s, &hook)}))).into_response()
+}
+
+/// A webhook as the API answers it: without the assumed fields (`cardTemplateId`,
+/// `actionFlowConfigId`, `method`, `enabled`) when the simulator is told the real API
+/// might not echo them.
+fn shown(s: &Shared, w: &Webhook) -> Webhook {
+    let mut w = w.clone();
+    if !s.config.atomic_echo_assumed_fields {
+        w.card_template_id = None;
+        w.action_flow_config_id = None;
+        w.method = None;
+        w.enabled = None;
+    }
+    w
 }
 
 fn validate(s: &Shared, body: &[u8]) -> Result<Webhook, Response> {
@@ -251,7 +265,7 @@ fn validate(s: &Shared, body: &[u8]) -> Result<Webhook, Response> {
         card_template_id: opt_str(&v, "cardTemplateId")?,
         action_flow_config_id: opt_str(&v, "actionFlowConfigId")?,
         method: Some(method),
-        enabled: true,
+        enabled: Some(true),
     })
 }
 
@@ -282,7 +296,7 @@ async fn disable(
         .find(|e| e.org == org && e.env == env && e.hook.id == id)
     {
         Some(e) => {
-            e.hook.enabled = false;
+            e.hook.enabled = Some(false);
             e.hook.updated = now();
             Json(json!({"data": e.hook})).into_response()
         }
@@ -350,9 +364,10 @@ async fn send(s: &Shared, env: &str, hook: &Webhook, batched: bool, events: Vec<
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let secret = hook.secret.clone().unwrap_or_default();
+    let (header, encoding) = &s.config.atomic_signature;
     headers.push((
-        SIGNATURE_HEADER.to_string(),
-        sign_hex(secret.as_bytes(), &body),
+        header.clone(),
+        encode_signature(secret.as_bytes(), &body, *encoding),
     ));
     let method = match hook.method.unwrap_or_default() {
         AtomicMethod::Post => reqwest::Method::POST,
@@ -388,7 +403,7 @@ pub(crate) fn set_enabled(s: &Shared, id: &str, enabled: bool) -> bool {
     let mut st = s.atomic.lock().expect("atomic state");
     match st.webhooks.iter_mut().find(|e| e.hook.id == id) {
         Some(e) => {
-            e.hook.enabled = enabled;
+            e.hook.enabled = Some(enabled);
             true
         }
         None => false,
@@ -417,7 +432,7 @@ pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, Strin
         let st = s.atomic.lock().expect("atomic state");
         st.webhooks
             .iter()
-            .filter(|e| e.org == org && e.env == env && e.hook.enabled)
+            .filter(|e| e.org == org && e.env == env && e.hook.enabled == Some(true))
             .filter(|e| e.hook.types.iter().any(|t| t == kind))
             .filter(|e| {
                 e.hook.card_template_id.is_none() || e.hook.card_template_id.as_deref() == card

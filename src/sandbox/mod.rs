@@ -42,6 +42,18 @@ pub struct SandboxConfig {
     pub require_https: bool,
     /// How long a simulated delivery waits for the receiver.
     pub delivery_timeout: Duration,
+    /// Atomic list/create answers carry the assumed fields `cardTemplateId`,
+    /// `actionFlowConfigId`, `method` and `enabled` (the documented answer shows none).
+    pub atomic_echo_assumed_fields: bool,
+    /// Atlas subscription ids are the hook URL (one reading of the subscribe document).
+    pub atlas_ids_are_hook_urls: bool,
+    /// Atlas events carry `triggerName` and `messageId` (the document names only `callId`).
+    pub atlas_events_name_trigger: bool,
+    /// Smallest lists carry `decryptedSecretKey` (the official SDK documents it there).
+    pub smallest_secret_in_list: bool,
+    /// Header and encoding of Atomic delivery signatures (the default is the guess the
+    /// operator makes; another lets tests play an account that signs differently).
+    pub atomic_signature: (String, crate::inbound::SignatureEncoding),
 }
 
 impl Default for SandboxConfig {
@@ -54,6 +66,14 @@ impl Default for SandboxConfig {
             atomic_token_ttl: Duration::from_secs(3600),
             require_https: false,
             delivery_timeout: Duration::from_secs(10),
+            atomic_echo_assumed_fields: true,
+            atlas_ids_are_hook_urls: false,
+            atlas_events_name_trigger: true,
+            smallest_secret_in_list: true,
+            atomic_signature: (
+                crate::providers::atomic::SIGNATURE_HEADER.into(),
+                crate::inbound::SignatureEncoding::Hex,
+            ),
         }
     }
 }

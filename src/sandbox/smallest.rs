@@ -106,11 +106,20 @@ fn agent_ref(agent: &str) -> IdRef {
     })
 }
 
+/// A subscription inside a webhook: the agent is populated (SDK `WebhookSubscriptionPopulated`).
 fn render_sub(x: &Sub) -> Subscription {
+    Subscription {
+        agent_id: agent_ref(&x.agent_id),
+        ..render_agent_sub(x)
+    }
+}
+
+/// A subscription from the agent endpoint: plain ids (SDK `WebhookSubscription`).
+fn render_agent_sub(x: &Sub) -> Subscription {
     Subscription {
         id: x.id.clone(),
         webhook_id: IdRef::Id(x.webhook_id.clone()),
-        agent_id: agent_ref(&x.agent_id),
+        agent_id: IdRef::Id(x.agent_id.clone()),
         event_type: x.event_type.clone(),
         created_at: Some(x.created_at.clone()),
         updated_at: Some(x.created_at.clone()),
@@ -131,7 +140,8 @@ fn render(st: &Store, h: &Hook, with_secret: bool) -> Webhook {
             .filter(|x| x.webhook_id == h.id)
             .map(render_sub)
             .collect(),
-        // The secret is only on get-by-id, as documented.
+        // The SDK documents the secret on the list and on get-by-id; a switch serves
+        // it on get-by-id only (the older reading of the docs).
         decrypted_secret_key: with_secret.then(|| h.secret.clone()),
         created_at: Some(h.created_at.clone()),
         updated_at: Some(h.updated_at.clone()),
@@ -166,7 +176,7 @@ async fn get_webhooks(
             StatusCode::OK,
             st.hooks
                 .iter()
-                .map(|hk| render(&st, hk, false))
+                .map(|hk| render(&st, hk, s.config.smallest_secret_in_list))
                 .collect::<Vec<_>>(),
         ),
     }
@@ -337,7 +347,7 @@ async fn delete_webhook(
     if st.subs.iter().any(|x| x.webhook_id == id) {
         return error(
             StatusCode::BAD_REQUEST,
-            "Cannot delete webhook: agents are still subscribed to it.",
+            "Cannot delete webhook: It is currently assigned to one or more agents. Please remove all agent assignments first.",
         );
     }
     st.hooks.retain(|x| x.id != id);
@@ -363,7 +373,7 @@ async fn agent_get(State(s): State<AppState>, h: HeaderMap, Path(agent): Path<St
         st.subs
             .iter()
             .filter(|x| x.agent_id == agent)
-            .map(render_sub)
+            .map(render_agent_sub)
             .collect::<Vec<_>>(),
     )
 }

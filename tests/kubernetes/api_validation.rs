@@ -258,6 +258,20 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, serde_json::Value, &'stat
             "spec.events",
         ),
         (
+            "atomic signature header that is not a header name",
+            "WebhookSubscription",
+            json!({"provider": "atomic", "credentialsRef": {"name": "c"}, "events": ["card-published"],
+                   "atomic": {"organizationId": "o", "environmentId": "e", "signature": {"header": "X Sig"}}, "endpointRef": {"name": "e"}}),
+            "spec.atomic.signature.header",
+        ),
+        (
+            "atomic signature encoding unknown",
+            "WebhookSubscription",
+            json!({"provider": "atomic", "credentialsRef": {"name": "c"}, "events": ["card-published"],
+                   "atomic": {"organizationId": "o", "environmentId": "e", "signature": {"encoding": "base32"}}, "endpointRef": {"name": "e"}}),
+            "spec.atomic.signature.encoding",
+        ),
+        (
             "atlas without campaignId",
             "WebhookSubscription",
             json!({"provider": "atlas", "credentialsRef": {"name": "c"}, "events": ["call_started"], "endpointRef": {"name": "e"}}),

@@ -1479,7 +1479,7 @@ async fn a_partly_bad_atlas_array_delivers_the_good_events_and_keeps_the_bad_one
     let url = format!("{}/atlas", ingress_url(&env, "orders").await);
     let batch = json!([
         {"callId": "good-1", "campaignId": "camp-1", "triggerName": "call_completed"},
-        {"campaignId": "camp-1", "customerNumber": "+15550100"},
+        "not an event object",
         {"callId": "good-2", "campaignId": "camp-1", "triggerName": "call_completed"}
     ]);
     let r = reqwest::Client::new()
@@ -1666,4 +1666,66 @@ async fn a_refused_event_is_dead_lettered_and_breakers_belong_to_one_endpoint() 
         },
     )
     .await;
+}
+
+/// Signature schemes are partly guesses (PROVIDERS.md): a refused signature shows on the
+/// subscription, with what was checked, until a delivery verifies again.
+#[tokio::test]
+async fn a_signature_mismatch_is_reported_on_the_subscription() {
+    let (env, sandbox, _consumer, operator, _dir, _) =
+        setup("sigmis", json!({"destination": consumer_destination()})).await;
+    let spec = specs().into_iter().find(|(n, _)| *n == "atomic").unwrap().1;
+    apply_subscription(&env, "atomic", spec).await;
+    let sub = wait_condition(&env, "atomic", "Ready", "True", None).await;
+    let url = hook_url(&sub);
+    let body = json!({"requestId": "r1", "environmentId": "env1", "webhookId": "w1", "isBatched": false,
+        "data": {"id": "e1", "analyticsEvent": "card-published"}});
+    let r = reqwest::Client::new()
+        .post(&url)
+        .header("x-atomic-signature", "00".repeat(32))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let sub = wait_condition(
+        &env,
+        "atomic",
+        "SignaturesVerified",
+        "False",
+        Some("SignatureMismatch"),
+    )
+    .await;
+    let st = sub.status.unwrap();
+    let cond = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SignaturesVerified")
+        .unwrap();
+    assert!(
+        cond.message.contains("X-Atomic-Signature")
+            && cond.message.contains("spec.atomic.signature"),
+        "{}",
+        cond.message
+    );
+    assert_eq!(st.events.unwrap().signature_mismatches, 1);
+
+    // A delivery the provider signs verifies: the condition clears.
+    let result = control(
+        &sandbox,
+        reqwest::Method::POST,
+        "atomic/fire",
+        Some(json!({"event": "card-published", "organizationId": "org1", "environmentId": "env1"})),
+    )
+    .await;
+    assert_eq!(result["deliveries"][0]["status"], 200, "{result}");
+    wait_condition(
+        &env,
+        "atomic",
+        "SignaturesVerified",
+        "True",
+        Some("SignaturesVerifyAgain"),
+    )
+    .await;
+    drop(operator);
 }

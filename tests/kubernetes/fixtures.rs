@@ -60,7 +60,8 @@ pub async fn upstream_for(sandbox: &SandboxHandle, provider: &str, hook_url: &st
                 .or_else(|| i.pointer("/webhook/url"))
                 .or_else(|| i.get("url"))
                 .and_then(Value::as_str);
-            url == Some(hook_url)
+            // Atlas registers one URL per trigger: the hook URL plus `?trigger=<name>`.
+            url.map(|u| u.split('?').next().unwrap_or(u)) == Some(hook_url)
         })
         .collect()
 }
