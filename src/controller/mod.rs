@@ -173,22 +173,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let (ep_tx, ep_rx) = futures::channel::mpsc::unbounded::<ObjectRef<WebhookEndpoint>>();
     let (sub_tx, sub_rx) = futures::channel::mpsc::unbounded::<ObjectRef<WebhookSubscription>>();
 
-    let endpoints = Controller::new(
-        api::<WebhookEndpoint>(client, ns.as_deref()),
-        watcher::Config::default(),
-    )
-    .owns(
-        api::<Secret>(client, ns.as_deref()),
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=webhook-operator"),
-    )
-    .reconcile_on(ep_rx)
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned());
-    let subscriptions = Controller::new(
-        api::<WebhookSubscription>(client, ns.as_deref()),
-        watcher::Config::default(),
-    )
-    .reconcile_on(sub_rx)
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let (ep_store, ep_changes) = changes(api::<WebhookEndpoint>(client, ns.as_deref()));
+    let endpoints = Controller::for_stream(ep_changes, ep_store)
+        .owns(
+            api::<Secret>(client, ns.as_deref()),
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=webhook-operator"),
+        )
+        .reconcile_on(ep_rx)
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let (sub_store, sub_changes) = changes(api::<WebhookSubscription>(client, ns.as_deref()));
+    let subscriptions = Controller::for_stream(sub_changes, sub_store)
+        .reconcile_on(sub_rx)
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let ep_store = endpoints.store();
     let sub_store = subscriptions.store();
 
@@ -281,6 +277,40 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         .run(subscription::reconcile, error_policy, ctx.clone())
         .for_each(|r| async move { log_result(r) });
     tokio::join!(endpoints, subscriptions, refresher);
+}
+
+/// A kind's objects as its controller's trigger, with the cache the controller reads: what
+/// the user changes (the spec, which moves the generation, and deletion), the request
+/// annotations and the finalizers; never the controller's own status writes. A status
+/// write that re-triggered its own pass would write again whenever delivery numbers move,
+/// once per pass instead of once per refresh period ([`refresh_status`] asks for those).
+fn changes<K>(
+    api: Api<K>,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::{Predicate, predicates};
+    let (store, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::annotations)
+                .combine(predicates::finalizers),
+            Default::default(),
+        );
+    (store, stream)
 }
 
 fn log_result<K: Resource, E: std::fmt::Display>(r: Result<(ObjectRef<K>, Action), E>) {

@@ -1729,3 +1729,89 @@ async fn a_signature_mismatch_is_reported_on_the_subscription() {
     .await;
     drop(operator);
 }
+
+/// Delivery numbers move with every event; the status says so at most once per refresh
+/// period (two seconds), not once per event, and a status write does not trigger a pass
+/// that writes again.
+#[tokio::test]
+async fn status_writes_are_batched_under_load() {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup("batched", json!({"destination": consumer_destination()})).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+
+    let count_writes = |name: &'static str, api: Api<kube::core::DynamicObject>| {
+        let stream = watcher(
+            api,
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+        .applied_objects();
+        let seen = Arc::new(Mutex::new(BTreeSet::new()));
+        let sink = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(obj)) = stream.next().await {
+                sink.lock()
+                    .unwrap()
+                    .insert(obj.metadata.resource_version.unwrap_or_default());
+            }
+        });
+        (seen, task)
+    };
+    let dynamic = |plural: &str| {
+        let ar = kube::core::ApiResource {
+            group: "hooks.webhook-operator.dev".into(),
+            version: "v1alpha1".into(),
+            api_version: "hooks.webhook-operator.dev/v1alpha1".into(),
+            kind: String::new(),
+            plural: plural.into(),
+        };
+        Api::<kube::core::DynamicObject>::namespaced_with(env.client.clone(), &env.namespace, &ar)
+    };
+    let (ep_versions, ep_task) = count_writes("orders", dynamic("webhookendpoints"));
+    let (sub_versions, sub_task) = count_writes("atlas", dynamic("webhooksubscriptions"));
+    // The watches' first lists are in before the load starts.
+    wait_until(Duration::from_secs(10), "watches listed", || {
+        let n = ep_versions.lock().unwrap().len() + sub_versions.lock().unwrap().len();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    let before = (
+        ep_versions.lock().unwrap().len(),
+        sub_versions.lock().unwrap().len(),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn(post_until(url, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.store(true, Ordering::SeqCst);
+    let seen = load.await.unwrap();
+    // The load really moved the numbers: everything it sent was delivered and counted.
+    wait_endpoint(&env, "orders", "the load delivered and counted", |ep| {
+        delivered(ep) == seen.accepted.len() as u64
+    })
+    .await;
+    assert!(
+        seen.accepted.len() >= 100,
+        "load too small: {}",
+        seen.accepted.len()
+    );
+    assert!(consumer.received().len() >= seen.accepted.len());
+    ep_task.abort();
+    sub_task.abort();
+    let ep_writes = ep_versions.lock().unwrap().len() - before.0;
+    let sub_writes = sub_versions.lock().unwrap().len() - before.1;
+    println!(
+        "{} events in 8 s: {ep_writes} endpoint writes, {sub_writes} subscription writes",
+        seen.accepted.len()
+    );
+    // One write per two-second period, plus the final one after the load: about five
+    // each over eight seconds; twelve leaves room for a slow machine.
+    assert!(ep_writes <= 12, "endpoint status written {ep_writes} times");
+    assert!(
+        sub_writes <= 12,
+        "subscription status written {sub_writes} times"
+    );
+}
