@@ -47,6 +47,8 @@ pub struct Metrics {
     retries: EpCounter,
     dead_lettered: EpCounter,
     queue_depth: Family<StateLabels, Gauge>,
+    dedupe_keys: Gauge,
+    dedupe_evicted: Gauge,
     latency: Family<EndpointLabels, Histogram>,
 }
 
@@ -85,6 +87,8 @@ impl Metrics {
             retries: Family::default(),
             dead_lettered: Family::default(),
             queue_depth: Family::default(),
+            dedupe_keys: Gauge::default(),
+            dedupe_evicted: Gauge::default(),
             latency: Family::new_with_constructor(latency_histogram),
             registry: Registry::default(),
         };
@@ -136,6 +140,16 @@ impl Metrics {
             m.queue_depth.clone(),
         );
         r.register(
+            "dedupe_keys",
+            "Dedupe keys the embedded queue remembers",
+            m.dedupe_keys.clone(),
+        );
+        r.register(
+            "dedupe_evicted_keys",
+            "Dedupe keys forgotten before their window ended (--max-dedupe-keys), since start",
+            m.dedupe_evicted.clone(),
+        );
+        r.register(
             "delivery_latency_seconds",
             "Ingest to delivered latency",
             m.latency.clone(),
@@ -185,6 +199,11 @@ impl Metrics {
     /// `reason` must be a fixed string (see `inbound::Rejection::label`).
     pub fn rejected(&self, reason: &'static str) {
         self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn set_dedupe(&self, keys: u64, evicted: u64) {
+        self.dedupe_keys.set(keys as i64);
+        self.dedupe_evicted.set(evicted as i64);
     }
 
     pub fn set_queue_depth(&self, d: QueueDepth) {

@@ -22,13 +22,16 @@ struct Ops {
 pub(super) fn router(queue: Arc<dyn Queue>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .with_state(Ops { queue, metrics })
 }
 
 async fn metrics_handler(State(ops): State<Ops>) -> impl IntoResponse {
     ops.metrics.set_queue_depth(ops.queue.depth());
+    if let Some((keys, evicted)) = ops.queue.dedupe_stats() {
+        ops.metrics.set_dedupe(keys, evicted);
+    }
     (
         [(
             http::header::CONTENT_TYPE,
@@ -36,6 +39,14 @@ async fn metrics_handler(State(ops): State<Ops>) -> impl IntoResponse {
         )],
         ops.metrics.encode(),
     )
+}
+
+async fn live(State(ops): State<Ops>) -> impl IntoResponse {
+    if ops.queue.needs_restart() {
+        (StatusCode::SERVICE_UNAVAILABLE, "queue needs a restart")
+    } else {
+        (StatusCode::OK, "ok")
+    }
 }
 
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
