@@ -274,14 +274,17 @@ async fn an_abandoned_wait_loses_no_event_to_ack_wait() {
         ..options(&server.url())
     })
     .await;
-    // Delivery stops waiting when its endpoint's configuration changes: the wait's pull
-    // is still open at the server when the event arrives.
-    let _ = tokio::time::timeout(
-        Duration::from_millis(300),
-        q.wait_due(&ep, Duration::from_secs(3)),
-    )
-    .await;
+    // Delivery stops waiting when its endpoint's configuration changes (a `select!`), which
+    // can happen after the wait's pull was answered but before the wait saw the answer.
+    let wait = q.wait_due(&ep, Duration::from_secs(3));
+    tokio::pin!(wait);
+    tokio::select! {
+        _ = &mut wait => panic!("nothing to wait for yet"),
+        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+    }
     let id = accepted_id(&q.enqueue(vec![event(&ep, "k", "p")]).await.unwrap()[0]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(wait);
     let got = lease_n(&q, &ep, 1, Duration::from_secs(5)).await;
     assert_eq!(
         got.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
