@@ -276,8 +276,7 @@ async fn an_abandoned_wait_loses_no_event_to_ack_wait() {
     .await;
     // Delivery stops waiting when its endpoint's configuration changes (a `select!`), which
     // can happen after the wait's pull was answered but before the wait saw the answer.
-    let wait = q.wait_due(&ep, Duration::from_secs(3));
-    tokio::pin!(wait);
+    let mut wait = Box::pin(q.wait_due(&ep, Duration::from_secs(3)));
     tokio::select! {
         _ = &mut wait => panic!("nothing to wait for yet"),
         _ = tokio::time::sleep(Duration::from_millis(300)) => {}
