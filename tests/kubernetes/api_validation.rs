@@ -228,6 +228,12 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, serde_json::Value, &'stat
             "spec.delivery.retry.maxAttempts",
         ),
         (
+            "a backlog bound of zero",
+            "WebhookEndpoint",
+            json!({"destination": {"url": https}, "maxQueuedEvents": 0}),
+            "spec.maxQueuedEvents",
+        ),
+        (
             "timeout out of range",
             "WebhookEndpoint",
             json!({"destination": {"url": https}, "delivery": {"timeout": "10m"}}),
