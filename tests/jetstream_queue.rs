@@ -361,3 +361,37 @@ async fn existing_streams_take_the_configured_limits_and_refuse_rather_than_drop
     accepted.sort();
     assert_eq!(ids, accepted, "every accepted event is still there");
 }
+
+#[tokio::test]
+async fn purge_deletes_an_endpoints_pending_events_and_dead_letters_only() {
+    let server = NatsServer::start();
+    let gone = EndpointKey::new("apps", "deleted");
+    let kept = EndpointKey::new("apps", "kept");
+    let q = connect(&server).await;
+    q.enqueue(vec![
+        event(&gone, "a", "p"),
+        event(&gone, "b", "p"),
+        event(&kept, "c", "p"),
+    ])
+    .await
+    .unwrap();
+    let leased = lease_n(&q, &gone, 1, Duration::from_secs(5)).await;
+    q.dead_letter(&leased[0], "refused").await.unwrap();
+    assert_eq!(
+        q.purge(&gone).await.unwrap(),
+        2,
+        "one pending, one dead letter"
+    );
+    assert!(
+        lease_n(&q, &gone, 1, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        q.replay(&gone, ReplayFilter::All, SystemTime::now())
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(lease_n(&q, &kept, 1, Duration::from_secs(5)).await.len(), 1);
+}

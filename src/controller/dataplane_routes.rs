@@ -91,6 +91,11 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         })
     }
 
+    fn purge_endpoint(&self, endpoint: EndpointKey) -> BoxFuture<'static, anyhow::Result<u64>> {
+        let dp = self.clone();
+        async move { DataPlane::purge_endpoint(&dp, &key(endpoint)).await }.boxed()
+    }
+
     fn replay(
         &self,
         endpoint: EndpointKey,

@@ -35,6 +35,12 @@ pub trait IngressRoutes: TestInjection + Send + Sync {
     fn remove_endpoint(&self, endpoint: EndpointKey);
     /// Delivery statistics and the health verdict, if the endpoint is known.
     fn endpoint_health(&self, endpoint: EndpointKey) -> Option<EndpointHealthView>;
+    /// Deletes the endpoint's waiting events and dead letters: the WebhookEndpoint was
+    /// deleted. Returns how many.
+    fn purge_endpoint(
+        &self,
+        endpoint: EndpointKey,
+    ) -> futures::future::BoxFuture<'static, anyhow::Result<u64>>;
     /// Re-queues the endpoint's dead letters that `filter` selects.
     fn replay(
         &self,

@@ -207,7 +207,8 @@ impl DataPlane {
     }
 
     /// Stops receiving and delivering for the endpoint. Its queued events and dead letters
-    /// stay (parked) until it is configured again.
+    /// stay (parked) until it is configured again or [`DataPlane::purge_endpoint`] deletes
+    /// them.
     pub fn remove_endpoint(&self, key: &EndpointKey) {
         self.routes.remove_endpoint(key);
         self.dispatcher.remove(key);
@@ -270,6 +271,11 @@ impl DataPlane {
         subscription: &str,
     ) -> Option<(SystemTime, std::time::Duration)> {
         self.health.last_test(endpoint, subscription)
+    }
+
+    /// Deletes the endpoint's waiting events and dead letters (its WebhookEndpoint is gone).
+    pub async fn purge_endpoint(&self, key: &EndpointKey) -> anyhow::Result<u64> {
+        Ok(self.queue.purge(key).await?)
     }
 
     pub async fn replay(&self, key: &EndpointKey, filter: ReplayFilter) -> anyhow::Result<u64> {

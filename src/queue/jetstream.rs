@@ -983,6 +983,23 @@ impl Queue for JetStreamQueue {
         Ok(n)
     }
 
+    async fn purge(&self, endpoint: &EndpointKey) -> Result<u64, QueueError> {
+        let inner = &self.inner;
+        let mut n = 0;
+        for (stream, kind) in [(&inner.events, "events"), (&inner.dead, "dead")] {
+            n += stream
+                .purge()
+                .filter(inner.subject(kind, endpoint))
+                .await
+                .map_err(storage)?
+                .purged;
+        }
+        inner.consumers.lock().await.remove(endpoint);
+        inner.known.lock().expect("known lock").remove(endpoint);
+        let _ = inner.refresh_counts().await;
+        Ok(n)
+    }
+
     fn endpoints(&self) -> Vec<EndpointKey> {
         let mut v: Vec<_> = self
             .inner

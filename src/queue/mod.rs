@@ -189,6 +189,10 @@ pub trait Queue: Send + Sync + 'static {
         before: SystemTime,
     ) -> Result<u64, QueueError>;
 
+    /// Deletes every event of `endpoint`, pending and dead-lettered: its WebhookEndpoint
+    /// was deleted. Returns how many.
+    async fn purge(&self, endpoint: &EndpointKey) -> Result<u64, QueueError>;
+
     /// Endpoints that hold events (pending, leased or dead).
     fn endpoints(&self) -> Vec<EndpointKey>;
 

@@ -85,6 +85,7 @@ enum Op {
     Dead(EndpointKey, u64, u64, String, Reply<()>),
     Replay(EndpointKey, Vec<u64>, u64, Reply<u64>),
     Prune(EndpointKey, Vec<u64>, Reply<u64>),
+    Purge(EndpointKey, Vec<u64>, Reply<u64>),
     Check(Reply<()>),
     Shutdown,
 }
@@ -96,6 +97,7 @@ enum Effect {
     Unlease(EndpointKey, u64),
     Dead(EndpointKey, u64, DeadMeta),
     RemoveDead(EndpointKey, u64),
+    Forget(EndpointKey, Vec<u64>),
 }
 
 enum Responder {
@@ -415,6 +417,15 @@ impl Queue for RedbQueue {
         self.call(|r| Op::Prune(key, seqs, r)).await
     }
 
+    async fn purge(&self, endpoint: &EndpointKey) -> Result<u64, QueueError> {
+        let seqs = self.index.all_seqs(endpoint);
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let key = endpoint.clone();
+        self.call(|r| Op::Purge(key, seqs, r)).await
+    }
+
     fn endpoints(&self) -> Vec<EndpointKey> {
         self.index.keys()
     }
@@ -565,6 +576,7 @@ impl Writer {
                     Effect::RemoveDead(k, seq) => {
                         self.index.remove_dead(&k, seq);
                     }
+                    Effect::Forget(k, seqs) => self.index.forget(&k, &seqs),
                 }
             }
         }
@@ -685,6 +697,24 @@ impl Writer {
                         n += 1;
                         effects.push(Effect::RemoveDead(key.clone(), seq));
                     }
+                }
+                Responder::Count(reply, guard(r).map(|_| n))
+            }
+            Op::Purge(key, seqs, reply) => {
+                let mut n = 0;
+                let mut r = Ok(());
+                for seq in &seqs {
+                    match t.0.remove(*seq) {
+                        Ok(Some(_)) => n += 1,
+                        Ok(None) => {}
+                        Err(e) => {
+                            r = Err(storage(e));
+                            break;
+                        }
+                    }
+                }
+                if r.is_ok() {
+                    effects.push(Effect::Forget(key, seqs));
                 }
                 Responder::Count(reply, guard(r).map(|_| n))
             }
@@ -898,7 +928,9 @@ fn fail_op(op: Op) -> Option<Responder> {
         Op::Ack(_, _, r) | Op::Retry(_, _, _, _, r) | Op::Dead(_, _, _, _, r) | Op::Check(r) => {
             Responder::Unit(r, e())
         }
-        Op::Replay(_, _, _, r) | Op::Prune(_, _, r) => Responder::Count(r, e()),
+        Op::Replay(_, _, _, r) | Op::Prune(_, _, r) | Op::Purge(_, _, r) => {
+            Responder::Count(r, e())
+        }
         Op::Shutdown => return None,
     })
 }

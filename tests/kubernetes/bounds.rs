@@ -601,3 +601,63 @@ async fn a_leader_whose_api_server_hangs_stops_reconciling_before_its_lease_expi
         }
     }
 }
+
+/// `webhook_operator_queue_depth{state=...}` as the ops server reports it.
+async fn queue_depth(ops_port: u16, state: &str) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{ops_port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| {
+            l.starts_with("webhook_operator_queue_depth")
+                && l.contains(&format!("state=\"{state}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+#[tokio::test]
+async fn deleting_an_endpoint_deletes_its_queued_events() {
+    let ops = free_port();
+    let ops_flag = format!("127.0.0.1:{ops}");
+    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
+        "purge",
+        json!({"destination": consumer_destination()}),
+        &["--ops-addr", &ops_flag],
+    )
+    .await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    consumer.answer(503);
+    for n in 0..3 {
+        assert_eq!(
+            post(&url, &atlas_event(&format!("p-{n}"))).await.status(),
+            200
+        );
+    }
+    wait_until(Duration::from_secs(10), "three events waiting", || async {
+        let d = queue_depth(ops, "pending").await? + queue_depth(ops, "leased").await?;
+        (d == 3).then_some(())
+    })
+    .await;
+
+    let api: kube::Api<webhook_operator::api::WebhookEndpoint> =
+        kube::Api::namespaced(env.client.clone(), &env.namespace);
+    api.delete("orders", &Default::default()).await.unwrap();
+    wait_until(Duration::from_secs(30), "endpoint gone", || {
+        let api = api.clone();
+        async move { api.get_opt("orders").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    wait_until(Duration::from_secs(10), "its events deleted", || async {
+        let d = queue_depth(ops, "pending").await?
+            + queue_depth(ops, "leased").await?
+            + queue_depth(ops, "dead_lettered").await?;
+        (d == 0).then_some(())
+    })
+    .await;
+}
