@@ -62,6 +62,57 @@ pub struct OperatorConfig {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub leader: LeaderArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Bounds under floods: what may wait, what the disk keeps free, what the ingress serves
+/// at once. At a bound the ingress answers 503 with `Retry-After`; nothing stored is dropped.
+#[derive(Args, Clone, Debug)]
+pub struct LimitArgs {
+    /// Events that may wait for delivery across all endpoints (0: unbounded).
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_MAX_QUEUED_EVENTS",
+        default_value_t = 1_000_000
+    )]
+    pub max_queued_events: u64,
+    /// Events that may wait for one endpoint, unless its `spec.maxQueuedEvents` says
+    /// otherwise (0: unbounded).
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_MAX_ENDPOINT_QUEUED_EVENTS",
+        default_value_t = 100_000
+    )]
+    pub max_endpoint_queued_events: u64,
+    /// Free bytes the embedded queue's filesystem keeps; below, new events get 503 (0: off).
+    #[arg(long, env = "WEBHOOK_OPERATOR_MIN_FREE_DISK_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub min_free_disk_bytes: u64,
+    /// Ingress requests handled at once; more get 503 at once.
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_requests: usize,
+    /// Open connections per listener; more wait to be accepted.
+    #[arg(long, env = "WEBHOOK_OPERATOR_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// A request's headers must arrive within this, or the connection is closed.
+    #[arg(long, env = "WEBHOOK_OPERATOR_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+    /// Most dedupe keys the embedded queue keeps (about 200 bytes of disk each); past it
+    /// the oldest are forgotten before the 24 h window ends (metric
+    /// `webhook_operator_dedupe_evicted_keys`).
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_MAX_DEDUPE_KEYS",
+        default_value_t = 2_000_000
+    )]
+    pub max_dedupe_keys: u64,
+    /// A request's body must arrive within this after its headers, or it gets 408.
+    #[arg(long, env = "WEBHOOK_OPERATOR_BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub body_read_timeout: std::time::Duration,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,10 +147,33 @@ pub struct NatsArgs {
     /// Prefix of the subjects and (upper-cased) streams the operator uses.
     #[arg(long, env = "WEBHOOK_OPERATOR_NATS_PREFIX", default_value = "webhook")]
     pub nats_prefix: String,
-    /// Lease timeout of a delivery attempt: unacknowledged events are redelivered (to any
-    /// replica) after this. Longer than the longest delivery timeout.
+    /// Lease timeout of a delivery attempt: the events a replica that died was delivering
+    /// are redelivered (to any replica) after this. A live replica renews its leases every
+    /// third of it, so a delivery timeout may be longer.
     #[arg(long, env = "WEBHOOK_OPERATOR_NATS_ACK_WAIT", default_value = "60s", value_parser = parse_duration)]
     pub nats_ack_wait: std::time::Duration,
+    /// Copies of each stream in a NATS cluster (1, 3 or 5); applied to existing streams at
+    /// start-up.
+    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub nats_replicas: u64,
+    /// Stream storage: `file` (kept across server restarts) or `memory` (lost with the
+    /// server). Fixed once a stream exists.
+    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_STORAGE", value_enum, default_value_t = NatsStorage::File)]
+    pub nats_storage: NatsStorage,
+    /// Most bytes of waiting events the events stream holds; past it the ingress answers
+    /// 503 (the server refuses new events, never drops stored ones). -1: unlimited.
+    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
+    pub nats_max_bytes: i64,
+    /// The server removes dead letters older than this (Go duration; 0: kept until pruned
+    /// by `deadLetter.retention`).
+    #[arg(long, env = "WEBHOOK_OPERATOR_NATS_DEAD_LETTER_MAX_AGE", default_value = "0s", value_parser = parse_duration)]
+    pub nats_dead_letter_max_age: std::time::Duration,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatsStorage {
+    File,
+    Memory,
 }
 
 /// A NATS URL whose `Debug` hides any user info.
@@ -231,6 +305,21 @@ impl OperatorConfig {
                 window: self.health_window,
                 ..Default::default()
             },
+            max_queued_events: self.limits.max_queued_events,
+            max_endpoint_queued_events: self.limits.max_endpoint_queued_events,
+            min_free_disk_bytes: self.limits.min_free_disk_bytes,
+            max_concurrent_requests: self.limits.max_concurrent_requests,
+            body_read_timeout: self.limits.body_read_timeout,
+            max_dedupe_keys: self.limits.max_dedupe_keys,
+            ..Default::default()
+        }
+    }
+
+    /// Bounds of the ingress and ops listeners.
+    pub fn server_limits(&self) -> crate::dataplane::server::ServerLimits {
+        crate::dataplane::server::ServerLimits {
+            max_connections: self.limits.max_connections,
+            header_read_timeout: self.limits.header_read_timeout,
             ..Default::default()
         }
     }
@@ -266,6 +355,13 @@ impl OperatorConfig {
             prefix: n.nats_prefix.clone(),
             ack_wait: n.nats_ack_wait,
             dedupe_window: self.data_plane().dedupe_window,
+            replicas: n.nats_replicas as usize,
+            storage: match n.nats_storage {
+                NatsStorage::File => async_nats::jetstream::stream::StorageType::File,
+                NatsStorage::Memory => async_nats::jetstream::stream::StorageType::Memory,
+            },
+            max_bytes: n.nats_max_bytes,
+            dead_letter_max_age: n.nats_dead_letter_max_age,
             ..Default::default()
         })
     }

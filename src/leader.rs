@@ -51,6 +51,13 @@ impl LeaderConfig {
             retry_period: (duration * 2 / 15).max(Duration::from_millis(500)),
         }
     }
+
+    /// How long the reconcilers get to stop once leadership is lost: half the margin
+    /// between the renew deadline and the Lease's expiry, so they are gone before any
+    /// other replica may take over.
+    pub fn stop_grace(&self) -> Duration {
+        self.lease_duration.saturating_sub(self.renew_deadline) / 2
+    }
 }
 
 /// This replica's identity: `POD_NAME` when set, else a random one.
@@ -90,9 +97,19 @@ pub fn spawn(
         };
         let mut last_renew: Option<Instant> = None;
         loop {
+            // A request that hangs (an API server that stopped answering, not refusing)
+            // must not outlive the renew deadline: bound every round by what is left of it.
+            let budget = match last_renew {
+                Some(t) if *tx.borrow() => config.renew_deadline.saturating_sub(t.elapsed()),
+                _ => config.renew_deadline,
+            }
+            .max(Duration::from_millis(100));
             let step = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = try_acquire_or_renew(&api, &config, &mut observed) => r,
+                r = tokio::time::timeout(budget, try_acquire_or_renew(&api, &config, &mut observed)) => match r {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer from the API server within {budget:?}")),
+                },
             };
             match step {
                 Ok(Step::Leading) => {
@@ -116,6 +133,7 @@ pub fn spawn(
                     {
                         tracing::warn!(identity = %config.identity, "could not renew the lease in time; stepping down");
                         tx.send_replace(false);
+                        last_renew = None;
                     }
                 }
             }
@@ -226,11 +244,12 @@ async fn release(api: &Api<Lease>, config: &LeaderConfig) {
 }
 
 /// Runs `task(token)` each time this replica becomes leader, cancelling the token (and
-/// awaiting the task) when leadership is lost; `follow(token)` runs while not leading.
-/// Returns when `shutdown` is cancelled.
+/// awaiting the task for at most `stop_grace`, then dropping it) when leadership is lost;
+/// `follow(token)` runs while not leading. Returns when `shutdown` is cancelled.
 pub async fn run_while_leading<L, LF, F, FF>(
     mut leading: watch::Receiver<bool>,
     shutdown: CancellationToken,
+    stop_grace: Duration,
     mut lead: L,
     mut follow: F,
 ) where
@@ -265,8 +284,12 @@ pub async fn run_while_leading<L, LF, F, FF>(
             r = leading.changed() => r.is_ok(),
         };
         token.cancel();
-        if !finished {
-            role.await;
+        if !finished && tokio::time::timeout(stop_grace, &mut role).await.is_err() && is_leader {
+            // Requests stuck on an unreachable API server: dropping the future drops them.
+            tracing::warn!("reconcilers did not stop within {stop_grace:?}; dropped");
+        }
+        if is_leader {
+            tracing::info!("reconcilers stopped");
         }
         if !changed {
             return;
@@ -287,6 +310,7 @@ mod tests {
         let task = tokio::spawn(run_while_leading(
             rx,
             shutdown.clone(),
+            Duration::from_secs(5),
             move |t: CancellationToken| {
                 let l = l1.clone();
                 async move {

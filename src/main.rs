@@ -82,10 +82,13 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await?;
             }
+            let limits = config.server_limits();
             let ingress = serve(
                 "ingress",
                 config.ingress_addr,
                 data_plane.ingress_router(),
+                limits,
+                data_plane.metrics(),
                 shutdown.clone(),
             )
             .await?;
@@ -93,6 +96,8 @@ async fn main() -> anyhow::Result<()> {
                 "ops",
                 config.ops_addr,
                 data_plane.ops_router(),
+                limits,
+                data_plane.metrics(),
                 shutdown.clone(),
             )
             .await?;
@@ -111,10 +116,12 @@ async fn main() -> anyhow::Result<()> {
                 None => controller::run(ctx, shutdown).await,
                 Some(election) => {
                     // Reconcilers only while holding the Lease; route sync otherwise.
+                    let stop_grace = election.stop_grace();
                     let (leading, elector) = leader::spawn(client, election, shutdown.clone());
                     leader::run_while_leading(
                         leading,
                         shutdown.clone(),
+                        stop_grace,
                         |token| controller::run(ctx.clone(), token),
                         |token| controller::route_sync::run(ctx.clone(), token),
                     )
@@ -146,16 +153,13 @@ async fn serve(
     what: &'static str,
     addr: std::net::SocketAddr,
     router: axum::Router,
+    limits: webhook_operator::dataplane::server::ServerLimits,
+    metrics: Arc<webhook_operator::metrics::Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(server = what, addr = %listener.local_addr()?, "listening");
-    Ok(tokio::spawn(async move {
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(server = what, error = %e, "server failed");
-        }
-    }))
+    Ok(tokio::spawn(webhook_operator::dataplane::server::serve(
+        listener, router, limits, metrics, shutdown,
+    )))
 }

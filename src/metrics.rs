@@ -57,6 +57,8 @@ pub struct Metrics {
     retries: EpCounter,
     dead_lettered: EpCounter,
     queue_depth: Family<StateLabels, Gauge>,
+    dedupe_keys: Gauge,
+    dedupe_evicted: Gauge,
     latency: Family<EndpointLabels, Histogram>,
 }
 
@@ -99,6 +101,8 @@ impl Metrics {
             retries: Family::default(),
             dead_lettered: Family::default(),
             queue_depth: Family::default(),
+            dedupe_keys: Gauge::default(),
+            dedupe_evicted: Gauge::default(),
             latency: Family::new_with_constructor(latency_histogram),
             registry: Registry::default(),
         };
@@ -158,6 +162,16 @@ impl Metrics {
             "queue_depth",
             "Events in the queue, by state",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "dedupe_keys",
+            "Dedupe keys the embedded queue remembers",
+            m.dedupe_keys.clone(),
+        );
+        r.register(
+            "dedupe_evicted_keys",
+            "Dedupe keys forgotten before their window ended (--max-dedupe-keys), since start",
+            m.dedupe_evicted.clone(),
         );
         r.register(
             "delivery_latency_seconds",
@@ -221,6 +235,11 @@ impl Metrics {
                 subscription: subscription.to_string(),
             })
             .inc();
+    }
+
+    pub fn set_dedupe(&self, keys: u64, evicted: u64) {
+        self.dedupe_keys.set(keys as i64);
+        self.dedupe_evicted.set(evicted as i64);
     }
 
     pub fn set_queue_depth(&self, d: QueueDepth) {

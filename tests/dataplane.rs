@@ -215,6 +215,7 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         ],
         headers: vec![("x-consumer-key".into(), "consumer-secret".into())],
         event_types: vec![],
+        max_queued_events: None,
     }
 }
 

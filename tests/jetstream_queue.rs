@@ -257,3 +257,141 @@ async fn writes_fail_while_the_server_is_away_and_recover() {
     let out = q.enqueue(vec![event(&ep, "after", "p")]).await.unwrap();
     accepted_id(&out[0]);
 }
+
+async fn connect_with(options: JetStreamOptions) -> JetStreamQueue {
+    tokio::time::timeout(Duration::from_secs(20), JetStreamQueue::connect(options))
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn an_abandoned_wait_loses_no_event_to_ack_wait() {
+    let server = NatsServer::start();
+    let ep = EndpointKey::new("apps", "abandoned");
+    let q = connect_with(JetStreamOptions {
+        ack_wait: Duration::from_secs(30),
+        ..options(&server.url())
+    })
+    .await;
+    // Delivery stops waiting when its endpoint's configuration changes (a `select!`), which
+    // can happen after the wait's pull was answered but before the wait saw the answer.
+    let mut wait = Box::pin(q.wait_due(&ep, Duration::from_secs(3)));
+    tokio::select! {
+        _ = &mut wait => panic!("nothing to wait for yet"),
+        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+    }
+    let id = accepted_id(&q.enqueue(vec![event(&ep, "k", "p")]).await.unwrap()[0]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(wait);
+    let got = lease_n(&q, &ep, 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        got.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        [id],
+        "the event is handed out within seconds, not after ack_wait"
+    );
+    q.ack(&got[0]).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_held_past_ack_wait_is_kept_alive_not_handed_to_another_replica() {
+    let server = NatsServer::start();
+    let ep = EndpointKey::new("apps", "slow");
+    let q1 = connect(&server).await; // ack_wait 1 s
+    let q2 = connect(&server).await;
+    q1.enqueue(vec![event(&ep, "k", "p")]).await.unwrap();
+    let held = lease_n(&q1, &ep, 1, Duration::from_secs(5)).await;
+    assert_eq!(held.len(), 1);
+    // An attempt three times longer than ack_wait: nobody else may get the event.
+    let other = lease_n(&q2, &ep, 1, Duration::from_secs(3)).await;
+    assert!(
+        other.is_empty(),
+        "handed to a second replica while the first still holds it"
+    );
+    q1.ack(&held[0]).await.unwrap();
+    assert!(
+        lease_n(&q2, &ep, 1, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn existing_streams_take_the_configured_limits_and_refuse_rather_than_drop() {
+    let server = NatsServer::start();
+    let ep = EndpointKey::new("apps", "limited");
+    drop(connect(&server).await); // creates the streams without limits
+    let q = connect_with(JetStreamOptions {
+        max_bytes: 8 * 1024,
+        dead_letter_max_age: Duration::from_secs(3600),
+        ..options(&server.url())
+    })
+    .await;
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let events = js.get_stream("WEBHOOK_EVENTS").await.unwrap();
+    let cfg = &events.cached_info().config;
+    assert_eq!(cfg.max_bytes, 8 * 1024);
+    assert_eq!(
+        cfg.discard,
+        async_nats::jetstream::stream::DiscardPolicy::New
+    );
+    let dead = js.get_stream("WEBHOOK_DEAD").await.unwrap();
+    assert_eq!(dead.cached_info().config.max_age, Duration::from_secs(3600));
+
+    // Past max_bytes new events are refused; none already stored is dropped.
+    let mut accepted = Vec::new();
+    let mut refused = false;
+    for n in 0..64 {
+        match q
+            .enqueue(vec![event(&ep, &format!("k{n}"), &"x".repeat(512))])
+            .await
+        {
+            Ok(o) => accepted.push(accepted_id(&o[0])),
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused, "the stream refused events past max_bytes");
+    assert!(!accepted.is_empty());
+    let leased = lease_n(&q, &ep, accepted.len(), Duration::from_secs(10)).await;
+    let mut ids: Vec<_> = leased.iter().map(|e| e.id.clone()).collect();
+    ids.sort();
+    accepted.sort();
+    assert_eq!(ids, accepted, "every accepted event is still there");
+}
+
+#[tokio::test]
+async fn purge_deletes_an_endpoints_pending_events_and_dead_letters_only() {
+    let server = NatsServer::start();
+    let gone = EndpointKey::new("apps", "deleted");
+    let kept = EndpointKey::new("apps", "kept");
+    let q = connect(&server).await;
+    q.enqueue(vec![
+        event(&gone, "a", "p"),
+        event(&gone, "b", "p"),
+        event(&kept, "c", "p"),
+    ])
+    .await
+    .unwrap();
+    let leased = lease_n(&q, &gone, 1, Duration::from_secs(5)).await;
+    q.dead_letter(&leased[0], "refused").await.unwrap();
+    assert_eq!(
+        q.purge(&gone).await.unwrap(),
+        2,
+        "one pending, one dead letter"
+    );
+    assert!(
+        lease_n(&q, &gone, 1, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        q.replay(&gone, ReplayFilter::All, SystemTime::now())
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(lease_n(&q, &kept, 1, Duration::from_secs(5)).await.len(), 1);
+}

@@ -370,6 +370,7 @@ pub async fn run(concurrency: usize, duration: Duration) -> anyhow::Result<Deliv
         },
         signing_secrets: vec![SigningSecret::parse(b"bench-delivery-signing-secret")?],
         headers: vec![],
+        max_queued_events: None,
         event_types: vec![],
     })?;
     dp.upsert_subscription(SubscriptionRoute {

@@ -40,4 +40,7 @@ pub mod reasons {
     pub const NO_DELIVERIES: &str = "NoDeliveries";
     pub const DELIVERY_FAILING: &str = "DeliveryFailing";
     pub const DEGRADED: &str = "Degraded";
+    /// The endpoint's backlog (or the queue's disk) is at its bound: the ingress refuses
+    /// new events with 503 and `Retry-After` until deliveries catch up.
+    pub const BACKLOGGED: &str = "Backlogged";
 }

@@ -48,6 +48,13 @@ pub struct WebhookEndpointSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub event_types: Vec<EventTypeName>,
+    /// Most events that may wait for this endpoint (stored, not yet delivered or
+    /// dead-lettered). At the bound the ingress answers 503 with `Retry-After` and the
+    /// `Healthy` condition is `False` with reason `Backlogged`. Absent: the operator's
+    /// `--max-endpoint-queued-events`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_queued_events: Option<u64>,
 }
 
 /// An event type name used in filters.

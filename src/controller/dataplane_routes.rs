@@ -79,6 +79,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                 signing_secrets,
                 headers: ep.headers.clone(),
                 event_types: ep.spec.event_types.iter().map(|e| e.0.clone()).collect(),
+                max_queued_events: ep.spec.max_queued_events,
             },
         )
         .map_err(|e| e.to_string())
@@ -100,6 +101,11 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
 
     fn mark_loaded(&self) {
         DataPlane::mark_routes_loaded(self);
+    }
+
+    fn purge_endpoint(&self, endpoint: EndpointKey) -> BoxFuture<'static, anyhow::Result<u64>> {
+        let dp = self.clone();
+        async move { DataPlane::purge_endpoint(&dp, &key(endpoint)).await }.boxed()
     }
 
     fn replay(

@@ -132,7 +132,17 @@ pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Ac
         match event {
             Finalizer::Apply(ep) => apply(&ep, &ctx, &api).await,
             Finalizer::Cleanup(ep) => {
-                ctx.routes.0.remove_endpoint((ns.clone(), ep.name_any()));
+                let key = (ns.clone(), ep.name_any());
+                ctx.routes.0.remove_endpoint(key.clone());
+                // Its events go with it (README "Deleting an endpoint"); a failure keeps
+                // the finalizer and is retried.
+                let purged = ctx
+                    .routes
+                    .0
+                    .purge_endpoint(key)
+                    .await
+                    .map_err(|e| Error::Cleanup(format!("deleting queued events: {e}")))?;
+                tracing::info!(namespace = %ns, name = %ep.name_any(), purged, "endpoint deleted with its queued events");
                 Ok(Action::await_change())
             }
         }

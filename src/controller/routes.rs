@@ -46,6 +46,12 @@ pub trait IngressRoutes: TestInjection + Send + Sync {
     /// The routes of every object that existed at start-up are configured (see
     /// [`crate::controller::route_sync::prime`]).
     fn mark_loaded(&self);
+    /// Deletes the endpoint's waiting events and dead letters: the WebhookEndpoint was
+    /// deleted. Returns how many.
+    fn purge_endpoint(
+        &self,
+        endpoint: EndpointKey,
+    ) -> futures::future::BoxFuture<'static, anyhow::Result<u64>>;
     /// Re-queues the endpoint's dead letters that `filter` selects.
     fn replay(
         &self,

@@ -34,6 +34,22 @@ pub struct DataPlaneConfig {
     pub maintenance_interval: Duration,
     /// How long shutdown waits for attempts under way.
     pub shutdown_grace: Duration,
+    /// Events that may wait across all endpoints; at the bound the ingress answers 503.
+    /// Zero: unbounded.
+    pub max_queued_events: u64,
+    /// Events that may wait for one endpoint unless its spec says otherwise. Zero: unbounded.
+    pub max_endpoint_queued_events: u64,
+    /// Free space the embedded queue's filesystem keeps; below it the ingress answers 503.
+    /// Zero: not checked.
+    pub min_free_disk_bytes: u64,
+    /// Ingress requests handled at once; more are answered 503.
+    pub max_concurrent_requests: usize,
+    /// A request body not fully received within this (after its headers) is answered 408.
+    pub body_read_timeout: Duration,
+    /// The `Retry-After` of the ingress's 503 answers.
+    pub retry_after: Duration,
+    /// Most dedupe keys the embedded queue keeps; past it the oldest are forgotten early.
+    pub max_dedupe_keys: u64,
 }
 
 impl Default for DataPlaneConfig {
@@ -49,6 +65,13 @@ impl Default for DataPlaneConfig {
             health: HealthConfig::default(),
             maintenance_interval: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            max_queued_events: 1_000_000,
+            max_endpoint_queued_events: 100_000,
+            min_free_disk_bytes: 64 * 1024 * 1024,
+            max_concurrent_requests: 1024,
+            body_read_timeout: Duration::from_secs(10),
+            retry_after: Duration::from_secs(5),
+            max_dedupe_keys: 2_000_000,
         }
     }
 }
@@ -67,6 +90,8 @@ pub struct EndpointConfig {
     pub headers: Vec<(String, String)>,
     /// Event types to deliver; empty delivers all.
     pub event_types: Vec<String>,
+    /// Most events that may wait for this endpoint; `None`: the data plane's default.
+    pub max_queued_events: Option<u64>,
 }
 
 impl std::fmt::Debug for EndpointConfig {
@@ -86,6 +111,7 @@ impl std::fmt::Debug for EndpointConfig {
                     .collect::<Vec<_>>(),
             )
             .field("event_types", &self.event_types)
+            .field("max_queued_events", &self.max_queued_events)
             .finish()
     }
 }

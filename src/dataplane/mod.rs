@@ -9,6 +9,7 @@
 
 mod config;
 mod ops;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -24,7 +25,7 @@ pub use crate::queue::{EndpointKey, ReplayFilter};
 use crate::delivery::{Dispatcher, DispatcherSettings, EndpointRuntime, Resolver};
 use crate::health::HealthRegistry;
 use crate::inbound::InboundParser;
-use crate::ingress::{Ingress, RouteTable};
+use crate::ingress::{ConcurrencyLimit, DiskSpace, Ingress, Limits, RouteTable};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, RedbQueue, RedbQueueOptions};
 
@@ -61,20 +62,38 @@ impl DataPlane {
         let path = config.queue_path.clone();
         let options = RedbQueueOptions {
             dedupe_window: config.dedupe_window,
+            max_dedupe_keys: config.max_dedupe_keys,
             ..Default::default()
         };
         // Opening scans the file: keep it off the async workers.
         let queue = tokio::task::spawn_blocking(move || RedbQueue::open(&path, options))
             .await?
             .with_context(|| format!("opening the queue at {}", config.queue_path.display()))?;
-        Self::with_queue(config, parser, Arc::new(queue))
+        let disk = (config.min_free_disk_bytes > 0).then(|| {
+            let dir = config
+                .queue_path
+                .parent()
+                .unwrap_or(std::path::Path::new("."));
+            DiskSpace::new(dir, config.min_free_disk_bytes)
+        });
+        Self::build(config, parser, Arc::new(queue), disk)
     }
 
     /// Wires the data plane on a queue of the caller's choice (JetStream, or a test's).
+    /// No disk watermark: the queue's storage is not on this pod.
     pub fn with_queue(
         config: DataPlaneConfig,
         parser: Arc<dyn InboundParser>,
         queue: Arc<dyn Queue>,
+    ) -> anyhow::Result<Arc<Self>> {
+        Self::build(config, parser, queue, None)
+    }
+
+    fn build(
+        config: DataPlaneConfig,
+        parser: Arc<dyn InboundParser>,
+        queue: Arc<dyn Queue>,
+        disk: Option<DiskSpace>,
     ) -> anyhow::Result<Arc<Self>> {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(HealthRegistry::new(config.health.clone()));
@@ -85,6 +104,19 @@ impl DataPlane {
             queue: queue.clone(),
             metrics: metrics.clone(),
             max_body_bytes: config.max_body_bytes,
+            limits: Limits {
+                max_queued_events: config.max_queued_events,
+                max_endpoint_queued_events: config.max_endpoint_queued_events,
+                disk,
+                retry_after: config.retry_after,
+            },
+            health: health.clone(),
+            concurrency: ConcurrencyLimit::new(
+                config.max_concurrent_requests,
+                metrics.clone(),
+                config.retry_after,
+            ),
+            body_read_timeout: config.body_read_timeout,
         });
         let dispatcher = Arc::new(Dispatcher::new(
             queue.clone(),
@@ -186,7 +218,8 @@ impl DataPlane {
     }
 
     /// Stops receiving and delivering for the endpoint. Its queued events and dead letters
-    /// stay (parked) until it is configured again.
+    /// stay (parked) until it is configured again or [`DataPlane::purge_endpoint`] deletes
+    /// them.
     pub fn remove_endpoint(&self, key: &EndpointKey) {
         self.routes.remove_endpoint(key);
         self.dispatcher.remove(key);
@@ -262,6 +295,11 @@ impl DataPlane {
         self.health.last_test(endpoint, subscription)
     }
 
+    /// Deletes the endpoint's waiting events and dead letters (its WebhookEndpoint is gone).
+    pub async fn purge_endpoint(&self, key: &EndpointKey) -> anyhow::Result<u64> {
+        Ok(self.queue.purge(key).await?)
+    }
+
     pub async fn replay(&self, key: &EndpointKey, filter: ReplayFilter) -> anyhow::Result<u64> {
         Ok(self.queue.replay(key, filter, SystemTime::now()).await?)
     }
@@ -270,6 +308,11 @@ impl DataPlane {
     /// (`health::cluster`).
     pub fn health_registry(&self) -> Arc<HealthRegistry> {
         self.health.clone()
+    }
+
+    /// The data plane's metrics (the listeners count their refusals in them).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Queue counts of one endpoint (pending, leased, dead-lettered).

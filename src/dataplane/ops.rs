@@ -28,7 +28,7 @@ pub(super) fn router(
 ) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .with_state(Ops {
             queue,
@@ -39,6 +39,9 @@ pub(super) fn router(
 
 async fn metrics_handler(State(ops): State<Ops>) -> impl IntoResponse {
     ops.metrics.set_queue_depth(ops.queue.depth());
+    if let Some((keys, evicted)) = ops.queue.dedupe_stats() {
+        ops.metrics.set_dedupe(keys, evicted);
+    }
     (
         [(
             http::header::CONTENT_TYPE,
@@ -46,6 +49,14 @@ async fn metrics_handler(State(ops): State<Ops>) -> impl IntoResponse {
         )],
         ops.metrics.encode(),
     )
+}
+
+async fn live(State(ops): State<Ops>) -> impl IntoResponse {
+    if ops.queue.needs_restart() {
+        (StatusCode::SERVICE_UNAVAILABLE, "queue needs a restart")
+    } else {
+        (StatusCode::OK, "ok")
+    }
 }
 
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {

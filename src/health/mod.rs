@@ -90,6 +90,8 @@ struct Tracker {
     latencies_ms: VecDeque<f64>,
     breaker_open: bool,
     destination_error: Option<DestinationError>,
+    /// Set by the ingress while it refuses events at a bound; cleared on the next accept.
+    backlog: Option<String>,
     generation: u64,
 }
 
@@ -232,6 +234,27 @@ impl HealthRegistry {
         }
     }
 
+    /// The ingress refuses this endpoint's events at a bound (`Some(why)`), or accepts them
+    /// again (`None`). Cheap when nothing changes: the accept path calls it per request.
+    pub fn set_backlog(&self, key: &EndpointKey, backlog: Option<String>) {
+        let existing = self
+            .endpoints
+            .read()
+            .expect("health lock")
+            .get(key)
+            .cloned();
+        let tracker = match existing {
+            Some(t) => t,
+            None if backlog.is_none() => return,
+            None => self.tracker(key),
+        };
+        let mut t = tracker.lock().expect("tracker lock");
+        if t.backlog != backlog {
+            t.backlog = backlog;
+            t.generation += 1;
+        }
+    }
+
     /// Cheap change indicator: compare with the generation of the last snapshot written.
     pub fn generation(&self, key: &EndpointKey) -> Option<u64> {
         let tracker = self
@@ -282,6 +305,7 @@ impl HealthRegistry {
             failure_ratio,
             breaker_open: t.breaker_open,
             last_error: t.last_error.clone(),
+            backlog: t.backlog.clone(),
         };
         let verdict = verdict(&input, &self.config.thresholds);
         Some(EndpointHealth {

@@ -14,6 +14,8 @@ pub struct VerdictInput {
     pub failure_ratio: Option<f64>,
     pub breaker_open: bool,
     pub last_error: Option<String>,
+    /// Why the ingress refuses this endpoint's events right now (a bound is reached).
+    pub backlog: Option<String>,
 }
 
 /// Where healthy ends.
@@ -51,6 +53,15 @@ pub fn verdict(i: &VerdictInput, t: &HealthThresholds) -> Verdict {
         .as_deref()
         .map(|e| format!("; last error: {e}"))
         .unwrap_or_default();
+    if let Some(backlog) = &i.backlog {
+        return Verdict {
+            healthy: false,
+            reason: reasons::BACKLOGGED,
+            message: format!(
+                "{backlog}; new events are refused with 503 until deliveries catch up{last}"
+            ),
+        };
+    }
     if i.breaker_open || (i.consecutive_failures > 0 && i.consecutive_failures >= t.failing_after) {
         let breaker = if i.breaker_open {
             ", circuit breaker open"
@@ -212,6 +223,19 @@ mod tests {
                 true,
                 "Delivering",
                 "",
+            ),
+            (
+                "backlogged wins over failing",
+                VerdictInput {
+                    failed: 9,
+                    consecutive_failures: 9,
+                    backlog: Some("10 events waiting (limit 10)".into()),
+                    last_error: err.clone(),
+                    ..base.clone()
+                },
+                false,
+                "Backlogged",
+                "10 events waiting (limit 10); new events are refused with 503",
             ),
         ];
         for (name, input, healthy, reason, fragment) in cases {

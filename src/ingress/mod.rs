@@ -6,6 +6,7 @@
 //! queued, and no answer is 2xx before the events are durable. Owns no provider format and
 //! never calls the Kubernetes API.
 
+mod limits;
 mod routes;
 
 use std::sync::Arc;
@@ -17,8 +18,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 
+pub use limits::{ConcurrencyLimit, DiskSpace, Full, Limits};
 pub use routes::{EndpointRoute, RouteTable, SubscriptionCounters};
 
+use crate::health::HealthRegistry;
 use crate::inbound::{InboundParser, InboundRequest, MalformedEvent};
 use crate::metrics::Metrics;
 use crate::queue::{EnqueueOutcome, NewEvent, Queue};
@@ -40,13 +43,31 @@ pub struct Ingress {
     pub queue: Arc<dyn Queue>,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
+    /// Bounds on what waits (queue depth, free disk); see [`limits`].
+    pub limits: Limits,
+    /// Where an endpoint's `Backlogged` state is kept.
+    pub health: Arc<HealthRegistry>,
+    /// Requests handled at once; more are answered 503.
+    pub concurrency: ConcurrencyLimit,
+    /// A body not fully received within this is answered 408.
+    pub body_read_timeout: std::time::Duration,
 }
 
 impl Ingress {
     pub fn router(self: Arc<Self>) -> Router {
+        let concurrency = self.concurrency.clone();
+        let body_timeout = self.body_read_timeout;
         Router::new()
             .route("/hooks/{token}/{subscription}", any(hook))
             .with_state(self)
+            .layer(axum::middleware::from_fn_with_state(
+                body_timeout,
+                limits::body_deadline,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                concurrency,
+                limits::limit_concurrency,
+            ))
     }
 }
 
@@ -98,6 +119,9 @@ async fn hook(
     let Some(sub) = route.subscriptions.get(&subscription) else {
         return unknown(&ing, "unknown_subscription");
     };
+    if let Some(refused) = limits::admit(&ing, &route) {
+        return refused;
+    }
     let (parts, body) = request.into_parts();
     if parts
         .headers
@@ -111,12 +135,7 @@ async fn hook(
     let body = match read_limited(body, ing.max_body_bytes).await {
         Ok(b) => b,
         Err(reason) => {
-            let status = if reason == "body_too_large" {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            return refuse(&ing, status, reason);
+            return refuse(&ing, body_refusal_status(reason), reason);
         }
     };
     let inbound = InboundRequest {
@@ -234,6 +253,22 @@ pub fn malformed_reason(dedupe_key: &str) -> Option<&str> {
     Some(rest.rsplit_once(':').map_or(rest, |(reason, _)| reason))
 }
 
+fn body_refusal_status(reason: &str) -> StatusCode {
+    match reason {
+        "body_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "body_timeout" => StatusCode::REQUEST_TIMEOUT,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn body_error(e: axum::Error) -> &'static str {
+    if limits::is_body_timeout(&e) {
+        "body_timeout"
+    } else {
+        "body_unreadable"
+    }
+}
+
 /// Reads the body, stopping as soon as it passes `max` (a chunked body has no
 /// Content-Length to refuse it by up front).
 async fn read_limited(body: axum::body::Body, max: usize) -> Result<bytes::Bytes, &'static str> {
@@ -242,14 +277,14 @@ async fn read_limited(body: axum::body::Body, max: usize) -> Result<bytes::Bytes
     let Some(first) = stream.next().await else {
         return Ok(bytes::Bytes::new());
     };
-    let first = first.map_err(|_| "body_unreadable")?;
+    let first = first.map_err(body_error)?;
     if first.len() > max {
         return Err("body_too_large");
     }
     let mut rest = match stream.next().await {
         // The common case: one chunk, no copy.
         None => return Ok(first),
-        Some(next) => next.map_err(|_| "body_unreadable")?,
+        Some(next) => next.map_err(body_error)?,
     };
     let mut buf = bytes::BytesMut::with_capacity((first.len() + rest.len()).max(8192));
     buf.extend_from_slice(&first);
@@ -260,7 +295,7 @@ async fn read_limited(body: axum::body::Body, max: usize) -> Result<bytes::Bytes
         buf.extend_from_slice(&rest);
         rest = match stream.next().await {
             None => return Ok(buf.freeze()),
-            Some(next) => next.map_err(|_| "body_unreadable")?,
+            Some(next) => next.map_err(body_error)?,
         };
     }
 }

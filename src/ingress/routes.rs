@@ -67,11 +67,14 @@ pub struct EndpointRoute {
     pub event_types: HashSet<String>,
     pub subscriptions: HashMap<String, SubscriptionEntry>,
     pub metrics: EndpointMetrics,
+    /// The endpoint's own bound on waiting events, if it sets one.
+    pub max_queued_events: Option<u64>,
 }
 
 #[derive(Default)]
 struct Desired {
-    endpoints: HashMap<EndpointKey, (String, Vec<String>)>,
+    /// Token, event types, own bound on waiting events.
+    endpoints: HashMap<EndpointKey, (String, Vec<String>, Option<u64>)>,
     subscriptions: HashMap<EndpointKey, HashMap<String, SubscriptionRoute>>,
     counters: HashMap<(EndpointKey, String), Arc<SubscriptionCounters>>,
 }
@@ -120,19 +123,27 @@ impl RouteTable {
     /// Whether `token` is free for `key`.
     pub fn token_available(&self, key: &EndpointKey, token: &str) -> bool {
         let d = self.desired.lock().expect("routes lock");
-        !d.endpoints.iter().any(|(k, (t, _))| t == token && k != key)
+        !d.endpoints
+            .iter()
+            .any(|(k, (t, ..))| t == token && k != key)
     }
 
     pub fn upsert_endpoint(&self, ep: &EndpointConfig) {
         let mut d = self.desired.lock().expect("routes lock");
-        d.endpoints
-            .insert(ep.key.clone(), (ep.token.clone(), ep.event_types.clone()));
+        d.endpoints.insert(
+            ep.key.clone(),
+            (
+                ep.token.clone(),
+                ep.event_types.clone(),
+                ep.max_queued_events,
+            ),
+        );
         self.rebuild(&mut d, &ep.key);
     }
 
     pub fn remove_endpoint(&self, key: &EndpointKey) {
         let mut d = self.desired.lock().expect("routes lock");
-        if let Some((token, _)) = d.endpoints.remove(key) {
+        if let Some((token, ..)) = d.endpoints.remove(key) {
             self.by_token.write().expect("routes lock").remove(&token);
         }
     }
@@ -168,7 +179,7 @@ impl RouteTable {
     }
 
     fn rebuild(&self, d: &mut Desired, key: &EndpointKey) {
-        let Some((token, types)) = d.endpoints.get(key).cloned() else {
+        let Some((token, types, max_queued_events)) = d.endpoints.get(key).cloned() else {
             return;
         };
         let mut subscriptions = HashMap::new();
@@ -192,6 +203,7 @@ impl RouteTable {
             event_types: types.into_iter().collect(),
             subscriptions,
             metrics: self.metrics.endpoint(key),
+            max_queued_events,
         });
         let mut table = self.by_token.write().expect("routes lock");
         // A token change leaves the old one unroutable.

@@ -214,6 +214,57 @@ impl Index {
             .unwrap_or_default()
     }
 
+    /// Every event of `key`: ready, leased and dead.
+    pub fn all_seqs(&self, key: &EndpointKey) -> Vec<u64> {
+        self.existing_shard(key)
+            .map(|s| {
+                let st = s.state.lock().expect("shard lock");
+                st.ready
+                    .iter()
+                    .map(|(_, seq)| *seq)
+                    .chain(st.leased.keys().copied())
+                    .chain(st.dead.keys().copied())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Drops `key`'s events from the index (they were deleted from the file).
+    pub fn forget(&self, key: &EndpointKey, seqs: &[u64]) {
+        let Some(shard) = self.existing_shard(key) else {
+            return;
+        };
+        let mut st = shard.state.lock().expect("shard lock");
+        let (mut ready, mut leased, mut dead, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+        let gone: std::collections::HashSet<u64> = seqs.iter().copied().collect();
+        st.ready.retain(|(_, seq)| {
+            let keep = !gone.contains(seq);
+            ready += u64::from(!keep);
+            keep
+        });
+        st.leased.retain(|seq, _| {
+            let keep = !gone.contains(seq);
+            leased += u64::from(!keep);
+            keep
+        });
+        st.dead.retain(|seq, _| {
+            let keep = !gone.contains(seq);
+            dead += u64::from(!keep);
+            keep
+        });
+        st.cached.retain(|seq, rec| {
+            let keep = !gone.contains(seq);
+            if !keep {
+                bytes += rec.weight();
+            }
+            keep
+        });
+        self.pending.fetch_sub(ready, Ordering::Relaxed);
+        self.leased.fetch_sub(leased, Ordering::Relaxed);
+        self.dead.fetch_sub(dead, Ordering::Relaxed);
+        self.cached_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
     /// The earliest due time of `key`, if anything is waiting.
     pub fn next_due(&self, key: &EndpointKey) -> Option<u64> {
         self.existing_shard(key).and_then(|s| {

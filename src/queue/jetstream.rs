@@ -39,6 +39,17 @@
 //!   them from the dead-letter stream; pruning deletes old ones.
 //! - **Receipts** map to the leased `jetstream::Message` in memory on this replica only,
 //!   which is all ack/NAK need (the message's reply subject).
+//! - **No lease is left behind.** Every message this replica pulls ends in exactly one of
+//!   ack, NAK (retry or release) or term: an ack or NAK the server does not confirm is
+//!   repeated a few times, a dead letter whose publish fails is NAKed to come back within a
+//!   second, a pull cut short keeps what it already received, a pull the delivery loop
+//!   stops waiting for finishes in its own task and parks its message for the next lease,
+//!   and a prefetched message held too long is NAKed rather than dropped. Only when the server stays unreachable is
+//!   a message left to come back after `ack_wait`.
+//! - **Long attempts keep their lease.** While a message is leased, this replica sends an
+//!   in-progress ack every third of `ack_wait`, so an attempt longer than `ack_wait` (a
+//!   slow consumer with a long `delivery.timeout`) is never handed to a second replica at
+//!   the same time. A replica that dies stops sending them, and the lease expires.
 //! - **Counts** (`depth`, `endpoint_depth`, `endpoints`) are synchronous in the trait, so
 //!   a background task refreshes them every second from per-subject stream counts; pending
 //!   and dead-lettered are cluster-wide, leased is this replica's.
@@ -102,6 +113,15 @@ pub struct JetStreamOptions {
     /// Bound on every JetStream request and publish ack: how long the ingress waits before
     /// answering 503 when the server cannot persist.
     pub request_timeout: Duration,
+    /// Copies of each stream in a NATS cluster (1, 3 or 5).
+    pub replicas: usize,
+    /// File (survives a server restart) or memory storage for the streams.
+    pub storage: stream::StorageType,
+    /// Most bytes the events stream holds; past it the server refuses new events (the
+    /// ingress answers 503), never drops stored ones. -1: unlimited.
+    pub max_bytes: i64,
+    /// Dead letters older than this are removed by the server. Zero: kept until pruned.
+    pub dead_letter_max_age: Duration,
 }
 
 impl Default for JetStreamOptions {
@@ -114,6 +134,10 @@ impl Default for JetStreamOptions {
             dedupe_window: Duration::from_secs(24 * 3600),
             max_deliver: 1000,
             request_timeout: Duration::from_secs(3),
+            replicas: 1,
+            storage: stream::StorageType::File,
+            max_bytes: -1,
+            dead_letter_max_age: Duration::ZERO,
         }
     }
 }
@@ -190,6 +214,47 @@ pub(crate) fn unescape_token(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Creates a stream, or brings an existing one to the settings an update may change
+/// (replicas, limits, discard policy, duplicate window), so that changed flags take effect
+/// at start-up. The storage type cannot change in place: a mismatch is an error that says so.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    want: stream::Config,
+) -> Result<stream::Stream, QueueError> {
+    let name = want.name.clone();
+    let stream = js
+        .get_or_create_stream(want.clone())
+        .await
+        .map_err(storage)?;
+    let have = stream.cached_info().config.clone();
+    if have.storage != want.storage {
+        return Err(QueueError::Storage(format!(
+            "stream {name} has {:?} storage but {:?} is configured; NATS cannot change a \
+             stream's storage in place: move its messages or delete the stream",
+            have.storage, want.storage
+        )));
+    }
+    let differs = have.num_replicas.max(1) != want.num_replicas.max(1)
+        || have.max_bytes != want.max_bytes
+        || have.max_age != want.max_age
+        || have.discard != want.discard
+        || have.duplicate_window != want.duplicate_window;
+    if !differs {
+        return Ok(stream);
+    }
+    let next = stream::Config {
+        num_replicas: want.num_replicas,
+        max_bytes: want.max_bytes,
+        max_age: want.max_age,
+        discard: want.discard,
+        duplicate_window: want.duplicate_window,
+        ..have
+    };
+    js.update_stream(next).await.map_err(storage)?;
+    tracing::info!(stream = %name, replicas = want.num_replicas, max_bytes = want.max_bytes, max_age = ?want.max_age, "stream settings updated");
+    js.get_stream(&name).await.map_err(storage)
+}
+
 fn storage<E: std::fmt::Display>(e: E) -> QueueError {
     QueueError::Storage(e.to_string())
 }
@@ -197,7 +262,19 @@ fn storage<E: std::fmt::Display>(e: E) -> QueueError {
 struct Leased {
     key: EndpointKey,
     msg: jetstream::Message,
+    /// When the last in-progress ack (or the lease itself) renewed the server's timer.
+    renewed: Instant,
 }
+
+/// When a dead letter whose publish failed is handed out again.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+
+/// Tries of an ack or NAK the server does not confirm, and the pause before each retry.
+const SETTLE_BACKOFF: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+];
 
 #[derive(Default)]
 struct Counts {
@@ -214,6 +291,10 @@ struct Inner {
     consumers: tokio::sync::Mutex<HashMap<EndpointKey, consumer::PullConsumer>>,
     /// A message `wait_due` pulled, handed out by the next `lease`: (message, pulled at).
     prefetched: Mutex<HashMap<EndpointKey, Vec<(jetstream::Message, Instant)>>>,
+    /// The pull `wait_due` has under way per endpoint (at most one).
+    pulls: Mutex<
+        HashMap<EndpointKey, futures::future::Shared<futures::future::BoxFuture<'static, ()>>>,
+    >,
     leased: Mutex<HashMap<u64, Leased>>,
     next_receipt: AtomicU64,
     counts: Mutex<Counts>,
@@ -224,11 +305,13 @@ struct Inner {
 pub struct JetStreamQueue {
     inner: Arc<Inner>,
     refresher: tokio::task::JoinHandle<()>,
+    keepalive: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for JetStreamQueue {
     fn drop(&mut self) {
         self.refresher.abort();
+        self.keepalive.abort();
     }
 }
 
@@ -263,38 +346,50 @@ impl JetStreamQueue {
             .to_ascii_uppercase()
             .replace(['.', '*', '>'], "_");
         let p = &options.prefix;
-        let events = js
-            .get_or_create_stream(stream::Config {
+        let events = ensure_stream(
+            &js,
+            stream::Config {
                 name: format!("{upper}_EVENTS"),
                 subjects: vec![format!("{p}.events.>")],
                 retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
+                storage: options.storage,
+                num_replicas: options.replicas,
+                max_bytes: options.max_bytes,
+                // At max_bytes refuse the new event (the ingress answers 503); the default
+                // would delete the oldest, acknowledged ones.
+                discard: stream::DiscardPolicy::New,
                 duplicate_window: options.dedupe_window,
                 allow_direct: true,
                 ..Default::default()
-            })
-            .await
-            .map_err(storage)?;
-        let dead = js
-            .get_or_create_stream(stream::Config {
+            },
+        )
+        .await?;
+        let dead = ensure_stream(
+            &js,
+            stream::Config {
                 name: format!("{upper}_DEAD"),
                 subjects: vec![format!("{p}.dead.>")],
                 retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
+                storage: options.storage,
+                num_replicas: options.replicas,
+                max_age: options.dead_letter_max_age,
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
-            })
-            .await
-            .map_err(storage)?;
-        js.get_or_create_stream(stream::Config {
-            name: format!("{upper}_CHECK"),
-            subjects: vec![format!("{p}.check")],
-            storage: stream::StorageType::File,
-            max_messages_per_subject: 1,
-            ..Default::default()
-        })
-        .await
-        .map_err(storage)?;
+            },
+        )
+        .await?;
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: format!("{upper}_CHECK"),
+                subjects: vec![format!("{p}.check")],
+                storage: options.storage,
+                num_replicas: options.replicas,
+                max_messages_per_subject: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
         let inner = Arc::new(Inner {
             js,
             options,
@@ -302,6 +397,7 @@ impl JetStreamQueue {
             dead,
             consumers: Default::default(),
             prefetched: Default::default(),
+            pulls: Default::default(),
             leased: Default::default(),
             next_receipt: AtomicU64::new(1),
             counts: Default::default(),
@@ -318,7 +414,21 @@ impl JetStreamQueue {
                 }
             }
         });
-        Ok(Self { inner, refresher })
+        let weak = Arc::downgrade(&inner);
+        let keepalive = tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let every = (inner.options.ack_wait / 3).max(Duration::from_millis(100));
+                inner.keep_leases_alive(every).await;
+                drop(inner);
+                tokio::time::sleep(every / 2).await;
+            }
+        });
+        Ok(Self {
+            inner,
+            refresher,
+            keepalive,
+        })
     }
 
     /// The NATS connection, for other cluster traffic (health sharing).
@@ -418,13 +528,86 @@ impl Inner {
             .ok_or(QueueError::UnknownReceipt)
     }
 
-    /// Puts a lease back when the server did not confirm the operation, so a later call
-    /// with the same receipt can try again.
-    fn restore(&self, receipt: Receipt, leased: Leased) {
-        self.leased
-            .lock()
-            .expect("leased lock")
-            .insert(receipt.0, leased);
+    /// Acks or NAKs a message, repeating it while the server does not confirm (the same
+    /// ack twice is harmless). When it never confirms, the lease is dropped here and the
+    /// server hands the message out again after `ack_wait`: the only case left to it.
+    async fn settle(&self, msg: &jetstream::Message, kind: AckKind) -> Result<(), QueueError> {
+        let mut last = None;
+        for pause in SETTLE_BACKOFF {
+            tokio::time::sleep(pause).await;
+            match msg.double_ack_with(kind).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        let e = last.map(storage).unwrap_or(QueueError::Closed);
+        tracing::warn!(error = %e, ?kind, "the server did not confirm an ack; it redelivers after ack_wait");
+        Err(e)
+    }
+
+    /// NAKs without waiting for a confirmation: for messages this replica will not
+    /// attempt (a failed lease, a stale prefetch).
+    async fn give_back(&self, msg: &jetstream::Message) {
+        if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(error = %e, "giving a message back failed; it returns after ack_wait");
+        }
+    }
+
+    /// Pulls one message of `endpoint`, waiting up to `max_wait` for it, and parks it for
+    /// the next lease.
+    async fn pull_one(self: Arc<Self>, endpoint: EndpointKey, max_wait: Duration) {
+        let started = Instant::now();
+        let pulled = tokio::time::timeout(max_wait + self.options.request_timeout, async {
+            let consumer = self.consumer(&endpoint).await?;
+            let mut batch = consumer
+                .batch()
+                .max_messages(1)
+                .expires(max_wait.max(Duration::from_millis(100)))
+                .messages()
+                .await
+                .map_err(storage)?;
+            match batch.next().await {
+                Some(m) => Ok::<_, QueueError>(Some(m.map_err(storage)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(QueueError::Storage("pull timed out".into())));
+        match pulled {
+            Ok(Some(msg)) => self
+                .prefetched
+                .lock()
+                .expect("prefetch lock")
+                .entry(endpoint)
+                .or_default()
+                .push((msg, Instant::now())),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(endpoint = %endpoint, error = %e, "waiting for events failed");
+                // Do not spin while the server is away.
+                tokio::time::sleep(max_wait.saturating_sub(started.elapsed())).await;
+            }
+        }
+    }
+
+    /// Sends an in-progress ack for every lease not renewed within `every`.
+    async fn keep_leases_alive(&self, every: Duration) {
+        let due: Vec<jetstream::Message> = {
+            let mut leased = self.leased.lock().expect("leased lock");
+            leased
+                .values_mut()
+                .filter(|l| l.renewed.elapsed() >= every)
+                .map(|l| {
+                    l.renewed = Instant::now();
+                    l.msg.clone()
+                })
+                .collect()
+        };
+        for msg in due {
+            if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                tracing::debug!(error = %e, "in-progress ack failed");
+            }
+        }
     }
 
     async fn publish_confirmed(
@@ -544,24 +727,29 @@ impl Queue for JetStreamQueue {
             return Ok(Vec::new());
         }
         let mut msgs: Vec<jetstream::Message> = Vec::new();
-        if let Some(buf) = inner
+        let prefetched = inner
             .prefetched
             .lock()
             .expect("prefetch lock")
             .remove(endpoint)
-        {
-            // A message held past half its lease may already be someone else's: leave it.
-            msgs.extend(
-                buf.into_iter()
-                    .filter(|(_, at)| at.elapsed() < inner.options.ack_wait / 2)
-                    .map(|(m, _)| m),
-            );
+            .unwrap_or_default();
+        for (msg, at) in prefetched {
+            // Held past half its lease: give it back now rather than let it wait out the
+            // rest of ack_wait.
+            if at.elapsed() < inner.options.ack_wait / 2 {
+                msgs.push(msg);
+            } else {
+                inner.give_back(&msg).await;
+            }
         }
         if msgs.len() < max {
             let want = max - msgs.len();
             // A pull whose server went away mid-request may never end: bounded, so the
-            // delivery worker is never stuck on it (unacked messages come back after ack_wait).
-            let fetched = tokio::time::timeout(inner.options.request_timeout, async {
+            // delivery worker is never stuck on it. What arrived before the bound or an
+            // error is kept and handed out: dropping it would leave it leased until
+            // ack_wait.
+            let mut got = Vec::new();
+            let pulled = tokio::time::timeout(inner.options.request_timeout, async {
                 let consumer = inner.consumer(endpoint).await?;
                 let mut batch = consumer
                     .fetch()
@@ -569,21 +757,30 @@ impl Queue for JetStreamQueue {
                     .messages()
                     .await
                     .map_err(storage)?;
-                let mut got = Vec::new();
                 while let Some(m) = batch.next().await {
                     got.push(m.map_err(storage)?);
                 }
-                Ok::<_, QueueError>(got)
+                Ok::<_, QueueError>(())
             })
             .await
-            .map_err(|_| QueueError::Storage("lease timed out".into()))??;
-            msgs.extend(fetched);
+            .unwrap_or_else(|_| Err(QueueError::Storage("lease timed out".into())));
+            if let Err(e) = pulled {
+                if got.is_empty() && msgs.is_empty() {
+                    return Err(e);
+                }
+                tracing::debug!(endpoint = %endpoint, error = %e, kept = got.len(), "pull cut short");
+            }
+            msgs.extend(got);
         }
         let mut out = Vec::with_capacity(msgs.len());
         for msg in msgs {
             let (delivered, seq) = match msg.info() {
                 Ok(i) => (i.delivered.max(1) as u32, i.stream_sequence),
-                Err(e) => return Err(storage(e)),
+                Err(e) => {
+                    tracing::warn!(endpoint = %endpoint, error = %e, "a message without JetStream info; given back");
+                    inner.give_back(&msg).await;
+                    continue;
+                }
             };
             let Some((env, payload)) = decode(&msg.payload) else {
                 tracing::warn!(endpoint = %endpoint, seq, "dropping an unreadable queue message");
@@ -610,12 +807,16 @@ impl Queue for JetStreamQueue {
                 Leased {
                     key: endpoint.clone(),
                     msg,
+                    renewed: Instant::now(),
                 },
             );
             if i64::from(delivered) >= inner.options.max_deliver {
                 let reason = format!("redelivered {delivered} times without an outcome");
                 tracing::warn!(endpoint = %endpoint, id = %event.id, "{reason}; dead-lettered");
-                self.dead_letter(&event, &reason).await?;
+                // On failure it was NAKed to come back shortly: nothing is left leased.
+                if let Err(e) = self.dead_letter(&event, &reason).await {
+                    tracing::warn!(endpoint = %endpoint, error = %e, "dead-lettering failed");
+                }
                 continue;
             }
             out.push(event);
@@ -634,47 +835,30 @@ impl Queue for JetStreamQueue {
         {
             return;
         }
-        let started = Instant::now();
-        let pulled = tokio::time::timeout(max_wait + inner.options.request_timeout, async {
-            let consumer = inner.consumer(endpoint).await?;
-            let mut batch = consumer
-                .batch()
-                .max_messages(1)
-                .expires(max_wait.max(Duration::from_millis(100)))
-                .messages()
-                .await
-                .map_err(storage)?;
-            match batch.next().await {
-                Some(m) => Ok::<_, QueueError>(Some(m.map_err(storage)?)),
-                None => Ok(None),
+        // The pull runs in a task of its own and one at a time per endpoint: a caller that
+        // stops waiting (its endpoint's configuration changed) must not drop a pull the
+        // server is answering, or the message it hands out stays leased, unseen, until
+        // ack_wait. The task parks what it receives for the next `lease`.
+        let pull = {
+            let mut pulls = inner.pulls.lock().expect("pulls lock");
+            match pulls.get(endpoint) {
+                Some(p) if p.peek().is_none() => p.clone(),
+                _ => {
+                    let task = tokio::spawn(inner.clone().pull_one(endpoint.clone(), max_wait));
+                    let p = futures::FutureExt::shared(futures::FutureExt::boxed(async move {
+                        let _ = task.await;
+                    }));
+                    pulls.insert(endpoint.clone(), p.clone());
+                    p
+                }
             }
-        })
-        .await
-        .unwrap_or_else(|_| Err(QueueError::Storage("pull timed out".into())));
-        match pulled {
-            Ok(Some(msg)) => inner
-                .prefetched
-                .lock()
-                .expect("prefetch lock")
-                .entry(endpoint.clone())
-                .or_default()
-                .push((msg, Instant::now())),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(endpoint = %endpoint, error = %e, "waiting for events failed");
-                // Do not spin while the server is away.
-                tokio::time::sleep(max_wait.saturating_sub(started.elapsed())).await;
-            }
-        }
+        };
+        let _ = tokio::time::timeout(max_wait + inner.options.request_timeout, pull).await;
     }
 
     async fn ack(&self, event: &QueuedEvent) -> Result<(), QueueError> {
         let leased = self.inner.take(event)?;
-        if let Err(e) = leased.msg.double_ack().await {
-            self.inner.restore(event.receipt, leased);
-            return Err(storage(e));
-        }
-        Ok(())
+        self.inner.settle(&leased.msg, AckKind::Ack).await
     }
 
     async fn retry(
@@ -687,11 +871,9 @@ impl Queue for JetStreamQueue {
         let delay = next_attempt
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        if let Err(e) = leased.msg.double_ack_with(AckKind::Nak(Some(delay))).await {
-            self.inner.restore(event.receipt, leased);
-            return Err(storage(e));
-        }
-        Ok(())
+        self.inner
+            .settle(&leased.msg, AckKind::Nak(Some(delay)))
+            .await
     }
 
     async fn dead_letter(&self, event: &QueuedEvent, reason: &str) -> Result<(), QueueError> {
@@ -719,25 +901,20 @@ impl Queue for JetStreamQueue {
             )
             .await;
         if let Err(e) = stored {
-            inner.restore(event.receipt, leased);
+            // Not stored as a dead letter: back soon for another try, not after ack_wait.
+            let _ = inner
+                .settle(&leased.msg, AckKind::Nak(Some(DEAD_LETTER_RETRY)))
+                .await;
             return Err(e);
         }
-        if let Err(e) = leased.msg.double_ack().await {
-            // Stored as a dead letter; the original comes back after ack_wait and would be
-            // dead-lettered again (same msg id: deduplicated).
-            inner.restore(event.receipt, leased);
-            return Err(storage(e));
-        }
-        Ok(())
+        // Stored as a dead letter. If the ack never lands the original comes back after
+        // ack_wait and is dead-lettered again (same msg id: deduplicated).
+        inner.settle(&leased.msg, AckKind::Ack).await
     }
 
     async fn release(&self, event: &QueuedEvent) -> Result<(), QueueError> {
         let leased = self.inner.take(event)?;
-        if let Err(e) = leased.msg.double_ack_with(AckKind::Nak(None)).await {
-            self.inner.restore(event.receipt, leased);
-            return Err(storage(e));
-        }
-        Ok(())
+        self.inner.settle(&leased.msg, AckKind::Nak(None)).await
     }
 
     async fn replay(
@@ -803,6 +980,23 @@ impl Queue for JetStreamQueue {
         if n > 0 {
             let _ = inner.refresh_counts().await;
         }
+        Ok(n)
+    }
+
+    async fn purge(&self, endpoint: &EndpointKey) -> Result<u64, QueueError> {
+        let inner = &self.inner;
+        let mut n = 0;
+        for (stream, kind) in [(&inner.events, "events"), (&inner.dead, "dead")] {
+            n += stream
+                .purge()
+                .filter(inner.subject(kind, endpoint))
+                .await
+                .map_err(storage)?
+                .purged;
+        }
+        inner.consumers.lock().await.remove(endpoint);
+        inner.known.lock().expect("known lock").remove(endpoint);
+        let _ = inner.refresh_counts().await;
         Ok(n)
     }
 

@@ -189,6 +189,10 @@ pub trait Queue: Send + Sync + 'static {
         before: SystemTime,
     ) -> Result<u64, QueueError>;
 
+    /// Deletes every event of `endpoint`, pending and dead-lettered: its WebhookEndpoint
+    /// was deleted. Returns how many.
+    async fn purge(&self, endpoint: &EndpointKey) -> Result<u64, QueueError>;
+
     /// Endpoints that hold events (pending, leased or dead).
     fn endpoints(&self) -> Vec<EndpointKey>;
 
@@ -198,6 +202,19 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Proves the queue can commit a write now (readiness).
     async fn check_writable(&self) -> Result<(), QueueError>;
+
+    /// True once the store cannot write again without a restart of the process (the
+    /// embedded store after an I/O error such as a full disk): `/healthz` then fails so
+    /// that Kubernetes restarts the pod, which reopens and repairs the file.
+    fn needs_restart(&self) -> bool {
+        false
+    }
+
+    /// Dedupe keys remembered now and keys forgotten early (size bound), when the queue
+    /// keeps them itself (JetStream's server does, and bounds them by its window).
+    fn dedupe_stats(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// Milliseconds since the Unix epoch; the queue's time unit on disk.

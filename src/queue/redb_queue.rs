@@ -8,12 +8,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::index::{DeadMeta, Index};
@@ -35,6 +35,20 @@ const META_NONCE: &str = "nonce";
 const META_NEXT_SEQ: &str = "next_seq";
 const META_CHECK: &str = "writable_check";
 
+/// How often dedupe keys are expired.
+const EXPIRY_EVERY: Duration = Duration::from_secs(1);
+/// Most dedupe keys one expiry pass removes.
+const EXPIRY_SLICE: usize = 20_000;
+
+/// Dedupe table figures, for the metrics.
+#[derive(Debug, Default)]
+pub struct DedupeCounts {
+    /// Keys remembered now.
+    pub keys: AtomicU64,
+    /// Keys forgotten before their window ended because of `max_dedupe_keys`.
+    pub evicted: AtomicU64,
+}
+
 /// Tuning of the embedded queue.
 #[derive(Clone, Debug)]
 pub struct RedbQueueOptions {
@@ -44,6 +58,10 @@ pub struct RedbQueueOptions {
     pub max_batch: usize,
     /// Memory for records of ready events kept so that a lease need not read the file.
     pub cache_bytes: u64,
+    /// Operations waiting for the writer at most; later callers wait for a slot.
+    pub max_pending_ops: usize,
+    /// Most dedupe keys kept; past it the oldest are forgotten before the window ends.
+    pub max_dedupe_keys: u64,
 }
 
 impl Default for RedbQueueOptions {
@@ -52,6 +70,8 @@ impl Default for RedbQueueOptions {
             dedupe_window: Duration::from_secs(24 * 3600),
             max_batch: 4096,
             cache_bytes: 32 * 1024 * 1024,
+            max_pending_ops: 16 * 1024,
+            max_dedupe_keys: 2_000_000,
         }
     }
 }
@@ -65,6 +85,7 @@ enum Op {
     Dead(EndpointKey, u64, u64, String, Reply<()>),
     Replay(EndpointKey, Vec<u64>, u64, Reply<u64>),
     Prune(EndpointKey, Vec<u64>, Reply<u64>),
+    Purge(EndpointKey, Vec<u64>, Reply<u64>),
     Check(Reply<()>),
     Shutdown,
 }
@@ -76,6 +97,7 @@ enum Effect {
     Unlease(EndpointKey, u64),
     Dead(EndpointKey, u64, DeadMeta),
     RemoveDead(EndpointKey, u64),
+    Forget(EndpointKey, Vec<u64>),
 }
 
 enum Responder {
@@ -125,6 +147,11 @@ pub struct RedbQueue {
     closed: AtomicBool,
     nonce: u64,
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Bounds the operations queued for the writer: its channel holds at most this many.
+    slots: tokio::sync::Semaphore,
+    /// Set once a write hit an I/O error: redb refuses every later write until reopened.
+    io_failed: Arc<AtomicBool>,
+    dedupe: Arc<DedupeCounts>,
 }
 
 impl RedbQueue {
@@ -151,8 +178,15 @@ impl RedbQueue {
         };
 
         let index = Arc::new(Index::new(options.cache_bytes));
+        let dedupe = Arc::new(DedupeCounts::default());
         {
             let txn = db.begin_read().map_err(storage)?;
+            let keys = txn
+                .open_table(DEDUPE)
+                .map_err(storage)?
+                .len()
+                .map_err(storage)?;
+            dedupe.keys.store(keys, Ordering::Relaxed);
             let events = txn.open_table(EVENTS).map_err(storage)?;
             for item in events.iter().map_err(storage)? {
                 let (k, v) = item.map_err(storage)?;
@@ -176,7 +210,13 @@ impl RedbQueue {
         }
 
         let (tx, rx) = mpsc::channel();
+        let io_failed = Arc::new(AtomicBool::new(false));
+        let slots = tokio::sync::Semaphore::new(options.max_pending_ops.max(1));
         let writer = Writer {
+            io_failed: io_failed.clone(),
+            dedupe: dedupe.clone(),
+            new_keys: 0,
+            expiry_behind: false,
             db: db.clone(),
             index: index.clone(),
             options,
@@ -195,6 +235,9 @@ impl RedbQueue {
             closed: AtomicBool::new(false),
             nonce,
             writer: std::sync::Mutex::new(Some(handle)),
+            slots,
+            io_failed,
+            dedupe,
         })
     }
 
@@ -208,6 +251,9 @@ impl RedbQueue {
         if self.closed.load(Ordering::Relaxed) {
             return Err(QueueError::Closed);
         }
+        // Held until the reply: what waits for the writer is bounded, not the channel's
+        // memory.
+        let _slot = self.slots.acquire().await.map_err(|_| QueueError::Closed)?;
         let (tx, rx) = oneshot::channel();
         self.ops.send(make(tx)).map_err(|_| QueueError::Closed)?;
         rx.await.map_err(|_| QueueError::Closed)?
@@ -371,6 +417,15 @@ impl Queue for RedbQueue {
         self.call(|r| Op::Prune(key, seqs, r)).await
     }
 
+    async fn purge(&self, endpoint: &EndpointKey) -> Result<u64, QueueError> {
+        let seqs = self.index.all_seqs(endpoint);
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let key = endpoint.clone();
+        self.call(|r| Op::Purge(key, seqs, r)).await
+    }
+
     fn endpoints(&self) -> Vec<EndpointKey> {
         self.index.keys()
     }
@@ -385,6 +440,17 @@ impl Queue for RedbQueue {
 
     async fn check_writable(&self) -> Result<(), QueueError> {
         self.call(Op::Check).await
+    }
+
+    fn needs_restart(&self) -> bool {
+        self.io_failed.load(Ordering::Relaxed)
+    }
+
+    fn dedupe_stats(&self) -> Option<(u64, u64)> {
+        Some((
+            self.dedupe.keys.load(Ordering::Relaxed),
+            self.dedupe.evicted.load(Ordering::Relaxed),
+        ))
     }
 }
 
@@ -406,6 +472,12 @@ fn to_event(nonce: u64, seq: u64, rec: Record) -> QueuedEvent {
 
 struct Writer {
     db: Arc<Database>,
+    io_failed: Arc<AtomicBool>,
+    dedupe: Arc<DedupeCounts>,
+    /// Dedupe keys the open batch adds; counted once it commits.
+    new_keys: u64,
+    /// The last expiry pass filled its slice: run the next one without waiting.
+    expiry_behind: bool,
     index: Arc<Index>,
     options: RedbQueueOptions,
     nonce: u64,
@@ -425,7 +497,7 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut last_expiry = Instant::now();
         loop {
-            let first = match rx.recv_timeout(Duration::from_secs(10)) {
+            let first = match rx.recv_timeout(EXPIRY_EVERY) {
                 Ok(op) => op,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.expire_dedupe(&mut last_expiry, true);
@@ -451,6 +523,7 @@ impl Writer {
     }
 
     fn commit_batch(&mut self, batch: Vec<Op>) {
+        self.new_keys = 0;
         let mut done = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
         let mut fatal: Option<QueueError> = None;
@@ -490,7 +563,9 @@ impl Writer {
         };
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "queue commit failed");
+            self.note_failure(e);
         } else {
+            self.dedupe.keys.fetch_add(self.new_keys, Ordering::Relaxed);
             for effect in effects {
                 match effect {
                     Effect::Ready(k, due, seq, rec) => self.index.add_ready(&k, due, seq, rec),
@@ -501,6 +576,7 @@ impl Writer {
                     Effect::RemoveDead(k, seq) => {
                         self.index.remove_dead(&k, seq);
                     }
+                    Effect::Forget(k, seqs) => self.index.forget(&k, &seqs),
                 }
             }
         }
@@ -624,6 +700,24 @@ impl Writer {
                 }
                 Responder::Count(reply, guard(r).map(|_| n))
             }
+            Op::Purge(key, seqs, reply) => {
+                let mut n = 0;
+                let mut r = Ok(());
+                for seq in &seqs {
+                    match t.0.remove(*seq) {
+                        Ok(Some(_)) => n += 1,
+                        Ok(None) => {}
+                        Err(e) => {
+                            r = Err(storage(e));
+                            break;
+                        }
+                    }
+                }
+                if r.is_ok() {
+                    effects.push(Effect::Forget(key, seqs));
+                }
+                Responder::Count(reply, guard(r).map(|_| n))
+            }
             Op::Check(reply) => {
                 // A real write, so that a full disk or a broken file shows.
                 let now = to_millis(SystemTime::now());
@@ -647,12 +741,15 @@ impl Writer {
             if !ev.dedupe_key.is_empty() {
                 let entry = dedupe_entry(&ev.endpoint.namespace, &ev.endpoint.name, &ev.dedupe_key);
                 let seen = t.1.get(entry.as_str()).map_err(storage)?.map(|v| v.value());
-                if let Some(prev) = seen {
-                    if received.saturating_sub(prev) < window {
+                match seen {
+                    Some(prev) if received.saturating_sub(prev) < window => {
                         out.push(EnqueueOutcome::Duplicate);
                         continue;
                     }
-                    t.2.remove((prev, entry.as_str())).map_err(storage)?;
+                    Some(prev) => {
+                        t.2.remove((prev, entry.as_str())).map_err(storage)?;
+                    }
+                    None => self.new_keys += 1,
                 }
                 t.1.insert(entry.as_str(), received).map_err(storage)?;
                 t.2.insert((received, entry.as_str()), ())
@@ -723,25 +820,39 @@ impl Writer {
         Ok(true)
     }
 
-    /// Forgets dedupe keys older than the window, at most every 30 s and in bounded slices
-    /// so that a large backlog never stalls enqueues.
+    /// Forgets dedupe keys older than the window, and the oldest keys past
+    /// `max_dedupe_keys`, in slices of at most [`EXPIRY_SLICE`] so that no pass stalls
+    /// enqueues. Runs every second; a pass that filled its slice runs again after the next
+    /// batch, so expiry keeps up with any rate the writer can take.
     fn expire_dedupe(&mut self, last: &mut Instant, idle: bool) {
-        if !idle && last.elapsed() < Duration::from_secs(30) {
+        if !idle && !self.expiry_behind && last.elapsed() < EXPIRY_EVERY {
             return;
         }
         *last = Instant::now();
         let cutoff = to_millis(SystemTime::now())
             .saturating_sub(self.options.dedupe_window.as_millis() as u64);
-        let result = (|| -> Result<usize, QueueError> {
+        let over = self
+            .dedupe
+            .keys
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.options.max_dedupe_keys);
+        let result = (|| -> Result<(usize, u64), QueueError> {
             let txn = self.db.begin_write().map_err(storage)?;
-            let n = {
+            let counts = {
                 let (_, mut dedupe, mut by_time, _) = open_tables(&txn)?;
                 let mut expired = Vec::new();
-                for item in by_time.range(..(cutoff, "")).map_err(storage)?.take(10_000) {
+                // Oldest first: everything past the window, then (past the size bound)
+                // the oldest keys still inside it.
+                for item in by_time.iter().map_err(storage)?.take(EXPIRY_SLICE) {
                     let (k, _) = item.map_err(storage)?;
                     let (ms, entry) = k.value();
+                    if ms >= cutoff && expired.len() as u64 >= over {
+                        break;
+                    }
                     expired.push((ms, entry.to_owned()));
                 }
+                let mut removed = 0u64;
+                let mut evicted = 0u64;
                 for (ms, entry) in &expired {
                     by_time.remove((*ms, entry.as_str())).map_err(storage)?;
                     let current = dedupe
@@ -750,17 +861,51 @@ impl Writer {
                         .map(|v| v.value());
                     if current == Some(*ms) {
                         dedupe.remove(entry.as_str()).map_err(storage)?;
+                        removed += 1;
+                        if *ms >= cutoff {
+                            evicted += 1;
+                        }
                     }
                 }
-                expired.len()
+                (expired.len(), removed, evicted)
             };
             txn.commit().map_err(storage)?;
-            Ok(n)
+            let (scanned, removed, evicted) = counts;
+            self.dedupe.keys.fetch_sub(
+                removed.min(self.dedupe.keys.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+            self.dedupe.evicted.fetch_add(evicted, Ordering::Relaxed);
+            Ok((scanned, evicted))
         })();
         match result {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(expired = n, "expired dedupe keys"),
-            Err(e) => tracing::warn!(error = %e, "dedupe expiry failed"),
+            Ok((scanned, evicted)) => {
+                self.expiry_behind = scanned == EXPIRY_SLICE;
+                if evicted > 0 {
+                    tracing::warn!(
+                        evicted,
+                        "dedupe keys evicted before their window ended: more unique events than --max-dedupe-keys per window"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dedupe expiry failed");
+                self.note_failure(&e);
+            }
+        }
+    }
+
+    /// After an I/O error (a full disk, a failing volume) redb answers every later write
+    /// with "previous I/O error" until the file is reopened; mark the queue for a restart.
+    /// redb's errors reach here as text: its `Io` and `PreviousIo` messages.
+    fn note_failure(&self, e: &QueueError) {
+        if let QueueError::Storage(m) = e
+            && (m.starts_with("I/O error") || m.starts_with("Previous I/O error"))
+            && !self.io_failed.swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(
+                "the queue file had an I/O error; /healthz now fails so that a restart reopens it"
+            );
         }
     }
 }
@@ -783,7 +928,9 @@ fn fail_op(op: Op) -> Option<Responder> {
         Op::Ack(_, _, r) | Op::Retry(_, _, _, _, r) | Op::Dead(_, _, _, _, r) | Op::Check(r) => {
             Responder::Unit(r, e())
         }
-        Op::Replay(_, _, _, r) | Op::Prune(_, _, r) => Responder::Count(r, e()),
+        Op::Replay(_, _, _, r) | Op::Prune(_, _, r) | Op::Purge(_, _, r) => {
+            Responder::Count(r, e())
+        }
         Op::Shutdown => return None,
     })
 }

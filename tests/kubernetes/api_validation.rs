@@ -51,6 +51,7 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
             },
         }],
         event_types: vec![EventTypeName("call_completed".into())],
+        max_queued_events: Some(5000),
     }
 }
 
@@ -225,6 +226,12 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, serde_json::Value, &'stat
             "WebhookEndpoint",
             json!({"destination": {"url": https}, "delivery": {"retry": {"maxAttempts": -1}}}),
             "spec.delivery.retry.maxAttempts",
+        ),
+        (
+            "a backlog bound of zero",
+            "WebhookEndpoint",
+            json!({"destination": {"url": https}, "maxQueuedEvents": 0}),
+            "spec.maxQueuedEvents",
         ),
         (
             "timeout out of range",

@@ -23,10 +23,10 @@ use crate::support::{TestEnv, test_env, wait_until};
 
 /// One delivery as the consumer saw it.
 #[derive(Clone, Debug)]
-struct Received {
-    webhook_id: String,
-    body: Value,
-    verified: bool,
+pub(crate) struct Received {
+    pub(crate) webhook_id: String,
+    pub(crate) body: Value,
+    pub(crate) verified: bool,
     /// Whether each of `Consumer::also_verify_with` verifies it, in order.
     verified_with: Vec<bool>,
     at: std::time::SystemTime,
@@ -34,10 +34,10 @@ struct Received {
 
 /// A loopback consumer: answers with `status`, records what arrives, verifies signatures.
 #[derive(Clone)]
-struct Consumer {
+pub(crate) struct Consumer {
     port: u16,
     status: Arc<AtomicU16>,
-    secret: Arc<Mutex<Option<String>>>,
+    pub(crate) secret: Arc<Mutex<Option<String>>>,
     also_verify_with: Arc<Mutex<Vec<String>>>,
     received: Arc<Mutex<Vec<Received>>>,
     /// `(marker, status)`: a body that contains the marker gets that status instead.
@@ -45,7 +45,7 @@ struct Consumer {
 }
 
 impl Consumer {
-    async fn start() -> Consumer {
+    pub(crate) async fn start() -> Consumer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let consumer = Consumer {
             port: listener.local_addr().unwrap().port(),
@@ -62,11 +62,11 @@ impl Consumer {
         consumer
     }
 
-    fn answer(&self, status: u16) {
+    pub(crate) fn answer(&self, status: u16) {
         self.status.store(status, Ordering::SeqCst);
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub(crate) fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
     }
 }
@@ -119,13 +119,13 @@ async fn receive(
 }
 
 /// `webhook-operator run` as a child process, its log lines collected.
-struct OperatorProcess {
+pub(crate) struct OperatorProcess {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl OperatorProcess {
-    fn start(
+    pub(crate) fn start(
         env: &TestEnv,
         sandbox: &SandboxHandle,
         consumer: &Consumer,
@@ -135,7 +135,7 @@ impl OperatorProcess {
         Self::start_with(env, sandbox, consumer, ingress_port, data_dir, &[])
     }
 
-    fn start_with(
+    pub(crate) fn start_with(
         env: &TestEnv,
         sandbox: &SandboxHandle,
         consumer: &Consumer,
@@ -145,9 +145,12 @@ impl OperatorProcess {
     ) -> OperatorProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
             .arg("run")
-            .args(extra)
             .args(["--ingress-addr", &format!("127.0.0.1:{ingress_port}")])
-            .args(["--ops-addr", "127.0.0.1:0"])
+            .args(if extra.contains(&"--ops-addr") {
+                &[][..]
+            } else {
+                &["--ops-addr", "127.0.0.1:0"][..]
+            })
             .args([
                 "--public-base-url",
                 &format!("http://127.0.0.1:{ingress_port}"),
@@ -163,6 +166,8 @@ impl OperatorProcess {
             .args(["--namespace", &env.namespace])
             .arg("--data-dir")
             .arg(data_dir)
+            // Last, so that a test's flags override the defaults above.
+            .args(extra)
             .env("KUBECONFIG", &env.cp.kubeconfig)
             .env("RUST_LOG", "webhook_operator=info")
             .stderr(Stdio::piped())
@@ -179,7 +184,7 @@ impl OperatorProcess {
         OperatorProcess { child, logs }
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
     }
@@ -191,7 +196,7 @@ impl Drop for OperatorProcess {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -199,12 +204,17 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn consumer_destination() -> Value {
+pub(crate) fn consumer_destination() -> Value {
     json!({"service": {"name": "consumer", "port": 8080, "path": "/events"}})
 }
 
 /// Waits until the endpoint's status satisfies `check`.
-async fn wait_endpoint<F>(env: &TestEnv, name: &str, what: &str, check: F) -> WebhookEndpoint
+pub(crate) async fn wait_endpoint<F>(
+    env: &TestEnv,
+    name: &str,
+    what: &str,
+    check: F,
+) -> WebhookEndpoint
 where
     F: Fn(&WebhookEndpoint) -> bool,
 {
@@ -220,7 +230,7 @@ where
     .await
 }
 
-fn condition(ep: &WebhookEndpoint, type_: &str) -> Option<(String, String)> {
+pub(crate) fn condition(ep: &WebhookEndpoint, type_: &str) -> Option<(String, String)> {
     ep.status
         .as_ref()?
         .conditions
@@ -242,7 +252,7 @@ async fn signing_secret(env: &TestEnv, endpoint: &str) -> String {
     String::from_utf8(s.data.unwrap()["secret"].0.clone()).unwrap()
 }
 
-async fn ingress_url(env: &TestEnv, endpoint: &str) -> String {
+pub(crate) async fn ingress_url(env: &TestEnv, endpoint: &str) -> String {
     let ep = wait_endpoint(env, endpoint, "endpoint Ready", |ep| {
         condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
     })
@@ -265,7 +275,7 @@ async fn setup(
     setup_with(prefix, endpoint_spec, &[]).await
 }
 
-async fn setup_with(
+pub(crate) async fn setup_with(
     prefix: &str,
     endpoint_spec: Value,
     extra: &[&str],
@@ -291,7 +301,7 @@ async fn setup_with(
     (env, sandbox, consumer, operator, data_dir, port)
 }
 
-fn atlas_event(call_id: &str) -> Value {
+pub(crate) fn atlas_event(call_id: &str) -> Value {
     json!([{"callId": call_id, "campaignId": "camp-1", "triggerName": "call_completed", "customerNumber": "+15550100"}])
 }
 

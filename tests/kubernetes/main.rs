@@ -5,6 +5,7 @@ mod fixtures;
 mod support;
 
 mod api_validation;
+mod bounds;
 mod chart;
 mod delivery_e2e;
 mod operator_run;

@@ -32,6 +32,8 @@ fn free_port() -> u16 {
 struct Received {
     calls: HashSet<String>,
     posts: u64,
+    /// When each `callId` first arrived.
+    first_at: HashMap<String, Instant>,
 }
 
 async fn consumer() -> (u16, Arc<Mutex<Received>>) {
@@ -47,6 +49,7 @@ async fn consumer() -> (u16, Arc<Mutex<Received>>) {
                 g.posts += 1;
                 if let Some(c) = v.get("callId").and_then(Value::as_str) {
                     g.calls.insert(c.to_string());
+                    g.first_at.entry(c.to_string()).or_insert_with(Instant::now);
                 }
                 "ok"
             }
@@ -93,6 +96,8 @@ struct Cluster {
     received: Arc<Mutex<Received>>,
     consumer_port: u16,
     ports: [u16; 2],
+    /// `--nats-ack-wait` of the replicas.
+    ack_wait: &'static str,
 }
 
 impl Cluster {
@@ -113,6 +118,7 @@ impl Cluster {
             received,
             consumer_port,
             ports: [free_port(), free_port()],
+            ack_wait: "5s",
         }
     }
 
@@ -129,7 +135,7 @@ impl Cluster {
             .args(["--namespace", ns])
             .args(["--queue", "jetstream", "--nats-url", &self.nats.url()])
             .args(["--nats-prefix", &format!("wo{}", &ns[ns.len() - 8..])])
-            .args(["--nats-ack-wait", "5s"])
+            .args(["--nats-ack-wait", self.ack_wait])
             .args([
                 "--leader-election",
                 "--lease-name",
@@ -672,4 +678,70 @@ async fn nats_restart_during_load_answers_503_never_2xx_and_recovers() {
     );
     c.wait_delivered(&acked, Duration::from_secs(60)).await;
     drop(replica);
+}
+
+/// Issue 12: at a steady rate some events waited a whole `ack_wait` (a lease neither acked
+/// nor released). With the production `ack_wait` of 60 s, every event must arrive within
+/// a few seconds of its acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn steady_open_loop_load_delivers_every_event_within_seconds_not_ack_wait() {
+    let mut c = Cluster::new("scale-steady").await;
+    c.ack_wait = "60s";
+    let _r0 = c.start_replica(0);
+    c.setup_objects(&[("atlas-a", "camp-1")]).await;
+    c.wait_ready("atlas-a", Duration::from_secs(60)).await;
+    let url = _r0.hook(&format!("{}/atlas-a", c.hook_path().await));
+    // Warm up: the route is loaded and delivery runs.
+    fire(&reqwest::Client::new(), &url, "camp-1", 1).await;
+
+    let rate: u64 = std::env::var("STEADY_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let duration = Duration::from_secs(30);
+    let http = reqwest::Client::new();
+    let acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let started = Instant::now();
+    let mut sends = Vec::new();
+    // Open loop: a POST every tick whether or not earlier ones were answered.
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let (http, url, acked) = (http.clone(), url.clone(), acked.clone());
+        sends.push(tokio::spawn(async move {
+            let id = new_id();
+            if let Ok(200) =
+                post(&http, &url, atlas_body("camp-1", std::slice::from_ref(&id))).await
+            {
+                acked.lock().unwrap().insert(id, Instant::now());
+            }
+        }));
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let offered = rate * duration.as_secs();
+    assert!(
+        acked.len() as u64 >= offered * 9 / 10,
+        "the ingress accepted {} of {offered}",
+        acked.len()
+    );
+    let ids: HashSet<String> = acked.keys().cloned().collect();
+    // Far less than ack_wait: an event held for ack_wait fails here.
+    c.wait_delivered(&ids, Duration::from_secs(20)).await;
+    let r = c.received.lock().unwrap();
+    let slowest = acked
+        .iter()
+        .map(|(id, at)| r.first_at[id].saturating_duration_since(*at))
+        .max()
+        .unwrap();
+    println!(
+        "steady load: {} events at {rate}/s for {duration:?}; slowest delivered {slowest:?} after its 200",
+        acked.len()
+    );
+    assert!(
+        slowest < Duration::from_secs(5),
+        "an event arrived {slowest:?} after its 200"
+    );
 }

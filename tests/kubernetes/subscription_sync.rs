@@ -85,6 +85,12 @@ impl IngressRoutes for RecordedRoutes {
     ) -> futures::future::BoxFuture<'static, anyhow::Result<u64>> {
         Box::pin(async { Ok(0) })
     }
+    fn purge_endpoint(
+        &self,
+        _: EndpointKey,
+    ) -> futures::future::BoxFuture<'static, anyhow::Result<u64>> {
+        Box::pin(async { Ok(0) })
+    }
 }
 
 /// Everything the in-process controllers log, at debug level, for the no-secrets check.

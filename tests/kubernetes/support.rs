@@ -31,7 +31,13 @@ pub async fn control_plane() -> &'static ControlPlane {
 }
 
 fn start_control_plane() -> ControlPlane {
-    let dir = std::env::temp_dir().join(format!("wo-cp-{}", std::process::id()));
+    start_control_plane_named("wo-cp")
+}
+
+/// A control plane of the caller's own in `<tmp>/<name>-<pid>` (for a test that stops its
+/// API server); it stops when this test process exits.
+pub fn start_control_plane_named(name: &str) -> ControlPlane {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let script = repo_root().join("hack/controlplane.sh");
     let run = |args: &[&str]| {
         let out = std::process::Command::new("bash")

@@ -86,6 +86,22 @@ spec:
           value: /var/lib/webhook-operator
         - name: WEBHOOK_OPERATOR_MAX_BODY_BYTES
           value: {{ $op.maxBodyBytes | int | quote }}
+        - name: WEBHOOK_OPERATOR_MAX_QUEUED_EVENTS
+          value: {{ $op.limits.maxQueuedEvents | int64 | quote }}
+        - name: WEBHOOK_OPERATOR_MAX_ENDPOINT_QUEUED_EVENTS
+          value: {{ $op.limits.maxEndpointQueuedEvents | int64 | quote }}
+        - name: WEBHOOK_OPERATOR_MIN_FREE_DISK_BYTES
+          value: {{ $op.limits.minFreeDiskBytes | int64 | quote }}
+        - name: WEBHOOK_OPERATOR_MAX_CONCURRENT_REQUESTS
+          value: {{ $op.limits.maxConcurrentRequests | int | quote }}
+        - name: WEBHOOK_OPERATOR_MAX_CONNECTIONS
+          value: {{ $op.limits.maxConnections | int | quote }}
+        - name: WEBHOOK_OPERATOR_HEADER_READ_TIMEOUT
+          value: {{ $op.limits.headerReadTimeout | quote }}
+        - name: WEBHOOK_OPERATOR_BODY_READ_TIMEOUT
+          value: {{ $op.limits.bodyReadTimeout | quote }}
+        - name: WEBHOOK_OPERATOR_MAX_DEDUPE_KEYS
+          value: {{ $op.limits.maxDedupeKeys | int64 | quote }}
         - name: WEBHOOK_OPERATOR_LOG_JSON
           value: {{ $op.logJSON | quote }}
         - name: WEBHOOK_OPERATOR_ALLOW_LINK_LOCAL
@@ -132,6 +148,14 @@ spec:
           value: jetstream
         - name: WEBHOOK_OPERATOR_NATS_URL
           value: {{ required "queue.jetstream.natsURL is required when queue.mode is jetstream" $js.natsURL | quote }}
+        - name: WEBHOOK_OPERATOR_NATS_REPLICAS
+          value: {{ $js.streamReplicas | int | quote }}
+        - name: WEBHOOK_OPERATOR_NATS_STORAGE
+          value: {{ $js.streamStorage | quote }}
+        - name: WEBHOOK_OPERATOR_NATS_MAX_BYTES
+          value: {{ $js.maxBytes | int64 | quote }}
+        - name: WEBHOOK_OPERATOR_NATS_DEAD_LETTER_MAX_AGE
+          value: {{ $js.deadLetterMaxAge | quote }}
         {{- with $js.credentials.secretName }}
         {{- if eq $js.credentials.type "creds" }}
         - name: WEBHOOK_OPERATOR_NATS_CREDENTIALS_FILE

@@ -401,3 +401,55 @@ fn acknowledged_events_survive_sigkill() {
         &lost[..lost.len().min(3)]
     );
 }
+
+#[tokio::test]
+async fn dedupe_keys_expire_within_seconds_at_any_count_and_stay_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RedbQueueOptions {
+        dedupe_window: Duration::from_secs(3600),
+        max_dedupe_keys: 1_000,
+        ..Default::default()
+    };
+    let q = RedbQueue::open(dir.path().join("q.redb"), opts).unwrap();
+    let a = ep("a");
+    let now = SystemTime::now();
+    // Keys past the window (received two hours ago) and more fresh keys than the bound:
+    // more than one expiry slice of each, as a flood would leave.
+    let old = now - Duration::from_secs(7200);
+    for chunk in 0..25 {
+        let batch = (0..1000)
+            .map(|i| event(&a, &format!("old-{chunk}-{i}"), old))
+            .collect();
+        q.enqueue(batch).await.unwrap();
+    }
+    let fresh: Vec<NewEvent> = (0..3000)
+        .map(|i| event(&a, &format!("new-{i}"), now + Duration::from_millis(i)))
+        .collect();
+    q.enqueue(fresh).await.unwrap();
+    assert_eq!(q.dedupe_stats().unwrap().0, 28_000);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (keys, evicted) = q.dedupe_stats().unwrap();
+        if keys <= 1_000 {
+            assert_eq!(
+                evicted, 2_000,
+                "only fresh keys past the bound count as evicted"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expiry did not keep up: {keys} keys left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The oldest fresh key was evicted: the same key is accepted again; the newest is
+    // still a duplicate.
+    let out = q
+        .enqueue(vec![event(&a, "new-0", now), event(&a, "new-2999", now)])
+        .await
+        .unwrap();
+    assert!(matches!(out[0], EnqueueOutcome::Accepted { .. }));
+    assert_eq!(out[1], EnqueueOutcome::Duplicate);
+}
