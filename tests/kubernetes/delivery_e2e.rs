@@ -23,7 +23,7 @@ use crate::support::{TestEnv, test_env, wait_until};
 
 /// One delivery as the consumer saw it.
 #[derive(Clone, Debug)]
-struct Received {
+pub(crate) struct Received {
     webhook_id: String,
     body: Value,
     verified: bool,
@@ -34,8 +34,8 @@ struct Received {
 
 /// A loopback consumer: answers with `status`, records what arrives, verifies signatures.
 #[derive(Clone)]
-struct Consumer {
-    port: u16,
+pub(crate) struct Consumer {
+    pub(crate) port: u16,
     status: Arc<AtomicU16>,
     secret: Arc<Mutex<Option<String>>>,
     also_verify_with: Arc<Mutex<Vec<String>>>,
@@ -43,7 +43,7 @@ struct Consumer {
 }
 
 impl Consumer {
-    async fn start() -> Consumer {
+    pub(crate) async fn start() -> Consumer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let consumer = Consumer {
             port: listener.local_addr().unwrap().port(),
@@ -63,7 +63,7 @@ impl Consumer {
         self.status.store(status, Ordering::SeqCst);
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub(crate) fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
     }
 }
@@ -107,9 +107,9 @@ async fn receive(
 }
 
 /// `webhook-operator run` as a child process, its log lines collected.
-struct OperatorProcess {
+pub(crate) struct OperatorProcess {
     child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
+    pub(crate) logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl OperatorProcess {
@@ -123,7 +123,7 @@ impl OperatorProcess {
         Self::start_with(env, sandbox, consumer, ingress_port, data_dir, &[])
     }
 
-    fn start_with(
+    pub(crate) fn start_with(
         env: &TestEnv,
         sandbox: &SandboxHandle,
         consumer: &Consumer,
@@ -131,8 +131,34 @@ impl OperatorProcess {
         data_dir: &Path,
         extra: &[&str],
     ) -> OperatorProcess {
+        // The consumer is on loopback (through --resolve), which the address policy
+        // refuses by default.
+        Self::spawn(env, sandbox, consumer, ingress_port, data_dir, extra, true)
+    }
+
+    /// Under the production address policy: no `--allow-loopback`.
+    pub(crate) fn start_strict(
+        env: &TestEnv,
+        sandbox: &SandboxHandle,
+        consumer: &Consumer,
+        ingress_port: u16,
+        data_dir: &Path,
+    ) -> OperatorProcess {
+        Self::spawn(env, sandbox, consumer, ingress_port, data_dir, &[], false)
+    }
+
+    fn spawn(
+        env: &TestEnv,
+        sandbox: &SandboxHandle,
+        consumer: &Consumer,
+        ingress_port: u16,
+        data_dir: &Path,
+        extra: &[&str],
+        allow_loopback: bool,
+    ) -> OperatorProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
             .arg("run")
+            .args(allow_loopback.then_some("--allow-loopback"))
             .args(extra)
             .args(["--ingress-addr", &format!("127.0.0.1:{ingress_port}")])
             .args(["--ops-addr", "127.0.0.1:0"])
@@ -179,7 +205,7 @@ impl Drop for OperatorProcess {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -192,7 +218,12 @@ fn consumer_destination() -> Value {
 }
 
 /// Waits until the endpoint's status satisfies `check`.
-async fn wait_endpoint<F>(env: &TestEnv, name: &str, what: &str, check: F) -> WebhookEndpoint
+pub(crate) async fn wait_endpoint<F>(
+    env: &TestEnv,
+    name: &str,
+    what: &str,
+    check: F,
+) -> WebhookEndpoint
 where
     F: Fn(&WebhookEndpoint) -> bool,
 {
@@ -208,7 +239,7 @@ where
     .await
 }
 
-fn condition(ep: &WebhookEndpoint, type_: &str) -> Option<(String, String)> {
+pub(crate) fn condition(ep: &WebhookEndpoint, type_: &str) -> Option<(String, String)> {
     ep.status
         .as_ref()?
         .conditions

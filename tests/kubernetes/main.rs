@@ -7,6 +7,7 @@ mod support;
 mod api_validation;
 mod chart;
 mod delivery_e2e;
+mod isolation;
 mod operator_run;
 mod scaleout;
 mod subscription_sync;
