@@ -127,14 +127,26 @@ async fn a_service_in_another_namespace_is_refused_and_nothing_is_delivered() {
     assert!(consumer.received().is_empty());
 }
 
-/// The ops address the operator logged (`--ops-addr 127.0.0.1:0`).
+/// `line` without terminal colour sequences.
+fn plain(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The ops port the operator logged (`--ops-addr 127.0.0.1:0`).
 async fn ops_port(operator: &OperatorProcess) -> u16 {
     wait_until(Duration::from_secs(30), "the ops server's address", || {
         let port = operator.logs.lock().unwrap().iter().find_map(|l| {
-            let rest = l
-                .split("server=\"ops\"")
-                .nth(1)
-                .or_else(|| l.split("server=ops").nth(1))?;
+            let l = plain(l);
+            let rest = l.split("server=\"ops\"").nth(1)?;
             let addr = rest.split("addr=").nth(1)?.split_whitespace().next()?;
             addr.trim_matches('"').rsplit(':').next()?.parse().ok()
         });
