@@ -66,8 +66,9 @@ pub struct Destination {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceDestination>,
     /// A URL. It must be `https`, or `http` to an in-cluster host (`*.svc`,
-    /// `*.cluster.local`, a bare Service name) or loopback. Link-local and cloud metadata
-    /// addresses are refused at delivery unless the operator allows them.
+    /// `*.cluster.local`, a bare Service name) or loopback. Loopback, unspecified,
+    /// link-local and cloud metadata addresses are refused (`DestinationForbidden`) unless
+    /// the operator allows them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     #[schemars(extend("x-kubernetes-validations" = [{

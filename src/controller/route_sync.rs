@@ -244,16 +244,9 @@ pub fn endpoint_delivery(ep: &WebhookEndpoint, secrets: &SecretCache) -> Option<
     // The rotation state lives in the owned `<ep>-signing` Secret: a look-alike means no
     // route, as on the leader.
     let owned_signing = endpoint::signing_secret_name(&name);
-    if secrets.get(&ns, &owned_signing).is_some()
-        && secrets
-            .owned_value(ep, &owned_signing, SIGNING_KEY)
-            .is_none()
-        && ep
-            .spec
-            .signing
-            .as_ref()
-            .and_then(|s| s.secret_ref.as_ref())
-            .is_none()
+    if secrets
+        .get(&ns, &owned_signing)
+        .is_some_and(|s| !secret_rules::is_owned_by(&s.metadata, ep.meta().uid.as_deref()))
     {
         return None;
     }
