@@ -395,3 +395,42 @@ fn sync_once(
     }
     applied.subscriptions = seen_subs;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_needs_only_the_secrets_its_objects_name() {
+        let ep: WebhookEndpoint = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
+            "metadata": {"name": "orders", "namespace": "a"},
+            "spec": {"destination": {"service": {"name": "sink", "port": 8080}},
+                     "signing": {"secretRef": {"name": "my-signing", "key": "k"}},
+                     "headers": [{"name": "X-Token", "secretKeyRef": {"name": "auth", "key": "t"}}]}
+        }))
+        .unwrap();
+        let sub: WebhookSubscription = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
+            "metadata": {"name": "calls", "namespace": "b"},
+            "spec": {"provider": "atllas", "events": ["call.finished"], "endpointRef": {"name": "orders"}}
+        }))
+        .unwrap();
+        let mut got: Vec<(String, String)> = needed_secrets(&[Arc::new(ep)], &[Arc::new(sub)])
+            .into_iter()
+            .collect();
+        got.sort();
+        let want: Vec<(String, String)> = [
+            ("a", "auth"),
+            ("a", "my-signing"),
+            ("a", "orders-ingress"),
+            ("a", "orders-signing"),
+            ("b", "calls-atllas-header"),
+            ("b", "calls-provider-signing"),
+        ]
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .collect();
+        assert_eq!(got, want);
+    }
+}
