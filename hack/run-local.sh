@@ -93,7 +93,8 @@ say "starting the provider simulators, the demo consumer and the operator"
 pids+=($!)
 "$bin" demo-consumer --listen "127.0.0.1:$consumer_port" --secret-file "$secret_file" >"$dir/consumer.log" 2>&1 &
 pids+=($!)
-"$bin" run --namespace "$ns" --data-dir "$dir/data" \
+# --allow-loopback: the demo consumer listens on 127.0.0.1; never set it in a cluster.
+"$bin" run --namespace "$ns" --data-dir "$dir/data" --allow-loopback \
   --ingress-addr "127.0.0.1:$ingress_port" --ops-addr "127.0.0.1:$ops_port" \
   --public-base-url "http://127.0.0.1:$ingress_port" \
   --provider-sandbox-url "http://127.0.0.1:$sandbox_port" \

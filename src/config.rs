@@ -39,6 +39,23 @@ pub struct OperatorConfig {
     /// Allow delivery to link-local and cloud metadata addresses (off: refused).
     #[arg(long, env = "WEBHOOK_OPERATOR_ALLOW_LINK_LOCAL")]
     pub allow_link_local: bool,
+    /// Allow delivery to loopback and unspecified addresses (127.0.0.0/8, ::1, 0.0.0.0):
+    /// the operator's own pod. For the local demo and tests only (off: refused).
+    #[arg(long, env = "WEBHOOK_OPERATOR_ALLOW_LOOPBACK")]
+    pub allow_loopback: bool,
+    /// Let deliveries go through the proxy named by `HTTP_PROXY` / `HTTPS_PROXY` (off: the
+    /// environment's proxy settings are ignored, since a proxy bypasses the address policy).
+    #[arg(long, env = "WEBHOOK_OPERATOR_DELIVERY_PROXY_FROM_ENV")]
+    pub delivery_proxy_from_env: bool,
+    /// Allow an endpoint to deliver to a Service in another namespace (off: refused with
+    /// `Ready=False`, reason `CrossNamespaceRefDenied`).
+    #[arg(long, env = "WEBHOOK_OPERATOR_ALLOW_CROSS_NAMESPACE_REFS")]
+    pub allow_cross_namespace_refs: bool,
+    /// Read a Secret named in `headers[].secretKeyRef`, `signing.secretRef` or
+    /// `credentialsRef` only when it carries the label
+    /// `hooks.webhook-operator.dev/referable=true` (off: any Secret of the namespace).
+    #[arg(long, env = "WEBHOOK_OPERATOR_REQUIRE_SECRET_LABEL")]
+    pub require_secret_label: bool,
     /// Resolve a destination `host:port` to another address, e.g.
     /// `consumer.apps.svc:8080=127.0.0.1:18080` (for running outside a cluster). Repeatable.
     #[arg(long = "resolve", env = "WEBHOOK_OPERATOR_RESOLVE", value_delimiter = ',', value_parser = parse_resolve)]
@@ -295,11 +312,19 @@ fn parse_resolve(s: &str) -> Result<(String, SocketAddr), String> {
 }
 
 impl OperatorConfig {
+    pub fn address_policy(&self) -> crate::delivery::AddressPolicy {
+        crate::delivery::AddressPolicy {
+            allow_loopback: self.allow_loopback,
+            allow_link_local: self.allow_link_local,
+        }
+    }
+
     pub fn data_plane(&self) -> crate::dataplane::DataPlaneConfig {
         crate::dataplane::DataPlaneConfig {
             queue_path: self.data_dir.join("queue.redb"),
             max_body_bytes: self.max_body_bytes,
-            allow_link_local: self.allow_link_local,
+            address_policy: self.address_policy(),
+            proxy_from_env: self.delivery_proxy_from_env,
             resolve_overrides: self.resolve_overrides.clone(),
             health: crate::health::HealthConfig {
                 window: self.health_window,

@@ -186,6 +186,11 @@ fn test_config(dir: &std::path::Path, consumer: SocketAddr) -> DataPlaneConfig {
         queue_path: dir.join("queue.redb"),
         max_body_bytes: 4096,
         resolve_overrides: vec![("sink.apps.svc:8080".into(), consumer)],
+        // The consumer is on loopback, which the address policy refuses by default.
+        address_policy: webhook_operator::delivery::AddressPolicy {
+            allow_loopback: true,
+            ..Default::default()
+        },
         breaker_failure_threshold: 1000,
         breaker_cooldown: Duration::from_millis(500),
         health: HealthConfig {

@@ -349,6 +349,10 @@ pub async fn run(concurrency: usize, duration: Duration) -> anyhow::Result<Deliv
     let config = DataPlaneConfig {
         queue_path: dir.path().join("queue.redb"),
         resolve_overrides: vec![("consumer.bench.svc:8080".into(), consumer_addr)],
+        address_policy: webhook_operator::delivery::AddressPolicy {
+            allow_loopback: true,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let dp = DataPlane::open(config, Arc::new(ProviderParser)).await?;

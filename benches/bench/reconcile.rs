@@ -289,6 +289,7 @@ pub async fn run(
     let data_dir = tempfile::tempdir()?;
     let operator = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
         .arg("run")
+        .arg("--allow-loopback")
         .args(["--ingress-addr", &format!("127.0.0.1:{ingress_port}")])
         .args(["--ops-addr", "127.0.0.1:0"])
         .args([

@@ -84,6 +84,11 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
+/// A Service name: an RFC 1035 DNS label.
+pub const DNS_1035_LABEL: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
+/// A namespace name: an RFC 1123 DNS label.
+pub const DNS_1123_LABEL: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
 /// The CEL rule and OpenAPI pattern every duration field carries: Go duration syntax
 /// such as `500ms`, `30s`, `5m`, `1h30m`.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";

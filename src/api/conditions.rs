@@ -36,6 +36,13 @@ pub mod reasons {
     pub const DESTINATION_UNRESOLVABLE: &str = "DestinationUnresolvable";
     pub const DESTINATION_FORBIDDEN: &str = "DestinationForbidden";
     pub const SECRET_MISSING: &str = "SecretMissing";
+    /// A generated Secret's name is taken by a Secret the object does not own.
+    pub const SECRET_NOT_OWNED: &str = "SecretNotOwned";
+    /// `--require-secret-label` is on and a referenced Secret lacks the opt-in label.
+    pub const SECRET_NOT_REFERABLE: &str = "SecretNotReferable";
+    /// The destination Service is in another namespace and cross-namespace references are
+    /// not allowed.
+    pub const CROSS_NAMESPACE_REF_DENIED: &str = "CrossNamespaceRefDenied";
     pub const DELIVERING: &str = "Delivering";
     pub const NO_DELIVERIES: &str = "NoDeliveries";
     pub const DELIVERY_FAILING: &str = "DeliveryFailing";

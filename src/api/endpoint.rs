@@ -73,8 +73,9 @@ pub struct Destination {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceDestination>,
     /// A URL. It must be `https`, or `http` to an in-cluster host (`*.svc`,
-    /// `*.cluster.local`, a bare Service name) or loopback. Link-local and cloud metadata
-    /// addresses are refused at delivery unless the operator allows them.
+    /// `*.cluster.local`, a bare Service name) or loopback. Loopback, unspecified,
+    /// link-local and cloud metadata addresses are refused (`DestinationForbidden`) unless
+    /// the operator allows them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     #[schemars(extend("x-kubernetes-validations" = [{
@@ -87,12 +88,14 @@ pub struct Destination {
 /// A Service destination.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct ServiceDestination {
-    /// Service name.
-    #[schemars(length(min = 1, max = 63))]
+    /// Service name (a DNS label: lower-case letters, digits and `-`).
+    #[schemars(length(min = 1, max = 63), extend("pattern" = super::common::DNS_1035_LABEL))]
     pub name: String,
-    /// Service namespace; defaults to the endpoint's namespace.
+    /// Service namespace (a DNS label); defaults to the endpoint's namespace. Another
+    /// namespace is refused (`Ready=False`, reason `CrossNamespaceRefDenied`) unless the
+    /// operator runs with `--allow-cross-namespace-refs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), extend("pattern" = super::common::DNS_1123_LABEL))]
     pub namespace: Option<String>,
     /// Service port.
     #[schemars(range(min = 1, max = 65535))]

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::conditions::{self, Desired};
 use super::routes::{EndpointDelivery, EndpointHealthView};
-use super::{Context, Error, publish, rotation, secrets, status};
+use super::{Context, Error, isolation, publish, rotation, secrets, status};
 use crate::api::conditions::{reasons, types};
 use crate::api::endpoint::{WebhookEndpoint, WebhookEndpointStatus};
 use crate::api::{REQUESTED_AT_ANNOTATION, WebhookSubscription};
@@ -161,21 +161,48 @@ async fn apply(
     let key = (ns.clone(), name.clone());
     let current = ep.status.clone().unwrap_or_default();
 
-    let token_key = secrets::ensure_generated(
+    let mut problems: Vec<(&'static str, String)> = Vec::new();
+    // A refused destination is reported first and nothing is handed to the data plane, so
+    // nothing is delivered (an earlier configuration is withdrawn).
+    let refused = isolation::check_destination(
+        &ep.spec.destination,
+        &ns,
+        ctx.config.allow_cross_namespace_refs,
+        &ctx.destinations,
+    )
+    .err();
+    if let Some(refusal) = refused.clone() {
+        problems.push(refusal);
+    }
+
+    let token = match secrets::ensure_generated(
         &ctx.client,
         ep,
         &ingress_secret_name(&name),
         INGRESS_SECRET_KEY,
         secrets::random_secret,
     )
-    .await?;
-    let token = ingress_token(&token_key);
+    .await
+    {
+        Ok(key) => Some(ingress_token(&key)),
+        Err(e @ secrets::OwnedSecretError::NotOwned(_)) => {
+            problems.push((reasons::SECRET_NOT_OWNED, e.to_string()));
+            None
+        }
+        Err(secrets::OwnedSecretError::Kube(e)) => return Err(e.into()),
+    };
 
-    let mut problems: Vec<(&'static str, String)> = Vec::new();
     // The signing secret: the user's, or one the operator generates (and regenerates on
     // request). Its rotation state lives in the owned `<endpoint>-signing` Secret.
     let owned_name = signing_secret_name(&name);
-    let mut owned = secrets::read_owned(&ctx.client, &ns, &owned_name).await?;
+    let (mut owned, owned_ok) = match secrets::read_owned(&ctx.client, ep, &owned_name).await {
+        Ok(data) => (data, true),
+        Err(e @ secrets::OwnedSecretError::NotOwned(_)) => {
+            problems.push((reasons::SECRET_NOT_OWNED, e.to_string()));
+            (Default::default(), false)
+        }
+        Err(secrets::OwnedSecretError::Kube(e)) => return Err(e.into()),
+    };
     let rotate_request = ep.annotations().get(ROTATE_ANNOTATION).cloned();
     // The handled request is kept next to the secret it produced (read from the API, not
     // the cache), so a pass that sees a stale object cannot rotate twice.
@@ -184,13 +211,19 @@ async fn apply(
         .map(|v| String::from_utf8_lossy(v).into_owned());
     let rotate_now = rotate_request.is_some() && rotate_request != handled_rotation;
     let signing_secret = match ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
-        Some(r) => match secrets::read(&ctx.client, &ns, &r.name)
-            .await
-            .and_then(|s| s.get(&r.key).map(<[u8]>::to_vec))
+        _ if !owned_ok => None,
+        Some(r) => match secrets::read_referenced(
+            &ctx.client,
+            &ns,
+            &r.name,
+            ctx.config.require_secret_label,
+        )
+        .await
+        .and_then(|s| s.get(&r.key).map(<[u8]>::to_vec))
         {
             Ok(v) => Some(v),
             Err(e) => {
-                problems.push((reasons::SECRET_MISSING, format!("signing secret: {e}")));
+                problems.push((e.reason(), format!("signing secret: {e}")));
                 None
             }
         },
@@ -242,16 +275,18 @@ async fn apply(
     let mut headers = Vec::new();
     for h in &ep.spec.headers {
         let r = &h.secret_key_ref;
-        match secrets::read(&ctx.client, &ns, &r.name)
+        match secrets::read_referenced(&ctx.client, &ns, &r.name, ctx.config.require_secret_label)
             .await
             .and_then(|s| s.get_string(&r.key))
         {
             Ok(v) => headers.push((h.name.clone(), v)),
-            Err(e) => problems.push((reasons::SECRET_MISSING, format!("header {}: {e}", h.name))),
+            Err(e) => problems.push((e.reason(), format!("header {}: {e}", h.name))),
         }
     }
 
-    if problems.is_empty() {
+    if refused.is_some() {
+        ctx.routes.0.remove_endpoint(key.clone());
+    } else if let (true, Some(token)) = (problems.is_empty(), &token) {
         let delivery = EndpointDelivery {
             key: key.clone(),
             token: token.clone(),
@@ -332,7 +367,9 @@ async fn apply(
     let mut next = next_status(
         &current,
         ep.meta().generation,
-        ingress_url(ctx.config.public_base_url.as_deref(), &token),
+        token
+            .as_deref()
+            .map(|t| ingress_url(ctx.config.public_base_url.as_deref(), t)),
         signing_secret.as_deref().map(secret_hash),
         &problems,
         health.as_ref(),
@@ -365,7 +402,7 @@ async fn apply(
 pub fn next_status(
     current: &WebhookEndpointStatus,
     generation: Option<i64>,
-    ingress_url: String,
+    ingress_url: Option<String>,
     signing_secret_hash: Option<String>,
     problems: &[(&'static str, String)],
     health: Option<&EndpointHealthView>,
@@ -397,7 +434,7 @@ pub fn next_status(
     WebhookEndpointStatus {
         observed_generation: generation,
         conditions: conditions::merge(&current.conditions, &desired, generation, conditions::now()),
-        ingress_url: Some(ingress_url),
+        ingress_url,
         signing_secret_hash,
         last_handled_requested_at: requested_at
             .or_else(|| current.last_handled_requested_at.clone()),
@@ -491,7 +528,7 @@ mod tests {
         let st = next_status(
             &Default::default(),
             Some(2),
-            "/hooks/t".into(),
+            Some("/hooks/t".into()),
             None,
             &[(
                 reasons::DESTINATION_FORBIDDEN,

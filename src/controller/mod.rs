@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod conditions;
 pub mod dataplane_routes;
 pub mod endpoint;
+pub mod isolation;
 pub mod rotation;
 pub mod route_sync;
 pub mod routes;
@@ -43,6 +44,8 @@ pub struct Context {
     pub providers: ProviderClients,
     pub recorder: Recorder,
     pub routes: Routes,
+    /// The address policy and resolution overrides, for reconcile-time destination checks.
+    pub destinations: crate::delivery::Resolver,
     pub subscription_schedules:
         Mutex<HashMap<ObjectRef<WebhookSubscription>, subscription::Schedule>>,
     /// The last replay request handled per endpoint (namespace, name).
@@ -68,6 +71,10 @@ impl Context {
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             providers: ProviderClients::new(config.providers.endpoints()),
+            destinations: crate::delivery::Resolver::new(
+                &config.resolve_overrides,
+                config.address_policy(),
+            ),
             client,
             config,
             routes: Routes(routes),
@@ -116,6 +123,17 @@ pub enum Error {
     Provider(#[from] ProviderError),
     #[error("cannot remove the upstream subscription: {0}")]
     Cleanup(String),
+    #[error("{0}")]
+    SecretNotOwned(String),
+}
+
+impl From<secrets::OwnedSecretError> for Error {
+    fn from(e: secrets::OwnedSecretError) -> Self {
+        match e {
+            secrets::OwnedSecretError::Kube(e) => Error::Kube(e),
+            not_owned => Error::SecretNotOwned(not_owned.to_string()),
+        }
+    }
 }
 
 impl Error {
@@ -125,6 +143,7 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::Provider(e) => e.reason(),
             Error::Cleanup(_) => "cleanup",
+            Error::SecretNotOwned(_) => "secret_not_owned",
         }
     }
 }

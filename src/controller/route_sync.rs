@@ -7,10 +7,15 @@
 //! signing secret (`<ep>-signing` or `spec.signing.secretRef`), header Secrets, the
 //! subscription's provider signing secret (`<sub>-provider-signing`) or Atllas header
 //! value (`<sub>-atllas-header`), and `status.upstream` saying a subscription was synced.
-//! So a follower watches WebhookEndpoints, WebhookSubscriptions and Secrets through
-//! reflectors and, once a second, rebuilds the same [`EndpointDelivery`] and verification
-//! keys the reconcilers would, with no provider call and no write of any kind. A
+//! So a follower watches WebhookEndpoints and WebhookSubscriptions through reflectors and,
+//! once a second, rebuilds the same [`EndpointDelivery`] and verification keys the
+//! reconcilers would, with no provider call and no write of any kind, under the same
+//! isolation rules (destination checks, owned generated Secrets, the opt-in label). A
 //! fingerprint per object means the data plane is only touched when something changed.
+//!
+//! Secrets: only their metadata is watched; the data of exactly the Secrets some endpoint
+//! or subscription needs is read with a GET when its resourceVersion changes, so a
+//! follower never holds the cluster's other Secrets.
 //!
 //! Must not: call a provider, write status, create Secrets (a missing Secret means the
 //! leader has not got there yet; the route waits for it).
@@ -21,14 +26,15 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::ResourceExt;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::routes::{EndpointDelivery, EndpointKey, IngressRoutes};
-use super::{Context, api, endpoint, subscription};
+use super::{Context, api, endpoint, isolation, secrets as secret_rules, subscription};
 use crate::api::{Provider, WebhookEndpoint, WebhookSubscription};
 use crate::inbound::VerificationKeys;
 
@@ -37,14 +43,106 @@ use super::rotation;
 
 /// The secrets in force, newest first: `current` plus, inside the overlap window the
 /// leader recorded in the owned Secret, the one it replaced. Read-only.
-fn with_rotation(secrets: &Store<Secret>, ns: &str, owned: &str, current: Vec<u8>) -> Vec<Vec<u8>> {
+fn with_rotation(secrets: &SecretCache, ns: &str, owned: &str, current: Vec<u8>) -> Vec<Vec<u8>> {
     let stored = secrets
-        .get(&reflector::ObjectRef::new(owned).within(ns))
+        .get(ns, owned)
         .and_then(|s| s.data.clone())
         .map(|d| d.into_iter().map(|(k, v)| (k, v.0)).collect())
         .unwrap_or_default();
     // The window's end is stored, so the overlap length does not matter here.
     rotation::decide(&stored, &current, jiff::Timestamp::now(), Duration::ZERO).secrets
+}
+
+/// The Secrets route sync reads: metadata of all (a watch), data of the needed ones only.
+pub struct SecretCache {
+    api_client: kube::Client,
+    meta: Store<PartialObjectMeta<Secret>>,
+    data: HashMap<(String, String), Secret>,
+    require_label: bool,
+}
+
+impl SecretCache {
+    /// Drops what is no longer `needed`; GETs a needed Secret whose resourceVersion moved.
+    async fn refresh(&mut self, needed: &std::collections::HashSet<(String, String)>) {
+        self.data.retain(|k, _| needed.contains(k));
+        for (ns, name) in needed {
+            let seen = self
+                .meta
+                .get(&reflector::ObjectRef::new(name).within(ns))
+                .and_then(|m| m.resource_version());
+            let Some(seen) = seen else {
+                self.data.remove(&(ns.clone(), name.clone()));
+                continue;
+            };
+            let cached = self
+                .data
+                .get(&(ns.clone(), name.clone()))
+                .and_then(|s| s.resource_version());
+            if cached.as_deref() == Some(seen.as_str()) {
+                continue;
+            }
+            let api: Api<Secret> = Api::namespaced(self.api_client.clone(), ns);
+            match api.get_opt(name).await {
+                Ok(Some(s)) => {
+                    self.data.insert((ns.clone(), name.clone()), s);
+                }
+                Ok(None) => {
+                    self.data.remove(&(ns.clone(), name.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, name = %name, error = %e, "route sync: reading a Secret failed")
+                }
+            }
+        }
+    }
+
+    fn get(&self, ns: &str, name: &str) -> Option<&Secret> {
+        self.data.get(&(ns.to_string(), name.to_string()))
+    }
+
+    /// A key of a Secret the operator generated for `owner` (not of a look-alike).
+    fn owned_value<K: Resource>(&self, owner: &K, name: &str, key: &str) -> Option<Vec<u8>> {
+        let ns = owner.meta().namespace.clone().unwrap_or_default();
+        let s = self.get(&ns, name)?;
+        if !secret_rules::is_owned_by(&s.metadata, owner.meta().uid.as_deref()) {
+            return None;
+        }
+        s.data.as_ref()?.get(key).map(|v| v.0.clone())
+    }
+
+    /// A key of a Secret named in a spec, under the opt-in label rule.
+    fn referenced_value(&self, ns: &str, name: &str, key: &str) -> Option<Vec<u8>> {
+        let s = self.get(ns, name)?;
+        if !secret_rules::is_referable(&s.metadata, self.require_label) {
+            return None;
+        }
+        s.data.as_ref()?.get(key).map(|v| v.0.clone())
+    }
+}
+
+/// The Secrets (namespace, name) the endpoints and subscriptions read.
+fn needed_secrets(
+    endpoints: &[Arc<WebhookEndpoint>],
+    subscriptions: &[Arc<WebhookSubscription>],
+) -> std::collections::HashSet<(String, String)> {
+    let mut needed = std::collections::HashSet::new();
+    for ep in endpoints {
+        let (ns, name) = (ep.namespace().unwrap_or_default(), ep.name_any());
+        needed.insert((ns.clone(), endpoint::ingress_secret_name(&name)));
+        needed.insert((ns.clone(), endpoint::signing_secret_name(&name)));
+        if let Some(r) = ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
+            needed.insert((ns.clone(), r.name.clone()));
+        }
+        for h in &ep.spec.headers {
+            needed.insert((ns.clone(), h.secret_key_ref.name.clone()));
+        }
+    }
+    for sub in subscriptions {
+        let (ns, name) = (sub.namespace().unwrap_or_default(), sub.name_any());
+        needed.insert((ns.clone(), subscription::atllas_header_secret_name(&name)));
+        needed.insert((ns, subscription::signing_secret_name(&name)));
+    }
+    needed
 }
 
 fn reflect<K>(api: kube::Api<K>, shutdown: &CancellationToken) -> Store<K>
@@ -81,11 +179,11 @@ struct Applied {
     subscriptions: HashMap<(EndpointKey, String), [u8; 32]>,
 }
 
-/// The three caches route sync reads, filled by their own watches.
+/// The caches route sync reads, filled by their own watches.
 struct Caches {
     endpoints: Store<WebhookEndpoint>,
     subscriptions: Store<WebhookSubscription>,
-    secrets: Store<Secret>,
+    secrets: SecretCache,
 }
 
 impl Caches {
@@ -93,29 +191,35 @@ impl Caches {
     /// `None` when `shutdown` came first.
     async fn start(ctx: &Context, shutdown: &CancellationToken) -> Option<Caches> {
         let ns = ctx.config.namespace.clone();
-        let caches = Caches {
-            endpoints: reflect(api(&ctx.client, ns.as_deref()), shutdown),
-            subscriptions: reflect(api(&ctx.client, ns.as_deref()), shutdown),
-            secrets: reflect(api(&ctx.client, ns.as_deref()), shutdown),
-        };
+        let endpoints = reflect(api(&ctx.client, ns.as_deref()), shutdown);
+        let subscriptions = reflect(api(&ctx.client, ns.as_deref()), shutdown);
+        let secret_meta: Store<PartialObjectMeta<Secret>> =
+            reflect(api(&ctx.client, ns.as_deref()), shutdown);
         tokio::select! {
-            _ = shutdown.cancelled() => None,
+            _ = shutdown.cancelled() => return None,
             _ = async {
-                let _ = caches.endpoints.wait_until_ready().await;
-                let _ = caches.subscriptions.wait_until_ready().await;
-                let _ = caches.secrets.wait_until_ready().await;
-            } => Some(caches),
+                let _ = endpoints.wait_until_ready().await;
+                let _ = subscriptions.wait_until_ready().await;
+                let _ = secret_meta.wait_until_ready().await;
+            } => {}
         }
+        Some(Caches {
+            endpoints,
+            subscriptions,
+            secrets: SecretCache {
+                api_client: ctx.client.clone(),
+                meta: secret_meta,
+                data: HashMap::new(),
+                require_label: ctx.config.require_secret_label,
+            },
+        })
     }
 
-    fn sync(&self, routes: &dyn IngressRoutes, applied: &mut Applied) {
-        sync_once(
-            routes,
-            &self.endpoints.state(),
-            &self.subscriptions.state(),
-            &self.secrets,
-            applied,
-        );
+    /// Reads the Secrets the objects need now and brings the data plane in step.
+    async fn sync(&mut self, ctx: &Context, applied: &mut Applied) {
+        let (eps, subs) = (self.endpoints.state(), self.subscriptions.state());
+        self.secrets.refresh(&needed_secrets(&eps, &subs)).await;
+        sync_once(ctx, &eps, &subs, &self.secrets, applied);
     }
 }
 
@@ -126,8 +230,8 @@ impl Caches {
 /// loaded its events would be refused.
 pub async fn prime(ctx: &Context, shutdown: &CancellationToken) {
     let watches = shutdown.child_token();
-    if let Some(caches) = Caches::start(ctx, &watches).await {
-        caches.sync(ctx.routes.0.as_ref(), &mut Applied::default());
+    if let Some(mut caches) = Caches::start(ctx, &watches).await {
+        caches.sync(ctx, &mut Applied::default()).await;
         ctx.routes.0.mark_loaded();
     }
     watches.cancel();
@@ -135,7 +239,7 @@ pub async fn prime(ctx: &Context, shutdown: &CancellationToken) {
 
 /// Keeps the data plane's routes in step with the cluster, read-only, until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let Some(caches) = Caches::start(&ctx, &shutdown).await else {
+    let Some(mut caches) = Caches::start(&ctx, &shutdown).await else {
         return;
     };
     tracing::info!("following: route sync started");
@@ -146,15 +250,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        caches.sync(ctx.routes.0.as_ref(), &mut applied);
+        caches.sync(&ctx, &mut applied).await;
         ctx.routes.0.mark_loaded();
     }
     tracing::info!("route sync stopped");
-}
-
-fn secret_value(secrets: &Store<Secret>, ns: &str, name: &str, key: &str) -> Option<Vec<u8>> {
-    let s = secrets.get(&reflector::ObjectRef::new(name).within(ns))?;
-    s.data.as_ref()?.get(key).map(|v| v.0.clone())
 }
 
 fn fingerprint(parts: &[&[u8]]) -> [u8; 32] {
@@ -167,31 +266,31 @@ fn fingerprint(parts: &[&[u8]]) -> [u8; 32] {
 }
 
 /// The endpoint's delivery configuration, if every Secret it needs exists.
-pub fn endpoint_delivery(
-    ep: &WebhookEndpoint,
-    secrets: &Store<Secret>,
-) -> Option<EndpointDelivery> {
+pub fn endpoint_delivery(ep: &WebhookEndpoint, secrets: &SecretCache) -> Option<EndpointDelivery> {
     let ns = ep.namespace().unwrap_or_default();
     let name = ep.name_any();
-    let token_key = secret_value(
-        secrets,
-        &ns,
+    let token_key = secrets.owned_value(
+        ep,
         &endpoint::ingress_secret_name(&name),
         INGRESS_SECRET_KEY,
     )?;
+    // The rotation state lives in the owned `<ep>-signing` Secret: a look-alike means no
+    // route, as on the leader.
+    let owned_signing = endpoint::signing_secret_name(&name);
+    if secrets
+        .get(&ns, &owned_signing)
+        .is_some_and(|s| !secret_rules::is_owned_by(&s.metadata, ep.meta().uid.as_deref()))
+    {
+        return None;
+    }
     let signing = match ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
-        Some(r) => secret_value(secrets, &ns, &r.name, &r.key)?,
-        None => secret_value(
-            secrets,
-            &ns,
-            &endpoint::signing_secret_name(&name),
-            SIGNING_KEY,
-        )?,
+        Some(r) => secrets.referenced_value(&ns, &r.name, &r.key)?,
+        None => secrets.owned_value(ep, &owned_signing, SIGNING_KEY)?,
     };
     let mut headers = Vec::new();
     for h in &ep.spec.headers {
         let r = &h.secret_key_ref;
-        let v = secret_value(secrets, &ns, &r.name, &r.key)?;
+        let v = secrets.referenced_value(&ns, &r.name, &r.key)?;
         headers.push((
             h.name.clone(),
             String::from_utf8_lossy(&v).trim().to_string(),
@@ -211,14 +310,13 @@ pub fn endpoint_delivery(
 /// The subscription's verification keys, once the leader has set it up.
 pub fn subscription_keys(
     sub: &WebhookSubscription,
-    secrets: &Store<Secret>,
+    secrets: &SecretCache,
 ) -> Option<VerificationKeys> {
     let ns = sub.namespace().unwrap_or_default();
     let name = sub.name_any();
     if sub.spec.provider == Provider::Atllas {
-        let value = secret_value(
-            secrets,
-            &ns,
+        let value = secrets.owned_value(
+            sub,
             &subscription::atllas_header_secret_name(&name),
             subscription::HEADER_VALUE_KEY,
         )?;
@@ -237,7 +335,8 @@ pub fn subscription_keys(
     // Synced at least once: the provider's signing secret (if it has one) is stored.
     sub.status.as_ref()?.upstream.as_ref()?;
     let owned = subscription::signing_secret_name(&name);
-    let keys = secret_value(secrets, &ns, &owned, subscription::SIGNING_SECRET_KEY)
+    let keys = secrets
+        .owned_value(sub, &owned, subscription::SIGNING_SECRET_KEY)
         .map(|current| with_rotation(secrets, &ns, &owned, current))
         .unwrap_or_default();
     let (header_name, signature_encoding) = sub.spec.signature_scheme();
@@ -249,15 +348,27 @@ pub fn subscription_keys(
 }
 
 fn sync_once(
-    routes: &dyn IngressRoutes,
+    ctx: &Context,
     endpoints: &[Arc<WebhookEndpoint>],
     subscriptions: &[Arc<WebhookSubscription>],
-    secrets: &Store<Secret>,
+    secrets: &SecretCache,
     applied: &mut Applied,
 ) {
+    let routes: &dyn IngressRoutes = ctx.routes.0.as_ref();
     let mut seen_eps = HashMap::new();
     for ep in endpoints {
         if ep.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        // A refused destination gets no route here either (the leader reports why).
+        if isolation::check_destination(
+            &ep.spec.destination,
+            &ep.namespace().unwrap_or_default(),
+            ctx.config.allow_cross_namespace_refs,
+            &ctx.destinations,
+        )
+        .is_err()
+        {
             continue;
         }
         let Some(d) = endpoint_delivery(ep, secrets) else {
@@ -319,4 +430,43 @@ fn sync_once(
         }
     }
     applied.subscriptions = seen_subs;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_needs_only_the_secrets_its_objects_name() {
+        let ep: WebhookEndpoint = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
+            "metadata": {"name": "orders", "namespace": "a"},
+            "spec": {"destination": {"service": {"name": "sink", "port": 8080}},
+                     "signing": {"secretRef": {"name": "my-signing", "key": "k"}},
+                     "headers": [{"name": "X-Token", "secretKeyRef": {"name": "auth", "key": "t"}}]}
+        }))
+        .unwrap();
+        let sub: WebhookSubscription = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
+            "metadata": {"name": "calls", "namespace": "b"},
+            "spec": {"provider": "atllas", "events": ["call.finished"], "endpointRef": {"name": "orders"}}
+        }))
+        .unwrap();
+        let mut got: Vec<(String, String)> = needed_secrets(&[Arc::new(ep)], &[Arc::new(sub)])
+            .into_iter()
+            .collect();
+        got.sort();
+        let want: Vec<(String, String)> = [
+            ("a", "auth"),
+            ("a", "my-signing"),
+            ("a", "orders-ingress"),
+            ("a", "orders-signing"),
+            ("b", "calls-atllas-header"),
+            ("b", "calls-provider-signing"),
+        ]
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_string()))
+        .collect();
+        assert_eq!(got, want);
+    }
 }

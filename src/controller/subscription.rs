@@ -562,9 +562,10 @@ async fn read_credentials(
     let Some(r) = &spec.credentials_ref else {
         return Err("credentialsRef is not set".into());
     };
-    let secret = secrets::read(&ctx.client, ns, &r.name)
-        .await
-        .map_err(|e| e.to_string())?;
+    let secret =
+        secrets::read_referenced(&ctx.client, ns, &r.name, ctx.config.require_secret_label)
+            .await
+            .map_err(|e| e.to_string())?;
     let creds = match spec.provider {
         Provider::Atomic => Credentials {
             api_key: None,
@@ -660,7 +661,7 @@ async fn sync(
                 // A changed provider secret (Atomic replacement, Smallest re-read) is
                 // accepted in old and new form for the endpoint's rotation window.
                 let secret_name = signing_secret_name(&name);
-                let owned = secrets::read_owned(&ctx.client, &ns, &secret_name).await?;
+                let owned = secrets::read_owned(&ctx.client, sub, &secret_name).await?;
                 let decision = rotation::decide(
                     &owned,
                     secret.as_bytes(),

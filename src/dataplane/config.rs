@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::Provider;
-use crate::delivery::{Destination, Policy, SigningSecret};
+use crate::delivery::{AddressPolicy, Destination, Policy, SigningSecret};
 use crate::health::HealthConfig;
 use crate::inbound::VerificationKeys;
 use crate::queue::EndpointKey;
@@ -20,8 +20,10 @@ pub struct DataPlaneConfig {
     pub max_body_bytes: usize,
     /// Same endpoint + dedupe key within this window is a duplicate.
     pub dedupe_window: Duration,
-    /// Allow destinations on link-local / metadata addresses (off: SSRF guard).
-    pub allow_link_local: bool,
+    /// Which address classes destinations may reach (default: none of the refused ones).
+    pub address_policy: AddressPolicy,
+    /// Let the delivery client use `HTTP(S)_PROXY` from the environment (off).
+    pub proxy_from_env: bool,
     /// `host:port` → address, for `*.svc` names in tests and the local demo.
     pub resolve_overrides: Vec<(String, SocketAddr)>,
     /// Consecutive failures that open a destination's circuit breaker.
@@ -58,7 +60,8 @@ impl Default for DataPlaneConfig {
             queue_path: PathBuf::from("/var/lib/webhook-operator/queue.redb"),
             max_body_bytes: 1024 * 1024,
             dedupe_window: Duration::from_secs(24 * 3600),
-            allow_link_local: false,
+            address_policy: AddressPolicy::default(),
+            proxy_from_env: false,
             resolve_overrides: Vec::new(),
             breaker_failure_threshold: 10,
             breaker_cooldown: Duration::from_secs(30),

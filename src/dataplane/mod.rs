@@ -122,8 +122,8 @@ impl DataPlane {
             queue.clone(),
             health.clone(),
             DispatcherSettings {
-                resolver: Resolver::new(&config.resolve_overrides, config.allow_link_local),
-                allow_link_local: config.allow_link_local,
+                resolver: Resolver::new(&config.resolve_overrides, config.address_policy),
+                proxy_from_env: config.proxy_from_env,
                 breaker_threshold: config.breaker_failure_threshold,
                 breaker_cooldown: config.breaker_cooldown,
                 maintenance_interval: config.maintenance_interval,

@@ -1,13 +1,14 @@
 //! Where an endpoint's events go, and whether they may go there: URL construction for a
 //! Service or URL destination, test/demo resolution overrides, and the SSRF guard that
-//! refuses link-local and cloud metadata addresses unless the operator allows them.
+//! applies the [`AddressPolicy`] to every address a destination reaches.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use url::Url;
 
+use super::address_policy::{AddressClass, AddressPolicy};
 use crate::api::endpoint as api;
 
 /// A delivery target as configured.
@@ -27,7 +28,7 @@ pub enum Destination {
 /// (`reason()` is a condition reason); the events stay parked until it is fixed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DestinationError {
-    /// Resolves to a link-local or metadata address.
+    /// Resolves to an address the [`AddressPolicy`] refuses.
     #[error("destination resolves to a forbidden address ({0})")]
     Forbidden(&'static str),
     /// The URL is malformed or the host does not resolve.
@@ -66,17 +67,39 @@ impl Destination {
         }
     }
 
+    /// The URL to deliver to. A Service URL is assembled from its parts with a URL type,
+    /// never by formatting, and its name and namespace must be DNS labels, so they cannot
+    /// carry user info, another host or a path.
     pub fn url(&self) -> Result<Url, DestinationError> {
-        let text = match self {
+        let url = match self {
             Destination::Service {
                 name,
                 namespace,
                 port,
                 path,
-            } => format!("http://{name}.{namespace}.svc:{port}{path}"),
-            Destination::Url(u) => u.clone(),
+            } => {
+                if !is_dns_label(name) || !is_dns_label(namespace) {
+                    return Err(DestinationError::Unresolvable(
+                        "service name and namespace must be DNS labels",
+                    ));
+                }
+                let mut url = Url::parse("http://service.invalid/").expect("static URL");
+                url.set_host(Some(&format!("{name}.{namespace}.svc")))
+                    .map_err(|_| DestinationError::Unresolvable("invalid service host"))?;
+                url.set_port(Some(*port))
+                    .map_err(|_| DestinationError::Unresolvable("invalid service port"))?;
+                let (path, query) = match path.split_once('?') {
+                    Some((p, q)) => (p, Some(q)),
+                    None => (path.as_str(), None),
+                };
+                url.set_path(path);
+                url.set_query(query);
+                url
+            }
+            Destination::Url(u) => {
+                Url::parse(u).map_err(|_| DestinationError::Unresolvable("invalid URL"))?
+            }
         };
-        let url = Url::parse(&text).map_err(|_| DestinationError::Unresolvable("invalid URL"))?;
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
             return Err(DestinationError::Unresolvable("not an http(s) URL"));
         }
@@ -84,20 +107,19 @@ impl Destination {
     }
 }
 
-const METADATA_HOSTS: [&str; 2] = ["metadata.google.internal", "metadata.google.internal."];
+/// An RFC 1123 DNS label: what Kubernetes accepts as a namespace or Service name.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
 
-/// Link-local (which holds 169.254.169.254) and cloud metadata addresses.
-pub fn is_forbidden_ip(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return v4.is_link_local();
-            }
-            let aws_metadata = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
-            (v6.segments()[0] & 0xffc0) == 0xfe80 || v6 == aws_metadata
-        }
-    }
+fn forbidden(class: AddressClass) -> DestinationError {
+    DestinationError::Forbidden(class.describe())
 }
 
 /// Resolution overrides (`host:port` → address) and the guard, shared by every worker
@@ -105,24 +127,44 @@ pub fn is_forbidden_ip(ip: IpAddr) -> bool {
 #[derive(Clone, Debug, Default)]
 pub struct Resolver {
     overrides: Arc<HashMap<String, SocketAddr>>,
-    allow_link_local: bool,
+    policy: AddressPolicy,
 }
 
 impl Resolver {
-    pub fn new(overrides: &[(String, SocketAddr)], allow_link_local: bool) -> Self {
+    pub fn new(overrides: &[(String, SocketAddr)], policy: AddressPolicy) -> Self {
         Self {
             overrides: Arc::new(overrides.iter().cloned().collect()),
-            allow_link_local,
+            policy,
         }
     }
 
+    pub fn policy(&self) -> AddressPolicy {
+        self.policy
+    }
+
     fn check(&self, ip: IpAddr) -> Result<(), DestinationError> {
-        if !self.allow_link_local && is_forbidden_ip(ip) {
-            return Err(DestinationError::Forbidden(
-                "link-local or metadata address",
-            ));
+        self.policy.check(ip).map_err(forbidden)
+    }
+
+    /// What can be decided without DNS, at reconcile time: the URL's metadata host name,
+    /// an IP literal, a resolution override. A DNS name is checked again at each attempt
+    /// and on each connection (its answer may change).
+    pub fn check_static(&self, url: &Url) -> Result<(), DestinationError> {
+        let host = url
+            .host_str()
+            .ok_or(DestinationError::Unresolvable("no host"))?;
+        let port = url
+            .port_or_known_default()
+            .ok_or(DestinationError::Unresolvable("no port"))?;
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        self.policy.check_host_name(bare).map_err(forbidden)?;
+        if let Some(addr) = self.overrides.get(&format!("{bare}:{port}")) {
+            return self.check(addr.ip());
         }
-        Ok(())
+        match bare.parse::<IpAddr>() {
+            Ok(ip) => self.check(ip),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Resolves and checks `url`; returns the URL to send to. For plain http an override
@@ -136,11 +178,8 @@ impl Resolver {
             .port_or_known_default()
             .ok_or(DestinationError::Unresolvable("no port"))?;
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-        if !self.allow_link_local && METADATA_HOSTS.contains(&bare.to_ascii_lowercase().as_str()) {
-            return Err(DestinationError::Forbidden("cloud metadata host"));
-        }
+        self.check_static(url)?;
         if let Some(addr) = self.overrides.get(&format!("{bare}:{port}")) {
-            self.check(addr.ip())?;
             if url.scheme() == "http" {
                 let mut out = url.clone();
                 out.set_ip_host(addr.ip())
@@ -151,8 +190,7 @@ impl Resolver {
             }
             return Ok(url.clone());
         }
-        if let Ok(ip) = bare.parse::<IpAddr>() {
-            self.check(ip)?;
+        if bare.parse::<IpAddr>().is_ok() {
             return Ok(url.clone());
         }
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
@@ -181,19 +219,23 @@ impl Resolver {
 
 /// The HTTP client's DNS resolver: system resolution with forbidden addresses removed, so
 /// a name that changes its answer between the check and the request (DNS rebinding)
-/// still cannot reach metadata.
+/// still cannot reach a refused address. (An IP literal never reaches a resolver; the
+/// worker checks it before every attempt.)
 pub struct GuardedDns {
-    pub allow_link_local: bool,
+    pub policy: AddressPolicy,
 }
 
 impl reqwest::dns::Resolve for GuardedDns {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow = self.allow_link_local;
+        let policy = self.policy;
         let host = name.as_str().to_owned();
         Box::pin(async move {
+            if policy.check_host_name(&host).is_err() {
+                return Err("no permitted address".into());
+            }
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
                 .await?
-                .filter(|a| allow || !is_forbidden_ip(a.ip()))
+                .filter(|a| policy.check(a.ip()).is_ok())
                 .collect();
             if addrs.is_empty() {
                 return Err("no permitted address".into());
@@ -207,22 +249,42 @@ impl reqwest::dns::Resolve for GuardedDns {
 mod tests {
     use super::*;
 
-    #[test]
-    fn forbidden_addresses() {
-        let cases = [
-            ("169.254.169.254", true),
-            ("169.254.1.1", true),
-            ("fe80::1", true),
-            ("fd00:ec2::254", true),
-            ("::ffff:169.254.169.254", true),
-            ("127.0.0.1", false),
-            ("10.0.0.1", false),
-            ("::1", false),
-            ("fd00::1", false),
-        ];
-        for (ip, want) in cases {
-            assert_eq!(is_forbidden_ip(ip.parse().unwrap()), want, "{ip}");
+    fn service(name: &str, namespace: &str, path: &str) -> Destination {
+        Destination::Service {
+            name: name.into(),
+            namespace: namespace.into(),
+            port: 8080,
+            path: path.into(),
         }
+    }
+
+    #[test]
+    fn service_url_is_built_from_parts_and_names_must_be_labels() {
+        let u = service("sink", "ns", "/in?x=1").url().unwrap();
+        assert_eq!(u.as_str(), "http://sink.ns.svc:8080/in?x=1");
+        assert_eq!(u.host_str(), Some("sink.ns.svc"));
+        // URL syntax in a name or namespace is refused, never spliced into the URL.
+        for (name, ns) in [
+            ("x@127.0.0.1:9090/metrics#", "ns"),
+            ("sink", "ns.svc:1@evil"),
+            ("sink:80", "ns"),
+            ("Sink", "ns"),
+            ("-sink", "ns"),
+            ("", "ns"),
+            ("sink", &"n".repeat(64)),
+        ] {
+            assert!(
+                matches!(
+                    service(name, ns, "/").url(),
+                    Err(DestinationError::Unresolvable(_))
+                ),
+                "{name} / {ns}"
+            );
+        }
+        // A '#' or '@' in the path stays in the path.
+        let u = service("sink", "ns", "/a@127.0.0.1#frag").url().unwrap();
+        assert_eq!(u.host_str(), Some("sink.ns.svc"));
+        assert_eq!(u.fragment(), None);
     }
 
     #[tokio::test]
@@ -231,19 +293,32 @@ mod tests {
             "sink.ns.svc:8080".to_owned(),
             "127.0.0.1:40001".parse().unwrap(),
         )];
-        let r = Resolver::new(&over, false);
-        let svc = Destination::Service {
-            name: "sink".into(),
-            namespace: "ns".into(),
-            port: 8080,
-            path: "/in".into(),
+        let loopback = AddressPolicy {
+            allow_loopback: true,
+            ..Default::default()
         };
+        let r = Resolver::new(&over, loopback);
+        let svc = service("sink", "ns", "/in");
         let t = r.target(&svc.url().unwrap()).await.unwrap();
         assert_eq!(t.as_str(), "http://127.0.0.1:40001/in");
+        // The same override under the default policy: loopback is refused.
+        let strict = Resolver::new(&over, AddressPolicy::default());
+        let u = svc.url().unwrap();
+        assert!(matches!(
+            strict.check_static(&u),
+            Err(DestinationError::Forbidden(_))
+        ));
+        assert!(matches!(
+            strict.target(&u).await,
+            Err(DestinationError::Forbidden(_))
+        ));
         for bad in [
             "http://169.254.169.254/latest",
             "http://[fe80::1]:80/",
             "http://metadata.google.internal/computeMetadata",
+            "http://[::ffff:169.254.169.254]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "https://100.100.100.200/",
         ] {
             let u = Destination::Url(bad.into()).url().unwrap();
             assert!(
@@ -251,7 +326,19 @@ mod tests {
                 "{bad}"
             );
         }
-        let allowed = Resolver::new(&[], true);
+        // The URL type normalises numeric hosts: 2130706433 is 127.0.0.1.
+        for bad in [
+            "http://2130706433:9090/metrics",
+            "http://0x7f000001/",
+            "http://0.0.0.0:9090/",
+        ] {
+            let u = Destination::Url(bad.into()).url().unwrap();
+            assert!(
+                matches!(strict.check_static(&u), Err(DestinationError::Forbidden(_))),
+                "{bad}"
+            );
+        }
+        let allowed = Resolver::new(&[], AddressPolicy::ALLOW_ALL);
         let u = Destination::Url("http://169.254.169.254/".into())
             .url()
             .unwrap();

@@ -39,7 +39,9 @@ pub(crate) struct Dispatcher {
 
 pub(crate) struct DispatcherSettings {
     pub resolver: Resolver,
-    pub allow_link_local: bool,
+    /// Use `HTTP(S)_PROXY` from the environment. Off by default: a proxy connects for us,
+    /// past the address policy.
+    pub proxy_from_env: bool,
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
     pub maintenance_interval: Duration,
@@ -56,7 +58,7 @@ impl Dispatcher {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()
             .dns_resolver(Arc::new(GuardedDns {
-                allow_link_local: s.allow_link_local,
+                policy: s.resolver.policy(),
             }))
             // A redirect could lead past the destination guard.
             .redirect(reqwest::redirect::Policy::none())
@@ -64,6 +66,9 @@ impl Dispatcher {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .user_agent(concat!("webhook-operator/", env!("CARGO_PKG_VERSION")));
+        if !s.proxy_from_env {
+            builder = builder.no_proxy();
+        }
         for (host, addr) in s.resolver.https_overrides() {
             builder = builder.resolve(&host, addr);
         }

@@ -3,13 +3,15 @@
 //! and rate limits and a per-destination circuit breaker. Provider-agnostic: it sees
 //! queued events only. It never decides what an endpoint is; the facade tells it.
 
+pub mod address_policy;
 mod breaker;
 mod destination;
 mod policy;
 mod signing;
 
+pub use address_policy::AddressPolicy;
 pub use breaker::{Admission, Breaker};
-pub use destination::{Destination, DestinationError, GuardedDns, Resolver, is_forbidden_ip};
+pub use destination::{Destination, DestinationError, GuardedDns, Resolver, is_dns_label};
 pub use policy::{Policy, parse_retry_after};
 pub use signing::{SecretError, SigningSecret, signature_header, verify as verify_signature};
 

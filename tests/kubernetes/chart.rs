@@ -510,7 +510,9 @@ async fn operator_under_the_chart_rbac_creates_delivers_and_deletes_without_403(
     let log = std::fs::File::create(&log_path).unwrap();
     let mut operator = Child(
         Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
-            .args(["run", "--namespace", &ns])
+            // The consumer is on loopback (through --resolve); the chart itself does not
+            // allow loopback.
+            .args(["run", "--allow-loopback", "--namespace", &ns])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--ops-addr", "127.0.0.1:0"])

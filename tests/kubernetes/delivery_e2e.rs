@@ -35,7 +35,7 @@ pub(crate) struct Received {
 /// A loopback consumer: answers with `status`, records what arrives, verifies signatures.
 #[derive(Clone)]
 pub(crate) struct Consumer {
-    port: u16,
+    pub(crate) port: u16,
     status: Arc<AtomicU16>,
     pub(crate) secret: Arc<Mutex<Option<String>>>,
     also_verify_with: Arc<Mutex<Vec<String>>>,
@@ -121,7 +121,7 @@ async fn receive(
 /// `webhook-operator run` as a child process, its log lines collected.
 pub(crate) struct OperatorProcess {
     child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
+    pub(crate) logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl OperatorProcess {
@@ -143,8 +143,34 @@ impl OperatorProcess {
         data_dir: &Path,
         extra: &[&str],
     ) -> OperatorProcess {
+        // The consumer is on loopback (through --resolve), which the address policy
+        // refuses by default.
+        Self::spawn(env, sandbox, consumer, ingress_port, data_dir, extra, true)
+    }
+
+    /// Under the production address policy: no `--allow-loopback`.
+    pub(crate) fn start_strict(
+        env: &TestEnv,
+        sandbox: &SandboxHandle,
+        consumer: &Consumer,
+        ingress_port: u16,
+        data_dir: &Path,
+    ) -> OperatorProcess {
+        Self::spawn(env, sandbox, consumer, ingress_port, data_dir, &[], false)
+    }
+
+    fn spawn(
+        env: &TestEnv,
+        sandbox: &SandboxHandle,
+        consumer: &Consumer,
+        ingress_port: u16,
+        data_dir: &Path,
+        extra: &[&str],
+        allow_loopback: bool,
+    ) -> OperatorProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
             .arg("run")
+            .args(allow_loopback.then_some("--allow-loopback"))
             .args(["--ingress-addr", &format!("127.0.0.1:{ingress_port}")])
             .args(if extra.contains(&"--ops-addr") {
                 &[][..]

@@ -127,6 +127,8 @@ impl Cluster {
         let ns = &self.env.namespace;
         let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
             .arg("run")
+            // The consumer is on loopback (through --resolve).
+            .arg("--allow-loopback")
             .args([
                 "--ingress-addr",
                 &format!("127.0.0.1:{}", self.ports[index]),

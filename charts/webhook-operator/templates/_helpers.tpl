@@ -106,6 +106,10 @@ spec:
           value: {{ $op.logJSON | quote }}
         - name: WEBHOOK_OPERATOR_ALLOW_LINK_LOCAL
           value: {{ $op.allowLinkLocal | quote }}
+        - name: WEBHOOK_OPERATOR_ALLOW_CROSS_NAMESPACE_REFS
+          value: {{ $op.allowCrossNamespaceRefs | quote }}
+        - name: WEBHOOK_OPERATOR_REQUIRE_SECRET_LABEL
+          value: {{ $op.requireSecretLabel | quote }}
         - name: RUST_LOG
           value: {{ $op.logLevel | quote }}
         {{- with $op.publicBaseURL }}
