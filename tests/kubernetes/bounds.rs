@@ -220,8 +220,10 @@ async fn disk_watermark_refuses_and_a_full_disk_recovers_by_restart_without_loss
     std::fs::create_dir_all(&data).unwrap();
     let ops = free_port();
     let ops_flag = format!("127.0.0.1:{ops}");
+    // The consumer refuses for the whole test: enough attempts that nothing is
+    // dead-lettered meanwhile (the breaker holds most of them back anyway).
     let spec = json!({"destination": consumer_destination(),
-        "delivery": {"retry": {"initialDelay": "100ms", "maxDelay": "200ms"}}});
+        "delivery": {"retry": {"maxAttempts": 100, "initialDelay": "100ms", "maxDelay": "200ms"}}});
     let (env, sandbox, consumer, mut operator, _dir, port) = setup_with(
         "disk",
         spec,
@@ -317,8 +319,6 @@ async fn disk_watermark_refuses_and_a_full_disk_recovers_by_restart_without_loss
         || async { (healthz(ops).await == Some(200)).then_some(()) },
     )
     .await;
-    // Until its routes are loaded a restarted ingress may answer 404 (issue 12, not this
-    // test's subject).
     wait_until(Duration::from_secs(30), "writes succeed again", || {
         let url = url.clone();
         async move { (status_of(&url, &atlas_event("d-3")).await == 200).then_some(()) }
