@@ -186,7 +186,7 @@ mod tests {
                 },
                 true,
                 "Delivering",
-                "",
+                "recent deliveries succeed (66% of the last 3 attempts failed)",
             ),
             (
                 "breaker open",
@@ -211,7 +211,7 @@ mod tests {
                 },
                 true,
                 "Delivering",
-                "",
+                "recent deliveries succeed (100% of the last 1 attempts failed)",
             ),
         ];
         for (name, input, healthy, reason, fragment) in cases {

@@ -5,8 +5,10 @@ mod fixtures;
 mod support;
 
 mod api_validation;
+mod behaviours;
 mod chart;
 mod delivery_e2e;
+mod health_scripts;
 mod operator_run;
 mod scaleout;
 mod subscription_sync;
