@@ -115,7 +115,8 @@ fn flux_exprs(kind: &str) -> Value {
     json!({"inProgress": entry["inProgress"], "failed": entry["failed"], "current": entry["current"]})
 }
 
-/// Evaluates the Flux expressions on the dumped object: (inProgress, failed, current).
+/// Evaluates the Flux expressions on the dumped object: (inProgress, failed, current),
+/// each on its own; Flux takes the first true one in that order.
 fn flux_health(kind: &str, object: &Path) -> (bool, bool, bool) {
     let obj: Value = serde_json::from_slice(&std::fs::read(object).unwrap()).unwrap();
     let request = json!({"exprs": flux_exprs(kind), "object": obj});
@@ -234,7 +235,8 @@ async fn argocd_lua_and_flux_cel_judge_statuses_from_a_real_run() {
         "WebhookEndpoint",
         dump::<WebhookEndpoint>(env, "orders", &dir, "endpoint-failing").await,
         "Degraded",
-        (false, true, false),
+        // Still Ready (the destination resolves): Flux checks `failed` before `current`.
+        (false, true, true),
     ));
 
     // A new generation the operator has not observed yet: it is stopped first, so the
