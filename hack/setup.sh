@@ -5,7 +5,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 need_apt=()
-for tool in openssl python3 curl; do
+# lua5.1: the chart's Argo CD health script runs under it in the tests (gopher-lua is 5.1).
+for tool in openssl python3 curl lua5.1; do
   command -v "$tool" >/dev/null || need_apt+=("$tool")
 done
 # `python3 -m venv` (for the SDK conformance test) needs ensurepip: python3-venv on Debian.
@@ -13,6 +14,11 @@ python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]} with apt-get" >&2
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# A CEL evaluator for the chart's Flux health expressions (tests/health/flux_cel.py), pinned.
+CEL_PYTHON_VERSION=0.5.0
+if ! python3 -c "import importlib.metadata as m; assert m.version('cel-python') == '$CEL_PYTHON_VERSION'" 2>/dev/null; then
+  python3 -m pip install -q "cel-python==$CEL_PYTHON_VERSION"
 fi
 for tool in go cargo; do
   command -v "$tool" >/dev/null || { echo "setup: $tool is required (Go >= 1.25, Rust stable >= 1.89)" >&2; exit 1; }

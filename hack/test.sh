@@ -8,7 +8,13 @@ start=$(date +%s)
 hack/setup.sh
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+# Every target but the Kubernetes binary, in parallel.
+flat_tests=()
+for f in tests/*.rs; do flat_tests+=(--test "$(basename "$f" .rs)"); done
+cargo test --locked --lib --bins --benches "${flat_tests[@]}"
+# The Kubernetes tests start operator binaries, NATS servers and loads on one shared
+# machine; in parallel they measure each other, so they run one at a time.
+cargo test --locked --test kubernetes -- --test-threads=1
 hack/run-local.sh --smoke
 # The benchmark in smoke mode (dev profile: no release build in CI); it only has to complete.
 cargo bench --locked --profile dev --bench bench -- --smoke

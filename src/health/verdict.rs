@@ -197,7 +197,7 @@ mod tests {
                 },
                 true,
                 "Delivering",
-                "",
+                "recent deliveries succeed (66% of the last 3 attempts failed)",
             ),
             (
                 "breaker open",
@@ -222,7 +222,7 @@ mod tests {
                 },
                 true,
                 "Delivering",
-                "",
+                "recent deliveries succeed (100% of the last 1 attempts failed)",
             ),
             (
                 "backlogged wins over failing",

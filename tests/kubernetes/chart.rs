@@ -387,6 +387,56 @@ impl Drop for Child {
     }
 }
 
+/// A kubeconfig that acts as ServiceAccount `sa` of the test namespace (admin token +
+/// impersonation), returned once the API server enforces it: what the chart grants works,
+/// anything else is refused.
+async fn act_as_service_account(env: &TestEnv, sa: &str, dir: &Path) -> PathBuf {
+    let ns = &env.namespace;
+    let user = format!("system:serviceaccount:{ns}:{sa}");
+    let mut kubeconfig: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&env.cp.kubeconfig).unwrap()).unwrap();
+    kubeconfig["users"][0]["user"]["as"] = user.into();
+    let sa_kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&sa_kubeconfig, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
+    let sa_client = {
+        let kc = Kubeconfig::read_from(&sa_kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(config).unwrap()
+    };
+    let sa_endpoints: Api<WebhookEndpoint> = Api::namespaced(sa_client.clone(), ns);
+    wait_until(Duration::from_secs(20), "RBAC in force", || {
+        let api = sa_endpoints.clone();
+        async move { api.list(&ListParams::default()).await.ok() }
+    })
+    .await;
+    let configmaps: Api<ConfigMap> = Api::namespaced(sa_client, ns);
+    match configmaps.list(&ListParams::default()).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        other => panic!("the ServiceAccount should not list ConfigMaps: {other:?}"),
+    }
+    sa_kubeconfig
+}
+
+/// SIGTERM, then the exit status, waited for with a deadline.
+async fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    wait_until(
+        Duration::from_secs(30),
+        "the operator exits after SIGTERM",
+        || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        },
+    )
+    .await
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -426,33 +476,8 @@ async fn operator_under_the_chart_rbac_creates_delivers_and_deletes_without_403(
     let out = kubectl_apply(&env, &yaml, false);
     assert!(out.status.success(), "apply RBAC: {}", text(&out));
 
-    // A kubeconfig that acts as that ServiceAccount (admin token + impersonation).
     let dir = tempfile::tempdir().unwrap();
-    let user = format!("system:serviceaccount:{ns}:{sa}");
-    let mut kubeconfig: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(&env.cp.kubeconfig).unwrap()).unwrap();
-    kubeconfig["users"][0]["user"]["as"] = user.clone().into();
-    let sa_kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&sa_kubeconfig, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
-    let sa_client = {
-        let kc = Kubeconfig::read_from(&sa_kubeconfig).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .unwrap();
-        kube::Client::try_from(config).unwrap()
-    };
-    // Impersonation is in force: what the chart grants works, anything else is refused.
-    let sa_endpoints: Api<WebhookEndpoint> = Api::namespaced(sa_client.clone(), &ns);
-    wait_until(Duration::from_secs(20), "RBAC in force", || {
-        let api = sa_endpoints.clone();
-        async move { api.list(&ListParams::default()).await.ok() }
-    })
-    .await;
-    let configmaps: Api<ConfigMap> = Api::namespaced(sa_client, &ns);
-    match configmaps.list(&ListParams::default()).await {
-        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
-        other => panic!("the ServiceAccount should not list ConfigMaps: {other:?}"),
-    }
+    let sa_kubeconfig = act_as_service_account(&env, &sa, dir.path()).await;
 
     // Peers: the provider simulator and a consumer that verifies signatures.
     let sandbox = webhook_operator::sandbox::serve(
@@ -536,7 +561,7 @@ async fn operator_under_the_chart_rbac_creates_delivers_and_deletes_without_403(
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         let bad: Vec<&str> = log
             .lines()
-            .filter(|l| l.to_lowercase().contains("forbidden") || l.contains("403"))
+            .filter(|l| l.to_lowercase().contains("forbidden"))
             .collect();
         assert!(
             bad.is_empty(),
@@ -692,14 +717,175 @@ async fn operator_under_the_chart_rbac_creates_delivers_and_deletes_without_403(
         "no Event from the operator"
     );
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &operator.0.id().to_string()])
-        .status();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while operator.0.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = sigterm(&mut operator.0).await;
+    assert!(
+        status.success(),
+        "operator exited with {status}:\n{}",
+        log_tail()
+    );
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("reconciled"), "operator log is empty?\n{log}");
+    no_403();
+}
+
+/// The distributed (JetStream) mode under exactly what the chart renders for it: the
+/// ServiceAccount, the Role for the kinds, the Lease Role, and the Deployment's own
+/// configuration (its `args` and `env`), with only addresses and the test peers swapped
+/// for loopback ones. It watches the test namespace (`operator.watchNamespace`): a
+/// cluster-wide operator would act on the other tests' objects in this API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_under_the_chart_rbac_in_jetstream_mode_holds_the_lease_and_delivers() {
+    let env = test_env("chart-js").await;
+    let ns = env.namespace.clone();
+    let nats = crate::nats::NatsServer::start();
+    let ingress_port = free_port();
+    let values = [
+        "queue.mode=jetstream".to_string(),
+        format!("queue.jetstream.natsURL={}", nats.url()),
+        format!("operator.publicBaseURL=http://127.0.0.1:{ingress_port}"),
+        format!("operator.watchNamespace={ns}"),
+    ];
+    let mut args: Vec<&str> = values.iter().flat_map(|v| ["--set", v.as_str()]).collect();
+    args.extend([
+        "-s",
+        "templates/serviceaccount.yaml",
+        "-s",
+        "templates/rbac.yaml",
+        "-s",
+        "templates/deployment.yaml",
+    ]);
+    let yaml = render(&ns, &ns, &args);
+    let objs = objects(&yaml);
+    assert_eq!(
+        kinds(&objs),
+        [
+            "Deployment",
+            "Role",
+            "Role",
+            "RoleBinding",
+            "RoleBinding",
+            "ServiceAccount"
+        ]
+    );
+    let lease_role = find(&objs, "Role")
+        .into_iter()
+        .find(|r| r["rules"].to_string().contains("leases"))
+        .expect("a Role for the Lease");
+    assert_eq!(lease_role["metadata"]["namespace"], ns.as_str());
+    let out = kubectl_apply(&env, &yaml, false);
+    assert!(out.status.success(), "apply: {}", text(&out));
+    let sa = find(&objs, "ServiceAccount")[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let sa_kubeconfig = act_as_service_account(&env, &sa, dir.path()).await;
+
+    let sandbox = crate::fixtures::sandbox().await;
+    let consumer = crate::delivery_e2e::Consumer::start().await;
+    crate::fixtures::create_secret(&env, "atlas-creds", json!({"apiKey": "atlas-test-key"})).await;
+    crate::fixtures::apply_endpoint(
+        &env,
+        "orders",
+        json!({"destination": crate::delivery_e2e::consumer_destination()}),
+    )
+    .await;
+    crate::fixtures::apply_subscription(&env, "calls", crate::fixtures::specs()[0].1.clone()).await;
+
+    // The Deployment's container, run as a process: its args and env as rendered.
+    let deployment = find(&objs, "Deployment")[0];
+    let c = container(deployment);
+    let pod_name = "webhook-operator-0";
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_webhook-operator"));
+    for a in c["args"].as_array().unwrap() {
+        cmd.arg(a.as_str().unwrap());
+    }
+    for e in c["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        let value = match (
+            name,
+            e["value"].as_str(),
+            e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        ) {
+            ("WEBHOOK_OPERATOR_INGRESS_ADDR", _, _) => format!("127.0.0.1:{ingress_port}"),
+            ("WEBHOOK_OPERATOR_OPS_ADDR", _, _) => "127.0.0.1:0".into(),
+            ("WEBHOOK_OPERATOR_DATA_DIR", _, _) => dir.path().join("data").display().to_string(),
+            (_, Some(v), _) => v.to_string(),
+            (_, None, Some("metadata.name")) => pod_name.into(),
+            (_, None, Some("metadata.namespace")) => ns.clone(),
+            other => panic!("unexpected env entry {other:?}"),
+        };
+        cmd.env(name, value);
+    }
+    let log_path = dir.path().join("operator.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut operator = Child(
+        cmd.arg("--provider-sandbox-url")
+            .arg(sandbox.base_url())
+            .arg("--resolve")
+            .arg(format!(
+                "consumer.{ns}.svc:8080=127.0.0.1:{}",
+                consumer.port
+            ))
+            .env("KUBECONFIG", &sa_kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start operator"),
+    );
+    let no_403 = || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| l.to_lowercase().contains("forbidden"))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "the operator hit a permission error under the chart's RBAC:\n{}",
+            bad.join("\n")
+        );
+    };
+
+    // It takes the Lease the chart's Role names, then reconciles as the leader.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.client.clone(), &ns);
+    wait_until(
+        Duration::from_secs(60),
+        "the Lease held by this pod",
+        || {
+            no_403();
+            let leases = leases.clone();
+            async move {
+                let lease = leases.get_opt("webhook-operator").await.ok()??;
+                (lease.spec?.holder_identity.as_deref() == Some(pod_name)).then_some(())
+            }
+        },
+    )
+    .await;
+    let url = format!(
+        "{}/calls",
+        crate::delivery_e2e::ingress_url(&env, "orders").await
+    );
+    *consumer.secret.lock().unwrap() =
+        Some(crate::delivery_e2e::signing_secret(&env, "orders").await);
+    crate::fixtures::wait_condition(&env, "calls", "Ready", "True", None).await;
+    let r = reqwest::Client::new()
+        .post(&url)
+        .json(&crate::delivery_e2e::atlas_event("js-1"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let received = wait_until(Duration::from_secs(60), "the delivery", || {
+        no_403();
+        let got = consumer.received();
+        async move { (!got.is_empty()).then_some(got) }
+    })
+    .await;
+    assert!(received[0].verified, "signed with the endpoint's secret");
+    assert_eq!(received[0].body["callId"], "js-1");
+
+    let status = sigterm(&mut operator.0).await;
+    assert!(status.success(), "operator exited with {status}");
     no_403();
 }

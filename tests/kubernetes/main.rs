@@ -5,9 +5,11 @@ mod fixtures;
 mod support;
 
 mod api_validation;
+mod behaviours;
 mod bounds;
 mod chart;
 mod delivery_e2e;
+mod health_scripts;
 mod isolation;
 mod operator_run;
 mod scaleout;

@@ -1,6 +1,8 @@
 //! The WebhookSubscription reconciler against the real API server and the provider
 //! simulators. The controller runs in-process; the data plane is replaced by a recorder
 //! (it has its own tests), so these tests see exactly what the controller asks of it.
+//! The check that no secret reaches the logs reads the real binary's output instead
+//! (`behaviours::no_secret_reaches_the_operator_log_for_any_provider`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Event, Secret};
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use webhook_operator::api::{Provider, WebhookSubscription};
@@ -93,35 +95,6 @@ impl IngressRoutes for RecordedRoutes {
     }
 }
 
-/// Everything the in-process controllers log, at debug level, for the no-secrets check.
-static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
-
-#[derive(Clone)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = LogBuffer(buffer.clone());
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("webhook_operator=debug,kube=info")
-            .with_writer(move || writer.clone())
-            .try_init();
-        buffer
-    })
-    .clone()
-}
-
 #[derive(Parser)]
 struct Args {
     #[command(flatten)]
@@ -135,7 +108,6 @@ struct Operator {
 
 impl Operator {
     async fn start(env: &TestEnv, sandbox: &SandboxHandle) -> Operator {
-        captured_logs();
         let config = Args::parse_from([
             "test",
             "--namespace",
@@ -213,8 +185,29 @@ async fn each_provider_gets_exactly_one_upstream_subscription_and_is_ready() {
         apply_subscription(&env, name, spec).await;
     }
     let operator = Operator::start(&env, &sandbox).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A requested reconcile, echoed in status once a whole pass of the restarted
+    // operator has run: only then is the upstream count final.
+    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    let request = json!({"metadata": {"annotations": {"hooks.webhook-operator.dev/requested-at": "after-restart"}}});
+    for (name, _) in &urls {
+        subs.patch(name, &PatchParams::default(), &Patch::Merge(&request))
+            .await
+            .unwrap();
+    }
     for (name, url) in &urls {
+        let api = subs.clone();
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{name}: a pass after the restart"),
+            || {
+                let api = api.clone();
+                async move {
+                    let st = api.get(name).await.ok()?.status?;
+                    (st.last_handled_requested_at.as_deref() == Some("after-restart")).then_some(())
+                }
+            },
+        )
+        .await;
         wait_condition(&env, name, "Ready", "True", None).await;
         assert_eq!(
             upstream_for(&sandbox, name, url).await.len(),
@@ -419,16 +412,37 @@ async fn provider_outage_is_retried_within_the_backoff_schedule_then_recovers() 
         Some("UpstreamUnavailable"),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    let calls = control(&sandbox, reqwest::Method::GET, "atlas/calls", None).await["management"]
-        .as_u64()
-        .unwrap();
-    // Backoff 1, 2, 4, 8, 16, 32 s (±20 %): at most 7 passes in 60 s, one call each
-    // (the first call fails). A hot loop would make hundreds.
-    assert!(
-        (3..=8).contains(&calls),
-        "{calls} upstream calls in 60 s of outage"
-    );
+    // Backoff 1, 2, 4, 8 s (±20 %) between passes, one call each (the first call fails).
+    // Each call is seen by polling the simulator's counter; a gap can look shorter than
+    // it was by the polling delay only, so the check keeps a 0.5 s margin below each
+    // step (load only makes gaps longer). A hot loop makes gaps of milliseconds.
+    let mut seen: Vec<std::time::Instant> = Vec::new();
+    let mut counted = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while seen.len() < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} upstream calls in 120 s of outage",
+            seen.len()
+        );
+        let calls =
+            control(&sandbox, reqwest::Method::GET, "atlas/calls", None).await["management"]
+                .as_u64()
+                .unwrap();
+        let now = std::time::Instant::now();
+        seen.extend((counted..calls).map(|_| now));
+        counted = calls;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (i, pair) in seen.windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        let step = Duration::from_secs_f64(0.8 * f64::from(1u32 << i));
+        assert!(
+            gap + Duration::from_millis(500) >= step,
+            "pass {} came {gap:?} after the previous one; its backoff step is at least {step:?}",
+            i + 2
+        );
+    }
 
     control(&sandbox, reqwest::Method::DELETE, "atlas/faults", None).await;
     let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
