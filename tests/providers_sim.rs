@@ -611,6 +611,25 @@ async fn atomic_token_is_cached_and_refreshed() {
 }
 
 #[tokio::test]
+async fn a_wrong_atomic_secret_does_not_borrow_a_cached_token() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Atomic);
+        let d = atomic(
+            "https://hooks.example/atomic/5",
+            &["card-published"],
+            AtomicMethod::Post,
+        );
+        c.ensure(&atomic_creds(), &d, None).await.unwrap();
+        // Same client id, wrong secret: the token endpoint must be asked, and refuse.
+        let wrong = Credentials::client(ATOMIC_ID, "not-the-secret");
+        let err = c.observe(&wrong, &d).await.unwrap_err();
+        assert_eq!(err.reason(), "Unauthorized", "{err}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn atomic_revoked_token_is_renewed_once() {
     bounded(async {
         let s = sim().await;

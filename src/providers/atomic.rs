@@ -107,6 +107,20 @@ fn extract_error(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// Organization, client id and a digest of the client secret: a token is only reused for
+/// the very credential that obtained it (a wrong secret with a known client id must not
+/// borrow another subscription's token), and the secret itself is never kept.
+type TokenKey = (String, String, [u8; 32]);
+
+fn token_key(org: &str, id: &str, secret: &str) -> TokenKey {
+    use sha2::Digest;
+    (
+        org.to_string(),
+        id.to_string(),
+        sha2::Sha256::digest(secret.as_bytes()).into(),
+    )
+}
+
 struct CachedToken {
     token: String,
     refresh_at: Instant,
@@ -116,8 +130,8 @@ pub struct AtomicClient {
     http: reqwest::Client,
     base_template: String,
     token_template: String,
-    /// Per (organization, client id): one credential's token is useless for another org.
-    tokens: Mutex<HashMap<(String, String), CachedToken>>,
+    /// Per organization and credential (see [`token_key`]).
+    tokens: Mutex<HashMap<TokenKey, CachedToken>>,
     /// Webhooks this client disabled. Atomic may not say `enabled: false` in its list
     /// (an assumption), so without this a disabled one would be disabled again, and
     /// reported as a change, on every resync.
@@ -243,7 +257,7 @@ impl AtomicClient {
 
     async fn token(&self, creds: &Credentials, org: &str) -> Result<String, ProviderError> {
         let (id, secret) = Self::client_creds(creds)?;
-        let key = (org.to_string(), id.to_string());
+        let key = token_key(org, id, secret);
         if let Some(t) = self.tokens.lock().expect("token cache").get(&key)
             && Instant::now() < t.refresh_at
         {
@@ -289,11 +303,11 @@ impl AtomicClient {
     }
 
     fn forget_token(&self, creds: &Credentials, org: &str) {
-        if let Some(id) = &creds.client_id {
+        if let Ok((id, secret)) = Self::client_creds(creds) {
             self.tokens
                 .lock()
                 .expect("token cache")
-                .remove(&(org.to_string(), id.clone()));
+                .remove(&token_key(org, id, secret));
         }
     }
 

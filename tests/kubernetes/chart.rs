@@ -822,6 +822,8 @@ async fn operator_under_the_chart_rbac_in_jetstream_mode_holds_the_lease_and_del
     let mut operator = Child(
         cmd.arg("--provider-sandbox-url")
             .arg(sandbox.base_url())
+            // The test's consumer is on loopback, which the chart's address policy refuses.
+            .arg("--allow-loopback")
             .arg("--resolve")
             .arg(format!(
                 "consumer.{ns}.svc:8080=127.0.0.1:{}",
