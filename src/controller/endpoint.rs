@@ -141,7 +141,7 @@ pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Ac
                     .0
                     .purge_endpoint(key)
                     .await
-                    .map_err(|e| Error::Cleanup(format!("deleting queued events: {e}")))?;
+                    .map_err(|e| Error::Cleanup(super::CleanupError::PurgeEvents(e)))?;
                 tracing::info!(namespace = %ns, name = %ep.name_any(), purged, "endpoint deleted with its queued events");
                 Ok(Action::await_change())
             }

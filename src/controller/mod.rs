@@ -122,7 +122,7 @@ pub enum Error {
     #[error("provider: {0}")]
     Provider(#[from] ProviderError),
     #[error("cannot remove the upstream subscription: {0}")]
-    Cleanup(String),
+    Cleanup(CleanupError),
     #[error("{0}")]
     SecretNotOwned(String),
 }
@@ -136,13 +136,41 @@ impl From<secrets::OwnedSecretError> for Error {
     }
 }
 
+/// Why a deleted object's finalizer cannot be removed yet.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// The upstream subscription cannot be deleted without its credentials.
+    #[error(transparent)]
+    Credentials(subscription::CredentialsError),
+    /// The endpoint's waiting events and dead letters could not be deleted.
+    #[error("deleting queued events: {0}")]
+    PurgeEvents(anyhow::Error),
+}
+
+impl CleanupError {
+    /// Stable and low-cardinality, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CleanupError::Credentials(_) => "cleanup_credentials",
+            CleanupError::PurgeEvents(_) => "cleanup_purge_events",
+        }
+    }
+}
+
 impl Error {
+    /// The failure's reason in the reconcile-failure metric: the step that failed, not the
+    /// finalizer wrapper every pass runs in.
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
-            Error::Finalizer(_) => "finalizer",
+            Error::Finalizer(e) => match &**e {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => {
+                    e.metric_label()
+                }
+                _ => "finalizer",
+            },
             Error::Provider(e) => e.reason(),
-            Error::Cleanup(_) => "cleanup",
+            Error::Cleanup(e) => e.reason(),
             Error::SecretNotOwned(_) => "secret_not_owned",
         }
     }
@@ -385,7 +413,108 @@ async fn refresh_status(
     }
 }
 
-fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy<K: Resource<DynamicType = ()>>(
+    _obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     tracing::warn!(error = %err, label = err.metric_label(), "reconcile failed");
+    ctx.routes
+        .0
+        .reconcile_failed(K::kind(&()).into_owned(), err.metric_label());
     Action::requeue(Duration::from_secs(5) + Duration::from_millis(rand::random::<u64>() % 5000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subscription::{CredentialsError, TargetError};
+    use super::*;
+
+    #[test]
+    fn failure_labels_name_the_step_not_the_finalizer_wrapper() {
+        let wrapped = |e: Error| Error::Finalizer(Box::new(finalizer::Error::ApplyFailed(e)));
+        let cases = [
+            (
+                wrapped(Error::Provider(ProviderError::Unauthorized("x".into()))),
+                "Unauthorized",
+            ),
+            (
+                Error::Finalizer(Box::new(finalizer::Error::CleanupFailed(Error::Cleanup(
+                    CleanupError::Credentials(CredentialsError::NotSet),
+                )))),
+                "cleanup_credentials",
+            ),
+            (
+                wrapped(Error::Cleanup(CleanupError::PurgeEvents(anyhow::anyhow!(
+                    "store closed"
+                )))),
+                "cleanup_purge_events",
+            ),
+            (
+                wrapped(Error::SecretNotOwned("s".into())),
+                "secret_not_owned",
+            ),
+            (
+                Error::Finalizer(Box::new(finalizer::Error::UnnamedObject)),
+                "finalizer",
+            ),
+        ];
+        for (err, label) in cases {
+            assert_eq!(err.metric_label(), label, "{err}");
+        }
+    }
+
+    #[test]
+    fn step_errors_have_stable_reasons_and_keep_their_messages() {
+        let cases = [
+            (
+                TargetError::NoTarget.reason(),
+                TargetError::NoTarget.to_string(),
+                "no_target",
+                "neither endpointRef nor url is set",
+            ),
+            (
+                TargetError::EndpointMissing("ep".into()).reason(),
+                TargetError::EndpointMissing("ep".into()).to_string(),
+                "endpoint_missing",
+                "WebhookEndpoint ep does not exist",
+            ),
+            (
+                TargetError::IngressPathOnly("ep".into()).reason(),
+                TargetError::IngressPathOnly("ep".into()).to_string(),
+                "ingress_path_only",
+                "WebhookEndpoint ep has only an ingress path: configure the operator's public base URL",
+            ),
+            (
+                TargetError::EndpointNotReady("ep".into()).reason(),
+                TargetError::EndpointNotReady("ep".into()).to_string(),
+                "endpoint_not_ready",
+                "WebhookEndpoint ep is not Ready yet",
+            ),
+            (
+                CredentialsError::NotSet.reason(),
+                CredentialsError::NotSet.to_string(),
+                "credentials_not_set",
+                "credentialsRef is not set",
+            ),
+            (
+                CredentialsError::from(secrets::SecretError::MissingKey("c".into(), "k".into()))
+                    .reason(),
+                CredentialsError::from(secrets::SecretError::MissingKey("c".into(), "k".into()))
+                    .to_string(),
+                "secret_missing_key",
+                "Secret c has no key k",
+            ),
+            (
+                CredentialsError::from(secrets::SecretError::NotFound("c".into())).reason(),
+                CredentialsError::from(secrets::SecretError::NotFound("c".into())).to_string(),
+                "secret_not_found",
+                "Secret c not found",
+            ),
+        ];
+        for (reason, message, want_reason, want_message) in cases {
+            assert_eq!(reason, want_reason);
+            assert_eq!(message, want_message);
+        }
+    }
 }

@@ -16,7 +16,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::conditions::{self, Desired};
-use super::{Context, Error, publish, rotation, secrets, signature_check, status, test_event};
+use super::{
+    CleanupError, Context, Error, publish, rotation, secrets, signature_check, status, test_event,
+};
 use crate::api::conditions::{reasons, types};
 use crate::api::subscription::{
     DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, UpstreamStatus,
@@ -140,8 +142,8 @@ pub enum Outcome {
         header_name: String,
         secret_name: String,
     },
-    EndpointNotReady(String),
-    CredentialsMissing(String),
+    EndpointNotReady(TargetError),
+    CredentialsMissing(CredentialsError),
     Failed(ProviderError),
 }
 
@@ -253,46 +255,22 @@ pub fn outcome_status(
                 ),
             ]
         }
-        Outcome::EndpointNotReady(msg) => vec![
-            Desired::new(
-                types::READY,
-                false,
-                reasons::ENDPOINT_NOT_READY,
-                msg.clone(),
-            ),
-            Desired::new(
-                types::SYNCED,
-                false,
-                reasons::ENDPOINT_NOT_READY,
-                msg.clone(),
-            ),
-            Desired::new(
-                types::RECONCILING,
-                true,
-                reasons::ENDPOINT_NOT_READY,
-                msg.clone(),
-            ),
-        ],
-        Outcome::CredentialsMissing(msg) => vec![
-            Desired::new(
-                types::READY,
-                false,
-                reasons::CREDENTIALS_MISSING,
-                msg.clone(),
-            ),
-            Desired::new(
-                types::SYNCED,
-                false,
-                reasons::CREDENTIALS_MISSING,
-                msg.clone(),
-            ),
-            Desired::new(
-                types::STALLED,
-                true,
-                reasons::CREDENTIALS_MISSING,
-                msg.clone(),
-            ),
-        ],
+        Outcome::EndpointNotReady(why) => {
+            let msg = why.to_string();
+            vec![
+                Desired::new(types::READY, false, reasons::ENDPOINT_NOT_READY, &msg),
+                Desired::new(types::SYNCED, false, reasons::ENDPOINT_NOT_READY, &msg),
+                Desired::new(types::RECONCILING, true, reasons::ENDPOINT_NOT_READY, msg),
+            ]
+        }
+        Outcome::CredentialsMissing(why) => {
+            let msg = why.to_string();
+            vec![
+                Desired::new(types::READY, false, reasons::CREDENTIALS_MISSING, &msg),
+                Desired::new(types::SYNCED, false, reasons::CREDENTIALS_MISSING, &msg),
+                Desired::new(types::STALLED, true, reasons::CREDENTIALS_MISSING, msg),
+            ]
+        }
         Outcome::Failed(err) => {
             let msg = err.to_string();
             let third = if err.is_permanent() {
@@ -508,24 +486,73 @@ async fn apply(
     Ok(Action::requeue(wait))
 }
 
+/// Why the URL the provider must call is not known yet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("neither endpointRef nor url is set")]
+    NoTarget,
+    #[error("WebhookEndpoint {0} does not exist")]
+    EndpointMissing(String),
+    #[error(
+        "WebhookEndpoint {0} has only an ingress path: configure the operator's public base URL"
+    )]
+    IngressPathOnly(String),
+    #[error("WebhookEndpoint {0} is not Ready yet")]
+    EndpointNotReady(String),
+}
+
+impl TargetError {
+    /// Stable and low-cardinality, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TargetError::NoTarget => "no_target",
+            TargetError::EndpointMissing(_) => "endpoint_missing",
+            TargetError::IngressPathOnly(_) => "ingress_path_only",
+            TargetError::EndpointNotReady(_) => "endpoint_not_ready",
+        }
+    }
+}
+
+/// Why a subscription's provider credentials cannot be read. Names the Secret and key,
+/// never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("credentialsRef is not set")]
+    NotSet,
+    #[error(transparent)]
+    Secret(#[from] secrets::SecretError),
+}
+
+impl CredentialsError {
+    /// Stable and low-cardinality, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CredentialsError::NotSet => "credentials_not_set",
+            CredentialsError::Secret(secrets::SecretError::NotFound(_)) => "secret_not_found",
+            CredentialsError::Secret(secrets::SecretError::MissingKey(..)) => "secret_missing_key",
+            CredentialsError::Secret(secrets::SecretError::Api(..)) => "secret_unreadable",
+            CredentialsError::Secret(secrets::SecretError::NotReferable(_)) => {
+                "secret_not_referable"
+            }
+        }
+    }
+}
+
 /// The URL the provider must call: the endpoint's ingress URL plus the subscription name,
-/// or the external `url`. `Err` says why it is not known yet.
+/// or the external `url`. The inner `Err` says why it is not known yet.
 async fn resolve_target(
     sub: &WebhookSubscription,
     ctx: &Context,
-) -> Result<Result<String, String>, Error> {
+) -> Result<Result<String, TargetError>, Error> {
     if let Some(url) = &sub.spec.url {
         return Ok(Ok(url.clone()));
     }
     let Some(ep_ref) = &sub.spec.endpoint_ref else {
-        return Ok(Err("neither endpointRef nor url is set".into()));
+        return Ok(Err(TargetError::NoTarget));
     };
     let ns = sub.namespace().unwrap_or_default();
     let Some(ep) = ctx.endpoint(&ns, &ep_ref.name).await? else {
-        return Ok(Err(format!(
-            "WebhookEndpoint {} does not exist",
-            ep_ref.name
-        )));
+        return Ok(Err(TargetError::EndpointMissing(ep_ref.name.clone())));
     };
     let ready = ep.status.as_ref().is_some_and(|s| {
         s.conditions
@@ -537,19 +564,15 @@ async fn resolve_target(
         Some(url) if ready && (url.starts_with("https://") || url.starts_with("http://")) => Ok(
             Ok(format!("{}/{}", url.trim_end_matches('/'), sub.name_any())),
         ),
-        Some(_) if ready && sub.spec.provider != Provider::Atllas => Ok(Err(format!(
-            "WebhookEndpoint {} has only an ingress path: configure the operator's public base URL",
-            ep_ref.name
-        ))),
+        Some(_) if ready && sub.spec.provider != Provider::Atllas => {
+            Ok(Err(TargetError::IngressPathOnly(ep_ref.name.clone())))
+        }
         Some(url) if ready => Ok(Ok(format!(
             "{}/{}",
             url.trim_end_matches('/'),
             sub.name_any()
         ))),
-        _ => Ok(Err(format!(
-            "WebhookEndpoint {} is not Ready yet",
-            ep_ref.name
-        ))),
+        _ => Ok(Err(TargetError::EndpointNotReady(ep_ref.name.clone()))),
     }
 }
 
@@ -558,34 +581,20 @@ async fn read_credentials(
     ctx: &Context,
     ns: &str,
     spec: &WebhookSubscriptionSpec,
-) -> Result<(Credentials, Option<String>), String> {
+) -> Result<(Credentials, Option<String>), CredentialsError> {
     let Some(r) = &spec.credentials_ref else {
-        return Err("credentialsRef is not set".into());
+        return Err(CredentialsError::NotSet);
     };
     let secret =
-        secrets::read_referenced(&ctx.client, ns, &r.name, ctx.config.require_secret_label)
-            .await
-            .map_err(|e| e.to_string())?;
+        secrets::read_referenced(&ctx.client, ns, &r.name, ctx.config.require_secret_label).await?;
     let creds = match spec.provider {
         Provider::Atomic => Credentials {
             api_key: None,
-            client_id: Some(
-                secret
-                    .get_string(&r.client_id_key)
-                    .map_err(|e| e.to_string())?,
-            ),
-            client_secret: Some(
-                secret
-                    .get_string(&r.client_secret_key)
-                    .map_err(|e| e.to_string())?,
-            ),
+            client_id: Some(secret.get_string(&r.client_id_key)?),
+            client_secret: Some(secret.get_string(&r.client_secret_key)?),
         },
         _ => Credentials {
-            api_key: Some(
-                secret
-                    .get_string(&r.api_key_key)
-                    .map_err(|e| e.to_string())?,
-            ),
+            api_key: Some(secret.get_string(&r.api_key_key)?),
             client_id: None,
             client_secret: None,
         },
@@ -758,10 +767,16 @@ async fn publish_outcome_event(
             )
         }
         Outcome::Failed(e) => (EventType::Warning, e.reason(), e.to_string()),
-        Outcome::CredentialsMissing(m) => {
-            (EventType::Warning, reasons::CREDENTIALS_MISSING, m.clone())
-        }
-        Outcome::EndpointNotReady(m) => (EventType::Normal, reasons::ENDPOINT_NOT_READY, m.clone()),
+        Outcome::CredentialsMissing(why) => (
+            EventType::Warning,
+            reasons::CREDENTIALS_MISSING,
+            why.to_string(),
+        ),
+        Outcome::EndpointNotReady(why) => (
+            EventType::Normal,
+            reasons::ENDPOINT_NOT_READY,
+            why.to_string(),
+        ),
         Outcome::MissingUpstream | Outcome::Manual { .. } => return,
     };
     if type_ == EventType::Warning && previous_reason.as_deref() == Some(reason) {
@@ -792,7 +807,7 @@ async fn cleanup(sub: &WebhookSubscription, ctx: &Context) -> Result<Action, Err
         let ns = sub.namespace().unwrap_or_default();
         let (creds, _) = read_credentials(ctx, &ns, &sub.spec)
             .await
-            .map_err(Error::Cleanup)?;
+            .map_err(|e| Error::Cleanup(CleanupError::Credentials(e)))?;
         ctx.providers
             .get(sub.spec.provider)
             .delete(&creds, &applied)
