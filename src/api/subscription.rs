@@ -290,13 +290,34 @@ pub struct LastTest {
     /// The annotation value this result answers (each value is handled once).
     pub requested_at: String,
     /// `Pending`, `Delivered` or `Failed`.
-    pub result: String,
+    pub result: TestResult,
     /// Ingest-to-delivered latency of the test event, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
     /// How the test was sent, or why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// Where a test event is: sent and not yet seen delivered, delivered, or failed.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TestResult {
+    #[default]
+    Pending,
+    Delivered,
+    Failed,
+}
+
+/// Compares with the name written to the status (`"Delivered"`).
+impl PartialEq<&str> for TestResult {
+    fn eq(&self, other: &&str) -> bool {
+        matches!(
+            (self, *other),
+            (TestResult::Pending, "Pending")
+                | (TestResult::Delivered, "Delivered")
+                | (TestResult::Failed, "Failed")
+        )
+    }
 }
 
 /// The upstream subscription.

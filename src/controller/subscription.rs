@@ -21,7 +21,7 @@ use super::{
 };
 use crate::api::conditions::{reasons, types};
 use crate::api::subscription::{
-    DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, UpstreamStatus,
+    DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, TestResult, UpstreamStatus,
     WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
 };
 use crate::api::{Provider, REQUESTED_AT_ANNOTATION};
@@ -313,6 +313,65 @@ pub struct Schedule {
     failures: u32,
 }
 
+/// What the schedule gate decided for a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    /// Call the provider; `failures_before` failures in a row with the same inputs.
+    Run { failures_before: u32 },
+    /// Nothing changed and nothing is due: only refresh counters and a pending test, and
+    /// come back after this long.
+    Wait(Duration),
+}
+
+/// Whether a pass calls the provider. Pure: a pass is due when there is no schedule yet,
+/// an input changed (spec, credentials Secret, target URL, a request annotation, a new
+/// test request), the schedule's time has come, or signature verification flipped. The
+/// failure count carries over only while the inputs stay the same.
+fn gate(
+    schedule: Option<&Schedule>,
+    inputs: &Inputs,
+    verification_flipped: bool,
+    now: Instant,
+) -> Gate {
+    match schedule {
+        Some(s) if s.inputs == *inputs && now < s.next_due && !verification_flipped => {
+            Gate::Wait(s.next_due - now)
+        }
+        Some(s) if s.inputs == *inputs => Gate::Run {
+            failures_before: s.failures,
+        },
+        _ => Gate::Run { failures_before: 0 },
+    }
+}
+
+/// How long until the next provider call after `outcome`, and the failures in a row.
+/// Pure; `jitter` in [0, 1) spreads retries.
+fn next_pass(
+    outcome: &Outcome,
+    resync_interval: &str,
+    failures_before: u32,
+    jitter: f64,
+) -> (Duration, u32) {
+    let resync =
+        crate::duration::parse_go_duration(resync_interval).unwrap_or(Duration::from_secs(300));
+    match outcome {
+        Outcome::Synced { .. } | Outcome::MissingUpstream | Outcome::Manual { .. } => (resync, 0),
+        // Waits for the endpoint or the Secret to change (both are watched); the timer
+        // is a safety net.
+        // The endpoint check is a cheap read: recheck soon, in case a watch event came
+        // before this object was in the store.
+        Outcome::EndpointNotReady(_) => (Duration::from_secs(10), 0),
+        Outcome::CredentialsMissing(_) => (Duration::from_secs(60), 0),
+        Outcome::Failed(err) => {
+            let failures = failures_before + 1;
+            (
+                super::backoff::delay(failures, err.retry_after(), jitter),
+                failures,
+            )
+        }
+    }
+}
+
 async fn apply(
     sub: &WebhookSubscription,
     ctx: &Context,
@@ -347,18 +406,21 @@ async fn apply(
         .unwrap()
         .get(&key)
         .cloned();
-    if let Some(s) = schedule {
-        let now = Instant::now();
-        let counters = event_counters(ctx, sub);
-        // Deliveries started or stopped failing verification: a full pass writes the
-        // condition (rare: it flips only between refused and verified).
-        let verification_flipped = signature_check::changed(
-            &current.conditions,
-            signature_check::desired(&sub.spec, counters.as_ref().or(current.events.as_ref()))
-                .as_ref(),
-        );
-        if s.inputs == inputs && now < s.next_due && !verification_flipped {
-            let mut wait = s.next_due - now;
+    let counters = event_counters(ctx, sub);
+    // Deliveries started or stopped failing verification: a full pass writes the
+    // condition (rare: it flips only between refused and verified).
+    let verification_flipped = signature_check::changed(
+        &current.conditions,
+        signature_check::desired(&sub.spec, counters.as_ref().or(current.events.as_ref())).as_ref(),
+    );
+    let failures_before = match gate(
+        schedule.as_ref(),
+        &inputs,
+        verification_flipped,
+        Instant::now(),
+    ) {
+        Gate::Run { failures_before } => failures_before,
+        Gate::Wait(mut wait) => {
             // Only the counters and a pending test may have moved. The cached object can
             // lag behind our own last write, so patch just those rather than re-applying.
             if counters.is_some() && counters != current.events {
@@ -383,14 +445,7 @@ async fn apply(
             }
             return Ok(Action::requeue(wait));
         }
-    }
-    let failures_before = ctx
-        .subscription_schedules
-        .lock()
-        .unwrap()
-        .get(&key)
-        .filter(|s| s.inputs == inputs)
-        .map_or(0, |s| s.failures);
+    };
 
     let mut test_inputs = None;
     let outcome = match (target, credentials) {
@@ -433,7 +488,7 @@ async fn apply(
             }
             _ => crate::api::subscription::LastTest {
                 requested_at: request,
-                result: test_event::FAILED.into(),
+                result: TestResult::Failed,
                 latency_ms: None,
                 message: Some("the subscription is not Ready; see its conditions".into()),
             },
@@ -447,24 +502,12 @@ async fn apply(
     }
     status::apply_if_changed(api, sub, sub.status.as_ref(), &next).await?;
 
-    let resync = crate::duration::parse_go_duration(&sub.spec.resync_interval)
-        .unwrap_or(Duration::from_secs(300));
-    let (wait, failures) = match &outcome {
-        Outcome::Synced { .. } | Outcome::MissingUpstream | Outcome::Manual { .. } => (resync, 0),
-        // Waits for the endpoint or the Secret to change (both are watched); the timer
-        // is a safety net.
-        // The endpoint check is a cheap read: recheck soon, in case a watch event came
-        // before this object was in the store.
-        Outcome::EndpointNotReady(_) => (Duration::from_secs(10), 0),
-        Outcome::CredentialsMissing(_) => (Duration::from_secs(60), 0),
-        Outcome::Failed(err) => {
-            let failures = failures_before + 1;
-            (
-                super::backoff::delay(failures, err.retry_after(), rand::random()),
-                failures,
-            )
-        }
-    };
+    let (wait, failures) = next_pass(
+        &outcome,
+        &sub.spec.resync_interval,
+        failures_before,
+        rand::random(),
+    );
     let wait = if test_event::is_pending(sub, ctx) {
         wait.min(test_event::RECHECK)
     } else {
@@ -832,10 +875,10 @@ async fn publish_test(
     sub: &WebhookSubscription,
     result: &crate::api::subscription::LastTest,
 ) {
-    let (type_, reason) = match result.result.as_str() {
-        test_event::DELIVERED => (EventType::Normal, "TestDelivered"),
-        test_event::FAILED => (EventType::Warning, "TestFailed"),
-        _ => return,
+    let (type_, reason) = match result.result {
+        TestResult::Delivered => (EventType::Normal, "TestDelivered"),
+        TestResult::Failed => (EventType::Warning, "TestFailed"),
+        TestResult::Pending => return,
     };
     let note = format!(
         "test {}: {}",
@@ -861,4 +904,562 @@ fn event_counters(ctx: &Context, sub: &WebhookSubscription) -> Option<EventCount
             signature_mismatches: mismatches,
             last_signature_mismatch_time: time(last_mismatch),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    fn t(secs: i64) -> Time {
+        Time(jiff::Timestamp::from_second(secs).unwrap())
+    }
+
+    fn observed(state: UpstreamState, action: SyncAction) -> Observed {
+        Observed {
+            id: "up-1".into(),
+            echo: Default::default(),
+            state,
+            signing_secret: None,
+            action,
+        }
+    }
+
+    fn applied() -> Option<DesiredSubscription> {
+        Some(translate(
+            "ns",
+            "sub",
+            &serde_json::from_value(
+                serde_json::json!({"provider": "atlas", "events": ["call.ended"]}),
+            )
+            .unwrap(),
+            "https://h.example.com/hooks/tok/sub".into(),
+        ))
+    }
+
+    fn synced(state: UpstreamState, action: SyncAction, manage: bool) -> Outcome {
+        Outcome::Synced {
+            observed: observed(state, action),
+            applied: if manage { applied() } else { None },
+        }
+    }
+
+    /// (type, status, reason, message) of a condition.
+    type Stated = (String, String, String, String);
+
+    /// What each condition states, in order.
+    fn summary(conditions: &[Condition]) -> Vec<Stated> {
+        conditions
+            .iter()
+            .map(|c| {
+                (
+                    c.type_.clone(),
+                    c.status.clone(),
+                    c.reason.clone(),
+                    c.message.clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn c(type_: &str, status: &str, reason: &str, message: &str) -> Stated {
+        (type_.into(), status.into(), reason.into(), message.into())
+    }
+
+    #[test]
+    fn outcome_status_states_exactly_these_conditions() {
+        let disabled = || UpstreamState::Disabled {
+            message: "paused by the provider".into(),
+        };
+        let cases: Vec<(&str, Outcome, Vec<Stated>)> = vec![
+            (
+                "created",
+                synced(UpstreamState::Enabled, SyncAction::Created, true),
+                vec![
+                    c(
+                        "Ready",
+                        "True",
+                        "Ready",
+                        "the subscription exists upstream as specified",
+                    ),
+                    c("Synced", "True", "Synced", "upstream id up-1"),
+                ],
+            ),
+            (
+                "adopted",
+                synced(UpstreamState::Enabled, SyncAction::Adopted, true),
+                vec![
+                    c(
+                        "Ready",
+                        "True",
+                        "Ready",
+                        "the subscription exists upstream as specified",
+                    ),
+                    c("Synced", "True", "Adopted", "upstream id up-1"),
+                ],
+            ),
+            (
+                "recreated",
+                synced(UpstreamState::Enabled, SyncAction::Recreated, true),
+                vec![
+                    c(
+                        "Ready",
+                        "True",
+                        "Ready",
+                        "the subscription exists upstream as specified",
+                    ),
+                    c("Synced", "True", "DriftRepaired", "upstream id up-1"),
+                ],
+            ),
+            (
+                "observe only",
+                synced(UpstreamState::Enabled, SyncAction::Unchanged, false),
+                vec![
+                    c(
+                        "Ready",
+                        "True",
+                        "Ready",
+                        "the subscription exists upstream as specified",
+                    ),
+                    c("Synced", "True", "ObserveOnly", "upstream id up-1"),
+                ],
+            ),
+            (
+                "disabled upstream, even when adopted",
+                synced(disabled(), SyncAction::Adopted, true),
+                vec![
+                    c(
+                        "Ready",
+                        "False",
+                        "DisabledUpstream",
+                        "paused by the provider",
+                    ),
+                    c("Synced", "True", "Synced", "upstream id up-1"),
+                ],
+            ),
+            (
+                "incomplete upstream",
+                synced(
+                    UpstreamState::Incomplete {
+                        message: "trigger t2 is missing".into(),
+                    },
+                    SyncAction::Unchanged,
+                    true,
+                ),
+                vec![
+                    c("Ready", "False", "DriftDetected", "trigger t2 is missing"),
+                    c("Synced", "True", "Synced", "upstream id up-1"),
+                ],
+            ),
+            (
+                "missing upstream",
+                Outcome::MissingUpstream,
+                vec![
+                    c(
+                        "Ready",
+                        "False",
+                        "NotFoundUpstream",
+                        "ObserveOnly: no such subscription exists upstream",
+                    ),
+                    c(
+                        "Synced",
+                        "True",
+                        "ObserveOnly",
+                        "observed the provider; nothing found",
+                    ),
+                ],
+            ),
+            (
+                "manual",
+                Outcome::Manual {
+                    hook_url: "https://h/hooks/t/sub".into(),
+                    header_name: "X-Webhook-Token".into(),
+                    secret_name: "sub-atllas-header".into(),
+                },
+                vec![
+                    c(
+                        "Ready",
+                        "True",
+                        "ManualSetupRequired",
+                        "receive-only provider: add status.manualSetup.hookURL and the header to the provider's portal",
+                    ),
+                    c(
+                        "Synced",
+                        "True",
+                        "ManualSetupRequired",
+                        "nothing to sync: the provider has no API",
+                    ),
+                ],
+            ),
+            (
+                "endpoint not ready",
+                Outcome::EndpointNotReady(TargetError::EndpointNotReady("ep".into())),
+                vec![
+                    c(
+                        "Ready",
+                        "False",
+                        "EndpointNotReady",
+                        "WebhookEndpoint ep is not Ready yet",
+                    ),
+                    c(
+                        "Synced",
+                        "False",
+                        "EndpointNotReady",
+                        "WebhookEndpoint ep is not Ready yet",
+                    ),
+                    c(
+                        "Reconciling",
+                        "True",
+                        "EndpointNotReady",
+                        "WebhookEndpoint ep is not Ready yet",
+                    ),
+                ],
+            ),
+            (
+                "credentials missing",
+                Outcome::CredentialsMissing(CredentialsError::NotSet),
+                vec![
+                    c(
+                        "Ready",
+                        "False",
+                        "CredentialsMissing",
+                        "credentialsRef is not set",
+                    ),
+                    c(
+                        "Synced",
+                        "False",
+                        "CredentialsMissing",
+                        "credentialsRef is not set",
+                    ),
+                    c(
+                        "Stalled",
+                        "True",
+                        "CredentialsMissing",
+                        "credentialsRef is not set",
+                    ),
+                ],
+            ),
+            (
+                "permanent provider failure stalls",
+                Outcome::Failed(ProviderError::Unauthorized("bad key".into())),
+                vec![
+                    c("Ready", "False", "Unauthorized", "unauthorized: bad key"),
+                    c("Synced", "False", "Unauthorized", "unauthorized: bad key"),
+                    c("Stalled", "True", "Unauthorized", "unauthorized: bad key"),
+                ],
+            ),
+            (
+                "transient provider failure reconciles",
+                Outcome::Failed(ProviderError::Unavailable("503".into())),
+                vec![
+                    c(
+                        "Ready",
+                        "False",
+                        "UpstreamUnavailable",
+                        "provider unavailable: 503",
+                    ),
+                    c(
+                        "Synced",
+                        "False",
+                        "UpstreamUnavailable",
+                        "provider unavailable: 503",
+                    ),
+                    c(
+                        "Reconciling",
+                        "True",
+                        "UpstreamUnavailable",
+                        "retrying: provider unavailable: 503",
+                    ),
+                ],
+            ),
+        ];
+        for (name, outcome, want) in cases {
+            let next = outcome_status(
+                &WebhookSubscriptionStatus::default(),
+                &outcome,
+                Some(3),
+                None,
+                t(100),
+            );
+            assert_eq!(summary(&next.conditions), want, "{name}");
+            assert!(
+                next.conditions
+                    .iter()
+                    .all(|c| c.observed_generation == Some(3) && c.last_transition_time == t(100)),
+                "{name}"
+            );
+            assert_eq!(next.observed_generation, Some(3), "{name}");
+        }
+    }
+
+    #[test]
+    fn outcome_status_records_the_upstream_and_manual_setup() {
+        let current = WebhookSubscriptionStatus {
+            last_handled_requested_at: Some("r1".into()),
+            ..Default::default()
+        };
+        let cases = [
+            ("enabled", UpstreamState::Enabled, "enabled"),
+            (
+                "disabled",
+                UpstreamState::Disabled {
+                    message: "m".into(),
+                },
+                "disabled",
+            ),
+            (
+                "incomplete",
+                UpstreamState::Incomplete {
+                    message: "m".into(),
+                },
+                "incomplete",
+            ),
+            ("manual", UpstreamState::Manual, "manual"),
+        ];
+        for (name, state, want) in cases {
+            let next = outcome_status(
+                &current,
+                &synced(state, SyncAction::Updated, true),
+                Some(1),
+                None,
+                t(200),
+            );
+            let up = next.upstream.expect(name);
+            assert_eq!(up.state.as_deref(), Some(want), "{name}");
+            assert_eq!(up.id.as_deref(), Some("up-1"), "{name}");
+            assert_eq!(up.last_sync_time, Some(t(200)), "{name}");
+            assert_eq!(up.applied, serde_json::to_string(&applied()).ok(), "{name}");
+            // The last handled request is kept when the pass answers none.
+            assert_eq!(next.last_handled_requested_at.as_deref(), Some("r1"));
+        }
+
+        // ObserveOnly keeps what was applied before (nothing new is applied).
+        let before = outcome_status(
+            &current,
+            &synced(UpstreamState::Enabled, SyncAction::Created, true),
+            Some(1),
+            Some("r2".into()),
+            t(200),
+        );
+        assert_eq!(before.last_handled_requested_at.as_deref(), Some("r2"));
+        let after = outcome_status(
+            &before,
+            &synced(UpstreamState::Enabled, SyncAction::Unchanged, false),
+            Some(1),
+            None,
+            t(300),
+        );
+        assert_eq!(
+            after.upstream.as_ref().unwrap().applied,
+            before.upstream.as_ref().unwrap().applied
+        );
+
+        // Manual: no upstream, the set-up the user needs.
+        let manual = outcome_status(
+            &before,
+            &Outcome::Manual {
+                hook_url: "https://h/hooks/t/sub".into(),
+                header_name: "X-Webhook-Token".into(),
+                secret_name: "sub-atllas-header".into(),
+            },
+            Some(1),
+            None,
+            t(300),
+        );
+        assert_eq!(manual.upstream, None);
+        assert_eq!(
+            manual.manual_setup,
+            Some(ManualSetup {
+                hook_url: Some("https://h/hooks/t/sub".into()),
+                header_name: Some("X-Webhook-Token".into()),
+                secret_name: Some("sub-atllas-header".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn outcome_status_keeps_transition_times_while_status_holds() {
+        let first = outcome_status(
+            &WebhookSubscriptionStatus::default(),
+            &Outcome::Failed(ProviderError::Unavailable("503".into())),
+            Some(1),
+            None,
+            t(100),
+        );
+        // Still failing, for another reason: Ready stays False since t(100).
+        let second = outcome_status(
+            &first,
+            &Outcome::Failed(ProviderError::Unauthorized("bad key".into())),
+            Some(1),
+            None,
+            t(200),
+        );
+        let at = |s: &WebhookSubscriptionStatus, ty: &str| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == ty)
+                .map(|c| c.last_transition_time.clone())
+        };
+        assert_eq!(at(&second, "Ready"), Some(t(100)));
+        assert_eq!(at(&second, "Stalled"), Some(t(200)));
+        let third = outcome_status(
+            &second,
+            &synced(UpstreamState::Enabled, SyncAction::Created, true),
+            Some(1),
+            None,
+            t(300),
+        );
+        assert_eq!(at(&third, "Ready"), Some(t(300)));
+        assert_eq!(
+            at(&third, "Stalled"),
+            None,
+            "conditions not stated are dropped"
+        );
+    }
+
+    fn inputs(generation: i64) -> Inputs {
+        Inputs {
+            generation: Some(generation),
+            credentials_version: Some("7".into()),
+            hook_url: Some("https://h/hooks/t/sub".into()),
+            requested_at: None,
+            test_request: None,
+        }
+    }
+
+    #[test]
+    fn gate_calls_the_provider_only_when_something_changed_or_is_due() {
+        let now = Instant::now();
+        let schedule = |next_due: Instant, failures: u32| Schedule {
+            inputs: inputs(1),
+            next_due,
+            failures,
+        };
+        let later = now + Duration::from_secs(30);
+        let earlier = now - Duration::from_secs(1);
+        let with_test = Inputs {
+            test_request: Some("t1".into()),
+            ..inputs(1)
+        };
+        let new_secret = Inputs {
+            credentials_version: Some("8".into()),
+            ..inputs(1)
+        };
+        let cases = [
+            (
+                "first pass",
+                None,
+                inputs(1),
+                false,
+                Gate::Run { failures_before: 0 },
+            ),
+            (
+                "nothing changed, not due",
+                Some(schedule(later, 2)),
+                inputs(1),
+                false,
+                Gate::Wait(Duration::from_secs(30)),
+            ),
+            (
+                "due: failures carry over",
+                Some(schedule(earlier, 2)),
+                inputs(1),
+                false,
+                Gate::Run { failures_before: 2 },
+            ),
+            (
+                "verification flipped: failures carry over",
+                Some(schedule(later, 2)),
+                inputs(1),
+                true,
+                Gate::Run { failures_before: 2 },
+            ),
+            (
+                "spec changed: failures reset",
+                Some(schedule(later, 2)),
+                inputs(2),
+                false,
+                Gate::Run { failures_before: 0 },
+            ),
+            (
+                "credentials Secret changed",
+                Some(schedule(later, 2)),
+                new_secret,
+                false,
+                Gate::Run { failures_before: 0 },
+            ),
+            (
+                "a new test request",
+                Some(schedule(later, 0)),
+                with_test,
+                false,
+                Gate::Run { failures_before: 0 },
+            ),
+        ];
+        for (name, schedule, inputs, flipped, want) in cases {
+            assert_eq!(
+                gate(schedule.as_ref(), &inputs, flipped, now),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn next_pass_waits_by_outcome() {
+        let s = Duration::from_secs;
+        let cases = [
+            (
+                "synced: resync",
+                synced(UpstreamState::Enabled, SyncAction::Created, true),
+                "90s",
+                3,
+                (s(90), 0),
+            ),
+            (
+                "unparsable resync: 5m",
+                Outcome::MissingUpstream,
+                "soon",
+                0,
+                (s(300), 0),
+            ),
+            (
+                "endpoint not ready",
+                Outcome::EndpointNotReady(TargetError::NoTarget),
+                "90s",
+                4,
+                (s(10), 0),
+            ),
+            (
+                "credentials missing",
+                Outcome::CredentialsMissing(CredentialsError::NotSet),
+                "90s",
+                4,
+                (s(60), 0),
+            ),
+            (
+                "failed: backoff grows",
+                Outcome::Failed(ProviderError::Unavailable("x".into())),
+                "90s",
+                2,
+                (s(4), 3),
+            ),
+            (
+                "failed: Retry-After honoured",
+                Outcome::Failed(ProviderError::RateLimited {
+                    retry_after: Some(s(42)),
+                }),
+                "90s",
+                0,
+                (s(42), 1),
+            ),
+        ];
+        for (name, outcome, resync, failures_before, want) in cases {
+            assert_eq!(
+                next_pass(&outcome, resync, failures_before, 0.5),
+                want,
+                "{name}"
+            );
+        }
+    }
 }

@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use super::Context;
 use super::routes::endpoint_of;
 use super::{secrets, subscription};
-use crate::api::subscription::{LastTest, WebhookSubscription};
+use crate::api::subscription::{LastTest, TestResult, WebhookSubscription};
 use crate::api::{Provider, TEST_REQUESTED_AT_ANNOTATION};
 use crate::inbound::VerificationKeys;
 use crate::providers::{Credentials, DesiredSubscription, synthetic_test_event};
@@ -21,10 +21,6 @@ use crate::providers::{Credentials, DesiredSubscription, synthetic_test_event};
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a pending test is checked.
 pub const RECHECK: Duration = Duration::from_secs(1);
-
-pub const PENDING: &str = "Pending";
-pub const DELIVERED: &str = "Delivered";
-pub const FAILED: &str = "Failed";
 
 /// A test sent and not yet seen delivered.
 #[derive(Clone, Debug)]
@@ -71,7 +67,7 @@ pub async fn send(
         Err(why) => {
             return LastTest {
                 requested_at,
-                result: FAILED.into(),
+                result: TestResult::Failed,
                 latency_ms: None,
                 message: Some(why),
             };
@@ -88,7 +84,7 @@ pub async fn send(
     );
     LastTest {
         requested_at,
-        result: PENDING.into(),
+        result: TestResult::Pending,
         latency_ms: None,
         message: Some(how),
     }
@@ -179,13 +175,13 @@ pub fn check(sub: &WebhookSubscription, ctx: &Context) -> Option<LastTest> {
     let result = match delivered {
         Some((_, latency)) => LastTest {
             requested_at: pending.requested_at,
-            result: DELIVERED.into(),
+            result: TestResult::Delivered,
             latency_ms: Some((latency.as_secs_f64() * 1000.0 * 10.0).round() / 10.0),
             message: Some(pending.how),
         },
         None if pending.started.elapsed() > TIMEOUT => LastTest {
             requested_at: pending.requested_at,
-            result: FAILED.into(),
+            result: TestResult::Failed,
             latency_ms: None,
             message: Some(format!(
                 "not delivered within {}s; see the endpoint's Healthy condition",
