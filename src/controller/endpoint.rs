@@ -133,6 +133,7 @@ pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Ac
             Finalizer::Apply(ep) => apply(&ep, &ctx, &api).await,
             Finalizer::Cleanup(ep) => {
                 let key = (ns.clone(), ep.name_any());
+                ctx.endpoint_memo.forget(&key);
                 ctx.routes.0.remove_endpoint(key.clone());
                 // Its events go with it (README "Deleting an endpoint"); a failure keeps
                 // the finalizer and is retried.
@@ -304,11 +305,8 @@ async fn apply(
     // Remembered in memory too: the cached object may predate our own status write, and a
     // request must be handled once.
     let mut last_replay = ctx
-        .handled_replays
-        .lock()
-        .unwrap()
-        .get(&key)
-        .cloned()
+        .endpoint_memo
+        .read(&key, |m| m.handled_replay.clone())
         .or_else(|| current.last_handled_replay_at.clone());
     if replay_at.is_some() && replay_at != last_replay {
         let result = match replay_filter(ep.annotations()) {
@@ -339,10 +337,8 @@ async fn apply(
                 )
                 .await;
                 if let Some(r) = &replay_at {
-                    ctx.handled_replays
-                        .lock()
-                        .unwrap()
-                        .insert(key.clone(), r.clone());
+                    ctx.endpoint_memo
+                        .update(key.clone(), |m| m.handled_replay = Some(r.clone()));
                 }
                 last_replay = replay_at;
             }

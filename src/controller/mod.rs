@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod dataplane_routes;
 pub mod endpoint;
 pub mod isolation;
+pub mod memo;
 pub mod rotation;
 pub mod route_sync;
 pub mod routes;
@@ -46,14 +47,10 @@ pub struct Context {
     pub routes: Routes,
     /// The address policy and resolution overrides, for reconcile-time destination checks.
     pub destinations: crate::delivery::Resolver,
-    pub subscription_schedules:
-        Mutex<HashMap<ObjectRef<WebhookSubscription>, subscription::Schedule>>,
-    /// The last replay request handled per endpoint (namespace, name).
-    pub handled_replays: Mutex<HashMap<routes::EndpointKey, String>>,
-    /// Test events sent and not yet seen delivered.
-    pub pending_tests: Mutex<HashMap<ObjectRef<WebhookSubscription>, test_event::Pending>>,
-    /// The last test request handled per subscription.
-    pub handled_tests: Mutex<HashMap<ObjectRef<WebhookSubscription>, String>>,
+    /// What subscription passes remember between passes (schedule, test events).
+    pub subscription_memo: memo::SubscriptionMemo,
+    /// What endpoint passes remember between passes (the last replay handled).
+    pub endpoint_memo: memo::EndpointMemo,
     /// The WebhookEndpoint cache of the controllers [`run`] started last.
     endpoints: Mutex<Option<Store<WebhookEndpoint>>>,
 }
@@ -78,10 +75,8 @@ impl Context {
             client,
             config,
             routes: Routes(routes),
-            subscription_schedules: Mutex::default(),
-            handled_replays: Mutex::default(),
-            pending_tests: Mutex::default(),
-            handled_tests: Mutex::default(),
+            subscription_memo: Default::default(),
+            endpoint_memo: Default::default(),
             endpoints: Mutex::default(),
         }
     }

@@ -400,12 +400,7 @@ async fn apply(
 
     // Nothing changed and nothing due: no provider call (our own status writes and
     // unrelated events land here).
-    let schedule = ctx
-        .subscription_schedules
-        .lock()
-        .unwrap()
-        .get(&key)
-        .cloned();
+    let schedule = ctx.subscription_memo.read(&key, |m| m.schedule.clone());
     let counters = event_counters(ctx, sub);
     // Deliveries started or stopped failing verification: a full pass writes the
     // condition (rare: it flips only between refused and verified).
@@ -518,14 +513,13 @@ async fn apply(
         test_request: None,
         ..inputs
     };
-    ctx.subscription_schedules.lock().unwrap().insert(
-        key,
-        Schedule {
+    ctx.subscription_memo.update(key, |m| {
+        m.schedule = Some(Schedule {
             inputs,
             next_due: Instant::now() + wait,
             failures,
-        },
-    );
+        })
+    });
     Ok(Action::requeue(wait))
 }
 
@@ -830,13 +824,7 @@ async fn publish_outcome_event(
 
 async fn cleanup(sub: &WebhookSubscription, ctx: &Context) -> Result<Action, Error> {
     ctx.routes.remove_subscription(sub);
-    let key = ObjectRef::from_obj(sub);
-    ctx.pending_tests.lock().unwrap().remove(&key);
-    ctx.handled_tests.lock().unwrap().remove(&key);
-    ctx.subscription_schedules
-        .lock()
-        .unwrap()
-        .remove(&ObjectRef::from_obj(sub));
+    ctx.subscription_memo.forget(&ObjectRef::from_obj(sub));
     let applied: Option<DesiredSubscription> = sub
         .status
         .as_ref()

@@ -36,7 +36,7 @@ pub fn new_request(sub: &WebhookSubscription, ctx: &Context) -> Option<String> {
     let requested = sub.annotations().get(TEST_REQUESTED_AT_ANNOTATION)?.clone();
     let key = kube::runtime::reflector::ObjectRef::from_obj(sub);
     // Remembered in memory as well: the cached object may predate our own status write.
-    let pending = ctx.handled_tests.lock().unwrap().get(&key).cloned();
+    let pending = ctx.subscription_memo.read(&key, |m| m.handled_test.clone());
     let handled = sub
         .status
         .as_ref()
@@ -57,10 +57,8 @@ pub async fn send(
     creds: &Credentials,
 ) -> LastTest {
     let key = kube::runtime::reflector::ObjectRef::from_obj(sub);
-    ctx.handled_tests
-        .lock()
-        .unwrap()
-        .insert(key.clone(), requested_at.clone());
+    ctx.subscription_memo
+        .update(key.clone(), |m| m.handled_test = Some(requested_at.clone()));
     let sent_at = SystemTime::now();
     let how = match send_event(sub, ctx, desired, upstream_id, creds).await {
         Ok(how) => how,
@@ -73,15 +71,14 @@ pub async fn send(
             };
         }
     };
-    ctx.pending_tests.lock().unwrap().insert(
-        key,
-        Pending {
+    ctx.subscription_memo.update(key, |m| {
+        m.pending_test = Some(Pending {
             requested_at: requested_at.clone(),
             sent_at,
             started: Instant::now(),
             how: how.clone(),
-        },
-    );
+        })
+    });
     LastTest {
         requested_at,
         result: TestResult::Pending,
@@ -168,7 +165,9 @@ async fn verification_keys(
 /// (`None`, check again after [`RECHECK`]).
 pub fn check(sub: &WebhookSubscription, ctx: &Context) -> Option<LastTest> {
     let key = kube::runtime::reflector::ObjectRef::from_obj(sub);
-    let pending = ctx.pending_tests.lock().unwrap().get(&key).cloned()?;
+    let pending = ctx
+        .subscription_memo
+        .read(&key, |m| m.pending_test.clone())?;
     let delivered = endpoint_of(sub)
         .and_then(|ep| ctx.routes.0.last_test(ep, sub.name_any()))
         .filter(|(at, _)| *at >= pending.sent_at);
@@ -190,16 +189,16 @@ pub fn check(sub: &WebhookSubscription, ctx: &Context) -> Option<LastTest> {
         },
         None => return None,
     };
-    ctx.pending_tests.lock().unwrap().remove(&key);
+    ctx.subscription_memo.update(key, |m| m.pending_test = None);
     Some(result)
 }
 
 /// Whether a test of this subscription is waiting for its delivery.
 pub fn is_pending(sub: &WebhookSubscription, ctx: &Context) -> bool {
-    ctx.pending_tests
-        .lock()
-        .unwrap()
-        .contains_key(&kube::runtime::reflector::ObjectRef::from_obj(sub))
+    ctx.subscription_memo
+        .read(&kube::runtime::reflector::ObjectRef::from_obj(sub), |m| {
+            m.pending_test.is_some()
+        })
 }
 
 #[cfg(test)]
