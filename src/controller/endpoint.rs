@@ -41,14 +41,6 @@ pub const SIGNING_KEY: &str = "secret";
 /// The rotation request that produced the generated secret.
 const ROTATION_REQUEST_KEY: &str = "rotation-request";
 
-pub fn ingress_secret_name(ep: &str) -> String {
-    format!("{ep}-ingress")
-}
-
-pub fn signing_secret_name(ep: &str) -> String {
-    format!("{ep}-signing")
-}
-
 /// The dead letters a replay request selects, from its annotations. Without a window,
 /// all of them; a window applies to the time they were dead-lettered or received.
 pub fn replay_filter(
@@ -179,7 +171,7 @@ async fn apply(
     let token = match secrets::ensure_generated(
         &ctx.client,
         ep,
-        &ingress_secret_name(&name),
+        &ep.ingress_secret_name(),
         INGRESS_SECRET_KEY,
         secrets::random_secret,
     )
@@ -195,7 +187,7 @@ async fn apply(
 
     // The signing secret: the user's, or one the operator generates (and regenerates on
     // request). Its rotation state lives in the owned `<endpoint>-signing` Secret.
-    let owned_name = signing_secret_name(&name);
+    let owned_name = ep.signing_secret_name();
     let (mut owned, owned_ok) = match secrets::read_owned(&ctx.client, ep, &owned_name).await {
         Ok(data) => (data, true),
         Err(e @ secrets::OwnedSecretError::NotOwned(_)) => {

@@ -36,14 +36,6 @@ pub const SIGNING_SECRET_KEY: &str = "secret";
 /// Key of the Atllas header value in the Secret the subscription owns.
 pub const HEADER_VALUE_KEY: &str = "value";
 
-pub fn signing_secret_name(sub: &str) -> String {
-    format!("{sub}-provider-signing")
-}
-
-pub fn atllas_header_secret_name(sub: &str) -> String {
-    format!("{sub}-atllas-header")
-}
-
 pub async fn reconcile(sub: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = sub.namespace().unwrap_or_default();
     let api: Api<WebhookSubscription> = Api::namespaced(ctx.client.clone(), &ns);
@@ -100,7 +92,7 @@ pub fn translate(
                 .unwrap_or_default(),
         },
         Provider::Atllas => Scope::Atllas {
-            header_name: atllas_header_name(spec),
+            header_name: spec.atllas_header_name(),
         },
     };
     DesiredSubscription {
@@ -110,16 +102,6 @@ pub fn translate(
         scope,
         owner: format!("{namespace}/{name}"),
     }
-}
-
-/// The Atllas header name when the spec has no `atllas` block.
-pub const DEFAULT_ATLLAS_HEADER: &str = "X-Webhook-Token";
-
-pub fn atllas_header_name(spec: &WebhookSubscriptionSpec) -> String {
-    spec.atllas
-        .as_ref()
-        .map(|a| a.header_name.clone())
-        .unwrap_or_else(|| DEFAULT_ATLLAS_HEADER.into())
 }
 
 /// What one pass found or did.
@@ -653,17 +635,17 @@ async fn sync(
     let desired = translate(&ns, &name, &sub.spec, hook_url.clone());
 
     if sub.spec.provider == Provider::Atllas {
-        let secret_name = atllas_header_secret_name(&name);
+        let secret_name = sub.atllas_header_secret_name();
         let value =
             secrets::ensure_generated(&ctx.client, sub, &secret_name, HEADER_VALUE_KEY, || {
                 hex::encode(secrets::random_secret()).into_bytes()
             })
             .await?;
         ctx.routes
-            .subscription_keys(sub, vec![value], Some(atllas_header_name(&sub.spec)));
+            .subscription_keys(sub, vec![value], Some(sub.spec.atllas_header_name()));
         return Ok(Outcome::Manual {
             hook_url,
-            header_name: atllas_header_name(&sub.spec),
+            header_name: sub.spec.atllas_header_name(),
             secret_name,
         });
     }
@@ -706,7 +688,7 @@ async fn sync(
             if let Some(secret) = &observed.signing_secret {
                 // A changed provider secret (Atomic replacement, Smallest re-read) is
                 // accepted in old and new form for the endpoint's rotation window.
-                let secret_name = signing_secret_name(&name);
+                let secret_name = sub.provider_signing_secret_name();
                 let owned = secrets::read_owned(&ctx.client, sub, &secret_name).await?;
                 let decision = rotation::decide(
                     &owned,

@@ -136,17 +136,16 @@ async fn verification_keys(
     ctx: &Context,
 ) -> Result<VerificationKeys, String> {
     let ns = sub.namespace().unwrap_or_default();
-    let name = sub.name_any();
     let (signature_header, signature_encoding) = sub.spec.signature_scheme();
     let (secret, key, header_name) = match sub.spec.provider {
         Provider::Atlas => return Ok(VerificationKeys::default()),
         Provider::Atllas => (
-            subscription::atllas_header_secret_name(&name),
+            sub.atllas_header_secret_name(),
             subscription::HEADER_VALUE_KEY,
-            Some(subscription::atllas_header_name(&sub.spec)),
+            Some(sub.spec.atllas_header_name()),
         ),
         Provider::Atomic | Provider::Smallest => (
-            subscription::signing_secret_name(&name),
+            sub.provider_signing_secret_name(),
             subscription::SIGNING_SECRET_KEY,
             signature_header,
         ),
