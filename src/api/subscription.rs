@@ -186,6 +186,11 @@ pub enum SignatureEncoding {
 /// The Atllas header name when the spec has no `atllas` block.
 pub const DEFAULT_ATLLAS_HEADER: &str = "X-Webhook-Token";
 
+/// Key of the provider's signing secret in [`WebhookSubscription::provider_signing_secret_name`].
+pub const SIGNING_SECRET_KEY: &str = "secret";
+/// Key of the Atllas header value in [`WebhookSubscription::atllas_header_secret_name`].
+pub const HEADER_VALUE_KEY: &str = "value";
+
 /// The names of the Secrets the operator generates for a subscription: one definition
 /// each, for the reconciler and the follower's route sync alike.
 impl WebhookSubscription {

@@ -34,7 +34,8 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::routes::{EndpointDelivery, EndpointKey, IngressRoutes};
-use super::{Context, api, endpoint, isolation, secrets as secret_rules, subscription};
+use super::{Context, api, endpoint, isolation, secrets as secret_rules};
+use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
 use crate::api::{Provider, WebhookEndpoint, WebhookSubscription};
 use crate::inbound::VerificationKeys;
 
@@ -309,11 +310,7 @@ pub fn subscription_keys(
 ) -> Option<VerificationKeys> {
     let ns = sub.namespace().unwrap_or_default();
     if sub.spec.provider == Provider::Atllas {
-        let value = secrets.owned_value(
-            sub,
-            &sub.atllas_header_secret_name(),
-            subscription::HEADER_VALUE_KEY,
-        )?;
+        let value = secrets.owned_value(sub, &sub.atllas_header_secret_name(), HEADER_VALUE_KEY)?;
         return Some(VerificationKeys {
             secrets: vec![value],
             header_name: Some(sub.spec.atllas_header_name()),
@@ -324,7 +321,7 @@ pub fn subscription_keys(
     sub.status.as_ref()?.upstream.as_ref()?;
     let owned = sub.provider_signing_secret_name();
     let keys = secrets
-        .owned_value(sub, &owned, subscription::SIGNING_SECRET_KEY)
+        .owned_value(sub, &owned, SIGNING_SECRET_KEY)
         .map(|current| with_rotation(secrets, &ns, &owned, current))
         .unwrap_or_default();
     let (header_name, signature_encoding) = sub.spec.signature_scheme();

@@ -24,17 +24,13 @@ use crate::api::subscription::{
     DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, TestResult, UpstreamStatus,
     WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
 };
+use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
 use crate::api::{Provider, REQUESTED_AT_ANNOTATION};
 use crate::providers::{
     Credentials, DesiredSubscription, Observed, ProviderError, Scope, SyncAction, UpstreamState,
 };
 
 pub const FINALIZER: &str = "hooks.webhook-operator.dev/upstream";
-
-/// Key of the provider's signing secret in the Secret the subscription owns.
-pub const SIGNING_SECRET_KEY: &str = "secret";
-/// Key of the Atllas header value in the Secret the subscription owns.
-pub const HEADER_VALUE_KEY: &str = "value";
 
 pub async fn reconcile(sub: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = sub.namespace().unwrap_or_default();

@@ -11,8 +11,10 @@ use kube::ResourceExt;
 
 use super::Context;
 use super::routes::endpoint_of;
-use super::{secrets, subscription};
-use crate::api::subscription::{LastTest, TestResult, WebhookSubscription};
+use super::secrets;
+use crate::api::subscription::{
+    HEADER_VALUE_KEY, LastTest, SIGNING_SECRET_KEY, TestResult, WebhookSubscription,
+};
 use crate::api::{Provider, TEST_REQUESTED_AT_ANNOTATION};
 use crate::inbound::VerificationKeys;
 use crate::providers::{Credentials, DesiredSubscription, synthetic_test_event};
@@ -141,12 +143,12 @@ async fn verification_keys(
         Provider::Atlas => return Ok(VerificationKeys::default()),
         Provider::Atllas => (
             sub.atllas_header_secret_name(),
-            subscription::HEADER_VALUE_KEY,
+            HEADER_VALUE_KEY,
             Some(sub.spec.atllas_header_name()),
         ),
         Provider::Atomic | Provider::Smallest => (
             sub.provider_signing_secret_name(),
-            subscription::SIGNING_SECRET_KEY,
+            SIGNING_SECRET_KEY,
             signature_header,
         ),
     };
