@@ -1,4 +1,5 @@
-//! The data plane's Prometheus metrics, one registry. Labels are low-cardinality: an
+//! The operator's Prometheus metrics, one registry (the data plane's, and the
+//! controller's reconcile failures). Labels are low-cardinality: an
 //! endpoint's namespace and name, a fixed reason, a queue state; never a token, URL or
 //! event id. Hot paths hold cloned per-endpoint handles ([`EndpointMetrics`]) so that a
 //! count is one atomic add, not a label lookup.
