@@ -123,25 +123,30 @@ pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Ac
     finalizer(&api, FINALIZER, ep, |event| async {
         match event {
             Finalizer::Apply(ep) => apply(&ep, &ctx, &api).await,
-            Finalizer::Cleanup(ep) => {
-                let key = (ns.clone(), ep.name_any());
-                ctx.endpoint_memo.forget(&key);
-                ctx.routes.0.remove_endpoint(key.clone());
-                // Its events go with it (README "Deleting an endpoint"); a failure keeps
-                // the finalizer and is retried.
-                let purged = ctx
-                    .routes
-                    .0
-                    .purge_endpoint(key)
-                    .await
-                    .map_err(|e| Error::Cleanup(super::CleanupError::PurgeEvents(e)))?;
-                tracing::info!(namespace = %ns, name = %ep.name_any(), purged, "endpoint deleted with its queued events");
-                Ok(Action::await_change())
-            }
+            Finalizer::Cleanup(ep) => cleanup(&ep, &ctx).await,
         }
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// The endpoint was deleted: its routes, its queued events and what passes remembered
+/// about it go with it.
+async fn cleanup(ep: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
+    let ns = ep.namespace().unwrap_or_default();
+    let key = (ns.clone(), ep.name_any());
+    ctx.endpoint_memo.forget(&key);
+    ctx.routes.0.remove_endpoint(key.clone());
+    // Its events go with it (README "Deleting an endpoint"); a failure keeps the finalizer
+    // and is retried.
+    let purged = ctx
+        .routes
+        .0
+        .purge_endpoint(key)
+        .await
+        .map_err(|e| Error::Cleanup(super::CleanupError::PurgeEvents(e)))?;
+    tracing::info!(namespace = %ns, name = %ep.name_any(), purged, "endpoint deleted with its queued events");
+    Ok(Action::await_change())
 }
 
 async fn apply(
@@ -492,6 +497,35 @@ pub fn subscribers<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn cleanup_forgets_the_endpoints_handled_replay() {
+        let ctx = super::super::test_support::offline_context();
+        let ep: WebhookEndpoint = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
+            "metadata": {"name": "orders", "namespace": "a"},
+            "spec": {"destination": {"service": {"name": "sink", "port": 8080}}}
+        }))
+        .unwrap();
+        let key = ("a".to_string(), "orders".to_string());
+        let other = ("a".to_string(), "invoices".to_string());
+        for k in [&key, &other] {
+            ctx.endpoint_memo
+                .update(k.clone(), |m| m.handled_replay = Some("r1".into()));
+        }
+        cleanup(&ep, &ctx).await.unwrap();
+        // A re-created endpoint of the same name answers the same request value again.
+        assert_eq!(
+            ctx.endpoint_memo.read(&key, |m| m.handled_replay.clone()),
+            None
+        );
+        assert_eq!(
+            ctx.endpoint_memo
+                .read(&other, |m| m.handled_replay.clone())
+                .as_deref(),
+            Some("r1")
+        );
+    }
 
     #[test]
     fn token_depends_on_the_key_only_and_is_not_the_key() {

@@ -420,6 +420,94 @@ fn error_policy<K: Resource<DynamicType = ()>>(
     Action::requeue(Duration::from_secs(5) + Duration::from_millis(rand::random::<u64>() % 5000))
 }
 
+/// A [`Context`] that reaches no API server and no data plane, for testing the steps that
+/// touch neither (cleanup's memory, pure decisions behind a `ctx`).
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use clap::Parser;
+    use futures::future::BoxFuture;
+
+    use super::Context;
+    use super::routes::{
+        EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes, TestInjection,
+    };
+    use crate::config::OperatorConfig;
+    use crate::inbound::VerificationKeys;
+
+    struct NoDataPlane;
+
+    impl TestInjection for NoDataPlane {
+        fn inject(
+            &self,
+            _: String,
+            _: String,
+            _: http::HeaderMap,
+            _: Vec<u8>,
+        ) -> BoxFuture<'static, anyhow::Result<u16>> {
+            Box::pin(async { anyhow::bail!("no ingress") })
+        }
+        fn last_test(&self, _: EndpointKey, _: String) -> Option<(SystemTime, Duration)> {
+            None
+        }
+    }
+
+    impl IngressRoutes for NoDataPlane {
+        fn upsert_subscription(
+            &self,
+            _: EndpointKey,
+            _: String,
+            _: crate::api::Provider,
+            _: VerificationKeys,
+        ) {
+        }
+        fn remove_subscription(&self, _: EndpointKey, _: String) {}
+        fn subscription_counters(
+            &self,
+            _: EndpointKey,
+            _: String,
+        ) -> Option<(u64, Option<SystemTime>)> {
+            None
+        }
+        fn configure_endpoint(&self, _: &EndpointDelivery) -> Result<(), String> {
+            Ok(())
+        }
+        fn remove_endpoint(&self, _: EndpointKey) {}
+        fn endpoint_health(&self, _: EndpointKey) -> Option<EndpointHealthView> {
+            None
+        }
+        fn mark_loaded(&self) {}
+        fn purge_endpoint(&self, _: EndpointKey) -> BoxFuture<'static, anyhow::Result<u64>> {
+            Box::pin(async { Ok(0) })
+        }
+        fn replay(
+            &self,
+            _: EndpointKey,
+            _: crate::queue::ReplayFilter,
+        ) -> BoxFuture<'static, anyhow::Result<u64>> {
+            Box::pin(async { Ok(0) })
+        }
+    }
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        config: OperatorConfig,
+    }
+
+    /// Needs a Tokio runtime (the client's buffer task); nothing listens on its address.
+    pub(crate) fn offline_context() -> Context {
+        let client = kube::Client::try_from(kube::Config::new(
+            "http://127.0.0.1:9".parse().expect("a URI"),
+        ))
+        .expect("a client");
+        let config = Args::parse_from(["test"]).config;
+        Context::new(client, config, Arc::new(NoDataPlane))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::subscription::{CredentialsError, TargetError};

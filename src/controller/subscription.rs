@@ -1283,6 +1283,29 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn cleanup_forgets_everything_the_subscription_passes_remembered() {
+        let ctx = super::super::test_support::offline_context();
+        // Atllas: nothing upstream to delete, so cleanup makes no call.
+        let sub: WebhookSubscription = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
+            "metadata": {"name": "calls", "namespace": "b"},
+            "spec": {"provider": "atllas", "events": ["call.finished"], "endpointRef": {"name": "orders"}}
+        }))
+        .unwrap();
+        let key = ObjectRef::from_obj(&sub);
+        ctx.subscription_memo.update(key.clone(), |m| {
+            m.handled_test = Some("t1".into());
+            m.schedule = Some(Schedule {
+                inputs: inputs(1),
+                next_due: Instant::now(),
+                failures: 2,
+            });
+        });
+        cleanup(&sub, &ctx).await.unwrap();
+        assert!(ctx.subscription_memo.is_empty());
+    }
+
     fn inputs(generation: i64) -> Inputs {
         Inputs {
             generation: Some(generation),
