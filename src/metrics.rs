@@ -1,4 +1,5 @@
-//! The data plane's Prometheus metrics, one registry. Labels are low-cardinality: an
+//! The operator's Prometheus metrics, one registry (the data plane's, and the
+//! controller's reconcile failures). Labels are low-cardinality: an
 //! endpoint's namespace and name, a fixed reason, a queue state; never a token, URL or
 //! event id. Hot paths hold cloned per-endpoint handles ([`EndpointMetrics`]) so that a
 //! count is one atomic add, not a label lookup.
@@ -31,6 +32,14 @@ pub struct SubscriptionLabels {
     pub subscription: String,
 }
 
+/// A failed reconcile: the object's kind and the stable reason
+/// (`controller::Error::metric_label`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileFailureLabels {
+    pub kind: String,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: &'static str,
@@ -60,6 +69,7 @@ pub struct Metrics {
     dedupe_keys: Gauge,
     dedupe_evicted: Gauge,
     latency: Family<EndpointLabels, Histogram>,
+    reconcile_failures: Family<ReconcileFailureLabels, Counter>,
 }
 
 /// Counters of one endpoint, cheap to clone and to bump.
@@ -104,6 +114,7 @@ impl Metrics {
             dedupe_keys: Gauge::default(),
             dedupe_evicted: Gauge::default(),
             latency: Family::new_with_constructor(latency_histogram),
+            reconcile_failures: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -178,6 +189,11 @@ impl Metrics {
             "Ingest to delivered latency",
             m.latency.clone(),
         );
+        r.register(
+            "reconcile_failures",
+            "Failed reconciles, by object kind and reason",
+            m.reconcile_failures.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -237,6 +253,13 @@ impl Metrics {
             .inc();
     }
 
+    /// A reconcile of a `kind` object failed; `reason` must be a fixed string.
+    pub fn reconcile_failed(&self, kind: String, reason: &'static str) {
+        self.reconcile_failures
+            .get_or_create(&ReconcileFailureLabels { kind, reason })
+            .inc();
+    }
+
     pub fn set_dedupe(&self, keys: u64, evicted: u64) {
         self.dedupe_keys.set(keys as i64);
         self.dedupe_evicted.set(evicted as i64);
@@ -260,5 +283,31 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_failures_are_counted_by_kind_and_reason() {
+        let m = Metrics::new();
+        m.reconcile_failed("WebhookSubscription".into(), "Unauthorized");
+        m.reconcile_failed("WebhookSubscription".into(), "Unauthorized");
+        m.reconcile_failed("WebhookEndpoint".into(), "cleanup_purge_events");
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "webhook_operator_reconcile_failures_total{kind=\"WebhookSubscription\",reason=\"Unauthorized\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "webhook_operator_reconcile_failures_total{kind=\"WebhookEndpoint\",reason=\"cleanup_purge_events\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

@@ -369,3 +369,34 @@ fn default_rotation_overlap() -> String {
 fn default_retention() -> String {
     "168h".into()
 }
+
+/// The names of the Secrets the operator generates for an endpoint: one definition each,
+/// for the reconciler and the follower's route sync alike.
+impl WebhookEndpoint {
+    /// The Secret holding the ingress token (`<endpoint>-ingress`).
+    pub fn ingress_secret_name(&self) -> String {
+        format!("{}-ingress", kube::ResourceExt::name_any(self))
+    }
+
+    /// The operator-generated signing secret and its rotation state (`<endpoint>-signing`).
+    pub fn signing_secret_name(&self) -> String {
+        format!("{}-signing", kube::ResourceExt::name_any(self))
+    }
+}
+
+#[cfg(test)]
+mod names {
+    use super::*;
+
+    #[test]
+    fn generated_secret_names() {
+        let ep: WebhookEndpoint = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
+            "metadata": {"name": "orders", "namespace": "a"},
+            "spec": {"destination": {"service": {"name": "sink", "port": 8080}}}
+        }))
+        .unwrap();
+        assert_eq!(ep.ingress_secret_name(), "orders-ingress");
+        assert_eq!(ep.signing_secret_name(), "orders-signing");
+    }
+}

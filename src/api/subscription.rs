@@ -183,7 +183,36 @@ pub enum SignatureEncoding {
     Base64,
 }
 
+/// The Atllas header name when the spec has no `atllas` block.
+pub const DEFAULT_ATLLAS_HEADER: &str = "X-Webhook-Token";
+
+/// Key of the provider's signing secret in [`WebhookSubscription::provider_signing_secret_name`].
+pub const SIGNING_SECRET_KEY: &str = "secret";
+/// Key of the Atllas header value in [`WebhookSubscription::atllas_header_secret_name`].
+pub const HEADER_VALUE_KEY: &str = "value";
+
+/// The names of the Secrets the operator generates for a subscription: one definition
+/// each, for the reconciler and the follower's route sync alike.
+impl WebhookSubscription {
+    /// The provider's signing secret, stored on sync (`<subscription>-provider-signing`).
+    pub fn provider_signing_secret_name(&self) -> String {
+        format!("{}-provider-signing", kube::ResourceExt::name_any(self))
+    }
+
+    /// The generated Atllas header value (`<subscription>-atllas-header`).
+    pub fn atllas_header_secret_name(&self) -> String {
+        format!("{}-atllas-header", kube::ResourceExt::name_any(self))
+    }
+}
+
 impl WebhookSubscriptionSpec {
+    /// The header Atllas deliveries carry the shared value in.
+    pub fn atllas_header_name(&self) -> String {
+        self.atllas
+            .as_ref()
+            .map_or_else(|| DEFAULT_ATLLAS_HEADER.into(), |a| a.header_name.clone())
+    }
+
     /// The signature header (when the spec overrides the provider's) and encoding the
     /// ingress checks deliveries with.
     pub fn signature_scheme(&self) -> (Option<String>, SignatureEncoding) {
@@ -290,13 +319,34 @@ pub struct LastTest {
     /// The annotation value this result answers (each value is handled once).
     pub requested_at: String,
     /// `Pending`, `Delivered` or `Failed`.
-    pub result: String,
+    pub result: TestResult,
     /// Ingest-to-delivered latency of the test event, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
     /// How the test was sent, or why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// Where a test event is: sent and not yet seen delivered, delivered, or failed.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TestResult {
+    #[default]
+    Pending,
+    Delivered,
+    Failed,
+}
+
+/// Compares with the name written to the status (`"Delivered"`).
+impl PartialEq<&str> for TestResult {
+    fn eq(&self, other: &&str) -> bool {
+        matches!(
+            (self, *other),
+            (TestResult::Pending, "Pending")
+                | (TestResult::Delivered, "Delivered")
+                | (TestResult::Failed, "Failed")
+        )
+    }
 }
 
 /// The upstream subscription.
@@ -376,5 +426,56 @@ fn default_client_secret_key() -> String {
     "clientSecret".into()
 }
 fn default_atllas_header() -> String {
-    "X-Webhook-Token".into()
+    DEFAULT_ATLLAS_HEADER.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(spec: serde_json::Value) -> WebhookSubscription {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
+            "metadata": {"name": "calls", "namespace": "b"},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn generated_names_and_the_atllas_header_have_one_definition() {
+        let plain = sub(serde_json::json!({"provider": "atllas", "events": ["call.finished"]}));
+        assert_eq!(
+            plain.provider_signing_secret_name(),
+            "calls-provider-signing"
+        );
+        assert_eq!(plain.atllas_header_secret_name(), "calls-atllas-header");
+        assert_eq!(plain.spec.atllas_header_name(), "X-Webhook-Token");
+        // An `atllas` block without a header name gets the same default.
+        let block = sub(
+            serde_json::json!({"provider": "atllas", "events": ["call.finished"], "atllas": {}}),
+        );
+        assert_eq!(block.spec.atllas_header_name(), DEFAULT_ATLLAS_HEADER);
+        let custom = sub(
+            serde_json::json!({"provider": "atllas", "events": ["call.finished"], "atllas": {"headerName": "X-Secret"}}),
+        );
+        assert_eq!(custom.spec.atllas_header_name(), "X-Secret");
+    }
+
+    #[test]
+    fn test_results_keep_their_status_strings() {
+        for (result, text) in [
+            (TestResult::Pending, "Pending"),
+            (TestResult::Delivered, "Delivered"),
+            (TestResult::Failed, "Failed"),
+        ] {
+            assert_eq!(serde_json::to_value(result).unwrap(), text);
+            assert_eq!(
+                serde_json::from_value::<TestResult>(text.into()).unwrap(),
+                result
+            );
+            assert_eq!(result, text);
+        }
+        assert_ne!(TestResult::Failed, "Delivered");
+    }
 }

@@ -37,6 +37,10 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         );
     }
 
+    fn reconcile_failed(&self, kind: String, reason: &'static str) {
+        self.metrics().reconcile_failed(kind, reason);
+    }
+
     fn remove_subscription(&self, endpoint: EndpointKey, subscription: String) {
         DataPlane::remove_subscription(self, &key(endpoint), &subscription);
     }

@@ -41,14 +41,6 @@ pub const SIGNING_KEY: &str = "secret";
 /// The rotation request that produced the generated secret.
 const ROTATION_REQUEST_KEY: &str = "rotation-request";
 
-pub fn ingress_secret_name(ep: &str) -> String {
-    format!("{ep}-ingress")
-}
-
-pub fn signing_secret_name(ep: &str) -> String {
-    format!("{ep}-signing")
-}
-
 /// The dead letters a replay request selects, from its annotations. Without a window,
 /// all of them; a window applies to the time they were dead-lettered or received.
 pub fn replay_filter(
@@ -131,24 +123,30 @@ pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Ac
     finalizer(&api, FINALIZER, ep, |event| async {
         match event {
             Finalizer::Apply(ep) => apply(&ep, &ctx, &api).await,
-            Finalizer::Cleanup(ep) => {
-                let key = (ns.clone(), ep.name_any());
-                ctx.routes.0.remove_endpoint(key.clone());
-                // Its events go with it (README "Deleting an endpoint"); a failure keeps
-                // the finalizer and is retried.
-                let purged = ctx
-                    .routes
-                    .0
-                    .purge_endpoint(key)
-                    .await
-                    .map_err(|e| Error::Cleanup(format!("deleting queued events: {e}")))?;
-                tracing::info!(namespace = %ns, name = %ep.name_any(), purged, "endpoint deleted with its queued events");
-                Ok(Action::await_change())
-            }
+            Finalizer::Cleanup(ep) => cleanup(&ep, &ctx).await,
         }
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// The endpoint was deleted: its routes, its queued events and what passes remembered
+/// about it go with it.
+async fn cleanup(ep: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
+    let ns = ep.namespace().unwrap_or_default();
+    let key = (ns.clone(), ep.name_any());
+    ctx.endpoint_memo.forget(&key);
+    ctx.routes.0.remove_endpoint(key.clone());
+    // Its events go with it (README "Deleting an endpoint"); a failure keeps the finalizer
+    // and is retried.
+    let purged = ctx
+        .routes
+        .0
+        .purge_endpoint(key)
+        .await
+        .map_err(|e| Error::Cleanup(super::CleanupError::PurgeEvents(e)))?;
+    tracing::info!(namespace = %ns, name = %ep.name_any(), purged, "endpoint deleted with its queued events");
+    Ok(Action::await_change())
 }
 
 async fn apply(
@@ -178,7 +176,7 @@ async fn apply(
     let token = match secrets::ensure_generated(
         &ctx.client,
         ep,
-        &ingress_secret_name(&name),
+        &ep.ingress_secret_name(),
         INGRESS_SECRET_KEY,
         secrets::random_secret,
     )
@@ -194,7 +192,7 @@ async fn apply(
 
     // The signing secret: the user's, or one the operator generates (and regenerates on
     // request). Its rotation state lives in the owned `<endpoint>-signing` Secret.
-    let owned_name = signing_secret_name(&name);
+    let owned_name = ep.signing_secret_name();
     let (mut owned, owned_ok) = match secrets::read_owned(&ctx.client, ep, &owned_name).await {
         Ok(data) => (data, true),
         Err(e @ secrets::OwnedSecretError::NotOwned(_)) => {
@@ -304,11 +302,8 @@ async fn apply(
     // Remembered in memory too: the cached object may predate our own status write, and a
     // request must be handled once.
     let mut last_replay = ctx
-        .handled_replays
-        .lock()
-        .unwrap()
-        .get(&key)
-        .cloned()
+        .endpoint_memo
+        .read(&key, |m| m.handled_replay.clone())
         .or_else(|| current.last_handled_replay_at.clone());
     if replay_at.is_some() && replay_at != last_replay {
         let result = match replay_filter(ep.annotations()) {
@@ -339,10 +334,8 @@ async fn apply(
                 )
                 .await;
                 if let Some(r) = &replay_at {
-                    ctx.handled_replays
-                        .lock()
-                        .unwrap()
-                        .insert(key.clone(), r.clone());
+                    ctx.endpoint_memo
+                        .update(key.clone(), |m| m.handled_replay = Some(r.clone()));
                 }
                 last_replay = replay_at;
             }
@@ -504,6 +497,35 @@ pub fn subscribers<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn cleanup_forgets_the_endpoints_handled_replay() {
+        let ctx = super::super::test_support::offline_context();
+        let ep: WebhookEndpoint = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
+            "metadata": {"name": "orders", "namespace": "a"},
+            "spec": {"destination": {"service": {"name": "sink", "port": 8080}}}
+        }))
+        .unwrap();
+        let key = ("a".to_string(), "orders".to_string());
+        let other = ("a".to_string(), "invoices".to_string());
+        for k in [&key, &other] {
+            ctx.endpoint_memo
+                .update(k.clone(), |m| m.handled_replay = Some("r1".into()));
+        }
+        cleanup(&ep, &ctx).await.unwrap();
+        // A re-created endpoint of the same name answers the same request value again.
+        assert_eq!(
+            ctx.endpoint_memo.read(&key, |m| m.handled_replay.clone()),
+            None
+        );
+        assert_eq!(
+            ctx.endpoint_memo
+                .read(&other, |m| m.handled_replay.clone())
+                .as_deref(),
+            Some("r1")
+        );
+    }
 
     #[test]
     fn token_depends_on_the_key_only_and_is_not_the_key() {

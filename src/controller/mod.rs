@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod dataplane_routes;
 pub mod endpoint;
 pub mod isolation;
+pub mod memo;
 pub mod rotation;
 pub mod route_sync;
 pub mod routes;
@@ -46,14 +47,10 @@ pub struct Context {
     pub routes: Routes,
     /// The address policy and resolution overrides, for reconcile-time destination checks.
     pub destinations: crate::delivery::Resolver,
-    pub subscription_schedules:
-        Mutex<HashMap<ObjectRef<WebhookSubscription>, subscription::Schedule>>,
-    /// The last replay request handled per endpoint (namespace, name).
-    pub handled_replays: Mutex<HashMap<routes::EndpointKey, String>>,
-    /// Test events sent and not yet seen delivered.
-    pub pending_tests: Mutex<HashMap<ObjectRef<WebhookSubscription>, test_event::Pending>>,
-    /// The last test request handled per subscription.
-    pub handled_tests: Mutex<HashMap<ObjectRef<WebhookSubscription>, String>>,
+    /// What subscription passes remember between passes (schedule, test events).
+    pub subscription_memo: memo::SubscriptionMemo,
+    /// What endpoint passes remember between passes (the last replay handled).
+    pub endpoint_memo: memo::EndpointMemo,
     /// The WebhookEndpoint cache of the controllers [`run`] started last.
     endpoints: Mutex<Option<Store<WebhookEndpoint>>>,
 }
@@ -78,10 +75,8 @@ impl Context {
             client,
             config,
             routes: Routes(routes),
-            subscription_schedules: Mutex::default(),
-            handled_replays: Mutex::default(),
-            pending_tests: Mutex::default(),
-            handled_tests: Mutex::default(),
+            subscription_memo: Default::default(),
+            endpoint_memo: Default::default(),
             endpoints: Mutex::default(),
         }
     }
@@ -122,7 +117,7 @@ pub enum Error {
     #[error("provider: {0}")]
     Provider(#[from] ProviderError),
     #[error("cannot remove the upstream subscription: {0}")]
-    Cleanup(String),
+    Cleanup(CleanupError),
     #[error("{0}")]
     SecretNotOwned(String),
 }
@@ -136,13 +131,41 @@ impl From<secrets::OwnedSecretError> for Error {
     }
 }
 
+/// Why a deleted object's finalizer cannot be removed yet.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// The upstream subscription cannot be deleted without its credentials.
+    #[error(transparent)]
+    Credentials(subscription::CredentialsError),
+    /// The endpoint's waiting events and dead letters could not be deleted.
+    #[error("deleting queued events: {0}")]
+    PurgeEvents(anyhow::Error),
+}
+
+impl CleanupError {
+    /// Stable and low-cardinality, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CleanupError::Credentials(_) => "cleanup_credentials",
+            CleanupError::PurgeEvents(_) => "cleanup_purge_events",
+        }
+    }
+}
+
 impl Error {
+    /// The failure's reason in the reconcile-failure metric: the step that failed, not the
+    /// finalizer wrapper every pass runs in.
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
-            Error::Finalizer(_) => "finalizer",
+            Error::Finalizer(e) => match &**e {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => {
+                    e.metric_label()
+                }
+                _ => "finalizer",
+            },
             Error::Provider(e) => e.reason(),
-            Error::Cleanup(_) => "cleanup",
+            Error::Cleanup(e) => e.reason(),
             Error::SecretNotOwned(_) => "secret_not_owned",
         }
     }
@@ -385,7 +408,196 @@ async fn refresh_status(
     }
 }
 
-fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy<K: Resource<DynamicType = ()>>(
+    _obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     tracing::warn!(error = %err, label = err.metric_label(), "reconcile failed");
+    ctx.routes
+        .0
+        .reconcile_failed(K::kind(&()).into_owned(), err.metric_label());
     Action::requeue(Duration::from_secs(5) + Duration::from_millis(rand::random::<u64>() % 5000))
+}
+
+/// A [`Context`] that reaches no API server and no data plane, for testing the steps that
+/// touch neither (cleanup's memory, pure decisions behind a `ctx`).
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use clap::Parser;
+    use futures::future::BoxFuture;
+
+    use super::Context;
+    use super::routes::{
+        EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes, TestInjection,
+    };
+    use crate::config::OperatorConfig;
+    use crate::inbound::VerificationKeys;
+
+    struct NoDataPlane;
+
+    impl TestInjection for NoDataPlane {
+        fn inject(
+            &self,
+            _: String,
+            _: String,
+            _: http::HeaderMap,
+            _: Vec<u8>,
+        ) -> BoxFuture<'static, anyhow::Result<u16>> {
+            Box::pin(async { anyhow::bail!("no ingress") })
+        }
+        fn last_test(&self, _: EndpointKey, _: String) -> Option<(SystemTime, Duration)> {
+            None
+        }
+    }
+
+    impl IngressRoutes for NoDataPlane {
+        fn upsert_subscription(
+            &self,
+            _: EndpointKey,
+            _: String,
+            _: crate::api::Provider,
+            _: VerificationKeys,
+        ) {
+        }
+        fn remove_subscription(&self, _: EndpointKey, _: String) {}
+        fn subscription_counters(
+            &self,
+            _: EndpointKey,
+            _: String,
+        ) -> Option<(u64, Option<SystemTime>)> {
+            None
+        }
+        fn configure_endpoint(&self, _: &EndpointDelivery) -> Result<(), String> {
+            Ok(())
+        }
+        fn remove_endpoint(&self, _: EndpointKey) {}
+        fn endpoint_health(&self, _: EndpointKey) -> Option<EndpointHealthView> {
+            None
+        }
+        fn mark_loaded(&self) {}
+        fn purge_endpoint(&self, _: EndpointKey) -> BoxFuture<'static, anyhow::Result<u64>> {
+            Box::pin(async { Ok(0) })
+        }
+        fn replay(
+            &self,
+            _: EndpointKey,
+            _: crate::queue::ReplayFilter,
+        ) -> BoxFuture<'static, anyhow::Result<u64>> {
+            Box::pin(async { Ok(0) })
+        }
+    }
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        config: OperatorConfig,
+    }
+
+    /// Needs a Tokio runtime (the client's buffer task); nothing listens on its address.
+    pub(crate) fn offline_context() -> Context {
+        let client = kube::Client::try_from(kube::Config::new(
+            "http://127.0.0.1:9".parse().expect("a URI"),
+        ))
+        .expect("a client");
+        let config = Args::parse_from(["test"]).config;
+        Context::new(client, config, Arc::new(NoDataPlane))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subscription::{CredentialsError, TargetError};
+    use super::*;
+
+    #[test]
+    fn failure_labels_name_the_step_not_the_finalizer_wrapper() {
+        let wrapped = |e: Error| Error::Finalizer(Box::new(finalizer::Error::ApplyFailed(e)));
+        let cases = [
+            (
+                wrapped(Error::Provider(ProviderError::Unauthorized("x".into()))),
+                "Unauthorized",
+            ),
+            (
+                Error::Finalizer(Box::new(finalizer::Error::CleanupFailed(Error::Cleanup(
+                    CleanupError::Credentials(CredentialsError::NotSet),
+                )))),
+                "cleanup_credentials",
+            ),
+            (
+                wrapped(Error::Cleanup(CleanupError::PurgeEvents(anyhow::anyhow!(
+                    "store closed"
+                )))),
+                "cleanup_purge_events",
+            ),
+            (
+                wrapped(Error::SecretNotOwned("s".into())),
+                "secret_not_owned",
+            ),
+            (
+                Error::Finalizer(Box::new(finalizer::Error::UnnamedObject)),
+                "finalizer",
+            ),
+        ];
+        for (err, label) in cases {
+            assert_eq!(err.metric_label(), label, "{err}");
+        }
+    }
+
+    #[test]
+    fn step_errors_have_stable_reasons_and_keep_their_messages() {
+        let cases = [
+            (
+                TargetError::NoTarget.reason(),
+                TargetError::NoTarget.to_string(),
+                "no_target",
+                "neither endpointRef nor url is set",
+            ),
+            (
+                TargetError::EndpointMissing("ep".into()).reason(),
+                TargetError::EndpointMissing("ep".into()).to_string(),
+                "endpoint_missing",
+                "WebhookEndpoint ep does not exist",
+            ),
+            (
+                TargetError::IngressPathOnly("ep".into()).reason(),
+                TargetError::IngressPathOnly("ep".into()).to_string(),
+                "ingress_path_only",
+                "WebhookEndpoint ep has only an ingress path: configure the operator's public base URL",
+            ),
+            (
+                TargetError::EndpointNotReady("ep".into()).reason(),
+                TargetError::EndpointNotReady("ep".into()).to_string(),
+                "endpoint_not_ready",
+                "WebhookEndpoint ep is not Ready yet",
+            ),
+            (
+                CredentialsError::NotSet.reason(),
+                CredentialsError::NotSet.to_string(),
+                "credentials_not_set",
+                "credentialsRef is not set",
+            ),
+            (
+                CredentialsError::from(secrets::SecretError::MissingKey("c".into(), "k".into()))
+                    .reason(),
+                CredentialsError::from(secrets::SecretError::MissingKey("c".into(), "k".into()))
+                    .to_string(),
+                "secret_missing_key",
+                "Secret c has no key k",
+            ),
+            (
+                CredentialsError::from(secrets::SecretError::NotFound("c".into())).reason(),
+                CredentialsError::from(secrets::SecretError::NotFound("c".into())).to_string(),
+                "secret_not_found",
+                "Secret c not found",
+            ),
+        ];
+        for (reason, message, want_reason, want_message) in cases {
+            assert_eq!(reason, want_reason);
+            assert_eq!(message, want_message);
+        }
+    }
 }

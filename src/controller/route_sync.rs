@@ -34,7 +34,8 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::routes::{EndpointDelivery, EndpointKey, IngressRoutes};
-use super::{Context, api, endpoint, isolation, secrets as secret_rules, subscription};
+use super::{Context, api, endpoint, isolation, secrets as secret_rules};
+use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
 use crate::api::{Provider, WebhookEndpoint, WebhookSubscription};
 use crate::inbound::VerificationKeys;
 
@@ -127,9 +128,9 @@ fn needed_secrets(
 ) -> std::collections::HashSet<(String, String)> {
     let mut needed = std::collections::HashSet::new();
     for ep in endpoints {
-        let (ns, name) = (ep.namespace().unwrap_or_default(), ep.name_any());
-        needed.insert((ns.clone(), endpoint::ingress_secret_name(&name)));
-        needed.insert((ns.clone(), endpoint::signing_secret_name(&name)));
+        let ns = ep.namespace().unwrap_or_default();
+        needed.insert((ns.clone(), ep.ingress_secret_name()));
+        needed.insert((ns.clone(), ep.signing_secret_name()));
         if let Some(r) = ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
             needed.insert((ns.clone(), r.name.clone()));
         }
@@ -138,9 +139,9 @@ fn needed_secrets(
         }
     }
     for sub in subscriptions {
-        let (ns, name) = (sub.namespace().unwrap_or_default(), sub.name_any());
-        needed.insert((ns.clone(), subscription::atllas_header_secret_name(&name)));
-        needed.insert((ns, subscription::signing_secret_name(&name)));
+        let ns = sub.namespace().unwrap_or_default();
+        needed.insert((ns.clone(), sub.atllas_header_secret_name()));
+        needed.insert((ns, sub.provider_signing_secret_name()));
     }
     needed
 }
@@ -269,14 +270,10 @@ fn fingerprint(parts: &[&[u8]]) -> [u8; 32] {
 pub fn endpoint_delivery(ep: &WebhookEndpoint, secrets: &SecretCache) -> Option<EndpointDelivery> {
     let ns = ep.namespace().unwrap_or_default();
     let name = ep.name_any();
-    let token_key = secrets.owned_value(
-        ep,
-        &endpoint::ingress_secret_name(&name),
-        INGRESS_SECRET_KEY,
-    )?;
+    let token_key = secrets.owned_value(ep, &ep.ingress_secret_name(), INGRESS_SECRET_KEY)?;
     // The rotation state lives in the owned `<ep>-signing` Secret: a look-alike means no
     // route, as on the leader.
-    let owned_signing = endpoint::signing_secret_name(&name);
+    let owned_signing = ep.signing_secret_name();
     if secrets
         .get(&ns, &owned_signing)
         .is_some_and(|s| !secret_rules::is_owned_by(&s.metadata, ep.meta().uid.as_deref()))
@@ -296,8 +293,7 @@ pub fn endpoint_delivery(ep: &WebhookEndpoint, secrets: &SecretCache) -> Option<
             String::from_utf8_lossy(&v).trim().to_string(),
         ));
     }
-    let signing_secrets =
-        with_rotation(secrets, &ns, &endpoint::signing_secret_name(&name), signing);
+    let signing_secrets = with_rotation(secrets, &ns, &owned_signing, signing);
     Some(EndpointDelivery {
         key: (ns, name),
         token: endpoint::ingress_token(&token_key),
@@ -313,30 +309,19 @@ pub fn subscription_keys(
     secrets: &SecretCache,
 ) -> Option<VerificationKeys> {
     let ns = sub.namespace().unwrap_or_default();
-    let name = sub.name_any();
     if sub.spec.provider == Provider::Atllas {
-        let value = secrets.owned_value(
-            sub,
-            &subscription::atllas_header_secret_name(&name),
-            subscription::HEADER_VALUE_KEY,
-        )?;
-        let header = sub
-            .spec
-            .atllas
-            .as_ref()
-            .map(|a| a.header_name.clone())
-            .unwrap_or_else(|| subscription::DEFAULT_ATLLAS_HEADER.into());
+        let value = secrets.owned_value(sub, &sub.atllas_header_secret_name(), HEADER_VALUE_KEY)?;
         return Some(VerificationKeys {
             secrets: vec![value],
-            header_name: Some(header),
+            header_name: Some(sub.spec.atllas_header_name()),
             ..Default::default()
         });
     }
     // Synced at least once: the provider's signing secret (if it has one) is stored.
     sub.status.as_ref()?.upstream.as_ref()?;
-    let owned = subscription::signing_secret_name(&name);
+    let owned = sub.provider_signing_secret_name();
     let keys = secrets
-        .owned_value(sub, &owned, subscription::SIGNING_SECRET_KEY)
+        .owned_value(sub, &owned, SIGNING_SECRET_KEY)
         .map(|current| with_rotation(secrets, &ns, &owned, current))
         .unwrap_or_default();
     let (header_name, signature_encoding) = sub.spec.signature_scheme();

@@ -16,31 +16,21 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::conditions::{self, Desired};
-use super::{Context, Error, publish, rotation, secrets, signature_check, status, test_event};
+use super::{
+    CleanupError, Context, Error, publish, rotation, secrets, signature_check, status, test_event,
+};
 use crate::api::conditions::{reasons, types};
 use crate::api::subscription::{
-    DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, UpstreamStatus,
+    DeletionPolicy, EventCounters, ManagementPolicy, ManualSetup, TestResult, UpstreamStatus,
     WebhookSubscription, WebhookSubscriptionSpec, WebhookSubscriptionStatus,
 };
+use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
 use crate::api::{Provider, REQUESTED_AT_ANNOTATION};
 use crate::providers::{
     Credentials, DesiredSubscription, Observed, ProviderError, Scope, SyncAction, UpstreamState,
 };
 
 pub const FINALIZER: &str = "hooks.webhook-operator.dev/upstream";
-
-/// Key of the provider's signing secret in the Secret the subscription owns.
-pub const SIGNING_SECRET_KEY: &str = "secret";
-/// Key of the Atllas header value in the Secret the subscription owns.
-pub const HEADER_VALUE_KEY: &str = "value";
-
-pub fn signing_secret_name(sub: &str) -> String {
-    format!("{sub}-provider-signing")
-}
-
-pub fn atllas_header_secret_name(sub: &str) -> String {
-    format!("{sub}-atllas-header")
-}
 
 pub async fn reconcile(sub: Arc<WebhookSubscription>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = sub.namespace().unwrap_or_default();
@@ -98,7 +88,7 @@ pub fn translate(
                 .unwrap_or_default(),
         },
         Provider::Atllas => Scope::Atllas {
-            header_name: atllas_header_name(spec),
+            header_name: spec.atllas_header_name(),
         },
     };
     DesiredSubscription {
@@ -108,16 +98,6 @@ pub fn translate(
         scope,
         owner: format!("{namespace}/{name}"),
     }
-}
-
-/// The Atllas header name when the spec has no `atllas` block.
-pub const DEFAULT_ATLLAS_HEADER: &str = "X-Webhook-Token";
-
-pub fn atllas_header_name(spec: &WebhookSubscriptionSpec) -> String {
-    spec.atllas
-        .as_ref()
-        .map(|a| a.header_name.clone())
-        .unwrap_or_else(|| DEFAULT_ATLLAS_HEADER.into())
 }
 
 /// What one pass found or did.
@@ -140,8 +120,8 @@ pub enum Outcome {
         header_name: String,
         secret_name: String,
     },
-    EndpointNotReady(String),
-    CredentialsMissing(String),
+    EndpointNotReady(TargetError),
+    CredentialsMissing(CredentialsError),
     Failed(ProviderError),
 }
 
@@ -253,46 +233,22 @@ pub fn outcome_status(
                 ),
             ]
         }
-        Outcome::EndpointNotReady(msg) => vec![
-            Desired::new(
-                types::READY,
-                false,
-                reasons::ENDPOINT_NOT_READY,
-                msg.clone(),
-            ),
-            Desired::new(
-                types::SYNCED,
-                false,
-                reasons::ENDPOINT_NOT_READY,
-                msg.clone(),
-            ),
-            Desired::new(
-                types::RECONCILING,
-                true,
-                reasons::ENDPOINT_NOT_READY,
-                msg.clone(),
-            ),
-        ],
-        Outcome::CredentialsMissing(msg) => vec![
-            Desired::new(
-                types::READY,
-                false,
-                reasons::CREDENTIALS_MISSING,
-                msg.clone(),
-            ),
-            Desired::new(
-                types::SYNCED,
-                false,
-                reasons::CREDENTIALS_MISSING,
-                msg.clone(),
-            ),
-            Desired::new(
-                types::STALLED,
-                true,
-                reasons::CREDENTIALS_MISSING,
-                msg.clone(),
-            ),
-        ],
+        Outcome::EndpointNotReady(why) => {
+            let msg = why.to_string();
+            vec![
+                Desired::new(types::READY, false, reasons::ENDPOINT_NOT_READY, &msg),
+                Desired::new(types::SYNCED, false, reasons::ENDPOINT_NOT_READY, &msg),
+                Desired::new(types::RECONCILING, true, reasons::ENDPOINT_NOT_READY, msg),
+            ]
+        }
+        Outcome::CredentialsMissing(why) => {
+            let msg = why.to_string();
+            vec![
+                Desired::new(types::READY, false, reasons::CREDENTIALS_MISSING, &msg),
+                Desired::new(types::SYNCED, false, reasons::CREDENTIALS_MISSING, &msg),
+                Desired::new(types::STALLED, true, reasons::CREDENTIALS_MISSING, msg),
+            ]
+        }
         Outcome::Failed(err) => {
             let msg = err.to_string();
             let third = if err.is_permanent() {
@@ -335,6 +291,65 @@ pub struct Schedule {
     failures: u32,
 }
 
+/// What the schedule gate decided for a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    /// Call the provider; `failures_before` failures in a row with the same inputs.
+    Run { failures_before: u32 },
+    /// Nothing changed and nothing is due: only refresh counters and a pending test, and
+    /// come back after this long.
+    Wait(Duration),
+}
+
+/// Whether a pass calls the provider. Pure: a pass is due when there is no schedule yet,
+/// an input changed (spec, credentials Secret, target URL, a request annotation, a new
+/// test request), the schedule's time has come, or signature verification flipped. The
+/// failure count carries over only while the inputs stay the same.
+fn gate(
+    schedule: Option<&Schedule>,
+    inputs: &Inputs,
+    verification_flipped: bool,
+    now: Instant,
+) -> Gate {
+    match schedule {
+        Some(s) if s.inputs == *inputs && now < s.next_due && !verification_flipped => {
+            Gate::Wait(s.next_due - now)
+        }
+        Some(s) if s.inputs == *inputs => Gate::Run {
+            failures_before: s.failures,
+        },
+        _ => Gate::Run { failures_before: 0 },
+    }
+}
+
+/// How long until the next provider call after `outcome`, and the failures in a row.
+/// Pure; `jitter` in [0, 1) spreads retries.
+fn next_pass(
+    outcome: &Outcome,
+    resync_interval: &str,
+    failures_before: u32,
+    jitter: f64,
+) -> (Duration, u32) {
+    let resync =
+        crate::duration::parse_go_duration(resync_interval).unwrap_or(Duration::from_secs(300));
+    match outcome {
+        Outcome::Synced { .. } | Outcome::MissingUpstream | Outcome::Manual { .. } => (resync, 0),
+        // Waits for the endpoint or the Secret to change (both are watched); the timer
+        // is a safety net.
+        // The endpoint check is a cheap read: recheck soon, in case a watch event came
+        // before this object was in the store.
+        Outcome::EndpointNotReady(_) => (Duration::from_secs(10), 0),
+        Outcome::CredentialsMissing(_) => (Duration::from_secs(60), 0),
+        Outcome::Failed(err) => {
+            let failures = failures_before + 1;
+            (
+                super::backoff::delay(failures, err.retry_after(), jitter),
+                failures,
+            )
+        }
+    }
+}
+
 async fn apply(
     sub: &WebhookSubscription,
     ctx: &Context,
@@ -363,24 +378,22 @@ async fn apply(
 
     // Nothing changed and nothing due: no provider call (our own status writes and
     // unrelated events land here).
-    let schedule = ctx
-        .subscription_schedules
-        .lock()
-        .unwrap()
-        .get(&key)
-        .cloned();
-    if let Some(s) = schedule {
-        let now = Instant::now();
-        let counters = event_counters(ctx, sub);
-        // Deliveries started or stopped failing verification: a full pass writes the
-        // condition (rare: it flips only between refused and verified).
-        let verification_flipped = signature_check::changed(
-            &current.conditions,
-            signature_check::desired(&sub.spec, counters.as_ref().or(current.events.as_ref()))
-                .as_ref(),
-        );
-        if s.inputs == inputs && now < s.next_due && !verification_flipped {
-            let mut wait = s.next_due - now;
+    let schedule = ctx.subscription_memo.read(&key, |m| m.schedule.clone());
+    let counters = event_counters(ctx, sub);
+    // Deliveries started or stopped failing verification: a full pass writes the
+    // condition (rare: it flips only between refused and verified).
+    let verification_flipped = signature_check::changed(
+        &current.conditions,
+        signature_check::desired(&sub.spec, counters.as_ref().or(current.events.as_ref())).as_ref(),
+    );
+    let failures_before = match gate(
+        schedule.as_ref(),
+        &inputs,
+        verification_flipped,
+        Instant::now(),
+    ) {
+        Gate::Run { failures_before } => failures_before,
+        Gate::Wait(mut wait) => {
             // Only the counters and a pending test may have moved. The cached object can
             // lag behind our own last write, so patch just those rather than re-applying.
             if counters.is_some() && counters != current.events {
@@ -405,14 +418,7 @@ async fn apply(
             }
             return Ok(Action::requeue(wait));
         }
-    }
-    let failures_before = ctx
-        .subscription_schedules
-        .lock()
-        .unwrap()
-        .get(&key)
-        .filter(|s| s.inputs == inputs)
-        .map_or(0, |s| s.failures);
+    };
 
     let mut test_inputs = None;
     let outcome = match (target, credentials) {
@@ -455,7 +461,7 @@ async fn apply(
             }
             _ => crate::api::subscription::LastTest {
                 requested_at: request,
-                result: test_event::FAILED.into(),
+                result: TestResult::Failed,
                 latency_ms: None,
                 message: Some("the subscription is not Ready; see its conditions".into()),
             },
@@ -469,24 +475,12 @@ async fn apply(
     }
     status::apply_if_changed(api, sub, sub.status.as_ref(), &next).await?;
 
-    let resync = crate::duration::parse_go_duration(&sub.spec.resync_interval)
-        .unwrap_or(Duration::from_secs(300));
-    let (wait, failures) = match &outcome {
-        Outcome::Synced { .. } | Outcome::MissingUpstream | Outcome::Manual { .. } => (resync, 0),
-        // Waits for the endpoint or the Secret to change (both are watched); the timer
-        // is a safety net.
-        // The endpoint check is a cheap read: recheck soon, in case a watch event came
-        // before this object was in the store.
-        Outcome::EndpointNotReady(_) => (Duration::from_secs(10), 0),
-        Outcome::CredentialsMissing(_) => (Duration::from_secs(60), 0),
-        Outcome::Failed(err) => {
-            let failures = failures_before + 1;
-            (
-                super::backoff::delay(failures, err.retry_after(), rand::random()),
-                failures,
-            )
-        }
-    };
+    let (wait, failures) = next_pass(
+        &outcome,
+        &sub.spec.resync_interval,
+        failures_before,
+        rand::random(),
+    );
     let wait = if test_event::is_pending(sub, ctx) {
         wait.min(test_event::RECHECK)
     } else {
@@ -497,35 +491,83 @@ async fn apply(
         test_request: None,
         ..inputs
     };
-    ctx.subscription_schedules.lock().unwrap().insert(
-        key,
-        Schedule {
+    ctx.subscription_memo.update(key, |m| {
+        m.schedule = Some(Schedule {
             inputs,
             next_due: Instant::now() + wait,
             failures,
-        },
-    );
+        })
+    });
     Ok(Action::requeue(wait))
 }
 
+/// Why the URL the provider must call is not known yet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("neither endpointRef nor url is set")]
+    NoTarget,
+    #[error("WebhookEndpoint {0} does not exist")]
+    EndpointMissing(String),
+    #[error(
+        "WebhookEndpoint {0} has only an ingress path: configure the operator's public base URL"
+    )]
+    IngressPathOnly(String),
+    #[error("WebhookEndpoint {0} is not Ready yet")]
+    EndpointNotReady(String),
+}
+
+impl TargetError {
+    /// Stable and low-cardinality, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TargetError::NoTarget => "no_target",
+            TargetError::EndpointMissing(_) => "endpoint_missing",
+            TargetError::IngressPathOnly(_) => "ingress_path_only",
+            TargetError::EndpointNotReady(_) => "endpoint_not_ready",
+        }
+    }
+}
+
+/// Why a subscription's provider credentials cannot be read. Names the Secret and key,
+/// never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("credentialsRef is not set")]
+    NotSet,
+    #[error(transparent)]
+    Secret(#[from] secrets::SecretError),
+}
+
+impl CredentialsError {
+    /// Stable and low-cardinality, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CredentialsError::NotSet => "credentials_not_set",
+            CredentialsError::Secret(secrets::SecretError::NotFound(_)) => "secret_not_found",
+            CredentialsError::Secret(secrets::SecretError::MissingKey(..)) => "secret_missing_key",
+            CredentialsError::Secret(secrets::SecretError::Api(..)) => "secret_unreadable",
+            CredentialsError::Secret(secrets::SecretError::NotReferable(_)) => {
+                "secret_not_referable"
+            }
+        }
+    }
+}
+
 /// The URL the provider must call: the endpoint's ingress URL plus the subscription name,
-/// or the external `url`. `Err` says why it is not known yet.
+/// or the external `url`. The inner `Err` says why it is not known yet.
 async fn resolve_target(
     sub: &WebhookSubscription,
     ctx: &Context,
-) -> Result<Result<String, String>, Error> {
+) -> Result<Result<String, TargetError>, Error> {
     if let Some(url) = &sub.spec.url {
         return Ok(Ok(url.clone()));
     }
     let Some(ep_ref) = &sub.spec.endpoint_ref else {
-        return Ok(Err("neither endpointRef nor url is set".into()));
+        return Ok(Err(TargetError::NoTarget));
     };
     let ns = sub.namespace().unwrap_or_default();
     let Some(ep) = ctx.endpoint(&ns, &ep_ref.name).await? else {
-        return Ok(Err(format!(
-            "WebhookEndpoint {} does not exist",
-            ep_ref.name
-        )));
+        return Ok(Err(TargetError::EndpointMissing(ep_ref.name.clone())));
     };
     let ready = ep.status.as_ref().is_some_and(|s| {
         s.conditions
@@ -537,19 +579,15 @@ async fn resolve_target(
         Some(url) if ready && (url.starts_with("https://") || url.starts_with("http://")) => Ok(
             Ok(format!("{}/{}", url.trim_end_matches('/'), sub.name_any())),
         ),
-        Some(_) if ready && sub.spec.provider != Provider::Atllas => Ok(Err(format!(
-            "WebhookEndpoint {} has only an ingress path: configure the operator's public base URL",
-            ep_ref.name
-        ))),
+        Some(_) if ready && sub.spec.provider != Provider::Atllas => {
+            Ok(Err(TargetError::IngressPathOnly(ep_ref.name.clone())))
+        }
         Some(url) if ready => Ok(Ok(format!(
             "{}/{}",
             url.trim_end_matches('/'),
             sub.name_any()
         ))),
-        _ => Ok(Err(format!(
-            "WebhookEndpoint {} is not Ready yet",
-            ep_ref.name
-        ))),
+        _ => Ok(Err(TargetError::EndpointNotReady(ep_ref.name.clone()))),
     }
 }
 
@@ -558,34 +596,20 @@ async fn read_credentials(
     ctx: &Context,
     ns: &str,
     spec: &WebhookSubscriptionSpec,
-) -> Result<(Credentials, Option<String>), String> {
+) -> Result<(Credentials, Option<String>), CredentialsError> {
     let Some(r) = &spec.credentials_ref else {
-        return Err("credentialsRef is not set".into());
+        return Err(CredentialsError::NotSet);
     };
     let secret =
-        secrets::read_referenced(&ctx.client, ns, &r.name, ctx.config.require_secret_label)
-            .await
-            .map_err(|e| e.to_string())?;
+        secrets::read_referenced(&ctx.client, ns, &r.name, ctx.config.require_secret_label).await?;
     let creds = match spec.provider {
         Provider::Atomic => Credentials {
             api_key: None,
-            client_id: Some(
-                secret
-                    .get_string(&r.client_id_key)
-                    .map_err(|e| e.to_string())?,
-            ),
-            client_secret: Some(
-                secret
-                    .get_string(&r.client_secret_key)
-                    .map_err(|e| e.to_string())?,
-            ),
+            client_id: Some(secret.get_string(&r.client_id_key)?),
+            client_secret: Some(secret.get_string(&r.client_secret_key)?),
         },
         _ => Credentials {
-            api_key: Some(
-                secret
-                    .get_string(&r.api_key_key)
-                    .map_err(|e| e.to_string())?,
-            ),
+            api_key: Some(secret.get_string(&r.api_key_key)?),
             client_id: None,
             client_secret: None,
         },
@@ -607,17 +631,17 @@ async fn sync(
     let desired = translate(&ns, &name, &sub.spec, hook_url.clone());
 
     if sub.spec.provider == Provider::Atllas {
-        let secret_name = atllas_header_secret_name(&name);
+        let secret_name = sub.atllas_header_secret_name();
         let value =
             secrets::ensure_generated(&ctx.client, sub, &secret_name, HEADER_VALUE_KEY, || {
                 hex::encode(secrets::random_secret()).into_bytes()
             })
             .await?;
         ctx.routes
-            .subscription_keys(sub, vec![value], Some(atllas_header_name(&sub.spec)));
+            .subscription_keys(sub, vec![value], Some(sub.spec.atllas_header_name()));
         return Ok(Outcome::Manual {
             hook_url,
-            header_name: atllas_header_name(&sub.spec),
+            header_name: sub.spec.atllas_header_name(),
             secret_name,
         });
     }
@@ -660,7 +684,7 @@ async fn sync(
             if let Some(secret) = &observed.signing_secret {
                 // A changed provider secret (Atomic replacement, Smallest re-read) is
                 // accepted in old and new form for the endpoint's rotation window.
-                let secret_name = signing_secret_name(&name);
+                let secret_name = sub.provider_signing_secret_name();
                 let owned = secrets::read_owned(&ctx.client, sub, &secret_name).await?;
                 let decision = rotation::decide(
                     &owned,
@@ -758,10 +782,16 @@ async fn publish_outcome_event(
             )
         }
         Outcome::Failed(e) => (EventType::Warning, e.reason(), e.to_string()),
-        Outcome::CredentialsMissing(m) => {
-            (EventType::Warning, reasons::CREDENTIALS_MISSING, m.clone())
-        }
-        Outcome::EndpointNotReady(m) => (EventType::Normal, reasons::ENDPOINT_NOT_READY, m.clone()),
+        Outcome::CredentialsMissing(why) => (
+            EventType::Warning,
+            reasons::CREDENTIALS_MISSING,
+            why.to_string(),
+        ),
+        Outcome::EndpointNotReady(why) => (
+            EventType::Normal,
+            reasons::ENDPOINT_NOT_READY,
+            why.to_string(),
+        ),
         Outcome::MissingUpstream | Outcome::Manual { .. } => return,
     };
     if type_ == EventType::Warning && previous_reason.as_deref() == Some(reason) {
@@ -772,13 +802,7 @@ async fn publish_outcome_event(
 
 async fn cleanup(sub: &WebhookSubscription, ctx: &Context) -> Result<Action, Error> {
     ctx.routes.remove_subscription(sub);
-    let key = ObjectRef::from_obj(sub);
-    ctx.pending_tests.lock().unwrap().remove(&key);
-    ctx.handled_tests.lock().unwrap().remove(&key);
-    ctx.subscription_schedules
-        .lock()
-        .unwrap()
-        .remove(&ObjectRef::from_obj(sub));
+    ctx.subscription_memo.forget(&ObjectRef::from_obj(sub));
     let applied: Option<DesiredSubscription> = sub
         .status
         .as_ref()
@@ -792,7 +816,7 @@ async fn cleanup(sub: &WebhookSubscription, ctx: &Context) -> Result<Action, Err
         let ns = sub.namespace().unwrap_or_default();
         let (creds, _) = read_credentials(ctx, &ns, &sub.spec)
             .await
-            .map_err(Error::Cleanup)?;
+            .map_err(|e| Error::Cleanup(CleanupError::Credentials(e)))?;
         ctx.providers
             .get(sub.spec.provider)
             .delete(&creds, &applied)
@@ -817,10 +841,10 @@ async fn publish_test(
     sub: &WebhookSubscription,
     result: &crate::api::subscription::LastTest,
 ) {
-    let (type_, reason) = match result.result.as_str() {
-        test_event::DELIVERED => (EventType::Normal, "TestDelivered"),
-        test_event::FAILED => (EventType::Warning, "TestFailed"),
-        _ => return,
+    let (type_, reason) = match result.result {
+        TestResult::Delivered => (EventType::Normal, "TestDelivered"),
+        TestResult::Failed => (EventType::Warning, "TestFailed"),
+        TestResult::Pending => return,
     };
     let note = format!(
         "test {}: {}",
@@ -846,4 +870,585 @@ fn event_counters(ctx: &Context, sub: &WebhookSubscription) -> Option<EventCount
             signature_mismatches: mismatches,
             last_signature_mismatch_time: time(last_mismatch),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    fn t(secs: i64) -> Time {
+        Time(jiff::Timestamp::from_second(secs).unwrap())
+    }
+
+    fn observed(state: UpstreamState, action: SyncAction) -> Observed {
+        Observed {
+            id: "up-1".into(),
+            echo: Default::default(),
+            state,
+            signing_secret: None,
+            action,
+        }
+    }
+
+    fn applied() -> Option<DesiredSubscription> {
+        Some(translate(
+            "ns",
+            "sub",
+            &serde_json::from_value(
+                serde_json::json!({"provider": "atlas", "events": ["call.ended"]}),
+            )
+            .unwrap(),
+            "https://h.example.com/hooks/tok/sub".into(),
+        ))
+    }
+
+    fn synced(state: UpstreamState, action: SyncAction, manage: bool) -> Outcome {
+        Outcome::Synced {
+            observed: observed(state, action),
+            applied: if manage { applied() } else { None },
+        }
+    }
+
+    /// (type, status, reason, message) of a condition.
+    type Stated = (String, String, String, String);
+
+    /// What each condition states, in order.
+    fn summary(conditions: &[Condition]) -> Vec<Stated> {
+        conditions
+            .iter()
+            .map(|c| {
+                (
+                    c.type_.clone(),
+                    c.status.clone(),
+                    c.reason.clone(),
+                    c.message.clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn c(type_: &str, status: &str, reason: &str, message: &str) -> Stated {
+        (type_.into(), status.into(), reason.into(), message.into())
+    }
+
+    #[test]
+    fn outcome_status_states_exactly_these_conditions() {
+        let disabled = || UpstreamState::Disabled {
+            message: "paused by the provider".into(),
+        };
+        let cases: Vec<(&str, Outcome, Vec<Stated>)> = vec![
+            (
+                "created",
+                synced(UpstreamState::Enabled, SyncAction::Created, true),
+                vec![
+                    c(
+                        "Ready",
+                        "True",
+                        "Ready",
+                        "the subscription exists upstream as specified",
+                    ),
+                    c("Synced", "True", "Synced", "upstream id up-1"),
+                ],
+            ),
+            (
+                "adopted",
+                synced(UpstreamState::Enabled, SyncAction::Adopted, true),
+                vec![
+                    c(
+                        "Ready",
+                        "True",
+                        "Ready",
+                        "the subscription exists upstream as specified",
+                    ),
+                    c("Synced", "True", "Adopted", "upstream id up-1"),
+                ],
+            ),
+            (
+                "recreated",
+                synced(UpstreamState::Enabled, SyncAction::Recreated, true),
+                vec![
+                    c(
+                        "Ready",
+                        "True",
+                        "Ready",
+                        "the subscription exists upstream as specified",
+                    ),
+                    c("Synced", "True", "DriftRepaired", "upstream id up-1"),
+                ],
+            ),
+            (
+                "observe only",
+                synced(UpstreamState::Enabled, SyncAction::Unchanged, false),
+                vec![
+                    c(
+                        "Ready",
+                        "True",
+                        "Ready",
+                        "the subscription exists upstream as specified",
+                    ),
+                    c("Synced", "True", "ObserveOnly", "upstream id up-1"),
+                ],
+            ),
+            (
+                "disabled upstream, even when adopted",
+                synced(disabled(), SyncAction::Adopted, true),
+                vec![
+                    c(
+                        "Ready",
+                        "False",
+                        "DisabledUpstream",
+                        "paused by the provider",
+                    ),
+                    c("Synced", "True", "Synced", "upstream id up-1"),
+                ],
+            ),
+            (
+                "incomplete upstream",
+                synced(
+                    UpstreamState::Incomplete {
+                        message: "trigger t2 is missing".into(),
+                    },
+                    SyncAction::Unchanged,
+                    true,
+                ),
+                vec![
+                    c("Ready", "False", "DriftDetected", "trigger t2 is missing"),
+                    c("Synced", "True", "Synced", "upstream id up-1"),
+                ],
+            ),
+            (
+                "missing upstream",
+                Outcome::MissingUpstream,
+                vec![
+                    c(
+                        "Ready",
+                        "False",
+                        "NotFoundUpstream",
+                        "ObserveOnly: no such subscription exists upstream",
+                    ),
+                    c(
+                        "Synced",
+                        "True",
+                        "ObserveOnly",
+                        "observed the provider; nothing found",
+                    ),
+                ],
+            ),
+            (
+                "manual",
+                Outcome::Manual {
+                    hook_url: "https://h/hooks/t/sub".into(),
+                    header_name: "X-Webhook-Token".into(),
+                    secret_name: "sub-atllas-header".into(),
+                },
+                vec![
+                    c(
+                        "Ready",
+                        "True",
+                        "ManualSetupRequired",
+                        "receive-only provider: add status.manualSetup.hookURL and the header to the provider's portal",
+                    ),
+                    c(
+                        "Synced",
+                        "True",
+                        "ManualSetupRequired",
+                        "nothing to sync: the provider has no API",
+                    ),
+                ],
+            ),
+            (
+                "endpoint not ready",
+                Outcome::EndpointNotReady(TargetError::EndpointNotReady("ep".into())),
+                vec![
+                    c(
+                        "Ready",
+                        "False",
+                        "EndpointNotReady",
+                        "WebhookEndpoint ep is not Ready yet",
+                    ),
+                    c(
+                        "Synced",
+                        "False",
+                        "EndpointNotReady",
+                        "WebhookEndpoint ep is not Ready yet",
+                    ),
+                    c(
+                        "Reconciling",
+                        "True",
+                        "EndpointNotReady",
+                        "WebhookEndpoint ep is not Ready yet",
+                    ),
+                ],
+            ),
+            (
+                "credentials missing",
+                Outcome::CredentialsMissing(CredentialsError::NotSet),
+                vec![
+                    c(
+                        "Ready",
+                        "False",
+                        "CredentialsMissing",
+                        "credentialsRef is not set",
+                    ),
+                    c(
+                        "Synced",
+                        "False",
+                        "CredentialsMissing",
+                        "credentialsRef is not set",
+                    ),
+                    c(
+                        "Stalled",
+                        "True",
+                        "CredentialsMissing",
+                        "credentialsRef is not set",
+                    ),
+                ],
+            ),
+            (
+                "permanent provider failure stalls",
+                Outcome::Failed(ProviderError::Unauthorized("bad key".into())),
+                vec![
+                    c("Ready", "False", "Unauthorized", "unauthorized: bad key"),
+                    c("Synced", "False", "Unauthorized", "unauthorized: bad key"),
+                    c("Stalled", "True", "Unauthorized", "unauthorized: bad key"),
+                ],
+            ),
+            (
+                "transient provider failure reconciles",
+                Outcome::Failed(ProviderError::Unavailable("503".into())),
+                vec![
+                    c(
+                        "Ready",
+                        "False",
+                        "UpstreamUnavailable",
+                        "provider unavailable: 503",
+                    ),
+                    c(
+                        "Synced",
+                        "False",
+                        "UpstreamUnavailable",
+                        "provider unavailable: 503",
+                    ),
+                    c(
+                        "Reconciling",
+                        "True",
+                        "UpstreamUnavailable",
+                        "retrying: provider unavailable: 503",
+                    ),
+                ],
+            ),
+        ];
+        for (name, outcome, want) in cases {
+            let next = outcome_status(
+                &WebhookSubscriptionStatus::default(),
+                &outcome,
+                Some(3),
+                None,
+                t(100),
+            );
+            assert_eq!(summary(&next.conditions), want, "{name}");
+            assert!(
+                next.conditions
+                    .iter()
+                    .all(|c| c.observed_generation == Some(3) && c.last_transition_time == t(100)),
+                "{name}"
+            );
+            assert_eq!(next.observed_generation, Some(3), "{name}");
+        }
+    }
+
+    #[test]
+    fn outcome_status_records_the_upstream_and_manual_setup() {
+        let current = WebhookSubscriptionStatus {
+            last_handled_requested_at: Some("r1".into()),
+            ..Default::default()
+        };
+        let cases = [
+            ("enabled", UpstreamState::Enabled, "enabled"),
+            (
+                "disabled",
+                UpstreamState::Disabled {
+                    message: "m".into(),
+                },
+                "disabled",
+            ),
+            (
+                "incomplete",
+                UpstreamState::Incomplete {
+                    message: "m".into(),
+                },
+                "incomplete",
+            ),
+            ("manual", UpstreamState::Manual, "manual"),
+        ];
+        for (name, state, want) in cases {
+            let next = outcome_status(
+                &current,
+                &synced(state, SyncAction::Updated, true),
+                Some(1),
+                None,
+                t(200),
+            );
+            let up = next.upstream.expect(name);
+            assert_eq!(up.state.as_deref(), Some(want), "{name}");
+            assert_eq!(up.id.as_deref(), Some("up-1"), "{name}");
+            assert_eq!(up.last_sync_time, Some(t(200)), "{name}");
+            assert_eq!(up.applied, serde_json::to_string(&applied()).ok(), "{name}");
+            // The last handled request is kept when the pass answers none.
+            assert_eq!(next.last_handled_requested_at.as_deref(), Some("r1"));
+        }
+
+        // ObserveOnly keeps what was applied before (nothing new is applied).
+        let before = outcome_status(
+            &current,
+            &synced(UpstreamState::Enabled, SyncAction::Created, true),
+            Some(1),
+            Some("r2".into()),
+            t(200),
+        );
+        assert_eq!(before.last_handled_requested_at.as_deref(), Some("r2"));
+        let after = outcome_status(
+            &before,
+            &synced(UpstreamState::Enabled, SyncAction::Unchanged, false),
+            Some(1),
+            None,
+            t(300),
+        );
+        assert_eq!(
+            after.upstream.as_ref().unwrap().applied,
+            before.upstream.as_ref().unwrap().applied
+        );
+
+        // Manual: no upstream, the set-up the user needs.
+        let manual = outcome_status(
+            &before,
+            &Outcome::Manual {
+                hook_url: "https://h/hooks/t/sub".into(),
+                header_name: "X-Webhook-Token".into(),
+                secret_name: "sub-atllas-header".into(),
+            },
+            Some(1),
+            None,
+            t(300),
+        );
+        assert_eq!(manual.upstream, None);
+        assert_eq!(
+            manual.manual_setup,
+            Some(ManualSetup {
+                hook_url: Some("https://h/hooks/t/sub".into()),
+                header_name: Some("X-Webhook-Token".into()),
+                secret_name: Some("sub-atllas-header".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn outcome_status_keeps_transition_times_while_status_holds() {
+        let first = outcome_status(
+            &WebhookSubscriptionStatus::default(),
+            &Outcome::Failed(ProviderError::Unavailable("503".into())),
+            Some(1),
+            None,
+            t(100),
+        );
+        // Still failing, for another reason: Ready stays False since t(100).
+        let second = outcome_status(
+            &first,
+            &Outcome::Failed(ProviderError::Unauthorized("bad key".into())),
+            Some(1),
+            None,
+            t(200),
+        );
+        let at = |s: &WebhookSubscriptionStatus, ty: &str| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == ty)
+                .map(|c| c.last_transition_time.clone())
+        };
+        assert_eq!(at(&second, "Ready"), Some(t(100)));
+        assert_eq!(at(&second, "Stalled"), Some(t(200)));
+        let third = outcome_status(
+            &second,
+            &synced(UpstreamState::Enabled, SyncAction::Created, true),
+            Some(1),
+            None,
+            t(300),
+        );
+        assert_eq!(at(&third, "Ready"), Some(t(300)));
+        assert_eq!(
+            at(&third, "Stalled"),
+            None,
+            "conditions not stated are dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn cleanup_forgets_everything_the_subscription_passes_remembered() {
+        let ctx = super::super::test_support::offline_context();
+        // Atllas: nothing upstream to delete, so cleanup makes no call.
+        let sub: WebhookSubscription = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
+            "metadata": {"name": "calls", "namespace": "b"},
+            "spec": {"provider": "atllas", "events": ["call.finished"], "endpointRef": {"name": "orders"}}
+        }))
+        .unwrap();
+        let key = ObjectRef::from_obj(&sub);
+        ctx.subscription_memo.update(key.clone(), |m| {
+            m.handled_test = Some("t1".into());
+            m.schedule = Some(Schedule {
+                inputs: inputs(1),
+                next_due: Instant::now(),
+                failures: 2,
+            });
+        });
+        cleanup(&sub, &ctx).await.unwrap();
+        assert!(ctx.subscription_memo.is_empty());
+    }
+
+    fn inputs(generation: i64) -> Inputs {
+        Inputs {
+            generation: Some(generation),
+            credentials_version: Some("7".into()),
+            hook_url: Some("https://h/hooks/t/sub".into()),
+            requested_at: None,
+            test_request: None,
+        }
+    }
+
+    #[test]
+    fn gate_calls_the_provider_only_when_something_changed_or_is_due() {
+        let now = Instant::now();
+        let schedule = |next_due: Instant, failures: u32| Schedule {
+            inputs: inputs(1),
+            next_due,
+            failures,
+        };
+        let later = now + Duration::from_secs(30);
+        let earlier = now - Duration::from_secs(1);
+        let with_test = Inputs {
+            test_request: Some("t1".into()),
+            ..inputs(1)
+        };
+        let new_secret = Inputs {
+            credentials_version: Some("8".into()),
+            ..inputs(1)
+        };
+        let cases = [
+            (
+                "first pass",
+                None,
+                inputs(1),
+                false,
+                Gate::Run { failures_before: 0 },
+            ),
+            (
+                "nothing changed, not due",
+                Some(schedule(later, 2)),
+                inputs(1),
+                false,
+                Gate::Wait(Duration::from_secs(30)),
+            ),
+            (
+                "due: failures carry over",
+                Some(schedule(earlier, 2)),
+                inputs(1),
+                false,
+                Gate::Run { failures_before: 2 },
+            ),
+            (
+                "verification flipped: failures carry over",
+                Some(schedule(later, 2)),
+                inputs(1),
+                true,
+                Gate::Run { failures_before: 2 },
+            ),
+            (
+                "spec changed: failures reset",
+                Some(schedule(later, 2)),
+                inputs(2),
+                false,
+                Gate::Run { failures_before: 0 },
+            ),
+            (
+                "credentials Secret changed",
+                Some(schedule(later, 2)),
+                new_secret,
+                false,
+                Gate::Run { failures_before: 0 },
+            ),
+            (
+                "a new test request",
+                Some(schedule(later, 0)),
+                with_test,
+                false,
+                Gate::Run { failures_before: 0 },
+            ),
+        ];
+        for (name, schedule, inputs, flipped, want) in cases {
+            assert_eq!(
+                gate(schedule.as_ref(), &inputs, flipped, now),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn next_pass_waits_by_outcome() {
+        let s = Duration::from_secs;
+        let cases = [
+            (
+                "synced: resync",
+                synced(UpstreamState::Enabled, SyncAction::Created, true),
+                "90s",
+                3,
+                (s(90), 0),
+            ),
+            (
+                "unparsable resync: 5m",
+                Outcome::MissingUpstream,
+                "soon",
+                0,
+                (s(300), 0),
+            ),
+            (
+                "endpoint not ready",
+                Outcome::EndpointNotReady(TargetError::NoTarget),
+                "90s",
+                4,
+                (s(10), 0),
+            ),
+            (
+                "credentials missing",
+                Outcome::CredentialsMissing(CredentialsError::NotSet),
+                "90s",
+                4,
+                (s(60), 0),
+            ),
+            (
+                "failed: backoff grows",
+                Outcome::Failed(ProviderError::Unavailable("x".into())),
+                "90s",
+                2,
+                (s(4), 3),
+            ),
+            (
+                "failed: Retry-After honoured",
+                Outcome::Failed(ProviderError::RateLimited {
+                    retry_after: Some(s(42)),
+                }),
+                "90s",
+                0,
+                (s(42), 1),
+            ),
+        ];
+        for (name, outcome, resync, failures_before, want) in cases {
+            assert_eq!(
+                next_pass(&outcome, resync, failures_before, 0.5),
+                want,
+                "{name}"
+            );
+        }
+    }
 }

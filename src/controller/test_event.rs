@@ -11,8 +11,10 @@ use kube::ResourceExt;
 
 use super::Context;
 use super::routes::endpoint_of;
-use super::{secrets, subscription};
-use crate::api::subscription::{LastTest, WebhookSubscription};
+use super::secrets;
+use crate::api::subscription::{
+    HEADER_VALUE_KEY, LastTest, SIGNING_SECRET_KEY, TestResult, WebhookSubscription,
+};
 use crate::api::{Provider, TEST_REQUESTED_AT_ANNOTATION};
 use crate::inbound::VerificationKeys;
 use crate::providers::{Credentials, DesiredSubscription, synthetic_test_event};
@@ -21,10 +23,6 @@ use crate::providers::{Credentials, DesiredSubscription, synthetic_test_event};
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a pending test is checked.
 pub const RECHECK: Duration = Duration::from_secs(1);
-
-pub const PENDING: &str = "Pending";
-pub const DELIVERED: &str = "Delivered";
-pub const FAILED: &str = "Failed";
 
 /// A test sent and not yet seen delivered.
 #[derive(Clone, Debug)]
@@ -40,7 +38,7 @@ pub fn new_request(sub: &WebhookSubscription, ctx: &Context) -> Option<String> {
     let requested = sub.annotations().get(TEST_REQUESTED_AT_ANNOTATION)?.clone();
     let key = kube::runtime::reflector::ObjectRef::from_obj(sub);
     // Remembered in memory as well: the cached object may predate our own status write.
-    let pending = ctx.handled_tests.lock().unwrap().get(&key).cloned();
+    let pending = ctx.subscription_memo.read(&key, |m| m.handled_test.clone());
     let handled = sub
         .status
         .as_ref()
@@ -61,34 +59,31 @@ pub async fn send(
     creds: &Credentials,
 ) -> LastTest {
     let key = kube::runtime::reflector::ObjectRef::from_obj(sub);
-    ctx.handled_tests
-        .lock()
-        .unwrap()
-        .insert(key.clone(), requested_at.clone());
+    ctx.subscription_memo
+        .update(key.clone(), |m| m.handled_test = Some(requested_at.clone()));
     let sent_at = SystemTime::now();
     let how = match send_event(sub, ctx, desired, upstream_id, creds).await {
         Ok(how) => how,
         Err(why) => {
             return LastTest {
                 requested_at,
-                result: FAILED.into(),
+                result: TestResult::Failed,
                 latency_ms: None,
                 message: Some(why),
             };
         }
     };
-    ctx.pending_tests.lock().unwrap().insert(
-        key,
-        Pending {
+    ctx.subscription_memo.update(key, |m| {
+        m.pending_test = Some(Pending {
             requested_at: requested_at.clone(),
             sent_at,
             started: Instant::now(),
             how: how.clone(),
-        },
-    );
+        })
+    });
     LastTest {
         requested_at,
-        result: PENDING.into(),
+        result: TestResult::Pending,
         latency_ms: None,
         message: Some(how),
     }
@@ -143,18 +138,17 @@ async fn verification_keys(
     ctx: &Context,
 ) -> Result<VerificationKeys, String> {
     let ns = sub.namespace().unwrap_or_default();
-    let name = sub.name_any();
     let (signature_header, signature_encoding) = sub.spec.signature_scheme();
     let (secret, key, header_name) = match sub.spec.provider {
         Provider::Atlas => return Ok(VerificationKeys::default()),
         Provider::Atllas => (
-            subscription::atllas_header_secret_name(&name),
-            subscription::HEADER_VALUE_KEY,
-            Some(subscription::atllas_header_name(&sub.spec)),
+            sub.atllas_header_secret_name(),
+            HEADER_VALUE_KEY,
+            Some(sub.spec.atllas_header_name()),
         ),
         Provider::Atomic | Provider::Smallest => (
-            subscription::signing_secret_name(&name),
-            subscription::SIGNING_SECRET_KEY,
+            sub.provider_signing_secret_name(),
+            SIGNING_SECRET_KEY,
             signature_header,
         ),
     };
@@ -172,20 +166,22 @@ async fn verification_keys(
 /// (`None`, check again after [`RECHECK`]).
 pub fn check(sub: &WebhookSubscription, ctx: &Context) -> Option<LastTest> {
     let key = kube::runtime::reflector::ObjectRef::from_obj(sub);
-    let pending = ctx.pending_tests.lock().unwrap().get(&key).cloned()?;
+    let pending = ctx
+        .subscription_memo
+        .read(&key, |m| m.pending_test.clone())?;
     let delivered = endpoint_of(sub)
         .and_then(|ep| ctx.routes.0.last_test(ep, sub.name_any()))
         .filter(|(at, _)| *at >= pending.sent_at);
     let result = match delivered {
         Some((_, latency)) => LastTest {
             requested_at: pending.requested_at,
-            result: DELIVERED.into(),
+            result: TestResult::Delivered,
             latency_ms: Some((latency.as_secs_f64() * 1000.0 * 10.0).round() / 10.0),
             message: Some(pending.how),
         },
         None if pending.started.elapsed() > TIMEOUT => LastTest {
             requested_at: pending.requested_at,
-            result: FAILED.into(),
+            result: TestResult::Failed,
             latency_ms: None,
             message: Some(format!(
                 "not delivered within {}s; see the endpoint's Healthy condition",
@@ -194,16 +190,16 @@ pub fn check(sub: &WebhookSubscription, ctx: &Context) -> Option<LastTest> {
         },
         None => return None,
     };
-    ctx.pending_tests.lock().unwrap().remove(&key);
+    ctx.subscription_memo.update(key, |m| m.pending_test = None);
     Some(result)
 }
 
 /// Whether a test of this subscription is waiting for its delivery.
 pub fn is_pending(sub: &WebhookSubscription, ctx: &Context) -> bool {
-    ctx.pending_tests
-        .lock()
-        .unwrap()
-        .contains_key(&kube::runtime::reflector::ObjectRef::from_obj(sub))
+    ctx.subscription_memo
+        .read(&kube::runtime::reflector::ObjectRef::from_obj(sub), |m| {
+            m.pending_test.is_some()
+        })
 }
 
 #[cfg(test)]

@@ -9,19 +9,10 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use super::worker::{self, EndpointRuntime};
+use super::worker::{self, EndpointRuntime, Shared};
 use super::{Breaker, GuardedDns, Resolver};
 use crate::health::HealthRegistry;
 use crate::queue::{EndpointKey, Queue};
-
-/// What workers and attempts share.
-pub(crate) struct Shared {
-    pub queue: Arc<dyn Queue>,
-    pub health: Arc<HealthRegistry>,
-    pub client: reqwest::Client,
-    pub resolver: Resolver,
-    pub shutdown_grace: Duration,
-}
 
 type ConfigTx = watch::Sender<Option<Arc<EndpointRuntime>>>;
 

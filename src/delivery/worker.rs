@@ -16,7 +16,14 @@ use crate::health::Outcome;
 use crate::metrics::EndpointMetrics;
 use crate::queue::{EndpointKey, QueuedEvent};
 
-use super::dispatcher::Shared;
+/// What workers and attempts share (the dispatcher builds it once).
+pub(crate) struct Shared {
+    pub queue: Arc<dyn crate::queue::Queue>,
+    pub health: Arc<crate::health::HealthRegistry>,
+    pub client: reqwest::Client,
+    pub resolver: super::Resolver,
+    pub shutdown_grace: Duration,
+}
 
 /// An endpoint's configuration in the form delivery uses, rebuilt on each upsert.
 pub(crate) struct EndpointRuntime {

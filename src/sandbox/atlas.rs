@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use super::control::{Delivery, faults_layer};
+use super::faults::{Delivery, ErrorShape, faults_layer};
 use super::{AppState, Shared, deliver, now, parse_body, random_hex, valid_hook_url};
 use crate::api::Provider;
 use crate::providers::atlas::{PROVIDER_CUSTOM, TriggerSubscription};
@@ -38,7 +38,7 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
         .route(&format!("{PREFIX}/list"), get(list))
         .route(&format!("{PREFIX}/sample"), get(sample))
         .route_layer(axum::middleware::from_fn_with_state(
-            (state, Provider::Atlas),
+            (state, Provider::Atlas, error as ErrorShape),
             faults_layer,
         ))
 }

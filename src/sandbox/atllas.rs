@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use super::control::Delivery;
+use super::faults::Delivery;
 use super::{Shared, deliver, random_hex};
 use crate::providers::atllas::EVENT_TYPES;
 

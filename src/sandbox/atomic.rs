@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use super::control::{Delivery, faults_layer};
+use super::faults::{Delivery, ErrorShape, faults_layer};
 use super::{AppState, Shared, deliver, now, parse_body, random_hex, valid_hook_url};
 use crate::api::Provider;
 use crate::providers::atomic::{TEST_EVENT, Webhook};
@@ -66,7 +66,7 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
         .route("/atomic/{org}/v1/{env}/webhook/{id}", delete(disable))
         .route("/atomic/{org}/v1/{env}/webhook/{id}/test", post(test))
         .route_layer(axum::middleware::from_fn_with_state(
-            (state, Provider::Atomic),
+            (state, Provider::Atomic, error as ErrorShape),
             faults_layer,
         ))
 }

@@ -16,6 +16,7 @@ mod atlas;
 mod atllas;
 mod atomic;
 mod control;
+mod faults;
 mod smallest;
 
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::providers::{ProviderClients, ProviderEndpoints, install_crypto_provider};
-pub use control::Faults;
+pub use faults::Faults;
 
 /// Accepted credentials and behaviour switches.
 #[derive(Clone)]
@@ -146,7 +147,7 @@ pub(crate) struct Shared {
     pub(crate) atlas: Mutex<atlas::Store>,
     pub(crate) atomic: Mutex<atomic::Store>,
     pub(crate) smallest: Mutex<smallest::Store>,
-    pub(crate) control: control::Counters,
+    pub(crate) control: faults::Counters,
     /// Client for simulated deliveries.
     pub(crate) http: reqwest::Client,
 }
@@ -207,7 +208,7 @@ pub async fn serve(listener: TcpListener, config: SandboxConfig) -> anyhow::Resu
         atlas: Mutex::default(),
         atomic: Mutex::default(),
         smallest: Mutex::default(),
-        control: control::Counters::default(),
+        control: faults::Counters::default(),
         http,
     });
     let addr = listener.local_addr()?;

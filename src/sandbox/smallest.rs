@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use super::control::{Delivery, faults_layer};
+use super::faults::{Delivery, ErrorShape, faults_layer};
 use super::{AppState, Shared, deliver, now, parse_body, random_hex, valid_hook_url};
 use crate::api::Provider;
 use crate::providers::sign_hex;
@@ -76,7 +76,7 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
             get(agent_get).post(agent_replace).delete(agent_delete),
         )
         .route_layer(axum::middleware::from_fn_with_state(
-            (state, Provider::Smallest),
+            (state, Provider::Smallest, error as ErrorShape),
             faults_layer,
         ))
 }
