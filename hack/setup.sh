@@ -42,3 +42,9 @@ if ! "$sdk_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.
   python3 -m venv "$sdk_venv"
   "$sdk_venv/bin/pip" install --quiet "smallestai==$SMALLESTAI_VERSION"
 fi
+# The CloudEvents Python SDK, pinned, in the same venv: the consumer of
+# cloudevents_format_is_read_back_by_the_cloudevents_sdk (tests/dataplane.rs).
+CLOUDEVENTS_VERSION=2.2.0
+if ! "$sdk_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('cloudevents') != '$CLOUDEVENTS_VERSION')" 2>/dev/null; then
+  "$sdk_venv/bin/pip" install --quiet "cloudevents==$CLOUDEVENTS_VERSION"
+fi

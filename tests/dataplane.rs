@@ -221,6 +221,7 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         headers: vec![("x-consumer-key".into(), "consumer-secret".into())],
         event_types: vec![],
         max_queued_events: None,
+        format: Default::default(),
     }
 }
 
@@ -888,4 +889,94 @@ async fn signature_failures_are_counted_per_subscription() {
         ),
         "{metrics}"
     );
+}
+
+// ------------------------------------------------------------ CloudEvents delivery
+
+/// The venv `hack/setup.sh` installs the pinned SDKs into.
+fn sdk_python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("WEBHOOK_OPERATOR_SDK_PYTHON") {
+        return p.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache")
+        });
+    cache.join("webhook-operator/sdk-venv/bin/python")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_format_is_read_back_by_the_cloudevents_sdk() {
+    use tokio::io::AsyncBufReadExt;
+    let python = sdk_python();
+    assert!(
+        python.exists(),
+        "{} is missing: run hack/setup.sh (it installs the pinned cloudevents SDK)",
+        python.display()
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/conformance/cloudevents_consumer.py"
+    );
+    let mut child = tokio::process::Command::new(&python)
+        .args([script, "1"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let next_line = async |lines: &mut tokio::io::Lines<_>| {
+        tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the SDK consumer answered within 20 s")
+            .unwrap()
+            .expect("the SDK consumer printed a line")
+    };
+    let first: String = next_line(&mut lines).await;
+    let port: u16 = first.strip_prefix("listening ").unwrap().parse().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = EndpointKey::new("apps", "orders");
+    let config = test_config(dir.path(), SocketAddr::from(([127, 0, 0, 1], port)));
+    let mut ep = endpoint(&key, service(), fast_policy());
+    ep.format = webhook_operator::api::endpoint::DeliveryFormat::Cloudevents;
+    let dp = DataPlane::open(config, Arc::new(TestParser)).await.unwrap();
+    let h = Harness::wire(dp, ep, Consumer::start().await, dir).await;
+    let before = std::time::SystemTime::now();
+    assert_eq!(h.post(ev("ce1", "call_completed")).await.0, 200);
+
+    let line: String = next_line(&mut lines).await;
+    let got: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(got.get("error").is_none(), "the SDK refused: {line}");
+    assert_eq!(got["specversion"], "1.0");
+    assert_eq!(got["type"], "call_completed");
+    assert_eq!(got["source"], "/namespaces/apps/webhooksubscriptions/calls");
+    assert_eq!(got["datacontenttype"], "application/json");
+    assert_eq!(
+        got["data"],
+        ev("ce1", "call_completed"),
+        "body = provider payload"
+    );
+    // ce-id is the stable webhook-id.
+    assert_eq!(got["id"], got["webhook"]["webhook-id"], "{line}");
+    assert!(got["id"].as_str().is_some_and(|s| !s.is_empty()));
+    let time: jiff::Timestamp = got["time"].as_str().unwrap().parse().unwrap();
+    let before = jiff::Timestamp::try_from(before).unwrap();
+    assert!(
+        time >= before - jiff::SignedDuration::from_secs(1) && time <= jiff::Timestamp::now(),
+        "ce-time {time} is the receive time"
+    );
+    // Signing stays available in this format.
+    let mut headers = HeaderMap::new();
+    for (k, v) in got["webhook"].as_object().unwrap() {
+        headers.insert(
+            http::HeaderName::try_from(k.as_str()).unwrap(),
+            v.as_str().unwrap().parse().unwrap(),
+        );
+    }
+    standardwebhooks::Webhook::new(NEW_SECRET)
+        .unwrap()
+        .verify(got["body"].as_str().unwrap().as_bytes(), &headers)
+        .expect("the CloudEvents delivery is signed");
 }

@@ -55,6 +55,29 @@ pub struct WebhookEndpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_queued_events: Option<u64>,
+    /// The shape of a delivery: `default` (the provider payload as the body, Standard
+    /// Webhooks headers) or `cloudevents` (CloudEvents 1.0 HTTP binary mode: `ce-id`,
+    /// `ce-source`, `ce-type`, `ce-specversion`, `ce-time` headers, the provider payload as
+    /// the body). Signing applies to both.
+    #[serde(default, skip_serializing_if = "DeliveryFormat::is_default")]
+    pub format: DeliveryFormat,
+}
+
+/// How a delivery is shaped on the wire.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryFormat {
+    /// The provider payload plus Standard Webhooks headers.
+    #[default]
+    Default,
+    /// CloudEvents 1.0, HTTP binary content mode; `ce-id` is the stable `webhook-id`.
+    Cloudevents,
+}
+
+impl DeliveryFormat {
+    fn is_default(&self) -> bool {
+        *self == Self::Default
+    }
 }
 
 /// An event type name used in filters.

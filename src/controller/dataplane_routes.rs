@@ -80,6 +80,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                 headers: ep.headers.clone(),
                 event_types: ep.spec.event_types.iter().map(|e| e.0.clone()).collect(),
                 max_queued_events: ep.spec.max_queued_events,
+                format: ep.spec.format,
             },
         )
         .map_err(|e| e.to_string())

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::Provider;
+use crate::api::endpoint::DeliveryFormat;
 use crate::delivery::{AddressPolicy, Destination, Policy, SigningSecret};
 use crate::health::HealthConfig;
 use crate::inbound::VerificationKeys;
@@ -95,6 +96,8 @@ pub struct EndpointConfig {
     pub event_types: Vec<String>,
     /// Most events that may wait for this endpoint; `None`: the data plane's default.
     pub max_queued_events: Option<u64>,
+    /// How deliveries are shaped (`spec.format`).
+    pub format: DeliveryFormat,
 }
 
 impl std::fmt::Debug for EndpointConfig {
@@ -115,6 +118,7 @@ impl std::fmt::Debug for EndpointConfig {
             )
             .field("event_types", &self.event_types)
             .field("max_queued_events", &self.max_queued_events)
+            .field("format", &self.format)
             .finish()
     }
 }

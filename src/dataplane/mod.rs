@@ -211,6 +211,7 @@ impl DataPlane {
             breaker: self.dispatcher.breaker(&ep.key, &origin),
             policy: ep.policy,
             secrets: ep.signing_secrets,
+            format: ep.format,
             headers,
             metrics: self.metrics.endpoint(&ep.key),
         });

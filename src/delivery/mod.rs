@@ -6,6 +6,7 @@
 pub mod address_policy;
 mod breaker;
 mod destination;
+mod envelope;
 mod policy;
 mod signing;
 

@@ -12,6 +12,7 @@ use tokio::sync::{Notify, watch};
 use url::Url;
 
 use super::{Admission, Breaker, DestinationError, Policy, SigningSecret};
+use crate::api::endpoint::DeliveryFormat;
 use crate::health::Outcome;
 use crate::metrics::EndpointMetrics;
 use crate::queue::{EndpointKey, QueuedEvent};
@@ -25,6 +26,7 @@ pub(crate) struct EndpointRuntime {
     pub policy: Policy,
     pub secrets: Vec<SigningSecret>,
     pub headers: HeaderMap,
+    pub format: DeliveryFormat,
     pub metrics: EndpointMetrics,
     pub breaker: Arc<Breaker>,
 }
@@ -313,16 +315,17 @@ async fn attempt(
         return;
     }
     let ts = jiff::Timestamp::now().as_second();
-    let signature = super::signature_header(&rt.secrets, &ev.id, ts, &ev.payload);
     let request = shared
         .client
         .post(url)
         .timeout(rt.policy.timeout)
-        .headers(rt.headers.clone())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header("webhook-id", ev.id.as_str())
-        .header("webhook-timestamp", ts)
-        .header("webhook-signature", signature)
+        .headers(super::envelope::headers(
+            rt.format,
+            &rt.headers,
+            &rt.secrets,
+            &ev,
+            ts,
+        ))
         .body(ev.payload.clone());
     let failure = match request.send().await {
         Ok(resp) if resp.status().is_success() => {

@@ -52,6 +52,7 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
         }],
         event_types: vec![EventTypeName("call_completed".into())],
         max_queued_events: Some(5000),
+        format: Default::default(),
     }
 }
 
