@@ -18,3 +18,4 @@ pub mod queue;
 pub mod replay;
 pub mod sandbox;
 pub mod telemetry;
+pub mod trace_context;

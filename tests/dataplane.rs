@@ -980,3 +980,83 @@ async fn cloudevents_format_is_read_back_by_the_cloudevents_sdk() {
         .verify(got["body"].as_str().unwrap().as_bytes(), &headers)
         .expect("the CloudEvents delivery is signed");
 }
+
+// ------------------------------------------------------------------ trace context
+
+fn traceparent_of(r: &Received) -> (String, String, String) {
+    let v = r.headers["traceparent"].to_str().unwrap();
+    let p: Vec<&str> = v.split('-').collect();
+    assert_eq!((p.len(), p[0]), (4, "00"), "{v}");
+    assert!(
+        p[1].len() == 32 && p[2].len() == 16 && p[3].len() == 2,
+        "{v}"
+    );
+    (p[1].to_owned(), p[2].to_owned(), p[3].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_carry_traceparent_continued_from_the_provider() {
+    const INCOMING_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const INCOMING_SPAN: &str = "00f067aa0ba902b7";
+    let h = Harness::start(|_, _| {}).await;
+    // The first attempts fail, so the trace is seen across retries too.
+    h.consumer.set_status(500);
+    let send = |id: &str, traceparent: Option<String>| {
+        let mut req = h
+            .http
+            .post(format!("http://{}/hooks/{TOKEN}/calls", h.ingress))
+            .header("x-test-secret", PROVIDER_SECRET)
+            .header("content-type", "application/json")
+            .body(ev(id, "call_completed").to_string());
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let incoming = format!("00-{INCOMING_TRACE}-{INCOMING_SPAN}-01");
+    assert_eq!(send("traced", Some(incoming)).await, 200);
+    assert_eq!(send("untraced", None).await, 200);
+    assert_eq!(send("bad", Some("00-zz-nonsense-01".into())).await, 200);
+    wait_for(
+        "two attempts of each event",
+        Duration::from_secs(10),
+        || {
+            let ids = h.consumer.ids();
+            ids.iter().collect::<HashSet<_>>().len() == 3
+                && ids
+                    .iter()
+                    .all(|i| ids.iter().filter(|j| *j == i).count() >= 2)
+        },
+    )
+    .await;
+    h.consumer.set_status(200);
+    let by_event = |id: &str| -> Vec<(String, String, String)> {
+        h.consumer
+            .requests()
+            .iter()
+            .filter(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"] == id)
+            .map(traceparent_of)
+            .collect()
+    };
+
+    // Continued: the provider's trace id and flags, a new span id for every attempt.
+    let traced = by_event("traced");
+    assert!(traced.len() >= 2);
+    for (trace, _, flags) in &traced {
+        assert_eq!((trace.as_str(), flags.as_str()), (INCOMING_TRACE, "01"));
+    }
+    let spans: HashSet<&String> = traced.iter().map(|t| &t.1).collect();
+    assert_eq!(spans.len(), traced.len(), "a new span per attempt");
+    assert!(!spans.contains(&INCOMING_SPAN.to_string()));
+
+    // None (or an invalid one) sent: a new trace, the same across the event's attempts.
+    for id in ["untraced", "bad"] {
+        let tps = by_event(id);
+        assert!(tps.len() >= 2);
+        assert!(tps.iter().all(|t| t.0 == tps[0].0), "{tps:?}");
+        assert_ne!(tps[0].0, INCOMING_TRACE);
+        assert_ne!(tps[0].0, "0".repeat(32));
+    }
+    assert_ne!(by_event("untraced")[0].0, by_event("bad")[0].0);
+    verify_all(&h.consumer.requests());
+}

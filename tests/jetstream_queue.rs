@@ -42,6 +42,7 @@ fn event(ep: &EndpointKey, key: &str, payload: &str) -> NewEvent {
         dedupe_key: key.into(),
         payload: Bytes::from(payload.to_string()),
         received: SystemTime::now(),
+        traceparent: None,
     }
 }
 

@@ -29,6 +29,10 @@ pub(crate) fn headers(
         }
     };
     set("content-type", "application/json");
+    set(
+        crate::trace_context::HEADER,
+        &crate::trace_context::for_delivery(ev.traceparent.as_deref(), &ev.id),
+    );
     set("webhook-id", &ev.id);
     set("webhook-timestamp", &ts.to_string());
     set(

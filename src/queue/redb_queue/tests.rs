@@ -18,6 +18,7 @@ fn event(endpoint: &EndpointKey, dedupe: &str, received: SystemTime) -> NewEvent
         dedupe_key: dedupe.into(),
         payload: Bytes::from(format!("{{\"k\":\"{dedupe}\"}}")),
         received,
+        traceparent: None,
     }
 }
 
