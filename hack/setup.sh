@@ -24,6 +24,8 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 
 # Helm, for the chart's lint/template tests (pinned; built from its Go module once).
 "$root/hack/helm.sh" version >/dev/null
+# promtool, for `promtool test rules` on the chart's alerts (pinned; built once).
+"$root/hack/promtool.sh" --version >/dev/null
 # nats-server with JetStream, for the JetStream queue and scale-out tests, from its Go
 # module (pinned; the tests look for it here).
 NATS_SERVER_VERSION=v2.14.9

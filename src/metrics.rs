@@ -57,6 +57,7 @@ pub struct Metrics {
     retries: EpCounter,
     dead_lettered: EpCounter,
     queue_depth: Family<StateLabels, Gauge>,
+    subscription_synced: Family<SubscriptionLabels, Gauge>,
     dedupe_keys: Gauge,
     dedupe_evicted: Gauge,
     latency: Family<EndpointLabels, Histogram>,
@@ -101,6 +102,7 @@ impl Metrics {
             retries: Family::default(),
             dead_lettered: Family::default(),
             queue_depth: Family::default(),
+            subscription_synced: Family::default(),
             dedupe_keys: Gauge::default(),
             dedupe_evicted: Gauge::default(),
             latency: Family::new_with_constructor(latency_histogram),
@@ -162,6 +164,11 @@ impl Metrics {
             "queue_depth",
             "Events in the queue, by state",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "subscription_synced",
+            "1 while the subscription's Synced condition is True, else 0 (set where reconcilers run)",
+            m.subscription_synced.clone(),
         );
         r.register(
             "dedupe_keys",
@@ -235,6 +242,27 @@ impl Metrics {
                 subscription: subscription.to_string(),
             })
             .inc();
+    }
+
+    /// Whether `subscription`'s `Synced` condition is `True`; `None` drops the series.
+    pub fn set_subscription_synced(
+        &self,
+        namespace: &str,
+        subscription: &str,
+        synced: Option<bool>,
+    ) {
+        let l = SubscriptionLabels {
+            namespace: namespace.to_string(),
+            subscription: subscription.to_string(),
+        };
+        match synced {
+            Some(s) => {
+                self.subscription_synced.get_or_create(&l).set(i64::from(s));
+            }
+            None => {
+                self.subscription_synced.remove(&l);
+            }
+        }
     }
 
     pub fn set_dedupe(&self, keys: u64, evicted: u64) {

@@ -1060,3 +1060,140 @@ async fn deliveries_carry_traceparent_continued_from_the_provider() {
     assert_ne!(by_event("untraced")[0].0, by_event("bad")[0].0);
     verify_all(&h.consumer.requests());
 }
+
+// ------------------------------------------------------- the chart's alerts and dashboard
+
+/// Sample names a `/metrics` exposition exports, from its `# TYPE` lines.
+fn exported_series(exposition: &str) -> HashSet<String> {
+    let mut names = HashSet::new();
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').unwrap();
+        match kind {
+            "counter" => names.extend([format!("{name}_total")]),
+            "histogram" => {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")))
+            }
+            _ => names.extend([name.to_string()]),
+        }
+    }
+    names
+}
+
+/// Every `webhook_operator_*` identifier in `text`.
+fn referenced_series(text: &str) -> HashSet<String> {
+    let mut out = HashSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("webhook_operator_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_alert_rules_pass_promtool_against_exported_series() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The series a real data plane exports, every family touched once.
+    let h = Harness::start(|_, _| {}).await;
+    assert_eq!(h.post(ev("m1", "call_completed")).await.0, 200);
+    wait_for("a delivery", Duration::from_secs(10), || {
+        !h.consumer.requests().is_empty()
+    })
+    .await;
+    h.dp.set_subscription_synced(&h.key, "calls", true);
+    let exported = exported_series(&h.metrics().await);
+    assert!(
+        exported.contains("webhook_operator_events_delivered_total"),
+        "{exported:?}"
+    );
+
+    // The chart's PrometheusRule and dashboard, rendered with the pinned helm.
+    let out = std::process::Command::new(root.join("hack/helm.sh"))
+        .args(["template", "r", "charts/webhook-operator"])
+        .args(["--set", "prometheusRule.enabled=true"])
+        .args(["--set", "grafanaDashboard.enabled=true"])
+        .current_dir(root)
+        .output()
+        .expect("hack/helm.sh runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|d: &serde_yaml::Value| !d.is_null())
+            .collect();
+    let of_kind = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind} rendered"))
+    };
+    let rules = serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
+        "groups".into(),
+        of_kind("PrometheusRule")["spec"]["groups"].clone(),
+    )]))
+    .unwrap();
+    let dashboard = of_kind("ConfigMap")["data"]["webhook-operator.json"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dash: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    assert!(dash["panels"].as_array().is_some_and(|p| p.len() >= 6));
+    let cases = std::fs::read_to_string(root.join("tests/alerts/rules.test.yaml")).unwrap();
+
+    // A renamed or removed metric breaks the rules, the dashboard or the cases: refuse it.
+    for (what, text) in [
+        ("rules", &rules),
+        ("dashboard", &dashboard),
+        ("cases", &cases),
+    ] {
+        let unknown: Vec<String> = referenced_series(text)
+            .into_iter()
+            .filter(|s| !exported.contains(s))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{what} use series the operator does not export: {unknown:?}"
+        );
+    }
+    for alert in [
+        "WebhookDeliveryFailing",
+        "WebhookBacklogGrowing",
+        "WebhookDeadLetters",
+        "WebhookSubscriptionNotSynced",
+        "WebhookQueueErrors",
+    ] {
+        assert!(
+            rules.contains(alert) && cases.contains(alert),
+            "{alert} untested"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), &rules).unwrap();
+    std::fs::write(dir.path().join("rules.test.yaml"), &cases).unwrap();
+    let run = tokio::process::Command::new(root.join("hack/promtool.sh"))
+        .args(["test", "rules", "rules.test.yaml"])
+        .current_dir(dir.path())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(600), run)
+        .await
+        .expect("promtool finished within 10 min (its first run builds it)")
+        .expect("hack/promtool.sh runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("SUCCESS"), "{text}");
+}

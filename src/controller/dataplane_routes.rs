@@ -41,6 +41,10 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         DataPlane::remove_subscription(self, &key(endpoint), &subscription);
     }
 
+    fn subscription_synced(&self, endpoint: EndpointKey, subscription: String, synced: bool) {
+        DataPlane::set_subscription_synced(self, &key(endpoint), &subscription, synced);
+    }
+
     fn subscription_counters(
         &self,
         endpoint: EndpointKey,

@@ -234,6 +234,14 @@ impl DataPlane {
 
     pub fn remove_subscription(&self, endpoint: &EndpointKey, name: &str) {
         self.routes.remove_subscription(endpoint, name);
+        self.metrics
+            .set_subscription_synced(&endpoint.namespace, name, None);
+    }
+
+    /// Exports whether the subscription is in sync with its provider (for alerts).
+    pub fn set_subscription_synced(&self, endpoint: &EndpointKey, name: &str, synced: bool) {
+        self.metrics
+            .set_subscription_synced(&endpoint.namespace, name, Some(synced));
     }
 
     /// Delivery stats, the `Healthy` verdict and any destination error; `None` until the
