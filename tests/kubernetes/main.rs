@@ -10,6 +10,7 @@ mod chart;
 mod delivery_e2e;
 mod isolation;
 mod operator_run;
+mod plugin;
 mod scaleout;
 mod subscription_sync;
 
