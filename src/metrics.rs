@@ -51,6 +51,7 @@ pub struct Metrics {
     queued: EpCounter,
     duplicates: EpCounter,
     filtered: EpCounter,
+    filter_errors: EpCounter,
     malformed: EpCounter,
     delivered: EpCounter,
     failed: EpCounter,
@@ -70,6 +71,8 @@ pub struct EndpointMetrics {
     pub queued: Counter,
     pub duplicates: Counter,
     pub filtered: Counter,
+    /// Events whose `spec.filter` failed (kept as dead letters).
+    pub filter_errors: Counter,
     /// Batch elements that could not be read (stored as dead letters, not delivered).
     pub malformed: Counter,
     pub delivered: Counter,
@@ -96,6 +99,7 @@ impl Metrics {
             queued: Family::default(),
             duplicates: Family::default(),
             filtered: Family::default(),
+            filter_errors: Family::default(),
             malformed: Family::default(),
             delivered: Family::default(),
             failed: Family::default(),
@@ -132,8 +136,13 @@ impl Metrics {
         );
         r.register(
             "events_filtered",
-            "Events acknowledged but not queued (event type filter)",
+            "Events acknowledged and not delivered: not in eventTypes, or spec.filter false",
             m.filtered.clone(),
+        );
+        r.register(
+            "filter_errors",
+            "Events whose spec.filter failed to evaluate (kept as dead letters)",
+            m.filter_errors.clone(),
         );
         r.register(
             "events_malformed",
@@ -198,6 +207,7 @@ impl Metrics {
             queued: self.queued.get_or_create(&l).clone(),
             duplicates: self.duplicates.get_or_create(&l).clone(),
             filtered: self.filtered.get_or_create(&l).clone(),
+            filter_errors: self.filter_errors.get_or_create(&l).clone(),
             malformed: self.malformed.get_or_create(&l).clone(),
             delivered: self.delivered.get_or_create(&l).clone(),
             failed: self.failed.get_or_create(&l).clone(),
@@ -218,6 +228,7 @@ impl Metrics {
             &self.queued,
             &self.duplicates,
             &self.filtered,
+            &self.filter_errors,
             &self.malformed,
             &self.delivered,
             &self.failed,

@@ -222,6 +222,7 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         event_types: vec![],
         max_queued_events: None,
         format: Default::default(),
+        filter: None,
     }
 }
 
@@ -1196,4 +1197,65 @@ async fn chart_alert_rules_pass_promtool_against_exported_series() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success() && text.contains("SUCCESS"), "{text}");
+}
+
+// ---------------------------------------------------------------------- spec.filter
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_delivers_matches_counts_skips_and_dead_letters_errors() {
+    let h = Harness::start(|_, ep| {
+        ep.filter = Some(
+            webhook_operator::delivery::filter::Filter::compile(
+                "payload.call.lead_warmth == 'hot' && eventType == 'call_completed'",
+            )
+            .unwrap(),
+        );
+    })
+    .await;
+    let event = |id: &str, call: serde_json::Value| serde_json::json!({"type": "call_completed", "id": id, "call": call});
+    assert_eq!(
+        h.post(event("hot", serde_json::json!({"lead_warmth": "hot"})))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        h.post(event("cold", serde_json::json!({"lead_warmth": "cold"})))
+            .await
+            .0,
+        200
+    );
+    // No `lead_warmth`: the expression fails on this event.
+    assert_eq!(h.post(event("broken", serde_json::json!({}))).await.0, 200);
+
+    wait_for(
+        "one filtered, one dead letter",
+        Duration::from_secs(10),
+        || {
+            let d = h.dp.queue_depth(&h.key);
+            d.dead_lettered == 1 && d.pending == 0 && d.leased == 0
+        },
+    )
+    .await;
+    wait_for("the match delivered", Duration::from_secs(10), || {
+        !h.consumer.requests().is_empty()
+    })
+    .await;
+    let delivered: Vec<String> = h
+        .consumer
+        .requests()
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].to_string())
+        .collect();
+    assert_eq!(delivered, ["\"hot\""]);
+    let metrics = h.metrics().await;
+    for line in [
+        "webhook_operator_events_filtered_total{namespace=\"apps\",name=\"orders\"} 1",
+        "webhook_operator_filter_errors_total{namespace=\"apps\",name=\"orders\"} 1",
+        "webhook_operator_events_dead_lettered_total{namespace=\"apps\",name=\"orders\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    // The failing event is kept: a replay (after fixing the filter) brings it back.
+    assert_eq!(h.dp.replay(&h.key, ReplayFilter::All).await.unwrap(), 1);
 }

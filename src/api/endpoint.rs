@@ -61,6 +61,15 @@ pub struct WebhookEndpointSpec {
     /// the body). Signing applies to both.
     #[serde(default, skip_serializing_if = "DeliveryFormat::is_default")]
     pub format: DeliveryFormat,
+    /// A CEL expression deciding per event whether it is delivered, over `payload` (the
+    /// provider's JSON payload), `eventType` and `subscription`; for example
+    /// `payload.call.analysis.lead_warmth == 'hot'`. False: the event is acknowledged and
+    /// counted as filtered. An expression that does not compile makes `Ready=False` with
+    /// reason `FilterInvalid`; one that fails on an event (or gives no bool) keeps that
+    /// event as a dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub filter: Option<String>,
 }
 
 /// How a delivery is shaped on the wire.

@@ -85,6 +85,13 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                 event_types: ep.spec.event_types.iter().map(|e| e.0.clone()).collect(),
                 max_queued_events: ep.spec.max_queued_events,
                 format: ep.spec.format,
+                filter: ep
+                    .spec
+                    .filter
+                    .as_deref()
+                    .map(crate::delivery::filter::Filter::compile)
+                    .transpose()
+                    .map_err(|e| format!("spec.filter: {e}"))?,
             },
         )
         .map_err(|e| e.to_string())

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::api::Provider;
 use crate::api::endpoint::DeliveryFormat;
+use crate::delivery::filter::Filter;
 use crate::delivery::{AddressPolicy, Destination, Policy, SigningSecret};
 use crate::health::HealthConfig;
 use crate::inbound::VerificationKeys;
@@ -98,6 +99,8 @@ pub struct EndpointConfig {
     pub max_queued_events: Option<u64>,
     /// How deliveries are shaped (`spec.format`).
     pub format: DeliveryFormat,
+    /// `spec.filter`, compiled.
+    pub filter: Option<Filter>,
 }
 
 impl std::fmt::Debug for EndpointConfig {
@@ -119,6 +122,7 @@ impl std::fmt::Debug for EndpointConfig {
             .field("event_types", &self.event_types)
             .field("max_queued_events", &self.max_queued_events)
             .field("format", &self.format)
+            .field("filter", &self.filter)
             .finish()
     }
 }

@@ -212,6 +212,7 @@ impl DataPlane {
             policy: ep.policy,
             secrets: ep.signing_secrets,
             format: ep.format,
+            filter: ep.filter,
             headers,
             metrics: self.metrics.endpoint(&ep.key),
         });

@@ -27,6 +27,7 @@ pub(crate) struct EndpointRuntime {
     pub secrets: Vec<SigningSecret>,
     pub headers: HeaderMap,
     pub format: DeliveryFormat,
+    pub filter: Option<super::filter::Filter>,
     pub metrics: EndpointMetrics,
     pub breaker: Arc<Breaker>,
 }
@@ -313,6 +314,37 @@ async fn attempt(
             }
         }
         return;
+    }
+    if let Some(filter) = &rt.filter {
+        use super::filter::Verdict;
+        match filter.evaluate(&ev.payload, &ev.event_type, &ev.subscription) {
+            Verdict::Deliver => {}
+            Verdict::Skip => {
+                in_flight.answered();
+                match shared.queue.ack(&ev).await {
+                    Ok(()) => {
+                        rt.metrics.filtered.inc();
+                    }
+                    Err(e) => {
+                        tracing::warn!(endpoint = %rt.key, error = %e, "acknowledging a filtered event failed")
+                    }
+                }
+                return;
+            }
+            Verdict::Error(reason) => {
+                in_flight.answered();
+                rt.metrics.filter_errors.inc();
+                match shared.queue.dead_letter(&ev, &reason).await {
+                    Ok(()) => {
+                        rt.metrics.dead_lettered.inc();
+                    }
+                    Err(e) => {
+                        tracing::warn!(endpoint = %rt.key, error = %e, "storing a filter error as a dead letter failed")
+                    }
+                }
+                return;
+            }
+        }
     }
     let ts = jiff::Timestamp::now().as_second();
     let request = shared

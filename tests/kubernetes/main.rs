@@ -8,6 +8,7 @@ mod api_validation;
 mod bounds;
 mod chart;
 mod delivery_e2e;
+mod filter;
 mod isolation;
 mod operator_run;
 mod plugin;

@@ -108,7 +108,11 @@ async fn kubectl_webhooks_plugin_tests_replays_rotates_and_shows_status() {
             .filter(|r| r.body.to_string().contains("plugin-1"))
             .count()
     };
-    assert_eq!(attempts(&consumer), 0, "refused, so not recorded as received");
+    assert_eq!(
+        attempts(&consumer),
+        0,
+        "refused, so not recorded as received"
+    );
     ok(
         &kubectl_webhooks(&env, plugin_dir.path(), &["replay", "orders"]).await,
         "replay",
