@@ -12,7 +12,7 @@ use serde_json::json;
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 
 use crate::delivery_e2e::{
-    atlas_event, consumer_destination, ingress_url, setup_with, wait_endpoint,
+    atlas_event, consumer_destination, free_port, ingress_url, setup_with, wait_endpoint,
 };
 use crate::fixtures::*;
 use crate::support::{TestEnv, wait_until};
@@ -54,14 +54,28 @@ async fn signing_secret(env: &TestEnv) -> Vec<u8> {
 
 #[tokio::test]
 async fn kubectl_webhooks_plugin_tests_replays_rotates_and_shows_status() {
+    let ops = format!("127.0.0.1:{}", free_port());
     let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
         "plugin",
         json!({"destination": consumer_destination()}),
-        &[],
+        &["--ops-addr", &ops],
     )
     .await;
     apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
     wait_condition(&env, "atlas", "Ready", "True", None).await;
+    // The reconciler exports the Synced condition for the chart's alert.
+    let synced = format!(
+        "webhook_operator_subscription_synced{{namespace=\"{}\",subscription=\"atlas\"}} 1",
+        env.namespace
+    );
+    wait_until(Duration::from_secs(30), "subscription_synced 1", || {
+        let (url, synced) = (format!("http://{ops}/metrics"), synced.clone());
+        async move {
+            let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+            text.contains(&synced).then_some(())
+        }
+    })
+    .await;
     let plugin_dir = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(
         env!("CARGO_BIN_EXE_webhook-operator"),
