@@ -2,6 +2,10 @@
 //! events cross the durable queue and reach an axum consumer, signed with Standard Webhooks.
 //! Every server binds 127.0.0.1:0; every wait is bounded.
 
+#[path = "common/sdk.rs"]
+mod sdk;
+use sdk::sdk_python;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -893,19 +897,6 @@ async fn signature_failures_are_counted_per_subscription() {
 }
 
 // ------------------------------------------------------------ CloudEvents delivery
-
-/// The venv `hack/setup.sh` installs the pinned SDKs into.
-fn sdk_python() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("WEBHOOK_OPERATOR_SDK_PYTHON") {
-        return p.into();
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache")
-        });
-    cache.join("webhook-operator/sdk-venv/bin/python")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudevents_format_is_read_back_by_the_cloudevents_sdk() {
