@@ -30,6 +30,8 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 
 # Helm, for the chart's lint/template tests (pinned; built from its Go module once).
 "$root/hack/helm.sh" version >/dev/null
+# promtool, for `promtool test rules` on the chart's alerts (pinned; built once).
+"$root/hack/promtool.sh" --version >/dev/null
 # nats-server with JetStream, for the JetStream queue and scale-out tests, from its Go
 # module (pinned; the tests look for it here).
 NATS_SERVER_VERSION=v2.14.9
@@ -47,4 +49,10 @@ sdk_venv="${XDG_CACHE_HOME:-$HOME/.cache}/webhook-operator/sdk-venv"
 if ! "$sdk_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('smallestai') != '$SMALLESTAI_VERSION')" 2>/dev/null; then
   python3 -m venv "$sdk_venv"
   "$sdk_venv/bin/pip" install --quiet "smallestai==$SMALLESTAI_VERSION"
+fi
+# The CloudEvents Python SDK, pinned, in the same venv: the consumer of
+# cloudevents_format_is_read_back_by_the_cloudevents_sdk (tests/dataplane.rs).
+CLOUDEVENTS_VERSION=2.2.0
+if ! "$sdk_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('cloudevents') != '$CLOUDEVENTS_VERSION')" 2>/dev/null; then
+  "$sdk_venv/bin/pip" install --quiet "cloudevents==$CLOUDEVENTS_VERSION"
 fi

@@ -1,6 +1,7 @@
 //! webhook-operator: manages provider webhooks as Kubernetes custom resources, receives
 //! their events, stores them durably and delivers them to in-cluster services.
 
+pub mod annotate;
 pub mod api;
 pub mod config;
 pub mod controller;
@@ -13,8 +14,10 @@ pub mod inbound;
 pub mod ingress;
 pub mod leader;
 pub mod metrics;
+pub mod plugin;
 pub mod providers;
 pub mod queue;
 pub mod replay;
 pub mod sandbox;
 pub mod telemetry;
+pub mod trace_context;

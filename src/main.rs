@@ -35,6 +35,11 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Installed as `kubectl-webhooks`, the binary is the kubectl plugin.
+    if webhook_operator::plugin::invoked_as_plugin() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        return webhook_operator::plugin::run(webhook_operator::plugin::Plugin::parse()).await;
+    }
     match Cli::parse().command {
         Command::Crd => print!("{}", api::crds_yaml()),
         Command::Replay(args) => {

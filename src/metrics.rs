@@ -60,12 +60,14 @@ pub struct Metrics {
     queued: EpCounter,
     duplicates: EpCounter,
     filtered: EpCounter,
+    filter_errors: EpCounter,
     malformed: EpCounter,
     delivered: EpCounter,
     failed: EpCounter,
     retries: EpCounter,
     dead_lettered: EpCounter,
     queue_depth: Family<StateLabels, Gauge>,
+    subscription_synced: Family<SubscriptionLabels, Gauge>,
     dedupe_keys: Gauge,
     dedupe_evicted: Gauge,
     latency: Family<EndpointLabels, Histogram>,
@@ -79,6 +81,8 @@ pub struct EndpointMetrics {
     pub queued: Counter,
     pub duplicates: Counter,
     pub filtered: Counter,
+    /// Events whose `spec.filter` failed (kept as dead letters).
+    pub filter_errors: Counter,
     /// Batch elements that could not be read (stored as dead letters, not delivered).
     pub malformed: Counter,
     pub delivered: Counter,
@@ -105,12 +109,14 @@ impl Metrics {
             queued: Family::default(),
             duplicates: Family::default(),
             filtered: Family::default(),
+            filter_errors: Family::default(),
             malformed: Family::default(),
             delivered: Family::default(),
             failed: Family::default(),
             retries: Family::default(),
             dead_lettered: Family::default(),
             queue_depth: Family::default(),
+            subscription_synced: Family::default(),
             dedupe_keys: Gauge::default(),
             dedupe_evicted: Gauge::default(),
             latency: Family::new_with_constructor(latency_histogram),
@@ -141,8 +147,13 @@ impl Metrics {
         );
         r.register(
             "events_filtered",
-            "Events acknowledged but not queued (event type filter)",
+            "Events acknowledged and not delivered: not in eventTypes, or spec.filter false",
             m.filtered.clone(),
+        );
+        r.register(
+            "filter_errors",
+            "Events whose spec.filter failed to evaluate (kept as dead letters)",
+            m.filter_errors.clone(),
         );
         r.register(
             "events_malformed",
@@ -173,6 +184,11 @@ impl Metrics {
             "queue_depth",
             "Events in the queue, by state",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "subscription_synced",
+            "1 while the subscription's Synced condition is True, else 0 (set where reconcilers run)",
+            m.subscription_synced.clone(),
         );
         r.register(
             "dedupe_keys",
@@ -207,6 +223,7 @@ impl Metrics {
             queued: self.queued.get_or_create(&l).clone(),
             duplicates: self.duplicates.get_or_create(&l).clone(),
             filtered: self.filtered.get_or_create(&l).clone(),
+            filter_errors: self.filter_errors.get_or_create(&l).clone(),
             malformed: self.malformed.get_or_create(&l).clone(),
             delivered: self.delivered.get_or_create(&l).clone(),
             failed: self.failed.get_or_create(&l).clone(),
@@ -227,6 +244,7 @@ impl Metrics {
             &self.queued,
             &self.duplicates,
             &self.filtered,
+            &self.filter_errors,
             &self.malformed,
             &self.delivered,
             &self.failed,
@@ -258,6 +276,27 @@ impl Metrics {
         self.reconcile_failures
             .get_or_create(&ReconcileFailureLabels { kind, reason })
             .inc();
+    }
+
+    /// Whether `subscription`'s `Synced` condition is `True`; `None` drops the series.
+    pub fn set_subscription_synced(
+        &self,
+        namespace: &str,
+        subscription: &str,
+        synced: Option<bool>,
+    ) {
+        let l = SubscriptionLabels {
+            namespace: namespace.to_string(),
+            subscription: subscription.to_string(),
+        };
+        match synced {
+            Some(s) => {
+                self.subscription_synced.get_or_create(&l).set(i64::from(s));
+            }
+            None => {
+                self.subscription_synced.remove(&l);
+            }
+        }
     }
 
     pub fn set_dedupe(&self, keys: u64, evicted: u64) {

@@ -5,9 +5,10 @@
 use std::time::Duration;
 
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use serde_json::json;
 
+use crate::annotate::{annotate_and_wait, request_value};
 use crate::api::WebhookEndpoint;
 use crate::controller::endpoint::{
     REPLAY_ANNOTATION, REPLAY_BY_ANNOTATION, REPLAY_SINCE_ANNOTATION, REPLAY_UNTIL_ANNOTATION,
@@ -41,36 +42,24 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
     let api: Api<WebhookEndpoint> = Api::namespaced(client, &ns);
-    let request = jiff::Timestamp::now().to_string();
-    let patch = json!({"metadata": {"annotations": {
+    let request = request_value();
+    let annotations = json!({
         REPLAY_ANNOTATION: request,
         REPLAY_SINCE_ANNOTATION: args.since.map(|t| t.to_string()),
         REPLAY_UNTIL_ANNOTATION: args.until.map(|t| t.to_string()),
         REPLAY_BY_ANNOTATION: args.by,
-    }}});
-    api.patch(
-        &args.endpoint,
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
+    });
+    let serde_json::Value::Object(annotations) = annotations else {
+        unreachable!("a JSON object literal")
+    };
+    annotate_and_wait(&api, &args.endpoint, annotations, args.timeout, |ep| {
+        let echoed = ep.status.as_ref()?.last_handled_replay_at.as_deref()?;
+        (echoed == request).then_some(())
+    })
     .await?;
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    loop {
-        let ep = api.get(&args.endpoint).await?;
-        if ep.status.and_then(|s| s.last_handled_replay_at).as_deref() == Some(request.as_str()) {
-            println!(
-                "replay of {ns}/{} handled (request {request}); see its Events for the count",
-                args.endpoint
-            );
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "the operator did not handle the replay of {ns}/{} within {:?}",
-                args.endpoint,
-                args.timeout
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    println!(
+        "replay of {ns}/{} handled (request {request}); see its Events for the count",
+        args.endpoint
+    );
+    Ok(())
 }

@@ -2,6 +2,10 @@
 //! events cross the durable queue and reach an axum consumer, signed with Standard Webhooks.
 //! Every server binds 127.0.0.1:0; every wait is bounded.
 
+#[path = "common/sdk.rs"]
+mod sdk;
+use sdk::sdk_python;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -221,6 +225,8 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         headers: vec![("x-consumer-key".into(), "consumer-secret".into())],
         event_types: vec![],
         max_queued_events: None,
+        format: Default::default(),
+        filter: None,
     }
 }
 
@@ -901,4 +907,359 @@ async fn signature_failures_are_counted_per_subscription() {
         ),
         "{metrics}"
     );
+}
+
+// ------------------------------------------------------------ CloudEvents delivery
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_format_is_read_back_by_the_cloudevents_sdk() {
+    use tokio::io::AsyncBufReadExt;
+    let python = sdk_python();
+    assert!(
+        python.exists(),
+        "{} is missing: run hack/setup.sh (it installs the pinned cloudevents SDK)",
+        python.display()
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/conformance/cloudevents_consumer.py"
+    );
+    let mut child = tokio::process::Command::new(&python)
+        .args([script, "1"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let next_line = async |lines: &mut tokio::io::Lines<_>| {
+        tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the SDK consumer answered within 20 s")
+            .unwrap()
+            .expect("the SDK consumer printed a line")
+    };
+    let first: String = next_line(&mut lines).await;
+    let port: u16 = first.strip_prefix("listening ").unwrap().parse().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = EndpointKey::new("apps", "orders");
+    let config = test_config(dir.path(), SocketAddr::from(([127, 0, 0, 1], port)));
+    let mut ep = endpoint(&key, service(), fast_policy());
+    ep.format = webhook_operator::api::endpoint::DeliveryFormat::Cloudevents;
+    let dp = DataPlane::open(config, Arc::new(TestParser)).await.unwrap();
+    let h = Harness::wire(dp, ep, Consumer::start().await, dir).await;
+    let before = std::time::SystemTime::now();
+    assert_eq!(h.post(ev("ce1", "call_completed")).await.0, 200);
+
+    let line: String = next_line(&mut lines).await;
+    let got: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(got.get("error").is_none(), "the SDK refused: {line}");
+    assert_eq!(got["specversion"], "1.0");
+    assert_eq!(got["type"], "call_completed");
+    assert_eq!(got["source"], "/namespaces/apps/webhooksubscriptions/calls");
+    assert_eq!(got["datacontenttype"], "application/json");
+    assert_eq!(
+        got["data"],
+        ev("ce1", "call_completed"),
+        "body = provider payload"
+    );
+    // ce-id is the stable webhook-id.
+    assert_eq!(got["id"], got["webhook"]["webhook-id"], "{line}");
+    assert!(got["id"].as_str().is_some_and(|s| !s.is_empty()));
+    let time: jiff::Timestamp = got["time"].as_str().unwrap().parse().unwrap();
+    let before = jiff::Timestamp::try_from(before).unwrap();
+    assert!(
+        time >= before - jiff::SignedDuration::from_secs(1) && time <= jiff::Timestamp::now(),
+        "ce-time {time} is the receive time"
+    );
+    // Signing stays available in this format.
+    let mut headers = HeaderMap::new();
+    for (k, v) in got["webhook"].as_object().unwrap() {
+        headers.insert(
+            http::HeaderName::try_from(k.as_str()).unwrap(),
+            v.as_str().unwrap().parse().unwrap(),
+        );
+    }
+    standardwebhooks::Webhook::new(NEW_SECRET)
+        .unwrap()
+        .verify(got["body"].as_str().unwrap().as_bytes(), &headers)
+        .expect("the CloudEvents delivery is signed");
+}
+
+// ------------------------------------------------------------------ trace context
+
+fn traceparent_of(r: &Received) -> (String, String, String) {
+    let v = r.headers["traceparent"].to_str().unwrap();
+    let p: Vec<&str> = v.split('-').collect();
+    assert_eq!((p.len(), p[0]), (4, "00"), "{v}");
+    assert!(
+        p[1].len() == 32 && p[2].len() == 16 && p[3].len() == 2,
+        "{v}"
+    );
+    (p[1].to_owned(), p[2].to_owned(), p[3].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_carry_traceparent_continued_from_the_provider() {
+    const INCOMING_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const INCOMING_SPAN: &str = "00f067aa0ba902b7";
+    let h = Harness::start(|_, _| {}).await;
+    // The first attempts fail, so the trace is seen across retries too.
+    h.consumer.set_status(500);
+    let send = |id: &str, traceparent: Option<String>| {
+        let mut req = h
+            .http
+            .post(format!("http://{}/hooks/{TOKEN}/calls", h.ingress))
+            .header("x-test-secret", PROVIDER_SECRET)
+            .header("content-type", "application/json")
+            .body(ev(id, "call_completed").to_string());
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let incoming = format!("00-{INCOMING_TRACE}-{INCOMING_SPAN}-01");
+    assert_eq!(send("traced", Some(incoming)).await, 200);
+    assert_eq!(send("untraced", None).await, 200);
+    assert_eq!(send("bad", Some("00-zz-nonsense-01".into())).await, 200);
+    wait_for(
+        "two attempts of each event",
+        Duration::from_secs(10),
+        || {
+            let ids = h.consumer.ids();
+            ids.iter().collect::<HashSet<_>>().len() == 3
+                && ids
+                    .iter()
+                    .all(|i| ids.iter().filter(|j| *j == i).count() >= 2)
+        },
+    )
+    .await;
+    h.consumer.set_status(200);
+    let by_event = |id: &str| -> Vec<(String, String, String)> {
+        h.consumer
+            .requests()
+            .iter()
+            .filter(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"] == id)
+            .map(traceparent_of)
+            .collect()
+    };
+
+    // Continued: the provider's trace id and flags, a new span id for every attempt.
+    let traced = by_event("traced");
+    assert!(traced.len() >= 2);
+    for (trace, _, flags) in &traced {
+        assert_eq!((trace.as_str(), flags.as_str()), (INCOMING_TRACE, "01"));
+    }
+    let spans: HashSet<&String> = traced.iter().map(|t| &t.1).collect();
+    assert_eq!(spans.len(), traced.len(), "a new span per attempt");
+    assert!(!spans.contains(&INCOMING_SPAN.to_string()));
+
+    // None (or an invalid one) sent: a new trace, the same across the event's attempts.
+    for id in ["untraced", "bad"] {
+        let tps = by_event(id);
+        assert!(tps.len() >= 2);
+        assert!(tps.iter().all(|t| t.0 == tps[0].0), "{tps:?}");
+        assert_ne!(tps[0].0, INCOMING_TRACE);
+        assert_ne!(tps[0].0, "0".repeat(32));
+    }
+    assert_ne!(by_event("untraced")[0].0, by_event("bad")[0].0);
+    verify_all(&h.consumer.requests());
+}
+
+// ------------------------------------------------------- the chart's alerts and dashboard
+
+/// Sample names a `/metrics` exposition exports, from its `# TYPE` lines.
+fn exported_series(exposition: &str) -> HashSet<String> {
+    let mut names = HashSet::new();
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').unwrap();
+        match kind {
+            "counter" => names.extend([format!("{name}_total")]),
+            "histogram" => {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")))
+            }
+            _ => names.extend([name.to_string()]),
+        }
+    }
+    names
+}
+
+/// Every `webhook_operator_*` identifier in `text`.
+fn referenced_series(text: &str) -> HashSet<String> {
+    let mut out = HashSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("webhook_operator_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_alert_rules_pass_promtool_against_exported_series() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The series a real data plane exports, every family touched once.
+    let h = Harness::start(|_, _| {}).await;
+    assert_eq!(h.post(ev("m1", "call_completed")).await.0, 200);
+    wait_for("a delivery", Duration::from_secs(10), || {
+        !h.consumer.requests().is_empty()
+    })
+    .await;
+    h.dp.set_subscription_synced(&h.key, "calls", true);
+    let exported = exported_series(&h.metrics().await);
+    assert!(
+        exported.contains("webhook_operator_events_delivered_total"),
+        "{exported:?}"
+    );
+
+    // The chart's PrometheusRule and dashboard, rendered with the pinned helm.
+    let out = std::process::Command::new(root.join("hack/helm.sh"))
+        .args(["template", "r", "charts/webhook-operator"])
+        .args(["--set", "prometheusRule.enabled=true"])
+        .args(["--set", "grafanaDashboard.enabled=true"])
+        .current_dir(root)
+        .output()
+        .expect("hack/helm.sh runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|d: &serde_yaml::Value| !d.is_null())
+            .collect();
+    let of_kind = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind} rendered"))
+    };
+    let rules = serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
+        "groups".into(),
+        of_kind("PrometheusRule")["spec"]["groups"].clone(),
+    )]))
+    .unwrap();
+    let dashboard = of_kind("ConfigMap")["data"]["webhook-operator.json"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dash: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    assert!(dash["panels"].as_array().is_some_and(|p| p.len() >= 6));
+    let cases = std::fs::read_to_string(root.join("tests/alerts/rules.test.yaml")).unwrap();
+
+    // A renamed or removed metric breaks the rules, the dashboard or the cases: refuse it.
+    for (what, text) in [
+        ("rules", &rules),
+        ("dashboard", &dashboard),
+        ("cases", &cases),
+    ] {
+        let unknown: Vec<String> = referenced_series(text)
+            .into_iter()
+            .filter(|s| !exported.contains(s))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{what} use series the operator does not export: {unknown:?}"
+        );
+    }
+    for alert in [
+        "WebhookDeliveryFailing",
+        "WebhookBacklogGrowing",
+        "WebhookDeadLetters",
+        "WebhookSubscriptionNotSynced",
+        "WebhookQueueErrors",
+    ] {
+        assert!(
+            rules.contains(alert) && cases.contains(alert),
+            "{alert} untested"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), &rules).unwrap();
+    std::fs::write(dir.path().join("rules.test.yaml"), &cases).unwrap();
+    let run = tokio::process::Command::new(root.join("hack/promtool.sh"))
+        .args(["test", "rules", "rules.test.yaml"])
+        .current_dir(dir.path())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(600), run)
+        .await
+        .expect("promtool finished within 10 min (its first run builds it)")
+        .expect("hack/promtool.sh runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("SUCCESS"), "{text}");
+}
+
+// ---------------------------------------------------------------------- spec.filter
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_delivers_matches_counts_skips_and_dead_letters_errors() {
+    let h = Harness::start(|_, ep| {
+        ep.filter = Some(
+            webhook_operator::delivery::filter::Filter::compile(
+                "payload.call.lead_warmth == 'hot' && eventType == 'call_completed'",
+            )
+            .unwrap(),
+        );
+    })
+    .await;
+    let event = |id: &str, call: serde_json::Value| serde_json::json!({"type": "call_completed", "id": id, "call": call});
+    assert_eq!(
+        h.post(event("hot", serde_json::json!({"lead_warmth": "hot"})))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        h.post(event("cold", serde_json::json!({"lead_warmth": "cold"})))
+            .await
+            .0,
+        200
+    );
+    // No `lead_warmth`: the expression fails on this event.
+    assert_eq!(h.post(event("broken", serde_json::json!({}))).await.0, 200);
+
+    wait_for(
+        "one filtered, one dead letter",
+        Duration::from_secs(10),
+        || {
+            let d = h.dp.queue_depth(&h.key);
+            d.dead_lettered == 1 && d.pending == 0 && d.leased == 0
+        },
+    )
+    .await;
+    wait_for("the match delivered", Duration::from_secs(10), || {
+        !h.consumer.requests().is_empty()
+    })
+    .await;
+    let delivered: Vec<String> = h
+        .consumer
+        .requests()
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].to_string())
+        .collect();
+    assert_eq!(delivered, ["\"hot\""]);
+    let metrics = h.metrics().await;
+    for line in [
+        "webhook_operator_events_filtered_total{namespace=\"apps\",name=\"orders\"} 1",
+        "webhook_operator_filter_errors_total{namespace=\"apps\",name=\"orders\"} 1",
+        "webhook_operator_events_dead_lettered_total{namespace=\"apps\",name=\"orders\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    // The failing event is kept: a replay (after fixing the filter) brings it back.
+    assert_eq!(h.dp.replay(&h.key, ReplayFilter::All).await.unwrap(), 1);
 }

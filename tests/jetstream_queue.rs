@@ -42,6 +42,7 @@ fn event(ep: &EndpointKey, key: &str, payload: &str) -> NewEvent {
         dedupe_key: key.into(),
         payload: Bytes::from(payload.to_string()),
         received: SystemTime::now(),
+        traceparent: None,
     }
 }
 
@@ -395,4 +396,32 @@ async fn purge_deletes_an_endpoints_pending_events_and_dead_letters_only() {
         0
     );
     assert_eq!(lease_n(&q, &kept, 1, Duration::from_secs(5)).await.len(), 1);
+}
+
+#[tokio::test]
+async fn the_providers_traceparent_survives_lease_dead_letter_and_replay() {
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let server = NatsServer::start();
+    let ep = EndpointKey::new("apps", "traced");
+    let q = connect(&server).await;
+    let mut traced = event(&ep, "k1", "p");
+    traced.traceparent = Some(TP.into());
+    q.enqueue(vec![traced, event(&ep, "k2", "q")])
+        .await
+        .unwrap();
+    let leased = lease_n(&q, &ep, 2, Duration::from_secs(5)).await;
+    let tps: Vec<Option<&str>> = leased.iter().map(|e| e.traceparent.as_deref()).collect();
+    assert!(tps.contains(&Some(TP)) && tps.contains(&None), "{tps:?}");
+    for e in &leased {
+        q.dead_letter(e, "HTTP 400").await.unwrap();
+    }
+    assert_eq!(
+        q.replay(&ep, ReplayFilter::All, SystemTime::now())
+            .await
+            .unwrap(),
+        2
+    );
+    let again = lease_n(&q, &ep, 2, Duration::from_secs(5)).await;
+    let tps: Vec<Option<&str>> = again.iter().map(|e| e.traceparent.as_deref()).collect();
+    assert!(tps.contains(&Some(TP)) && tps.contains(&None), "{tps:?}");
 }

@@ -1,6 +1,10 @@
 //! Provider clients against the in-process simulators, over real loopback sockets, plus
 //! simulated deliveries into a loopback receiver checked by the inbound parsers.
 
+#[path = "common/sdk.rs"]
+mod sdk;
+use sdk::sdk_python;
+
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1338,19 +1342,6 @@ async fn atlas_event_without_trigger_is_known_by_the_url_it_arrived_on() {
 }
 
 // ------------------------------------------- conformance with the official Smallest SDK
-
-/// The venv `hack/setup.sh` installs the pinned `smallestai` SDK into.
-fn sdk_python() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("WEBHOOK_OPERATOR_SDK_PYTHON") {
-        return p.into();
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache")
-        });
-    cache.join("webhook-operator/sdk-venv/bin/python")
-}
 
 #[tokio::test]
 async fn smallest_official_sdk_conforms() {

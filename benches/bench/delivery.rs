@@ -376,6 +376,8 @@ pub async fn run(concurrency: usize, duration: Duration) -> anyhow::Result<Deliv
         headers: vec![],
         max_queued_events: None,
         event_types: vec![],
+        format: Default::default(),
+        filter: None,
     })?;
     dp.upsert_subscription(SubscriptionRoute {
         endpoint: key.clone(),

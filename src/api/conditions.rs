@@ -50,4 +50,6 @@ pub mod reasons {
     /// The endpoint's backlog (or the queue's disk) is at its bound: the ingress refuses
     /// new events with 503 and `Retry-After` until deliveries catch up.
     pub const BACKLOGGED: &str = "Backlogged";
+    /// `spec.filter` does not compile; the message is the compiler's.
+    pub const FILTER_INVALID: &str = "FilterInvalid";
 }

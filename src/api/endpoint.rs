@@ -55,6 +55,38 @@ pub struct WebhookEndpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_queued_events: Option<u64>,
+    /// The shape of a delivery: `default` (the provider payload as the body, Standard
+    /// Webhooks headers) or `cloudevents` (CloudEvents 1.0 HTTP binary mode: `ce-id`,
+    /// `ce-source`, `ce-type`, `ce-specversion`, `ce-time` headers, the provider payload as
+    /// the body). Signing applies to both.
+    #[serde(default, skip_serializing_if = "DeliveryFormat::is_default")]
+    pub format: DeliveryFormat,
+    /// A CEL expression deciding per event whether it is delivered, over `payload` (the
+    /// provider's JSON payload), `eventType` and `subscription`; for example
+    /// `payload.call.analysis.lead_warmth == 'hot'`. False: the event is acknowledged and
+    /// counted as filtered. An expression that does not compile makes `Ready=False` with
+    /// reason `FilterInvalid`; one that fails on an event (or gives no bool) keeps that
+    /// event as a dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub filter: Option<String>,
+}
+
+/// How a delivery is shaped on the wire.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryFormat {
+    /// The provider payload plus Standard Webhooks headers.
+    #[default]
+    Default,
+    /// CloudEvents 1.0, HTTP binary content mode; `ce-id` is the stable `webhook-id`.
+    Cloudevents,
+}
+
+impl DeliveryFormat {
+    fn is_default(&self) -> bool {
+        *self == Self::Default
+    }
 }
 
 /// An event type name used in filters.

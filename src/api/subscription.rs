@@ -337,15 +337,27 @@ pub enum TestResult {
     Failed,
 }
 
+impl TestResult {
+    /// The name written to the status.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TestResult::Pending => "Pending",
+            TestResult::Delivered => "Delivered",
+            TestResult::Failed => "Failed",
+        }
+    }
+}
+
+impl std::fmt::Display for TestResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Compares with the name written to the status (`"Delivered"`).
 impl PartialEq<&str> for TestResult {
     fn eq(&self, other: &&str) -> bool {
-        matches!(
-            (self, *other),
-            (TestResult::Pending, "Pending")
-                | (TestResult::Delivered, "Delivered")
-                | (TestResult::Failed, "Failed")
-        )
+        self.as_str() == *other
     }
 }
 

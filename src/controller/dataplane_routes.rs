@@ -45,6 +45,10 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         DataPlane::remove_subscription(self, &key(endpoint), &subscription);
     }
 
+    fn subscription_synced(&self, endpoint: EndpointKey, subscription: String, synced: bool) {
+        DataPlane::set_subscription_synced(self, &key(endpoint), &subscription, synced);
+    }
+
     fn subscription_counters(
         &self,
         endpoint: EndpointKey,
@@ -84,6 +88,14 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                 headers: ep.headers.clone(),
                 event_types: ep.spec.event_types.iter().map(|e| e.0.clone()).collect(),
                 max_queued_events: ep.spec.max_queued_events,
+                format: ep.spec.format,
+                filter: ep
+                    .spec
+                    .filter
+                    .as_deref()
+                    .map(crate::delivery::filter::Filter::compile)
+                    .transpose()
+                    .map_err(|e| format!("spec.filter: {e}"))?,
             },
         )
         .map_err(|e| e.to_string())

@@ -282,6 +282,15 @@ async fn apply(
         }
     }
 
+    if let Some(Err(e)) = ep
+        .spec
+        .filter
+        .as_deref()
+        .map(crate::delivery::filter::Filter::compile)
+    {
+        problems.push((reasons::FILTER_INVALID, format!("spec.filter: {e}")));
+    }
+
     if refused.is_some() {
         ctx.routes.0.remove_endpoint(key.clone());
     } else if let (true, Some(token)) = (problems.is_empty(), &token) {

@@ -23,6 +23,8 @@ pub trait IngressRoutes: TestInjection + Send + Sync {
         keys: VerificationKeys,
     );
     fn remove_subscription(&self, endpoint: EndpointKey, subscription: String);
+    /// The subscription's `Synced` condition, exported as a metric for alerts.
+    fn subscription_synced(&self, _endpoint: EndpointKey, _subscription: String, _synced: bool) {}
     /// Events received for the subscription, and when the last one arrived.
     fn subscription_counters(
         &self,
@@ -138,6 +140,12 @@ impl Routes {
     pub fn remove_subscription(&self, sub: &WebhookSubscription) {
         if let Some(ep) = endpoint_of(sub) {
             self.0.remove_subscription(ep, sub.name_any());
+        }
+    }
+
+    pub fn synced(&self, sub: &WebhookSubscription, synced: bool) {
+        if let Some(ep) = endpoint_of(sub) {
+            self.0.subscription_synced(ep, sub.name_any(), synced);
         }
     }
 

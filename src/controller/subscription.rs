@@ -447,6 +447,12 @@ async fn apply(
         sub.meta().generation,
         conditions::now(),
     );
+    ctx.routes.synced(
+        sub,
+        next.conditions
+            .iter()
+            .any(|c| c.type_ == "Synced" && c.status == "True"),
+    );
     next.last_test = current.last_test.clone();
     if let Some(request) = inputs.test_request.clone() {
         let result = match (&outcome, &test_inputs) {

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::Provider;
+use crate::api::endpoint::DeliveryFormat;
+use crate::delivery::filter::Filter;
 use crate::delivery::{AddressPolicy, Destination, Policy, SigningSecret};
 use crate::health::HealthConfig;
 use crate::inbound::VerificationKeys;
@@ -95,6 +97,10 @@ pub struct EndpointConfig {
     pub event_types: Vec<String>,
     /// Most events that may wait for this endpoint; `None`: the data plane's default.
     pub max_queued_events: Option<u64>,
+    /// How deliveries are shaped (`spec.format`).
+    pub format: DeliveryFormat,
+    /// `spec.filter`, compiled.
+    pub filter: Option<Filter>,
 }
 
 impl std::fmt::Debug for EndpointConfig {
@@ -115,6 +121,8 @@ impl std::fmt::Debug for EndpointConfig {
             )
             .field("event_types", &self.event_types)
             .field("max_queued_events", &self.max_queued_events)
+            .field("format", &self.format)
+            .field("filter", &self.filter)
             .finish()
     }
 }

@@ -211,6 +211,8 @@ impl DataPlane {
             breaker: self.dispatcher.breaker(&ep.key, &origin),
             policy: ep.policy,
             secrets: ep.signing_secrets,
+            format: ep.format,
+            filter: ep.filter,
             headers,
             metrics: self.metrics.endpoint(&ep.key),
         });
@@ -233,6 +235,14 @@ impl DataPlane {
 
     pub fn remove_subscription(&self, endpoint: &EndpointKey, name: &str) {
         self.routes.remove_subscription(endpoint, name);
+        self.metrics
+            .set_subscription_synced(&endpoint.namespace, name, None);
+    }
+
+    /// Exports whether the subscription is in sync with its provider (for alerts).
+    pub fn set_subscription_synced(&self, endpoint: &EndpointKey, name: &str, synced: bool) {
+        self.metrics
+            .set_subscription_synced(&endpoint.namespace, name, Some(synced));
     }
 
     /// Delivery stats, the `Healthy` verdict and any destination error; `None` until the

@@ -6,6 +6,8 @@
 pub mod address_policy;
 mod breaker;
 mod destination;
+mod envelope;
+pub mod filter;
 mod policy;
 mod signing;
 

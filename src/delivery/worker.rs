@@ -12,6 +12,7 @@ use tokio::sync::{Notify, watch};
 use url::Url;
 
 use super::{Admission, Breaker, DestinationError, Policy, SigningSecret};
+use crate::api::endpoint::DeliveryFormat;
 use crate::health::Outcome;
 use crate::metrics::EndpointMetrics;
 use crate::queue::{EndpointKey, QueuedEvent};
@@ -32,6 +33,8 @@ pub(crate) struct EndpointRuntime {
     pub policy: Policy,
     pub secrets: Vec<SigningSecret>,
     pub headers: HeaderMap,
+    pub format: DeliveryFormat,
+    pub filter: Option<super::filter::Filter>,
     pub metrics: EndpointMetrics,
     pub breaker: Arc<Breaker>,
 }
@@ -319,17 +322,49 @@ async fn attempt(
         }
         return;
     }
+    if let Some(filter) = &rt.filter {
+        use super::filter::Verdict;
+        match filter.evaluate(&ev.payload, &ev.event_type, &ev.subscription) {
+            Verdict::Deliver => {}
+            Verdict::Skip => {
+                in_flight.answered();
+                match shared.queue.ack(&ev).await {
+                    Ok(()) => {
+                        rt.metrics.filtered.inc();
+                    }
+                    Err(e) => {
+                        tracing::warn!(endpoint = %rt.key, error = %e, "acknowledging a filtered event failed")
+                    }
+                }
+                return;
+            }
+            Verdict::Error(reason) => {
+                in_flight.answered();
+                rt.metrics.filter_errors.inc();
+                match shared.queue.dead_letter(&ev, &reason).await {
+                    Ok(()) => {
+                        rt.metrics.dead_lettered.inc();
+                    }
+                    Err(e) => {
+                        tracing::warn!(endpoint = %rt.key, error = %e, "storing a filter error as a dead letter failed")
+                    }
+                }
+                return;
+            }
+        }
+    }
     let ts = jiff::Timestamp::now().as_second();
-    let signature = super::signature_header(&rt.secrets, &ev.id, ts, &ev.payload);
     let request = shared
         .client
         .post(url)
         .timeout(rt.policy.timeout)
-        .headers(rt.headers.clone())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header("webhook-id", ev.id.as_str())
-        .header("webhook-timestamp", ts)
-        .header("webhook-signature", signature)
+        .headers(super::envelope::headers(
+            rt.format,
+            &rt.headers,
+            &rt.secrets,
+            &ev,
+            ts,
+        ))
         .body(ev.payload.clone());
     let failure = match request.send().await {
         Ok(resp) if resp.status().is_success() => {

@@ -295,6 +295,7 @@ mod tests {
             dedupe_key: id.into(),
             payload: bytes::Bytes::from_static(b"{}"),
             received: std::time::SystemTime::now(),
+            traceparent: None,
         };
         q.enqueue(vec![ev(&a, "1"), ev(&a, "2"), ev(&b, "3")])
             .await

@@ -159,6 +159,13 @@ async fn hook(
         }
     };
     let now = SystemTime::now();
+    // Kept only when valid, so a delivery never forwards a malformed header.
+    let traceparent = parts
+        .headers
+        .get(crate::trace_context::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::trace_context::parse(v).is_some())
+        .map(crate::trace_context::normalize);
     let received = parsed.events.len() as u64;
     sub.counters.add(received, now);
     route.metrics.received.inc_by(received);
@@ -179,6 +186,7 @@ async fn hook(
             },
             payload: ev.payload,
             received: now,
+            traceparent: traceparent.clone(),
         });
     }
     let filtered = received - batch.len() as u64;
@@ -244,6 +252,7 @@ fn malformed_event(
         ),
         payload: m.raw,
         received: now,
+        traceparent: None,
     }
 }
 

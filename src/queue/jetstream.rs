@@ -159,6 +159,9 @@ struct Envelope {
     dead_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// The provider's `traceparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tp: Option<String>,
 }
 
 fn encode(env: &Envelope, payload: &[u8]) -> Bytes {
@@ -680,6 +683,7 @@ impl Queue for JetStreamQueue {
                 base_attempts: 0,
                 dead_ms: None,
                 reason: None,
+                tp: ev.traceparent.clone(),
             };
             let digest = Sha256::digest(format!(
                 "{}\n{}\n{}",
@@ -801,6 +805,7 @@ impl Queue for JetStreamQueue {
                 attempts,
                 next_attempt: SystemTime::now(),
                 last_error: None,
+                traceparent: env.tp.clone(),
             };
             inner.leased.lock().expect("leased lock").insert(
                 receipt.0,
@@ -891,6 +896,7 @@ impl Queue for JetStreamQueue {
             base_attempts: event.attempts + 1,
             dead_ms: Some(to_millis(SystemTime::now())),
             reason: Some(reason.chars().take(200).collect()),
+            tp: event.traceparent.clone(),
         };
         // The msg id makes a repeated dead-letter of the same stored message a no-op.
         let stored = inner
@@ -1086,10 +1092,12 @@ mod tests {
             base_attempts: 3,
             dead_ms: None,
             reason: None,
+            tp: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         let body = encode(&env, b"{\"a\":1}");
         let (back, payload) = decode(&body).unwrap();
         assert_eq!(back.key, env.key);
+        assert_eq!(back.tp, env.tp);
         assert_eq!(back.base_attempts, 3);
         assert_eq!(&payload[..], b"{\"a\":1}");
         assert!(decode(&Bytes::from_static(b"\0\0\0\xffshort")).is_none());

@@ -52,6 +52,8 @@ pub struct NewEvent {
     pub dedupe_key: String,
     pub payload: Bytes,
     pub received: SystemTime,
+    /// The provider's valid W3C `traceparent`, kept so deliveries continue its trace.
+    pub traceparent: Option<String>,
 }
 
 /// What became of one enqueued event.
@@ -84,6 +86,8 @@ pub struct QueuedEvent {
     pub attempts: u32,
     pub next_attempt: SystemTime,
     pub last_error: Option<String>,
+    /// The provider's `traceparent`, when it sent a valid one.
+    pub traceparent: Option<String>,
 }
 
 /// Which dead letters a replay sends back to pending.

@@ -5,7 +5,8 @@ use bytes::Bytes;
 
 pub(super) const STATE_PENDING: u8 = 0;
 pub(super) const STATE_DEAD: u8 = 1;
-const VERSION: u8 = 1;
+/// 2 added `traceparent`; version 1 records (without it) are still read.
+const VERSION: u8 = 2;
 
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Record {
@@ -22,6 +23,8 @@ pub(super) struct Record {
     /// Last attempt's error, or the dead-letter reason once dead.
     pub last_error: String,
     pub payload: Bytes,
+    /// The provider's `traceparent`; empty when none came.
+    pub traceparent: String,
 }
 
 impl Record {
@@ -35,7 +38,8 @@ impl Record {
             + self.event_type.len()
             + self.dedupe_key.len()
             + self.last_error.len()
-            + self.payload.len()) as u64
+            + self.payload.len()
+            + self.traceparent.len()) as u64
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -54,6 +58,7 @@ impl Record {
             self.dedupe_key.as_bytes(),
             self.last_error.as_bytes(),
             &self.payload,
+            self.traceparent.as_bytes(),
         ] {
             out.extend_from_slice(&(field.len() as u32).to_le_bytes());
             out.extend_from_slice(field);
@@ -62,7 +67,8 @@ impl Record {
 
     pub fn decode(bytes: &[u8]) -> Option<Record> {
         let mut r = Reader(bytes);
-        if r.u8()? != VERSION {
+        let version = r.u8()?;
+        if !(1..=VERSION).contains(&version) {
             return None;
         }
         Some(Record {
@@ -78,6 +84,11 @@ impl Record {
             dedupe_key: r.string()?,
             last_error: r.string()?,
             payload: Bytes::copy_from_slice(r.field()?),
+            traceparent: if version >= 2 {
+                r.string()?
+            } else {
+                String::new()
+            },
         })
     }
 }
@@ -127,6 +138,7 @@ mod tests {
             dedupe_key: "k1".into(),
             last_error: "HTTP 500".into(),
             payload: Bytes::from_static(b"{\"a\":1}"),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
         };
         let mut buf = Vec::new();
         rec.encode(&mut buf);
@@ -134,5 +146,30 @@ mod tests {
         for cut in 0..buf.len() {
             assert_eq!(Record::decode(&buf[..cut]), None, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn reads_version_1_records_without_traceparent() {
+        let rec = Record {
+            state: STATE_PENDING,
+            attempts: 0,
+            received_ms: 1,
+            due_ms: 1,
+            dead_ms: 0,
+            namespace: "ns".into(),
+            name: "ep".into(),
+            subscription: "sub".into(),
+            event_type: "t".into(),
+            dedupe_key: "k".into(),
+            last_error: String::new(),
+            payload: Bytes::from_static(b"{}"),
+            traceparent: String::new(),
+        };
+        let mut buf = Vec::new();
+        rec.encode(&mut buf);
+        // Version 1: the same layout without the trailing traceparent field.
+        buf.truncate(buf.len() - 4);
+        buf[0] = 1;
+        assert_eq!(Record::decode(&buf), Some(rec));
     }
 }

@@ -91,6 +91,9 @@ enum Op {
 }
 
 /// Index changes a committed operation causes.
+// `Ready` is the common case and lives only until the commit's effects are applied;
+// boxing its record would add an allocation per enqueued event.
+#[allow(clippy::large_enum_variant)]
 enum Effect {
     /// Due at, seq, and the committed record when the writer has it at hand.
     Ready(EndpointKey, u64, u64, Option<Record>),
@@ -467,6 +470,7 @@ fn to_event(nonce: u64, seq: u64, rec: Record) -> QueuedEvent {
         attempts: rec.attempts,
         next_attempt: from_millis(rec.due_ms),
         last_error: (!rec.last_error.is_empty()).then_some(rec.last_error),
+        traceparent: (!rec.traceparent.is_empty()).then_some(rec.traceparent),
     }
 }
 
@@ -770,6 +774,7 @@ impl Writer {
                 dedupe_key: ev.dedupe_key,
                 last_error: String::new(),
                 payload: ev.payload,
+                traceparent: ev.traceparent.unwrap_or_default(),
             };
             rec.encode(&mut self.buf);
             t.0.insert(seq, self.buf.as_slice()).map_err(storage)?;

@@ -52,6 +52,8 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
         }],
         event_types: vec![EventTypeName("call_completed".into())],
         max_queued_events: Some(5000),
+        format: Default::default(),
+        filter: None,
     }
 }
 

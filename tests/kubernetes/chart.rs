@@ -144,8 +144,46 @@ fn assert_restricted(workload: &Value) {
 }
 
 /// Minimal CRDs for the optional kinds the chart renders (the Prometheus Operator's
-/// ServiceMonitor and Gateway API's HTTPRoute), so the API server can judge them.
+/// ServiceMonitor and PrometheusRule, Gateway API's HTTPRoute), so the API server can
+/// judge them.
 const OPTIONAL_CRDS: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: prometheusrules.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              groups:
+                type: array
+                items:
+                  type: object
+                  required: [name, rules]
+                  properties:
+                    name: {type: string}
+                    rules:
+                      type: array
+                      items:
+                        type: object
+                        required: [expr]
+                        properties:
+                          alert: {type: string}
+                          expr: {x-kubernetes-int-or-string: true}
+                          for: {type: string, pattern: '^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$'}
+                          labels: {type: object, additionalProperties: {type: string}}
+                          annotations: {type: object, additionalProperties: {type: string}}
+---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata: {name: servicemonitors.monitoring.coreos.com}
@@ -334,7 +372,7 @@ async fn lint_and_template_pass_and_the_api_server_accepts_every_object() {
                 );
             }
         }
-        let optional_kinds = ["Ingress", "HTTPRoute", "ServiceMonitor"];
+        let optional_kinds = ["Ingress", "HTTPRoute", "ServiceMonitor", "PrometheusRule"];
         for k in optional_kinds {
             assert_eq!(
                 present(k),

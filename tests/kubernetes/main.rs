@@ -9,9 +9,11 @@ mod behaviours;
 mod bounds;
 mod chart;
 mod delivery_e2e;
+mod filter;
 mod health_scripts;
 mod isolation;
 mod operator_run;
+mod plugin;
 mod scaleout;
 mod subscription_sync;
 

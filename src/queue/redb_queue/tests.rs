@@ -18,6 +18,7 @@ fn event(endpoint: &EndpointKey, dedupe: &str, received: SystemTime) -> NewEvent
         dedupe_key: dedupe.into(),
         payload: Bytes::from(format!("{{\"k\":\"{dedupe}\"}}")),
         received,
+        traceparent: None,
     }
 }
 
@@ -451,4 +452,30 @@ async fn dedupe_keys_expire_within_seconds_at_any_count_and_stay_bounded() {
         .unwrap();
     assert!(matches!(out[0], EnqueueOutcome::Accepted { .. }));
     assert_eq!(out[1], EnqueueOutcome::Duplicate);
+}
+
+#[tokio::test]
+async fn the_providers_traceparent_survives_reopen_dead_letter_and_replay() {
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let e = ep("traced");
+    {
+        let q = open(&path);
+        let mut traced = event(&e, "k1", SystemTime::now());
+        traced.traceparent = Some(TP.into());
+        q.enqueue(vec![traced]).await.unwrap();
+    }
+    let q = open(&path);
+    let leased = q.lease(&e, 1, far_future()).await.unwrap();
+    assert_eq!(leased[0].traceparent.as_deref(), Some(TP));
+    q.dead_letter(&leased[0], "HTTP 400").await.unwrap();
+    assert_eq!(
+        q.replay(&e, ReplayFilter::All, SystemTime::now())
+            .await
+            .unwrap(),
+        1
+    );
+    let again = q.lease(&e, 1, far_future()).await.unwrap();
+    assert_eq!(again[0].traceparent.as_deref(), Some(TP));
 }

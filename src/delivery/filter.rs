@@ -1,0 +1,117 @@
+//! `spec.filter`: an optional CEL expression over one event that decides whether it is
+//! delivered. Compiled once per endpoint configuration; evaluated just before an event is
+//! sent. Variables: `payload` (the provider's JSON payload; its text when it is not JSON),
+//! `eventType` and `subscription`.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// A compiled `spec.filter`.
+#[derive(Clone)]
+pub struct Filter {
+    source: Arc<str>,
+    program: Arc<cel::Program>,
+}
+
+impl fmt::Debug for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Filter").field(&self.source).finish()
+    }
+}
+
+/// What a filter said about one event.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    Deliver,
+    Skip,
+    /// Evaluation failed or did not give a bool: the event is kept as a dead letter.
+    Error(String),
+}
+
+impl Filter {
+    /// Compiles `source`; `Err` carries the compiler's message.
+    pub fn compile(source: &str) -> Result<Self, String> {
+        let program = cel::Program::compile(source).map_err(|e| e.to_string())?;
+        Ok(Self {
+            source: source.into(),
+            program: Arc::new(program),
+        })
+    }
+
+    pub fn evaluate(&self, payload: &[u8], event_type: &str, subscription: &str) -> Verdict {
+        let payload = match serde_json::from_slice::<serde_json::Value>(payload) {
+            Ok(json) => json,
+            Err(_) => serde_json::Value::String(String::from_utf8_lossy(payload).into_owned()),
+        };
+        let mut ctx = cel::Context::default();
+        let added = ctx
+            .add_variable("payload", payload)
+            .and_then(|()| ctx.add_variable("eventType", event_type))
+            .and_then(|()| ctx.add_variable("subscription", subscription));
+        if let Err(e) = added {
+            return Verdict::Error(format!("filter input: {e}"));
+        }
+        match self.program.execute(&ctx) {
+            Ok(cel::Value::Bool(true)) => Verdict::Deliver,
+            Ok(cel::Value::Bool(false)) => Verdict::Skip,
+            Ok(other) => Verdict::Error(format!("filter gave {:?}, not a bool", other.type_of())),
+            Err(e) => Verdict::Error(format!("filter failed: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CALL: &[u8] = br#"{"call": {"analysis": {"lead_warmth": "hot"}, "minutes": 3}}"#;
+
+    #[test]
+    fn compile_errors_carry_the_compilers_message() {
+        let err = Filter::compile("payload.call.analysis.lead_warmth == ").unwrap_err();
+        assert!(!err.is_empty());
+        assert!(
+            Filter::compile("payload.call.minutes > 2 && eventType == 'call_completed'").is_ok()
+        );
+    }
+
+    #[test]
+    fn verdicts_over_payload_event_type_and_subscription() {
+        let table = [
+            (
+                "payload.call.analysis.lead_warmth == 'hot'",
+                Verdict::Deliver,
+            ),
+            ("payload.call.analysis.lead_warmth == 'cold'", Verdict::Skip),
+            (
+                "eventType == 'call_completed' && subscription == 'calls'",
+                Verdict::Deliver,
+            ),
+            ("payload.call.minutes > 5", Verdict::Skip),
+            (
+                "has(payload.call.missing) && payload.call.missing == 1",
+                Verdict::Skip,
+            ),
+            ("has(payload.call.analysis)", Verdict::Deliver),
+        ];
+        for (expr, want) in table {
+            let f = Filter::compile(expr).unwrap();
+            assert_eq!(f.evaluate(CALL, "call_completed", "calls"), want, "{expr}");
+        }
+    }
+
+    #[test]
+    fn runtime_errors_and_non_bools_are_errors() {
+        for expr in [
+            "payload.call.missing.field == 1",
+            "payload.call.minutes",
+            "1 / 0 == 1",
+        ] {
+            let f = Filter::compile(expr).unwrap();
+            assert!(
+                matches!(f.evaluate(CALL, "t", "s"), Verdict::Error(_)),
+                "{expr}"
+            );
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! W3C Trace Context (`traceparent`) for deliveries: each attempt is a new span of the
+//! event's trace. The trace is the one the provider started when it sent a valid
+//! `traceparent` (kept with the event in the queue), otherwise one derived from the
+//! event's stable id, so every attempt and replay of an event lands in the same trace.
+//! Owns only the header's format; it records and exports nothing.
+
+use sha2::Digest;
+
+/// The header name, lower-case as HTTP/2 sends it.
+pub const HEADER: &str = "traceparent";
+
+/// The parts of a `traceparent` a delivery continues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub flags: u8,
+}
+
+/// Reads a `traceparent` value (`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`);
+/// `None` for anything malformed, an all-zero id or the forbidden version `ff`. A higher
+/// version is read by its first four fields, as the specification asks.
+pub fn parse(value: &str) -> Option<TraceParent> {
+    let value = value.trim();
+    let mut parts = value.splitn(5, '-');
+    let version = parts.next()?;
+    let trace = parts.next()?;
+    let parent = parts.next()?;
+    let flags = parts.next()?;
+    let rest = parts.next();
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(parent, 16) || !hex(flags, 2)
+    {
+        return None;
+    }
+    if version == "00" && rest.is_some() {
+        return None;
+    }
+    if trace.bytes().all(|b| b == b'0') || parent.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    let mut trace_id = [0u8; 16];
+    hex::decode_to_slice(trace, &mut trace_id).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    Some(TraceParent { trace_id, flags })
+}
+
+/// The four fields of a valid value (see [`parse`]), as kept with an event: later
+/// versions' extra fields and surrounding spaces dropped.
+pub fn normalize(value: &str) -> String {
+    value.trim().chars().take(55).collect()
+}
+
+/// The `traceparent` of one delivery attempt of the event `event_id`: the incoming trace
+/// continued when there is one (same trace id and flags), otherwise the trace derived from
+/// the event id (sampled); always a new span id.
+pub fn for_delivery(incoming: Option<&str>, event_id: &str) -> String {
+    let parent = incoming.and_then(parse).unwrap_or_else(|| {
+        let digest = sha2::Sha256::digest(event_id.as_bytes());
+        let mut trace_id = [0u8; 16];
+        trace_id.copy_from_slice(&digest[..16]);
+        TraceParent { trace_id, flags: 1 }
+    });
+    let span_id = loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            break id;
+        }
+    };
+    format!(
+        "00-{}-{span_id:016x}-{:02x}",
+        hex::encode(parent.trace_id),
+        parent.flags
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn parses_valid_and_refuses_malformed() {
+        let tp = parse(INCOMING).unwrap();
+        assert_eq!(hex::encode(tp.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(tp.flags, 1);
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(parse(bad), None, "{bad}");
+        }
+        // A future version with more fields is read by its first four.
+        assert!(parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-later").is_some());
+    }
+
+    #[test]
+    fn delivery_continues_the_incoming_trace_with_a_new_span() {
+        let out = for_delivery(Some(INCOMING), "msg_1");
+        let parts: Vec<&str> = out.split('-').collect();
+        assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(parts[2], "00f067aa0ba902b7");
+        assert_eq!(parts[3], "01");
+        assert!(parse(&out).is_some());
+    }
+
+    #[test]
+    fn without_an_incoming_trace_the_event_id_fixes_the_trace() {
+        let a = parse(&for_delivery(None, "msg_1")).unwrap();
+        let b = parse(&for_delivery(Some("garbage"), "msg_1")).unwrap();
+        let c = parse(&for_delivery(None, "msg_2")).unwrap();
+        assert_eq!(a.trace_id, b.trace_id);
+        assert_ne!(a.trace_id, c.trace_id);
+    }
+}
