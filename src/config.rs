@@ -68,6 +68,11 @@ pub struct OperatorConfig {
     pub health_window: std::time::Duration,
     #[command(flatten)]
     pub providers: ProviderUrls,
+    /// Export spans of each event (receive, store, deliver, attempts) to this OTLP/HTTP
+    /// endpoint, e.g. `http://otel-collector.observability:4318` (spans go to its
+    /// `/v1/traces`). Reads the standard `OTEL_EXPORTER_OTLP_ENDPOINT`. Unset: no spans.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
+    pub otlp_endpoint: Option<url::Url>,
     /// Log as JSON lines.
     #[arg(long, env = "WEBHOOK_OPERATOR_LOG_JSON")]
     pub log_json: bool,
@@ -301,6 +306,12 @@ impl ProviderUrls {
     }
 }
 
+fn parse_otlp_endpoint(s: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    crate::spans::otlp::traces_url(&url).map_err(|e| e.to_string())?;
+    Ok(url)
+}
+
 fn parse_resolve(s: &str) -> Result<(String, SocketAddr), String> {
     let (host, addr) = s
         .split_once('=')
@@ -336,6 +347,7 @@ impl OperatorConfig {
             max_concurrent_requests: self.limits.max_concurrent_requests,
             body_read_timeout: self.limits.body_read_timeout,
             max_dedupe_keys: self.limits.max_dedupe_keys,
+            otlp_endpoint: self.otlp_endpoint.clone(),
             ..Default::default()
         }
     }

@@ -19,5 +19,6 @@ pub mod providers;
 pub mod queue;
 pub mod replay;
 pub mod sandbox;
+pub mod spans;
 pub mod telemetry;
 pub mod trace_context;

@@ -72,6 +72,8 @@ pub struct Metrics {
     dedupe_evicted: Gauge,
     latency: Family<EndpointLabels, Histogram>,
     reconcile_failures: Family<ReconcileFailureLabels, Counter>,
+    spans_exported: Counter,
+    spans_dropped: Counter,
 }
 
 /// Counters of one endpoint, cheap to clone and to bump.
@@ -121,6 +123,8 @@ impl Metrics {
             dedupe_evicted: Gauge::default(),
             latency: Family::new_with_constructor(latency_histogram),
             reconcile_failures: Family::default(),
+            spans_exported: Counter::default(),
+            spans_dropped: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -210,7 +214,27 @@ impl Metrics {
             "Failed reconciles, by object kind and reason",
             m.reconcile_failures.clone(),
         );
+        r.register(
+            "trace_spans_exported",
+            "Spans accepted by the OTLP endpoint (--otlp-endpoint)",
+            m.spans_exported.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Spans not exported: the export buffer was full or the OTLP endpoint failed",
+            m.spans_dropped.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts spans the OTLP endpoint accepted.
+    pub fn spans_exported(&self) -> Counter {
+        self.spans_exported.clone()
+    }
+
+    /// Counts spans dropped on the way to the OTLP endpoint.
+    pub fn spans_dropped(&self) -> Counter {
+        self.spans_dropped.clone()
     }
 
     pub fn endpoint(&self, key: &EndpointKey) -> EndpointMetrics {

@@ -2,7 +2,7 @@
 //! event's trace. The trace is the one the provider started when it sent a valid
 //! `traceparent` (kept with the event in the queue), otherwise one derived from the
 //! event's stable id, so every attempt and replay of an event lands in the same trace.
-//! Owns only the header's format; it records and exports nothing.
+//! Owns only the header's format; it records and exports nothing (see [`crate::spans`]).
 
 use sha2::Digest;
 
@@ -13,7 +13,32 @@ pub const HEADER: &str = "traceparent";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TraceParent {
     pub trace_id: [u8; 16],
+    /// The span the sender made the request in; all zero for a trace derived from an
+    /// event id (no parent).
+    pub parent_id: [u8; 8],
     pub flags: u8,
+}
+
+impl TraceParent {
+    /// Whether the sender asked for the trace to be recorded (flag `01`).
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// The parent span, if the sender named one.
+    pub fn parent(&self) -> Option<[u8; 8]> {
+        (self.parent_id != [0; 8]).then_some(self.parent_id)
+    }
+
+    /// The header value of a request made in span `span_id` of this trace.
+    pub fn header(&self, span_id: [u8; 8]) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            hex::encode(self.trace_id),
+            hex::encode(span_id),
+            self.flags
+        )
+    }
 }
 
 /// Reads a `traceparent` value (`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`);
@@ -42,8 +67,14 @@ pub fn parse(value: &str) -> Option<TraceParent> {
     }
     let mut trace_id = [0u8; 16];
     hex::decode_to_slice(trace, &mut trace_id).ok()?;
+    let mut parent_id = [0u8; 8];
+    hex::decode_to_slice(parent, &mut parent_id).ok()?;
     let flags = u8::from_str_radix(flags, 16).ok()?;
-    Some(TraceParent { trace_id, flags })
+    Some(TraceParent {
+        trace_id,
+        parent_id,
+        flags,
+    })
 }
 
 /// The four fields of a valid value (see [`parse`]), as kept with an event: later
@@ -52,27 +83,36 @@ pub fn normalize(value: &str) -> String {
     value.trim().chars().take(55).collect()
 }
 
-/// The `traceparent` of one delivery attempt of the event `event_id`: the incoming trace
-/// continued when there is one (same trace id and flags), otherwise the trace derived from
-/// the event id (sampled); always a new span id.
-pub fn for_delivery(incoming: Option<&str>, event_id: &str) -> String {
-    let parent = incoming.and_then(parse).unwrap_or_else(|| {
+/// The trace the deliveries of the event `event_id` continue: the incoming one when there
+/// is one (same trace id, flags and parent), otherwise the trace derived from the event id
+/// (sampled, no parent).
+pub fn event_trace(incoming: Option<&str>, event_id: &str) -> TraceParent {
+    incoming.and_then(parse).unwrap_or_else(|| {
         let digest = sha2::Sha256::digest(event_id.as_bytes());
         let mut trace_id = [0u8; 16];
         trace_id.copy_from_slice(&digest[..16]);
-        TraceParent { trace_id, flags: 1 }
-    });
-    let span_id = loop {
+        TraceParent {
+            trace_id,
+            parent_id: [0; 8],
+            flags: 1,
+        }
+    })
+}
+
+/// A random span id (never all zero, which the specification forbids).
+pub fn new_span_id() -> [u8; 8] {
+    loop {
         let id: u64 = rand::random();
         if id != 0 {
-            break id;
+            break id.to_be_bytes();
         }
-    };
-    format!(
-        "00-{}-{span_id:016x}-{:02x}",
-        hex::encode(parent.trace_id),
-        parent.flags
-    )
+    }
+}
+
+/// The `traceparent` of one delivery attempt of the event `event_id`: [`event_trace`]
+/// with a new span id.
+pub fn for_delivery(incoming: Option<&str>, event_id: &str) -> String {
+    event_trace(incoming, event_id).header(new_span_id())
 }
 
 #[cfg(test)]

@@ -265,19 +265,7 @@ impl Harness {
         dir: tempfile::TempDir,
     ) -> Self {
         let key = ep.key.clone();
-        dp.upsert_endpoint(ep).unwrap();
-        dp.upsert_subscription(SubscriptionRoute {
-            endpoint: key.clone(),
-            name: "calls".into(),
-            provider: Provider::Atlas,
-            keys: VerificationKeys {
-                secrets: vec![PROVIDER_SECRET.as_bytes().to_vec()],
-                header_name: Some("x-test-secret".into()),
-                ..Default::default()
-            },
-        });
-        dp.mark_routes_loaded();
-        let ingress = serve(dp.ingress_router()).await;
+        let ingress = Self::wire_ingress_only(&dp, ep).await;
         let ops = serve(dp.ops_router()).await;
         let (stop, stopped) = oneshot::channel::<()>();
         dp.start_delivery(async move {
@@ -293,6 +281,24 @@ impl Harness {
             _stop: stop,
             _dir: dir,
         }
+    }
+
+    /// Configures `dp`'s routes and serves its ingress only (no delivery).
+    async fn wire_ingress_only(dp: &DataPlane, ep: EndpointConfig) -> SocketAddr {
+        let key = ep.key.clone();
+        dp.upsert_endpoint(ep).unwrap();
+        dp.upsert_subscription(SubscriptionRoute {
+            endpoint: key,
+            name: "calls".into(),
+            provider: Provider::Atlas,
+            keys: VerificationKeys {
+                secrets: vec![PROVIDER_SECRET.as_bytes().to_vec()],
+                header_name: Some("x-test-secret".into()),
+                ..Default::default()
+            },
+        });
+        dp.mark_routes_loaded();
+        serve(dp.ingress_router()).await
     }
 
     async fn post_to(
@@ -1262,4 +1268,292 @@ async fn filter_delivers_matches_counts_skips_and_dead_letters_errors() {
     }
     // The failing event is kept: a replay (after fixing the filter) brings it back.
     assert_eq!(h.dp.replay(&h.key, ReplayFilter::All).await.unwrap(), 1);
+}
+
+// ------------------------------------------------------------------ OTLP span export
+
+/// Export requests as received: headers and body.
+type Exports = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
+
+/// A loopback OTLP/HTTP receiver: keeps every JSON export request it is sent.
+#[derive(Clone)]
+struct Collector {
+    addr: SocketAddr,
+    exports: Exports,
+}
+
+impl Collector {
+    async fn start() -> Self {
+        let exports = Arc::new(Mutex::new(Vec::new()));
+        let app = axum::Router::new()
+            .route(
+                "/otlp/v1/traces",
+                axum::routing::post(
+                    |State(exports): State<Exports>, headers: HeaderMap, body: Bytes| async move {
+                        exports.lock().unwrap().push((headers, body));
+                        StatusCode::OK
+                    },
+                ),
+            )
+            .with_state(exports.clone());
+        Self {
+            addr: serve(app).await,
+            exports,
+        }
+    }
+
+    /// The endpoint as a user configures it (the exporter appends `/v1/traces`).
+    fn endpoint(&self) -> url::Url {
+        url::Url::parse(&format!("http://{}/otlp", self.addr)).unwrap()
+    }
+
+    /// Every span received, decoded from OTLP JSON.
+    fn spans(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for (headers, body) in self.exports.lock().unwrap().iter() {
+            assert_eq!(headers["content-type"], "application/json");
+            let req: serde_json::Value = serde_json::from_slice(body).unwrap();
+            for rs in req["resourceSpans"].as_array().unwrap() {
+                for ss in rs["scopeSpans"].as_array().unwrap() {
+                    out.extend(ss["spans"].as_array().unwrap().iter().cloned());
+                }
+            }
+        }
+        out
+    }
+
+    fn raw(&self) -> String {
+        self.exports
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+}
+
+fn named<'a>(spans: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {
+    spans.iter().filter(|s| s["name"] == name).collect()
+}
+
+fn attr(span: &serde_json::Value, key: &str) -> serde_json::Value {
+    span["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["key"] == key)
+        .map(|a| {
+            let v = &a["value"];
+            v.get("stringValue")
+                .or_else(|| v.get("intValue"))
+                .cloned()
+                .unwrap()
+        })
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn nanos(span: &serde_json::Value, field: &str) -> u128 {
+    span[field].as_str().unwrap().parse().unwrap()
+}
+
+/// No secret, URL or payload in what is exported.
+fn assert_no_secrets(exported: &str, consumer: SocketAddr, payload_marker: &str) {
+    for secret in [
+        TOKEN,
+        PROVIDER_SECRET,
+        "consumer-secret",
+        NEW_SECRET,
+        OLD_SECRET,
+        "/hooks/",
+        "sink.apps.svc",
+        &consumer.to_string(),
+        payload_marker,
+    ] {
+        assert!(
+            !exported.contains(secret),
+            "{secret:?} exported: {exported}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_follow_an_event_from_receive_through_each_attempt_to_otlp() {
+    const INCOMING_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const INCOMING_SPAN: &str = "00f067aa0ba902b7";
+    const MARKER: &str = "evt-otel-7f3a";
+    let collector = Collector::start().await;
+    let endpoint = collector.endpoint();
+    let h = Harness::start(|c, ep| {
+        c.otlp_endpoint = Some(endpoint);
+        // Room to answer the second attempt differently from the first.
+        ep.policy.initial_delay = Duration::from_secs(1);
+        ep.policy.max_delay = Duration::from_secs(1);
+    })
+    .await;
+    h.consumer.set_status(500);
+    let status = h
+        .http
+        .post(format!("http://{}/hooks/{TOKEN}/calls", h.ingress))
+        .header("x-test-secret", PROVIDER_SECRET)
+        .header("content-type", "application/json")
+        .header(
+            "traceparent",
+            format!("00-{INCOMING_TRACE}-{INCOMING_SPAN}-01"),
+        )
+        .body(ev(MARKER, "call_completed").to_string())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    wait_for("the first attempt", Duration::from_secs(10), || {
+        !h.consumer.requests().is_empty()
+    })
+    .await;
+    h.consumer.set_status(200);
+    wait_for("the second attempt", Duration::from_secs(10), || {
+        h.consumer.requests().len() == 2
+    })
+    .await;
+    wait_for("the deliver span exported", Duration::from_secs(15), || {
+        !named(&collector.spans(), "deliver").is_empty()
+    })
+    .await;
+
+    let spans = collector.spans();
+    let (receive, store, deliver, attempts) = (
+        named(&spans, "receive"),
+        named(&spans, "store"),
+        named(&spans, "deliver"),
+        named(&spans, "attempt"),
+    );
+    assert_eq!(
+        (receive.len(), store.len(), deliver.len(), attempts.len()),
+        (1, 1, 1, 2),
+        "{spans:#?}"
+    );
+    let (receive, store, deliver) = (receive[0], store[0], deliver[0]);
+    for s in &spans {
+        assert_eq!(s["traceId"], INCOMING_TRACE, "one trace: {s}");
+    }
+    // receive -> store, receive -> deliver -> attempts.
+    assert_eq!(receive["parentSpanId"], INCOMING_SPAN);
+    assert_eq!(store["parentSpanId"], receive["spanId"]);
+    assert_eq!(deliver["parentSpanId"], receive["spanId"]);
+    for a in &attempts {
+        assert_eq!(a["parentSpanId"], deliver["spanId"]);
+        assert!(nanos(a, "startTimeUnixNano") >= nanos(deliver, "startTimeUnixNano"));
+        assert!(nanos(a, "endTimeUnixNano") <= nanos(deliver, "endTimeUnixNano"));
+    }
+    assert!(nanos(store, "startTimeUnixNano") >= nanos(receive, "startTimeUnixNano"));
+    assert!(nanos(store, "endTimeUnixNano") <= nanos(receive, "endTimeUnixNano"));
+
+    // The destination saw the same trace, each attempt as the span that made it.
+    let sent: Vec<(String, String, String)> =
+        h.consumer.requests().iter().map(traceparent_of).collect();
+    assert!(sent.iter().all(|(trace, _, _)| trace == INCOMING_TRACE));
+    let sent_spans: HashSet<String> = sent.into_iter().map(|t| t.1).collect();
+    let attempt_spans: HashSet<String> = attempts
+        .iter()
+        .map(|a| a["spanId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sent_spans, attempt_spans);
+
+    let mut by_number: Vec<_> = attempts
+        .iter()
+        .map(|a| {
+            (
+                attr(a, "webhook.attempt"),
+                attr(a, "http.response.status_code"),
+                attr(a, "webhook.outcome"),
+            )
+        })
+        .collect();
+    by_number.sort_by_key(|a| a.0.to_string());
+    assert_eq!(
+        by_number,
+        [
+            ("1".into(), "500".into(), "retry".into()),
+            ("2".into(), "200".into(), "delivered".into()),
+        ]
+    );
+    assert_eq!(attr(deliver, "webhook.outcome"), "delivered");
+    assert_eq!(attr(deliver, "webhook.attempts"), "2");
+    assert_eq!(attr(receive, "webhook.endpoint"), "apps/orders");
+    assert_eq!(attr(receive, "http.response.status_code"), "200");
+    assert_no_secrets(&collector.raw(), h.consumer.addr, MARKER);
+    assert!(
+        h.metrics()
+            .await
+            .contains("webhook_operator_trace_spans_dropped_total 0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_in_a_later_process_lifetime_hangs_under_the_stored_receive_span() {
+    const MARKER: &str = "evt-restart-91c2";
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let consumer = Consumer::start().await;
+    let mut config = test_config(dir.path(), consumer.addr);
+    config.otlp_endpoint = Some(collector.endpoint());
+    let queue =
+        Arc::new(RedbQueue::open(dir.path().join("q.redb"), RedbQueueOptions::default()).unwrap());
+    let key = EndpointKey::new("apps", "orders");
+
+    // First lifetime: receives and stores, never delivers. No traceparent from the
+    // provider: the operator starts the trace.
+    let first = DataPlane::with_queue(config.clone(), Arc::new(TestParser), queue.clone()).unwrap();
+    let receiver =
+        Harness::wire_ingress_only(&first, endpoint(&key, service(), fast_policy())).await;
+    let status = reqwest::Client::new()
+        .post(format!("http://{receiver}/hooks/{TOKEN}/calls"))
+        .header("x-test-secret", PROVIDER_SECRET)
+        .header("content-type", "application/json")
+        .body(ev(MARKER, "call_completed").to_string())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    assert_eq!(first.queue_depth(&key).pending, 1);
+
+    // Second lifetime: a new data plane (its own tracer, nothing in memory) on the stored
+    // queue delivers.
+    let second = DataPlane::with_queue(config, Arc::new(TestParser), queue).unwrap();
+    let h = Harness::wire(
+        second,
+        endpoint(&key, service(), fast_policy()),
+        consumer,
+        dir,
+    )
+    .await;
+    wait_for("the delivery", Duration::from_secs(10), || {
+        h.consumer.requests().len() == 1
+    })
+    .await;
+    wait_for(
+        "receive and deliver exported",
+        Duration::from_secs(15),
+        || {
+            let spans = collector.spans();
+            !named(&spans, "deliver").is_empty() && !named(&spans, "receive").is_empty()
+        },
+    )
+    .await;
+    let spans = collector.spans();
+    let (receive, deliver, attempt) = (
+        named(&spans, "receive")[0],
+        named(&spans, "deliver")[0],
+        named(&spans, "attempt")[0],
+    );
+    assert!(receive.get("parentSpanId").is_none(), "a root: {receive}");
+    assert_eq!(deliver["parentSpanId"], receive["spanId"]);
+    assert_eq!(attempt["parentSpanId"], deliver["spanId"]);
+    let (trace, span, _) = traceparent_of(&h.consumer.requests()[0]);
+    for s in [receive, deliver, attempt] {
+        assert_eq!(s["traceId"], trace.as_str());
+    }
+    assert_eq!(attempt["spanId"], span.as_str());
+    assert_no_secrets(&collector.raw(), h.consumer.addr, MARKER);
 }

@@ -54,6 +54,8 @@ pub struct DataPlaneConfig {
     pub retry_after: Duration,
     /// Most dedupe keys the embedded queue keeps; past it the oldest are forgotten early.
     pub max_dedupe_keys: u64,
+    /// Where spans are exported (OTLP/HTTP); `None`: no spans are recorded.
+    pub otlp_endpoint: Option<url::Url>,
 }
 
 impl Default for DataPlaneConfig {
@@ -77,6 +79,7 @@ impl Default for DataPlaneConfig {
             body_read_timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(5),
             max_dedupe_keys: 2_000_000,
+            otlp_endpoint: None,
         }
     }
 }

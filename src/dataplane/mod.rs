@@ -96,6 +96,10 @@ impl DataPlane {
         disk: Option<DiskSpace>,
     ) -> anyhow::Result<Arc<Self>> {
         let metrics = Arc::new(Metrics::new());
+        let tracer = match &config.otlp_endpoint {
+            Some(endpoint) => crate::spans::Tracer::otlp(endpoint, &metrics)?,
+            None => crate::spans::Tracer::disabled(),
+        };
         let health = Arc::new(HealthRegistry::new(config.health.clone()));
         let routes = Arc::new(RouteTable::new(metrics.clone()));
         let ingress = Arc::new(Ingress {
@@ -117,6 +121,7 @@ impl DataPlane {
                 config.retry_after,
             ),
             body_read_timeout: config.body_read_timeout,
+            tracer: tracer.clone(),
         });
         let dispatcher = Arc::new(Dispatcher::new(
             queue.clone(),
@@ -128,6 +133,7 @@ impl DataPlane {
                 breaker_cooldown: config.breaker_cooldown,
                 maintenance_interval: config.maintenance_interval,
                 shutdown_grace: config.shutdown_grace,
+                tracer,
             },
         )?);
         Ok(Arc::new(Self {

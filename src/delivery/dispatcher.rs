@@ -37,6 +37,7 @@ pub(crate) struct DispatcherSettings {
     pub breaker_cooldown: Duration,
     pub maintenance_interval: Duration,
     pub shutdown_grace: Duration,
+    pub tracer: crate::spans::Tracer,
 }
 
 impl Dispatcher {
@@ -70,6 +71,7 @@ impl Dispatcher {
                 client: builder.build()?,
                 resolver: s.resolver,
                 shutdown_grace: s.shutdown_grace,
+                tracer: s.tracer,
             }),
             endpoints: Mutex::default(),
             breakers: Mutex::default(),

@@ -13,14 +13,16 @@ use crate::queue::QueuedEvent;
 /// `ce-type` when the provider gave the event no type.
 const FALLBACK_TYPE: &str = "dev.webhook-operator.event";
 
-/// The delivery headers for `ev` sent at `ts` (Unix seconds): the endpoint's configured
-/// `base` headers, then those owned by the operator (which win on a clash).
+/// The delivery headers for `ev` sent at `ts` (Unix seconds) in the span `traceparent`
+/// names: the endpoint's configured `base` headers, then those owned by the operator
+/// (which win on a clash).
 pub(crate) fn headers(
     format: DeliveryFormat,
     base: &HeaderMap,
     secrets: &[SigningSecret],
     ev: &QueuedEvent,
     ts: i64,
+    traceparent: &str,
 ) -> HeaderMap {
     let mut h = base.clone();
     let mut set = |name: &'static str, value: &str| {
@@ -29,10 +31,7 @@ pub(crate) fn headers(
         }
     };
     set("content-type", "application/json");
-    set(
-        crate::trace_context::HEADER,
-        &crate::trace_context::for_delivery(ev.traceparent.as_deref(), &ev.id),
-    );
+    set(crate::trace_context::HEADER, traceparent);
     set("webhook-id", &ev.id);
     set("webhook-timestamp", &ts.to_string());
     set(

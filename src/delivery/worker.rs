@@ -24,6 +24,7 @@ pub(crate) struct Shared {
     pub client: reqwest::Client,
     pub resolver: super::Resolver,
     pub shutdown_grace: Duration,
+    pub tracer: crate::spans::Tracer,
 }
 
 /// An endpoint's configuration in the form delivery uses, rebuilt on each upsert.
@@ -306,6 +307,7 @@ async fn attempt(
     ev: QueuedEvent,
     mut in_flight: InFlight,
 ) {
+    let span = shared.tracer.deliver(&ev, SystemTime::now());
     if let Some(reason) = crate::ingress::malformed_reason(&ev.dedupe_key) {
         // An element the provider sent that could not be read: kept for inspection in the
         // dead-letter store, never sent.
@@ -315,6 +317,9 @@ async fn attempt(
             Ok(()) => {
                 rt.metrics.dead_lettered.inc();
                 shared.health.record(&rt.key, Outcome::Malformed);
+                if let Some(span) = span {
+                    span.finish(&ev, "dead_lettered", ev.attempts);
+                }
             }
             Err(e) => {
                 tracing::warn!(endpoint = %rt.key, error = %e, "storing a malformed event as a dead letter failed")
@@ -331,6 +336,9 @@ async fn attempt(
                 match shared.queue.ack(&ev).await {
                     Ok(()) => {
                         rt.metrics.filtered.inc();
+                        if let Some(span) = span {
+                            span.finish(&ev, "filtered", ev.attempts);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(endpoint = %rt.key, error = %e, "acknowledging a filtered event failed")
@@ -344,6 +352,9 @@ async fn attempt(
                 match shared.queue.dead_letter(&ev, &reason).await {
                     Ok(()) => {
                         rt.metrics.dead_lettered.inc();
+                        if let Some(span) = span {
+                            span.finish(&ev, "dead_lettered", ev.attempts);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(endpoint = %rt.key, error = %e, "storing a filter error as a dead letter failed")
@@ -354,6 +365,11 @@ async fn attempt(
         }
     }
     let ts = jiff::Timestamp::now().as_second();
+    // The span this attempt is made in: the destination's `traceparent` names it.
+    let attempt_span = crate::trace_context::new_span_id();
+    let traceparent =
+        crate::trace_context::event_trace(ev.traceparent.as_deref(), &ev.id).header(attempt_span);
+    let sent_at = span.as_ref().map(|_| SystemTime::now());
     let request = shared
         .client
         .post(url)
@@ -364,9 +380,12 @@ async fn attempt(
             &rt.secrets,
             &ev,
             ts,
+            &traceparent,
         ))
         .body(ev.payload.clone());
-    let failure = match request.send().await {
+    let response = request.send().await;
+    let status = response.as_ref().ok().map(|r| r.status().as_u16());
+    let failure = match response {
         Ok(resp) if resp.status().is_success() => {
             discard_body(resp).await;
             None
@@ -397,9 +416,18 @@ async fn attempt(
         None => {
             rt.breaker.on_success();
             let latency = now.duration_since(ev.received).unwrap_or_default();
-            if let Err(e) = shared.queue.ack(&ev).await {
+            let acked = shared.queue.ack(&ev).await;
+            if let Err(e) = &acked {
                 // Delivered but not acked: it will be delivered again with the same id.
                 tracing::warn!(endpoint = %rt.key, error = %e, "ack failed");
+            }
+            if let (Some(span), Some(at)) = (span, sent_at) {
+                use crate::spans::AttemptOutcome;
+                let n = ev.attempts + 1;
+                span.attempt(attempt_span, at, n, status, AttemptOutcome::Delivered, None);
+                if acked.is_ok() {
+                    span.finish(&ev, "delivered", n);
+                }
             }
             rt.metrics.delivered.inc();
             rt.metrics.latency.observe(latency.as_secs_f64());
@@ -449,8 +477,20 @@ async fn attempt(
                 rt.metrics.retries.inc();
                 shared.queue.retry(&ev, now + delay, &error).await
             };
-            if let Err(e) = stored {
+            if let Err(e) = &stored {
                 tracing::warn!(endpoint = %rt.key, error = %e, "recording a failed attempt failed");
+            }
+            if let (Some(span), Some(at)) = (span, sent_at) {
+                use crate::spans::AttemptOutcome;
+                let outcome = if exhausted {
+                    AttemptOutcome::DeadLetter
+                } else {
+                    AttemptOutcome::Retry
+                };
+                span.attempt(attempt_span, at, failed, status, outcome, Some(&error));
+                if exhausted && stored.is_ok() {
+                    span.finish(&ev, "dead_lettered", failed);
+                }
             }
             rt.metrics.failed.inc();
             shared.health.record(

@@ -51,6 +51,8 @@ pub struct Ingress {
     pub concurrency: ConcurrencyLimit,
     /// A body not fully received within this is answered 408.
     pub body_read_timeout: std::time::Duration,
+    /// Records the `receive` and `store` spans (disabled: records nothing).
+    pub tracer: crate::spans::Tracer,
 }
 
 impl Ingress {
@@ -108,6 +110,7 @@ async fn hook(
     Path((token, subscription)): Path<(String, String)>,
     request: Request,
 ) -> Response {
+    let started = ing.tracer.is_on().then(SystemTime::now);
     // Which methods a provider may use is the provider parser's call (Atomic delivers by
     // PUT when configured, Atllas may send GET): the ingress accepts them all here.
     //
@@ -159,13 +162,19 @@ async fn hook(
         }
     };
     let now = SystemTime::now();
-    // Kept only when valid, so a delivery never forwards a malformed header.
-    let traceparent = parts
+    let incoming = parts
         .headers
         .get(crate::trace_context::HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| crate::trace_context::parse(v).is_some())
-        .map(crate::trace_context::normalize);
+        .and_then(|v| v.to_str().ok());
+    let span = started.and_then(|start| ing.tracer.receive(incoming, start));
+    // Kept only when valid, so a delivery never forwards a malformed header. With tracing
+    // on, the `receive` span is stored as the events' parent.
+    let traceparent = match &span {
+        Some(span) => Some(span.stored_traceparent()),
+        None => incoming
+            .filter(|v| crate::trace_context::parse(v).is_some())
+            .map(crate::trace_context::normalize),
+    };
     let received = parsed.events.len() as u64;
     sub.counters.add(received, now);
     route.metrics.received.inc_by(received);
@@ -202,10 +211,19 @@ async fn hook(
             .into_iter()
             .map(|m| malformed_event(&route.key, &subscription, m, now)),
     );
-    let outcomes = match ing.queue.enqueue(batch).await {
+    let offered = batch.len();
+    let store_start = span.as_ref().map(|_| SystemTime::now());
+    let stored = ing.queue.enqueue(batch).await;
+    if let (Some(span), Some(start)) = (&span, store_start) {
+        span.store(start, offered, stored.is_ok());
+    }
+    let outcomes = match stored {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(endpoint = %route.key, error = %e, "queue refused events");
+            if let Some(span) = span {
+                span.finish(&route.key, &subscription, 503, 0);
+            }
             return refuse(&ing, StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable");
         }
     };
@@ -216,6 +234,9 @@ async fn hook(
     let accepted = outcomes.len() as u64 - duplicates - malformed;
     route.metrics.queued.inc_by(accepted);
     route.metrics.duplicates.inc_by(duplicates);
+    if let Some(span) = span {
+        span.finish(&route.key, &subscription, 200, accepted);
+    }
     reply(
         StatusCode::OK,
         format!(
