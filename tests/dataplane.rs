@@ -1557,3 +1557,46 @@ async fn a_delivery_in_a_later_process_lifetime_hangs_under_the_stored_receive_s
     assert_eq!(attempt["spanId"], span.as_str());
     assert_no_secrets(&collector.raw(), h.consumer.addr, MARKER);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_sees_the_providers_headers_without_its_credentials() {
+    let h = Harness::start(|_, ep| {
+        ep.filter = Some(
+            webhook_operator::delivery::filter::Filter::compile(
+                "headers['x-provider-event'] == 'wanted' && !('x-test-secret' in headers) \
+                 && headers['content-type'] == 'application/json'",
+            )
+            .unwrap(),
+        );
+    })
+    .await;
+    let send = |id: &str, kind: &str| {
+        h.http
+            .post(format!("http://{}/hooks/{TOKEN}/calls", h.ingress))
+            .header("x-test-secret", PROVIDER_SECRET)
+            .header("content-type", "application/json")
+            .header("X-Provider-Event", kind)
+            .body(ev(id, "call_completed").to_string())
+            .send()
+    };
+    assert_eq!(send("skip", "other").await.unwrap().status(), 200);
+    assert_eq!(send("keep", "wanted").await.unwrap().status(), 200);
+    wait_for("both handled", Duration::from_secs(10), || {
+        let d = h.dp.queue_depth(&h.key);
+        d.pending == 0 && d.leased == 0 && !h.consumer.requests().is_empty()
+    })
+    .await;
+    let delivered: Vec<String> = h
+        .consumer
+        .requests()
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].to_string())
+        .collect();
+    assert_eq!(delivered, ["\"keep\""]);
+    assert_eq!(h.dp.queue_depth(&h.key).dead_lettered, 0);
+    assert!(
+        h.metrics().await.contains(
+            "webhook_operator_events_filtered_total{namespace=\"apps\",name=\"orders\"} 1"
+        )
+    );
+}

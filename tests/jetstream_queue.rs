@@ -43,6 +43,7 @@ fn event(ep: &EndpointKey, key: &str, payload: &str) -> NewEvent {
         payload: Bytes::from(payload.to_string()),
         received: SystemTime::now(),
         traceparent: None,
+        headers: String::new(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! `spec.filter`: an optional CEL expression over one event that decides whether it is
 //! delivered. Compiled once per endpoint configuration; evaluated just before an event is
 //! sent. Variables: `payload` (the provider's JSON payload; its text when it is not JSON),
-//! `eventType` and `subscription`.
+//! `eventType`, `subscription` and `headers` (the provider's request headers, lower-case
+//! names, credentials left out: see [`crate::ingress::kept_headers`]).
 
 use std::fmt;
 use std::sync::Arc;
@@ -38,16 +39,28 @@ impl Filter {
         })
     }
 
-    pub fn evaluate(&self, payload: &[u8], event_type: &str, subscription: &str) -> Verdict {
+    /// `headers`: the event's kept headers as stored (see [`crate::queue::header_lines`]).
+    pub fn evaluate(
+        &self,
+        payload: &[u8],
+        event_type: &str,
+        subscription: &str,
+        headers: &str,
+    ) -> Verdict {
         let payload = match serde_json::from_slice::<serde_json::Value>(payload) {
             Ok(json) => json,
             Err(_) => serde_json::Value::String(String::from_utf8_lossy(payload).into_owned()),
         };
+        let headers: serde_json::Map<String, serde_json::Value> =
+            crate::queue::header_lines(headers)
+                .map(|(n, v)| (n.to_owned(), serde_json::Value::String(v.to_owned())))
+                .collect();
         let mut ctx = cel::Context::default();
         let added = ctx
             .add_variable("payload", payload)
             .and_then(|()| ctx.add_variable("eventType", event_type))
-            .and_then(|()| ctx.add_variable("subscription", subscription));
+            .and_then(|()| ctx.add_variable("subscription", subscription))
+            .and_then(|()| ctx.add_variable("headers", serde_json::Value::Object(headers)));
         if let Err(e) = added {
             return Verdict::Error(format!("filter input: {e}"));
         }
@@ -96,8 +109,43 @@ mod tests {
         ];
         for (expr, want) in table {
             let f = Filter::compile(expr).unwrap();
-            assert_eq!(f.evaluate(CALL, "call_completed", "calls"), want, "{expr}");
+            assert_eq!(
+                f.evaluate(CALL, "call_completed", "calls", ""),
+                want,
+                "{expr}"
+            );
         }
+    }
+
+    #[test]
+    fn verdicts_over_provider_headers() {
+        const HEADERS: &str = "user-agent: Atlas-Webhooks/1.0\nx-atlas-event: call_completed\n";
+        let table = [
+            (
+                "headers['x-atlas-event'] == 'call_completed'",
+                Verdict::Deliver,
+            ),
+            (
+                "headers['user-agent'].startsWith('Atlas')",
+                Verdict::Deliver,
+            ),
+            ("'x-atlas-event' in headers", Verdict::Deliver),
+            ("'authorization' in headers", Verdict::Skip),
+            (
+                "has(headers.x_missing) || headers['x-atlas-event'] == 'call_started'",
+                Verdict::Skip,
+            ),
+            ("size(headers) == 2", Verdict::Deliver),
+        ];
+        for (expr, want) in table {
+            let f = Filter::compile(expr).unwrap();
+            assert_eq!(f.evaluate(CALL, "t", "s", HEADERS), want, "{expr}");
+        }
+        // No headers kept (an event stored before its endpoint had a filter): an empty map.
+        let f = Filter::compile("headers['x-atlas-event'] == 'call_completed'").unwrap();
+        assert!(matches!(f.evaluate(CALL, "t", "s", ""), Verdict::Error(_)));
+        let f = Filter::compile("size(headers) == 0").unwrap();
+        assert_eq!(f.evaluate(CALL, "t", "s", ""), Verdict::Deliver);
     }
 
     #[test]
@@ -109,7 +157,7 @@ mod tests {
         ] {
             let f = Filter::compile(expr).unwrap();
             assert!(
-                matches!(f.evaluate(CALL, "t", "s"), Verdict::Error(_)),
+                matches!(f.evaluate(CALL, "t", "s", ""), Verdict::Error(_)),
                 "{expr}"
             );
         }

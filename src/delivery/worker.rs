@@ -329,7 +329,7 @@ async fn attempt(
     }
     if let Some(filter) = &rt.filter {
         use super::filter::Verdict;
-        match filter.evaluate(&ev.payload, &ev.event_type, &ev.subscription) {
+        match filter.evaluate(&ev.payload, &ev.event_type, &ev.subscription, &ev.headers) {
             Verdict::Deliver => {}
             Verdict::Skip => {
                 in_flight.answered();

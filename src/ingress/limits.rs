@@ -296,6 +296,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"{}"),
             received: std::time::SystemTime::now(),
             traceparent: None,
+            headers: String::new(),
         };
         q.enqueue(vec![ev(&a, "1"), ev(&a, "2"), ev(&b, "3")])
             .await

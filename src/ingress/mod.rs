@@ -6,6 +6,7 @@
 //! queued, and no answer is 2xx before the events are durable. Owns no provider format and
 //! never calls the Kubernetes API.
 
+pub mod kept_headers;
 mod limits;
 mod routes;
 
@@ -175,6 +176,12 @@ async fn hook(
             .filter(|v| crate::trace_context::parse(v).is_some())
             .map(crate::trace_context::normalize),
     };
+    // Only an endpoint with a `spec.filter` reads them: others store none.
+    let headers = if route.keep_headers {
+        kept_headers::kept(&parts.headers, sub.keys.header_name.as_deref())
+    } else {
+        String::new()
+    };
     let received = parsed.events.len() as u64;
     sub.counters.add(received, now);
     route.metrics.received.inc_by(received);
@@ -196,6 +203,7 @@ async fn hook(
             payload: ev.payload,
             received: now,
             traceparent: traceparent.clone(),
+            headers: headers.clone(),
         });
     }
     let filtered = received - batch.len() as u64;
@@ -274,6 +282,7 @@ fn malformed_event(
         payload: m.raw,
         received: now,
         traceparent: None,
+        headers: String::new(),
     }
 }
 

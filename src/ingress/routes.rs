@@ -69,12 +69,14 @@ pub struct EndpointRoute {
     pub metrics: EndpointMetrics,
     /// The endpoint's own bound on waiting events, if it sets one.
     pub max_queued_events: Option<u64>,
+    /// Keep the provider's headers with events (the endpoint has a `spec.filter`).
+    pub keep_headers: bool,
 }
 
 #[derive(Default)]
 struct Desired {
-    /// Token, event types, own bound on waiting events.
-    endpoints: HashMap<EndpointKey, (String, Vec<String>, Option<u64>)>,
+    /// Token, event types, own bound on waiting events, whether headers are kept.
+    endpoints: HashMap<EndpointKey, (String, Vec<String>, Option<u64>, bool)>,
     subscriptions: HashMap<EndpointKey, HashMap<String, SubscriptionRoute>>,
     counters: HashMap<(EndpointKey, String), Arc<SubscriptionCounters>>,
 }
@@ -136,6 +138,7 @@ impl RouteTable {
                 ep.token.clone(),
                 ep.event_types.clone(),
                 ep.max_queued_events,
+                ep.filter.is_some(),
             ),
         );
         self.rebuild(&mut d, &ep.key);
@@ -179,7 +182,8 @@ impl RouteTable {
     }
 
     fn rebuild(&self, d: &mut Desired, key: &EndpointKey) {
-        let Some((token, types, max_queued_events)) = d.endpoints.get(key).cloned() else {
+        let Some((token, types, max_queued_events, keep_headers)) = d.endpoints.get(key).cloned()
+        else {
             return;
         };
         let mut subscriptions = HashMap::new();
@@ -204,6 +208,7 @@ impl RouteTable {
             subscriptions,
             metrics: self.metrics.endpoint(key),
             max_queued_events,
+            keep_headers,
         });
         let mut table = self.by_token.write().expect("routes lock");
         // A token change leaves the old one unroutable.

@@ -162,6 +162,9 @@ struct Envelope {
     /// The provider's `traceparent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tp: Option<String>,
+    /// The provider's headers kept for `spec.filter`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    h: String,
 }
 
 fn encode(env: &Envelope, payload: &[u8]) -> Bytes {
@@ -684,6 +687,7 @@ impl Queue for JetStreamQueue {
                 dead_ms: None,
                 reason: None,
                 tp: ev.traceparent.clone(),
+                h: ev.headers.clone(),
             };
             let digest = Sha256::digest(format!(
                 "{}\n{}\n{}",
@@ -806,6 +810,7 @@ impl Queue for JetStreamQueue {
                 next_attempt: SystemTime::now(),
                 last_error: None,
                 traceparent: env.tp.clone(),
+                headers: env.h.clone(),
             };
             inner.leased.lock().expect("leased lock").insert(
                 receipt.0,
@@ -897,6 +902,7 @@ impl Queue for JetStreamQueue {
             dead_ms: Some(to_millis(SystemTime::now())),
             reason: Some(reason.chars().take(200).collect()),
             tp: event.traceparent.clone(),
+            h: event.headers.clone(),
         };
         // The msg id makes a repeated dead-letter of the same stored message a no-op.
         let stored = inner
@@ -1093,11 +1099,13 @@ mod tests {
             dead_ms: None,
             reason: None,
             tp: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            h: "user-agent: atlas\n".into(),
         };
         let body = encode(&env, b"{\"a\":1}");
         let (back, payload) = decode(&body).unwrap();
         assert_eq!(back.key, env.key);
         assert_eq!(back.tp, env.tp);
+        assert_eq!(back.h, env.h);
         assert_eq!(back.base_attempts, 3);
         assert_eq!(&payload[..], b"{\"a\":1}");
         assert!(decode(&Bytes::from_static(b"\0\0\0\xffshort")).is_none());

@@ -54,6 +54,9 @@ pub struct NewEvent {
     pub received: SystemTime,
     /// The provider's valid W3C `traceparent`, kept so deliveries continue its trace.
     pub traceparent: Option<String>,
+    /// Headers the provider sent, for `spec.filter`: `name: value` lines (see
+    /// [`header_lines`]); empty when none are kept.
+    pub headers: String,
 }
 
 /// What became of one enqueued event.
@@ -88,6 +91,15 @@ pub struct QueuedEvent {
     pub last_error: Option<String>,
     /// The provider's `traceparent`, when it sent a valid one.
     pub traceparent: Option<String>,
+    /// Headers the provider sent (see [`NewEvent::headers`]).
+    pub headers: String,
+}
+
+/// The `(name, value)` pairs of an event's kept headers: one `name: value` per line
+/// (names are lower-case tokens and values hold no line breaks, so a line splits at the
+/// first `": "`).
+pub fn header_lines(headers: &str) -> impl Iterator<Item = (&str, &str)> {
+    headers.lines().filter_map(|l| l.split_once(": "))
 }
 
 /// Which dead letters a replay sends back to pending.

@@ -5,8 +5,9 @@ use bytes::Bytes;
 
 pub(super) const STATE_PENDING: u8 = 0;
 pub(super) const STATE_DEAD: u8 = 1;
-/// 2 added `traceparent`; version 1 records (without it) are still read.
-const VERSION: u8 = 2;
+/// 2 added `traceparent`, 3 the provider's `headers`; older records (without them) are
+/// still read.
+const VERSION: u8 = 3;
 
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Record {
@@ -25,6 +26,8 @@ pub(super) struct Record {
     pub payload: Bytes,
     /// The provider's `traceparent`; empty when none came.
     pub traceparent: String,
+    /// The provider's headers kept for `spec.filter` (see [`crate::queue::header_lines`]).
+    pub headers: String,
 }
 
 impl Record {
@@ -39,7 +42,8 @@ impl Record {
             + self.dedupe_key.len()
             + self.last_error.len()
             + self.payload.len()
-            + self.traceparent.len()) as u64
+            + self.traceparent.len()
+            + self.headers.len()) as u64
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -59,6 +63,7 @@ impl Record {
             self.last_error.as_bytes(),
             &self.payload,
             self.traceparent.as_bytes(),
+            self.headers.as_bytes(),
         ] {
             out.extend_from_slice(&(field.len() as u32).to_le_bytes());
             out.extend_from_slice(field);
@@ -85,6 +90,11 @@ impl Record {
             last_error: r.string()?,
             payload: Bytes::copy_from_slice(r.field()?),
             traceparent: if version >= 2 {
+                r.string()?
+            } else {
+                String::new()
+            },
+            headers: if version >= 3 {
                 r.string()?
             } else {
                 String::new()
@@ -139,6 +149,7 @@ mod tests {
             last_error: "HTTP 500".into(),
             payload: Bytes::from_static(b"{\"a\":1}"),
             traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            headers: "user-agent: atlas\nx-atlas-event: call_completed\n".into(),
         };
         let mut buf = Vec::new();
         rec.encode(&mut buf);
@@ -146,6 +157,32 @@ mod tests {
         for cut in 0..buf.len() {
             assert_eq!(Record::decode(&buf[..cut]), None, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn reads_version_2_records_without_headers() {
+        let rec = Record {
+            state: STATE_PENDING,
+            attempts: 2,
+            received_ms: 1,
+            due_ms: 1,
+            dead_ms: 0,
+            namespace: "ns".into(),
+            name: "ep".into(),
+            subscription: "sub".into(),
+            event_type: "t".into(),
+            dedupe_key: "k".into(),
+            last_error: "HTTP 500".into(),
+            payload: Bytes::from_static(b"{}"),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            headers: String::new(),
+        };
+        let mut buf = Vec::new();
+        rec.encode(&mut buf);
+        // Version 2: the same layout without the trailing headers field.
+        buf.truncate(buf.len() - 4);
+        buf[0] = 2;
+        assert_eq!(Record::decode(&buf), Some(rec));
     }
 
     #[test]
@@ -164,11 +201,12 @@ mod tests {
             last_error: String::new(),
             payload: Bytes::from_static(b"{}"),
             traceparent: String::new(),
+            headers: String::new(),
         };
         let mut buf = Vec::new();
         rec.encode(&mut buf);
-        // Version 1: the same layout without the trailing traceparent field.
-        buf.truncate(buf.len() - 4);
+        // Version 1: the same layout without the trailing traceparent and headers fields.
+        buf.truncate(buf.len() - 8);
         buf[0] = 1;
         assert_eq!(Record::decode(&buf), Some(rec));
     }

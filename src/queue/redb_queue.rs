@@ -471,6 +471,7 @@ fn to_event(nonce: u64, seq: u64, rec: Record) -> QueuedEvent {
         next_attempt: from_millis(rec.due_ms),
         last_error: (!rec.last_error.is_empty()).then_some(rec.last_error),
         traceparent: (!rec.traceparent.is_empty()).then_some(rec.traceparent),
+        headers: rec.headers,
     }
 }
 
@@ -775,6 +776,7 @@ impl Writer {
                 last_error: String::new(),
                 payload: ev.payload,
                 traceparent: ev.traceparent.unwrap_or_default(),
+                headers: ev.headers,
             };
             rec.encode(&mut self.buf);
             t.0.insert(seq, self.buf.as_slice()).map_err(storage)?;

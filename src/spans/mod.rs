@@ -362,6 +362,7 @@ mod tests {
             next_attempt: SystemTime::now(),
             last_error: None,
             traceparent: traceparent.map(str::to_owned),
+            headers: String::new(),
         }
     }
 

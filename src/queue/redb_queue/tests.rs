@@ -19,6 +19,7 @@ fn event(endpoint: &EndpointKey, dedupe: &str, received: SystemTime) -> NewEvent
         payload: Bytes::from(format!("{{\"k\":\"{dedupe}\"}}")),
         received,
         traceparent: None,
+        headers: String::new(),
     }
 }
 
