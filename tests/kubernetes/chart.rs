@@ -390,8 +390,23 @@ async fn values_schema_refuses_wrong_values() {
     // The defaults pass, so a failure below is the schema's doing.
     let out = helm(&["template", "ok", chart]);
     assert!(out.status.success(), "{}", text(&out));
+    // Span export: off by default, the standard variable when set.
+    let otlp = |extra: &[&str]| {
+        let objs = objects(&render("traced", "default", extra));
+        let sts = find(&objs, "StatefulSet")[0];
+        env_value(container(sts), "OTEL_EXPORTER_OTLP_ENDPOINT").map(str::to_owned)
+    };
+    assert_eq!(otlp(&[]), None);
+    assert_eq!(
+        otlp(&[
+            "--set",
+            "operator.tracing.otlpEndpoint=http://otel-collector.observability:4318"
+        ])
+        .as_deref(),
+        Some("http://otel-collector.observability:4318")
+    );
 
-    let bad: [(&[&str], &str); 5] = [
+    let bad: [(&[&str], &str); 6] = [
         (
             &["--set-json", "queue.jetstream.replicas=\"three\""],
             "replicas",
@@ -400,6 +415,10 @@ async fn values_schema_refuses_wrong_values() {
         (&["--set-json", "operator.logJSON=\"yes\""], "logJSON"),
         (&["--set", "queue.mode=jetstream"], "natsURL"),
         (&["--set", "servicee.port=80"], "servicee"),
+        (
+            &["--set", "operator.tracing.otlpEndpoint=collector:4317"],
+            "otlpEndpoint",
+        ),
     ];
     for (args, field) in bad {
         let mut all = vec!["template", "bad", chart];

@@ -112,6 +112,10 @@ spec:
           value: {{ $op.requireSecretLabel | quote }}
         - name: RUST_LOG
           value: {{ $op.logLevel | quote }}
+        {{- with $op.tracing.otlpEndpoint }}
+        - name: OTEL_EXPORTER_OTLP_ENDPOINT
+          value: {{ . | quote }}
+        {{- end }}
         {{- with $op.publicBaseURL }}
         - name: WEBHOOK_OPERATOR_PUBLIC_BASE_URL
           value: {{ . | quote }}
