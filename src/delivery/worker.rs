@@ -307,7 +307,7 @@ async fn attempt(
     ev: QueuedEvent,
     mut in_flight: InFlight,
 ) {
-    let span = shared.tracer.deliver(&ev, SystemTime::now());
+    let span = shared.tracer.deliver(&ev);
     if let Some(reason) = crate::ingress::malformed_reason(&ev.dedupe_key) {
         // An element the provider sent that could not be read: kept for inspection in the
         // dead-letter store, never sent.

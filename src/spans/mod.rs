@@ -128,10 +128,11 @@ impl Tracer {
         })
     }
 
-    /// The `deliver` span of `ev`, begun (or continued) at its lease `now`. `None` when
-    /// disabled or when the event's trace is not sampled.
-    pub fn deliver(&self, ev: &QueuedEvent, now: SystemTime) -> Option<Deliver> {
+    /// The `deliver` span of `ev`, begun at this lease or continued from an earlier one
+    /// in this process. `None` when disabled or when the event's trace is not sampled.
+    pub fn deliver(&self, ev: &QueuedEvent) -> Option<Deliver> {
         let rec = self.0.as_ref()?;
+        let now = SystemTime::now();
         let trace = trace_context::event_trace(ev.traceparent.as_deref(), &ev.id);
         if !trace.sampled() {
             return None;
@@ -371,7 +372,7 @@ mod tests {
         let t = Tracer::disabled();
         assert!(!t.is_on());
         assert!(t.receive(Some(INCOMING), SystemTime::now()).is_none());
-        assert!(t.deliver(&event(None), SystemTime::now()).is_none());
+        assert!(t.deliver(&event(None)).is_none());
         // The default is the disabled one.
         assert!(!Tracer::default().is_on());
     }
@@ -400,7 +401,7 @@ mod tests {
 
         // The deliver span of the stored event: same trace, child of receive.
         let stored_ev = event(Some(&r_header(&stored)));
-        let d = t.deliver(&stored_ev, SystemTime::now()).unwrap();
+        let d = t.deliver(&stored_ev).unwrap();
         d.finish(&stored_ev, "delivered", 1);
         let deliver = rx.recv().await.unwrap();
         assert_eq!(deliver.trace_id, stored.trace_id);
@@ -420,10 +421,7 @@ mod tests {
         assert_eq!(r.stored_traceparent(), unsampled);
         r.store(SystemTime::now(), 1, true);
         r.finish(&EndpointKey::new("a", "b"), "s", 200, 1);
-        assert!(
-            t.deliver(&event(Some(unsampled)), SystemTime::now())
-                .is_none()
-        );
+        assert!(t.deliver(&event(Some(unsampled))).is_none());
         assert!(rx.try_recv().is_err());
     }
 
@@ -442,11 +440,14 @@ mod tests {
     fn the_deliver_span_keeps_its_id_and_start_across_attempts() {
         let (t, _rx) = Tracer::buffered(16, Counter::default());
         let ev = event(None);
-        let first = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(10);
-        let a = t.deliver(&ev, first).unwrap();
-        let b = t.deliver(&ev, SystemTime::now()).unwrap();
+        let a = t.deliver(&ev).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let b = t.deliver(&ev).unwrap();
         assert_eq!(a.span_id, b.span_id);
-        assert_eq!(b.start, first);
+        assert_eq!(
+            b.start, a.start,
+            "the second lease continues the first's span"
+        );
         // The trace the destination sees for an event stored without one.
         assert_eq!(
             a.trace().trace_id,
