@@ -154,6 +154,17 @@ impl Consumer {
         self.got.lock().unwrap().clone()
     }
 
+    /// The `id` field of each request's payload, in arrival order.
+    fn payload_ids(&self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .map(|r| {
+                let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                body["id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
     /// Requests answered 2xx, by webhook-id.
     fn ids(&self) -> Vec<String> {
         self.requests()
@@ -1251,13 +1262,8 @@ async fn filter_delivers_matches_counts_skips_and_dead_letters_errors() {
         !h.consumer.requests().is_empty()
     })
     .await;
-    let delivered: Vec<String> = h
-        .consumer
-        .requests()
-        .iter()
-        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].to_string())
-        .collect();
-    assert_eq!(delivered, ["\"hot\""]);
+    let delivered = h.consumer.payload_ids();
+    assert_eq!(delivered, ["hot"]);
     let metrics = h.metrics().await;
     for line in [
         "webhook_operator_events_filtered_total{namespace=\"apps\",name=\"orders\"} 1",
@@ -1332,6 +1338,24 @@ impl Collector {
     }
 }
 
+/// A provider's verified POST of `body` to the `calls` route at `ingress`, with `extra`
+/// headers; the answer's status.
+async fn provider_post(
+    ingress: SocketAddr,
+    body: serde_json::Value,
+    extra: &[(&str, &str)],
+) -> u16 {
+    let mut req = reqwest::Client::new()
+        .post(format!("http://{ingress}/hooks/{TOKEN}/calls"))
+        .header("x-test-secret", PROVIDER_SECRET)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (name, value) in extra {
+        req = req.header(*name, *value);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
 fn named<'a>(spans: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {
     spans.iter().filter(|s| s["name"] == name).collect()
 }
@@ -1391,20 +1415,13 @@ async fn spans_follow_an_event_from_receive_through_each_attempt_to_otlp() {
     })
     .await;
     h.consumer.set_status(500);
-    let status = h
-        .http
-        .post(format!("http://{}/hooks/{TOKEN}/calls", h.ingress))
-        .header("x-test-secret", PROVIDER_SECRET)
-        .header("content-type", "application/json")
-        .header(
-            "traceparent",
-            format!("00-{INCOMING_TRACE}-{INCOMING_SPAN}-01"),
-        )
-        .body(ev(MARKER, "call_completed").to_string())
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let incoming = format!("00-{INCOMING_TRACE}-{INCOMING_SPAN}-01");
+    let status = provider_post(
+        h.ingress,
+        ev(MARKER, "call_completed"),
+        &[("traceparent", &incoming)],
+    )
+    .await;
     assert_eq!(status, 200);
     wait_for("the first attempt", Duration::from_secs(10), || {
         !h.consumer.requests().is_empty()
@@ -1506,15 +1523,7 @@ async fn a_delivery_in_a_later_process_lifetime_hangs_under_the_stored_receive_s
     let first = DataPlane::with_queue(config.clone(), Arc::new(TestParser), queue.clone()).unwrap();
     let receiver =
         Harness::wire_ingress_only(&first, endpoint(&key, service(), fast_policy())).await;
-    let status = reqwest::Client::new()
-        .post(format!("http://{receiver}/hooks/{TOKEN}/calls"))
-        .header("x-test-secret", PROVIDER_SECRET)
-        .header("content-type", "application/json")
-        .body(ev(MARKER, "call_completed").to_string())
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let status = provider_post(receiver, ev(MARKER, "call_completed"), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(first.queue_depth(&key).pending, 1);
 
@@ -1570,29 +1579,18 @@ async fn filter_sees_the_providers_headers_without_its_credentials() {
         );
     })
     .await;
-    let send = |id: &str, kind: &str| {
-        h.http
-            .post(format!("http://{}/hooks/{TOKEN}/calls", h.ingress))
-            .header("x-test-secret", PROVIDER_SECRET)
-            .header("content-type", "application/json")
-            .header("X-Provider-Event", kind)
-            .body(ev(id, "call_completed").to_string())
-            .send()
-    };
-    assert_eq!(send("skip", "other").await.unwrap().status(), 200);
-    assert_eq!(send("keep", "wanted").await.unwrap().status(), 200);
+    for (id, kind) in [("skip", "other"), ("keep", "wanted")] {
+        let extra = [("X-Provider-Event", kind)];
+        let status = provider_post(h.ingress, ev(id, "call_completed"), &extra).await;
+        assert_eq!(status, 200);
+    }
     wait_for("both handled", Duration::from_secs(10), || {
         let d = h.dp.queue_depth(&h.key);
         d.pending == 0 && d.leased == 0 && !h.consumer.requests().is_empty()
     })
     .await;
-    let delivered: Vec<String> = h
-        .consumer
-        .requests()
-        .iter()
-        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].to_string())
-        .collect();
-    assert_eq!(delivered, ["\"keep\""]);
+    let delivered = h.consumer.payload_ids();
+    assert_eq!(delivered, ["keep"]);
     assert_eq!(h.dp.queue_depth(&h.key).dead_lettered, 0);
     assert!(
         h.metrics().await.contains(

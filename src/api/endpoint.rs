@@ -62,7 +62,8 @@ pub struct WebhookEndpointSpec {
     #[serde(default, skip_serializing_if = "DeliveryFormat::is_default")]
     pub format: DeliveryFormat,
     /// A CEL expression deciding per event whether it is delivered, over `payload` (the
-    /// provider's JSON payload), `eventType` and `subscription`; for example
+    /// provider's JSON payload), `eventType`, `subscription` and `headers` (the provider's
+    /// request headers by lower-case name, credentials left out); for example
     /// `payload.call.analysis.lead_warmth == 'hot'`. False: the event is acknowledged and
     /// counted as filtered. An expression that does not compile makes `Ready=False` with
     /// reason `FilterInvalid`; one that fails on an event (or gives no bool) keeps that

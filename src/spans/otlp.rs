@@ -24,6 +24,13 @@ pub fn traces_url(endpoint: &url::Url) -> anyhow::Result<url::Url> {
     if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host().is_none() {
         anyhow::bail!("the OTLP endpoint must be an http(s) URL");
     }
+    // The configuration is logged at start-up: no credentials in it.
+    if !endpoint.username().is_empty()
+        || endpoint.password().is_some()
+        || endpoint.query().is_some()
+    {
+        anyhow::bail!("the OTLP endpoint takes no user info or query");
+    }
     let mut url = endpoint.clone();
     let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
     url.set_path(&path);
@@ -157,7 +164,13 @@ mod tests {
             let got = traces_url(&url::Url::parse(base).unwrap()).unwrap();
             assert_eq!(got.as_str(), want);
         }
-        assert!(traces_url(&url::Url::parse("grpc://collector:4317").unwrap()).is_err());
+        for bad in [
+            "grpc://collector:4317",
+            "http://user:pass@collector:4318",
+            "http://collector:4318/?token=x",
+        ] {
+            assert!(traces_url(&url::Url::parse(bad).unwrap()).is_err(), "{bad}");
+        }
     }
 
     #[test]
