@@ -425,6 +425,35 @@ impl OperatorConfig {
 mod tests {
     use super::NatsUrl;
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: super::OperatorConfig,
+    }
+
+    #[test]
+    fn otlp_endpoint_is_off_by_default_and_checked_when_set() {
+        use clap::Parser;
+        let parse = |args: &[&str]| Cli::try_parse_from([&["op"], args].concat());
+        // The variable is read too; the test must not see one from its environment.
+        if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
+            let off = parse(&[]).unwrap();
+            assert_eq!(off.config.data_plane().otlp_endpoint, None);
+        }
+        let on = parse(&[
+            "--otlp-endpoint",
+            "http://otel-collector.observability:4318",
+        ])
+        .unwrap();
+        assert_eq!(
+            on.config.data_plane().otlp_endpoint.unwrap().as_str(),
+            "http://otel-collector.observability:4318/"
+        );
+        for bad in ["otel-collector:4318", "grpc://c:4317", "http://u:p@c:4318"] {
+            assert!(parse(&["--otlp-endpoint", bad]).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn nats_url_debug_hides_credentials() {
         let u: NatsUrl = "nats://user:hunter2@nats-1:4222,tls://tok@nats-2:4222,nats://n3:4222"
