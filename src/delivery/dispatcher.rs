@@ -163,6 +163,9 @@ impl Dispatcher {
             for (_, h) in workers {
                 let _ = h.await;
             }
+            // The spans of the last attempts, before the process ends.
+            let _ =
+                tokio::time::timeout(this.shared.shutdown_grace, this.shared.tracer.flush()).await;
         })
     }
 

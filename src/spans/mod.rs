@@ -68,6 +68,7 @@ pub struct Tracer(Option<Arc<Recorder>>);
 /// The enabled side of a [`Tracer`].
 pub struct Recorder {
     tx: mpsc::Sender<Span>,
+    flushes: mpsc::Sender<otlp::FlushRequest>,
     dropped: Counter,
     /// When each event under delivery was first leased in this process.
     open: Mutex<HashMap<String, SystemTime>>,
@@ -82,25 +83,44 @@ impl Tracer {
     /// Exports to the OTLP/HTTP endpoint `endpoint` (its `/v1/traces`) from a background
     /// task. Must be called inside a Tokio runtime.
     pub fn otlp(endpoint: &url::Url, metrics: &crate::metrics::Metrics) -> anyhow::Result<Self> {
-        let (tracer, rx) = Self::buffered(BUFFER, metrics.spans_dropped());
+        let (tracer, inputs) = Self::with_inputs(BUFFER, metrics.spans_dropped());
         otlp::spawn(
             endpoint,
-            rx,
+            inputs,
             metrics.spans_exported(),
             metrics.spans_dropped(),
         )?;
         Ok(tracer)
     }
 
-    /// An enabled tracer whose spans go to the returned receiver (the exporter's input).
-    pub fn buffered(capacity: usize, dropped: Counter) -> (Self, mpsc::Receiver<Span>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    /// An enabled tracer and the exporter's end of its channels.
+    fn with_inputs(capacity: usize, dropped: Counter) -> (Self, otlp::Inputs) {
+        let (tx, spans) = mpsc::channel(capacity);
+        let (flush_tx, flushes) = mpsc::channel(1);
         let rec = Recorder {
             tx,
+            flushes: flush_tx,
             dropped,
             open: Mutex::default(),
         };
-        (Self(Some(Arc::new(rec))), rx)
+        (Self(Some(Arc::new(rec))), otlp::Inputs { spans, flushes })
+    }
+
+    /// An enabled tracer whose spans go to the returned receiver.
+    #[cfg(test)]
+    fn buffered(capacity: usize, dropped: Counter) -> (Self, mpsc::Receiver<Span>) {
+        let (tracer, inputs) = Self::with_inputs(capacity, dropped);
+        (tracer, inputs.spans)
+    }
+
+    /// Exports what is buffered and returns once the exporter has sent it (at shutdown,
+    /// so the last spans are not lost). Returns at once when disabled.
+    pub async fn flush(&self) {
+        let Some(rec) = &self.0 else { return };
+        let (ack, done) = tokio::sync::oneshot::channel();
+        if rec.flushes.send(ack).await.is_ok() {
+            let _ = done.await;
+        }
     }
 
     pub fn is_on(&self) -> bool {

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Span, Value};
 
@@ -37,9 +37,25 @@ pub fn traces_url(endpoint: &url::Url) -> anyhow::Result<url::Url> {
     Ok(url)
 }
 
+/// A request to export everything buffered now, answered when done.
+pub(super) type FlushRequest = oneshot::Sender<()>;
+
+/// The exporter's inputs: spans, and flush requests.
+pub(super) struct Inputs {
+    pub spans: mpsc::Receiver<Span>,
+    pub flushes: mpsc::Receiver<FlushRequest>,
+}
+
+struct Exporter {
+    client: reqwest::Client,
+    url: url::Url,
+    exported: Counter,
+    dropped: Counter,
+}
+
 pub(super) fn spawn(
     endpoint: &url::Url,
-    mut rx: mpsc::Receiver<Span>,
+    inputs: Inputs,
     exported: Counter,
     dropped: Counter,
 ) -> anyhow::Result<()> {
@@ -49,50 +65,90 @@ pub(super) fn spawn(
         .timeout(EXPORT_TIMEOUT)
         .user_agent(concat!("webhook-operator/", env!("CARGO_PKG_VERSION")))
         .build()?;
-    tokio::spawn(async move {
+    let exporter = Exporter {
+        client,
+        url,
+        exported,
+        dropped,
+    };
+    tokio::spawn(exporter.run(inputs));
+    Ok(())
+}
+
+impl Exporter {
+    /// Sends a batch once it is full or [`FLUSH_DELAY`] after its first span, and
+    /// everything buffered when asked to flush. Ends when the tracer is gone.
+    async fn run(self, mut inputs: Inputs) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
-            let flush = tokio::time::sleep(FLUSH_DELAY);
-            tokio::pin!(flush);
-            while batch.len() < MAX_BATCH {
-                tokio::select! {
-                    next = rx.recv() => match next {
-                        Some(s) => batch.push(s),
-                        None => break,
-                    },
-                    _ = &mut flush => break,
+        loop {
+            let mut flush = None;
+            tokio::select! {
+                first = inputs.spans.recv() => match first {
+                    Some(s) => batch.push(s),
+                    None => return,
+                },
+                Some(ack) = inputs.flushes.recv() => flush = Some(ack),
+            }
+            if flush.is_none() {
+                let delay = tokio::time::sleep(FLUSH_DELAY);
+                tokio::pin!(delay);
+                while batch.len() < MAX_BATCH {
+                    tokio::select! {
+                        next = inputs.spans.recv() => match next {
+                            Some(s) => batch.push(s),
+                            None => break,
+                        },
+                        Some(ack) = inputs.flushes.recv() => {
+                            flush = Some(ack);
+                            break;
+                        }
+                        _ = &mut delay => break,
+                    }
                 }
             }
-            let n = batch.len() as u64;
-            let body = encode(&batch);
+            if flush.is_some() {
+                while let Ok(s) = inputs.spans.try_recv() {
+                    batch.push(s);
+                }
+            }
+            for chunk in batch.chunks(MAX_BATCH) {
+                self.export(chunk).await;
+            }
             batch.clear();
-            let sent = client
-                .post(url.clone())
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(body)
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status().is_success() => {
-                    exported.inc_by(n);
-                }
-                Ok(r) => {
-                    dropped.inc_by(n);
-                    tracing::warn!(
-                        status = r.status().as_u16(),
-                        spans = n,
-                        "span export refused"
-                    );
-                }
-                Err(_) => {
-                    dropped.inc_by(n);
-                    tracing::warn!(spans = n, "span export failed");
-                }
+            if let Some(ack) = flush {
+                let _ = ack.send(());
             }
         }
-    });
-    Ok(())
+    }
+
+    /// One POST; its spans are counted as exported or dropped (no retry).
+    async fn export(&self, spans: &[Span]) {
+        let n = spans.len() as u64;
+        let sent = self
+            .client
+            .post(self.url.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(encode(spans))
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                self.exported.inc_by(n);
+            }
+            Ok(r) => {
+                self.dropped.inc_by(n);
+                tracing::warn!(
+                    status = r.status().as_u16(),
+                    spans = n,
+                    "span export refused"
+                );
+            }
+            Err(_) => {
+                self.dropped.inc_by(n);
+                tracing::warn!(spans = n, "span export failed");
+            }
+        }
+    }
 }
 
 fn nanos(t: SystemTime) -> String {
@@ -171,6 +227,54 @@ mod tests {
         ] {
             assert!(traces_url(&url::Url::parse(bad).unwrap()).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn flush_sends_what_is_buffered_before_it_returns() {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<bytes::Bytes>::new()));
+        let store = got.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: bytes::Bytes| {
+                let store = store.clone();
+                async move {
+                    store.lock().unwrap().push(body);
+                    http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let metrics = crate::metrics::Metrics::new();
+        let endpoint = url::Url::parse(&format!("http://{addr}")).unwrap();
+        let tracer = crate::spans::Tracer::otlp(&endpoint, &metrics).unwrap();
+        let key = crate::queue::EndpointKey::new("apps", "orders");
+        for _ in 0..3 {
+            let span = tracer.receive(None, SystemTime::now()).unwrap();
+            span.finish(&key, "calls", 200, 1);
+        }
+        // Well within the batch delay: only the flush can have sent them.
+        let started = std::time::Instant::now();
+        tracer.flush().await;
+        assert!(started.elapsed() < FLUSH_DELAY);
+        let exported: usize = got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                let v: serde_json::Value = serde_json::from_slice(b).unwrap();
+                v["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                    .as_array()
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        assert_eq!(exported, 3);
+        assert_eq!(metrics.spans_exported().get(), 3);
+        // Disabled: returns at once.
+        crate::spans::Tracer::disabled().flush().await;
     }
 
     #[test]
