@@ -213,12 +213,11 @@ async fn hook(
         tracing::warn!(endpoint = %route.key, subscription = %subscription, malformed, "kept unreadable batch elements as dead letters");
         route.metrics.malformed.inc_by(malformed);
     }
-    batch.extend(
-        parsed
-            .malformed
-            .into_iter()
-            .map(|m| malformed_event(&route.key, &subscription, m, now)),
-    );
+    batch.extend(parsed.malformed.into_iter().map(|m| NewEvent {
+        // In the request's trace, so its dead-letter span joins the others.
+        traceparent: traceparent.clone(),
+        ..malformed_event(&route.key, &subscription, m, now)
+    }));
     let offered = batch.len();
     let store_start = span.as_ref().map(|_| SystemTime::now());
     let stored = ing.queue.enqueue(batch).await;
