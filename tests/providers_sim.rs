@@ -105,6 +105,11 @@ impl Sim {
             .unwrap();
         assert_eq!(r.status().as_u16(), 204);
     }
+    /// Management calls that are not GET or HEAD.
+    async fn writes(&self, provider: &str) -> u64 {
+        let v = self.get(&format!("/_control/{provider}/calls")).await;
+        v["writes"].as_u64().unwrap()
+    }
     async fn calls(&self, provider: &str) -> (u64, u64) {
         let v = self.get(&format!("/_control/{provider}/calls")).await;
         (
@@ -602,8 +607,9 @@ async fn atomic_token_is_cached_and_refreshed() {
         c.ensure(&creds, &d, None).await.unwrap();
         c.observe(&creds, &d).await.unwrap();
         c.observe(&creds, &d).await.unwrap();
-        // ensure = list + create, then two lists: four API calls on one token.
+        // ensure = list + create, then two lists: four API calls on one token, one write.
         assert_eq!(s.calls("atomic").await, (4, 1));
+        assert_eq!(s.writes("atomic").await, 1);
         // A 2 s token is refreshed half-way through its life.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         c.observe(&creds, &d).await.unwrap();

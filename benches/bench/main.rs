@@ -4,7 +4,7 @@
 //! between the `bench:begin` / `bench:end` markers (the analysis around them is kept).
 //!
 //! ```text
-//! cargo bench --bench bench                 # full run (10 s per phase, 1,000 subscriptions)
+//! cargo bench --bench bench                 # full run (10 s per phase, 10,000 subscriptions)
 //! cargo bench --bench bench -- --smoke      # CI: 2 s per phase, 50 subscriptions
 //! ```
 //! Flags: `--smoke`, `--seconds N`, `--concurrency N`, `--subscriptions N`,
@@ -53,7 +53,7 @@ fn opts() -> anyhow::Result<Opts> {
         smoke,
         seconds: if smoke { 2 } else { 10 },
         concurrency: 64,
-        subscriptions: if smoke { 50 } else { 1000 },
+        subscriptions: if smoke { 50 } else { 10_000 },
         delivery: true,
         reconcile: true,
         out: if smoke {
@@ -232,73 +232,7 @@ fn report(
         s.push('\n');
     }
     if let Some(r) = r {
-        let provider_total: u64 = r.provider_calls.values().sum();
-        let per_sub = provider_total as f64 / r.subscriptions as f64;
-        let api_per_sub = r.operator_requests as f64 / r.subscriptions as f64;
-        let _ = writeln!(
-            s,
-            "### Reconcile at scale ({} WebhookSubscriptions, Atlas/Atomic/Smallest in turn, created 32 at a time)\n",
-            r.subscriptions
-        );
-        let _ = writeln!(s, "| measure | value |\n|---|---|");
-        let _ = writeln!(
-            s,
-            "| time until all Ready | {:.2} s{} |",
-            r.ready_seconds,
-            if r.all_ready { "" } else { " (timed out)" }
-        );
-        let calls: Vec<String> = r
-            .provider_calls
-            .iter()
-            .map(|(p, c)| format!("{p} {c}"))
-            .collect();
-        let _ = writeln!(
-            s,
-            "| provider management calls | {provider_total} ({}), {per_sub:.2} per subscription; Atomic token calls {} |",
-            calls.join(", "),
-            r.atomic_token_calls
-        );
-        let by: Vec<String> = r
-            .operator_requests_by
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
-        let _ = writeln!(
-            s,
-            "| operator API-server requests | {} ({api_per_sub:.2} per subscription): {} |",
-            r.operator_requests,
-            by.join(", ")
-        );
-        let _ = writeln!(
-            s,
-            "| every API-server request in the window less the benchmark's own | {} |",
-            r.all_requests_less_ours
-        );
-        let _ = writeln!(
-            s,
-            "| operator peak RSS (VmHWM) | {:.1} MiB |\n",
-            r.rss_peak_mib
-        );
-        let _ = writeln!(s, "| target | measured | |\n|---|---|---|");
-        let _ = writeln!(
-            s,
-            "| {} Ready ≤ 30 s | {:.2} s | {} |",
-            r.subscriptions,
-            r.ready_seconds,
-            mark(r.all_ready && r.ready_seconds <= 30.0)
-        );
-        let _ = writeln!(
-            s,
-            "| ≤ 3 provider calls per subscription at creation | {per_sub:.2} | {} |",
-            mark(per_sub <= 3.0)
-        );
-        let _ = writeln!(
-            s,
-            "| operator RSS ≤ 150 MiB | {:.1} MiB | {} |",
-            r.rss_peak_mib,
-            mark(r.rss_peak_mib <= 150.0)
-        );
-        s.push('\n');
+        r.report(&mut s);
     }
     let _ = writeln!(s, "{END}");
     s
@@ -348,7 +282,7 @@ fn main() -> anyhow::Result<()> {
             let (settle, timeout) = if o.smoke {
                 (Duration::from_secs(2), Duration::from_secs(60))
             } else {
-                (Duration::from_secs(5), Duration::from_secs(120))
+                (Duration::from_secs(5), Duration::from_secs(180))
             };
             Some(reconcile::run(o.subscriptions, settle, timeout).await?)
         } else {

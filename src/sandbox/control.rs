@@ -62,8 +62,12 @@ async fn calls(State(s): State<AppState>, Path(name): Path<String>) -> Response 
             } else {
                 0
             };
-            Json(json!({"management": s.control.management[i].load(Ordering::SeqCst), "token": token}))
-                .into_response()
+            Json(json!({
+                "management": s.control.management[i].load(Ordering::SeqCst),
+                "writes": s.control.writes[i].load(Ordering::SeqCst),
+                "token": token,
+            }))
+            .into_response()
         }
         Err(r) => r,
     }
@@ -73,6 +77,7 @@ async fn reset_calls(State(s): State<AppState>, Path(name): Path<String>) -> Res
     match api_provider(&name) {
         Ok((p, i)) => {
             s.control.management[i].store(0, Ordering::SeqCst);
+            s.control.writes[i].store(0, Ordering::SeqCst);
             if p == Provider::Atomic {
                 s.control.token.store(0, Ordering::SeqCst);
             }

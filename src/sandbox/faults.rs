@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
@@ -36,6 +36,8 @@ pub struct Faults {
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) management: [AtomicU64; 3],
+    /// The management calls that may change something (every method but GET and HEAD).
+    pub(crate) writes: [AtomicU64; 3],
     pub(crate) token: AtomicU64,
     pub(crate) faults: Mutex<[Faults; 3]>,
 }
@@ -65,6 +67,9 @@ pub(crate) async fn faults_layer(
         state.control.token.fetch_add(1, Ordering::SeqCst);
     } else {
         state.control.management[i].fetch_add(1, Ordering::SeqCst);
+        if !matches!(*req.method(), Method::GET | Method::HEAD) {
+            state.control.writes[i].fetch_add(1, Ordering::SeqCst);
+        }
     }
     let f = state
         .control
