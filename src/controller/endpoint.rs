@@ -157,7 +157,10 @@ async fn apply(
     let ns = ep.namespace().unwrap_or_default();
     let name = ep.name_any();
     let key = (ns.clone(), name.clone());
-    let current = ep.status.clone().unwrap_or_default();
+    let written = ctx.endpoint_memo.read(&key, |m| m.status.clone());
+    let current = status::current(ep, written.as_ref())
+        .cloned()
+        .unwrap_or_default();
 
     let mut problems: Vec<(&'static str, String)> = Vec::new();
     // A refused destination is reported first and nothing is handed to the data plane, so
@@ -384,7 +387,10 @@ async fn apply(
         current.last_handled_rotation.clone()
     };
     publish_transitions(ctx, ep, &current, &next).await;
-    status::apply_if_changed(api, ep, ep.status.as_ref(), &next).await?;
+    if let Some(written) = status::apply_if_changed(api, ep, written, next).await? {
+        ctx.endpoint_memo
+            .update(key.clone(), |m| m.status = Some(written));
+    }
     let mut wait = if problems.is_empty() {
         Duration::from_secs(300)
     } else {

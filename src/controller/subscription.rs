@@ -359,7 +359,10 @@ async fn apply(
     let name = sub.name_any();
     let key = ObjectRef::from_obj(sub);
     let requested_at = sub.annotations().get(REQUESTED_AT_ANNOTATION).cloned();
-    let current = sub.status.clone().unwrap_or_default();
+    let written = ctx.subscription_memo.read(&key, |m| m.status.clone());
+    let current = status::current(sub, written.as_ref())
+        .cloned()
+        .unwrap_or_default();
 
     // Inputs: the target URL and the credentials.
     let target = resolve_target(sub, ctx).await?;
@@ -394,25 +397,14 @@ async fn apply(
     ) {
         Gate::Run { failures_before } => failures_before,
         Gate::Wait(mut wait) => {
-            // Only the counters and a pending test may have moved. The cached object can
-            // lag behind our own last write, so patch just those rather than re-applying.
-            if counters.is_some() && counters != current.events {
-                status::merge_patch(
-                    api,
-                    sub,
-                    &serde_json::json!({"status": {"events": counters}}),
-                )
-                .await?;
-            }
+            // Only the counters and a pending test may have moved.
+            let mut next = current.clone();
+            next.events = counters.or(next.events);
             if let Some(result) = test_event::check(sub, ctx) {
                 publish_test(ctx, sub, &result).await;
-                status::merge_patch(
-                    api,
-                    sub,
-                    &serde_json::json!({"status": {"lastTest": result}}),
-                )
-                .await?;
+                next.last_test = Some(result);
             }
+            write_status(ctx, api, sub, written, next).await?;
             if test_event::is_pending(sub, ctx) {
                 wait = wait.min(test_event::RECHECK);
             }
@@ -479,7 +471,7 @@ async fn apply(
         publish_test(ctx, sub, &result).await;
         next.last_test = Some(result);
     }
-    status::apply_if_changed(api, sub, sub.status.as_ref(), &next).await?;
+    write_status(ctx, api, sub, written, next).await?;
 
     let (wait, failures) = next_pass(
         &outcome,
@@ -505,6 +497,21 @@ async fn apply(
         })
     });
     Ok(Action::requeue(wait))
+}
+
+/// Writes the whole status if it changed, and remembers what was written.
+async fn write_status(
+    ctx: &Context,
+    api: &Api<WebhookSubscription>,
+    sub: &WebhookSubscription,
+    written: Option<status::Written<WebhookSubscriptionStatus>>,
+    next: WebhookSubscriptionStatus,
+) -> Result<(), Error> {
+    if let Some(written) = status::apply_if_changed(api, sub, written, next).await? {
+        ctx.subscription_memo
+            .update(ObjectRef::from_obj(sub), |m| m.status = Some(written));
+    }
+    Ok(())
 }
 
 /// Why the URL the provider must call is not known yet.
