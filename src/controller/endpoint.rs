@@ -494,6 +494,21 @@ async fn publish_transitions(
     }
 }
 
+/// Whether the endpoint reads the Secret `name` of its namespace (signing secret or a
+/// header value).
+pub fn reads_secret(ep: &WebhookEndpoint, name: &str) -> bool {
+    ep.spec
+        .signing
+        .as_ref()
+        .and_then(|s| s.secret_ref.as_ref())
+        .is_some_and(|r| r.name == name)
+        || ep
+            .spec
+            .headers
+            .iter()
+            .any(|h| h.secret_key_ref.name == name)
+}
+
 /// Subscriptions that receive on this endpoint (to re-check them when it changes).
 pub fn subscribers<'a>(
     ep_ns: &'a str,

@@ -24,17 +24,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::routes::{EndpointDelivery, EndpointKey, IngressRoutes};
-use super::{Context, api, endpoint, isolation, secrets as secret_rules};
+use super::watches::Watches;
+use super::{Context, endpoint, isolation, secrets as secret_rules};
 use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
 use crate::api::{Provider, WebhookEndpoint, WebhookSubscription};
 use crate::inbound::VerificationKeys;
@@ -146,33 +145,6 @@ fn needed_secrets(
     needed
 }
 
-fn reflect<K>(api: kube::Api<K>, shutdown: &CancellationToken) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .applied_objects();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::pin!(stream);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                next = stream.next() => if next.is_none() { return },
-            }
-        }
-    });
-    store
-}
-
 /// What the follower applied last, per object: a hash of the inputs.
 #[derive(Default)]
 struct Applied {
@@ -180,7 +152,7 @@ struct Applied {
     subscriptions: HashMap<(EndpointKey, String), [u8; 32]>,
 }
 
-/// The caches route sync reads, filled by their own watches.
+/// The caches route sync reads: the role's shared watches.
 struct Caches {
     endpoints: Store<WebhookEndpoint>,
     subscriptions: Store<WebhookSubscription>,
@@ -188,28 +160,21 @@ struct Caches {
 }
 
 impl Caches {
-    /// Starts the watches (they stop with `shutdown`) and waits for their first lists;
-    /// `None` when `shutdown` came first.
-    async fn start(ctx: &Context, shutdown: &CancellationToken) -> Option<Caches> {
-        let ns = ctx.config.namespace.clone();
-        let endpoints = reflect(api(&ctx.client, ns.as_deref()), shutdown);
-        let subscriptions = reflect(api(&ctx.client, ns.as_deref()), shutdown);
-        let secret_meta: Store<PartialObjectMeta<Secret>> =
-            reflect(api(&ctx.client, ns.as_deref()), shutdown);
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = async {
-                let _ = endpoints.wait_until_ready().await;
-                let _ = subscriptions.wait_until_ready().await;
-                let _ = secret_meta.wait_until_ready().await;
-            } => {}
+    /// Once the watches' first lists are in; `None` when `shutdown` came first.
+    async fn ready(
+        ctx: &Context,
+        watches: &Watches,
+        shutdown: &CancellationToken,
+    ) -> Option<Caches> {
+        if !watches.ready(shutdown).await {
+            return None;
         }
         Some(Caches {
-            endpoints,
-            subscriptions,
+            endpoints: watches.endpoints.store.clone(),
+            subscriptions: watches.subscriptions.store.clone(),
             secrets: SecretCache {
                 api_client: ctx.client.clone(),
-                meta: secret_meta,
+                meta: watches.secrets.store.clone(),
                 data: HashMap::new(),
                 require_label: ctx.config.require_secret_label,
             },
@@ -229,18 +194,18 @@ impl Caches {
 /// routes are loaded. The leader runs this before its reconcilers: their first passes
 /// can take long (a provider that is down, a backlog of objects), and until a route is
 /// loaded its events would be refused.
-pub async fn prime(ctx: &Context, shutdown: &CancellationToken) {
-    let watches = shutdown.child_token();
-    if let Some(mut caches) = Caches::start(ctx, &watches).await {
+pub async fn prime(ctx: &Context, watches: &Watches, shutdown: &CancellationToken) {
+    if let Some(mut caches) = Caches::ready(ctx, watches, shutdown).await {
         caches.sync(ctx, &mut Applied::default()).await;
         ctx.routes.0.mark_loaded();
     }
-    watches.cancel();
 }
 
 /// Keeps the data plane's routes in step with the cluster, read-only, until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let Some(mut caches) = Caches::start(&ctx, &shutdown).await else {
+    let mut watches = Watches::new();
+    watches.start(&ctx, &shutdown);
+    let Some(mut caches) = Caches::ready(&ctx, &watches, &shutdown).await else {
         return;
     };
     tracing::info!("following: route sync started");
