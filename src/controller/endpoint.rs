@@ -14,8 +14,9 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
+use super::build::{self, SecretRead};
 use super::conditions::{self, Desired};
-use super::routes::{EndpointDelivery, EndpointHealthView};
+use super::routes::EndpointHealthView;
 use super::{Context, Error, isolation, publish, rotation, secrets, status};
 use crate::api::conditions::{reasons, types};
 use crate::api::endpoint::{WebhookEndpoint, WebhookEndpointStatus};
@@ -176,7 +177,9 @@ async fn apply(
         problems.push(refusal);
     }
 
-    let token = match secrets::ensure_generated(
+    // What this pass reads and writes of Secrets, for the shared build below.
+    let mut fetched = build::Fetched::default();
+    match secrets::ensure_generated(
         &ctx.client,
         ep,
         &ep.ingress_secret_name(),
@@ -185,10 +188,12 @@ async fn apply(
     )
     .await
     {
-        Ok(key) => Some(ingress_token(&key)),
-        Err(e @ secrets::OwnedSecretError::NotOwned(_)) => {
-            problems.push((reasons::SECRET_NOT_OWNED, e.to_string()));
-            None
+        Ok(key) => fetched.set_owned(
+            &ep.ingress_secret_name(),
+            Ok([(INGRESS_SECRET_KEY.to_string(), key)].into()),
+        ),
+        Err(secrets::OwnedSecretError::NotOwned(_)) => {
+            fetched.set_owned(&ep.ingress_secret_name(), Err(()))
         }
         Err(secrets::OwnedSecretError::Kube(e)) => return Err(e.into()),
     };
@@ -196,94 +201,60 @@ async fn apply(
     // The signing secret: the user's, or one the operator generates (and regenerates on
     // request). Its rotation state lives in the owned `<endpoint>-signing` Secret.
     let owned_name = ep.signing_secret_name();
-    let (mut owned, owned_ok) = match secrets::read_owned(&ctx.client, ep, &owned_name).await {
-        Ok(data) => (data, true),
-        Err(e @ secrets::OwnedSecretError::NotOwned(_)) => {
-            problems.push((reasons::SECRET_NOT_OWNED, e.to_string()));
-            (Default::default(), false)
-        }
+    let mut owned = match secrets::read_owned(&ctx.client, ep, &owned_name).await {
+        Ok(data) => Some(data),
+        Err(secrets::OwnedSecretError::NotOwned(_)) => None,
         Err(secrets::OwnedSecretError::Kube(e)) => return Err(e.into()),
     };
+    let require_label = ctx.config.require_secret_label;
+    let referenced = ep
+        .spec
+        .signing
+        .as_ref()
+        .and_then(|s| s.secret_ref.as_ref())
+        .filter(|_| owned.is_some())
+        .map(|r| &r.name)
+        .into_iter()
+        .chain(ep.spec.headers.iter().map(|h| &h.secret_key_ref.name));
+    for name in referenced {
+        fetched
+            .read_referenced(&ctx.client, &ns, name, require_label)
+            .await;
+    }
     let rotate_request = ep.annotations().get(ROTATE_ANNOTATION).cloned();
-    // The handled request is kept next to the secret it produced (read from the API, not
-    // the cache), so a pass that sees a stale object cannot rotate twice.
-    let handled_rotation = owned
-        .get(ROTATION_REQUEST_KEY)
-        .map(|v| String::from_utf8_lossy(v).into_owned());
-    let rotate_now = rotate_request.is_some() && rotate_request != handled_rotation;
-    let signing_secret = match ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
-        _ if !owned_ok => None,
-        Some(r) => match secrets::read_referenced(
-            &ctx.client,
-            &ns,
-            &r.name,
-            ctx.config.require_secret_label,
-        )
-        .await
-        .and_then(|s| s.get(&r.key).map(<[u8]>::to_vec))
+    let mut overlap_ends = None;
+    if let Some(owned) = owned.as_mut() {
+        // The handled request is kept next to the secret it produced (read from the API,
+        // not the cache), so a pass that sees a stale object cannot rotate twice.
+        let handled_rotation = owned
+            .get(ROTATION_REQUEST_KEY)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let rotate_now = rotate_request.is_some() && rotate_request != handled_rotation;
+        if ep
+            .spec
+            .signing
+            .as_ref()
+            .and_then(|s| s.secret_ref.as_ref())
+            .is_none()
         {
-            Ok(v) => Some(v),
-            Err(e) => {
-                problems.push((e.reason(), format!("signing secret: {e}")));
-                None
-            }
-        },
-        None => {
             if rotate_now || !owned.contains_key(SIGNING_KEY) {
                 owned.insert(SIGNING_KEY.into(), generate_signing_secret());
             }
             if let Some(request) = rotate_request.as_ref().filter(|_| rotate_now) {
                 owned.insert(ROTATION_REQUEST_KEY.into(), request.clone().into_bytes());
             }
-            owned.get(SIGNING_KEY).cloned()
         }
-    };
-    let mut signing_secrets = Vec::new();
-    let mut overlap_ends = None;
-    if let Some(secret) = &signing_secret {
-        let decision = rotation::decide(
-            &owned,
-            secret,
-            jiff::Timestamp::now(),
-            rotation_overlap(ep.spec.signing.as_ref()),
-        );
-        let mut next = decision.stored.clone();
-        for key in [SIGNING_KEY, ROTATION_REQUEST_KEY] {
-            if let Some(v) = owned.get(key) {
-                next.insert(key.into(), v.clone());
-            }
-        }
-        if next != owned {
-            secrets::write_owned(&ctx.client, ep, &owned_name, &next).await?;
-        }
-        if decision.rotated {
-            let until = decision
-                .overlap_ends
-                .map_or("now".to_string(), |t| t.to_string());
-            publish(
-                ctx,
-                ep,
-                EventType::Normal,
-                "SigningSecretRotated",
-                "Rotate",
-                format!("signing with the new secret; the old one is also used until {until}"),
-            )
-            .await;
-        }
-        signing_secrets = decision.secrets;
-        overlap_ends = decision.overlap_ends;
-    }
-    let mut headers = Vec::new();
-    for h in &ep.spec.headers {
-        let r = &h.secret_key_ref;
-        match secrets::read_referenced(&ctx.client, &ns, &r.name, ctx.config.require_secret_label)
-            .await
-            .and_then(|s| s.get_string(&r.key))
-        {
-            Ok(v) => headers.push((h.name.clone(), v)),
-            Err(e) => problems.push((e.reason(), format!("header {}: {e}", h.name))),
+        if let Ok(secret) = build::signing_secret(ep, &fetched, owned) {
+            overlap_ends = rotate(ctx, ep, &owned_name, owned, &secret).await?;
         }
     }
+    fetched.set_owned(&owned_name, owned.ok_or(()));
+    let signing_secret = fetched
+        .owned(&ep.metadata, &owned_name)
+        .ok()
+        .flatten()
+        .and_then(|owned| build::signing_secret(ep, &fetched, &owned).ok());
+    let delivery = build::endpoint_delivery(ep, &fetched).map_err(|p| problems.extend(p));
 
     if let Some(Err(e)) = ep
         .spec
@@ -294,19 +265,17 @@ async fn apply(
         problems.push((reasons::FILTER_INVALID, format!("spec.filter: {e}")));
     }
 
+    let token = fetched
+        .owned(&ep.metadata, &ep.ingress_secret_name())
+        .ok()
+        .flatten()
+        .and_then(|d| d.get(INGRESS_SECRET_KEY).map(|k| ingress_token(k)));
     if refused.is_some() {
         ctx.routes.0.remove_endpoint(key.clone());
-    } else if let (true, Some(token)) = (problems.is_empty(), &token) {
-        let delivery = EndpointDelivery {
-            key: key.clone(),
-            token: token.clone(),
-            spec: ep.spec.clone(),
-            signing_secrets,
-            headers,
-        };
-        if let Err(reason) = ctx.routes.0.configure_endpoint(&delivery) {
-            problems.push((reasons::DESTINATION_FORBIDDEN, reason));
-        }
+    } else if let (true, Ok(delivery)) = (problems.is_empty(), &delivery)
+        && let Err(reason) = ctx.routes.0.configure_endpoint(delivery)
+    {
+        problems.push((reasons::DESTINATION_FORBIDDEN, reason));
     }
 
     // Replay requested through the annotation, handled once per value.
@@ -507,6 +476,49 @@ pub fn reads_secret(ep: &WebhookEndpoint, name: &str) -> bool {
             .headers
             .iter()
             .any(|h| h.secret_key_ref.name == name)
+}
+
+/// Records `secret` as the one in force in the generated Secret `owned_name` (whose data
+/// is `owned`), keeping the one it replaced for the overlap window; writes the Secret when
+/// that changes it. Returns when the overlap ends.
+async fn rotate(
+    ctx: &Context,
+    ep: &WebhookEndpoint,
+    owned_name: &str,
+    owned: &mut std::collections::BTreeMap<String, Vec<u8>>,
+    secret: &[u8],
+) -> Result<Option<jiff::Timestamp>, Error> {
+    let decision = rotation::decide(
+        owned,
+        secret,
+        jiff::Timestamp::now(),
+        rotation_overlap(ep.spec.signing.as_ref()),
+    );
+    let mut next = decision.stored.clone();
+    for key in [SIGNING_KEY, ROTATION_REQUEST_KEY] {
+        if let Some(v) = owned.get(key) {
+            next.insert(key.into(), v.clone());
+        }
+    }
+    if next != *owned {
+        secrets::write_owned(&ctx.client, ep, owned_name, &next).await?;
+        *owned = next;
+    }
+    if decision.rotated {
+        let until = decision
+            .overlap_ends
+            .map_or("now".to_string(), |t| t.to_string());
+        publish(
+            ctx,
+            ep,
+            EventType::Normal,
+            "SigningSecretRotated",
+            "Rotate",
+            format!("signing with the new secret; the old one is also used until {until}"),
+        )
+        .await;
+    }
+    Ok(decision.overlap_ends)
 }
 
 /// Subscriptions that receive on this endpoint (to re-check them when it changes).

@@ -5,6 +5,7 @@
 //! `routes` is what the reconcilers tell the data plane.
 
 pub mod backoff;
+pub mod build;
 pub mod conditions;
 pub mod dataplane_routes;
 pub mod endpoint;

@@ -20,38 +20,25 @@
 //! Must not: call a provider, write status, create Secrets (a missing Secret means the
 //! leader has not got there yet; the route waits for it).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::routes::{EndpointDelivery, EndpointKey, IngressRoutes};
+use super::build::{self, SecretRead};
+use super::routes::{EndpointKey, IngressRoutes};
+use super::secrets::{OwnedSecretError, SecretData, SecretError};
 use super::watches::Watches;
-use super::{Context, endpoint, isolation, secrets as secret_rules};
-use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
+use super::{Context, isolation, secrets as secret_rules};
 use crate::api::{Provider, WebhookEndpoint, WebhookSubscription};
 use crate::inbound::VerificationKeys;
-
-use super::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY};
-use super::rotation;
-
-/// The secrets in force, newest first: `current` plus, inside the overlap window the
-/// leader recorded in the owned Secret, the one it replaced. Read-only.
-fn with_rotation(secrets: &SecretCache, ns: &str, owned: &str, current: Vec<u8>) -> Vec<Vec<u8>> {
-    let stored = secrets
-        .get(ns, owned)
-        .and_then(|s| s.data.clone())
-        .map(|d| d.into_iter().map(|(k, v)| (k, v.0)).collect())
-        .unwrap_or_default();
-    // The window's end is stored, so the overlap length does not matter here.
-    rotation::decide(&stored, &current, jiff::Timestamp::now(), Duration::ZERO).secrets
-}
 
 /// The Secrets route sync reads: metadata of all (a watch), data of the needed ones only.
 pub struct SecretCache {
@@ -99,24 +86,31 @@ impl SecretCache {
     fn get(&self, ns: &str, name: &str) -> Option<&Secret> {
         self.data.get(&(ns.to_string(), name.to_string()))
     }
+}
 
-    /// A key of a Secret the operator generated for `owner` (not of a look-alike).
-    fn owned_value<K: Resource>(&self, owner: &K, name: &str, key: &str) -> Option<Vec<u8>> {
-        let ns = owner.meta().namespace.clone().unwrap_or_default();
-        let s = self.get(&ns, name)?;
-        if !secret_rules::is_owned_by(&s.metadata, owner.meta().uid.as_deref()) {
-            return None;
+impl SecretRead for SecretCache {
+    fn owned(
+        &self,
+        owner: &ObjectMeta,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, OwnedSecretError> {
+        let Some(s) = self.get(owner.namespace.as_deref().unwrap_or_default(), name) else {
+            return Ok(None);
+        };
+        if !secret_rules::is_owned_by(&s.metadata, owner.uid.as_deref()) {
+            return Err(OwnedSecretError::NotOwned(name.to_string()));
         }
-        s.data.as_ref()?.get(key).map(|v| v.0.clone())
+        Ok(Some(SecretData::of(s).all()))
     }
 
-    /// A key of a Secret named in a spec, under the opt-in label rule.
-    fn referenced_value(&self, ns: &str, name: &str, key: &str) -> Option<Vec<u8>> {
-        let s = self.get(ns, name)?;
-        if !secret_rules::is_referable(&s.metadata, self.require_label) {
-            return None;
+    fn referenced(&self, namespace: &str, name: &str) -> Result<SecretData, SecretError> {
+        match self.get(namespace, name) {
+            None => Err(SecretError::NotFound(name.to_string())),
+            Some(s) if !secret_rules::is_referable(&s.metadata, self.require_label) => {
+                Err(SecretError::NotReferable(name.to_string()))
+            }
+            Some(s) => Ok(SecretData::of(s)),
         }
-        s.data.as_ref()?.get(key).map(|v| v.0.clone())
     }
 }
 
@@ -231,70 +225,13 @@ fn fingerprint(parts: &[&[u8]]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The endpoint's delivery configuration, if every Secret it needs exists.
-pub fn endpoint_delivery(ep: &WebhookEndpoint, secrets: &SecretCache) -> Option<EndpointDelivery> {
-    let ns = ep.namespace().unwrap_or_default();
-    let name = ep.name_any();
-    let token_key = secrets.owned_value(ep, &ep.ingress_secret_name(), INGRESS_SECRET_KEY)?;
-    // The rotation state lives in the owned `<ep>-signing` Secret: a look-alike means no
-    // route, as on the leader.
-    let owned_signing = ep.signing_secret_name();
-    if secrets
-        .get(&ns, &owned_signing)
-        .is_some_and(|s| !secret_rules::is_owned_by(&s.metadata, ep.meta().uid.as_deref()))
-    {
-        return None;
+/// The subscription's verification keys, once the leader has set it up (for all but
+/// Atllas: synced at least once, so the provider's signing secret, if any, is stored).
+fn subscription_keys(sub: &WebhookSubscription, secrets: &SecretCache) -> Option<VerificationKeys> {
+    if sub.spec.provider != Provider::Atllas {
+        sub.status.as_ref()?.upstream.as_ref()?;
     }
-    let signing = match ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
-        Some(r) => secrets.referenced_value(&ns, &r.name, &r.key)?,
-        None => secrets.owned_value(ep, &owned_signing, SIGNING_KEY)?,
-    };
-    let mut headers = Vec::new();
-    for h in &ep.spec.headers {
-        let r = &h.secret_key_ref;
-        let v = secrets.referenced_value(&ns, &r.name, &r.key)?;
-        headers.push((
-            h.name.clone(),
-            String::from_utf8_lossy(&v).trim().to_string(),
-        ));
-    }
-    let signing_secrets = with_rotation(secrets, &ns, &owned_signing, signing);
-    Some(EndpointDelivery {
-        key: (ns, name),
-        token: endpoint::ingress_token(&token_key),
-        spec: ep.spec.clone(),
-        signing_secrets,
-        headers,
-    })
-}
-
-/// The subscription's verification keys, once the leader has set it up.
-pub fn subscription_keys(
-    sub: &WebhookSubscription,
-    secrets: &SecretCache,
-) -> Option<VerificationKeys> {
-    let ns = sub.namespace().unwrap_or_default();
-    if sub.spec.provider == Provider::Atllas {
-        let value = secrets.owned_value(sub, &sub.atllas_header_secret_name(), HEADER_VALUE_KEY)?;
-        return Some(VerificationKeys {
-            secrets: vec![value],
-            header_name: Some(sub.spec.atllas_header_name()),
-            ..Default::default()
-        });
-    }
-    // Synced at least once: the provider's signing secret (if it has one) is stored.
-    sub.status.as_ref()?.upstream.as_ref()?;
-    let owned = sub.provider_signing_secret_name();
-    let keys = secrets
-        .owned_value(sub, &owned, SIGNING_SECRET_KEY)
-        .map(|current| with_rotation(secrets, &ns, &owned, current))
-        .unwrap_or_default();
-    let (header_name, signature_encoding) = sub.spec.signature_scheme();
-    Some(VerificationKeys {
-        secrets: keys,
-        header_name,
-        signature_encoding,
-    })
+    build::verification_keys(sub, secrets)
 }
 
 fn sync_once(
@@ -321,7 +258,7 @@ fn sync_once(
         {
             continue;
         }
-        let Some(d) = endpoint_delivery(ep, secrets) else {
+        let Ok(d) = build::endpoint_delivery(ep, secrets) else {
             continue;
         };
         let spec = serde_json::to_vec(&d.spec).unwrap_or_default();

@@ -17,7 +17,8 @@ use kube::{Resource, ResourceExt};
 
 use super::conditions::{self, Desired};
 use super::{
-    CleanupError, Context, Error, publish, rotation, secrets, signature_check, status, test_event,
+    CleanupError, Context, Error, build, publish, rotation, secrets, signature_check, status,
+    test_event,
 };
 use crate::api::conditions::{reasons, types};
 use crate::api::subscription::{
@@ -650,8 +651,13 @@ async fn sync(
                 hex::encode(secrets::random_secret()).into_bytes()
             })
             .await?;
+        let mut fetched = build::Fetched::default();
+        fetched.set_owned(
+            &secret_name,
+            Ok([(HEADER_VALUE_KEY.to_string(), value)].into()),
+        );
         ctx.routes
-            .subscription_keys(sub, vec![value], Some(sub.spec.atllas_header_name()));
+            .subscription_keys(sub, build::verification_keys(sub, &fetched));
         return Ok(Outcome::Manual {
             hook_url,
             header_name: sub.spec.atllas_header_name(),
@@ -693,7 +699,7 @@ async fn sync(
     };
     match result {
         Ok((observed, applied)) => {
-            let mut keys = Vec::new();
+            let mut fetched = build::Fetched::default();
             if let Some(secret) = &observed.signing_secret {
                 // A changed provider secret (Atomic replacement, Smallest re-read) is
                 // accepted in old and new form for the endpoint's rotation window.
@@ -713,9 +719,10 @@ async fn sync(
                 if decision.rotated {
                     publish(ctx, sub, EventType::Normal, "ProviderSecretRotated", "Sync", "the provider's signing secret changed; the old one is accepted during the overlap window".into()).await;
                 }
-                keys = decision.secrets;
+                fetched.set_owned(&secret_name, Ok(next));
             }
-            ctx.routes.subscription_keys(sub, keys, None);
+            ctx.routes
+                .subscription_keys(sub, build::verification_keys(sub, &fetched));
             Ok(Outcome::Synced { observed, applied })
         }
         Err(e) => Ok(Outcome::Failed(e)),
