@@ -260,18 +260,28 @@ mod tests {
         fetched
     }
 
-    fn endpoint(spec: serde_json::Value) -> WebhookEndpoint {
-        let mut full =
-            serde_json::json!({"destination": {"service": {"name": "sink", "port": 8080}}});
-        for (k, v) in spec.as_object().expect("an object") {
-            full[k] = v.clone();
+    /// A `kind` object named `name` in namespace `a` whose spec is `spec` with `extra`'s
+    /// fields set.
+    fn object<K: serde::de::DeserializeOwned>(
+        kind: &str,
+        name: &str,
+        mut spec: serde_json::Value,
+        extra: serde_json::Value,
+    ) -> K {
+        for (k, v) in extra.as_object().expect("an object") {
+            spec[k] = v.clone();
         }
         serde_json::from_value(serde_json::json!({
-            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
-            "metadata": {"name": "orders", "namespace": "a", "uid": "ep-uid"},
-            "spec": full,
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": name, "namespace": "a", "uid": format!("{name}-uid")},
+            "spec": spec,
         }))
-        .expect("an endpoint")
+        .expect("a valid object")
+    }
+
+    fn endpoint(extra: serde_json::Value) -> WebhookEndpoint {
+        let spec = serde_json::json!({"destination": {"service": {"name": "sink", "port": 8080}}});
+        object("WebhookEndpoint", "orders", spec, extra)
     }
 
     const INGRESS: (&str, Option<Pairs>) =
@@ -385,16 +395,8 @@ mod tests {
     }
 
     fn subscription(provider: &str, extra: serde_json::Value) -> WebhookSubscription {
-        let mut spec = serde_json::json!({"provider": provider, "events": [], "endpointRef": {"name": "orders"}});
-        for (k, v) in extra.as_object().expect("an object") {
-            spec[k] = v.clone();
-        }
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
-            "metadata": {"name": "calls", "namespace": "a", "uid": "sub-uid"},
-            "spec": spec,
-        }))
-        .expect("a subscription")
+        let spec = serde_json::json!({"provider": provider, "events": [], "endpointRef": {"name": "orders"}});
+        object("WebhookSubscription", "calls", spec, extra)
     }
 
     #[test]
