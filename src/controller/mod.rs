@@ -506,53 +506,47 @@ mod tests {
 
     #[test]
     fn step_errors_have_stable_reasons_and_keep_their_messages() {
+        let target = |e: TargetError| (e.reason(), e.to_string());
+        let credentials = |e: CredentialsError| (e.reason(), e.to_string());
+        let missing_key = secrets::SecretError::MissingKey("c".into(), "k".into());
         let cases = [
             (
-                TargetError::NoTarget.reason(),
-                TargetError::NoTarget.to_string(),
+                target(TargetError::NoTarget),
                 "no_target",
                 "neither endpointRef nor url is set",
             ),
             (
-                TargetError::EndpointMissing("ep".into()).reason(),
-                TargetError::EndpointMissing("ep".into()).to_string(),
+                target(TargetError::EndpointMissing("ep".into())),
                 "endpoint_missing",
                 "WebhookEndpoint ep does not exist",
             ),
             (
-                TargetError::IngressPathOnly("ep".into()).reason(),
-                TargetError::IngressPathOnly("ep".into()).to_string(),
+                target(TargetError::IngressPathOnly("ep".into())),
                 "ingress_path_only",
                 "WebhookEndpoint ep has only an ingress path: configure the operator's public base URL",
             ),
             (
-                TargetError::EndpointNotReady("ep".into()).reason(),
-                TargetError::EndpointNotReady("ep".into()).to_string(),
+                target(TargetError::EndpointNotReady("ep".into())),
                 "endpoint_not_ready",
                 "WebhookEndpoint ep is not Ready yet",
             ),
             (
-                CredentialsError::NotSet.reason(),
-                CredentialsError::NotSet.to_string(),
+                credentials(CredentialsError::NotSet),
                 "credentials_not_set",
                 "credentialsRef is not set",
             ),
             (
-                CredentialsError::from(secrets::SecretError::MissingKey("c".into(), "k".into()))
-                    .reason(),
-                CredentialsError::from(secrets::SecretError::MissingKey("c".into(), "k".into()))
-                    .to_string(),
+                credentials(missing_key.into()),
                 "secret_missing_key",
                 "Secret c has no key k",
             ),
             (
-                CredentialsError::from(secrets::SecretError::NotFound("c".into())).reason(),
-                CredentialsError::from(secrets::SecretError::NotFound("c".into())).to_string(),
+                credentials(secrets::SecretError::NotFound("c".into()).into()),
                 "secret_not_found",
                 "Secret c not found",
             ),
         ];
-        for (reason, message, want_reason, want_message) in cases {
+        for ((reason, message), want_reason, want_message) in cases {
             assert_eq!(reason, want_reason);
             assert_eq!(message, want_message);
         }

@@ -325,14 +325,14 @@ mod tests {
 
     #[test]
     fn a_follower_needs_only_the_secrets_its_objects_name() {
-        let ep: WebhookEndpoint = serde_json::from_value(serde_json::json!({
-            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
-            "metadata": {"name": "orders", "namespace": "a"},
-            "spec": {"destination": {"service": {"name": "sink", "port": 8080}},
-                     "signing": {"secretRef": {"name": "my-signing", "key": "k"}},
-                     "headers": [{"name": "X-Token", "secretKeyRef": {"name": "auth", "key": "t"}}]}
+        let spec = serde_json::from_value(serde_json::json!({
+            "destination": {"service": {"name": "sink", "port": 8080}},
+            "signing": {"secretRef": {"name": "my-signing", "key": "k"}},
+            "headers": [{"name": "X-Token", "secretKeyRef": {"name": "auth", "key": "t"}}],
         }))
-        .unwrap();
+        .expect("a spec");
+        let mut ep = WebhookEndpoint::new("orders", spec);
+        ep.metadata.namespace = Some("a".into());
         let sub: WebhookSubscription = serde_json::from_value(serde_json::json!({
             "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
             "metadata": {"name": "calls", "namespace": "b"},

@@ -234,43 +234,49 @@ pub fn outcome_status(
                 ),
             ]
         }
-        Outcome::EndpointNotReady(why) => {
-            let msg = why.to_string();
-            vec![
-                Desired::new(types::READY, false, reasons::ENDPOINT_NOT_READY, &msg),
-                Desired::new(types::SYNCED, false, reasons::ENDPOINT_NOT_READY, &msg),
-                Desired::new(types::RECONCILING, true, reasons::ENDPOINT_NOT_READY, msg),
-            ]
-        }
-        Outcome::CredentialsMissing(why) => {
-            let msg = why.to_string();
-            vec![
-                Desired::new(types::READY, false, reasons::CREDENTIALS_MISSING, &msg),
-                Desired::new(types::SYNCED, false, reasons::CREDENTIALS_MISSING, &msg),
-                Desired::new(types::STALLED, true, reasons::CREDENTIALS_MISSING, msg),
-            ]
-        }
+        Outcome::EndpointNotReady(why) => not_synced(
+            reasons::ENDPOINT_NOT_READY,
+            why.to_string(),
+            false,
+            why.to_string(),
+        ),
+        Outcome::CredentialsMissing(why) => not_synced(
+            reasons::CREDENTIALS_MISSING,
+            why.to_string(),
+            true,
+            why.to_string(),
+        ),
         Outcome::Failed(err) => {
             let msg = err.to_string();
-            let third = if err.is_permanent() {
-                Desired::new(types::STALLED, true, err.reason(), msg.clone())
-            } else {
-                Desired::new(
-                    types::RECONCILING,
-                    true,
-                    err.reason(),
-                    format!("retrying: {msg}"),
-                )
+            let (stalled, retry) = match err.is_permanent() {
+                true => (true, msg.clone()),
+                false => (false, format!("retrying: {msg}")),
             };
-            vec![
-                Desired::new(types::READY, false, err.reason(), msg.clone()),
-                Desired::new(types::SYNCED, false, err.reason(), msg.clone()),
-                third,
-            ]
+            not_synced(err.reason(), msg, stalled, retry)
         }
     };
     next.conditions = conditions::merge(&current.conditions, &desired, generation, now);
     next
+}
+
+/// Neither Ready nor Synced for `reason`, and either Stalled (the user must act) or
+/// Reconciling (retried) with `third_message`.
+fn not_synced(
+    reason: &'static str,
+    message: String,
+    stalled: bool,
+    third_message: String,
+) -> Vec<Desired> {
+    let third = if stalled {
+        types::STALLED
+    } else {
+        types::RECONCILING
+    };
+    vec![
+        Desired::new(types::READY, false, reason, &message),
+        Desired::new(types::SYNCED, false, reason, message),
+        Desired::new(third, true, reason, third_message),
+    ]
 }
 
 /// Inputs whose change makes a pass due at once, whatever the schedule says.
@@ -901,6 +907,15 @@ mod tests {
         Time(jiff::Timestamp::from_second(secs).unwrap())
     }
 
+    /// The status after `outcome` at second `secs`, generation 1, no request handled.
+    fn after(
+        current: &WebhookSubscriptionStatus,
+        outcome: &Outcome,
+        secs: i64,
+    ) -> WebhookSubscriptionStatus {
+        outcome_status(current, outcome, Some(1), None, t(secs))
+    }
+
     fn observed(state: UpstreamState, action: SyncAction) -> Observed {
         Observed {
             id: "up-1".into(),
@@ -954,6 +969,14 @@ mod tests {
 
     #[test]
     fn outcome_status_states_exactly_these_conditions() {
+        let ready = || {
+            c(
+                "Ready",
+                "True",
+                "Ready",
+                "the subscription exists upstream as specified",
+            )
+        };
         let disabled = || UpstreamState::Disabled {
             message: "paused by the provider".into(),
         };
@@ -961,39 +984,18 @@ mod tests {
             (
                 "created",
                 synced(UpstreamState::Enabled, SyncAction::Created, true),
-                vec![
-                    c(
-                        "Ready",
-                        "True",
-                        "Ready",
-                        "the subscription exists upstream as specified",
-                    ),
-                    c("Synced", "True", "Synced", "upstream id up-1"),
-                ],
+                vec![ready(), c("Synced", "True", "Synced", "upstream id up-1")],
             ),
             (
                 "adopted",
                 synced(UpstreamState::Enabled, SyncAction::Adopted, true),
-                vec![
-                    c(
-                        "Ready",
-                        "True",
-                        "Ready",
-                        "the subscription exists upstream as specified",
-                    ),
-                    c("Synced", "True", "Adopted", "upstream id up-1"),
-                ],
+                vec![ready(), c("Synced", "True", "Adopted", "upstream id up-1")],
             ),
             (
                 "recreated",
                 synced(UpstreamState::Enabled, SyncAction::Recreated, true),
                 vec![
-                    c(
-                        "Ready",
-                        "True",
-                        "Ready",
-                        "the subscription exists upstream as specified",
-                    ),
+                    ready(),
                     c("Synced", "True", "DriftRepaired", "upstream id up-1"),
                 ],
             ),
@@ -1001,12 +1003,7 @@ mod tests {
                 "observe only",
                 synced(UpstreamState::Enabled, SyncAction::Unchanged, false),
                 vec![
-                    c(
-                        "Ready",
-                        "True",
-                        "Ready",
-                        "the subscription exists upstream as specified",
-                    ),
+                    ready(),
                     c("Synced", "True", "ObserveOnly", "upstream id up-1"),
                 ],
             ),
@@ -1203,13 +1200,7 @@ mod tests {
             ("manual", UpstreamState::Manual, "manual"),
         ];
         for (name, state, want) in cases {
-            let next = outcome_status(
-                &current,
-                &synced(state, SyncAction::Updated, true),
-                Some(1),
-                None,
-                t(200),
-            );
+            let next = after(&current, &synced(state, SyncAction::Updated, true), 200);
             let up = next.upstream.expect(name);
             assert_eq!(up.state.as_deref(), Some(want), "{name}");
             assert_eq!(up.id.as_deref(), Some("up-1"), "{name}");
@@ -1228,29 +1219,25 @@ mod tests {
             t(200),
         );
         assert_eq!(before.last_handled_requested_at.as_deref(), Some("r2"));
-        let after = outcome_status(
+        let observed = after(
             &before,
             &synced(UpstreamState::Enabled, SyncAction::Unchanged, false),
-            Some(1),
-            None,
-            t(300),
+            300,
         );
         assert_eq!(
-            after.upstream.as_ref().unwrap().applied,
+            observed.upstream.as_ref().unwrap().applied,
             before.upstream.as_ref().unwrap().applied
         );
 
         // Manual: no upstream, the set-up the user needs.
-        let manual = outcome_status(
+        let manual = after(
             &before,
             &Outcome::Manual {
                 hook_url: "https://h/hooks/t/sub".into(),
                 header_name: "X-Webhook-Token".into(),
                 secret_name: "sub-atllas-header".into(),
             },
-            Some(1),
-            None,
-            t(300),
+            300,
         );
         assert_eq!(manual.upstream, None);
         assert_eq!(
@@ -1265,20 +1252,16 @@ mod tests {
 
     #[test]
     fn outcome_status_keeps_transition_times_while_status_holds() {
-        let first = outcome_status(
+        let first = after(
             &WebhookSubscriptionStatus::default(),
             &Outcome::Failed(ProviderError::Unavailable("503".into())),
-            Some(1),
-            None,
-            t(100),
+            100,
         );
         // Still failing, for another reason: Ready stays False since t(100).
-        let second = outcome_status(
+        let second = after(
             &first,
             &Outcome::Failed(ProviderError::Unauthorized("bad key".into())),
-            Some(1),
-            None,
-            t(200),
+            200,
         );
         let at = |s: &WebhookSubscriptionStatus, ty: &str| {
             s.conditions
@@ -1288,12 +1271,10 @@ mod tests {
         };
         assert_eq!(at(&second, "Ready"), Some(t(100)));
         assert_eq!(at(&second, "Stalled"), Some(t(200)));
-        let third = outcome_status(
+        let third = after(
             &second,
             &synced(UpstreamState::Enabled, SyncAction::Created, true),
-            Some(1),
-            None,
-            t(300),
+            300,
         );
         assert_eq!(at(&third, "Ready"), Some(t(300)));
         assert_eq!(
@@ -1354,55 +1335,41 @@ mod tests {
             credentials_version: Some("8".into()),
             ..inputs(1)
         };
+        let run = |failures_before: u32| Gate::Run { failures_before };
+        let wait = Gate::Wait(Duration::from_secs(30));
+        let (not_due, due) = (Some(schedule(later, 2)), Some(schedule(earlier, 2)));
+        let flipped = "verification flipped: failures carry over";
         let cases = [
-            (
-                "first pass",
-                None,
-                inputs(1),
-                false,
-                Gate::Run { failures_before: 0 },
-            ),
+            ("first pass", None, inputs(1), false, run(0)),
             (
                 "nothing changed, not due",
-                Some(schedule(later, 2)),
+                not_due.clone(),
                 inputs(1),
                 false,
-                Gate::Wait(Duration::from_secs(30)),
+                wait,
             ),
-            (
-                "due: failures carry over",
-                Some(schedule(earlier, 2)),
-                inputs(1),
-                false,
-                Gate::Run { failures_before: 2 },
-            ),
-            (
-                "verification flipped: failures carry over",
-                Some(schedule(later, 2)),
-                inputs(1),
-                true,
-                Gate::Run { failures_before: 2 },
-            ),
+            ("due: failures carry over", due, inputs(1), false, run(2)),
+            (flipped, not_due.clone(), inputs(1), true, run(2)),
             (
                 "spec changed: failures reset",
-                Some(schedule(later, 2)),
+                not_due.clone(),
                 inputs(2),
                 false,
-                Gate::Run { failures_before: 0 },
+                run(0),
             ),
             (
                 "credentials Secret changed",
-                Some(schedule(later, 2)),
+                not_due,
                 new_secret,
                 false,
-                Gate::Run { failures_before: 0 },
+                run(0),
             ),
             (
                 "a new test request",
                 Some(schedule(later, 0)),
                 with_test,
                 false,
-                Gate::Run { failures_before: 0 },
+                run(0),
             ),
         ];
         for (name, schedule, inputs, flipped, want) in cases {
