@@ -260,8 +260,6 @@ mod tests {
         fetched
     }
 
-    /// A `kind` object named `name` in namespace `a` whose spec is `spec` with `extra`'s
-    /// fields set.
     fn object<K: serde::de::DeserializeOwned>(
         kind: &str,
         name: &str,
@@ -271,12 +269,7 @@ mod tests {
         for (k, v) in extra.as_object().expect("an object") {
             spec[k] = v.clone();
         }
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": kind,
-            "metadata": {"name": name, "namespace": "a", "uid": format!("{name}-uid")},
-            "spec": spec,
-        }))
-        .expect("a valid object")
+        super::super::test_support::object(kind, "a", name, spec)
     }
 
     fn endpoint(extra: serde_json::Value) -> WebhookEndpoint {

@@ -10,7 +10,6 @@ use hmac::{Hmac, Mac};
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
@@ -118,18 +117,7 @@ pub fn secret_hash(secret: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(secret)))
 }
 
-pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = ep.namespace().unwrap_or_default();
-    let api: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, ep, |event| async {
-        match event {
-            Finalizer::Apply(ep) => apply(&ep, &ctx, &api).await,
-            Finalizer::Cleanup(ep) => cleanup(&ep, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
-}
+reconcile_under_finalizer!(WebhookEndpoint);
 
 /// The endpoint was deleted: its routes, its queued events and what passes remembered
 /// about it go with it.
@@ -543,12 +531,9 @@ mod tests {
     #[tokio::test]
     async fn cleanup_forgets_the_endpoints_handled_replay() {
         let ctx = super::super::test_support::offline_context();
-        let ep: WebhookEndpoint = serde_json::from_value(serde_json::json!({
-            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
-            "metadata": {"name": "orders", "namespace": "a"},
-            "spec": {"destination": {"service": {"name": "sink", "port": 8080}}}
-        }))
-        .unwrap();
+        let spec = serde_json::json!({"destination": {"service": {"name": "sink", "port": 8080}}});
+        let ep: WebhookEndpoint =
+            super::super::test_support::object("WebhookEndpoint", "a", "orders", spec);
         let key = ("a".to_string(), "orders".to_string());
         let other = ("a".to_string(), "invoices".to_string());
         for k in [&key, &other] {

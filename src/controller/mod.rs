@@ -4,6 +4,24 @@
 //! `secrets` are the shared ways to build conditions, write status and touch Secrets;
 //! `routes` is what the reconcilers tell the data plane.
 
+/// The `reconcile` of a kind's module (which has `FINALIZER`, `apply` and `cleanup`): a
+/// pass under the kind's finalizer, see [`finalized`].
+macro_rules! reconcile_under_finalizer {
+    ($kind:ty) => {
+        pub async fn reconcile(obj: Arc<$kind>, ctx: Arc<Context>) -> Result<Action, Error> {
+            use futures::FutureExt;
+            super::finalized(
+                obj,
+                ctx,
+                FINALIZER,
+                |o, c, a| apply(o, c, a).boxed(),
+                |o, c| cleanup(o, c).boxed(),
+            )
+            .await
+        }
+    };
+}
+
 pub mod backoff;
 pub mod build;
 pub mod conditions;
@@ -26,6 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -161,6 +180,36 @@ impl Error {
             Error::SecretNotOwned(_) => "secret_not_owned",
         }
     }
+}
+
+/// A pass of one object of a namespaced kind under the kind's finalizer: `apply` while it
+/// exists, `cleanup` once it is being deleted (the finalizer goes when cleanup succeeds).
+pub async fn finalized<K>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    finalizer_name: &str,
+    apply: impl for<'a> Fn(&'a K, &'a Context, &'a Api<K>) -> BoxFuture<'a, Result<Action, Error>>,
+    cleanup: impl for<'a> Fn(&'a K, &'a Context) -> BoxFuture<'a, Result<Action, Error>>,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    finalizer(&api, finalizer_name, obj, |event| async {
+        match event {
+            finalizer::Event::Apply(obj) => apply(&obj, &ctx, &api).await,
+            finalizer::Event::Cleanup(obj) => cleanup(&obj, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 /// Publishes a Kubernetes Event about `obj`; failures are logged, never fatal.
@@ -452,6 +501,22 @@ pub(crate) mod test_support {
     struct Args {
         #[command(flatten)]
         config: OperatorConfig,
+    }
+
+    /// A `kind` object `namespace/name` (uid `<name>-uid`) with `spec`, as the API server
+    /// would hand it over.
+    pub(crate) fn object<K: serde::de::DeserializeOwned>(
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> K {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("{name}-uid")},
+            "spec": spec,
+        }))
+        .expect("a valid object")
     }
 
     /// Needs a Tokio runtime (the client's buffer task); nothing listens on its address.
