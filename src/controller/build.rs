@@ -10,14 +10,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use hmac::{Hmac, Mac};
 use kube::api::ObjectMeta;
 use kube::{Client, ResourceExt};
+use sha2::Sha256;
 
-use super::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY, ingress_token};
 use super::rotation;
 use super::routes::EndpointDelivery;
 use super::secrets::{self, OwnedSecretError, SecretData, SecretError};
 use crate::api::conditions::reasons;
+use crate::api::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY};
 use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
 use crate::api::{Provider, WebhookEndpoint, WebhookSubscription};
 use crate::inbound::VerificationKeys;
@@ -86,6 +88,14 @@ impl SecretRead for Fetched {
             .cloned()
             .unwrap_or_else(|| Err(SecretError::NotFound(name.to_string())))
     }
+}
+
+/// The path token: derived from the endpoint's random key, not from its name, so knowing
+/// the name does not reveal the URL.
+pub fn ingress_token(key: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(b"webhook-operator ingress token v1");
+    hex::encode(&mac.finalize().into_bytes()[..20])
 }
 
 /// The secrets in force for `current`, newest first: it and, inside the overlap window

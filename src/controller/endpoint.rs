@@ -6,18 +6,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use super::build::{self, SecretRead};
+use super::build::{self, SecretRead, ingress_token};
 use super::conditions::{self, Desired};
 use super::routes::EndpointHealthView;
 use super::{Context, Error, isolation, publish, rotation, secrets, status};
 use crate::api::conditions::{reasons, types};
+use crate::api::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY};
 use crate::api::endpoint::{WebhookEndpoint, WebhookEndpointStatus};
 use crate::api::{REQUESTED_AT_ANNOTATION, WebhookSubscription};
 
@@ -35,9 +35,6 @@ pub const REPLAY_BY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-by";
 /// a user-provided secret rotates when its Secret changes). Handled once per value.
 pub const ROTATE_ANNOTATION: &str = "hooks.webhook-operator.dev/rotate-signing-secret";
 
-/// Keys of the Secrets this reconciler generates (route sync reads them too).
-pub const INGRESS_SECRET_KEY: &str = "token-key";
-pub const SIGNING_KEY: &str = "secret";
 /// The rotation request that produced the generated secret.
 const ROTATION_REQUEST_KEY: &str = "rotation-request";
 
@@ -93,14 +90,6 @@ fn generate_signing_secret() -> Vec<u8> {
         base64::engine::general_purpose::STANDARD.encode(secrets::random_secret())
     )
     .into_bytes()
-}
-
-/// The path token: derived from the endpoint's random key, not from its name, so knowing
-/// the name does not reveal the URL.
-pub fn ingress_token(key: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(b"webhook-operator ingress token v1");
-    hex::encode(&mac.finalize().into_bytes()[..20])
 }
 
 /// `status.ingressURL`: the public base URL plus the path, or the path alone.
