@@ -54,6 +54,21 @@ impl Fetched {
         self.owned.insert(name.to_string(), data);
     }
 
+    /// Reads the generated Secret `name` of `owner` from the API (nothing recorded while
+    /// it does not exist).
+    pub async fn read_owned<K: kube::Resource<DynamicType = ()>>(
+        &mut self,
+        client: &Client,
+        owner: &K,
+        name: &str,
+    ) -> Result<(), OwnedSecretError> {
+        let data = secrets::read_owned(client, owner, name).await?;
+        if !data.is_empty() {
+            self.set_owned(name, Ok(data));
+        }
+        Ok(())
+    }
+
     /// Reads the Secret `name` a spec names from the API, once per pass.
     pub async fn read_referenced(
         &mut self,
