@@ -403,6 +403,11 @@ fn default_retention() -> String {
     "168h".into()
 }
 
+/// Key of the ingress token's random key in `<endpoint>-ingress`.
+pub const INGRESS_SECRET_KEY: &str = "token-key";
+/// Key of the generated signing secret in `<endpoint>-signing`.
+pub const SIGNING_KEY: &str = "secret";
+
 /// The names of the Secrets the operator generates for an endpoint: one definition each,
 /// for the reconciler and the follower's route sync alike.
 impl WebhookEndpoint {

@@ -6,18 +6,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
+use super::build::{self, SecretRead, ingress_token};
 use super::conditions::{self, Desired};
-use super::routes::{EndpointDelivery, EndpointHealthView};
+use super::routes::EndpointHealthView;
 use super::{Context, Error, isolation, publish, rotation, secrets, status};
 use crate::api::conditions::{reasons, types};
+use crate::api::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY};
 use crate::api::endpoint::{WebhookEndpoint, WebhookEndpointStatus};
 use crate::api::{REQUESTED_AT_ANNOTATION, WebhookSubscription};
 
@@ -35,9 +35,6 @@ pub const REPLAY_BY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-by";
 /// a user-provided secret rotates when its Secret changes). Handled once per value.
 pub const ROTATE_ANNOTATION: &str = "hooks.webhook-operator.dev/rotate-signing-secret";
 
-/// Keys of the Secrets this reconciler generates (route sync reads them too).
-pub const INGRESS_SECRET_KEY: &str = "token-key";
-pub const SIGNING_KEY: &str = "secret";
 /// The rotation request that produced the generated secret.
 const ROTATION_REQUEST_KEY: &str = "rotation-request";
 
@@ -95,14 +92,6 @@ fn generate_signing_secret() -> Vec<u8> {
     .into_bytes()
 }
 
-/// The path token: derived from the endpoint's random key, not from its name, so knowing
-/// the name does not reveal the URL.
-pub fn ingress_token(key: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(b"webhook-operator ingress token v1");
-    hex::encode(&mac.finalize().into_bytes()[..20])
-}
-
 /// `status.ingressURL`: the public base URL plus the path, or the path alone.
 pub fn ingress_url(public_base: Option<&str>, token: &str) -> String {
     let path = format!("/hooks/{token}");
@@ -117,18 +106,7 @@ pub fn secret_hash(secret: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(secret)))
 }
 
-pub async fn reconcile(ep: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = ep.namespace().unwrap_or_default();
-    let api: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, ep, |event| async {
-        match event {
-            Finalizer::Apply(ep) => apply(&ep, &ctx, &api).await,
-            Finalizer::Cleanup(ep) => cleanup(&ep, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
-}
+reconcile_under_finalizer!(WebhookEndpoint);
 
 /// The endpoint was deleted: its routes, its queued events and what passes remembered
 /// about it go with it.
@@ -157,7 +135,10 @@ async fn apply(
     let ns = ep.namespace().unwrap_or_default();
     let name = ep.name_any();
     let key = (ns.clone(), name.clone());
-    let current = ep.status.clone().unwrap_or_default();
+    let written = ctx.endpoint_memo.read(&key, |m| m.status.clone());
+    let current = status::current(ep, written.as_ref())
+        .cloned()
+        .unwrap_or_default();
 
     let mut problems: Vec<(&'static str, String)> = Vec::new();
     // A refused destination is reported first and nothing is handed to the data plane, so
@@ -173,7 +154,9 @@ async fn apply(
         problems.push(refusal);
     }
 
-    let token = match secrets::ensure_generated(
+    // What this pass reads and writes of Secrets, for the shared build below.
+    let mut fetched = build::Fetched::default();
+    match secrets::ensure_generated(
         &ctx.client,
         ep,
         &ep.ingress_secret_name(),
@@ -182,10 +165,12 @@ async fn apply(
     )
     .await
     {
-        Ok(key) => Some(ingress_token(&key)),
-        Err(e @ secrets::OwnedSecretError::NotOwned(_)) => {
-            problems.push((reasons::SECRET_NOT_OWNED, e.to_string()));
-            None
+        Ok(key) => fetched.set_owned(
+            &ep.ingress_secret_name(),
+            Ok([(INGRESS_SECRET_KEY.to_string(), key)].into()),
+        ),
+        Err(secrets::OwnedSecretError::NotOwned(_)) => {
+            fetched.set_owned(&ep.ingress_secret_name(), Err(()))
         }
         Err(secrets::OwnedSecretError::Kube(e)) => return Err(e.into()),
     };
@@ -193,94 +178,60 @@ async fn apply(
     // The signing secret: the user's, or one the operator generates (and regenerates on
     // request). Its rotation state lives in the owned `<endpoint>-signing` Secret.
     let owned_name = ep.signing_secret_name();
-    let (mut owned, owned_ok) = match secrets::read_owned(&ctx.client, ep, &owned_name).await {
-        Ok(data) => (data, true),
-        Err(e @ secrets::OwnedSecretError::NotOwned(_)) => {
-            problems.push((reasons::SECRET_NOT_OWNED, e.to_string()));
-            (Default::default(), false)
-        }
+    let mut owned = match secrets::read_owned(&ctx.client, ep, &owned_name).await {
+        Ok(data) => Some(data),
+        Err(secrets::OwnedSecretError::NotOwned(_)) => None,
         Err(secrets::OwnedSecretError::Kube(e)) => return Err(e.into()),
     };
+    let require_label = ctx.config.require_secret_label;
+    let referenced = ep
+        .spec
+        .signing
+        .as_ref()
+        .and_then(|s| s.secret_ref.as_ref())
+        .filter(|_| owned.is_some())
+        .map(|r| &r.name)
+        .into_iter()
+        .chain(ep.spec.headers.iter().map(|h| &h.secret_key_ref.name));
+    for name in referenced {
+        fetched
+            .read_referenced(&ctx.client, &ns, name, require_label)
+            .await;
+    }
     let rotate_request = ep.annotations().get(ROTATE_ANNOTATION).cloned();
-    // The handled request is kept next to the secret it produced (read from the API, not
-    // the cache), so a pass that sees a stale object cannot rotate twice.
-    let handled_rotation = owned
-        .get(ROTATION_REQUEST_KEY)
-        .map(|v| String::from_utf8_lossy(v).into_owned());
-    let rotate_now = rotate_request.is_some() && rotate_request != handled_rotation;
-    let signing_secret = match ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
-        _ if !owned_ok => None,
-        Some(r) => match secrets::read_referenced(
-            &ctx.client,
-            &ns,
-            &r.name,
-            ctx.config.require_secret_label,
-        )
-        .await
-        .and_then(|s| s.get(&r.key).map(<[u8]>::to_vec))
+    let mut overlap_ends = None;
+    if let Some(owned) = owned.as_mut() {
+        // The handled request is kept next to the secret it produced (read from the API,
+        // not the cache), so a pass that sees a stale object cannot rotate twice.
+        let handled_rotation = owned
+            .get(ROTATION_REQUEST_KEY)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let rotate_now = rotate_request.is_some() && rotate_request != handled_rotation;
+        if ep
+            .spec
+            .signing
+            .as_ref()
+            .and_then(|s| s.secret_ref.as_ref())
+            .is_none()
         {
-            Ok(v) => Some(v),
-            Err(e) => {
-                problems.push((e.reason(), format!("signing secret: {e}")));
-                None
-            }
-        },
-        None => {
             if rotate_now || !owned.contains_key(SIGNING_KEY) {
                 owned.insert(SIGNING_KEY.into(), generate_signing_secret());
             }
             if let Some(request) = rotate_request.as_ref().filter(|_| rotate_now) {
                 owned.insert(ROTATION_REQUEST_KEY.into(), request.clone().into_bytes());
             }
-            owned.get(SIGNING_KEY).cloned()
         }
-    };
-    let mut signing_secrets = Vec::new();
-    let mut overlap_ends = None;
-    if let Some(secret) = &signing_secret {
-        let decision = rotation::decide(
-            &owned,
-            secret,
-            jiff::Timestamp::now(),
-            rotation_overlap(ep.spec.signing.as_ref()),
-        );
-        let mut next = decision.stored.clone();
-        for key in [SIGNING_KEY, ROTATION_REQUEST_KEY] {
-            if let Some(v) = owned.get(key) {
-                next.insert(key.into(), v.clone());
-            }
-        }
-        if next != owned {
-            secrets::write_owned(&ctx.client, ep, &owned_name, &next).await?;
-        }
-        if decision.rotated {
-            let until = decision
-                .overlap_ends
-                .map_or("now".to_string(), |t| t.to_string());
-            publish(
-                ctx,
-                ep,
-                EventType::Normal,
-                "SigningSecretRotated",
-                "Rotate",
-                format!("signing with the new secret; the old one is also used until {until}"),
-            )
-            .await;
-        }
-        signing_secrets = decision.secrets;
-        overlap_ends = decision.overlap_ends;
-    }
-    let mut headers = Vec::new();
-    for h in &ep.spec.headers {
-        let r = &h.secret_key_ref;
-        match secrets::read_referenced(&ctx.client, &ns, &r.name, ctx.config.require_secret_label)
-            .await
-            .and_then(|s| s.get_string(&r.key))
-        {
-            Ok(v) => headers.push((h.name.clone(), v)),
-            Err(e) => problems.push((e.reason(), format!("header {}: {e}", h.name))),
+        if let Ok(secret) = build::signing_secret(ep, &fetched, owned) {
+            overlap_ends = rotate(ctx, ep, &owned_name, owned, &secret).await?;
         }
     }
+    fetched.set_owned(&owned_name, owned.ok_or(()));
+    let signing_secret = fetched
+        .owned(&ep.metadata, &owned_name)
+        .ok()
+        .flatten()
+        .and_then(|owned| build::signing_secret(ep, &fetched, &owned).ok());
+    let delivery = build::endpoint_delivery(ep, &fetched).map_err(|p| problems.extend(p));
 
     if let Some(Err(e)) = ep
         .spec
@@ -291,19 +242,17 @@ async fn apply(
         problems.push((reasons::FILTER_INVALID, format!("spec.filter: {e}")));
     }
 
+    let token = fetched
+        .owned(&ep.metadata, &ep.ingress_secret_name())
+        .ok()
+        .flatten()
+        .and_then(|d| d.get(INGRESS_SECRET_KEY).map(|k| ingress_token(k)));
     if refused.is_some() {
         ctx.routes.0.remove_endpoint(key.clone());
-    } else if let (true, Some(token)) = (problems.is_empty(), &token) {
-        let delivery = EndpointDelivery {
-            key: key.clone(),
-            token: token.clone(),
-            spec: ep.spec.clone(),
-            signing_secrets,
-            headers,
-        };
-        if let Err(reason) = ctx.routes.0.configure_endpoint(&delivery) {
-            problems.push((reasons::DESTINATION_FORBIDDEN, reason));
-        }
+    } else if let (true, Ok(delivery)) = (problems.is_empty(), &delivery)
+        && let Err(reason) = ctx.routes.0.configure_endpoint(delivery)
+    {
+        problems.push((reasons::DESTINATION_FORBIDDEN, reason));
     }
 
     // Replay requested through the annotation, handled once per value.
@@ -384,7 +333,10 @@ async fn apply(
         current.last_handled_rotation.clone()
     };
     publish_transitions(ctx, ep, &current, &next).await;
-    status::apply_if_changed(api, ep, ep.status.as_ref(), &next).await?;
+    if let Some(written) = status::apply_if_changed(api, ep, written, next).await? {
+        ctx.endpoint_memo
+            .update(key.clone(), |m| m.status = Some(written));
+    }
     let mut wait = if problems.is_empty() {
         Duration::from_secs(300)
     } else {
@@ -488,6 +440,64 @@ async fn publish_transitions(
     }
 }
 
+/// Whether the endpoint reads the Secret `name` of its namespace (signing secret or a
+/// header value).
+pub fn reads_secret(ep: &WebhookEndpoint, name: &str) -> bool {
+    ep.spec
+        .signing
+        .as_ref()
+        .and_then(|s| s.secret_ref.as_ref())
+        .is_some_and(|r| r.name == name)
+        || ep
+            .spec
+            .headers
+            .iter()
+            .any(|h| h.secret_key_ref.name == name)
+}
+
+/// Records `secret` as the one in force in the generated Secret `owned_name` (whose data
+/// is `owned`), keeping the one it replaced for the overlap window; writes the Secret when
+/// that changes it. Returns when the overlap ends.
+async fn rotate(
+    ctx: &Context,
+    ep: &WebhookEndpoint,
+    owned_name: &str,
+    owned: &mut std::collections::BTreeMap<String, Vec<u8>>,
+    secret: &[u8],
+) -> Result<Option<jiff::Timestamp>, Error> {
+    let decision = rotation::decide(
+        owned,
+        secret,
+        jiff::Timestamp::now(),
+        rotation_overlap(ep.spec.signing.as_ref()),
+    );
+    let mut next = decision.stored.clone();
+    for key in [SIGNING_KEY, ROTATION_REQUEST_KEY] {
+        if let Some(v) = owned.get(key) {
+            next.insert(key.into(), v.clone());
+        }
+    }
+    if next != *owned {
+        secrets::write_owned(&ctx.client, ep, owned_name, &next).await?;
+        *owned = next;
+    }
+    if decision.rotated {
+        let until = decision
+            .overlap_ends
+            .map_or("now".to_string(), |t| t.to_string());
+        publish(
+            ctx,
+            ep,
+            EventType::Normal,
+            "SigningSecretRotated",
+            "Rotate",
+            format!("signing with the new secret; the old one is also used until {until}"),
+        )
+        .await;
+    }
+    Ok(decision.overlap_ends)
+}
+
 /// Subscriptions that receive on this endpoint (to re-check them when it changes).
 pub fn subscribers<'a>(
     ep_ns: &'a str,
@@ -510,12 +520,9 @@ mod tests {
     #[tokio::test]
     async fn cleanup_forgets_the_endpoints_handled_replay() {
         let ctx = super::super::test_support::offline_context();
-        let ep: WebhookEndpoint = serde_json::from_value(serde_json::json!({
-            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
-            "metadata": {"name": "orders", "namespace": "a"},
-            "spec": {"destination": {"service": {"name": "sink", "port": 8080}}}
-        }))
-        .unwrap();
+        let spec = serde_json::json!({"destination": {"service": {"name": "sink", "port": 8080}}});
+        let ep: WebhookEndpoint =
+            super::super::test_support::object("WebhookEndpoint", "a", "orders", spec);
         let key = ("a".to_string(), "orders".to_string());
         let other = ("a".to_string(), "invoices".to_string());
         for k in [&key, &other] {

@@ -10,9 +10,12 @@ use std::sync::Mutex;
 use kube::runtime::reflector::ObjectRef;
 
 use super::routes::EndpointKey;
+use super::status::Written;
 use super::subscription::Schedule;
 use super::test_event::Pending;
 use crate::api::WebhookSubscription;
+use crate::api::endpoint::WebhookEndpointStatus;
+use crate::api::subscription::WebhookSubscriptionStatus;
 
 /// Per-object memory of one kind: `V` per key, `V::default()` when nothing is known.
 #[derive(Debug)]
@@ -63,6 +66,8 @@ pub struct SubscriptionMemory {
     pub pending_test: Option<Pending>,
     /// The last test request handled (the cached object may predate our status write).
     pub handled_test: Option<String>,
+    /// The status last written (the cached object may predate it).
+    pub status: Option<Written<WebhookSubscriptionStatus>>,
 }
 
 /// What a WebhookEndpoint's passes remember.
@@ -70,6 +75,8 @@ pub struct SubscriptionMemory {
 pub struct EndpointMemory {
     /// The last replay request handled (the cached object may predate our status write).
     pub handled_replay: Option<String>,
+    /// The status last written (the cached object may predate it).
+    pub status: Option<Written<WebhookEndpointStatus>>,
 }
 
 pub type SubscriptionMemo = Memo<ObjectRef<WebhookSubscription>, SubscriptionMemory>;

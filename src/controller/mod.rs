@@ -4,7 +4,26 @@
 //! `secrets` are the shared ways to build conditions, write status and touch Secrets;
 //! `routes` is what the reconcilers tell the data plane.
 
+/// The `reconcile` of a kind's module (which has `FINALIZER`, `apply` and `cleanup`): a
+/// pass under the kind's finalizer, see [`finalized`].
+macro_rules! reconcile_under_finalizer {
+    ($kind:ty) => {
+        pub async fn reconcile(obj: Arc<$kind>, ctx: Arc<Context>) -> Result<Action, Error> {
+            use futures::FutureExt;
+            super::finalized(
+                obj,
+                ctx,
+                FINALIZER,
+                |o, c, a| apply(o, c, a).boxed(),
+                |o, c| cleanup(o, c).boxed(),
+            )
+            .await
+        }
+    };
+}
+
 pub mod backoff;
+pub mod build;
 pub mod conditions;
 pub mod dataplane_routes;
 pub mod endpoint;
@@ -18,18 +37,18 @@ pub mod signature_check;
 pub mod status;
 pub mod subscription;
 pub mod test_event;
+pub mod watches;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::Secret;
-use kube::core::PartialObjectMeta;
+use futures::StreamExt;
+use futures::future::BoxFuture;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, finalizer, reflector, watcher};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt, finalizer, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +71,7 @@ pub struct Context {
     /// What endpoint passes remember between passes (the last replay handled).
     pub endpoint_memo: memo::EndpointMemo,
     /// The WebhookEndpoint cache of the controllers [`run`] started last.
-    endpoints: Mutex<Option<Store<WebhookEndpoint>>>,
+    endpoints: Mutex<Option<watches::Cache<WebhookEndpoint>>>,
 }
 
 impl Context {
@@ -89,18 +108,10 @@ impl Context {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Arc<WebhookEndpoint>>, kube::Error> {
-        let store = self.endpoints.lock().expect("endpoints lock").clone();
-        // Never await the cache's readiness here: that future keeps one waker, so of the
-        // passes waiting on it at start-up only the last would ever wake, and the others
-        // would hang (with the finalizer's deletes behind them). Until the first list is
-        // in, a GET answers.
-        if let Some(store) = store
-            && store
-                .wait_until_ready()
-                .now_or_never()
-                .is_some_and(|ready| ready.is_ok())
-        {
-            return Ok(store.get(&ObjectRef::new(name).within(namespace)));
+        let cache = self.endpoints.lock().expect("endpoints lock").clone();
+        // Until the first list is in, a GET answers.
+        if let Some(found) = cache.and_then(|c| c.get(namespace, name)) {
+            return Ok(found);
         }
         let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), namespace);
         Ok(api.get_opt(name).await?.map(Arc::new))
@@ -171,6 +182,36 @@ impl Error {
     }
 }
 
+/// A pass of one object of a namespaced kind under the kind's finalizer: `apply` while it
+/// exists, `cleanup` once it is being deleted (the finalizer goes when cleanup succeeds).
+pub async fn finalized<K>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    finalizer_name: &str,
+    apply: impl for<'a> Fn(&'a K, &'a Context, &'a Api<K>) -> BoxFuture<'a, Result<Action, Error>>,
+    cleanup: impl for<'a> Fn(&'a K, &'a Context) -> BoxFuture<'a, Result<Action, Error>>,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    finalizer(&api, finalizer_name, obj, |event| async {
+        match event {
+            finalizer::Event::Apply(obj) => apply(&obj, &ctx, &api).await,
+            finalizer::Event::Cleanup(obj) => cleanup(&obj, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
 /// Publishes a Kubernetes Event about `obj`; failures are logged, never fatal.
 pub async fn publish<K>(
     ctx: &Context,
@@ -207,102 +248,78 @@ where
 
 /// Runs both controllers until `shutdown` is cancelled.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
-    route_sync::prime(&ctx, &shutdown).await;
-    let ns = ctx.config.namespace.clone();
-    let client = &ctx.client;
+    // One watch per kind for everything below; every trigger subscribes before it starts.
+    let mut watches = watches::Watches::new();
+    let endpoint_changes = changes(watches.endpoints.subscribe());
+    let subscription_changes = changes(watches.subscriptions.subscribe());
+    // The cache subscriptions read their endpoint from is the one the watch fills before
+    // it triggers them, so a pass an endpoint change starts sees that change.
+    let endpoints_for_subscriptions = watches.endpoints.subscribe();
+    let secrets_for_subscriptions = watches.secrets.subscribe();
+    let secrets_for_endpoints = watches.secrets.subscribe();
+    let generated_secrets = watches.secrets.subscribe().filter(|s| {
+        std::future::ready(
+            s.labels()
+                .get("app.kubernetes.io/managed-by")
+                .map(String::as_str)
+                == Some("webhook-operator"),
+        )
+    });
+    watches.start(&ctx, &shutdown);
+    *ctx.endpoints.lock().expect("endpoints lock") = Some(watches.endpoints.cache());
+    route_sync::prime(&ctx, &watches, &shutdown).await;
+    let ep_store = watches.endpoints.store.clone();
+    let sub_store = watches.subscriptions.store.clone();
 
     // Health and counter changes trigger a pass; the passes write status (batched).
     let (ep_tx, ep_rx) = futures::channel::mpsc::unbounded::<ObjectRef<WebhookEndpoint>>();
     let (sub_tx, sub_rx) = futures::channel::mpsc::unbounded::<ObjectRef<WebhookSubscription>>();
 
-    let (ep_store, ep_changes) = changes(api::<WebhookEndpoint>(client, ns.as_deref()));
-    let endpoints = Controller::for_stream(ep_changes, ep_store)
-        .owns(
-            api::<Secret>(client, ns.as_deref()),
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=webhook-operator"),
-        )
+    // An endpoint re-checks when a Secret it generated or reads (signing secret, header
+    // values) changes.
+    let store = ep_store.clone();
+    let endpoints = Controller::for_shared_stream(endpoint_changes, ep_store.clone())
+        .owns_shared_stream(generated_secrets)
+        .watches_shared_stream(secrets_for_endpoints, move |secret| {
+            let (ns, name) = (secret.namespace(), secret.name_any());
+            store
+                .state()
+                .into_iter()
+                .filter(|ep| ep.namespace() == ns && endpoint::reads_secret(ep, &name))
+                .map(|ep| ObjectRef::from_obj(&*ep))
+                .collect::<Vec<_>>()
+        })
         .reconcile_on(ep_rx)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
-    let (sub_store, sub_changes) = changes(api::<WebhookSubscription>(client, ns.as_deref()));
-    let subscriptions = Controller::for_stream(sub_changes, sub_store)
-        .reconcile_on(sub_rx)
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
-    let ep_store = endpoints.store();
-    let sub_store = subscriptions.store();
 
     // A subscription re-checks when its credentials Secret or its endpoint changes.
     let store = sub_store.clone();
-    let secrets_changed = watcher(
-        api::<PartialObjectMeta<Secret>>(client, ns.as_deref()),
-        watcher::Config::default(),
-    )
-    .touched_objects();
-    let subscriptions = subscriptions.watches_stream(secrets_changed, move |secret| {
-        let secret_ns = secret.namespace();
-        let secret_name = secret.name_any();
-        store
-            .state()
-            .into_iter()
-            .filter(|s| {
-                s.namespace() == secret_ns
-                    && s.spec
-                        .credentials_ref
-                        .as_ref()
-                        .is_some_and(|c| c.name == secret_name)
-            })
-            .map(|s| ObjectRef::from_obj(&*s))
-            .collect::<Vec<_>>()
-    });
-    // The cache subscriptions read their endpoint from is filled by the same stream that
-    // triggers them, so a pass an endpoint change starts sees that change.
-    let (endpoint_cache, endpoint_cache_writer) = reflector::store();
-    *ctx.endpoints.lock().expect("endpoints lock") = Some(endpoint_cache);
+    let subscriptions = Controller::for_shared_stream(subscription_changes, sub_store.clone())
+        .watches_shared_stream(secrets_for_subscriptions, move |secret| {
+            let (ns, name) = (secret.namespace(), secret.name_any());
+            store
+                .state()
+                .into_iter()
+                .filter(|s| {
+                    s.namespace() == ns
+                        && s.spec
+                            .credentials_ref
+                            .as_ref()
+                            .is_some_and(|c| c.name == name)
+                })
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        });
     let store = sub_store.clone();
-    let endpoints_changed = reflector(
-        endpoint_cache_writer,
-        watcher(
-            api::<WebhookEndpoint>(client, ns.as_deref()),
-            watcher::Config::default(),
-        ),
-    )
-    .touched_objects();
-    let subscriptions = subscriptions.watches_stream(endpoints_changed, move |ep| {
-        let subs = store.state();
-        endpoint::subscribers(&ep.namespace().unwrap_or_default(), &ep.name_any(), &subs)
-            .map(|s| ObjectRef::from_obj(&**s))
-            .collect::<Vec<_>>()
-    });
-
-    // An endpoint re-checks when a Secret it reads (signing secret, header values) changes.
-    let store = ep_store.clone();
-    let endpoint_secrets_changed = watcher(
-        api::<PartialObjectMeta<Secret>>(client, ns.as_deref()),
-        watcher::Config::default(),
-    )
-    .touched_objects();
-    let endpoints = endpoints.watches_stream(endpoint_secrets_changed, move |secret| {
-        let secret_ns = secret.namespace();
-        let secret_name = secret.name_any();
-        store
-            .state()
-            .into_iter()
-            .filter(|ep| {
-                ep.namespace() == secret_ns
-                    && (ep
-                        .spec
-                        .signing
-                        .as_ref()
-                        .and_then(|s| s.secret_ref.as_ref())
-                        .is_some_and(|r| r.name == secret_name)
-                        || ep
-                            .spec
-                            .headers
-                            .iter()
-                            .any(|h| h.secret_key_ref.name == secret_name))
-            })
-            .map(|ep| ObjectRef::from_obj(&*ep))
-            .collect::<Vec<_>>()
-    });
+    let subscriptions = subscriptions
+        .watches_shared_stream(endpoints_for_subscriptions, move |ep| {
+            let subs = store.state();
+            endpoint::subscribers(&ep.namespace().unwrap_or_default(), &ep.name_any(), &subs)
+                .map(|s| ObjectRef::from_obj(&**s))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_on(sub_rx)
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
 
     let refresher = refresh_status(
         ctx.clone(),
@@ -321,38 +338,27 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     tokio::join!(endpoints, subscriptions, refresher);
 }
 
-/// A kind's objects as its controller's trigger, with the cache the controller reads: what
-/// the user changes (the spec, which moves the generation, and deletion), the request
-/// annotations and the finalizers; never the controller's own status writes. A status
-/// write that re-triggered its own pass would write again whenever delivery numbers move,
-/// once per pass instead of once per refresh period ([`refresh_status`] asks for those).
+/// A kind's objects as its controller's trigger: what the user changes (the spec, which
+/// moves the generation, and deletion), the request annotations and the finalizers; never
+/// the controller's own status writes. A status write that re-triggered its own pass
+/// would write again whenever delivery numbers move, once per pass instead of once per
+/// refresh period ([`refresh_status`] asks for those).
 fn changes<K>(
-    api: Api<K>,
-) -> (
-    Store<K>,
-    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-)
+    objects: impl futures::Stream<Item = Arc<K>> + Send + 'static,
+) -> impl futures::Stream<Item = Arc<K>> + Send + 'static
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
     use kube::runtime::{Predicate, predicates};
-    let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .applied_objects()
+    objects
+        .map(|obj| Ok::<K, watcher::Error>((*obj).clone()))
         .predicate_filter(
             predicates::generation
                 .combine(predicates::annotations)
                 .combine(predicates::finalizers),
             Default::default(),
-        );
-    (store, stream)
+        )
+        .filter_map(|obj| std::future::ready(obj.ok().map(Arc::new)))
 }
 
 fn log_result<K: Resource, E: std::fmt::Display>(r: Result<(ObjectRef<K>, Action), E>) {
@@ -497,6 +503,22 @@ pub(crate) mod test_support {
         config: OperatorConfig,
     }
 
+    /// A `kind` object `namespace/name` (uid `<name>-uid`) with `spec`, as the API server
+    /// would hand it over.
+    pub(crate) fn object<K: serde::de::DeserializeOwned>(
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> K {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("{name}-uid")},
+            "spec": spec,
+        }))
+        .expect("a valid object")
+    }
+
     /// Needs a Tokio runtime (the client's buffer task); nothing listens on its address.
     pub(crate) fn offline_context() -> Context {
         let client = kube::Client::try_from(kube::Config::new(
@@ -549,53 +571,47 @@ mod tests {
 
     #[test]
     fn step_errors_have_stable_reasons_and_keep_their_messages() {
+        let target = |e: TargetError| (e.reason(), e.to_string());
+        let credentials = |e: CredentialsError| (e.reason(), e.to_string());
+        let missing_key = secrets::SecretError::MissingKey("c".into(), "k".into());
         let cases = [
             (
-                TargetError::NoTarget.reason(),
-                TargetError::NoTarget.to_string(),
+                target(TargetError::NoTarget),
                 "no_target",
                 "neither endpointRef nor url is set",
             ),
             (
-                TargetError::EndpointMissing("ep".into()).reason(),
-                TargetError::EndpointMissing("ep".into()).to_string(),
+                target(TargetError::EndpointMissing("ep".into())),
                 "endpoint_missing",
                 "WebhookEndpoint ep does not exist",
             ),
             (
-                TargetError::IngressPathOnly("ep".into()).reason(),
-                TargetError::IngressPathOnly("ep".into()).to_string(),
+                target(TargetError::IngressPathOnly("ep".into())),
                 "ingress_path_only",
                 "WebhookEndpoint ep has only an ingress path: configure the operator's public base URL",
             ),
             (
-                TargetError::EndpointNotReady("ep".into()).reason(),
-                TargetError::EndpointNotReady("ep".into()).to_string(),
+                target(TargetError::EndpointNotReady("ep".into())),
                 "endpoint_not_ready",
                 "WebhookEndpoint ep is not Ready yet",
             ),
             (
-                CredentialsError::NotSet.reason(),
-                CredentialsError::NotSet.to_string(),
+                credentials(CredentialsError::NotSet),
                 "credentials_not_set",
                 "credentialsRef is not set",
             ),
             (
-                CredentialsError::from(secrets::SecretError::MissingKey("c".into(), "k".into()))
-                    .reason(),
-                CredentialsError::from(secrets::SecretError::MissingKey("c".into(), "k".into()))
-                    .to_string(),
+                credentials(missing_key.into()),
                 "secret_missing_key",
                 "Secret c has no key k",
             ),
             (
-                CredentialsError::from(secrets::SecretError::NotFound("c".into())).reason(),
-                CredentialsError::from(secrets::SecretError::NotFound("c".into())).to_string(),
+                credentials(secrets::SecretError::NotFound("c".into()).into()),
                 "secret_not_found",
                 "Secret c not found",
             ),
         ];
-        for (reason, message, want_reason, want_message) in cases {
+        for ((reason, message), want_reason, want_message) in cases {
             assert_eq!(reason, want_reason);
             assert_eq!(message, want_message);
         }

@@ -20,39 +20,25 @@
 //! Must not: call a provider, write status, create Secrets (a missing Secret means the
 //! leader has not got there yet; the route waits for it).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::routes::{EndpointDelivery, EndpointKey, IngressRoutes};
-use super::{Context, api, endpoint, isolation, secrets as secret_rules};
-use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
+use super::build::{self, SecretRead};
+use super::routes::{EndpointKey, IngressRoutes};
+use super::secrets::{OwnedSecretError, SecretData, SecretError};
+use super::watches::Watches;
+use super::{Context, isolation, secrets as secret_rules};
 use crate::api::{Provider, WebhookEndpoint, WebhookSubscription};
 use crate::inbound::VerificationKeys;
-
-use super::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY};
-use super::rotation;
-
-/// The secrets in force, newest first: `current` plus, inside the overlap window the
-/// leader recorded in the owned Secret, the one it replaced. Read-only.
-fn with_rotation(secrets: &SecretCache, ns: &str, owned: &str, current: Vec<u8>) -> Vec<Vec<u8>> {
-    let stored = secrets
-        .get(ns, owned)
-        .and_then(|s| s.data.clone())
-        .map(|d| d.into_iter().map(|(k, v)| (k, v.0)).collect())
-        .unwrap_or_default();
-    // The window's end is stored, so the overlap length does not matter here.
-    rotation::decide(&stored, &current, jiff::Timestamp::now(), Duration::ZERO).secrets
-}
 
 /// The Secrets route sync reads: metadata of all (a watch), data of the needed ones only.
 pub struct SecretCache {
@@ -100,24 +86,31 @@ impl SecretCache {
     fn get(&self, ns: &str, name: &str) -> Option<&Secret> {
         self.data.get(&(ns.to_string(), name.to_string()))
     }
+}
 
-    /// A key of a Secret the operator generated for `owner` (not of a look-alike).
-    fn owned_value<K: Resource>(&self, owner: &K, name: &str, key: &str) -> Option<Vec<u8>> {
-        let ns = owner.meta().namespace.clone().unwrap_or_default();
-        let s = self.get(&ns, name)?;
-        if !secret_rules::is_owned_by(&s.metadata, owner.meta().uid.as_deref()) {
-            return None;
+impl SecretRead for SecretCache {
+    fn owned(
+        &self,
+        owner: &ObjectMeta,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, OwnedSecretError> {
+        let Some(s) = self.get(owner.namespace.as_deref().unwrap_or_default(), name) else {
+            return Ok(None);
+        };
+        if !secret_rules::is_owned_by(&s.metadata, owner.uid.as_deref()) {
+            return Err(OwnedSecretError::NotOwned(name.to_string()));
         }
-        s.data.as_ref()?.get(key).map(|v| v.0.clone())
+        Ok(Some(SecretData::of(s).all()))
     }
 
-    /// A key of a Secret named in a spec, under the opt-in label rule.
-    fn referenced_value(&self, ns: &str, name: &str, key: &str) -> Option<Vec<u8>> {
-        let s = self.get(ns, name)?;
-        if !secret_rules::is_referable(&s.metadata, self.require_label) {
-            return None;
+    fn referenced(&self, namespace: &str, name: &str) -> Result<SecretData, SecretError> {
+        match self.get(namespace, name) {
+            None => Err(SecretError::NotFound(name.to_string())),
+            Some(s) if !secret_rules::is_referable(&s.metadata, self.require_label) => {
+                Err(SecretError::NotReferable(name.to_string()))
+            }
+            Some(s) => Ok(SecretData::of(s)),
         }
-        s.data.as_ref()?.get(key).map(|v| v.0.clone())
     }
 }
 
@@ -146,33 +139,6 @@ fn needed_secrets(
     needed
 }
 
-fn reflect<K>(api: kube::Api<K>, shutdown: &CancellationToken) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .applied_objects();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::pin!(stream);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                next = stream.next() => if next.is_none() { return },
-            }
-        }
-    });
-    store
-}
-
 /// What the follower applied last, per object: a hash of the inputs.
 #[derive(Default)]
 struct Applied {
@@ -180,7 +146,7 @@ struct Applied {
     subscriptions: HashMap<(EndpointKey, String), [u8; 32]>,
 }
 
-/// The caches route sync reads, filled by their own watches.
+/// The caches route sync reads: the role's shared watches.
 struct Caches {
     endpoints: Store<WebhookEndpoint>,
     subscriptions: Store<WebhookSubscription>,
@@ -188,28 +154,21 @@ struct Caches {
 }
 
 impl Caches {
-    /// Starts the watches (they stop with `shutdown`) and waits for their first lists;
-    /// `None` when `shutdown` came first.
-    async fn start(ctx: &Context, shutdown: &CancellationToken) -> Option<Caches> {
-        let ns = ctx.config.namespace.clone();
-        let endpoints = reflect(api(&ctx.client, ns.as_deref()), shutdown);
-        let subscriptions = reflect(api(&ctx.client, ns.as_deref()), shutdown);
-        let secret_meta: Store<PartialObjectMeta<Secret>> =
-            reflect(api(&ctx.client, ns.as_deref()), shutdown);
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = async {
-                let _ = endpoints.wait_until_ready().await;
-                let _ = subscriptions.wait_until_ready().await;
-                let _ = secret_meta.wait_until_ready().await;
-            } => {}
+    /// Once the watches' first lists are in; `None` when `shutdown` came first.
+    async fn ready(
+        ctx: &Context,
+        watches: &Watches,
+        shutdown: &CancellationToken,
+    ) -> Option<Caches> {
+        if !watches.ready(shutdown).await {
+            return None;
         }
         Some(Caches {
-            endpoints,
-            subscriptions,
+            endpoints: watches.endpoints.store.clone(),
+            subscriptions: watches.subscriptions.store.clone(),
             secrets: SecretCache {
                 api_client: ctx.client.clone(),
-                meta: secret_meta,
+                meta: watches.secrets.store.clone(),
                 data: HashMap::new(),
                 require_label: ctx.config.require_secret_label,
             },
@@ -229,18 +188,18 @@ impl Caches {
 /// routes are loaded. The leader runs this before its reconcilers: their first passes
 /// can take long (a provider that is down, a backlog of objects), and until a route is
 /// loaded its events would be refused.
-pub async fn prime(ctx: &Context, shutdown: &CancellationToken) {
-    let watches = shutdown.child_token();
-    if let Some(mut caches) = Caches::start(ctx, &watches).await {
+pub async fn prime(ctx: &Context, watches: &Watches, shutdown: &CancellationToken) {
+    if let Some(mut caches) = Caches::ready(ctx, watches, shutdown).await {
         caches.sync(ctx, &mut Applied::default()).await;
         ctx.routes.0.mark_loaded();
     }
-    watches.cancel();
 }
 
 /// Keeps the data plane's routes in step with the cluster, read-only, until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let Some(mut caches) = Caches::start(&ctx, &shutdown).await else {
+    let mut watches = Watches::new();
+    watches.start(&ctx, &shutdown);
+    let Some(mut caches) = Caches::ready(&ctx, &watches, &shutdown).await else {
         return;
     };
     tracing::info!("following: route sync started");
@@ -266,70 +225,13 @@ fn fingerprint(parts: &[&[u8]]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The endpoint's delivery configuration, if every Secret it needs exists.
-pub fn endpoint_delivery(ep: &WebhookEndpoint, secrets: &SecretCache) -> Option<EndpointDelivery> {
-    let ns = ep.namespace().unwrap_or_default();
-    let name = ep.name_any();
-    let token_key = secrets.owned_value(ep, &ep.ingress_secret_name(), INGRESS_SECRET_KEY)?;
-    // The rotation state lives in the owned `<ep>-signing` Secret: a look-alike means no
-    // route, as on the leader.
-    let owned_signing = ep.signing_secret_name();
-    if secrets
-        .get(&ns, &owned_signing)
-        .is_some_and(|s| !secret_rules::is_owned_by(&s.metadata, ep.meta().uid.as_deref()))
-    {
-        return None;
+/// The subscription's verification keys, once the leader has set it up (for all but
+/// Atllas: synced at least once, so the provider's signing secret, if any, is stored).
+fn subscription_keys(sub: &WebhookSubscription, secrets: &SecretCache) -> Option<VerificationKeys> {
+    if sub.spec.provider != Provider::Atllas {
+        sub.status.as_ref()?.upstream.as_ref()?;
     }
-    let signing = match ep.spec.signing.as_ref().and_then(|s| s.secret_ref.as_ref()) {
-        Some(r) => secrets.referenced_value(&ns, &r.name, &r.key)?,
-        None => secrets.owned_value(ep, &owned_signing, SIGNING_KEY)?,
-    };
-    let mut headers = Vec::new();
-    for h in &ep.spec.headers {
-        let r = &h.secret_key_ref;
-        let v = secrets.referenced_value(&ns, &r.name, &r.key)?;
-        headers.push((
-            h.name.clone(),
-            String::from_utf8_lossy(&v).trim().to_string(),
-        ));
-    }
-    let signing_secrets = with_rotation(secrets, &ns, &owned_signing, signing);
-    Some(EndpointDelivery {
-        key: (ns, name),
-        token: endpoint::ingress_token(&token_key),
-        spec: ep.spec.clone(),
-        signing_secrets,
-        headers,
-    })
-}
-
-/// The subscription's verification keys, once the leader has set it up.
-pub fn subscription_keys(
-    sub: &WebhookSubscription,
-    secrets: &SecretCache,
-) -> Option<VerificationKeys> {
-    let ns = sub.namespace().unwrap_or_default();
-    if sub.spec.provider == Provider::Atllas {
-        let value = secrets.owned_value(sub, &sub.atllas_header_secret_name(), HEADER_VALUE_KEY)?;
-        return Some(VerificationKeys {
-            secrets: vec![value],
-            header_name: Some(sub.spec.atllas_header_name()),
-            ..Default::default()
-        });
-    }
-    // Synced at least once: the provider's signing secret (if it has one) is stored.
-    sub.status.as_ref()?.upstream.as_ref()?;
-    let owned = sub.provider_signing_secret_name();
-    let keys = secrets
-        .owned_value(sub, &owned, SIGNING_SECRET_KEY)
-        .map(|current| with_rotation(secrets, &ns, &owned, current))
-        .unwrap_or_default();
-    let (header_name, signature_encoding) = sub.spec.signature_scheme();
-    Some(VerificationKeys {
-        secrets: keys,
-        header_name,
-        signature_encoding,
-    })
+    build::verification_keys(sub, secrets)
 }
 
 fn sync_once(
@@ -356,7 +258,7 @@ fn sync_once(
         {
             continue;
         }
-        let Some(d) = endpoint_delivery(ep, secrets) else {
+        let Ok(d) = build::endpoint_delivery(ep, secrets) else {
             continue;
         };
         let spec = serde_json::to_vec(&d.spec).unwrap_or_default();
@@ -423,14 +325,14 @@ mod tests {
 
     #[test]
     fn a_follower_needs_only_the_secrets_its_objects_name() {
-        let ep: WebhookEndpoint = serde_json::from_value(serde_json::json!({
-            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookEndpoint",
-            "metadata": {"name": "orders", "namespace": "a"},
-            "spec": {"destination": {"service": {"name": "sink", "port": 8080}},
-                     "signing": {"secretRef": {"name": "my-signing", "key": "k"}},
-                     "headers": [{"name": "X-Token", "secretKeyRef": {"name": "auth", "key": "t"}}]}
+        let spec = serde_json::from_value(serde_json::json!({
+            "destination": {"service": {"name": "sink", "port": 8080}},
+            "signing": {"secretRef": {"name": "my-signing", "key": "k"}},
+            "headers": [{"name": "X-Token", "secretKeyRef": {"name": "auth", "key": "t"}}],
         }))
-        .unwrap();
+        .expect("a spec");
+        let mut ep = WebhookEndpoint::new("orders", spec);
+        ep.metadata.namespace = Some("a".into());
         let sub: WebhookSubscription = serde_json::from_value(serde_json::json!({
             "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
             "metadata": {"name": "calls", "namespace": "b"},

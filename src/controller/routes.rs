@@ -118,22 +118,12 @@ pub fn endpoint_of(sub: &WebhookSubscription) -> Option<EndpointKey> {
 pub struct Routes(pub std::sync::Arc<dyn IngressRoutes>);
 
 impl Routes {
-    pub fn subscription_keys(
-        &self,
-        sub: &WebhookSubscription,
-        secrets: Vec<Vec<u8>>,
-        header_name: Option<String>,
-    ) {
-        if let Some(ep) = endpoint_of(sub) {
+    /// The ingress verifies `sub`'s requests with `keys` (see
+    /// [`super::build::verification_keys`]); without keys it stays as it is.
+    pub fn subscription_keys(&self, sub: &WebhookSubscription, keys: Option<VerificationKeys>) {
+        if let (Some(ep), Some(keys)) = (endpoint_of(sub), keys) {
             self.0
-                .upsert_subscription(ep, sub.name_any(), sub.spec.provider, {
-                    let (signature_header, signature_encoding) = sub.spec.signature_scheme();
-                    VerificationKeys {
-                        secrets,
-                        header_name: header_name.or(signature_header),
-                        signature_encoding,
-                    }
-                });
+                .upsert_subscription(ep, sub.name_any(), sub.spec.provider, keys);
         }
     }
 

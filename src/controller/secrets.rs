@@ -21,14 +21,14 @@ use super::status::FIELD_MANAGER;
 use crate::api::conditions::reasons;
 
 /// Why a Secret value could not be read. Names the Secret and key, never a value.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("Secret {0} not found")]
     NotFound(String),
     #[error("Secret {0} has no key {1}")]
     MissingKey(String, String),
     #[error("reading Secret {0}: {1}")]
-    Api(String, kube::Error),
+    Api(String, String),
     #[error(
         "Secret {0} does not carry the label {REFERABLE_LABEL}=true, which this operator requires of referenced Secrets"
     )]
@@ -84,6 +84,7 @@ pub fn is_referable(secret: &ObjectMeta, require_label: bool) -> bool {
 }
 
 /// A Secret's data, read once per reconcile.
+#[derive(Clone)]
 pub struct SecretData {
     pub name: String,
     pub resource_version: Option<String>,
@@ -91,6 +92,15 @@ pub struct SecretData {
 }
 
 impl SecretData {
+    /// The data of `secret` as read (from the API or a cache).
+    pub fn of(secret: &Secret) -> SecretData {
+        SecretData {
+            name: secret.name_any(),
+            resource_version: secret.resource_version(),
+            data: secret.data.clone().unwrap_or_default(),
+        }
+    }
+
     pub fn get(&self, key: &str) -> Result<&[u8], SecretError> {
         self.data
             .get(key)
@@ -151,13 +161,9 @@ pub async fn read_referenced(
         Ok(Some(secret)) if !is_referable(&secret.metadata, require_label) => {
             Err(SecretError::NotReferable(name.to_string()))
         }
-        Ok(Some(secret)) => Ok(SecretData {
-            name: name.to_string(),
-            resource_version: secret.resource_version(),
-            data: secret.data.unwrap_or_default(),
-        }),
+        Ok(Some(secret)) => Ok(SecretData::of(&secret)),
         Ok(None) => Err(SecretError::NotFound(name.to_string())),
-        Err(e) => Err(SecretError::Api(name.to_string(), e)),
+        Err(e) => Err(SecretError::Api(name.to_string(), e.to_string())),
     }
 }
 

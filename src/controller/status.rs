@@ -1,7 +1,15 @@
-//! The one way status is written: server-side apply on the status subresource under the
-//! operator's field manager, and only when the computed status differs from what is there.
+//! The one way status is written: server-side apply of the whole computed status on the
+//! status subresource under the operator's field manager, and only when it differs from
+//! the status the object has.
+//!
+//! The watch cache can lag behind our own last write (a pass the refresher asks for may
+//! start before the cache has seen the previous pass's write). So every kind remembers
+//! what it last wrote ([`Written`], kept in its memo): while the cached object is still
+//! one our writes were computed from or produced, what we wrote is the status the object
+//! has, and the next status is computed from that rather than from the older cache.
 
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::object::HasStatus;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -9,49 +17,201 @@ use serde_json::json;
 
 pub const FIELD_MANAGER: &str = "webhook-operator";
 
-/// Applies `status` to `obj` unless it equals `current`. Returns whether it wrote.
-pub async fn apply_if_changed<K, S>(
-    api: &Api<K>,
-    obj: &K,
-    current: Option<&S>,
-    status: &S,
-) -> Result<bool, kube::Error>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
-    S: Serialize + PartialEq,
-{
-    if current == Some(status) {
-        return Ok(false);
-    }
-    let patch = json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(true)
+/// At most this many resourceVersions are remembered per object; a cache older than all
+/// of them is taken as it is.
+const MAX_UNSEEN: usize = 16;
+
+/// The status last written for one object, and the resourceVersions of the object at
+/// which the cache may not show it yet (the one it was computed from and the ones our
+/// writes produced).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Written<S> {
+    status: S,
+    versions: Vec<String>,
 }
 
-/// Merges `patch` into the status subresource: for a part of status that changes on its
-/// own (counters) when the cached object may be older than the last full write.
-pub async fn merge_patch<K>(
+/// The status `obj` has: the one we wrote last while the cached `obj` is at a version our
+/// writes started from or produced, else the cached one. Pure.
+pub fn current<'a, K>(obj: &'a K, written: Option<&'a Written<K::Status>>) -> Option<&'a K::Status>
+where
+    K: Resource + HasStatus,
+{
+    match (written, obj.meta().resource_version.as_deref()) {
+        (Some(w), Some(rv)) if w.versions.iter().any(|v| v == rv) => Some(&w.status),
+        _ => obj.status(),
+    }
+}
+
+/// The apply patch that brings `current` to `next`, or `None` when there is nothing to
+/// write. Pure.
+pub fn patch<K, S>(current: Option<&S>, next: &S) -> Option<serde_json::Value>
+where
+    K: Resource<DynamicType = ()>,
+    S: Serialize + PartialEq,
+{
+    (current != Some(next)).then(|| {
+        json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": next,
+        })
+    })
+}
+
+/// What to remember after writing `status` to `obj` (as the cache showed it), which the
+/// API server answered with resourceVersion `produced`. Pure.
+pub fn remember<K: Resource, S>(
+    obj: &K,
+    previous: Option<Written<S>>,
+    status: S,
+    produced: Option<String>,
+) -> Written<S> {
+    let from = obj.meta().resource_version.clone();
+    let mut versions = match previous {
+        // Still computing from a cache that does not show our writes: keep their trail.
+        Some(p) if from.as_ref().is_some_and(|rv| p.versions.contains(rv)) => p.versions,
+        _ => Vec::new(),
+    };
+    for v in [from, produced].into_iter().flatten() {
+        if !versions.contains(&v) {
+            versions.push(v);
+        }
+    }
+    let drop = versions.len().saturating_sub(MAX_UNSEEN);
+    versions.drain(..drop);
+    Written { status, versions }
+}
+
+/// Applies `next` to `obj` unless the status it has (see [`current`]) equals it. Returns
+/// what to remember when it wrote, `None` when it did not.
+pub async fn apply_if_changed<K>(
     api: &Api<K>,
     obj: &K,
-    patch: &serde_json::Value,
-) -> Result<(), kube::Error>
+    written: Option<Written<K::Status>>,
+    next: K::Status,
+) -> Result<Option<Written<K::Status>>, kube::Error>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()> + HasStatus + Clone + DeserializeOwned + std::fmt::Debug,
+    K::Status: Serialize + PartialEq,
 {
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    )
-    .await?;
-    Ok(())
+    let Some(patch) = patch::<K, K::Status>(current(obj, written.as_ref()), &next) else {
+        return Ok(None);
+    };
+    let applied = api
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(Some(remember(
+        obj,
+        written,
+        next,
+        applied.meta().resource_version.clone(),
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::subscription::{EventCounters, WebhookSubscriptionStatus};
+    use crate::api::{WebhookSubscription, WebhookSubscriptionSpec};
+
+    fn sub_at(rv: &str, received: Option<u64>) -> WebhookSubscription {
+        let spec: WebhookSubscriptionSpec = serde_json::from_value(
+            json!({"provider": "atllas", "url": "https://x.test/h", "events": []}),
+        )
+        .expect("a spec");
+        let mut sub = WebhookSubscription::new("orders", spec);
+        sub.metadata.namespace = Some("ns".into());
+        sub.metadata.resource_version = Some(rv.into());
+        sub.status = received.map(status);
+        sub
+    }
+
+    fn status(received: u64) -> WebhookSubscriptionStatus {
+        WebhookSubscriptionStatus {
+            events: Some(EventCounters {
+                received,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_status_an_object_has_is_ours_until_the_cache_moves_past_our_writes() {
+        // Cache at "1" (status: 1 received); we computed from "1" and wrote 5 → "2".
+        let written = remember(&sub_at("1", Some(1)), None, status(5), Some("2".into()));
+        let cases = [
+            ("cache predates our write", sub_at("1", Some(1)), Some(5)),
+            ("cache shows our write", sub_at("2", Some(5)), Some(5)),
+            ("someone wrote after us", sub_at("3", Some(9)), Some(9)),
+            ("re-created object, no status", sub_at("7", None), None),
+        ];
+        for (case, sub, want) in cases {
+            let got = current(&sub, Some(&written)).and_then(|s| s.events.as_ref());
+            assert_eq!(got.map(|e| e.received), want, "{case}");
+        }
+        // Nothing written yet: the cache is all there is.
+        let sub = sub_at("1", Some(1));
+        assert_eq!(current(&sub, None), sub.status.as_ref());
+    }
+
+    #[test]
+    fn writes_in_a_row_from_a_lagging_cache_keep_the_trail() {
+        let lagging = sub_at("1", Some(1));
+        let first = remember(&lagging, None, status(5), Some("2".into()));
+        let second = remember(&lagging, Some(first), status(6), Some("3".into()));
+        // The cache may show any of our writes next; only the last one is the status.
+        for rv in ["1", "2", "3"] {
+            let received = current(&sub_at(rv, Some(0)), Some(&second))
+                .and_then(|s| s.events.as_ref())
+                .map(|e| e.received);
+            assert_eq!(received, Some(6), "cache at {rv}");
+        }
+        // Computed from a cache that moved on (someone else wrote): the trail restarts.
+        let third = remember(
+            &sub_at("9", Some(7)),
+            Some(second),
+            status(8),
+            Some("10".into()),
+        );
+        assert_eq!(third.versions, ["9", "10"]);
+    }
+
+    #[test]
+    fn the_trail_is_bounded() {
+        // The cache always one write behind.
+        let mut written = None;
+        for i in 1..=40u64 {
+            let sub = sub_at(&(i - 1).to_string(), None);
+            written = Some(remember(&sub, written, status(i), Some(i.to_string())));
+        }
+        let written = written.expect("written");
+        assert_eq!(written.versions.len(), MAX_UNSEEN);
+        assert_eq!(written.versions.last().map(String::as_str), Some("40"));
+    }
+
+    #[test]
+    fn the_patch_is_the_whole_status_or_nothing() {
+        assert_eq!(
+            patch::<WebhookSubscription, _>(Some(&status(5)), &status(5)),
+            None
+        );
+        let want = json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1",
+            "kind": "WebhookSubscription",
+            "status": {"events": {"received": 6}},
+        });
+        assert_eq!(
+            patch::<WebhookSubscription, _>(Some(&status(5)), &status(6)),
+            Some(want.clone())
+        );
+        assert_eq!(
+            patch::<WebhookSubscription, _>(None, &status(6)),
+            Some(want)
+        );
+    }
 }

@@ -9,12 +9,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kube::ResourceExt;
 
-use super::Context;
 use super::routes::endpoint_of;
 use super::secrets;
-use crate::api::subscription::{
-    HEADER_VALUE_KEY, LastTest, SIGNING_SECRET_KEY, TestResult, WebhookSubscription,
-};
+use super::{Context, build};
+use crate::api::subscription::{LastTest, TestResult, WebhookSubscription};
 use crate::api::{Provider, TEST_REQUESTED_AT_ANNOTATION};
 use crate::inbound::VerificationKeys;
 use crate::providers::{Credentials, DesiredSubscription, synthetic_test_event};
@@ -132,34 +130,25 @@ fn token_of(hook_url: &str) -> Option<String> {
     (parts.next()? == "hooks").then(|| token.to_string())
 }
 
-/// What the provider would sign or head its test delivery with.
+/// What the provider would sign or head its test delivery with: the keys the ingress
+/// verifies with (the one build, read from the API now).
 async fn verification_keys(
     sub: &WebhookSubscription,
     ctx: &Context,
 ) -> Result<VerificationKeys, String> {
-    let ns = sub.namespace().unwrap_or_default();
-    let (signature_header, signature_encoding) = sub.spec.signature_scheme();
-    let (secret, key, header_name) = match sub.spec.provider {
+    let secret = match sub.spec.provider {
         Provider::Atlas => return Ok(VerificationKeys::default()),
-        Provider::Atllas => (
-            sub.atllas_header_secret_name(),
-            HEADER_VALUE_KEY,
-            Some(sub.spec.atllas_header_name()),
-        ),
-        Provider::Atomic | Provider::Smallest => (
-            sub.provider_signing_secret_name(),
-            SIGNING_SECRET_KEY,
-            signature_header,
-        ),
+        Provider::Atllas => sub.atllas_header_secret_name(),
+        Provider::Atomic | Provider::Smallest => sub.provider_signing_secret_name(),
     };
-    let data = secrets::read(&ctx.client, &ns, &secret)
+    let mut fetched = build::Fetched::default();
+    fetched
+        .read_owned(&ctx.client, sub, &secret)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(VerificationKeys {
-        secrets: vec![data.get(key).map_err(|e| e.to_string())?.to_vec()],
-        header_name,
-        signature_encoding,
-    })
+    build::verification_keys(sub, &fetched)
+        .filter(|keys| !keys.secrets.is_empty())
+        .ok_or_else(|| secrets::SecretError::NotFound(secret).to_string())
 }
 
 /// The result of a pending test, if it changed: delivered, timed out, or still pending

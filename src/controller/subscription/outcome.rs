@@ -1,0 +1,181 @@
+//! What one pass found or did ([`Outcome`]), and the next status it makes: pure.
+
+use super::*;
+
+/// What one pass found or did.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one short-lived value per reconcile"
+)]
+pub enum Outcome {
+    /// Upstream matches the spec (or, ObserveOnly, what exists upstream).
+    Synced {
+        observed: Observed,
+        applied: Option<DesiredSubscription>,
+    },
+    /// ObserveOnly and nothing exists upstream.
+    MissingUpstream,
+    /// Atllas: nothing to call; the user configures the portal.
+    Manual {
+        hook_url: String,
+        header_name: String,
+        secret_name: String,
+    },
+    EndpointNotReady(TargetError),
+    CredentialsMissing(CredentialsError),
+    Failed(ProviderError),
+}
+
+/// The next status from the current one and an outcome. Pure.
+pub fn outcome_status(
+    current: &WebhookSubscriptionStatus,
+    outcome: &Outcome,
+    generation: Option<i64>,
+    requested_at: Option<String>,
+    now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> WebhookSubscriptionStatus {
+    let mut next = WebhookSubscriptionStatus {
+        observed_generation: generation,
+        last_handled_requested_at: requested_at
+            .or_else(|| current.last_handled_requested_at.clone()),
+        upstream: current.upstream.clone(),
+        events: current.events.clone(),
+        ..Default::default()
+    };
+    let desired: Vec<Desired> = match outcome {
+        Outcome::Synced { observed, applied } => {
+            let upstream = next.upstream.get_or_insert_with(UpstreamStatus::default);
+            upstream.id = Some(observed.id.clone());
+            upstream.echo = observed.echo.clone();
+            upstream.state = Some(match &observed.state {
+                UpstreamState::Enabled => "enabled".into(),
+                UpstreamState::Disabled { .. } => "disabled".into(),
+                UpstreamState::Incomplete { .. } => "incomplete".into(),
+                UpstreamState::Manual => "manual".into(),
+            });
+            upstream.last_sync_time = Some(now.clone());
+            if let Some(applied) = applied {
+                upstream.applied = serde_json::to_string(applied).ok();
+            }
+            let synced_reason = match observed.action {
+                _ if matches!(observed.state, UpstreamState::Disabled { .. }) => reasons::SYNCED,
+                SyncAction::Adopted => reasons::ADOPTED,
+                SyncAction::Recreated => reasons::DRIFT_REPAIRED,
+                _ if applied.is_none() => reasons::OBSERVE_ONLY,
+                _ => reasons::SYNCED,
+            };
+            let ready = match &observed.state {
+                UpstreamState::Disabled { message } => Desired::new(
+                    types::READY,
+                    false,
+                    reasons::DISABLED_UPSTREAM,
+                    message.clone(),
+                ),
+                UpstreamState::Incomplete { message } => Desired::new(
+                    types::READY,
+                    false,
+                    reasons::DRIFT_DETECTED,
+                    message.clone(),
+                ),
+                _ => Desired::new(
+                    types::READY,
+                    true,
+                    reasons::READY,
+                    "the subscription exists upstream as specified",
+                ),
+            };
+            vec![
+                ready,
+                Desired::new(
+                    types::SYNCED,
+                    true,
+                    synced_reason,
+                    format!("upstream id {}", observed.id),
+                ),
+            ]
+        }
+        Outcome::MissingUpstream => vec![
+            Desired::new(
+                types::READY,
+                false,
+                reasons::NOT_FOUND_UPSTREAM,
+                "ObserveOnly: no such subscription exists upstream",
+            ),
+            Desired::new(
+                types::SYNCED,
+                true,
+                reasons::OBSERVE_ONLY,
+                "observed the provider; nothing found",
+            ),
+        ],
+        Outcome::Manual {
+            hook_url,
+            header_name,
+            secret_name,
+        } => {
+            next.upstream = None;
+            next.manual_setup = Some(ManualSetup {
+                hook_url: Some(hook_url.clone()),
+                header_name: Some(header_name.clone()),
+                secret_name: Some(secret_name.clone()),
+            });
+            vec![
+                Desired::new(
+                    types::READY,
+                    true,
+                    reasons::MANUAL_SETUP,
+                    "receive-only provider: add status.manualSetup.hookURL and the header to the provider's portal",
+                ),
+                Desired::new(
+                    types::SYNCED,
+                    true,
+                    reasons::MANUAL_SETUP,
+                    "nothing to sync: the provider has no API",
+                ),
+            ]
+        }
+        Outcome::EndpointNotReady(why) => not_synced(
+            reasons::ENDPOINT_NOT_READY,
+            why.to_string(),
+            false,
+            why.to_string(),
+        ),
+        Outcome::CredentialsMissing(why) => not_synced(
+            reasons::CREDENTIALS_MISSING,
+            why.to_string(),
+            true,
+            why.to_string(),
+        ),
+        Outcome::Failed(err) => {
+            let msg = err.to_string();
+            let (stalled, retry) = match err.is_permanent() {
+                true => (true, msg.clone()),
+                false => (false, format!("retrying: {msg}")),
+            };
+            not_synced(err.reason(), msg, stalled, retry)
+        }
+    };
+    next.conditions = conditions::merge(&current.conditions, &desired, generation, now);
+    next
+}
+
+/// Neither Ready nor Synced for `reason`, and either Stalled (the user must act) or
+/// Reconciling (retried) with `third_message`.
+pub(super) fn not_synced(
+    reason: &'static str,
+    message: String,
+    stalled: bool,
+    third_message: String,
+) -> Vec<Desired> {
+    let third = if stalled {
+        types::STALLED
+    } else {
+        types::RECONCILING
+    };
+    vec![
+        Desired::new(types::READY, false, reason, &message),
+        Desired::new(types::SYNCED, false, reason, message),
+        Desired::new(third, true, reason, third_message),
+    ]
+}

@@ -1,0 +1,176 @@
+//! One watch per kind, shared by everything one role runs: the leader's two controllers
+//! and its route priming, or a follower's route sync. Each kind has one cache ([`Store`])
+//! and any number of trigger streams subscribed to the same watch.
+//!
+//! Readiness: a `Store`'s own `wait_until_ready()` wakes only one of its waiters, and the
+//! controller reading the store is already one. So everything else
+//! [`Watch::cache`] or awaits [`Watches::ready`], which any number of tasks may do.
+
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Context, api};
+use crate::api::{WebhookEndpoint, WebhookSubscription};
+
+/// Objects a subscriber may fall behind the watch before the watch waits for it.
+const BUFFER: usize = 1024;
+
+/// One kind's watch: its cache, its subscribers, whether its first list is in.
+pub struct Watch<K: Resource<DynamicType = ()> + Clone + 'static> {
+    pub store: Store<K>,
+    writer: Option<Writer<K>>,
+    ready: watch::Receiver<bool>,
+    ready_tx: Option<watch::Sender<bool>>,
+}
+
+impl<K> Watch<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    fn new() -> Self {
+        let (store, writer) = reflector::store_shared(BUFFER);
+        let (ready_tx, ready) = watch::channel(false);
+        Watch {
+            store,
+            writer: Some(writer),
+            ready,
+            ready_tx: Some(ready_tx),
+        }
+    }
+
+    /// Every object the watch applies (and all of them after each full list). Subscribe
+    /// before [`Watches::start`]: a subscriber added later misses the first list.
+    ///
+    /// Each subscriber is drained into its own queue at once, so the watch never waits
+    /// for a consumer that has not started yet (the controllers start after the routes
+    /// are primed from the same caches).
+    pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        let mut handle = self
+            .writer
+            .as_ref()
+            .and_then(Writer::subscribe)
+            .expect("subscribed before the watch started");
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        tokio::spawn(async move {
+            while let Some(obj) = handle.next().await {
+                if tx.unbounded_send(obj).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// The cache, and whether its first list is in; for readers other than the
+    /// controller of the kind (which awaits the store itself).
+    pub fn cache(&self) -> Cache<K> {
+        Cache {
+            store: self.store.clone(),
+            ready: self.ready.clone(),
+        }
+    }
+
+    /// Runs the watch into the cache and the subscribers until `shutdown`.
+    fn start(&mut self, api: Api<K>, shutdown: &CancellationToken) {
+        let (Some(writer), Some(ready)) = (self.writer.take(), self.ready_tx.take()) else {
+            return;
+        };
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect_shared(writer);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::pin!(stream);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    next = stream.next() => match next {
+                        Some(Ok(watcher::Event::InitDone)) => {
+                            ready.send_replace(true);
+                        }
+                        Some(_) => {}
+                        None => return,
+                    },
+                }
+            }
+        });
+    }
+
+    async fn wait_ready(&self) {
+        let _ = self.ready.clone().wait_for(|ready| *ready).await;
+    }
+}
+
+/// A kind's cache as readers other than its controller see it.
+#[derive(Clone)]
+pub struct Cache<K: Resource<DynamicType = ()> + Clone + 'static> {
+    store: Store<K>,
+    ready: watch::Receiver<bool>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone + 'static> Cache<K> {
+    /// The object as the cache holds it, or `None` while the first list is not in.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Option<Arc<K>>> {
+        (*self.ready.borrow()).then(|| self.store.get(&ObjectRef::new(name).within(namespace)))
+    }
+}
+
+/// The three kinds a role reads.
+pub struct Watches {
+    pub endpoints: Watch<WebhookEndpoint>,
+    pub subscriptions: Watch<WebhookSubscription>,
+    /// Secrets by metadata only (their data is read where needed).
+    pub secrets: Watch<PartialObjectMeta<Secret>>,
+}
+
+impl Watches {
+    /// Not started: subscribe first, then [`Watches::start`].
+    pub fn new() -> Self {
+        Watches {
+            endpoints: Watch::new(),
+            subscriptions: Watch::new(),
+            secrets: Watch::new(),
+        }
+    }
+
+    /// Starts the three watches in the operator's namespace (or all); they stop with
+    /// `shutdown`.
+    pub fn start(&mut self, ctx: &Context, shutdown: &CancellationToken) {
+        let ns = ctx.config.namespace.as_deref();
+        self.endpoints.start(api(&ctx.client, ns), shutdown);
+        self.subscriptions.start(api(&ctx.client, ns), shutdown);
+        self.secrets.start(api(&ctx.client, ns), shutdown);
+    }
+
+    /// Waits for the three first lists; `false` when `shutdown` came first.
+    pub async fn ready(&self, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = async {
+                self.endpoints.wait_ready().await;
+                self.subscriptions.wait_ready().await;
+                self.secrets.wait_ready().await;
+            } => true,
+        }
+    }
+}
+
+impl Default for Watches {
+    fn default() -> Self {
+        Self::new()
+    }
+}
