@@ -524,15 +524,16 @@ pub async fn run(
     }
     let created_seconds = start.elapsed().as_secs_f64();
     eprintln!("bench: created in {created_seconds:.2}s; waiting for Ready");
-    let all_ready = wait_for(ready_count, n, start + timeout).await;
+    let all_ready = wait_for(ready_count, n, Instant::now() + timeout).await;
     let ready_seconds = start.elapsed().as_secs_f64();
-    if !all_ready {
+    if all_ready {
+        eprintln!("bench: all Ready in {ready_seconds:.2}s; settling {settle:?}");
+    } else {
         eprintln!(
-            "bench: not all Ready after {timeout:?}: {:#?}",
+            "bench: not all Ready {timeout:?} after the last create: {:#?}",
             not_ready_reasons(&subs).await?
         );
     }
-    eprintln!("bench: all Ready in {ready_seconds:.2}s; settling {settle:?}");
     tokio::time::sleep(settle).await;
 
     let after = request_totals(&client).await?;

@@ -11,13 +11,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
+use kube::ResourceExt;
 use kube::api::ObjectMeta;
-use kube::{Client, ResourceExt};
 use sha2::Sha256;
 
 use super::rotation;
 use super::routes::EndpointDelivery;
-use super::secrets::{self, OwnedSecretError, SecretData, SecretError};
+use super::secrets::{self, OwnedSecretError, SecretData, SecretError, SecretStore};
 use crate::api::conditions::reasons;
 use crate::api::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY};
 use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
@@ -58,11 +58,11 @@ impl Fetched {
     /// it does not exist).
     pub async fn read_owned<K: kube::Resource<DynamicType = ()>>(
         &mut self,
-        client: &Client,
+        store: &SecretStore,
         owner: &K,
         name: &str,
     ) -> Result<(), OwnedSecretError> {
-        let data = secrets::read_owned(client, owner, name).await?;
+        let data = secrets::read_owned(store, owner, name).await?;
         if !data.is_empty() {
             self.set_owned(name, Ok(data));
         }
@@ -72,13 +72,13 @@ impl Fetched {
     /// Reads the Secret `name` a spec names from the API, once per pass.
     pub async fn read_referenced(
         &mut self,
-        client: &Client,
+        store: &SecretStore,
         namespace: &str,
         name: &str,
         require_label: bool,
     ) {
         if !self.referenced.contains_key(name) {
-            let read = secrets::read_referenced(client, namespace, name, require_label).await;
+            let read = secrets::read_referenced(store, namespace, name, require_label).await;
             self.referenced.insert(name.to_string(), read);
         }
     }

@@ -157,7 +157,7 @@ async fn apply(
     // What this pass reads and writes of Secrets, for the shared build below.
     let mut fetched = build::Fetched::default();
     match secrets::ensure_generated(
-        &ctx.client,
+        &ctx.secrets,
         ep,
         &ep.ingress_secret_name(),
         INGRESS_SECRET_KEY,
@@ -178,7 +178,7 @@ async fn apply(
     // The signing secret: the user's, or one the operator generates (and regenerates on
     // request). Its rotation state lives in the owned `<endpoint>-signing` Secret.
     let owned_name = ep.signing_secret_name();
-    let mut owned = match secrets::read_owned(&ctx.client, ep, &owned_name).await {
+    let mut owned = match secrets::read_owned(&ctx.secrets, ep, &owned_name).await {
         Ok(data) => Some(data),
         Err(secrets::OwnedSecretError::NotOwned(_)) => None,
         Err(secrets::OwnedSecretError::Kube(e)) => return Err(e.into()),
@@ -195,7 +195,7 @@ async fn apply(
         .chain(ep.spec.headers.iter().map(|h| &h.secret_key_ref.name));
     for name in referenced {
         fetched
-            .read_referenced(&ctx.client, &ns, name, require_label)
+            .read_referenced(&ctx.secrets, &ns, name, require_label)
             .await;
     }
     let rotate_request = ep.annotations().get(ROTATE_ANNOTATION).cloned();
@@ -478,7 +478,7 @@ async fn rotate(
         }
     }
     if next != *owned {
-        secrets::write_owned(&ctx.client, ep, owned_name, &next).await?;
+        secrets::write_owned(&ctx.secrets, ep, owned_name, &next).await?;
         *owned = next;
     }
     if decision.rotated {

@@ -72,6 +72,8 @@ pub struct Context {
     pub endpoint_memo: memo::EndpointMemo,
     /// The WebhookEndpoint cache of the controllers [`run`] started last.
     endpoints: Mutex<Option<watches::Cache<WebhookEndpoint>>>,
+    /// Secret reads, validated against the shared Secret watch once [`run`] starts it.
+    pub secrets: secrets::SecretStore,
 }
 
 impl Context {
@@ -91,6 +93,7 @@ impl Context {
                 &config.resolve_overrides,
                 config.address_policy(),
             ),
+            secrets: secrets::SecretStore::new(client.clone()),
             client,
             config,
             routes: Routes(routes),
@@ -267,6 +270,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     });
     watches.start(&ctx, &shutdown);
     *ctx.endpoints.lock().expect("endpoints lock") = Some(watches.endpoints.cache());
+    ctx.secrets.watch(watches.secrets.cache());
     route_sync::prime(&ctx, &watches, &shutdown).await;
     let ep_store = watches.endpoints.store.clone();
     let sub_store = watches.subscriptions.store.clone();

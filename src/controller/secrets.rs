@@ -9,15 +9,18 @@
 //! Secret it does not own: a generated Secret's name that is already taken is reported,
 //! not overwritten.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::{Client, Resource, ResourceExt};
 
 use super::status::FIELD_MANAGER;
+use super::watches;
 use crate::api::conditions::reasons;
 
 /// Why a Secret value could not be read. Names the Secret and key, never a value.
@@ -128,7 +131,7 @@ impl SecretData {
 /// The data of the Secret `name` generated for `owner`, empty when it does not exist yet;
 /// `NotOwned` when a Secret of that name exists and belongs to someone else.
 pub async fn read_owned<K>(
-    client: &Client,
+    store: &SecretStore,
     owner: &K,
     name: &str,
 ) -> Result<BTreeMap<String, Vec<u8>>, OwnedSecretError>
@@ -136,14 +139,13 @@ where
     K: Resource<DynamicType = ()>,
 {
     let namespace = owner.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    match api.get_opt(name).await? {
+    match store.get(&namespace, name).await? {
         None => Ok(BTreeMap::new()),
         Some(s) if is_owned_by(&s.metadata, owner.meta().uid.as_deref()) => Ok(s
             .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
             .collect()),
         Some(_) => Err(OwnedSecretError::NotOwned(name.to_string())),
     }
@@ -151,13 +153,12 @@ where
 
 /// A Secret named in a spec; under `require_label` only one carrying [`REFERABLE_LABEL`].
 pub async fn read_referenced(
-    client: &Client,
+    store: &SecretStore,
     namespace: &str,
     name: &str,
     require_label: bool,
 ) -> Result<SecretData, SecretError> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    match api.get_opt(name).await {
+    match store.get(namespace, name).await {
         Ok(Some(secret)) if !is_referable(&secret.metadata, require_label) => {
             Err(SecretError::NotReferable(name.to_string()))
         }
@@ -168,14 +169,18 @@ pub async fn read_referenced(
 }
 
 /// A Secret the operator itself reads by name (its own generated Secrets).
-pub async fn read(client: &Client, namespace: &str, name: &str) -> Result<SecretData, SecretError> {
-    read_referenced(client, namespace, name, false).await
+pub async fn read(
+    store: &SecretStore,
+    namespace: &str,
+    name: &str,
+) -> Result<SecretData, SecretError> {
+    read_referenced(store, namespace, name, false).await
 }
 
 /// Returns the value under `key` of the Secret `name` owned by `owner`, creating the
 /// Secret with `generate()` when it or the key is missing. Existing keys are kept.
 pub async fn ensure_generated<K>(
-    client: &Client,
+    store: &SecretStore,
     owner: &K,
     name: &str,
     key: &str,
@@ -184,20 +189,20 @@ pub async fn ensure_generated<K>(
 where
     K: Resource<DynamicType = ()>,
 {
-    let mut data = read_owned(client, owner, name).await?;
+    let mut data = read_owned(store, owner, name).await?;
     if let Some(value) = data.get(key) {
         return Ok(value.clone());
     }
     let value = generate();
     data.insert(key.to_string(), value.clone());
-    write_owned(client, owner, name, &data).await?;
+    write_owned(store, owner, name, &data).await?;
     Ok(value)
 }
 
 /// Creates or replaces the owned Secret `name` with exactly `data`. Callers have read it
 /// with [`read_owned`] first, which refuses a Secret someone else owns.
 pub async fn write_owned<K>(
-    client: &Client,
+    store: &SecretStore,
     owner: &K,
     name: &str,
     data: &BTreeMap<String, Vec<u8>>,
@@ -206,7 +211,7 @@ where
     K: Resource<DynamicType = ()>,
 {
     let namespace = owner.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let api: Api<Secret> = Api::namespaced(store.client.clone(), &namespace);
     let metadata = ObjectMeta {
         name: Some(name.to_string()),
         namespace: Some(namespace),
@@ -221,19 +226,106 @@ where
         .iter()
         .map(|(k, v)| (k.clone(), ByteString(v.clone())))
         .collect();
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": metadata,
-            "data": data,
-            "type": "Opaque",
-        })),
-    )
-    .await?;
+    let written = api
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": metadata,
+                "data": data,
+                "type": "Opaque",
+            })),
+        )
+        .await?;
+    store.remember(written);
     Ok(())
+}
+
+/// How the leader's passes read Secrets: a GET, unless this store read (or wrote) the
+/// Secret at the very resourceVersion the shared Secret watch holds now. The watch carries
+/// metadata only (values stay out of the operator's caches until a pass needs them), so
+/// the resourceVersion is what tells a kept copy is still the Secret's current content.
+/// A pass is triggered by a Secret change only after the watch has recorded it, so a
+/// pass never reads a value older than the change that started it.
+///
+/// Without it, every pass of every subscription GETs its credentials Secret, which
+/// thousands of subscriptions share.
+pub struct SecretStore {
+    client: Client,
+    watched: Mutex<Option<watches::Cache<PartialObjectMeta<Secret>>>>,
+    /// (namespace, name) → the Secret as last read or written; values only, no annotations.
+    kept: Mutex<HashMap<(String, String), Arc<Secret>>>,
+}
+
+impl SecretStore {
+    /// A store that GETs every read until [`SecretStore::watch`] gives it the watch.
+    pub fn new(client: Client) -> Self {
+        SecretStore {
+            client,
+            watched: Mutex::default(),
+            kept: Mutex::default(),
+        }
+    }
+
+    /// Validates kept copies against `watch` from now on (the leader's shared watch).
+    pub fn watch(&self, watch: watches::Cache<PartialObjectMeta<Secret>>) {
+        *self.watched.lock().expect("secret store lock") = Some(watch);
+        self.kept.lock().expect("secret store lock").clear();
+    }
+
+    /// The Secret `namespace/name`, or `None` when it does not exist.
+    pub async fn get(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Arc<Secret>>, kube::Error> {
+        let key = (namespace.to_string(), name.to_string());
+        if let Some(kept) = self.current(&key) {
+            return Ok(Some(kept));
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        match api.get_opt(name).await? {
+            Some(secret) => Ok(Some(self.remember(secret))),
+            None => {
+                self.kept.lock().expect("secret store lock").remove(&key);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The kept copy of `key` if the watch holds the same resourceVersion.
+    fn current(&self, key: &(String, String)) -> Option<Arc<Secret>> {
+        let watched = self.watched.lock().expect("secret store lock").clone()?;
+        let version = watched.get(&key.0, &key.1)??.resource_version()?;
+        let kept = self
+            .kept
+            .lock()
+            .expect("secret store lock")
+            .get(key)?
+            .clone();
+        (kept.resource_version().as_deref() == Some(version.as_str())).then_some(kept)
+    }
+
+    fn remember(&self, mut secret: Secret) -> Arc<Secret> {
+        // Neither is read; `last-applied-configuration` may hold the values a second time.
+        secret.metadata.annotations = None;
+        secret.metadata.managed_fields = None;
+        let secret = Arc::new(secret);
+        let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+        self.kept
+            .lock()
+            .expect("secret store lock")
+            .insert(key, secret.clone());
+        secret
+    }
+
+    /// How many Secrets are kept (for tests).
+    #[cfg(test)]
+    pub fn kept(&self) -> usize {
+        self.kept.lock().expect("secret store lock").len()
+    }
 }
 
 fn owner_reference<K: Resource<DynamicType = ()>>(owner: &K) -> Option<OwnerReference> {
@@ -281,5 +373,109 @@ mod tests {
         assert!(!is_referable(&meta(None, None), true));
         assert!(!is_referable(&meta(None, Some("false")), true));
         assert!(is_referable(&meta(None, Some("true")), true));
+    }
+
+    /// A loopback stand-in for the API server's Secret GET: counts the GETs and answers
+    /// the Secret at the resourceVersion `version` holds (404 when it is empty).
+    async fn api_server(
+        version: Arc<Mutex<String>>,
+    ) -> (Client, Arc<std::sync::atomic::AtomicU64>) {
+        use axum::extract::Path;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let gets = Arc::new(AtomicU64::new(0));
+        let counted = gets.clone();
+        let app = axum::Router::new().route(
+            "/api/v1/namespaces/{ns}/secrets/{name}",
+            axum::routing::get(move |Path((ns, name)): Path<(String, String)>| {
+                let (gets, version) = (counted.clone(), version.clone());
+                async move {
+                    gets.fetch_add(1, Ordering::SeqCst);
+                    let rv = version.lock().unwrap().clone();
+                    if rv.is_empty() {
+                        let status = serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                            "status": "Failure", "reason": "NotFound", "code": 404});
+                        return (axum::http::StatusCode::NOT_FOUND, axum::Json(status));
+                    }
+                    use base64::Engine;
+                    let value = base64::engine::general_purpose::STANDARD.encode(format!("value-{rv}"));
+                    (
+                        axum::http::StatusCode::OK,
+                        axum::Json(serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                            "metadata": {"name": name, "namespace": ns, "resourceVersion": rv,
+                                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+                            "data": {"k": value}})),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let config = kube::Config::new(url.parse().unwrap());
+        (Client::try_from(config).unwrap(), gets)
+    }
+
+    fn watched(rv: &str) -> PartialObjectMeta<Secret> {
+        let mut meta = PartialObjectMeta::<Secret>::default();
+        meta.metadata.name = Some("creds".into());
+        meta.metadata.namespace = Some("ns".into());
+        meta.metadata.resource_version = Some(rv.into());
+        meta
+    }
+
+    #[tokio::test]
+    async fn a_kept_secret_is_read_again_only_when_the_watch_moves_past_it() {
+        use kube::runtime::{reflector, watcher};
+        use std::sync::atomic::Ordering;
+        let version = Arc::new(Mutex::new("1".to_string()));
+        let (client, gets) = api_server(version.clone()).await;
+        let store = SecretStore::new(client);
+        let value = |s: &SecretData| s.get_string("k").unwrap();
+
+        // No watch yet (a follower's start, a test context): every read is a GET.
+        read(&store, "ns", "creds").await.unwrap();
+        read(&store, "ns", "creds").await.unwrap();
+        assert_eq!(gets.load(Ordering::SeqCst), 2);
+
+        let (cache, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Apply(watched("1")));
+        store.watch(watches::Cache::listed(cache));
+        // The first read keeps the copy; while the watch holds its version, no more GETs.
+        let first = read(&store, "ns", "creds").await.unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                value(&read(&store, "ns", "creds").await.unwrap()),
+                "value-1"
+            );
+        }
+        assert_eq!(value(&first), "value-1");
+        assert_eq!(gets.load(Ordering::SeqCst), 3);
+        // Nothing read but the data: no annotation (it may repeat the values) is kept.
+        let kept = store.get("ns", "creds").await.unwrap().unwrap();
+        assert!(kept.metadata.annotations.is_none());
+
+        // The Secret changes: the watch sees version 2 before any pass it triggers, and
+        // the next read fetches the new value once.
+        *version.lock().unwrap() = "2".into();
+        writer.apply_watcher_event(&watcher::Event::Apply(watched("2")));
+        assert_eq!(
+            value(&read(&store, "ns", "creds").await.unwrap()),
+            "value-2"
+        );
+        assert_eq!(
+            value(&read(&store, "ns", "creds").await.unwrap()),
+            "value-2"
+        );
+        assert_eq!(gets.load(Ordering::SeqCst), 4);
+
+        // Deleted: the watch drops it, a read finds nothing and keeps nothing.
+        version.lock().unwrap().clear();
+        writer.apply_watcher_event(&watcher::Event::Delete(watched("2")));
+        assert!(matches!(
+            read(&store, "ns", "creds").await,
+            Err(SecretError::NotFound(_))
+        ));
+        assert_eq!(store.kept(), 0);
+        assert_eq!(gets.load(Ordering::SeqCst), 5);
     }
 }

@@ -143,7 +143,7 @@ async fn verification_keys(
     };
     let mut fetched = build::Fetched::default();
     fetched
-        .read_owned(&ctx.client, sub, &secret)
+        .read_owned(&ctx.secrets, sub, &secret)
         .await
         .map_err(|e| e.to_string())?;
     build::verification_keys(sub, &fetched)

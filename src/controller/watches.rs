@@ -91,6 +91,7 @@ where
         };
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
+            .modify(slim)
             .reflect_shared(writer);
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -115,6 +116,19 @@ where
     }
 }
 
+/// Drops what no reader uses and what would make the caches grow with every write:
+/// the managed fields (one entry per field manager and subresource) and kubectl's copy
+/// of the last applied object (a Secret's values a second time, for a metadata watch).
+fn slim<K: Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// A kind's cache as readers other than its controller see it.
 #[derive(Clone)]
 pub struct Cache<K: Resource<DynamicType = ()> + Clone + 'static> {
@@ -123,6 +137,15 @@ pub struct Cache<K: Resource<DynamicType = ()> + Clone + 'static> {
 }
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> Cache<K> {
+    /// A cache over `store` whose first list is in, for tests.
+    #[cfg(test)]
+    pub fn listed(store: Store<K>) -> Self {
+        Cache {
+            store,
+            ready: watch::channel(true).1,
+        }
+    }
+
     /// The object as the cache holds it, or `None` while the first list is not in.
     pub fn get(&self, namespace: &str, name: &str) -> Option<Option<Arc<K>>> {
         (*self.ready.borrow()).then(|| self.store.get(&ObjectRef::new(name).within(namespace)))

@@ -133,7 +133,8 @@ pub(super) async fn read_credentials(
         return Err(CredentialsError::NotSet);
     };
     let secret =
-        secrets::read_referenced(&ctx.client, ns, &r.name, ctx.config.require_secret_label).await?;
+        secrets::read_referenced(&ctx.secrets, ns, &r.name, ctx.config.require_secret_label)
+            .await?;
     let creds = match spec.provider {
         Provider::Atomic => Credentials {
             api_key: None,

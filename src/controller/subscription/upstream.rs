@@ -75,7 +75,7 @@ pub(super) async fn sync(
     if sub.spec.provider == Provider::Atllas {
         let secret_name = sub.atllas_header_secret_name();
         let value =
-            secrets::ensure_generated(&ctx.client, sub, &secret_name, HEADER_VALUE_KEY, || {
+            secrets::ensure_generated(&ctx.secrets, sub, &secret_name, HEADER_VALUE_KEY, || {
                 hex::encode(secrets::random_secret()).into_bytes()
             })
             .await?;
@@ -132,7 +132,7 @@ pub(super) async fn sync(
                 // A changed provider secret (Atomic replacement, Smallest re-read) is
                 // accepted in old and new form for the endpoint's rotation window.
                 let secret_name = sub.provider_signing_secret_name();
-                let owned = secrets::read_owned(&ctx.client, sub, &secret_name).await?;
+                let owned = secrets::read_owned(&ctx.secrets, sub, &secret_name).await?;
                 let decision = rotation::decide(
                     &owned,
                     secret.as_bytes(),
@@ -142,7 +142,7 @@ pub(super) async fn sync(
                 let mut next = decision.stored.clone();
                 next.insert(SIGNING_SECRET_KEY.into(), secret.as_bytes().to_vec());
                 if next != owned {
-                    secrets::write_owned(&ctx.client, sub, &secret_name, &next).await?;
+                    secrets::write_owned(&ctx.secrets, sub, &secret_name, &next).await?;
                 }
                 if decision.rotated {
                     publish(ctx, sub, EventType::Normal, "ProviderSecretRotated", "Sync", "the provider's signing secret changed; the old one is accepted during the overlap window".into()).await;
