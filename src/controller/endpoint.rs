@@ -498,6 +498,28 @@ async fn rotate(
     Ok(decision.overlap_ends)
 }
 
+/// What a subscription's pass reads of its endpoint, as one value that moves only when
+/// that does: which object it is, its spec (the generation), its deletion, and whether it
+/// is Ready at which ingress URL. Delivery figures and the other status fields do not
+/// move it.
+pub fn what_subscribers_read(ep: &WebhookEndpoint) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ep.metadata.uid.hash(&mut h);
+    ep.metadata.generation.hash(&mut h);
+    ep.metadata.deletion_timestamp.is_some().hash(&mut h);
+    let status = ep.status.as_ref();
+    status.and_then(|s| s.ingress_url.as_deref()).hash(&mut h);
+    status
+        .is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == types::READY && c.status == "True")
+        })
+        .hash(&mut h);
+    Some(h.finish())
+}
+
 /// Subscriptions that receive on this endpoint (to re-check them when it changes).
 pub fn subscribers<'a>(
     ep_ns: &'a str,
@@ -541,6 +563,50 @@ mod tests {
                 .as_deref(),
             Some("r1")
         );
+    }
+
+    #[test]
+    fn subscribers_are_re_checked_only_when_what_they_read_of_the_endpoint_moves() {
+        let spec = serde_json::json!({"destination": {"service": {"name": "sink", "port": 8080}}});
+        let base: WebhookEndpoint =
+            super::super::test_support::object("WebhookEndpoint", "a", "orders", spec);
+        let with = |f: &dyn Fn(&mut WebhookEndpoint)| {
+            let mut ep = base.clone();
+            ep.status = Some(
+                serde_json::from_value(serde_json::json!({
+                    "ingressUrl": "https://h.example/hooks/t",
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "Ready",
+                        "message": "", "lastTransitionTime": "2026-11-25T00:00:00Z"}],
+                }))
+                .unwrap(),
+            );
+            f(&mut ep);
+            what_subscribers_read(&ep)
+        };
+        let ready = with(&|_| {});
+        // Delivery figures and other status fields: no pass for the subscribers.
+        assert_eq!(
+            ready,
+            with(&|ep| {
+                let st = ep.status.as_mut().unwrap();
+                st.delivery = Some(Default::default());
+                st.delivery.as_mut().unwrap().delivered = 1000;
+                st.last_handled_replay_at = Some("r".into());
+            })
+        );
+        // What the subscriptions read: each moves the value.
+        let moved: [&dyn Fn(&mut WebhookEndpoint); 5] = [
+            &|ep| ep.metadata.generation = Some(2),
+            &|ep| ep.metadata.uid = Some("another".into()),
+            &|ep| ep.metadata.deletion_timestamp = Some(conditions::now()),
+            &|ep| {
+                ep.status.as_mut().unwrap().ingress_url = Some("https://h.example/hooks/u".into())
+            },
+            &|ep| ep.status.as_mut().unwrap().conditions[0].status = "False".into(),
+        ];
+        for change in moved {
+            assert_ne!(ready, with(change));
+        }
     }
 
     #[test]

@@ -253,11 +253,16 @@ where
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     // One watch per kind for everything below; every trigger subscribes before it starts.
     let mut watches = watches::Watches::new();
-    let endpoint_changes = changes(watches.endpoints.subscribe());
-    let subscription_changes = changes(watches.subscriptions.subscribe());
+    let endpoint_changes = changes(watches.endpoints.subscribe(), user_changes);
+    let subscription_changes = changes(watches.subscriptions.subscribe(), user_changes);
     // The cache subscriptions read their endpoint from is the one the watch fills before
-    // it triggers them, so a pass an endpoint change starts sees that change.
-    let endpoints_for_subscriptions = watches.endpoints.subscribe();
+    // it triggers them, so a pass an endpoint change starts sees that change. Only what
+    // a subscription reads of its endpoint triggers it: an endpoint's delivery figures
+    // move every few seconds under load, and thousands of subscriptions may share it.
+    let endpoints_for_subscriptions = changes(
+        watches.endpoints.subscribe(),
+        endpoint::what_subscribers_read,
+    );
     let secrets_for_subscriptions = watches.secrets.subscribe();
     let secrets_for_endpoints = watches.secrets.subscribe();
     let generated_secrets = watches.secrets.subscribe().filter(|s| {
@@ -342,26 +347,30 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     tokio::join!(endpoints, subscriptions, refresher);
 }
 
-/// A kind's objects as its controller's trigger: what the user changes (the spec, which
-/// moves the generation, and deletion), the request annotations and the finalizers; never
-/// the controller's own status writes. A status write that re-triggered its own pass
-/// would write again whenever delivery numbers move, once per pass instead of once per
-/// refresh period ([`refresh_status`] asks for those).
+/// What the user changes (the spec, which moves the generation, and deletion), the
+/// request annotations and the finalizers; never the controller's own status writes. A
+/// status write that re-triggered its own pass would write again whenever delivery
+/// numbers move, once per pass instead of once per refresh period ([`refresh_status`]
+/// asks for those).
+fn user_changes<K: Resource>(obj: &K) -> Option<u64> {
+    use kube::runtime::{Predicate, predicates};
+    predicates::generation
+        .combine(predicates::annotations)
+        .combine(predicates::finalizers)
+        .hash_property(obj)
+}
+
+/// A kind's objects as a trigger: only those whose `predicate` value moved.
 fn changes<K>(
     objects: impl futures::Stream<Item = Arc<K>> + Send + 'static,
+    predicate: fn(&K) -> Option<u64>,
 ) -> impl futures::Stream<Item = Arc<K>> + Send + 'static
 where
     K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    use kube::runtime::{Predicate, predicates};
     objects
         .map(|obj| Ok::<K, watcher::Error>((*obj).clone()))
-        .predicate_filter(
-            predicates::generation
-                .combine(predicates::annotations)
-                .combine(predicates::finalizers),
-            Default::default(),
-        )
+        .predicate_filter(predicate, Default::default())
         .filter_map(|obj| std::future::ready(obj.ok().map(Arc::new)))
 }
 
