@@ -28,13 +28,13 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::build::{self, SecretRead};
 use super::routes::{EndpointKey, IngressRoutes};
-use super::secrets::{OwnedSecretError, SecretData, SecretError};
+use super::secrets::{OwnedSecretError, SecretData, SecretError, SecretStore};
 use super::watches::Watches;
 use super::{Context, isolation, secrets as secret_rules};
 use crate::api::{Provider, WebhookEndpoint, WebhookSubscription};
@@ -42,39 +42,36 @@ use crate::inbound::VerificationKeys;
 
 /// The Secrets route sync reads: metadata of all (a watch), data of the needed ones only.
 pub struct SecretCache {
-    api_client: kube::Client,
     meta: Store<PartialObjectMeta<Secret>>,
-    data: HashMap<(String, String), Secret>,
+    data: HashMap<(String, String), Arc<Secret>>,
     require_label: bool,
 }
 
 impl SecretCache {
-    /// Drops what is no longer `needed`; GETs a needed Secret whose resourceVersion moved.
-    async fn refresh(&mut self, needed: &std::collections::HashSet<(String, String)>) {
+    /// Drops what is no longer `needed`, and what the watch says is gone; reads a needed
+    /// Secret through `store`, which GETs it only when its resourceVersion moved.
+    async fn refresh(
+        &mut self,
+        store: &SecretStore,
+        needed: &std::collections::HashSet<(String, String)>,
+    ) {
         self.data.retain(|k, _| needed.contains(k));
         for (ns, name) in needed {
-            let seen = self
+            let key = (ns.clone(), name.clone());
+            if self
                 .meta
                 .get(&reflector::ObjectRef::new(name).within(ns))
-                .and_then(|m| m.resource_version());
-            let Some(seen) = seen else {
-                self.data.remove(&(ns.clone(), name.clone()));
-                continue;
-            };
-            let cached = self
-                .data
-                .get(&(ns.clone(), name.clone()))
-                .and_then(|s| s.resource_version());
-            if cached.as_deref() == Some(seen.as_str()) {
+                .is_none()
+            {
+                self.data.remove(&key);
                 continue;
             }
-            let api: Api<Secret> = Api::namespaced(self.api_client.clone(), ns);
-            match api.get_opt(name).await {
+            match store.get(ns, name).await {
                 Ok(Some(s)) => {
-                    self.data.insert((ns.clone(), name.clone()), s);
+                    self.data.insert(key, s);
                 }
                 Ok(None) => {
-                    self.data.remove(&(ns.clone(), name.clone()));
+                    self.data.remove(&key);
                 }
                 Err(e) => {
                     tracing::warn!(namespace = %ns, name = %name, error = %e, "route sync: reading a Secret failed")
@@ -84,7 +81,9 @@ impl SecretCache {
     }
 
     fn get(&self, ns: &str, name: &str) -> Option<&Secret> {
-        self.data.get(&(ns.to_string(), name.to_string()))
+        self.data
+            .get(&(ns.to_string(), name.to_string()))
+            .map(|s| &**s)
     }
 }
 
@@ -167,7 +166,6 @@ impl Caches {
             endpoints: watches.endpoints.store.clone(),
             subscriptions: watches.subscriptions.store.clone(),
             secrets: SecretCache {
-                api_client: ctx.client.clone(),
                 meta: watches.secrets.store.clone(),
                 data: HashMap::new(),
                 require_label: ctx.config.require_secret_label,
@@ -178,7 +176,9 @@ impl Caches {
     /// Reads the Secrets the objects need now and brings the data plane in step.
     async fn sync(&mut self, ctx: &Context, applied: &mut Applied) {
         let (eps, subs) = (self.endpoints.state(), self.subscriptions.state());
-        self.secrets.refresh(&needed_secrets(&eps, &subs)).await;
+        self.secrets
+            .refresh(&ctx.secrets, &needed_secrets(&eps, &subs))
+            .await;
         sync_once(ctx, &eps, &subs, &self.secrets, applied);
     }
 }
@@ -199,6 +199,7 @@ pub async fn prime(ctx: &Context, watches: &Watches, shutdown: &CancellationToke
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut watches = Watches::new();
     watches.start(&ctx, &shutdown);
+    ctx.secrets.watch(watches.secrets.cache());
     let Some(mut caches) = Caches::ready(&ctx, &watches, &shutdown).await else {
         return;
     };
