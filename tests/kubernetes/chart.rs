@@ -384,6 +384,25 @@ async fn lint_and_template_pass_and_the_api_server_accepts_every_object() {
 }
 
 #[tokio::test]
+async fn the_atlas_list_path_value_reaches_the_operator_flag() {
+    let workload = |extra: &[&str]| {
+        let objs = objects(&render("atlas", "default", extra));
+        let sts = find(&objs, "StatefulSet")[0].clone();
+        let value = env_value(container(&sts), "WEBHOOK_OPERATOR_ATLAS_LIST_PATH");
+        value.map(str::to_owned)
+    };
+    // Unset, the binary's own default applies.
+    assert_eq!(workload(&[]), None);
+    assert_eq!(
+        workload(&[
+            "--set",
+            "operator.providers.atlasListPath=/v2/triggers/list"
+        ]),
+        Some("/v2/triggers/list".to_owned())
+    );
+}
+
+#[tokio::test]
 async fn values_schema_refuses_wrong_values() {
     let chart = chart_dir();
     let chart = chart.to_str().unwrap();
@@ -391,7 +410,7 @@ async fn values_schema_refuses_wrong_values() {
     let out = helm(&["template", "ok", chart]);
     assert!(out.status.success(), "{}", text(&out));
 
-    let bad: [(&[&str], &str); 5] = [
+    let bad: [(&[&str], &str); 6] = [
         (
             &["--set-json", "queue.jetstream.replicas=\"three\""],
             "replicas",
@@ -400,6 +419,10 @@ async fn values_schema_refuses_wrong_values() {
         (&["--set-json", "operator.logJSON=\"yes\""], "logJSON"),
         (&["--set", "queue.mode=jetstream"], "natsURL"),
         (&["--set", "servicee.port=80"], "servicee"),
+        (
+            &["--set", "operator.providers.atlasListPath=no-slash"],
+            "atlasListPath",
+        ),
     ];
     for (args, field) in bad {
         let mut all = vec!["template", "bad", chart];

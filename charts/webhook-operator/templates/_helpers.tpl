@@ -128,6 +128,10 @@ spec:
         - name: WEBHOOK_OPERATOR_ATLAS_API_URL
           value: {{ . | quote }}
         {{- end }}
+        {{- with $op.providers.atlasListPath }}
+        - name: WEBHOOK_OPERATOR_ATLAS_LIST_PATH
+          value: {{ . | quote }}
+        {{- end }}
         {{- with $op.providers.atomicAPIURL }}
         - name: WEBHOOK_OPERATOR_ATOMIC_API_URL
           value: {{ . | quote }}
