@@ -26,7 +26,7 @@ use webhook_operator::health::{HealthConfig, HealthThresholds};
 use webhook_operator::inbound::{
     InboundEvent, InboundParser, InboundRequest, Parsed, Rejection, VerificationKeys,
 };
-use webhook_operator::queue::{RedbQueue, RedbQueueOptions};
+use webhook_operator::queue::{EnqueueOutcome, NewEvent, Queue, RedbQueue, RedbQueueOptions};
 
 const NEW_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 const OLD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -675,6 +675,65 @@ async fn exhausted_events_are_dead_lettered_then_replayed() {
         9,
         "dead letters are not retried"
     );
+    verify_all(&h.consumer.requests());
+}
+
+/// The queue holds only a window of ready events in memory; a restart with a backlog
+/// many windows long refills it from the file and still delivers each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_the_memory_window_is_delivered_exactly_once_after_reopen() {
+    const N: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let consumer = Consumer::start().await;
+    let key = EndpointKey::new("apps", "orders");
+    let config = test_config(dir.path(), consumer.addr);
+    let options = RedbQueueOptions {
+        window: 16,
+        ..RedbQueueOptions::default()
+    };
+    let stored: HashSet<String> = {
+        let q = RedbQueue::open(&config.queue_path, options.clone()).unwrap();
+        let now = std::time::SystemTime::now();
+        let events = (0..N)
+            .map(|i| NewEvent {
+                endpoint: key.clone(),
+                subscription: "calls".into(),
+                event_type: "call_completed".into(),
+                dedupe_key: format!("b{i}"),
+                payload: Bytes::from(ev(&format!("b{i}"), "call_completed").to_string()),
+                // Out of order, so that the file's order by due time is what leases follow.
+                received: now - Duration::from_millis(((i * 7919) % N) as u64),
+                traceparent: None,
+            })
+            .collect();
+        let out = q.enqueue(events).await.unwrap();
+        out.into_iter()
+            .map(|o| match o {
+                EnqueueOutcome::Accepted { id } => id,
+                EnqueueOutcome::Duplicate => panic!("no duplicates were sent"),
+            })
+            .collect()
+    };
+    assert_eq!(stored.len(), N);
+
+    let queue = Arc::new(RedbQueue::open(&config.queue_path, options).unwrap());
+    assert_eq!(
+        queue.depth().pending,
+        N as u64,
+        "counts come back from the file"
+    );
+    let dp = DataPlane::with_queue(config, Arc::new(TestParser), queue).unwrap();
+    let h = Harness::wire(dp, endpoint(&key, service(), fast_policy()), consumer, dir).await;
+    wait_for(
+        "the whole backlog delivered",
+        Duration::from_secs(60),
+        || h.consumer.requests().len() >= N && h.dp.queue_depth(&h.key) == Default::default(),
+    )
+    .await;
+    let ids = h.consumer.ids();
+    let delivered: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(ids.len(), N, "each event exactly once");
+    assert_eq!(delivered, stored, "every stored event, by its webhook-id");
     verify_all(&h.consumer.requests());
 }
 
