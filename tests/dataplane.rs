@@ -225,6 +225,7 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         headers: vec![("x-consumer-key".into(), "consumer-secret".into())],
         event_types: vec![],
         max_queued_events: None,
+        max_queued_bytes: None,
         format: Default::default(),
         filter: None,
     }
@@ -676,6 +677,60 @@ async fn exhausted_events_are_dead_lettered_then_replayed() {
         "dead letters are not retried"
     );
     verify_all(&h.consumer.requests());
+}
+
+/// An endpoint's `maxQueuedBytes`: at the bound the ingress answers 503 with Retry-After,
+/// counts it, and says so in the endpoint's health; what it acknowledged is all delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_bound_refuses_with_503_and_keeps_what_it_accepted() {
+    let h = Harness::start(|_, ep| ep.max_queued_bytes = Some(4096)).await;
+    h.consumer.set_status(503);
+    let big = "x".repeat(1000);
+    let mut accepted = 0;
+    let refused = loop {
+        let body = serde_json::json!({"type": "call_completed", "id": format!("big{accepted}"), "data": big});
+        let r = h
+            .http
+            .post(format!("http://{}/hooks/{TOKEN}/calls", h.ingress))
+            .header("x-test-secret", PROVIDER_SECRET)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        if r.status() != StatusCode::OK {
+            break r;
+        }
+        accepted += 1;
+        assert!(accepted < 10, "4 KiB of 1 KiB events never hit the bound");
+    };
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(accepted, 4, "four 1 KiB events (with metadata) reach 4 KiB");
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("reason=\"endpoint_bytes_backlogged\"} 1"),
+        "{metrics}"
+    );
+    let health = h.dp.endpoint_health(&h.key).unwrap();
+    assert_eq!(health.verdict.reason, "Backlogged");
+    assert!(
+        health
+            .verdict
+            .message
+            .contains("bytes waiting for this endpoint"),
+        "{}",
+        health.verdict.message
+    );
+    h.consumer.set_status(200);
+    wait_for(
+        "every accepted event delivered",
+        Duration::from_secs(20),
+        || h.dp.queue_depth(&h.key) == Default::default(),
+    )
+    .await;
+    let ids: HashSet<String> = h.consumer.ids().into_iter().collect();
+    assert_eq!(ids.len(), accepted, "nothing accepted was dropped");
 }
 
 /// The queue holds only a window of ready events in memory; a restart with a backlog

@@ -55,6 +55,14 @@ pub struct WebhookEndpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_queued_events: Option<u64>,
+    /// Most bytes that may wait for this endpoint: the stored size of its waiting events
+    /// (payload plus about 100 bytes of metadata each). At the bound the ingress answers
+    /// 503 with `Retry-After` and the `Healthy` condition is `False` with reason
+    /// `Backlogged`. Absent: the operator's `--max-endpoint-queued-bytes`. Counted by the
+    /// embedded queue only (with JetStream, the stream's `maxBytes` bounds the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_queued_bytes: Option<u64>,
     /// The shape of a delivery: `default` (the provider payload as the body, Standard
     /// Webhooks headers) or `cloudevents` (CloudEvents 1.0 HTTP binary mode: `ce-id`,
     /// `ce-source`, `ce-type`, `ce-specversion`, `ce-time` headers, the provider payload as

@@ -88,6 +88,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                 headers: ep.headers.clone(),
                 event_types: ep.spec.event_types.iter().map(|e| e.0.clone()).collect(),
                 max_queued_events: ep.spec.max_queued_events,
+                max_queued_bytes: ep.spec.max_queued_bytes,
                 format: ep.spec.format,
                 filter: ep
                     .spec

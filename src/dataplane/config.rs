@@ -43,6 +43,11 @@ pub struct DataPlaneConfig {
     pub max_queued_events: u64,
     /// Events that may wait for one endpoint unless its spec says otherwise. Zero: unbounded.
     pub max_endpoint_queued_events: u64,
+    /// Stored bytes that may wait across all endpoints (embedded queue). Zero: unbounded.
+    pub max_queued_bytes: u64,
+    /// Stored bytes that may wait for one endpoint unless its spec says otherwise. Zero:
+    /// unbounded.
+    pub max_endpoint_queued_bytes: u64,
     /// Free space the embedded queue's filesystem keeps; below it the ingress answers 503.
     /// Zero: not checked.
     pub min_free_disk_bytes: u64,
@@ -72,6 +77,8 @@ impl Default for DataPlaneConfig {
             shutdown_grace: Duration::from_secs(10),
             max_queued_events: 1_000_000,
             max_endpoint_queued_events: 100_000,
+            max_queued_bytes: 512 * 1024 * 1024,
+            max_endpoint_queued_bytes: 128 * 1024 * 1024,
             min_free_disk_bytes: 64 * 1024 * 1024,
             max_concurrent_requests: 1024,
             body_read_timeout: Duration::from_secs(10),
@@ -97,6 +104,8 @@ pub struct EndpointConfig {
     pub event_types: Vec<String>,
     /// Most events that may wait for this endpoint; `None`: the data plane's default.
     pub max_queued_events: Option<u64>,
+    /// Most stored bytes that may wait for this endpoint; `None`: the data plane's default.
+    pub max_queued_bytes: Option<u64>,
     /// How deliveries are shaped (`spec.format`).
     pub format: DeliveryFormat,
     /// `spec.filter`, compiled.
@@ -121,6 +130,7 @@ impl std::fmt::Debug for EndpointConfig {
             )
             .field("event_types", &self.event_types)
             .field("max_queued_events", &self.max_queued_events)
+            .field("max_queued_bytes", &self.max_queued_bytes)
             .field("format", &self.format)
             .field("filter", &self.filter)
             .finish()

@@ -69,12 +69,16 @@ pub struct EndpointRoute {
     pub metrics: EndpointMetrics,
     /// The endpoint's own bound on waiting events, if it sets one.
     pub max_queued_events: Option<u64>,
+    /// The endpoint's own bound on waiting bytes, if it sets one.
+    pub max_queued_bytes: Option<u64>,
 }
+
+/// Token, event types, own bounds on waiting events and bytes.
+type DesiredEndpoint = (String, Vec<String>, Option<u64>, Option<u64>);
 
 #[derive(Default)]
 struct Desired {
-    /// Token, event types, own bound on waiting events.
-    endpoints: HashMap<EndpointKey, (String, Vec<String>, Option<u64>)>,
+    endpoints: HashMap<EndpointKey, DesiredEndpoint>,
     subscriptions: HashMap<EndpointKey, HashMap<String, SubscriptionRoute>>,
     counters: HashMap<(EndpointKey, String), Arc<SubscriptionCounters>>,
 }
@@ -136,6 +140,7 @@ impl RouteTable {
                 ep.token.clone(),
                 ep.event_types.clone(),
                 ep.max_queued_events,
+                ep.max_queued_bytes,
             ),
         );
         self.rebuild(&mut d, &ep.key);
@@ -179,7 +184,9 @@ impl RouteTable {
     }
 
     fn rebuild(&self, d: &mut Desired, key: &EndpointKey) {
-        let Some((token, types, max_queued_events)) = d.endpoints.get(key).cloned() else {
+        let Some((token, types, max_queued_events, max_queued_bytes)) =
+            d.endpoints.get(key).cloned()
+        else {
             return;
         };
         let mut subscriptions = HashMap::new();
@@ -204,6 +211,7 @@ impl RouteTable {
             subscriptions,
             metrics: self.metrics.endpoint(key),
             max_queued_events,
+            max_queued_bytes,
         });
         let mut table = self.by_token.write().expect("routes lock");
         // A token change leaves the old one unroutable.

@@ -52,6 +52,7 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
         }],
         event_types: vec![EventTypeName("call_completed".into())],
         max_queued_events: Some(5000),
+        max_queued_bytes: Some(64 * 1024 * 1024),
         format: Default::default(),
         filter: None,
     }
@@ -234,6 +235,12 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, serde_json::Value, &'stat
             "WebhookEndpoint",
             json!({"destination": {"url": https}, "maxQueuedEvents": 0}),
             "spec.maxQueuedEvents",
+        ),
+        (
+            "a byte bound of zero",
+            "WebhookEndpoint",
+            json!({"destination": {"url": https}, "maxQueuedBytes": 0}),
+            "spec.maxQueuedBytes",
         ),
         (
             "timeout out of range",
