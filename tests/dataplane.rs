@@ -26,6 +26,7 @@ use webhook_operator::health::{HealthConfig, HealthThresholds};
 use webhook_operator::inbound::{
     InboundEvent, InboundParser, InboundRequest, Parsed, Rejection, VerificationKeys,
 };
+use webhook_operator::ingress::RateLimit;
 use webhook_operator::queue::{EnqueueOutcome, NewEvent, Queue, RedbQueue, RedbQueueOptions};
 
 const NEW_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
@@ -226,6 +227,7 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         event_types: vec![],
         max_queued_events: None,
         max_queued_bytes: None,
+        ingress_rate_limit: None,
         format: Default::default(),
         filter: None,
     }
@@ -677,6 +679,60 @@ async fn exhausted_events_are_dead_lettered_then_replayed() {
         "dead letters are not retried"
     );
     verify_all(&h.consumer.requests());
+}
+
+/// `spec.ingressRateLimit`: past the burst the ingress answers 429 with Retry-After and
+/// counts it; once a token is back, requests are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_rate_limit_answers_429_past_the_burst() {
+    let h = Harness::start(|_, ep| {
+        ep.ingress_rate_limit = Some(RateLimit {
+            per_second: 2,
+            burst: 3,
+        })
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        statuses.push(h.post(ev(&format!("r{i}"), "call_completed")).await.0);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429, 429],
+        "the burst, then refusals"
+    );
+    let r = h
+        .http
+        .post(format!("http://{}/hooks/{TOKEN}/calls", h.ingress))
+        .header("x-test-secret", PROVIDER_SECRET)
+        .body(ev("r5", "call_completed").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("webhook_operator_requests_rejected_total{reason=\"rate_limited\"} 3"),
+        "{metrics}"
+    );
+    // Two tokens a second: within a second or so one is back.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let status = h.post(ev("r6", "call_completed")).await.0;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(Instant::now() < deadline, "no token came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(
+        "the accepted events delivered",
+        Duration::from_secs(10),
+        || h.consumer.ids().len() == 4,
+    )
+    .await;
 }
 
 /// An endpoint's `maxQueuedBytes`: at the bound the ingress answers 503 with Retry-After,

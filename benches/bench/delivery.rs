@@ -376,6 +376,7 @@ pub async fn run(concurrency: usize, duration: Duration) -> anyhow::Result<Deliv
         headers: vec![],
         max_queued_events: None,
         max_queued_bytes: None,
+        ingress_rate_limit: None,
         event_types: vec![],
         format: Default::default(),
         filter: None,

@@ -11,6 +11,7 @@ use crate::delivery::filter::Filter;
 use crate::delivery::{AddressPolicy, Destination, Policy, SigningSecret};
 use crate::health::HealthConfig;
 use crate::inbound::VerificationKeys;
+use crate::ingress::RateLimit;
 use crate::queue::EndpointKey;
 
 /// Data plane settings. `Default` gives production values; tests shorten the timings.
@@ -106,6 +107,8 @@ pub struct EndpointConfig {
     pub max_queued_events: Option<u64>,
     /// Most stored bytes that may wait for this endpoint; `None`: the data plane's default.
     pub max_queued_bytes: Option<u64>,
+    /// Requests per second the ingress takes for this endpoint (`spec.ingressRateLimit`).
+    pub ingress_rate_limit: Option<RateLimit>,
     /// How deliveries are shaped (`spec.format`).
     pub format: DeliveryFormat,
     /// `spec.filter`, compiled.
@@ -131,6 +134,7 @@ impl std::fmt::Debug for EndpointConfig {
             .field("event_types", &self.event_types)
             .field("max_queued_events", &self.max_queued_events)
             .field("max_queued_bytes", &self.max_queued_bytes)
+            .field("ingress_rate_limit", &self.ingress_rate_limit)
             .field("format", &self.format)
             .field("filter", &self.filter)
             .finish()

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
+use super::Bucket;
 use crate::api::Provider;
 use crate::dataplane::{EndpointConfig, SubscriptionRoute};
 use crate::inbound::VerificationKeys;
@@ -71,6 +72,8 @@ pub struct EndpointRoute {
     pub max_queued_events: Option<u64>,
     /// The endpoint's own bound on waiting bytes, if it sets one.
     pub max_queued_bytes: Option<u64>,
+    /// The endpoint's ingress rate limit, if it sets one.
+    pub rate_limit: Option<Arc<Bucket>>,
 }
 
 /// Token, event types, own bounds on waiting events and bytes.
@@ -81,6 +84,8 @@ struct Desired {
     endpoints: HashMap<EndpointKey, DesiredEndpoint>,
     subscriptions: HashMap<EndpointKey, HashMap<String, SubscriptionRoute>>,
     counters: HashMap<(EndpointKey, String), Arc<SubscriptionCounters>>,
+    /// Kept across route rebuilds so that a spec change elsewhere does not refill it.
+    buckets: HashMap<EndpointKey, Arc<Bucket>>,
 }
 
 pub struct RouteTable {
@@ -143,11 +148,21 @@ impl RouteTable {
                 ep.max_queued_bytes,
             ),
         );
+        match ep.ingress_rate_limit {
+            Some(l) if d.buckets.get(&ep.key).is_some_and(|b| b.limit() == l) => {}
+            Some(l) => {
+                d.buckets.insert(ep.key.clone(), Arc::new(Bucket::new(l)));
+            }
+            None => {
+                d.buckets.remove(&ep.key);
+            }
+        }
         self.rebuild(&mut d, &ep.key);
     }
 
     pub fn remove_endpoint(&self, key: &EndpointKey) {
         let mut d = self.desired.lock().expect("routes lock");
+        d.buckets.remove(key);
         if let Some((token, ..)) = d.endpoints.remove(key) {
             self.by_token.write().expect("routes lock").remove(&token);
         }
@@ -212,6 +227,7 @@ impl RouteTable {
             metrics: self.metrics.endpoint(key),
             max_queued_events,
             max_queued_bytes,
+            rate_limit: d.buckets.get(key).cloned(),
         });
         let mut table = self.by_token.write().expect("routes lock");
         // A token change leaves the old one unroutable.

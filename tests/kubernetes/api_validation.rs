@@ -53,6 +53,10 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
         event_types: vec![EventTypeName("call_completed".into())],
         max_queued_events: Some(5000),
         max_queued_bytes: Some(64 * 1024 * 1024),
+        ingress_rate_limit: Some(IngressRateLimit {
+            requests_per_second: 50,
+            burst: Some(200),
+        }),
         format: Default::default(),
         filter: None,
     }
@@ -241,6 +245,12 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, serde_json::Value, &'stat
             "WebhookEndpoint",
             json!({"destination": {"url": https}, "maxQueuedBytes": 0}),
             "spec.maxQueuedBytes",
+        ),
+        (
+            "a rate limit of zero requests per second",
+            "WebhookEndpoint",
+            json!({"destination": {"url": https}, "ingressRateLimit": {"requestsPerSecond": 0}}),
+            "spec.ingressRateLimit.requestsPerSecond",
         ),
         (
             "timeout out of range",
