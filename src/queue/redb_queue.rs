@@ -14,9 +14,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-
-mod disk_index;
-use disk_index::Effect;
 use tokio::sync::oneshot;
 
 use super::index::Index;
@@ -25,6 +22,9 @@ use super::{
     EndpointKey, EnqueueOutcome, NewEvent, Queue, QueueDepth, QueueError, QueuedEvent, Receipt,
     ReplayFilter, from_millis, to_millis,
 };
+
+mod disk_index;
+use disk_index::Effect;
 
 /// seq → encoded [`Record`].
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
