@@ -9,7 +9,10 @@
 
 use std::collections::HashMap;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 
 use super::super::EndpointKey;
 use super::super::index::{Counts, Slot};
@@ -25,6 +28,8 @@ const DEAD: TableDefinition<(&str, u64), (u64, u64)> = TableDefinition::new("dea
 const COUNTS: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("endpoint_counts");
 
 const META_FORMAT: &str = "index_format";
+/// Records the last indexing pass could not read (they are in no count).
+const META_SKIPPED: &str = "index_skipped";
 /// 1: no index tables (the first versions); 2: this index.
 const FORMAT: u64 = 2;
 /// Records indexed per transaction when an older file is upgraded.
@@ -266,15 +271,40 @@ pub(super) fn all_seqs(db: &Database, key: &EndpointKey) -> Result<Vec<u64>, Que
 }
 
 /// Indexes a file written before the index existed; returns the next free seq. A file
-/// already indexed is left alone.
+/// already indexed is left alone when its counts add up to its records (an O(1) check:
+/// a file a previous version wrote to after an upgrade, say by a rollback, is indexed
+/// again).
 pub(super) fn upgrade(db: &Database) -> Result<u64, QueueError> {
-    let format = {
+    let (format, consistent) = {
         let txn = db.begin_read().map_err(storage)?;
         let meta = txn.open_table(META).map_err(storage)?;
-        meta.get(META_FORMAT).map_err(storage)?.map(|v| v.value())
+        let format = meta.get(META_FORMAT).map_err(storage)?.map(|v| v.value());
+        let skipped = meta
+            .get(META_SKIPPED)
+            .map_err(storage)?
+            .map_or(0, |v| v.value());
+        let records = txn
+            .open_table(EVENTS)
+            .map_err(storage)?
+            .len()
+            .map_err(storage)?;
+        let mut counted = skipped;
+        for item in txn
+            .open_table(COUNTS)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
+            let (waiting, _, dead) = item.map_err(storage)?.1.value();
+            counted += waiting + dead;
+        }
+        (format, counted == records)
     };
-    if format == Some(FORMAT) {
+    if format == Some(FORMAT) && consistent {
         return Ok(0);
+    }
+    if format.is_some() {
+        tracing::warn!("the queue file's counts do not match its events; indexing it again");
     }
     // Start clean: a pass a crash interrupted may have indexed some records.
     let txn = db.begin_write().map_err(storage)?;
@@ -285,6 +315,7 @@ pub(super) fn upgrade(db: &Database) -> Result<u64, QueueError> {
     txn.commit().map_err(storage)?;
     let mut from = 0u64;
     let mut indexed = 0u64;
+    let mut skipped = 0u64;
     loop {
         let txn = db.begin_write().map_err(storage)?;
         let mut last = None;
@@ -300,6 +331,7 @@ pub(super) fn upgrade(db: &Database) -> Result<u64, QueueError> {
                 last = Some(seq);
                 let Some(rec) = Record::decode(v.value()) else {
                     tracing::warn!(seq, "skipping an unreadable queue record");
+                    skipped += 1;
                     continue;
                 };
                 let id = endpoint_id(&EndpointKey::new(rec.namespace, rec.name));
@@ -329,6 +361,7 @@ pub(super) fn upgrade(db: &Database) -> Result<u64, QueueError> {
             if last.is_none() {
                 let mut meta = txn.open_table(META).map_err(storage)?;
                 meta.insert(META_FORMAT, FORMAT).map_err(storage)?;
+                meta.insert(META_SKIPPED, skipped).map_err(storage)?;
             }
         }
         txn.commit().map_err(storage)?;
