@@ -107,6 +107,22 @@ pub struct LimitArgs {
         default_value_t = 100_000
     )]
     pub max_endpoint_queued_events: u64,
+    /// Stored bytes of the events that may wait across all endpoints (embedded queue;
+    /// 0: unbounded).
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_MAX_QUEUED_BYTES",
+        default_value_t = 512 * 1024 * 1024
+    )]
+    pub max_queued_bytes: u64,
+    /// Stored bytes of the events that may wait for one endpoint, unless its
+    /// `spec.maxQueuedBytes` says otherwise (embedded queue; 0: unbounded).
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_MAX_ENDPOINT_QUEUED_BYTES",
+        default_value_t = 128 * 1024 * 1024
+    )]
+    pub max_endpoint_queued_bytes: u64,
     /// Free bytes the embedded queue's filesystem keeps; below, new events get 503 (0: off).
     #[arg(long, env = "WEBHOOK_OPERATOR_MIN_FREE_DISK_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub min_free_disk_bytes: u64,
@@ -343,6 +359,8 @@ impl OperatorConfig {
             },
             max_queued_events: self.limits.max_queued_events,
             max_endpoint_queued_events: self.limits.max_endpoint_queued_events,
+            max_queued_bytes: self.limits.max_queued_bytes,
+            max_endpoint_queued_bytes: self.limits.max_endpoint_queued_bytes,
             min_free_disk_bytes: self.limits.min_free_disk_bytes,
             max_concurrent_requests: self.limits.max_concurrent_requests,
             body_read_timeout: self.limits.body_read_timeout,

@@ -26,7 +26,8 @@ use webhook_operator::health::{HealthConfig, HealthThresholds};
 use webhook_operator::inbound::{
     InboundEvent, InboundParser, InboundRequest, Parsed, Rejection, VerificationKeys,
 };
-use webhook_operator::queue::{RedbQueue, RedbQueueOptions};
+use webhook_operator::ingress::RateLimit;
+use webhook_operator::queue::{EnqueueOutcome, NewEvent, Queue, RedbQueue, RedbQueueOptions};
 
 const NEW_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 const OLD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -236,6 +237,8 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         headers: vec![("x-consumer-key".into(), "consumer-secret".into())],
         event_types: vec![],
         max_queued_events: None,
+        max_queued_bytes: None,
+        ingress_rate_limit: None,
         format: Default::default(),
         filter: None,
     }
@@ -692,6 +695,174 @@ async fn exhausted_events_are_dead_lettered_then_replayed() {
         9,
         "dead letters are not retried"
     );
+    verify_all(&h.consumer.requests());
+}
+
+/// `spec.ingressRateLimit`: past the burst the ingress answers 429 with Retry-After and
+/// counts it; once a token is back, requests are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_rate_limit_answers_429_past_the_burst() {
+    let h = Harness::start(|_, ep| {
+        ep.ingress_rate_limit = Some(RateLimit {
+            per_second: 2,
+            burst: 3,
+        })
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        statuses.push(h.post(ev(&format!("r{i}"), "call_completed")).await.0);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429, 429],
+        "the burst, then refusals"
+    );
+    let r = h
+        .http
+        .post(format!("http://{}/hooks/{TOKEN}/calls", h.ingress))
+        .header("x-test-secret", PROVIDER_SECRET)
+        .body(ev("r5", "call_completed").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("webhook_operator_requests_rejected_total{reason=\"rate_limited\"} 3"),
+        "{metrics}"
+    );
+    // Two tokens a second: within a second or so one is back.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let status = h.post(ev("r6", "call_completed")).await.0;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(Instant::now() < deadline, "no token came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(
+        "the accepted events delivered",
+        Duration::from_secs(10),
+        || h.consumer.ids().len() == 4,
+    )
+    .await;
+}
+
+/// An endpoint's `maxQueuedBytes`: at the bound the ingress answers 503 with Retry-After,
+/// counts it, and says so in the endpoint's health; what it acknowledged is all delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_bound_refuses_with_503_and_keeps_what_it_accepted() {
+    let h = Harness::start(|_, ep| ep.max_queued_bytes = Some(4096)).await;
+    h.consumer.set_status(503);
+    let big = "x".repeat(1000);
+    let mut accepted = 0;
+    let refused = loop {
+        let body = serde_json::json!({"type": "call_completed", "id": format!("big{accepted}"), "data": big});
+        let r = h
+            .http
+            .post(format!("http://{}/hooks/{TOKEN}/calls", h.ingress))
+            .header("x-test-secret", PROVIDER_SECRET)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        if r.status() != StatusCode::OK {
+            break r;
+        }
+        accepted += 1;
+        assert!(accepted < 10, "4 KiB of 1 KiB events never hit the bound");
+    };
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(accepted, 4, "four 1 KiB events (with metadata) reach 4 KiB");
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("reason=\"endpoint_bytes_backlogged\"} 1"),
+        "{metrics}"
+    );
+    let health = h.dp.endpoint_health(&h.key).unwrap();
+    assert_eq!(health.verdict.reason, "Backlogged");
+    assert!(
+        health
+            .verdict
+            .message
+            .contains("bytes waiting for this endpoint"),
+        "{}",
+        health.verdict.message
+    );
+    h.consumer.set_status(200);
+    wait_for(
+        "every accepted event delivered",
+        Duration::from_secs(20),
+        || h.dp.queue_depth(&h.key) == Default::default(),
+    )
+    .await;
+    let ids: HashSet<String> = h.consumer.ids().into_iter().collect();
+    assert_eq!(ids.len(), accepted, "nothing accepted was dropped");
+}
+
+/// The queue holds only a window of ready events in memory; a restart with a backlog
+/// many windows long refills it from the file and still delivers each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_the_memory_window_is_delivered_exactly_once_after_reopen() {
+    const N: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let consumer = Consumer::start().await;
+    let key = EndpointKey::new("apps", "orders");
+    let config = test_config(dir.path(), consumer.addr);
+    let options = RedbQueueOptions {
+        window: 16,
+        ..RedbQueueOptions::default()
+    };
+    let stored: HashSet<String> = {
+        let q = RedbQueue::open(&config.queue_path, options.clone()).unwrap();
+        let now = std::time::SystemTime::now();
+        let events = (0..N)
+            .map(|i| NewEvent {
+                endpoint: key.clone(),
+                subscription: "calls".into(),
+                event_type: "call_completed".into(),
+                dedupe_key: format!("b{i}"),
+                payload: Bytes::from(ev(&format!("b{i}"), "call_completed").to_string()),
+                // Out of order, so that the file's order by due time is what leases follow.
+                received: now - Duration::from_millis(((i * 7919) % N) as u64),
+                traceparent: None,
+                headers: String::new(),
+            })
+            .collect();
+        let out = q.enqueue(events).await.unwrap();
+        out.into_iter()
+            .map(|o| match o {
+                EnqueueOutcome::Accepted { id } => id,
+                EnqueueOutcome::Duplicate => panic!("no duplicates were sent"),
+            })
+            .collect()
+    };
+    assert_eq!(stored.len(), N);
+
+    let queue = Arc::new(RedbQueue::open(&config.queue_path, options).unwrap());
+    assert_eq!(
+        queue.depth().pending,
+        N as u64,
+        "counts come back from the file"
+    );
+    let dp = DataPlane::with_queue(config, Arc::new(TestParser), queue).unwrap();
+    let h = Harness::wire(dp, endpoint(&key, service(), fast_policy()), consumer, dir).await;
+    wait_for(
+        "the whole backlog delivered",
+        Duration::from_secs(60),
+        || h.consumer.requests().len() >= N && h.dp.queue_depth(&h.key) == Default::default(),
+    )
+    .await;
+    let ids = h.consumer.ids();
+    let delivered: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(ids.len(), N, "each event exactly once");
+    assert_eq!(delivered, stored, "every stored event, by its webhook-id");
     verify_all(&h.consumer.requests());
 }
 

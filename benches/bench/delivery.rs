@@ -375,6 +375,8 @@ pub async fn run(concurrency: usize, duration: Duration) -> anyhow::Result<Deliv
         signing_secrets: vec![SigningSecret::parse(b"bench-delivery-signing-secret")?],
         headers: vec![],
         max_queued_events: None,
+        max_queued_bytes: None,
+        ingress_rate_limit: None,
         event_types: vec![],
         format: Default::default(),
         filter: None,

@@ -8,7 +8,7 @@
 //! cargo bench --bench bench -- --smoke      # CI: 2 s per phase, 50 subscriptions
 //! ```
 //! Flags: `--smoke`, `--seconds N`, `--concurrency N`, `--subscriptions N`,
-//! `--only delivery|reconcile`, `--out FILE`. `BENCH_SMOKE=1` is the same as `--smoke`.
+//! `--only delivery|reconcile|backlog`, `--out FILE`. `BENCH_SMOKE=1` is the same as `--smoke`.
 //! Smoke runs write `target/BENCHMARKS.smoke.md` unless `--out` says otherwise.
 
 /// A general-purpose allocator that keeps small, short-lived allocations (one request,
@@ -16,6 +16,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod backlog;
 mod delivery;
 mod reconcile;
 
@@ -36,6 +37,7 @@ struct Opts {
     subscriptions: usize,
     delivery: bool,
     reconcile: bool,
+    backlog: bool,
     out: PathBuf,
     args: Vec<String>,
 }
@@ -56,6 +58,7 @@ fn opts() -> anyhow::Result<Opts> {
         subscriptions: if smoke { 50 } else { 10_000 },
         delivery: true,
         reconcile: true,
+        backlog: true,
         out: if smoke {
             root.join("target/BENCHMARKS.smoke.md")
         } else {
@@ -77,9 +80,10 @@ fn opts() -> anyhow::Result<Opts> {
             "--subscriptions" => o.subscriptions = value()?.parse()?,
             "--out" => o.out = value()?.into(),
             "--only" => match value()?.as_str() {
-                "delivery" => o.reconcile = false,
-                "reconcile" => o.delivery = false,
-                other => anyhow::bail!("--only delivery|reconcile, not {other}"),
+                "delivery" => (o.reconcile, o.backlog) = (false, false),
+                "reconcile" => (o.delivery, o.backlog) = (false, false),
+                "backlog" => (o.delivery, o.reconcile) = (false, false),
+                other => anyhow::bail!("--only delivery|reconcile|backlog, not {other}"),
             },
             other => anyhow::bail!("unknown argument {other}"),
         }
@@ -151,6 +155,7 @@ fn report(
     o: &Opts,
     d: Option<&delivery::DeliveryResults>,
     r: Option<&reconcile::ReconcileResults>,
+    b: Option<&backlog::BacklogResults>,
 ) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{BEGIN}");
@@ -234,8 +239,47 @@ fn report(
     if let Some(r) = r {
         r.report(&mut s);
     }
+    if let Some(b) = b {
+        backlog_report(&mut s, b);
+    }
     let _ = writeln!(s, "{END}");
     s
+}
+
+fn backlog_report(s: &mut String, b: &backlog::BacklogResults) {
+    let _ = writeln!(
+        s,
+        "### Restart with a backlog (embedded queue, 1 KiB events, a tenth dead-lettered; reopened in a child process)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| stored events | file MiB | fill s | start to first lease s | peak RSS MiB | counted after reopen |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for r in &b.rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.1} | {:.2} | {:.1} | {} |",
+            r.events, r.file_mib, r.fill_seconds, r.serving_seconds, r.rss_peak_mib, r.counted
+        );
+    }
+    let _ = writeln!(s, "\n| target | measured | |\n|---|---|---|");
+    if let Some(big) = b.rows.iter().max_by_key(|r| r.events) {
+        let _ = writeln!(
+            s,
+            "| serving within seconds after a restart with {} events | {:.2} s | {} |",
+            big.events,
+            big.serving_seconds,
+            mark(big.serving_seconds <= 5.0)
+        );
+        let _ = writeln!(
+            s,
+            "| peak RSS inside the chart's 256 MiB limit | {:.1} MiB | {} |",
+            big.rss_peak_mib,
+            mark(big.rss_peak_mib <= 256.0)
+        );
+    }
+    s.push('\n');
 }
 
 /// Replaces the generated block of `path` (or appends one), keeping the rest.
@@ -256,6 +300,11 @@ fn write_report(path: &std::path::Path, block: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(i) = argv.iter().position(|a| a == backlog::CHILD_FLAG) {
+        let path = argv.get(i + 1).map(String::as_str).unwrap_or_default();
+        return backlog::child(path);
+    }
     if !std::env::args().any(|a| a == "--bench") && std::env::var_os("BENCH_SMOKE").is_none() {
         // `cargo test --all-targets` runs bench binaries without `--bench`: not a test.
         println!("benchmark: run it with `cargo bench --bench bench`");
@@ -272,7 +321,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let (d, r) = rt.block_on(async {
+    let (d, r, b) = rt.block_on(async {
         let d = if o.delivery {
             Some(delivery::run(o.concurrency, Duration::from_secs(o.seconds)).await?)
         } else {
@@ -288,9 +337,19 @@ fn main() -> anyhow::Result<()> {
         } else {
             None
         };
-        anyhow::Ok((d, r))
+        let b = if o.backlog {
+            let sizes: &[u64] = if o.smoke {
+                &[10_000]
+            } else {
+                &[100_000, 1_000_000]
+            };
+            Some(backlog::run(sizes).await?)
+        } else {
+            None
+        };
+        anyhow::Ok((d, r, b))
     })?;
-    let block = report(&o, d.as_ref(), r.as_ref());
+    let block = report(&o, d.as_ref(), r.as_ref(), b.as_ref());
     println!("{block}");
     write_report(&o.out, &block)?;
     eprintln!("bench: wrote {}", o.out.display());

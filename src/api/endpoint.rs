@@ -55,6 +55,19 @@ pub struct WebhookEndpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_queued_events: Option<u64>,
+    /// Most bytes that may wait for this endpoint: the stored size of its waiting events
+    /// (payload plus about 100 bytes of metadata each). At the bound the ingress answers
+    /// 503 with `Retry-After` and the `Healthy` condition is `False` with reason
+    /// `Backlogged`. Absent: the operator's `--max-endpoint-queued-bytes`. Counted by the
+    /// embedded queue only (with JetStream, the stream's `maxBytes` bounds the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_queued_bytes: Option<u64>,
+    /// A bound on how fast the ingress takes requests for this endpoint (all its
+    /// subscriptions together); requests above it are answered 429 with `Retry-After`
+    /// before their body is read. Absent: no rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_rate_limit: Option<IngressRateLimit>,
     /// The shape of a delivery: `default` (the provider payload as the body, Standard
     /// Webhooks headers) or `cloudevents` (CloudEvents 1.0 HTTP binary mode: `ce-id`,
     /// `ce-source`, `ce-type`, `ce-specversion`, `ce-time` headers, the provider payload as
@@ -71,6 +84,20 @@ pub struct WebhookEndpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub filter: Option<String>,
+}
+
+/// A token bucket over the ingress requests of one endpoint.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressRateLimit {
+    /// Sustained requests per second (1 to 100000).
+    #[schemars(range(min = 1, max = 100000))]
+    pub requests_per_second: u32,
+    /// Requests taken at once above the sustained rate (1 to 1000000); absent: one
+    /// second's worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub burst: Option<u32>,
 }
 
 /// How a delivery is shaped on the wire.

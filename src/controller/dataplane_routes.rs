@@ -88,6 +88,14 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                 headers: ep.headers.clone(),
                 event_types: ep.spec.event_types.iter().map(|e| e.0.clone()).collect(),
                 max_queued_events: ep.spec.max_queued_events,
+                max_queued_bytes: ep.spec.max_queued_bytes,
+                ingress_rate_limit: ep
+                    .spec
+                    .ingress_rate_limit
+                    .map(|l| crate::ingress::RateLimit {
+                        per_second: l.requests_per_second,
+                        burst: l.burst.unwrap_or(l.requests_per_second),
+                    }),
                 format: ep.spec.format,
                 filter: ep
                     .spec

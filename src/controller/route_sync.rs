@@ -25,10 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
-use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 

@@ -11,6 +11,7 @@ use crate::delivery::filter::Filter;
 use crate::delivery::{AddressPolicy, Destination, Policy, SigningSecret};
 use crate::health::HealthConfig;
 use crate::inbound::VerificationKeys;
+use crate::ingress::RateLimit;
 use crate::queue::EndpointKey;
 
 /// Data plane settings. `Default` gives production values; tests shorten the timings.
@@ -43,6 +44,11 @@ pub struct DataPlaneConfig {
     pub max_queued_events: u64,
     /// Events that may wait for one endpoint unless its spec says otherwise. Zero: unbounded.
     pub max_endpoint_queued_events: u64,
+    /// Stored bytes that may wait across all endpoints (embedded queue). Zero: unbounded.
+    pub max_queued_bytes: u64,
+    /// Stored bytes that may wait for one endpoint unless its spec says otherwise. Zero:
+    /// unbounded.
+    pub max_endpoint_queued_bytes: u64,
     /// Free space the embedded queue's filesystem keeps; below it the ingress answers 503.
     /// Zero: not checked.
     pub min_free_disk_bytes: u64,
@@ -74,6 +80,8 @@ impl Default for DataPlaneConfig {
             shutdown_grace: Duration::from_secs(10),
             max_queued_events: 1_000_000,
             max_endpoint_queued_events: 100_000,
+            max_queued_bytes: 512 * 1024 * 1024,
+            max_endpoint_queued_bytes: 128 * 1024 * 1024,
             min_free_disk_bytes: 64 * 1024 * 1024,
             max_concurrent_requests: 1024,
             body_read_timeout: Duration::from_secs(10),
@@ -100,6 +108,10 @@ pub struct EndpointConfig {
     pub event_types: Vec<String>,
     /// Most events that may wait for this endpoint; `None`: the data plane's default.
     pub max_queued_events: Option<u64>,
+    /// Most stored bytes that may wait for this endpoint; `None`: the data plane's default.
+    pub max_queued_bytes: Option<u64>,
+    /// Requests per second the ingress takes for this endpoint (`spec.ingressRateLimit`).
+    pub ingress_rate_limit: Option<RateLimit>,
     /// How deliveries are shaped (`spec.format`).
     pub format: DeliveryFormat,
     /// `spec.filter`, compiled.
@@ -124,6 +136,8 @@ impl std::fmt::Debug for EndpointConfig {
             )
             .field("event_types", &self.event_types)
             .field("max_queued_events", &self.max_queued_events)
+            .field("max_queued_bytes", &self.max_queued_bytes)
+            .field("ingress_rate_limit", &self.ingress_rate_limit)
             .field("format", &self.format)
             .field("filter", &self.filter)
             .finish()

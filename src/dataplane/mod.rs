@@ -111,6 +111,8 @@ impl DataPlane {
             limits: Limits {
                 max_queued_events: config.max_queued_events,
                 max_endpoint_queued_events: config.max_endpoint_queued_events,
+                max_queued_bytes: config.max_queued_bytes,
+                max_endpoint_queued_bytes: config.max_endpoint_queued_bytes,
                 disk,
                 retry_after: config.retry_after,
             },

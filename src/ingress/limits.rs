@@ -1,5 +1,5 @@
-//! Bounds the ingress keeps before it stores anything: how many events may wait in the
-//! queue (per endpoint and overall), how much disk the queue must leave free, and how many
+//! Bounds the ingress keeps before it stores anything: how many events and bytes may wait
+//! in the queue (per endpoint and overall), how much disk the queue must leave free, and how many
 //! requests are handled at once. A refusal is a 503 with `Retry-After`, counted in
 //! `webhook_operator_requests_rejected_total` by reason; an endpoint at its bound says so in
 //! its `Healthy` condition (reason `Backlogged`). Nothing already stored is ever dropped.
@@ -25,6 +25,10 @@ pub struct Limits {
     pub max_queued_events: u64,
     /// Events waiting for one endpoint, unless the endpoint sets its own.
     pub max_endpoint_queued_events: u64,
+    /// Stored bytes waiting across all endpoints (queues that count them).
+    pub max_queued_bytes: u64,
+    /// Stored bytes waiting for one endpoint, unless the endpoint sets its own.
+    pub max_endpoint_queued_bytes: u64,
     /// Free space the queue's filesystem must keep.
     pub disk: Option<DiskSpace>,
     /// The `Retry-After` of a refusal.
@@ -36,6 +40,8 @@ impl Default for Limits {
         Self {
             max_queued_events: 0,
             max_endpoint_queued_events: 0,
+            max_queued_bytes: 0,
+            max_endpoint_queued_bytes: 0,
             disk: None,
             retry_after: Duration::from_secs(5),
         }
@@ -47,6 +53,8 @@ impl Default for Limits {
 pub enum Full {
     Endpoint { waiting: u64, limit: u64 },
     Total { waiting: u64, limit: u64 },
+    EndpointBytes { waiting: u64, limit: u64 },
+    TotalBytes { waiting: u64, limit: u64 },
     Disk { free: u64, min_free: u64 },
 }
 
@@ -56,6 +64,8 @@ impl Full {
         match self {
             Full::Endpoint { .. } => "endpoint_backlogged",
             Full::Total { .. } => "queue_backlogged",
+            Full::EndpointBytes { .. } => "endpoint_bytes_backlogged",
+            Full::TotalBytes { .. } => "queue_bytes_backlogged",
             Full::Disk { .. } => "disk_low",
         }
     }
@@ -69,6 +79,12 @@ impl Full {
             Full::Total { waiting, limit } => {
                 format!("{waiting} events waiting in the queue of all endpoints (limit {limit})")
             }
+            Full::EndpointBytes { waiting, limit } => {
+                format!("{waiting} bytes waiting for this endpoint (limit {limit})")
+            }
+            Full::TotalBytes { waiting, limit } => {
+                format!("{waiting} bytes waiting in the queue of all endpoints (limit {limit})")
+            }
             Full::Disk { free, min_free } => {
                 format!("the queue's disk has {free} bytes free (minimum {min_free})")
             }
@@ -77,15 +93,15 @@ impl Full {
 }
 
 impl Limits {
-    /// The first bound an event for `key` would cross, if any. `endpoint_limit` is the
-    /// endpoint's own bound (its spec), else the default applies. The check reads counts
+    /// The first bound an event for `key` would cross, if any. `own` are the endpoint's
+    /// own bounds (its spec: events, bytes), else the defaults apply. The check reads counts
     /// the queue keeps in memory; concurrent requests may pass it together, so a bound can
     /// be exceeded by at most the requests in flight.
     pub fn check(
         &self,
         queue: &dyn Queue,
         key: &EndpointKey,
-        endpoint_limit: Option<u64>,
+        own: (Option<u64>, Option<u64>),
     ) -> Option<Full> {
         if let Some(disk) = &self.disk
             && let Some(free) = disk.free_bytes()
@@ -96,7 +112,7 @@ impl Limits {
                 min_free: disk.min_free,
             });
         }
-        let limit = endpoint_limit.unwrap_or(self.max_endpoint_queued_events);
+        let limit = own.0.unwrap_or(self.max_endpoint_queued_events);
         if limit > 0 {
             let d = queue.endpoint_depth(key);
             let waiting = d.pending + d.leased;
@@ -114,6 +130,22 @@ impl Limits {
                 });
             }
         }
+        let limit = own.1.unwrap_or(self.max_endpoint_queued_bytes);
+        if limit > 0
+            && let Some(waiting) = queue.waiting_bytes(Some(key))
+            && waiting >= limit
+        {
+            return Some(Full::EndpointBytes { waiting, limit });
+        }
+        if self.max_queued_bytes > 0
+            && let Some(waiting) = queue.waiting_bytes(None)
+            && waiting >= self.max_queued_bytes
+        {
+            return Some(Full::TotalBytes {
+                waiting,
+                limit: self.max_queued_bytes,
+            });
+        }
         None
     }
 }
@@ -121,9 +153,11 @@ impl Limits {
 /// Admits a request for `route` or answers it: 503 with `Retry-After` at a bound. Keeps the
 /// endpoint's `Backlogged` state in the health registry current either way.
 pub(super) fn admit(ing: &Ingress, route: &EndpointRoute) -> Option<Response> {
-    let full = ing
-        .limits
-        .check(&*ing.queue, &route.key, route.max_queued_events);
+    let full = ing.limits.check(
+        &*ing.queue,
+        &route.key,
+        (route.max_queued_events, route.max_queued_bytes),
+    );
     ing.health
         .set_backlog(&route.key, full.as_ref().map(Full::describe));
     let full = full?;
@@ -342,13 +376,88 @@ mod tests {
             (limits(4, 0), &b, None, None),
         ];
         for (i, (l, key, own, want)) in cases.into_iter().enumerate() {
-            assert_eq!(l.check(&q, key, own), want, "case {i}");
+            assert_eq!(l.check(&q, key, (own, None)), want, "case {i}");
         }
         let disk = Limits {
             disk: Some(DiskSpace::new(dir.path(), u64::MAX)),
             ..Limits::default()
         };
-        assert_eq!(disk.check(&q, &a, None).unwrap().label(), "disk_low");
+        assert_eq!(
+            disk.check(&q, &a, (None, None)).unwrap().label(),
+            "disk_low"
+        );
+    }
+
+    #[tokio::test]
+    async fn bounds_count_waiting_bytes_per_endpoint_and_overall() {
+        use crate::queue::{NewEvent, RedbQueue, RedbQueueOptions};
+        use std::time::SystemTime;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let a = EndpointKey::new("ns", "a");
+        let b = EndpointKey::new("ns", "b");
+        let ev = |k: &EndpointKey, id: &str, size: usize| NewEvent {
+            endpoint: k.clone(),
+            subscription: "s".into(),
+            event_type: "t".into(),
+            dedupe_key: id.into(),
+            payload: bytes::Bytes::from(vec![b'x'; size]),
+            received: SystemTime::now(),
+            traceparent: None,
+            headers: String::new(),
+        };
+        {
+            let q = RedbQueue::open(&path, RedbQueueOptions::default()).unwrap();
+            q.enqueue(vec![
+                ev(&a, "1", 4000),
+                ev(&a, "2", 4000),
+                ev(&b, "3", 1000),
+            ])
+            .await
+            .unwrap();
+        }
+        // Counted from the file after a restart, as the ingress sees them.
+        let q = RedbQueue::open(&path, RedbQueueOptions::default()).unwrap();
+        let (on_a, on_b) = (
+            q.waiting_bytes(Some(&a)).unwrap(),
+            q.waiting_bytes(Some(&b)).unwrap(),
+        );
+        assert!(
+            (8000..8600).contains(&on_a),
+            "{on_a}: payloads and metadata"
+        );
+        assert!((1000..1300).contains(&on_b), "{on_b}");
+        assert_eq!(q.waiting_bytes(None), Some(on_a + on_b));
+        let limits = |total, per| Limits {
+            max_queued_bytes: total,
+            max_endpoint_queued_bytes: per,
+            ..Limits::default()
+        };
+        let full_a = Some(Full::EndpointBytes {
+            waiting: on_a,
+            limit: on_a,
+        });
+        assert_eq!(limits(0, on_a).check(&q, &a, (None, None)), full_a);
+        assert_eq!(limits(0, on_a + 1).check(&q, &a, (None, None)), None);
+        assert_eq!(limits(0, on_a).check(&q, &b, (None, None)), None);
+        // The endpoint's own bound wins over the default, either way.
+        assert_eq!(limits(0, 1).check(&q, &a, (None, Some(on_a + 1))), None);
+        assert_eq!(
+            limits(0, 0).check(&q, &b, (None, Some(on_b))),
+            Some(Full::EndpointBytes {
+                waiting: on_b,
+                limit: on_b,
+            })
+        );
+        let total = limits(on_a + on_b, 0).check(&q, &b, (None, None)).unwrap();
+        assert_eq!(total.label(), "queue_bytes_backlogged");
+        assert!(total.describe().contains("bytes"), "{}", total.describe());
+        // Delivered events free their bytes: the bound lifts, nothing was dropped.
+        let leased = q.lease(&a, 1, SystemTime::now()).await.unwrap();
+        q.ack(&leased[0]).await.unwrap();
+        assert!(q.waiting_bytes(Some(&a)).unwrap() < on_a / 2 + 300);
+        assert_eq!(limits(0, on_a).check(&q, &a, (None, None)), None);
+        assert_eq!(q.endpoint_depth(&a).pending, 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod kept_headers;
 mod limits;
+mod rate;
 mod routes;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 
 pub use limits::{ConcurrencyLimit, DiskSpace, Full, Limits};
+pub use rate::{Bucket, RateLimit};
 pub use routes::{EndpointRoute, RouteTable, SubscriptionCounters};
 
 use crate::health::HealthRegistry;
@@ -123,6 +125,9 @@ async fn hook(
     let Some(sub) = route.subscriptions.get(&subscription) else {
         return unknown(&ing, "unknown_subscription");
     };
+    if let Some(refused) = rate::check(&ing, &route) {
+        return refused;
+    }
     if let Some(refused) = limits::admit(&ing, &route) {
         return refused;
     }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
+use super::Bucket;
 use crate::api::Provider;
 use crate::dataplane::{EndpointConfig, SubscriptionRoute};
 use crate::inbound::VerificationKeys;
@@ -71,14 +72,22 @@ pub struct EndpointRoute {
     pub max_queued_events: Option<u64>,
     /// Keep the provider's headers with events (the endpoint has a `spec.filter`).
     pub keep_headers: bool,
+    /// The endpoint's own bound on waiting bytes, if it sets one.
+    pub max_queued_bytes: Option<u64>,
+    /// The endpoint's ingress rate limit, if it sets one.
+    pub rate_limit: Option<Arc<Bucket>>,
 }
+
+/// Token, event types, own bounds on waiting events and bytes, whether headers are kept.
+type DesiredEndpoint = (String, Vec<String>, Option<u64>, Option<u64>, bool);
 
 #[derive(Default)]
 struct Desired {
-    /// Token, event types, own bound on waiting events, whether headers are kept.
-    endpoints: HashMap<EndpointKey, (String, Vec<String>, Option<u64>, bool)>,
+    endpoints: HashMap<EndpointKey, DesiredEndpoint>,
     subscriptions: HashMap<EndpointKey, HashMap<String, SubscriptionRoute>>,
     counters: HashMap<(EndpointKey, String), Arc<SubscriptionCounters>>,
+    /// Kept across route rebuilds so that a spec change elsewhere does not refill it.
+    buckets: HashMap<EndpointKey, Arc<Bucket>>,
 }
 
 pub struct RouteTable {
@@ -138,14 +147,25 @@ impl RouteTable {
                 ep.token.clone(),
                 ep.event_types.clone(),
                 ep.max_queued_events,
+                ep.max_queued_bytes,
                 ep.filter.is_some(),
             ),
         );
+        match ep.ingress_rate_limit {
+            Some(l) if d.buckets.get(&ep.key).is_some_and(|b| b.limit() == l) => {}
+            Some(l) => {
+                d.buckets.insert(ep.key.clone(), Arc::new(Bucket::new(l)));
+            }
+            None => {
+                d.buckets.remove(&ep.key);
+            }
+        }
         self.rebuild(&mut d, &ep.key);
     }
 
     pub fn remove_endpoint(&self, key: &EndpointKey) {
         let mut d = self.desired.lock().expect("routes lock");
+        d.buckets.remove(key);
         if let Some((token, ..)) = d.endpoints.remove(key) {
             self.by_token.write().expect("routes lock").remove(&token);
         }
@@ -182,7 +202,8 @@ impl RouteTable {
     }
 
     fn rebuild(&self, d: &mut Desired, key: &EndpointKey) {
-        let Some((token, types, max_queued_events, keep_headers)) = d.endpoints.get(key).cloned()
+        let Some((token, types, max_queued_events, max_queued_bytes, keep_headers)) =
+            d.endpoints.get(key).cloned()
         else {
             return;
         };
@@ -209,6 +230,8 @@ impl RouteTable {
             metrics: self.metrics.endpoint(key),
             max_queued_events,
             keep_headers,
+            max_queued_bytes,
+            rate_limit: d.buckets.get(key).cloned(),
         });
         let mut table = self.by_token.write().expect("routes lock");
         // A token change leaves the old one unroutable.

@@ -1,14 +1,19 @@
-//! The in-memory view of what the store holds: per endpoint, which events are due when,
-//! which are leased and which are dead. Rebuilt from the file on open, changed only by the
-//! writer after a commit, so a lease never sees an uncommitted event. Sharded per endpoint
-//! so that endpoints never contend with each other.
+//! The in-memory view of what the store holds, sized by work in flight rather than by
+//! history: per endpoint, counts (waiting events, their bytes, dead letters), the leased
+//! events, and a bounded *window* of the earliest due ready events. The file keeps the
+//! whole ready set ordered by (endpoint, due, seq); the window is refilled from it when it
+//! runs dry, so a restart with a million stored events loads counts, not events.
+//!
+//! Changed only by the writer after a commit, so a lease never sees an uncommitted event.
+//! A refill reads the file under [`Index::gate`]'s read side, which the writer holds from
+//! its commit until the commit's effects are applied: a refill sees either none or all of
+//! a commit's changes together with their effects. Sharded per endpoint so that endpoints
+//! never contend with each other.
 //!
 //! The index also keeps the records of ready events it was handed by the writer, up to a
-//! memory budget, so that a lease usually needs no read of the file: the writer just
-//! committed them. Records past the budget, and every record after a restart, are read
-//! from the file at lease time.
+//! memory budget, so that a lease usually needs no read of the file.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -17,21 +22,63 @@ use tokio::sync::Notify;
 use super::record::Record;
 use super::{EndpointKey, QueueDepth};
 
-#[derive(Clone, Copy, Debug)]
-pub(super) struct DeadMeta {
-    pub dead_ms: u64,
-    pub received_ms: u64,
+/// (due ms, seq): the order events are leased in.
+pub(super) type Slot = (u64, u64);
+
+/// Reads up to `max` ready slots of an endpoint from the file, in order, strictly after
+/// `after` (from the first when `None`).
+pub(super) type Loader =
+    Box<dyn Fn(&EndpointKey, Option<Slot>, usize) -> Result<Vec<Slot>, String> + Send + Sync>;
+
+/// Persisted per-endpoint counts, as the file holds them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Counts {
+    /// Waiting events: ready or leased.
+    pub waiting: u64,
+    /// Stored size of the waiting events.
+    pub bytes: u64,
+    pub dead: u64,
 }
 
-#[derive(Default)]
+/// What the window holds of the endpoint's ready slots in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loaded {
+    /// Every ready slot up to and including this one (none yet when `None`).
+    Upto(Option<Slot>),
+    /// Every ready slot.
+    All,
+}
+
+impl Loaded {
+    fn covers(self, slot: Slot) -> bool {
+        match self {
+            Loaded::All => true,
+            Loaded::Upto(u) => u.is_some_and(|u| slot <= u),
+        }
+    }
+}
+
 pub(super) struct EndpointIndex {
-    /// (due, seq): ordered so the earliest due comes first.
-    pub ready: BTreeSet<(u64, u64)>,
-    /// seq → due time it had, so a released lease goes back where it was.
-    pub leased: HashMap<u64, u64>,
-    pub dead: BTreeMap<u64, DeadMeta>,
-    /// seq → committed record of a ready event, within the index's memory budget.
+    window: BTreeSet<Slot>,
+    loaded: Loaded,
+    /// seq → the slot it was leased from, so a released lease goes back where it was.
+    leased: HashMap<u64, Slot>,
+    counts: Counts,
+    /// seq → committed record of a window event, within the index's memory budget.
     cached: HashMap<u64, Record>,
+}
+
+impl Default for EndpointIndex {
+    fn default() -> Self {
+        Self {
+            window: BTreeSet::new(),
+            // An endpoint the file had no counts for at open has nothing in the file.
+            loaded: Loaded::All,
+            leased: HashMap::new(),
+            counts: Counts::default(),
+            cached: HashMap::new(),
+        }
+    }
 }
 
 pub(super) struct Shard {
@@ -40,22 +87,37 @@ pub(super) struct Shard {
     pub notify: Notify,
 }
 
-#[derive(Default)]
 pub(super) struct Index {
     shards: RwLock<HashMap<EndpointKey, Arc<Shard>>>,
-    pending: AtomicU64,
+    waiting: AtomicU64,
+    bytes: AtomicU64,
     leased: AtomicU64,
     dead: AtomicU64,
     cached_bytes: AtomicU64,
     cache_budget: u64,
+    /// Most ready slots a window holds after a refill; it may grow to twice this before
+    /// its latest slots are dropped back to the file.
+    window: usize,
+    /// Held for reading by a refill, for writing by the writer from commit to effects.
+    pub gate: RwLock<()>,
+    loader: Loader,
 }
 
 impl Index {
-    /// An empty index that keeps at most `cache_budget` bytes of ready records in memory.
-    pub fn new(cache_budget: u64) -> Self {
+    /// An index that keeps at most `cache_budget` bytes of ready records and about
+    /// `window` ready slots per endpoint in memory, and refills from `loader`.
+    pub fn new(cache_budget: u64, window: usize, loader: Loader) -> Self {
         Self {
+            shards: RwLock::default(),
+            waiting: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            leased: AtomicU64::new(0),
+            dead: AtomicU64::new(0),
+            cached_bytes: AtomicU64::new(0),
             cache_budget,
-            ..Self::default()
+            window: window.max(1),
+            gate: RwLock::new(()),
+            loader,
         }
     }
 
@@ -80,6 +142,21 @@ impl Index {
         self.shards.read().expect("index lock").get(key).cloned()
     }
 
+    /// The counts the file holds for `key` at open.
+    pub fn load_counts(&self, key: &EndpointKey, c: Counts) {
+        {
+            let shard = self.shard(key);
+            let mut st = shard.state.lock().expect("shard lock");
+            st.counts = c;
+            if c.waiting > 0 {
+                st.loaded = Loaded::Upto(None);
+            }
+        }
+        self.waiting.fetch_add(c.waiting, Ordering::Relaxed);
+        self.bytes.fetch_add(c.bytes, Ordering::Relaxed);
+        self.dead.fetch_add(c.dead, Ordering::Relaxed);
+    }
+
     pub fn keys(&self) -> Vec<EndpointKey> {
         self.shards
             .read()
@@ -87,84 +164,209 @@ impl Index {
             .iter()
             .filter(|(_, s)| {
                 let st = s.state.lock().expect("shard lock");
-                !(st.ready.is_empty() && st.leased.is_empty() && st.dead.is_empty())
+                st.counts.waiting > 0 || st.counts.dead > 0
             })
             .map(|(k, _)| k.clone())
             .collect()
     }
 
-    /// An event is due at `due_ms`; its committed `record`, when given and within the
-    /// budget, is kept for the lease.
-    pub fn add_ready(&self, key: &EndpointKey, due_ms: u64, seq: u64, record: Option<Record>) {
+    /// Puts a ready slot into the window when the window covers it (otherwise the file
+    /// holds it until a refill); drops the window's latest slots past twice its size.
+    fn place(&self, st: &mut EndpointIndex, slot: Slot, record: Option<Record>) {
+        if !st.loaded.covers(slot) {
+            return;
+        }
+        st.window.insert(slot);
+        if let Some(rec) = record {
+            let weight = rec.weight();
+            let used = self.cached_bytes.fetch_add(weight, Ordering::Relaxed);
+            if used + weight <= self.cache_budget {
+                st.cached.insert(slot.1, rec);
+            } else {
+                self.cached_bytes.fetch_sub(weight, Ordering::Relaxed);
+            }
+        }
+        if st.window.len() > 2 * self.window {
+            while st.window.len() > self.window {
+                let Some((_, seq)) = st.window.pop_last() else {
+                    break;
+                };
+                self.uncache(st, seq);
+            }
+            st.loaded = Loaded::Upto(st.window.last().copied());
+        }
+    }
+
+    fn uncache(&self, st: &mut EndpointIndex, seq: u64) {
+        if let Some(r) = st.cached.remove(&seq) {
+            self.cached_bytes.fetch_sub(r.weight(), Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a ready slot out of the window or the leases, whichever holds it.
+    fn unplace(&self, st: &mut EndpointIndex, slot: Slot) {
+        if st.leased.remove(&slot.1).is_some() {
+            self.leased.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            st.window.remove(&slot);
+        }
+        self.uncache(st, slot.1);
+    }
+
+    fn add_counts(&self, st: &mut EndpointIndex, waiting: i64, bytes: i64, dead: i64) {
+        fn apply(n: &mut u64, total: &AtomicU64, d: i64) {
+            if d >= 0 {
+                *n += d as u64;
+                total.fetch_add(d as u64, Ordering::Relaxed);
+            } else {
+                let d = d.unsigned_abs().min(*n);
+                *n -= d;
+                total.fetch_sub(d, Ordering::Relaxed);
+            }
+        }
+        apply(&mut st.counts.waiting, &self.waiting, waiting);
+        apply(&mut st.counts.bytes, &self.bytes, bytes);
+        apply(&mut st.counts.dead, &self.dead, dead);
+    }
+
+    /// A new event of `bytes` stored bytes is due at `slot`.
+    pub fn added(&self, key: &EndpointKey, slot: Slot, bytes: u64, record: Option<Record>) {
         let shard = self.shard(key);
         {
             let mut st = shard.state.lock().expect("shard lock");
-            st.ready.insert((due_ms, seq));
-            if let Some(rec) = record {
-                let weight = rec.weight();
-                let used = self.cached_bytes.fetch_add(weight, Ordering::Relaxed);
-                if used + weight <= self.cache_budget {
-                    st.cached.insert(seq, rec);
-                } else {
-                    self.cached_bytes.fetch_sub(weight, Ordering::Relaxed);
-                }
-            }
+            self.add_counts(&mut st, 1, bytes as i64, 0);
+            self.place(&mut st, slot, record);
         }
-        self.pending.fetch_add(1, Ordering::Relaxed);
         shard.notify.notify_one();
     }
 
-    pub fn add_dead(&self, key: &EndpointKey, seq: u64, meta: DeadMeta) {
-        self.shard(key)
-            .state
-            .lock()
-            .expect("shard lock")
-            .dead
-            .insert(seq, meta);
-        self.dead.fetch_add(1, Ordering::Relaxed);
+    /// A waiting event at `slot` is gone (acked or purged).
+    pub fn removed(&self, key: &EndpointKey, slot: Slot, bytes: u64) {
+        let shard = self.shard(key);
+        let mut st = shard.state.lock().expect("shard lock");
+        self.unplace(&mut st, slot);
+        self.add_counts(&mut st, -1, -(bytes as i64), 0);
+    }
+
+    /// A waiting event moved from `old` to `new` and its stored size changed.
+    pub fn moved(&self, key: &EndpointKey, old: Slot, new: Slot, bytes: (u64, u64), rec: Record) {
+        let shard = self.shard(key);
+        {
+            let mut st = shard.state.lock().expect("shard lock");
+            self.unplace(&mut st, old);
+            self.add_counts(&mut st, 0, bytes.1 as i64 - bytes.0 as i64, 0);
+            self.place(&mut st, new, Some(rec));
+        }
+        shard.notify.notify_one();
+    }
+
+    /// A waiting event at `slot` became a dead letter.
+    pub fn died(&self, key: &EndpointKey, slot: Slot, bytes: u64) {
+        let shard = self.shard(key);
+        let mut st = shard.state.lock().expect("shard lock");
+        self.unplace(&mut st, slot);
+        self.add_counts(&mut st, -1, -(bytes as i64), 1);
+    }
+
+    /// A dead letter is waiting again at `slot` (replay).
+    pub fn revived(&self, key: &EndpointKey, slot: Slot, bytes: u64) {
+        let shard = self.shard(key);
+        {
+            let mut st = shard.state.lock().expect("shard lock");
+            self.add_counts(&mut st, 1, bytes as i64, -1);
+            self.place(&mut st, slot, None);
+        }
+        shard.notify.notify_one();
+    }
+
+    /// A dead letter was deleted (pruned or purged).
+    pub fn dead_removed(&self, key: &EndpointKey) {
+        let shard = self.shard(key);
+        let mut st = shard.state.lock().expect("shard lock");
+        self.add_counts(&mut st, 0, 0, -1);
+    }
+
+    /// Refills an empty window from the file; false when the file could not be read.
+    fn refill(&self, key: &EndpointKey, shard: &Shard) -> bool {
+        let _gate = self.gate.read().expect("index gate");
+        let after = {
+            let st = shard.state.lock().expect("shard lock");
+            match st.loaded {
+                Loaded::All => return true,
+                Loaded::Upto(_) if !st.window.is_empty() => return true,
+                Loaded::Upto(u) => u,
+            }
+        };
+        let slots = match (self.loader)(key, after, self.window) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, endpoint = %key, "reading ready events from the queue file failed");
+                return false;
+            }
+        };
+        let mut st = shard.state.lock().expect("shard lock");
+        st.loaded = if slots.len() < self.window {
+            Loaded::All
+        } else {
+            Loaded::Upto(slots.last().copied())
+        };
+        for slot in slots {
+            if !st.leased.contains_key(&slot.1) {
+                st.window.insert(slot);
+            }
+        }
+        true
+    }
+
+    /// The window of `key`, refilled first when it ran dry and the file holds more.
+    fn ready_shard(&self, key: &EndpointKey) -> Option<Arc<Shard>> {
+        let shard = self.existing_shard(key)?;
+        let dry = {
+            let st = shard.state.lock().expect("shard lock");
+            st.window.is_empty() && st.loaded != Loaded::All
+        };
+        if dry {
+            self.refill(key, &shard);
+        }
+        Some(shard)
     }
 
     /// Takes up to `max` due events into the leased set, with their records where cached.
     pub fn lease(&self, key: &EndpointKey, max: usize, now_ms: u64) -> Vec<(u64, Option<Record>)> {
-        let Some(shard) = self.existing_shard(key) else {
-            return Vec::new();
-        };
-        let mut st = shard.state.lock().expect("shard lock");
         let mut out = Vec::new();
-        while out.len() < max {
-            match st.ready.first() {
-                Some(&(due, seq)) if due <= now_ms => {
-                    st.ready.pop_first();
-                    st.leased.insert(seq, due);
-                    let rec = st.cached.remove(&seq);
-                    if let Some(r) = &rec {
-                        self.cached_bytes.fetch_sub(r.weight(), Ordering::Relaxed);
+        let Some(shard) = self.ready_shard(key) else {
+            return out;
+        };
+        loop {
+            {
+                let mut st = shard.state.lock().expect("shard lock");
+                while out.len() < max {
+                    match st.window.first() {
+                        Some(&(due, seq)) if due <= now_ms => {
+                            st.window.pop_first();
+                            st.leased.insert(seq, (due, seq));
+                            let rec = st.cached.remove(&seq);
+                            if let Some(r) = &rec {
+                                self.cached_bytes.fetch_sub(r.weight(), Ordering::Relaxed);
+                            }
+                            self.leased.fetch_add(1, Ordering::Relaxed);
+                            out.push((seq, rec));
+                        }
+                        _ => break,
                     }
-                    out.push((seq, rec));
                 }
-                _ => break,
+                let more = out.len() < max && st.window.is_empty() && st.loaded != Loaded::All;
+                if !more {
+                    return out;
+                }
+            }
+            // The window ran dry within this lease: the file may hold more due events.
+            if !self.refill(key, &shard)
+                || shard.state.lock().expect("shard lock").window.is_empty()
+            {
+                return out;
             }
         }
-        let n = out.len() as u64;
-        self.pending.fetch_sub(n, Ordering::Relaxed);
-        self.leased.fetch_add(n, Ordering::Relaxed);
-        out
-    }
-
-    /// Ends a lease; returns whether it existed.
-    pub fn unlease(&self, key: &EndpointKey, seq: u64) -> bool {
-        let removed = self.existing_shard(key).is_some_and(|s| {
-            s.state
-                .lock()
-                .expect("shard lock")
-                .leased
-                .remove(&seq)
-                .is_some()
-        });
-        if removed {
-            self.leased.fetch_sub(1, Ordering::Relaxed);
-        }
-        removed
     }
 
     /// Ends a lease without an attempt: the event is due again when it was.
@@ -173,105 +375,37 @@ impl Index {
             return false;
         };
         let mut st = shard.state.lock().expect("shard lock");
-        let Some(due) = st.leased.remove(&seq) else {
+        let Some(slot) = st.leased.remove(&seq) else {
             return false;
         };
-        st.ready.insert((due, seq));
-        drop(st);
         self.leased.fetch_sub(1, Ordering::Relaxed);
-        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.place(&mut st, slot, None);
+        drop(st);
         shard.notify.notify_one();
         true
     }
 
-    pub fn remove_dead(&self, key: &EndpointKey, seq: u64) -> bool {
-        let removed = self.existing_shard(key).is_some_and(|s| {
-            s.state
+    /// Ends a lease whose event turned out to be gone from the file.
+    pub fn forget_lease(&self, key: &EndpointKey, seq: u64) {
+        if let Some(s) = self.existing_shard(key)
+            && s.state
                 .lock()
                 .expect("shard lock")
-                .dead
+                .leased
                 .remove(&seq)
                 .is_some()
-        });
-        if removed {
-            self.dead.fetch_sub(1, Ordering::Relaxed);
+        {
+            self.leased.fetch_sub(1, Ordering::Relaxed);
         }
-        removed
-    }
-
-    pub fn dead_matching(&self, key: &EndpointKey, pred: impl Fn(&DeadMeta) -> bool) -> Vec<u64> {
-        self.existing_shard(key)
-            .map(|s| {
-                s.state
-                    .lock()
-                    .expect("shard lock")
-                    .dead
-                    .iter()
-                    .filter(|(_, m)| pred(m))
-                    .map(|(seq, _)| *seq)
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Every event of `key`: ready, leased and dead.
-    pub fn all_seqs(&self, key: &EndpointKey) -> Vec<u64> {
-        self.existing_shard(key)
-            .map(|s| {
-                let st = s.state.lock().expect("shard lock");
-                st.ready
-                    .iter()
-                    .map(|(_, seq)| *seq)
-                    .chain(st.leased.keys().copied())
-                    .chain(st.dead.keys().copied())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Drops `key`'s events from the index (they were deleted from the file).
-    pub fn forget(&self, key: &EndpointKey, seqs: &[u64]) {
-        let Some(shard) = self.existing_shard(key) else {
-            return;
-        };
-        let mut st = shard.state.lock().expect("shard lock");
-        let (mut ready, mut leased, mut dead, mut bytes) = (0u64, 0u64, 0u64, 0u64);
-        let gone: std::collections::HashSet<u64> = seqs.iter().copied().collect();
-        st.ready.retain(|(_, seq)| {
-            let keep = !gone.contains(seq);
-            ready += u64::from(!keep);
-            keep
-        });
-        st.leased.retain(|seq, _| {
-            let keep = !gone.contains(seq);
-            leased += u64::from(!keep);
-            keep
-        });
-        st.dead.retain(|seq, _| {
-            let keep = !gone.contains(seq);
-            dead += u64::from(!keep);
-            keep
-        });
-        st.cached.retain(|seq, rec| {
-            let keep = !gone.contains(seq);
-            if !keep {
-                bytes += rec.weight();
-            }
-            keep
-        });
-        self.pending.fetch_sub(ready, Ordering::Relaxed);
-        self.leased.fetch_sub(leased, Ordering::Relaxed);
-        self.dead.fetch_sub(dead, Ordering::Relaxed);
-        self.cached_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// The earliest due time of `key`, if anything is waiting.
     pub fn next_due(&self, key: &EndpointKey) -> Option<u64> {
-        self.existing_shard(key).and_then(|s| {
+        self.ready_shard(key).and_then(|s| {
             s.state
                 .lock()
                 .expect("shard lock")
-                .ready
+                .window
                 .first()
                 .map(|(d, _)| *d)
         })
@@ -284,10 +418,18 @@ impl Index {
             .map_or(0, |s| s.state.lock().expect("shard lock").cached.len())
     }
 
+    /// Ready slots of `key` held in memory.
+    #[cfg(test)]
+    pub fn window_len(&self, key: &EndpointKey) -> usize {
+        self.existing_shard(key)
+            .map_or(0, |s| s.state.lock().expect("shard lock").window.len())
+    }
+
     pub fn depth(&self) -> QueueDepth {
+        let leased = self.leased.load(Ordering::Relaxed);
         QueueDepth {
-            pending: self.pending.load(Ordering::Relaxed),
-            leased: self.leased.load(Ordering::Relaxed),
+            pending: self.waiting.load(Ordering::Relaxed).saturating_sub(leased),
+            leased,
             dead_lettered: self.dead.load(Ordering::Relaxed),
         }
     }
@@ -296,12 +438,23 @@ impl Index {
         self.existing_shard(key)
             .map(|s| {
                 let st = s.state.lock().expect("shard lock");
+                let leased = st.leased.len() as u64;
                 QueueDepth {
-                    pending: st.ready.len() as u64,
-                    leased: st.leased.len() as u64,
-                    dead_lettered: st.dead.len() as u64,
+                    pending: st.counts.waiting.saturating_sub(leased),
+                    leased,
+                    dead_lettered: st.counts.dead,
                 }
             })
             .unwrap_or_default()
+    }
+
+    /// Stored bytes of the waiting events, all endpoints.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn endpoint_bytes(&self, key: &EndpointKey) -> u64 {
+        self.existing_shard(key)
+            .map_or(0, |s| s.state.lock().expect("shard lock").counts.bytes)
     }
 }

@@ -226,6 +226,13 @@ pub trait Queue: Send + Sync + 'static {
         false
     }
 
+    /// Stored bytes of the events waiting (pending or leased) for `endpoint`, or for all
+    /// endpoints when `None`; `None` when the queue does not count them (JetStream bounds
+    /// its stream by `max_bytes` instead).
+    fn waiting_bytes(&self, _endpoint: Option<&EndpointKey>) -> Option<u64> {
+        None
+    }
+
     /// Dedupe keys remembered now and keys forgotten early (size bound), when the queue
     /// keeps them itself (JetStream's server does, and bounds them by its window).
     fn dedupe_stats(&self) -> Option<(u64, u64)> {

@@ -103,6 +103,30 @@ impl Record {
     }
 }
 
+/// The fixed fields at the front of an encoded record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Head {
+    pub state: u8,
+    pub due_ms: u64,
+}
+
+impl Head {
+    /// Reads the head of an encoded record without copying the rest.
+    pub fn decode(bytes: &[u8]) -> Option<Head> {
+        let mut r = Reader(bytes);
+        let version = r.u8()?;
+        if !(1..=VERSION).contains(&version) {
+            return None;
+        }
+        let state = r.u8()?;
+        r.take(4 + 8)?;
+        Some(Head {
+            state,
+            due_ms: r.u64()?,
+        })
+    }
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -153,7 +177,12 @@ mod tests {
         };
         let mut buf = Vec::new();
         rec.encode(&mut buf);
-        assert_eq!(Record::decode(&buf), Some(rec));
+        assert_eq!(Record::decode(&buf), Some(rec.clone()));
+        let head = Head {
+            state: rec.state,
+            due_ms: rec.due_ms,
+        };
+        assert_eq!(Head::decode(&buf), Some(head));
         for cut in 0..buf.len() {
             assert_eq!(Record::decode(&buf[..cut]), None, "cut at {cut}");
         }

@@ -16,12 +16,15 @@ use std::time::{Duration, Instant, SystemTime};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::index::{DeadMeta, Index};
-use super::record::{Record, STATE_DEAD, STATE_PENDING};
+use super::index::Index;
+use super::record::{Head, Record, STATE_DEAD, STATE_PENDING};
 use super::{
     EndpointKey, EnqueueOutcome, NewEvent, Queue, QueueDepth, QueueError, QueuedEvent, Receipt,
     ReplayFilter, from_millis, to_millis,
 };
+
+mod disk_index;
+use disk_index::Effect;
 
 /// seq → encoded [`Record`].
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -62,6 +65,11 @@ pub struct RedbQueueOptions {
     pub max_pending_ops: usize,
     /// Most dedupe keys kept; past it the oldest are forgotten before the window ends.
     pub max_dedupe_keys: u64,
+    /// Ready events per endpoint held in memory; the rest wait in the file, in order.
+    pub window: usize,
+    /// redb's own page cache. Its default (1 GiB) alone would exceed the chart's memory
+    /// limit once the file is large; the kernel's page cache still holds hot pages.
+    pub file_cache_bytes: usize,
 }
 
 impl Default for RedbQueueOptions {
@@ -72,6 +80,8 @@ impl Default for RedbQueueOptions {
             cache_bytes: 32 * 1024 * 1024,
             max_pending_ops: 16 * 1024,
             max_dedupe_keys: 2_000_000,
+            window: 1024,
+            file_cache_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -88,19 +98,6 @@ enum Op {
     Purge(EndpointKey, Vec<u64>, Reply<u64>),
     Check(Reply<()>),
     Shutdown,
-}
-
-/// Index changes a committed operation causes.
-// `Ready` is the common case and lives only until the commit's effects are applied;
-// boxing its record would add an allocation per enqueued event.
-#[allow(clippy::large_enum_variant)]
-enum Effect {
-    /// Due at, seq, and the committed record when the writer has it at hand.
-    Ready(EndpointKey, u64, u64, Option<Record>),
-    Unlease(EndpointKey, u64),
-    Dead(EndpointKey, u64, DeadMeta),
-    RemoveDead(EndpointKey, u64),
-    Forget(EndpointKey, Vec<u64>),
 }
 
 enum Responder {
@@ -158,15 +155,21 @@ pub struct RedbQueue {
 }
 
 impl RedbQueue {
-    /// Opens (or creates) the queue file and rebuilds the in-memory index from it.
+    /// Opens (or creates) the queue file and loads its counts; ready events are read
+    /// from the file a window at a time, so opening takes the same time at any backlog.
     pub fn open(path: impl AsRef<Path>, options: RedbQueueOptions) -> Result<Self, QueueError> {
-        let db = Arc::new(Database::create(path.as_ref()).map_err(storage)?);
-        let (nonce, mut next_seq) = {
+        let db = Database::builder()
+            .set_cache_size(options.file_cache_bytes)
+            .create(path.as_ref())
+            .map_err(storage)?;
+        let db = Arc::new(db);
+        let (nonce, next_seq) = {
             let txn = db.begin_write().map_err(storage)?;
             let ids = {
                 txn.open_table(EVENTS).map_err(storage)?;
                 txn.open_table(DEDUPE).map_err(storage)?;
                 txn.open_table(DEDUPE_BY_TIME).map_err(storage)?;
+                disk_index::create(&txn)?;
                 let mut meta = txn.open_table(META).map_err(storage)?;
                 let nonce = match meta.get(META_NONCE).map_err(storage)? {
                     Some(v) => v.value(),
@@ -179,8 +182,16 @@ impl RedbQueue {
             txn.commit().map_err(storage)?;
             ids
         };
+        let next_seq = next_seq.max(disk_index::upgrade(&db)?);
 
-        let index = Arc::new(Index::new(options.cache_bytes));
+        let loader_db = db.clone();
+        let loader: super::index::Loader = Box::new(move |key, after, max| {
+            disk_index::ready_after(&loader_db, key, after, max).map_err(|e| e.to_string())
+        });
+        let index = Arc::new(Index::new(options.cache_bytes, options.window, loader));
+        for (key, counts) in disk_index::counts(&db)? {
+            index.load_counts(&key, counts);
+        }
         let dedupe = Arc::new(DedupeCounts::default());
         {
             let txn = db.begin_read().map_err(storage)?;
@@ -190,26 +201,6 @@ impl RedbQueue {
                 .len()
                 .map_err(storage)?;
             dedupe.keys.store(keys, Ordering::Relaxed);
-            let events = txn.open_table(EVENTS).map_err(storage)?;
-            for item in events.iter().map_err(storage)? {
-                let (k, v) = item.map_err(storage)?;
-                let seq = k.value();
-                next_seq = next_seq.max(seq + 1);
-                let Some(rec) = Record::decode(v.value()) else {
-                    tracing::warn!(seq, "skipping an unreadable queue record");
-                    continue;
-                };
-                let key = EndpointKey::new(rec.namespace, rec.name);
-                if rec.state == STATE_DEAD {
-                    let meta = DeadMeta {
-                        dead_ms: rec.dead_ms,
-                        received_ms: rec.received_ms,
-                    };
-                    index.add_dead(&key, seq, meta);
-                } else {
-                    index.add_ready(&key, rec.due_ms, seq, None);
-                }
-            }
         }
 
         let (tx, rx) = mpsc::channel();
@@ -242,6 +233,26 @@ impl RedbQueue {
             io_failed,
             dedupe,
         })
+    }
+
+    /// Dead letters of `endpoint` whose (dead, received) times match `pred`, from the file.
+    async fn dead_matching(
+        &self,
+        endpoint: &EndpointKey,
+        pred: impl Fn(u64, u64) -> bool + Send + 'static,
+    ) -> Result<Vec<u64>, QueueError> {
+        let db = self.db.clone();
+        let key = endpoint.clone();
+        tokio::task::spawn_blocking(move || {
+            let dead = disk_index::dead_of(&db, &key)?;
+            Ok(dead
+                .into_iter()
+                .filter(|(_, d, r)| pred(*d, *r))
+                .map(|(seq, _, _)| seq)
+                .collect())
+        })
+        .await
+        .map_err(storage)?
     }
 
     /// Stops accepting writes; every later write fails with [`QueueError::Closed`].
@@ -327,7 +338,7 @@ impl Queue for RedbQueue {
         match read {
             Ok((found, missing)) => {
                 for seq in missing {
-                    self.index.unlease(endpoint, seq);
+                    self.index.forget_lease(endpoint, seq);
                 }
                 events.extend(found);
                 events.sort_by_key(|e| (e.next_attempt, e.receipt.0));
@@ -395,9 +406,11 @@ impl Queue for RedbQueue {
         filter: ReplayFilter,
         now: SystemTime,
     ) -> Result<u64, QueueError> {
-        let seqs = self.index.dead_matching(endpoint, |m| {
-            filter.matches(from_millis(m.dead_ms), from_millis(m.received_ms))
-        });
+        let seqs = self
+            .dead_matching(endpoint, move |dead, received| {
+                filter.matches(from_millis(dead), from_millis(received))
+            })
+            .await?;
         if seqs.is_empty() {
             return Ok(0);
         }
@@ -412,7 +425,9 @@ impl Queue for RedbQueue {
         before: SystemTime,
     ) -> Result<u64, QueueError> {
         let cutoff = to_millis(before);
-        let seqs = self.index.dead_matching(endpoint, |m| m.dead_ms < cutoff);
+        let seqs = self
+            .dead_matching(endpoint, move |dead, _| dead < cutoff)
+            .await?;
         if seqs.is_empty() {
             return Ok(0);
         }
@@ -421,7 +436,11 @@ impl Queue for RedbQueue {
     }
 
     async fn purge(&self, endpoint: &EndpointKey) -> Result<u64, QueueError> {
-        let seqs = self.index.all_seqs(endpoint);
+        let db = self.db.clone();
+        let key = endpoint.clone();
+        let seqs = tokio::task::spawn_blocking(move || disk_index::all_seqs(&db, &key))
+            .await
+            .map_err(storage)??;
         if seqs.is_empty() {
             return Ok(0);
         }
@@ -447,6 +466,13 @@ impl Queue for RedbQueue {
 
     fn needs_restart(&self) -> bool {
         self.io_failed.load(Ordering::Relaxed)
+    }
+
+    fn waiting_bytes(&self, endpoint: Option<&EndpointKey>) -> Option<u64> {
+        Some(match endpoint {
+            Some(key) => self.index.endpoint_bytes(key),
+            None => self.index.bytes(),
+        })
     }
 
     fn dedupe_stats(&self) -> Option<(u64, u64)> {
@@ -546,6 +572,12 @@ impl Writer {
                     {
                         fatal = Some(storage(e));
                     }
+                    drop(tables);
+                    if fatal.is_none()
+                        && let Err(e) = disk_index::persist(txn, &effects)
+                    {
+                        fatal = Some(e);
+                    }
                 }
                 Err(e) => {
                     fatal = Some(e);
@@ -557,6 +589,8 @@ impl Writer {
                 done.extend(batch.into_iter().filter_map(fail_op));
             }
         }
+        // A refill of the in-memory window sees this commit only with its effects.
+        let gate = self.index.gate.write().expect("index gate");
         let outcome = match (txn, fatal) {
             (Ok(txn), None) => txn.commit().map_err(storage),
             (Ok(txn), Some(e)) => {
@@ -573,18 +607,29 @@ impl Writer {
             self.dedupe.keys.fetch_add(self.new_keys, Ordering::Relaxed);
             for effect in effects {
                 match effect {
-                    Effect::Ready(k, due, seq, rec) => self.index.add_ready(&k, due, seq, rec),
-                    Effect::Unlease(k, seq) => {
-                        self.index.unlease(&k, seq);
-                    }
-                    Effect::Dead(k, seq, meta) => self.index.add_dead(&k, seq, meta),
-                    Effect::RemoveDead(k, seq) => {
-                        self.index.remove_dead(&k, seq);
-                    }
-                    Effect::Forget(k, seqs) => self.index.forget(&k, &seqs),
+                    Effect::Added {
+                        key,
+                        slot,
+                        bytes,
+                        record,
+                    } => self.index.added(&key, slot, bytes, record),
+                    Effect::Removed { key, slot, bytes } => self.index.removed(&key, slot, bytes),
+                    Effect::Moved {
+                        key,
+                        old,
+                        new,
+                        bytes,
+                        record,
+                    } => self.index.moved(&key, old, new, bytes, record),
+                    Effect::Died {
+                        key, slot, bytes, ..
+                    } => self.index.died(&key, slot, bytes),
+                    Effect::Revived { key, slot, bytes } => self.index.revived(&key, slot, bytes),
+                    Effect::DeadRemoved { key, .. } => self.index.dead_removed(&key),
                 }
             }
         }
+        drop(gate);
         let err = outcome.err();
         for r in done {
             r.finish(err.as_ref());
@@ -619,8 +664,8 @@ impl Writer {
             }
             Op::Ack(key, seq, reply) => {
                 let r = match t.0.remove(seq).map_err(storage) {
-                    Ok(Some(_)) => {
-                        effects.push(Effect::Unlease(key, seq));
+                    Ok(Some(v)) => {
+                        effects.push(gone(key, seq, v.value()));
                         Ok(())
                     }
                     Ok(None) => Err(QueueError::UnknownReceipt),
@@ -634,9 +679,14 @@ impl Writer {
                     rec.due_ms = due;
                     rec.last_error = error;
                 });
-                let r = r.map(|rec| {
-                    effects.push(Effect::Unlease(key.clone(), seq));
-                    effects.push(Effect::Ready(key, due, seq, Some(rec)));
+                let r = r.map(|u| {
+                    effects.push(Effect::Moved {
+                        key,
+                        old: (u.old_due, seq),
+                        new: (due, seq),
+                        bytes: (u.old_bytes, u.bytes),
+                        record: u.record,
+                    });
                 });
                 Responder::Unit(reply, guard(r))
             }
@@ -647,13 +697,14 @@ impl Writer {
                     rec.dead_ms = now;
                     rec.last_error = reason;
                 });
-                let r = r.map(|rec| {
-                    effects.push(Effect::Unlease(key.clone(), seq));
-                    let meta = DeadMeta {
+                let r = r.map(|u| {
+                    effects.push(Effect::Died {
+                        key,
+                        slot: (u.old_due, seq),
+                        bytes: u.old_bytes,
                         dead_ms: now,
-                        received_ms: rec.received_ms,
-                    };
-                    effects.push(Effect::Dead(key, seq, meta));
+                        received_ms: u.record.received_ms,
+                    });
                 });
                 Responder::Unit(reply, guard(r))
             }
@@ -669,12 +720,15 @@ impl Writer {
                         rec.last_error.clear();
                     });
                     match res {
-                        Ok(true) => {
+                        Ok(Some(bytes)) => {
                             n += 1;
-                            effects.push(Effect::RemoveDead(key.clone(), seq));
-                            effects.push(Effect::Ready(key.clone(), now, seq, None));
+                            effects.push(Effect::Revived {
+                                key: key.clone(),
+                                slot: (now, seq),
+                                bytes,
+                            });
                         }
-                        Ok(false) => {}
+                        Ok(None) => {}
                         Err(e) => {
                             r = Err(e);
                             break;
@@ -700,7 +754,10 @@ impl Writer {
                             break;
                         }
                         n += 1;
-                        effects.push(Effect::RemoveDead(key.clone(), seq));
+                        effects.push(Effect::DeadRemoved {
+                            key: key.clone(),
+                            seq,
+                        });
                     }
                 }
                 Responder::Count(reply, guard(r).map(|_| n))
@@ -708,18 +765,18 @@ impl Writer {
             Op::Purge(key, seqs, reply) => {
                 let mut n = 0;
                 let mut r = Ok(());
-                for seq in &seqs {
-                    match t.0.remove(*seq) {
-                        Ok(Some(_)) => n += 1,
+                for seq in seqs {
+                    match t.0.remove(seq) {
+                        Ok(Some(v)) => {
+                            n += 1;
+                            effects.push(gone(key.clone(), seq, v.value()));
+                        }
                         Ok(None) => {}
                         Err(e) => {
                             r = Err(storage(e));
                             break;
                         }
                     }
-                }
-                if r.is_ok() {
-                    effects.push(Effect::Forget(key, seqs));
                 }
                 Responder::Count(reply, guard(r).map(|_| n))
             }
@@ -780,7 +837,12 @@ impl Writer {
             };
             rec.encode(&mut self.buf);
             t.0.insert(seq, self.buf.as_slice()).map_err(storage)?;
-            effects.push(Effect::Ready(ev.endpoint, received, seq, Some(rec)));
+            effects.push(Effect::Added {
+                key: ev.endpoint,
+                slot: (received, seq),
+                bytes: self.buf.len() as u64,
+                record: Some(rec),
+            });
             out.push(EnqueueOutcome::Accepted {
                 id: event_id(self.nonce, seq),
             });
@@ -794,18 +856,24 @@ impl Writer {
         t: &mut Tables<'_>,
         seq: u64,
         change: impl FnOnce(&mut Record),
-    ) -> Result<Record, QueueError> {
-        let rec =
-            t.0.get(seq)
-                .map_err(storage)?
-                .and_then(|v| Record::decode(v.value()));
-        let Some(mut rec) = rec.filter(|r| r.state == STATE_PENDING) else {
+    ) -> Result<Updated, QueueError> {
+        let found = t.0.get(seq).map_err(storage)?.and_then(|v| {
+            let bytes = v.value().len() as u64;
+            Record::decode(v.value()).map(|r| (r, bytes))
+        });
+        let Some((mut rec, old_bytes)) = found.filter(|(r, _)| r.state == STATE_PENDING) else {
             return Err(QueueError::UnknownReceipt);
         };
+        let old_due = rec.due_ms;
         change(&mut rec);
         rec.encode(&mut self.buf);
         t.0.insert(seq, self.buf.as_slice()).map_err(storage)?;
-        Ok(rec)
+        Ok(Updated {
+            record: rec,
+            old_due,
+            old_bytes,
+            bytes: self.buf.len() as u64,
+        })
     }
 
     fn update_if_dead(
@@ -813,18 +881,18 @@ impl Writer {
         t: &mut Tables<'_>,
         seq: u64,
         change: impl FnOnce(&mut Record),
-    ) -> Result<bool, QueueError> {
+    ) -> Result<Option<u64>, QueueError> {
         let rec =
             t.0.get(seq)
                 .map_err(storage)?
                 .and_then(|v| Record::decode(v.value()));
         let Some(mut rec) = rec.filter(|r| r.state == STATE_DEAD) else {
-            return Ok(false);
+            return Ok(None);
         };
         change(&mut rec);
         rec.encode(&mut self.buf);
         t.0.insert(seq, self.buf.as_slice()).map_err(storage)?;
-        Ok(true)
+        Ok(Some(self.buf.len() as u64))
     }
 
     /// Forgets dedupe keys older than the window, and the oldest keys past
@@ -914,6 +982,26 @@ impl Writer {
                 "the queue file had an I/O error; /healthz now fails so that a restart reopens it"
             );
         }
+    }
+}
+
+/// A pending record before and after [`Writer::update`].
+struct Updated {
+    record: Record,
+    old_due: u64,
+    old_bytes: u64,
+    bytes: u64,
+}
+
+/// The effect of deleting the stored record `bytes` of `seq`.
+fn gone(key: EndpointKey, seq: u64, bytes: &[u8]) -> Effect {
+    match Head::decode(bytes) {
+        Some(h) if h.state == STATE_DEAD => Effect::DeadRemoved { key, seq },
+        h => Effect::Removed {
+            key,
+            slot: (h.map_or(0, |h| h.due_ms), seq),
+            bytes: bytes.len() as u64,
+        },
     }
 }
 

@@ -52,6 +52,11 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
         }],
         event_types: vec![EventTypeName("call_completed".into())],
         max_queued_events: Some(5000),
+        max_queued_bytes: Some(64 * 1024 * 1024),
+        ingress_rate_limit: Some(IngressRateLimit {
+            requests_per_second: 50,
+            burst: Some(200),
+        }),
         format: Default::default(),
         filter: None,
     }
@@ -234,6 +239,18 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, serde_json::Value, &'stat
             "WebhookEndpoint",
             json!({"destination": {"url": https}, "maxQueuedEvents": 0}),
             "spec.maxQueuedEvents",
+        ),
+        (
+            "a byte bound of zero",
+            "WebhookEndpoint",
+            json!({"destination": {"url": https}, "maxQueuedBytes": 0}),
+            "spec.maxQueuedBytes",
+        ),
+        (
+            "a rate limit of zero requests per second",
+            "WebhookEndpoint",
+            json!({"destination": {"url": https}, "ingressRateLimit": {"requestsPerSecond": 0}}),
+            "spec.ingressRateLimit.requestsPerSecond",
         ),
         (
             "timeout out of range",

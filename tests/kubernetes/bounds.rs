@@ -1,7 +1,8 @@
 //! Bounds under floods and faults, through the real binary: a backlogged endpoint is
 //! refused with 503 and says so in its status, a disk below its watermark refuses new
 //! events, a full disk makes `/healthz` fail and a restart recovers without losing an
-//! acknowledged event, and slow or too many clients are cut off.
+//! acknowledged event, a restart with a backlog longer than the queue's memory window
+//! delivers each event once, and slow or too many clients are cut off.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -669,4 +670,89 @@ async fn deleting_an_endpoint_deletes_its_queued_events() {
         (d == 0).then_some(())
     })
     .await;
+}
+
+/// A restart with a backlog longer than the embedded queue's in-memory window (1,024
+/// ready events per endpoint): the restarted binary serves again, refills the window from
+/// the file as it drains, and delivers every acknowledged event exactly once.
+#[tokio::test]
+async fn a_restart_with_a_backlog_longer_than_the_window_delivers_each_event_once() {
+    use futures::StreamExt;
+    const N: usize = 1300;
+    let ops = free_port();
+    let ops_flag = format!("127.0.0.1:{ops}");
+    let spec = json!({"destination": consumer_destination(),
+        "delivery": {"retry": {"maxAttempts": 100, "initialDelay": "100ms", "maxDelay": "200ms"}}});
+    let (env, sandbox, consumer, mut operator, dir, port) =
+        setup_with("restart", spec, &["--ops-addr", &ops_flag]).await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    // Refused deliveries are not recorded: before the restart nothing is delivered.
+    consumer.answer(503);
+    let statuses: Vec<(String, u16)> = futures::stream::iter(0..N)
+        .map(|i| {
+            let url = url.clone();
+            async move {
+                let id = format!("r-{i}");
+                let status = status_of(&url, &atlas_event(&id)).await;
+                (id, status)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(
+        statuses.iter().all(|(_, s)| *s == 200),
+        "every event is acknowledged"
+    );
+    let mut accepted: BTreeSet<String> = statuses.into_iter().map(|(id, _)| id).collect();
+
+    operator.kill9();
+    let started = Instant::now();
+    let _operator = OperatorProcess::start_with(
+        &env,
+        &sandbox,
+        &consumer,
+        port,
+        dir.path(),
+        &["--ops-addr", &ops_flag],
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "ingress back after the restart",
+        || {
+            let url = url.clone();
+            async move { (status_of(&url, &atlas_event("r-after")).await == 200).then_some(()) }
+        },
+    )
+    .await;
+    accepted.insert("r-after".to_string());
+    println!(
+        "restart with {N} waiting events: serving after {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        queue_depth(ops, "pending").await.unwrap_or(0)
+            + queue_depth(ops, "leased").await.unwrap_or(0),
+        N as u64 + 1
+    );
+
+    consumer.answer(200);
+    wait_delivered(&consumer, &accepted).await;
+    wait_until(Duration::from_secs(30), "the queue drained", || async {
+        let waiting = queue_depth(ops, "pending").await? + queue_depth(ops, "leased").await?;
+        (waiting == 0).then_some(())
+    })
+    .await;
+    let received = consumer.received();
+    let mut per_id = std::collections::BTreeMap::<String, usize>::new();
+    for r in &received {
+        if let Some(id) = r.body["callId"].as_str() {
+            *per_id.entry(id.to_string()).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = per_id.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(per_id.len(), accepted.len());
 }

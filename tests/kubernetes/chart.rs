@@ -384,6 +384,25 @@ async fn lint_and_template_pass_and_the_api_server_accepts_every_object() {
 }
 
 #[tokio::test]
+async fn the_atlas_list_path_value_reaches_the_operator_flag() {
+    let workload = |extra: &[&str]| {
+        let objs = objects(&render("atlas", "default", extra));
+        let sts = find(&objs, "StatefulSet")[0].clone();
+        let value = env_value(container(&sts), "WEBHOOK_OPERATOR_ATLAS_LIST_PATH");
+        value.map(str::to_owned)
+    };
+    // Unset, the binary's own default applies.
+    assert_eq!(workload(&[]), None);
+    assert_eq!(
+        workload(&[
+            "--set",
+            "operator.providers.atlasListPath=/v2/triggers/list"
+        ]),
+        Some("/v2/triggers/list".to_owned())
+    );
+}
+
+#[tokio::test]
 async fn values_schema_refuses_wrong_values() {
     let chart = chart_dir();
     let chart = chart.to_str().unwrap();
@@ -406,7 +425,7 @@ async fn values_schema_refuses_wrong_values() {
         Some("http://otel-collector.observability:4318")
     );
 
-    let bad: [(&[&str], &str); 6] = [
+    let bad: [(&[&str], &str); 7] = [
         (
             &["--set-json", "queue.jetstream.replicas=\"three\""],
             "replicas",
@@ -418,6 +437,10 @@ async fn values_schema_refuses_wrong_values() {
         (
             &["--set", "operator.tracing.otlpEndpoint=collector:4317"],
             "otlpEndpoint",
+        ),
+        (
+            &["--set", "operator.providers.atlasListPath=no-slash"],
+            "atlasListPath",
         ),
     ];
     for (args, field) in bad {

@@ -90,6 +90,10 @@ spec:
           value: {{ $op.limits.maxQueuedEvents | int64 | quote }}
         - name: WEBHOOK_OPERATOR_MAX_ENDPOINT_QUEUED_EVENTS
           value: {{ $op.limits.maxEndpointQueuedEvents | int64 | quote }}
+        - name: WEBHOOK_OPERATOR_MAX_QUEUED_BYTES
+          value: {{ $op.limits.maxQueuedBytes | int64 | quote }}
+        - name: WEBHOOK_OPERATOR_MAX_ENDPOINT_QUEUED_BYTES
+          value: {{ $op.limits.maxEndpointQueuedBytes | int64 | quote }}
         - name: WEBHOOK_OPERATOR_MIN_FREE_DISK_BYTES
           value: {{ $op.limits.minFreeDiskBytes | int64 | quote }}
         - name: WEBHOOK_OPERATOR_MAX_CONCURRENT_REQUESTS
@@ -130,6 +134,10 @@ spec:
         {{- end }}
         {{- with $op.providers.atlasAPIURL }}
         - name: WEBHOOK_OPERATOR_ATLAS_API_URL
+          value: {{ . | quote }}
+        {{- end }}
+        {{- with $op.providers.atlasListPath }}
+        - name: WEBHOOK_OPERATOR_ATLAS_LIST_PATH
           value: {{ . | quote }}
         {{- end }}
         {{- with $op.providers.atomicAPIURL }}

@@ -480,3 +480,173 @@ async fn the_providers_traceparent_survives_reopen_dead_letter_and_replay() {
     let again = q.lease(&e, 1, far_future()).await.unwrap();
     assert_eq!(again[0].traceparent.as_deref(), Some(TP));
 }
+
+#[tokio::test]
+async fn a_reopened_backlog_is_held_a_window_at_a_time_and_leased_in_due_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let options = RedbQueueOptions {
+        window: 8,
+        ..RedbQueueOptions::default()
+    };
+    let (a, b) = (ep("a"), ep("b"));
+    let base = SystemTime::now() - Duration::from_secs(60);
+    {
+        let q = RedbQueue::open(&path, options.clone()).unwrap();
+        // Due times out of seq order; a second endpoint interleaved.
+        let events = (0..100u64)
+            .flat_map(|i| {
+                let at = base + Duration::from_millis((i * 37) % 100);
+                [
+                    event(&a, &format!("a{i}"), at),
+                    event(&b, &format!("b{i}"), at),
+                ]
+            })
+            .collect();
+        q.enqueue(events).await.unwrap();
+        let dead = q.lease(&b, 10, SystemTime::now()).await.unwrap();
+        for e in &dead {
+            q.dead_letter(e, "gone").await.unwrap();
+        }
+    }
+    let q = RedbQueue::open(&path, options).unwrap();
+    assert_eq!(q.endpoint_depth(&a).pending, 100);
+    assert_eq!(
+        (
+            q.endpoint_depth(&b).pending,
+            q.endpoint_depth(&b).dead_lettered
+        ),
+        (90, 10)
+    );
+    assert_eq!(
+        q.index.window_len(&a),
+        0,
+        "nothing but counts is loaded at open"
+    );
+
+    let mut dues = Vec::new();
+    let mut seen = HashSet::new();
+    loop {
+        let leased = q.lease(&a, 3, SystemTime::now()).await.unwrap();
+        if leased.is_empty() {
+            break;
+        }
+        assert!(q.index.window_len(&a) <= 16, "the window stays bounded");
+        for (n, e) in leased.iter().enumerate() {
+            // Every fifth is retried once, later than everything else: it comes back last.
+            if n == 0 && e.attempts == 0 && seen.len() % 5 == 0 {
+                q.retry(e, base + Duration::from_secs(30), "HTTP 503")
+                    .await
+                    .unwrap();
+                continue;
+            }
+            assert!(seen.insert(e.id.clone()), "{} leased twice", e.id);
+            dues.push(e.next_attempt);
+            q.ack(e).await.unwrap();
+        }
+    }
+    assert_eq!(seen.len(), 100, "every event of a once");
+    assert!(dues.is_sorted(), "leased oldest due first across refills");
+    assert_eq!(q.endpoint_depth(&a), QueueDepth::default());
+    assert_eq!(
+        q.replay(&b, ReplayFilter::All, SystemTime::now())
+            .await
+            .unwrap(),
+        10
+    );
+    assert_eq!(q.endpoint_depth(&b).pending, 100);
+    assert_eq!(q.purge(&b).await.unwrap(), 100);
+    assert_eq!(q.depth(), QueueDepth::default());
+}
+
+/// A file written before the queue kept its own index (records only) is indexed on open:
+/// nothing is lost by an upgrade.
+#[tokio::test]
+async fn a_file_from_the_previous_version_is_indexed_on_open_without_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let now = SystemTime::now();
+    let mut buf = Vec::new();
+    {
+        // The previous version's layout: the events and meta tables, no index tables.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut events = txn.open_table(EVENTS).unwrap();
+            for seq in 0..50u64 {
+                let rec = Record {
+                    state: if seq % 10 == 0 {
+                        STATE_DEAD
+                    } else {
+                        STATE_PENDING
+                    },
+                    attempts: 0,
+                    received_ms: to_millis(now),
+                    due_ms: to_millis(now) - 1000 + seq,
+                    dead_ms: if seq % 10 == 0 { to_millis(now) } else { 0 },
+                    namespace: "ns".into(),
+                    name: if seq % 2 == 0 { "a" } else { "b" }.into(),
+                    subscription: "sub".into(),
+                    event_type: "t".into(),
+                    dedupe_key: format!("k{seq}"),
+                    last_error: String::new(),
+                    payload: Bytes::from(format!("{{\"n\":{seq}}}")),
+                    traceparent: String::new(),
+                    headers: String::new(),
+                };
+                rec.encode(&mut buf);
+                events.insert(seq, buf.as_slice()).unwrap();
+            }
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert(META_NONCE, 7).unwrap();
+            meta.insert(META_NEXT_SEQ, 50).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let q = open(&path);
+    let (a, b) = (ep("a"), ep("b"));
+    assert_eq!(
+        (
+            q.endpoint_depth(&a).pending,
+            q.endpoint_depth(&a).dead_lettered
+        ),
+        (20, 5)
+    );
+    assert_eq!(
+        (
+            q.endpoint_depth(&b).pending,
+            q.endpoint_depth(&b).dead_lettered
+        ),
+        (25, 0)
+    );
+    let leased = q.lease(&a, 100, now).await.unwrap();
+    assert_eq!(leased.len(), 20);
+    assert_eq!(leased[0].id, event_id(7, 2), "ids are kept");
+    assert_eq!(q.replay(&a, ReplayFilter::All, now).await.unwrap(), 5);
+    // New events continue the old sequence.
+    let out = q.enqueue(vec![event(&b, "new", now)]).await.unwrap();
+    assert_eq!(accepted_id(&out[0]), event_id(7, 50));
+    drop(q);
+    // Indexed once: a second open reads the same counts.
+    let q = open(&path);
+    assert_eq!(q.endpoint_depth(&a).pending, 25);
+    assert_eq!(q.endpoint_depth(&b).pending, 26);
+    drop(q);
+    // Rolled back: the previous version stores an event without the index, and the next
+    // open of this version sees the counts no longer add up and indexes the file again.
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut events = txn.open_table(EVENTS).unwrap();
+            let mut rec = Record::decode(&buf).unwrap();
+            rec.dedupe_key = "rolled-back".into();
+            rec.encode(&mut buf);
+            events.insert(1000, buf.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let q = open(&path);
+    assert_eq!(q.endpoint_depth(&b).pending, 27);
+    assert_eq!(q.lease(&b, 100, SystemTime::now()).await.unwrap().len(), 27);
+}
