@@ -1,5 +1,4 @@
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -295,113 +294,8 @@ async fn wait_due_wakes_on_enqueue() {
         .unwrap();
 }
 
-const CRASH_CHILD_ENV: &str = "WEBHOOK_OPERATOR_QUEUE_CRASH_CHILD";
-
-/// The child half of `acknowledged_events_survive_sigkill`, not a test of its own (hence
-/// ignored): started by it with the env var naming the file, it enqueues from several tasks
-/// and prints each acknowledged id, until it is killed.
-#[test]
-#[ignore = "child process of acknowledged_events_survive_sigkill"]
-fn crash_child_writer() {
-    let path = std::env::var(CRASH_CHILD_ENV)
-        .expect("run only by acknowledged_events_survive_sigkill, which names the file");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let q = std::sync::Arc::new(open(std::path::Path::new(&path)));
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let tasks: Vec<_> = (0..8)
-            .map(|t| {
-                let q = q.clone();
-                tokio::spawn(async move {
-                    let a = ep("crash");
-                    let mut i = 0u64;
-                    while std::time::Instant::now() < deadline {
-                        i += 1;
-                        let batch = (0..(1 + i % 3))
-                            .map(|j| event(&a, &format!("{t}-{i}-{j}"), SystemTime::now()))
-                            .collect();
-                        for o in q.enqueue(batch).await.unwrap() {
-                            println!("ACK {}", accepted_id(&o));
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-    });
-}
-
-#[test]
-fn acknowledged_events_survive_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("crash.redb");
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "queue::redb_queue::tests::crash_child_writer",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CRASH_CHILD_ENV, &path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(id) = line.strip_prefix("ACK ") {
-                let _ = tx.send(id.to_owned());
-            }
-        }
-    });
-    let mut acked = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while acked.len() < 2000 && std::time::Instant::now() < deadline {
-        if let Ok(id) = rx.recv_timeout(Duration::from_millis(100)) {
-            acked.push(id);
-        }
-    }
-    child.kill().unwrap(); // SIGKILL: no destructor, no flush, mid-commit
-    child.wait().unwrap();
-    reader.join().unwrap();
-    acked.extend(rx.try_iter());
-    assert!(
-        acked.len() >= 100,
-        "child acknowledged only {}",
-        acked.len()
-    );
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let stored: HashSet<String> = rt.block_on(async {
-        let q = open(&path);
-        q.lease(&ep("crash"), usize::MAX, far_future())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.id)
-            .collect()
-    });
-    let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged events lost, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(3)]
-    );
-}
+// Acknowledged events surviving a SIGKILL mid-commit: tests/queue_sigkill.rs (a
+// separate process is needed, and it is its own test binary).
 
 #[tokio::test]
 async fn dedupe_keys_expire_within_seconds_at_any_count_and_stay_bounded() {
@@ -427,7 +321,10 @@ async fn dedupe_keys_expire_within_seconds_at_any_count_and_stay_bounded() {
         .map(|i| event(&a, &format!("new-{i}"), now + Duration::from_millis(i)))
         .collect();
     q.enqueue(fresh).await.unwrap();
-    assert_eq!(q.dedupe_stats().unwrap().0, 28_000);
+    // Expiry runs in the writer between commits, so how many keys are left at this very
+    // moment depends on the machine's speed; what must hold is where it ends: within the
+    // bound, with exactly the 2,000 fresh keys past it counted as evicted (the 25,000 old
+    // ones expire by age and are not).
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
