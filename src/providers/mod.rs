@@ -11,6 +11,7 @@ pub mod atllas;
 pub mod atomic;
 mod http;
 mod inbound_util;
+mod list_rounds;
 pub mod smallest;
 
 use std::collections::BTreeMap;

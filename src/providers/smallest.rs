@@ -3,6 +3,7 @@
 //! subscriptions is read-merge-write and never drops another webhook's.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use reqwest::{Method, RequestBuilder, Response};
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{self as phttp, USER_AGENT};
 use super::inbound_util::{parse_json, require_json, str_field, verify_signature};
+use super::list_rounds::ListRounds;
 use super::{
     Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
     ProviderError, Scope, SyncAction, UpstreamState, classify,
@@ -167,9 +169,12 @@ pub fn description_for(owner: &str) -> String {
     format!("{DESCRIPTION_PREFIX}{owner}")
 }
 
+#[derive(Clone)]
 pub struct SmallestClient {
     http: reqwest::Client,
     base: String,
+    /// `GET /webhook` lists the whole account: concurrent passes share one list.
+    lists: Arc<ListRounds<Vec<Webhook>>>,
 }
 
 fn scope_agents(d: &DesiredSubscription) -> Result<Vec<String>, ProviderError> {
@@ -240,6 +245,7 @@ impl SmallestClient {
         SmallestClient {
             http: phttp::build_client(endpoints, USER_AGENT),
             base: endpoints.smallest_base.trim_end_matches('/').to_string(),
+            lists: Arc::default(),
         }
     }
 
@@ -315,7 +321,13 @@ impl SmallestClient {
         creds: &Credentials,
         url: &str,
     ) -> Result<Option<Webhook>, ProviderError> {
-        Ok(self.list(creds).await?.into_iter().find(|w| w.url == url))
+        let key = creds.require_api_key()?.to_string();
+        let (client, creds) = (self.clone(), creds.clone());
+        let all = self
+            .lists
+            .join(&key, move || async move { client.list(&creds).await })
+            .await?;
+        Ok(all.iter().find(|w| w.url == url).cloned())
     }
 
     async fn create(
