@@ -479,3 +479,33 @@ async fn the_providers_traceparent_survives_reopen_dead_letter_and_replay() {
     let again = q.lease(&e, 1, far_future()).await.unwrap();
     assert_eq!(again[0].traceparent.as_deref(), Some(TP));
 }
+
+#[tokio::test]
+async fn dedupe_keys_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let e = ep("deduped");
+    let now = SystemTime::now();
+    {
+        let q = open(&path);
+        let out = q
+            .enqueue(vec![event(&e, "k1", now), event(&e, "k2", now)])
+            .await
+            .unwrap();
+        assert!(matches!(out[1], EnqueueOutcome::Accepted { .. }));
+    }
+    // The lookup map is rebuilt from the file: both keys are still known, a new one is not.
+    let q = open(&path);
+    assert_eq!(q.dedupe_stats().unwrap().0, 2);
+    let out = q
+        .enqueue(vec![
+            event(&e, "k1", now),
+            event(&e, "k3", now),
+            event(&e, "k2", now),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], EnqueueOutcome::Duplicate);
+    assert!(matches!(out[1], EnqueueOutcome::Accepted { .. }));
+    assert_eq!(out[2], EnqueueOutcome::Duplicate);
+}
