@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::index::{DeadMeta, Index};
@@ -22,15 +22,12 @@ use super::{
     EndpointKey, EnqueueOutcome, NewEvent, Queue, QueueDepth, QueueError, QueuedEvent, Receipt,
     ReplayFilter, from_millis, to_millis,
 };
-use dedupe::DedupeMap;
 
 /// seq → encoded [`Record`].
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-/// Retired: "ns/name\ndedupe_key" → received ms, written at random places (see
-/// [`dedupe`]); deleted on open.
+/// "ns/name\ndedupe_key" → received ms.
 const DEDUPE: TableDefinition<&str, u64> = TableDefinition::new("dedupe");
-/// (received ms, "ns/name\ndedupe_key") → (): the dedupe keys, in time order; the writer
-/// looks them up in a [`DedupeMap`] rebuilt from this table.
+/// (received ms, dedupe entry) → (): expires dedupe entries in time order.
 const DEDUPE_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("dedupe_by_time");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -168,7 +165,7 @@ impl RedbQueue {
             let txn = db.begin_write().map_err(storage)?;
             let ids = {
                 txn.open_table(EVENTS).map_err(storage)?;
-                txn.delete_table(DEDUPE).map_err(storage)?;
+                txn.open_table(DEDUPE).map_err(storage)?;
                 txn.open_table(DEDUPE_BY_TIME).map_err(storage)?;
                 let mut meta = txn.open_table(META).map_err(storage)?;
                 let nonce = match meta.get(META_NONCE).map_err(storage)? {
@@ -185,21 +182,14 @@ impl RedbQueue {
 
         let index = Arc::new(Index::new(options.cache_bytes));
         let dedupe = Arc::new(DedupeCounts::default());
-        let mut dedupe_map = DedupeMap::default();
         {
             let txn = db.begin_read().map_err(storage)?;
-            // Oldest first: a key present twice ends at its latest time.
-            for item in txn
-                .open_table(DEDUPE_BY_TIME)
+            let keys = txn
+                .open_table(DEDUPE)
                 .map_err(storage)?
-                .iter()
-                .map_err(storage)?
-            {
-                let (k, _) = item.map_err(storage)?;
-                let (ms, entry) = k.value();
-                dedupe_map.insert(entry, ms);
-            }
-            dedupe.keys.store(dedupe_map.len(), Ordering::Relaxed);
+                .len()
+                .map_err(storage)?;
+            dedupe.keys.store(keys, Ordering::Relaxed);
             let events = txn.open_table(EVENTS).map_err(storage)?;
             for item in events.iter().map_err(storage)? {
                 let (k, v) = item.map_err(storage)?;
@@ -228,7 +218,6 @@ impl RedbQueue {
         let writer = Writer {
             io_failed: io_failed.clone(),
             dedupe: dedupe.clone(),
-            dedupe_map,
             new_keys: 0,
             expiry_behind: false,
             db: db.clone(),
@@ -489,8 +478,6 @@ struct Writer {
     db: Arc<Database>,
     io_failed: Arc<AtomicBool>,
     dedupe: Arc<DedupeCounts>,
-    /// Where each dedupe key was last seen, as committed (plus the open batch).
-    dedupe_map: DedupeMap,
     /// Dedupe keys the open batch adds; counted once it commits.
     new_keys: u64,
     /// The last expiry pass filled its slice: run the next one without waiting.
@@ -505,6 +492,7 @@ struct Writer {
 
 type Tables<'t> = (
     redb::Table<'t, u64, &'static [u8]>,
+    redb::Table<'t, &'static str, u64>,
     redb::Table<'t, (u64, &'static str), ()>,
     redb::Table<'t, &'static str, u64>,
 );
@@ -540,7 +528,6 @@ impl Writer {
 
     fn commit_batch(&mut self, batch: Vec<Op>) {
         self.new_keys = 0;
-        self.dedupe_map.begin();
         let mut done = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
         let mut fatal: Option<QueueError> = None;
@@ -554,7 +541,7 @@ impl Writer {
                         }
                     }
                     if fatal.is_none()
-                        && let Err(e) = tables.2.insert(META_NEXT_SEQ, self.next_seq)
+                        && let Err(e) = tables.3.insert(META_NEXT_SEQ, self.next_seq)
                     {
                         fatal = Some(storage(e));
                     }
@@ -580,7 +567,6 @@ impl Writer {
         };
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "queue commit failed");
-            self.dedupe_map.rollback();
             self.note_failure(e);
         } else {
             self.dedupe.keys.fetch_add(self.new_keys, Ordering::Relaxed);
@@ -739,7 +725,7 @@ impl Writer {
             Op::Check(reply) => {
                 // A real write, so that a full disk or a broken file shows.
                 let now = to_millis(SystemTime::now());
-                let r = t.2.insert(META_CHECK, now).map(|_| ()).map_err(storage);
+                let r = t.3.insert(META_CHECK, now).map(|_| ()).map_err(storage);
                 Responder::Unit(reply, guard(r))
             }
             Op::Shutdown => return None,
@@ -758,24 +744,20 @@ impl Writer {
             let received = to_millis(ev.received);
             if !ev.dedupe_key.is_empty() {
                 let entry = dedupe_entry(&ev.endpoint.namespace, &ev.endpoint.name, &ev.dedupe_key);
-                // The map may name another entry with the same hash: the table confirms.
-                let seen = match self.dedupe_map.get(&entry) {
-                    Some(ms) => t.1.get((ms, entry.as_str())).map_err(storage)?.map(|_| ms),
-                    None => None,
-                };
+                let seen = t.1.get(entry.as_str()).map_err(storage)?.map(|v| v.value());
                 match seen {
                     Some(prev) if received.saturating_sub(prev) < window => {
                         out.push(EnqueueOutcome::Duplicate);
                         continue;
                     }
                     Some(prev) => {
-                        t.1.remove((prev, entry.as_str())).map_err(storage)?;
+                        t.2.remove((prev, entry.as_str())).map_err(storage)?;
                     }
                     None => self.new_keys += 1,
                 }
-                t.1.insert((received, entry.as_str()), ())
+                t.1.insert(entry.as_str(), received).map_err(storage)?;
+                t.2.insert((received, entry.as_str()), ())
                     .map_err(storage)?;
-                self.dedupe_map.insert(&entry, received);
             }
             let seq = self.next_seq;
             self.next_seq += 1;
@@ -862,7 +844,7 @@ impl Writer {
         let result = (|| -> Result<(usize, u64), QueueError> {
             let txn = self.db.begin_write().map_err(storage)?;
             let counts = {
-                let (_, mut by_time, _) = open_tables(&txn)?;
+                let (_, mut dedupe, mut by_time, _) = open_tables(&txn)?;
                 let mut expired = Vec::new();
                 // Oldest first: everything past the window, then (past the size bound)
                 // the oldest keys still inside it.
@@ -878,21 +860,21 @@ impl Writer {
                 let mut evicted = 0u64;
                 for (ms, entry) in &expired {
                     by_time.remove((*ms, entry.as_str())).map_err(storage)?;
-                    if self.dedupe_map.get(entry) == Some(*ms) {
+                    let current = dedupe
+                        .get(entry.as_str())
+                        .map_err(storage)?
+                        .map(|v| v.value());
+                    if current == Some(*ms) {
+                        dedupe.remove(entry.as_str()).map_err(storage)?;
                         removed += 1;
                         if *ms >= cutoff {
                             evicted += 1;
                         }
                     }
                 }
-                (expired, removed, evicted)
+                (expired.len(), removed, evicted)
             };
             txn.commit().map_err(storage)?;
-            let (expired, removed, evicted) = counts;
-            for (ms, entry) in &expired {
-                self.dedupe_map.forget(entry, *ms);
-            }
-            let counts = (expired.len(), removed, evicted);
             let (scanned, removed, evicted) = counts;
             self.dedupe.keys.fetch_sub(
                 removed.min(self.dedupe.keys.load(Ordering::Relaxed)),
@@ -936,6 +918,7 @@ impl Writer {
 fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>, QueueError> {
     Ok((
         txn.open_table(EVENTS).map_err(storage)?,
+        txn.open_table(DEDUPE).map_err(storage)?,
         txn.open_table(DEDUPE_BY_TIME).map_err(storage)?,
         txn.open_table(META).map_err(storage)?,
     ))
@@ -957,6 +940,5 @@ fn fail_op(op: Op) -> Option<Responder> {
     })
 }
 
-mod dedupe;
 #[cfg(test)]
 mod tests;
