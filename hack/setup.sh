@@ -9,6 +9,9 @@ need_apt=()
 for tool in openssl python3 curl lua5.1; do
   command -v "$tool" >/dev/null || need_apt+=("$tool")
 done
+# nginx: the keep-alive reverse proxy the benchmark compares the delivery path with
+# (benches/bench/delivery.rs configures and starts its own instance on loopback).
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need_apt+=(nginx)
 # `python3 -m venv` (for the SDK conformance test) needs ensurepip: python3-venv on Debian.
 python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then

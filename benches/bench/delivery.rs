@@ -1,9 +1,8 @@
-//! Sections 1–3: the delivery path on loopback. A load generator POSTs 1 KiB provider-shaped
-//! events (Atlas arrays and signed Smallest envelopes) to the real ingress of the data plane
-//! (real `ProviderParser`, real redb file), a loopback consumer counts deliveries and reads
-//! the send time embedded in each payload. The same load then goes through a bare
-//! pass-through forwarder (axum on hyper in, reqwest on hyper out, no durability, no
-//! verification, no signing) to the same consumer.
+//! The delivery path on loopback. A load generator POSTs 1 KiB provider-shaped events
+//! (Atlas arrays and signed Smallest envelopes) to the real ingress of the data plane (real
+//! `ProviderParser`, a real redb file, or a real nats-server with JetStream); a loopback
+//! consumer counts deliveries and reads the send time embedded in each payload. The same
+//! load then goes through nginx as a keep-alive reverse proxy, and straight to the consumer.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +17,11 @@ use webhook_operator::dataplane::{
 use webhook_operator::delivery::{Destination, Policy, SigningSecret};
 use webhook_operator::inbound::VerificationKeys;
 use webhook_operator::providers::{ProviderParser, sign_hex};
+use webhook_operator::queue::{JetStreamOptions, JetStreamQueue};
+
+#[allow(dead_code)] // the tests' helper; the benchmark uses start and url only
+#[path = "../../tests/common/nats.rs"]
+mod nats;
 
 const EVENT_BYTES: usize = 1024;
 const SMALLEST_SECRET: &[u8] = b"bench-smallest-signing-secret";
@@ -29,12 +33,13 @@ fn now_us() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
-/// Latencies in microseconds; p50/p99/max in milliseconds.
+/// Latencies in microseconds; quantiles and max in milliseconds.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Latency {
     pub count: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     pub max_ms: f64,
 }
 
@@ -49,6 +54,7 @@ impl Latency {
             count: v.len(),
             p50_ms: at(0.50) as f64 / 1000.0,
             p99_ms: at(0.99) as f64 / 1000.0,
+            p999_ms: at(0.999) as f64 / 1000.0,
             max_ms: *v.last().unwrap() as f64 / 1000.0,
         }
     }
@@ -103,32 +109,6 @@ async fn start_consumer(consumer: Arc<Consumer>) -> anyhow::Result<SocketAddr> {
     .await
 }
 
-/// The baseline: takes the POST body and forwards it to the consumer, answering with the
-/// consumer's status. Nothing is stored, verified or signed.
-async fn start_forwarder(consumer: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
-    let url = format!("http://{consumer}/in");
-    serve(axum::Router::new().fallback(move |body: Bytes| {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            match client
-                .post(&url)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(body)
-                .send()
-                .await
-            {
-                Ok(r) => http::StatusCode::from_u16(r.status().as_u16())
-                    .unwrap_or(http::StatusCode::BAD_GATEWAY),
-                Err(_) => http::StatusCode::BAD_GATEWAY,
-            }
-        }
-    }))
-    .await
-}
-
 /// One request's worth of load: URL, extra header, body.
 struct Shot {
     url: String,
@@ -144,8 +124,9 @@ struct Shots {
 }
 
 impl Shots {
-    fn shot(&self, n: u64) -> Shot {
-        let sent = now_us();
+    /// `sent`: when the event was due to leave (open loop) or left (closed loop), in
+    /// [`now_us`] time; the consumer measures latency from it.
+    fn shot(&self, n: u64, sent: u64) -> Shot {
         let pad = |head: &str, tail: &str| {
             let fill = EVENT_BYTES.saturating_sub(head.len() + tail.len());
             let mut s = String::with_capacity(EVENT_BYTES);
@@ -193,9 +174,9 @@ struct Target {
 }
 
 impl Target {
-    async fn fire(&self) {
+    async fn fire(&self, sent: u64) {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let shot = self.shots.shot(n);
+        let shot = self.shots.shot(n, sent);
         let mut req = self
             .client
             .post(&shot.url)
@@ -220,6 +201,7 @@ impl Target {
 /// What one load phase measured.
 #[derive(Clone, Debug, Default)]
 pub struct Phase {
+    pub name: &'static str,
     pub seconds: f64,
     pub offered_per_s: Option<f64>,
     pub accepted: u64,
@@ -227,6 +209,8 @@ pub struct Phase {
     pub accepted_per_s: f64,
     /// Deliveries that reached the consumer during the load window, per second.
     pub delivered_per_s: f64,
+    /// Delivered/s in each slice of the window, in order (the last may be shorter).
+    pub slices: Vec<f64>,
     /// Deliveries in all, the drain after the window included.
     pub delivered_total: u64,
     /// From the end of the load window until every accepted event was delivered.
@@ -234,55 +218,97 @@ pub struct Phase {
     pub latency: Latency,
 }
 
+/// Records the consumer's delivered/s per `slice` until `end`.
+fn sample_slices(
+    consumer: Arc<Consumer>,
+    start: Instant,
+    duration: Duration,
+    slice: Duration,
+) -> tokio::task::JoinHandle<Vec<f64>> {
+    tokio::spawn(async move {
+        let mut rates = Vec::new();
+        let mut last = (start, consumer.delivered.load(Ordering::Relaxed));
+        let end = start + duration;
+        while last.0 < end {
+            let next = (last.0 + slice).min(end);
+            tokio::time::sleep_until(next.into()).await;
+            let d = consumer.delivered.load(Ordering::Relaxed);
+            rates.push((d - last.1) as f64 / (next - last.0).as_secs_f64());
+            last = (next, d);
+        }
+        rates
+    })
+}
+
+/// How a phase is timed.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub duration: Duration,
+    pub slice: Duration,
+}
+
 /// Closed loop: `concurrency` senders, each sends its next event when the last answered.
 async fn closed_loop(
+    name: &'static str,
     target: Arc<Target>,
-    consumer: &Consumer,
+    consumer: &Arc<Consumer>,
     concurrency: usize,
-    duration: Duration,
+    timing: Timing,
 ) -> Phase {
     let stop = Arc::new(AtomicBool::new(false));
     consumer.take_latencies();
     let d0 = consumer.delivered.load(Ordering::Relaxed);
     let start = Instant::now();
+    let slices = sample_slices(consumer.clone(), start, timing.duration, timing.slice);
     let senders: Vec<_> = (0..concurrency)
         .map(|_| {
             let (t, stop) = (target.clone(), stop.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    t.fire().await;
+                    t.fire(now_us()).await;
                 }
             })
         })
         .collect();
-    tokio::time::sleep(duration).await;
+    tokio::time::sleep_until((start + timing.duration).into()).await;
     stop.store(true, Ordering::Relaxed);
     let d1 = consumer.delivered.load(Ordering::Relaxed);
     let window = start.elapsed();
     for s in senders {
         let _ = s.await;
     }
-    finish(&target, consumer, d0, d1, window, None).await
+    let slices = slices.await.unwrap_or_default();
+    finish(name, &target, consumer, (d0, d1), window, None, slices).await
 }
 
-/// Open loop: events leave at `rate` per second whatever the answers do (bounded in flight).
+/// Most requests of the open loop in flight; past it an event counts as refused.
+const OPEN_LOOP_IN_FLIGHT: u32 = 4096;
+
+/// Open loop: event n is due at `start + n / rate` whatever the answers do, and carries
+/// that scheduled time, so a stall delays the latencies of every event due during it
+/// (no coordinated omission).
 async fn open_loop(
+    name: &'static str,
     target: Arc<Target>,
-    consumer: &Consumer,
+    consumer: &Arc<Consumer>,
     rate: f64,
-    duration: Duration,
+    timing: Timing,
 ) -> Phase {
     consumer.take_latencies();
     let d0 = consumer.delivered.load(Ordering::Relaxed);
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(4096));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(OPEN_LOOP_IN_FLIGHT as usize));
     let start = Instant::now();
+    let start_us = now_us();
+    let slices = sample_slices(consumer.clone(), start, timing.duration, timing.slice);
+    let total = (timing.duration.as_secs_f64() * rate) as u64;
     let mut sent = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    while start.elapsed() < duration {
+    while sent < total {
         tick.tick().await;
-        let due = (start.elapsed().as_secs_f64() * rate) as u64;
+        let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
         while sent < due {
+            let scheduled = start_us + (sent as f64 * 1e6 / rate) as u64;
             sent += 1;
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                 // Over the in-flight bound: the system is not keeping up; count it as failed.
@@ -291,25 +317,40 @@ async fn open_loop(
             };
             let t = target.clone();
             tokio::spawn(async move {
-                t.fire().await;
+                t.fire(scheduled).await;
                 drop(permit);
             });
         }
     }
     let d1 = consumer.delivered.load(Ordering::Relaxed);
     let window = start.elapsed();
-    let _ = tokio::time::timeout(Duration::from_secs(30), in_flight.acquire_many(4096)).await;
-    finish(&target, consumer, d0, d1, window, Some(rate)).await
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        in_flight.acquire_many(OPEN_LOOP_IN_FLIGHT),
+    )
+    .await;
+    let slices = slices.await.unwrap_or_default();
+    finish(
+        name,
+        &target,
+        consumer,
+        (d0, d1),
+        window,
+        Some(rate),
+        slices,
+    )
+    .await
 }
 
 /// Waits (bounded) for the accepted events to be delivered and sums up.
 async fn finish(
+    name: &'static str,
     target: &Target,
     consumer: &Consumer,
-    d0: u64,
-    d1: u64,
+    (d0, d1): (u64, u64),
     window: Duration,
     offered: Option<f64>,
+    slices: Vec<f64>,
 ) -> Phase {
     let accepted = target.accepted.swap(0, Ordering::Relaxed);
     let failed = target.failed.swap(0, Ordering::Relaxed);
@@ -320,45 +361,165 @@ async fn finish(
     }
     let delivered_total = consumer.delivered.load(Ordering::Relaxed) - d0;
     let secs = window.as_secs_f64();
-    Phase {
+    let phase = Phase {
+        name,
         seconds: secs,
         offered_per_s: offered,
         accepted,
         failed,
         accepted_per_s: accepted as f64 / secs,
         delivered_per_s: (d1 - d0) as f64 / secs,
+        slices,
         delivered_total,
         drain_seconds: drain_start.elapsed().as_secs_f64(),
         latency: Latency::of(consumer.take_latencies()),
+    };
+    eprintln!(
+        "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms",
+        phase.accepted_per_s, phase.delivered_per_s, phase.slices, phase.latency.p99_ms
+    );
+    phase
+}
+
+/// nginx as a keep-alive reverse proxy to the consumer, in a temp prefix, killed on drop.
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// Where Debian's package puts nginx (`hack/setup.sh` installs it), or `$NGINX`.
+fn nginx_bin() -> Option<std::path::PathBuf> {
+    let candidates = std::env::var_os("NGINX")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain(["/usr/sbin/nginx", "/usr/local/sbin/nginx"].map(Into::into));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// `nginx -v` (it prints to stderr), or why there is none.
+pub fn nginx_version() -> String {
+    nginx_bin()
+        .and_then(|bin| std::process::Command::new(bin).arg("-v").output().ok())
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .unwrap_or_else(|| "nginx not found (run hack/setup.sh)".into())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Waits (bounded) until something listens on the loopback `port`.
+async fn wait_listening(port: u16, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "{what} did not listen in 15 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+impl Nginx {
+    async fn start(upstream: SocketAddr) -> anyhow::Result<Nginx> {
+        let bin = nginx_bin().ok_or_else(|| {
+            anyhow::anyhow!(
+                "nginx not found in /usr/sbin or $NGINX: the nginx baseline needs Debian's nginx, \
+                 which hack/setup.sh installs"
+            )
+        })?;
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let d = dir.path().display();
+        // One worker per core, keep-alive on both sides, nothing logged per request.
+        let conf = format!(
+            "daemon off;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             upstream sink {{ server {upstream}; keepalive 256; keepalive_requests 1000000; }}\n\
+             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+             proxy_pass http://sink;\n      proxy_http_version 1.1;\n\
+             proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = std::process::Command::new(bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let nginx = Nginx {
+            child,
+            port,
+            _dir: dir,
+        };
+        wait_listening(port, "nginx").await?;
+        Ok(nginx)
     }
 }
 
-pub struct DeliveryResults {
-    pub ours: Phase,
-    pub baseline: Phase,
-    pub half: Phase,
-    pub max_in_flight: u32,
+impl Drop for Nginx {
+    /// SIGTERM: the master stops its workers (a SIGKILL would orphan them), then exits.
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
-pub async fn run(concurrency: usize, duration: Duration) -> anyhow::Result<DeliveryResults> {
-    now_us();
-    let consumer = Arc::new(Consumer::default());
-    let consumer_addr = start_consumer(consumer.clone()).await?;
+/// nats-server's version, or why there is none.
+pub fn nats_version() -> String {
+    let bin = nats::nats_server_bin();
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "nats-server not found (run hack/setup.sh)".into())
+}
 
-    let dir = tempfile::tempdir()?;
-    let config = DataPlaneConfig {
-        queue_path: dir.path().join("queue.redb"),
-        resolve_overrides: vec![("consumer.bench.svc:8080".into(), consumer_addr)],
+/// A data plane on a queue, with its ingress served and its delivery running.
+struct Plane {
+    base: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    delivery: tokio::task::JoinHandle<()>,
+}
+
+fn plane_config(consumer: SocketAddr, queue_path: std::path::PathBuf) -> DataPlaneConfig {
+    DataPlaneConfig {
+        queue_path,
+        resolve_overrides: vec![("consumer.bench.svc:8080".into(), consumer)],
         address_policy: webhook_operator::delivery::AddressPolicy {
             allow_loopback: true,
             ..Default::default()
         },
         ..Default::default()
-    };
-    let dp = DataPlane::open(config, Arc::new(ProviderParser)).await?;
+    }
+}
+
+/// One endpoint to the consumer, an Atlas and a signed Smallest subscription.
+async fn start_plane(dp: Arc<DataPlane>, max_in_flight: u32) -> anyhow::Result<Plane> {
     let key = EndpointKey::new("bench", "orders");
-    // The in-flight cap matches the offered concurrency (the API default is 16).
-    let max_in_flight = concurrency as u32;
     dp.upsert_endpoint(EndpointConfig {
         key: key.clone(),
         token: "benchtoken".into(),
@@ -402,63 +563,297 @@ pub async fn run(concurrency: usize, duration: Duration) -> anyhow::Result<Deliv
     let delivery = dp.start_delivery(async move {
         let _ = stopped.await;
     });
-    let forwarder = start_forwarder(consumer_addr).await?;
+    Ok(Plane {
+        base: format!("http://{ingress}/hooks/benchtoken"),
+        stop,
+        delivery,
+    })
+}
 
+impl Plane {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.delivery).await;
+    }
+}
+
+pub struct DeliveryResults {
+    pub phases: Vec<Phase>,
+    pub max_in_flight: u32,
+    pub concurrency: usize,
+    /// Why the nginx phase did not run, when it did not.
+    pub nginx_missing: Option<String>,
+}
+
+impl DeliveryResults {
+    pub fn phase(&self, name: &str) -> Option<&Phase> {
+        self.phases.iter().find(|p| p.name == name)
+    }
+}
+
+pub const OPERATOR: &str = "operator (redb, durable), closed loop";
+pub const NGINX: &str = "nginx keep-alive proxy, closed loop";
+pub const DIRECT: &str = "direct to the consumer, closed loop";
+pub const HALF: &str = "operator (redb), half load, open loop";
+pub const JS: &str = "operator (JetStream), closed loop";
+pub const JS_HALF: &str = "operator (JetStream), half load, open loop";
+
+pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryResults> {
+    now_us();
+    webhook_operator::providers::install_crypto_provider();
+    let consumer = Arc::new(Consumer::default());
+    let consumer_addr = start_consumer(consumer.clone()).await?;
+    // The in-flight cap matches the offered concurrency (the API default is 16).
+    let max_in_flight = concurrency as u32;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4096)
         .build()?;
-    let target = |base: String, run: u64| {
+    let run_id = rand::random::<u32>() as u64 * 100;
+    let mut runs = 0u64;
+    let mut target = |base: String| {
+        runs += 1;
         Arc::new(Target {
             client: client.clone(),
-            shots: Shots { base, run },
+            shots: Shots {
+                base,
+                run: run_id + runs,
+            },
             next: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             failed: AtomicU64::new(0),
         })
     };
-    let ours_base = format!("http://{ingress}/hooks/benchtoken");
-    let run_id = rand::random::<u32>() as u64;
+    let warm_up = Timing {
+        duration: Duration::from_millis(500),
+        slice: Duration::from_millis(500),
+    };
+    let mut phases = Vec::new();
 
+    // The embedded queue: saturation, then half its delivered rate, open loop.
+    let dir = tempfile::tempdir()?;
+    let config = plane_config(consumer_addr, dir.path().join("queue.redb"));
+    let dp = DataPlane::open(config, Arc::new(ProviderParser)).await?;
+    let plane = start_plane(dp, max_in_flight).await?;
     // A short warm-up so connection set-up and first allocations fall outside the window.
     closed_loop(
-        target(ours_base.clone(), run_id),
+        "warm-up",
+        target(plane.base.clone()),
         &consumer,
         concurrency,
-        Duration::from_millis(500),
+        warm_up,
     )
     .await;
-    eprintln!("bench: delivery path, {concurrency} senders, {duration:?}");
+    eprintln!("bench: delivery path, {concurrency} senders, {timing:?} per phase");
     let ours = closed_loop(
-        target(ours_base.clone(), run_id + 1),
+        OPERATOR,
+        target(plane.base.clone()),
         &consumer,
         concurrency,
-        duration,
-    )
-    .await;
-    eprintln!("bench: pass-through baseline");
-    let baseline = closed_loop(
-        target(format!("http://{forwarder}"), run_id + 2),
-        &consumer,
-        concurrency,
-        duration,
+        timing,
     )
     .await;
     let half_rate = (ours.delivered_per_s / 2.0).max(1.0);
-    eprintln!("bench: half load, {half_rate:.0} events/s offered");
-    let half = open_loop(
-        target(ours_base, run_id + 3),
+    phases.push(ours);
+    phases.push(
+        open_loop(
+            HALF,
+            target(plane.base.clone()),
+            &consumer,
+            half_rate,
+            timing,
+        )
+        .await,
+    );
+    plane.stop().await;
+
+    // The baselines: nginx in front of the consumer, and the consumer alone.
+    let nginx_missing = match Nginx::start(consumer_addr).await {
+        Ok(nginx) => {
+            let base = format!("http://127.0.0.1:{}", nginx.port);
+            closed_loop(
+                "warm-up",
+                target(base.clone()),
+                &consumer,
+                concurrency,
+                warm_up,
+            )
+            .await;
+            phases.push(closed_loop(NGINX, target(base), &consumer, concurrency, timing).await);
+            None
+        }
+        Err(e) => {
+            eprintln!("bench: NO NGINX BASELINE: {e:#}");
+            Some(format!("{e:#}"))
+        }
+    };
+    let direct = format!("http://{consumer_addr}");
+    phases.push(closed_loop(DIRECT, target(direct), &consumer, concurrency, timing).await);
+
+    // The same phases with the queue on a local nats-server with JetStream.
+    let server = nats::NatsServer::start();
+    let queue = JetStreamQueue::connect(JetStreamOptions {
+        url: server.url(),
+        ..Default::default()
+    })
+    .await?;
+    let config = plane_config(consumer_addr, dir.path().join("unused.redb"));
+    let dp = DataPlane::with_queue(config, Arc::new(ProviderParser), Arc::new(queue))?;
+    let plane = start_plane(dp, max_in_flight).await?;
+    closed_loop(
+        "warm-up",
+        target(plane.base.clone()),
         &consumer,
-        half_rate,
-        duration,
+        concurrency,
+        warm_up,
     )
     .await;
+    let js = closed_loop(
+        JS,
+        target(plane.base.clone()),
+        &consumer,
+        concurrency,
+        timing,
+    )
+    .await;
+    let half_rate = (js.delivered_per_s / 2.0).max(1.0);
+    phases.push(js);
+    phases.push(
+        open_loop(
+            JS_HALF,
+            target(plane.base.clone()),
+            &consumer,
+            half_rate,
+            timing,
+        )
+        .await,
+    );
+    plane.stop().await;
 
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(15), delivery).await;
     Ok(DeliveryResults {
-        ours,
-        baseline,
-        half,
+        phases,
         max_in_flight,
+        concurrency,
+        nginx_missing,
     })
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+impl DeliveryResults {
+    /// The generated block's delivery section: the phases, the versions, the targets.
+    pub fn report(&self, s: &mut String) {
+        use std::fmt::Write as _;
+        let secs = self.phases.first().map_or(0.0, |p| p.seconds);
+        let slice = self
+            .phases
+            .first()
+            .map_or(0.0, |p| p.seconds / p.slices.len().max(1) as f64);
+        let _ = writeln!(
+            s,
+            "### Delivery path ({} senders, {secs:.1} s per phase, 1 KiB events, Atlas and signed Smallest in turn, `maxInFlight` {})\n",
+            self.concurrency, self.max_in_flight
+        );
+        let _ = writeln!(
+            s,
+            "- nginx: {}\n- nats-server: {}\n",
+            nginx_version(),
+            nats_version()
+        );
+        let _ = writeln!(
+            s,
+            "| phase | offered/s | accepted/s | delivered/s | delivered/s per {slice:.0} s slice | refused | p50 ms | p99 ms | p99.9 ms | max ms | drain s |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for p in &self.phases {
+            let slices: Vec<String> = p.slices.iter().map(|r| format!("{r:.0}")).collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                p.name,
+                p.offered_per_s
+                    .map_or("max".to_string(), |r| format!("{r:.0}")),
+                p.accepted_per_s,
+                p.delivered_per_s,
+                slices.join(" "),
+                p.failed,
+                p.latency.p50_ms,
+                p.latency.p99_ms,
+                p.latency.p999_ms,
+                p.latency.max_ms,
+                p.drain_seconds,
+            );
+        }
+        let all: Vec<String> = self
+            .phases
+            .iter()
+            .map(|p| format!("{} {} of {}", p.name, p.delivered_total, p.accepted))
+            .collect();
+        let _ = writeln!(
+            s,
+            "\nDelivered in all (drain included) of accepted: {}.\n",
+            all.join("; ")
+        );
+        if let Some(why) = &self.nginx_missing {
+            let _ = writeln!(s, "**No nginx baseline**: {why}\n");
+        }
+        let rate = |name| self.phase(name).map_or(0.0, |p| p.delivered_per_s);
+        let nginx = rate(NGINX);
+        let _ = writeln!(s, "| target | measured | |\n|---|---|---|");
+        if let Some(o) = self.phase(OPERATOR) {
+            let ratio = o.delivered_per_s / nginx.max(1.0);
+            let _ = writeln!(
+                s,
+                "| operator sustained ≥ 0.5 of nginx | {ratio:.2} ({:.0} / {nginx:.0}) | {} |",
+                o.delivered_per_s,
+                mark(nginx > 0.0 && ratio >= 0.5)
+            );
+            let (first, last) = (
+                o.slices.first().copied().unwrap_or(0.0),
+                o.slices.last().copied().unwrap_or(0.0),
+            );
+            let _ = writeln!(
+                s,
+                "| no decay over the phase (last slice ≥ 0.9 of the first) | {:.2} ({last:.0} / {first:.0}) | {} |",
+                last / first.max(1.0),
+                mark(last >= 0.9 * first)
+            );
+        }
+        if let Some(h) = self.phase(HALF) {
+            let _ = writeln!(
+                s,
+                "| p99 ≤ 10 ms at half load, from the scheduled send time | {:.2} ms (max {:.2} ms) | {} |",
+                h.latency.p99_ms,
+                h.latency.max_ms,
+                mark(h.latency.count > 0 && h.latency.p99_ms <= 10.0)
+            );
+        }
+        if let Some(j) = self.phase(JS) {
+            let share = j.delivered_per_s / j.accepted_per_s.max(1.0);
+            let _ = writeln!(
+                s,
+                "| JetStream delivered ≥ 0.9 of accepted at saturation | {share:.2} ({:.0} / {:.0}) | {} |",
+                j.delivered_per_s,
+                j.accepted_per_s,
+                mark(share >= 0.9)
+            );
+            let ratio = j.delivered_per_s / nginx.max(1.0);
+            let _ = writeln!(
+                s,
+                "| JetStream delivered ≥ 0.3 of nginx | {ratio:.2} ({:.0} / {nginx:.0}) | {} |",
+                j.delivered_per_s,
+                mark(nginx > 0.0 && ratio >= 0.3)
+            );
+        }
+        if let Some(h) = self.phase(JS_HALF) {
+            let _ = writeln!(
+                s,
+                "| JetStream slowest event at half load ≤ 1 s | {:.2} ms | {} |",
+                h.latency.max_ms,
+                mark(h.latency.count > 0 && h.latency.max_ms <= 1000.0)
+            );
+        }
+        s.push('\n');
+    }
 }

@@ -275,6 +275,9 @@ struct Leased {
 /// When a dead letter whose publish failed is handed out again.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
+/// Fewest messages one lease pulls from the server; the surplus waits for the next lease.
+const LEASE_BATCH: usize = 32;
+
 /// Tries of an ack or NAK the server does not confirm, and the pause before each retry.
 const SETTLE_BACKOFF: [Duration; 3] = [
     Duration::ZERO,
@@ -735,12 +738,17 @@ impl Queue for JetStreamQueue {
             return Ok(Vec::new());
         }
         let mut msgs: Vec<jetstream::Message> = Vec::new();
-        let prefetched = inner
-            .prefetched
-            .lock()
-            .expect("prefetch lock")
-            .remove(endpoint)
-            .unwrap_or_default();
+        // At most `max` of the parked messages; the rest stay parked, oldest first.
+        let prefetched: Vec<_> = {
+            let mut parked = inner.prefetched.lock().expect("prefetch lock");
+            match parked.get_mut(endpoint) {
+                Some(p) => {
+                    let n = p.len().min(max);
+                    p.drain(..n).collect()
+                }
+                None => Vec::new(),
+            }
+        };
         for (msg, at) in prefetched {
             // Held past half its lease: give it back now rather than let it wait out the
             // rest of ack_wait.
@@ -752,6 +760,10 @@ impl Queue for JetStreamQueue {
         }
         if msgs.len() < max {
             let want = max - msgs.len();
+            // One pull is a round trip to the server: under load a worker leases as its
+            // attempts finish, often one event at a time, so a pull asks for a batch and
+            // parks what is over for the next leases (given back if held too long).
+            let pull = want.max(LEASE_BATCH);
             // A pull whose server went away mid-request may never end: bounded, so the
             // delivery worker is never stuck on it. What arrived before the bound or an
             // error is kept and handed out: dropping it would leave it leased until
@@ -761,7 +773,7 @@ impl Queue for JetStreamQueue {
                 let consumer = inner.consumer(endpoint).await?;
                 let mut batch = consumer
                     .fetch()
-                    .max_messages(want)
+                    .max_messages(pull)
                     .messages()
                     .await
                     .map_err(storage)?;
@@ -777,6 +789,17 @@ impl Queue for JetStreamQueue {
                     return Err(e);
                 }
                 tracing::debug!(endpoint = %endpoint, error = %e, kept = got.len(), "pull cut short");
+            }
+            if got.len() > want {
+                let now = Instant::now();
+                let surplus = got.split_off(want).into_iter().map(|m| (m, now));
+                inner
+                    .prefetched
+                    .lock()
+                    .expect("prefetch lock")
+                    .entry(endpoint.clone())
+                    .or_default()
+                    .extend(surplus);
             }
             msgs.extend(got);
         }
@@ -1006,6 +1029,12 @@ impl Queue for JetStreamQueue {
                 .map_err(storage)?
                 .purged;
         }
+        // Messages parked for the next lease were purged with the rest: never hand them out.
+        inner
+            .prefetched
+            .lock()
+            .expect("prefetch lock")
+            .remove(endpoint);
         inner.consumers.lock().await.remove(endpoint);
         inner.known.lock().expect("known lock").remove(endpoint);
         let _ = inner.refresh_counts().await;

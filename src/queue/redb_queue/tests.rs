@@ -547,3 +547,33 @@ async fn a_file_from_the_previous_version_is_indexed_on_open_without_loss() {
     assert_eq!(q.endpoint_depth(&b).pending, 27);
     assert_eq!(q.lease(&b, 100, SystemTime::now()).await.unwrap().len(), 27);
 }
+
+#[tokio::test]
+async fn dedupe_keys_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let e = ep("deduped");
+    let now = SystemTime::now();
+    {
+        let q = open(&path);
+        let out = q
+            .enqueue(vec![event(&e, "k1", now), event(&e, "k2", now)])
+            .await
+            .unwrap();
+        assert!(matches!(out[1], EnqueueOutcome::Accepted { .. }));
+    }
+    // The lookup map is rebuilt from the file: both keys are still known, a new one is not.
+    let q = open(&path);
+    assert_eq!(q.dedupe_stats().unwrap().0, 2);
+    let out = q
+        .enqueue(vec![
+            event(&e, "k1", now),
+            event(&e, "k3", now),
+            event(&e, "k2", now),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], EnqueueOutcome::Duplicate);
+    assert!(matches!(out[1], EnqueueOutcome::Accepted { .. }));
+    assert_eq!(out[2], EnqueueOutcome::Duplicate);
+}
