@@ -76,6 +76,16 @@ pub struct OperatorConfig {
     /// Log as JSON lines.
     #[arg(long, env = "WEBHOOK_OPERATOR_LOG_JSON")]
     pub log_json: bool,
+    /// Passes each controller (endpoints, subscriptions) runs at once. A start or resync
+    /// of thousands of objects queues them instead of opening thousands of provider and
+    /// API-server requests together.
+    #[arg(
+        long,
+        env = "WEBHOOK_OPERATOR_MAX_CONCURRENT_RECONCILES",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub max_concurrent_reconciles: u16,
     /// Where events wait for delivery: `embedded` (a file on --data-dir; one replica) or
     /// `jetstream` (NATS JetStream at --nats-url; several replicas share it).
     #[arg(long, env = "WEBHOOK_OPERATOR_QUEUE", value_enum, default_value_t = QueueBackend::Embedded)]

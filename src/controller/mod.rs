@@ -287,7 +287,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     // An endpoint re-checks when a Secret it generated or reads (signing secret, header
     // values) changes.
     let store = ep_store.clone();
+    let limits = kube::runtime::controller::Config::default()
+        .concurrency(ctx.config.max_concurrent_reconciles);
     let endpoints = Controller::for_shared_stream(endpoint_changes, ep_store.clone())
+        .with_config(limits.clone())
         .owns_shared_stream(generated_secrets)
         .watches_shared_stream(secrets_for_endpoints, move |secret| {
             let (ns, name) = (secret.namespace(), secret.name_any());
@@ -304,6 +307,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     // A subscription re-checks when its credentials Secret or its endpoint changes.
     let store = sub_store.clone();
     let subscriptions = Controller::for_shared_stream(subscription_changes, sub_store.clone())
+        .with_config(limits)
         .watches_shared_stream(secrets_for_subscriptions, move |secret| {
             let (ns, name) = (secret.namespace(), secret.name_any());
             store

@@ -403,6 +403,24 @@ async fn the_atlas_list_path_value_reaches_the_operator_flag() {
 }
 
 #[tokio::test]
+async fn the_reconcile_concurrency_value_reaches_the_operator() {
+    let value = |extra: &[&str]| {
+        let objs = objects(&render("bounded", "default", extra));
+        let sts = find(&objs, "StatefulSet")[0].clone();
+        env_value(
+            container(&sts),
+            "WEBHOOK_OPERATOR_MAX_CONCURRENT_RECONCILES",
+        )
+        .map(str::to_owned)
+    };
+    assert_eq!(value(&[]), Some("32".to_owned()));
+    assert_eq!(
+        value(&["--set", "operator.maxConcurrentReconciles=8"]),
+        Some("8".to_owned())
+    );
+}
+
+#[tokio::test]
 async fn values_schema_refuses_wrong_values() {
     let chart = chart_dir();
     let chart = chart.to_str().unwrap();
@@ -425,7 +443,7 @@ async fn values_schema_refuses_wrong_values() {
         Some("http://otel-collector.observability:4318")
     );
 
-    let bad: [(&[&str], &str); 7] = [
+    let bad: [(&[&str], &str); 8] = [
         (
             &["--set-json", "queue.jetstream.replicas=\"three\""],
             "replicas",
@@ -441,6 +459,10 @@ async fn values_schema_refuses_wrong_values() {
         (
             &["--set", "operator.providers.atlasListPath=no-slash"],
             "atlasListPath",
+        ),
+        (
+            &["--set", "operator.maxConcurrentReconciles=0"],
+            "maxConcurrentReconciles",
         ),
     ];
     for (args, field) in bad {

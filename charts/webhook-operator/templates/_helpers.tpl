@@ -106,6 +106,8 @@ spec:
           value: {{ $op.limits.bodyReadTimeout | quote }}
         - name: WEBHOOK_OPERATOR_MAX_DEDUPE_KEYS
           value: {{ $op.limits.maxDedupeKeys | int64 | quote }}
+        - name: WEBHOOK_OPERATOR_MAX_CONCURRENT_RECONCILES
+          value: {{ $op.maxConcurrentReconciles | int | quote }}
         - name: WEBHOOK_OPERATOR_LOG_JSON
           value: {{ $op.logJSON | quote }}
         - name: WEBHOOK_OPERATOR_ALLOW_LINK_LOCAL
