@@ -374,7 +374,10 @@ pub struct UpstreamStatus {
     /// The provider's own state of the subscription, for example `enabled` or `disabled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
-    /// When the operator last talked to the provider successfully.
+    /// When the operator last found the provider's subscription different from what
+    /// this status recorded (and recorded the new state), or first recorded it. Not a
+    /// heartbeat: a resync that finds everything as recorded leaves it, and the status,
+    /// unwritten; the `Synced` condition says whether the last pass reached the provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<Time>,
     /// The last desired state applied upstream (JSON, no secrets). A spec change removes

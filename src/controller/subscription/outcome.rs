@@ -46,6 +46,7 @@ pub fn outcome_status(
     let desired: Vec<Desired> = match outcome {
         Outcome::Synced { observed, applied } => {
             let upstream = next.upstream.get_or_insert_with(UpstreamStatus::default);
+            let before = upstream.clone();
             upstream.id = Some(observed.id.clone());
             upstream.echo = observed.echo.clone();
             upstream.state = Some(match &observed.state {
@@ -54,9 +55,13 @@ pub fn outcome_status(
                 UpstreamState::Incomplete { .. } => "incomplete".into(),
                 UpstreamState::Manual => "manual".into(),
             });
-            upstream.last_sync_time = Some(now.clone());
             if let Some(applied) = applied {
                 upstream.applied = serde_json::to_string(applied).ok();
+            }
+            // Not a heartbeat: a resync that finds everything as recorded writes nothing,
+            // so the time moves only with what it dates.
+            if *upstream != before || upstream.last_sync_time.is_none() {
+                upstream.last_sync_time = Some(now.clone());
             }
             let synced_reason = match observed.action {
                 _ if matches!(observed.state, UpstreamState::Disabled { .. }) => reasons::SYNCED,

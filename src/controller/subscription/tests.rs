@@ -531,3 +531,39 @@ fn next_pass_waits_by_outcome() {
         );
     }
 }
+
+#[test]
+fn a_resync_that_finds_everything_as_recorded_computes_the_same_status() {
+    let first = after(
+        &WebhookSubscriptionStatus::default(),
+        &synced(UpstreamState::Enabled, SyncAction::Created, true),
+        100,
+    );
+    assert_eq!(
+        first.upstream.as_ref().unwrap().last_sync_time,
+        Some(t(100))
+    );
+    // Later passes that find the upstream as recorded: the very same status, so the one
+    // status writer writes nothing (before, the sync time moved on every pass).
+    for secs in [400, 700] {
+        let again = after(
+            &first,
+            &synced(UpstreamState::Enabled, SyncAction::Unchanged, true),
+            secs,
+        );
+        assert_eq!(again, first, "a resync at {secs}");
+    }
+    // What the time dates moves it: the provider disabled the subscription.
+    let disabled = after(
+        &first,
+        &synced(
+            UpstreamState::Disabled {
+                message: "off".into(),
+            },
+            SyncAction::Unchanged,
+            true,
+        ),
+        900,
+    );
+    assert_eq!(disabled.upstream.unwrap().last_sync_time, Some(t(900)));
+}
