@@ -306,27 +306,24 @@ mod tests {
         let (tx, rx) = watch::channel(false);
         let shutdown = CancellationToken::new();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<&str>::new()));
-        let (l1, l2) = (log.clone(), log.clone());
+        // A role that logs its start and, once cancelled, its end.
+        let role = |start: &'static str, end: &'static str| {
+            let log = log.clone();
+            move |t: CancellationToken| {
+                let l = log.clone();
+                async move {
+                    l.lock().unwrap().push(start);
+                    t.cancelled().await;
+                    l.lock().unwrap().push(end);
+                }
+            }
+        };
         let task = tokio::spawn(run_while_leading(
             rx,
             shutdown.clone(),
             Duration::from_secs(5),
-            move |t: CancellationToken| {
-                let l = l1.clone();
-                async move {
-                    l.lock().unwrap().push("lead");
-                    t.cancelled().await;
-                    l.lock().unwrap().push("/lead");
-                }
-            },
-            move |t: CancellationToken| {
-                let l = l2.clone();
-                async move {
-                    l.lock().unwrap().push("follow");
-                    t.cancelled().await;
-                    l.lock().unwrap().push("/follow");
-                }
-            },
+            role("lead", "/lead"),
+            role("follow", "/follow"),
         ));
         let wait_for = |n: usize| {
             let log = log.clone();

@@ -45,6 +45,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -293,13 +295,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         .with_config(limits.clone())
         .owns_shared_stream(generated_secrets)
         .watches_shared_stream(secrets_for_endpoints, move |secret| {
-            let (ns, name) = (secret.namespace(), secret.name_any());
-            store
-                .state()
-                .into_iter()
-                .filter(|ep| ep.namespace() == ns && endpoint::reads_secret(ep, &name))
-                .map(|ep| ObjectRef::from_obj(&*ep))
-                .collect::<Vec<_>>()
+            readers_of(&store, &secret, endpoint::reads_secret)
         })
         .reconcile_on(ep_rx)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
@@ -309,19 +305,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let subscriptions = Controller::for_shared_stream(subscription_changes, sub_store.clone())
         .with_config(limits)
         .watches_shared_stream(secrets_for_subscriptions, move |secret| {
-            let (ns, name) = (secret.namespace(), secret.name_any());
-            store
-                .state()
-                .into_iter()
-                .filter(|s| {
-                    s.namespace() == ns
-                        && s.spec
-                            .credentials_ref
-                            .as_ref()
-                            .is_some_and(|c| c.name == name)
-                })
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
+            readers_of(&store, &secret, |s: &WebhookSubscription, name| {
+                s.spec
+                    .credentials_ref
+                    .as_ref()
+                    .is_some_and(|c| c.name == name)
+            })
         });
     let store = sub_store.clone();
     let subscriptions = subscriptions
@@ -349,6 +338,24 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         .run(subscription::reconcile, error_policy, ctx.clone())
         .for_each(|r| async move { log_result(r) });
     tokio::join!(endpoints, subscriptions, refresher);
+}
+
+/// The objects of `store` in the Secret's namespace that `reads` it (by name).
+fn readers_of<K>(
+    store: &kube::runtime::reflector::Store<K>,
+    secret: &PartialObjectMeta<Secret>,
+    reads: impl Fn(&K, &str) -> bool,
+) -> Vec<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (ns, name) = (secret.namespace(), secret.name_any());
+    store
+        .state()
+        .into_iter()
+        .filter(|o| o.namespace() == ns && reads(o, &name))
+        .map(|o| ObjectRef::from_obj(&*o))
+        .collect()
 }
 
 /// What the user changes (the spec, which moves the generation, and deletion), the

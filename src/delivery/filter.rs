@@ -79,6 +79,14 @@ mod tests {
 
     const CALL: &[u8] = br#"{"call": {"analysis": {"lead_warmth": "hot"}, "minutes": 3}}"#;
 
+    /// Each expression of `table` over [`CALL`] with (event type, subscription, headers).
+    fn assert_verdicts(table: &[(&str, Verdict)], (event_type, sub, headers): (&str, &str, &str)) {
+        for (expr, want) in table {
+            let f = Filter::compile(expr).unwrap();
+            assert_eq!(&f.evaluate(CALL, event_type, sub, headers), want, "{expr}");
+        }
+    }
+
     #[test]
     fn compile_errors_carry_the_compilers_message() {
         let err = Filter::compile("payload.call.analysis.lead_warmth == ").unwrap_err();
@@ -107,14 +115,7 @@ mod tests {
             ),
             ("has(payload.call.analysis)", Verdict::Deliver),
         ];
-        for (expr, want) in table {
-            let f = Filter::compile(expr).unwrap();
-            assert_eq!(
-                f.evaluate(CALL, "call_completed", "calls", ""),
-                want,
-                "{expr}"
-            );
-        }
+        assert_verdicts(&table, ("call_completed", "calls", ""));
     }
 
     #[test]
@@ -137,10 +138,7 @@ mod tests {
             ),
             ("size(headers) == 2", Verdict::Deliver),
         ];
-        for (expr, want) in table {
-            let f = Filter::compile(expr).unwrap();
-            assert_eq!(f.evaluate(CALL, "t", "s", HEADERS), want, "{expr}");
-        }
+        assert_verdicts(&table, ("t", "s", HEADERS));
         // No headers kept (an event stored before its endpoint had a filter): an empty map.
         let f = Filter::compile("headers['x-atlas-event'] == 'call_completed'").unwrap();
         assert!(matches!(f.evaluate(CALL, "t", "s", ""), Verdict::Error(_)));
