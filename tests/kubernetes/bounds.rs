@@ -63,6 +63,25 @@ async fn healthz(ops_port: u16) -> Option<u16> {
     Some(r.status().as_u16())
 }
 
+/// Bytes of the files directly in `dir` (the queue file and its companions).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The resident set of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
 fn call_ids(consumer: &Consumer) -> BTreeSet<String> {
     consumer
         .received()
@@ -92,7 +111,7 @@ async fn a_backlogged_endpoint_answers_503_says_so_and_drains_without_loss() {
     let ops_flag = format!("127.0.0.1:{ops}");
     let spec = json!({"destination": consumer_destination(), "maxQueuedEvents": 5,
         "delivery": {"retry": {"initialDelay": "100ms", "maxDelay": "200ms"}}});
-    let (env, _sandbox, consumer, _operator, _dir, _) =
+    let (env, _sandbox, consumer, operator, data_dir, _) =
         setup_with("backlog", spec, &["--ops-addr", &ops_flag]).await;
     apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
     wait_condition(&env, "atlas", "Ready", "True", None).await;
@@ -115,6 +134,37 @@ async fn a_backlogged_endpoint_answers_503_says_so_and_drains_without_loss() {
         .unwrap();
     assert!(retry_after >= 1);
     assert!(rejected(ops, "endpoint_backlogged").await >= 1);
+
+    // A flood over the bound, 32 MiB offered in 8 KiB events: every one is refused, and
+    // neither the store nor the process grows with what was offered.
+    let pid = operator.child.id();
+    let (disk_before, rss_before) = (dir_bytes(data_dir.path()), rss_kib(pid));
+    let statuses: Vec<u16> = {
+        use futures::StreamExt;
+        futures::stream::iter(0..4000)
+            .map(|n| {
+                let url = url.clone();
+                async move {
+                    let mut ev = atlas_event(&format!("flood-{n}"));
+                    ev[0]["padding"] = json!("x".repeat(8192));
+                    status_of(&url, &ev).await
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await
+    };
+    let refused = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(refused, 4000, "every flood request is refused at the bound");
+    let (disk_after, rss_after) = (dir_bytes(data_dir.path()), rss_kib(pid));
+    assert!(
+        disk_after < disk_before + 4 * 1024 * 1024,
+        "the store grew from {disk_before} to {disk_after} bytes under a refused flood"
+    );
+    assert!(
+        rss_after < rss_before + 24 * 1024,
+        "the operator's RSS grew from {rss_before} to {rss_after} KiB under a refused flood"
+    );
 
     let ep = wait_endpoint(&env, "orders", "Healthy=False Backlogged", |ep| {
         condition(ep, "Healthy").is_some_and(|(s, r)| s == "False" && r == "Backlogged")
