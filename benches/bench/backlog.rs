@@ -88,7 +88,8 @@ async fn fill(path: &Path, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The child: opens `path`, leases one event, prints `serving_seconds counted`.
+/// The child: opens `path`, leases one event, prints `serving_seconds counted peak_rss_mib`
+/// (its own VmHWM as it finishes: a quick child may exit before the parent samples it).
 pub fn child(path: &str) -> anyhow::Result<()> {
     let start = Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -103,7 +104,11 @@ pub fn child(path: &str) -> anyhow::Result<()> {
         let serving = start.elapsed().as_secs_f64();
         let d = q.depth();
         let counted = d.pending + d.leased + d.dead_lettered;
-        println!("{serving} {counted}");
+        let hwm = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| vm_hwm_mib(&s))
+            .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/self/status"))?;
+        println!("{serving} {counted} {hwm}");
         anyhow::Ok(())
     })
 }
@@ -147,7 +152,8 @@ fn reopen(path: &Path) -> anyhow::Result<(f64, u64, f64)> {
     let mut it = text.split_whitespace();
     let serving: f64 = it.next().unwrap_or_default().parse()?;
     let counted: u64 = it.next().unwrap_or_default().parse()?;
-    Ok((serving, counted, hwm))
+    let own_hwm: f64 = it.next().unwrap_or_default().parse()?;
+    Ok((serving, counted, hwm.max(own_hwm)))
 }
 
 pub async fn run(sizes: &[u64]) -> anyhow::Result<BacklogResults> {

@@ -215,7 +215,7 @@ fn backlog_report(s: &mut String, b: &backlog::BacklogResults) {
             s,
             "| peak RSS inside the chart's 256 MiB limit | {:.1} MiB | {} |",
             big.rss_peak_mib,
-            mark(big.rss_peak_mib <= 256.0)
+            mark(big.rss_peak_mib > 0.0 && big.rss_peak_mib <= 256.0)
         );
     }
     s.push('\n');
