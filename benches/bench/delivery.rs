@@ -248,6 +248,54 @@ pub struct Timing {
 }
 
 /// Closed loop: `concurrency` senders, each sends its next event when the last answered.
+/// What every operator phase pair shares: the consumer, the closed loop's senders, the
+/// warm-up and the phase timing.
+struct Load<'a> {
+    consumer: &'a Arc<Consumer>,
+    concurrency: usize,
+    warm_up: Timing,
+    timing: Timing,
+}
+
+/// A short warm-up (so connection set-up and first allocations fall outside the window),
+/// a closed loop at saturation named `names.0`, then an open loop named `names.1` at half
+/// the rate it delivered; stops the plane.
+async fn saturation_then_half(
+    plane: Plane,
+    names: (&'static str, &'static str),
+    target: &mut impl FnMut(String) -> Arc<Target>,
+    load: &Load<'_>,
+) -> [Phase; 2] {
+    let (consumer, concurrency) = (load.consumer, load.concurrency);
+    closed_loop(
+        "warm-up",
+        target(plane.base.clone()),
+        consumer,
+        concurrency,
+        load.warm_up,
+    )
+    .await;
+    let saturated = closed_loop(
+        names.0,
+        target(plane.base.clone()),
+        consumer,
+        concurrency,
+        load.timing,
+    )
+    .await;
+    let half_rate = (saturated.delivered_per_s / 2.0).max(1.0);
+    let half = open_loop(
+        names.1,
+        target(plane.base.clone()),
+        consumer,
+        half_rate,
+        load.timing,
+    )
+    .await;
+    plane.stop().await;
+    [saturated, half]
+}
+
 async fn closed_loop(
     name: &'static str,
     target: Arc<Target>,
@@ -634,37 +682,14 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
     let config = plane_config(consumer_addr, dir.path().join("queue.redb"));
     let dp = DataPlane::open(config, Arc::new(ProviderParser)).await?;
     let plane = start_plane(dp, max_in_flight).await?;
-    // A short warm-up so connection set-up and first allocations fall outside the window.
-    closed_loop(
-        "warm-up",
-        target(plane.base.clone()),
-        &consumer,
+    eprintln!("bench: delivery path, {concurrency} senders, {timing:?} per phase");
+    let load = Load {
+        consumer: &consumer,
         concurrency,
         warm_up,
-    )
-    .await;
-    eprintln!("bench: delivery path, {concurrency} senders, {timing:?} per phase");
-    let ours = closed_loop(
-        OPERATOR,
-        target(plane.base.clone()),
-        &consumer,
-        concurrency,
         timing,
-    )
-    .await;
-    let half_rate = (ours.delivered_per_s / 2.0).max(1.0);
-    phases.push(ours);
-    phases.push(
-        open_loop(
-            HALF,
-            target(plane.base.clone()),
-            &consumer,
-            half_rate,
-            timing,
-        )
-        .await,
-    );
-    plane.stop().await;
+    };
+    phases.extend(saturation_then_half(plane, (OPERATOR, HALF), &mut target, &load).await);
 
     // The baselines: nginx in front of the consumer, and the consumer alone.
     let nginx_missing = match Nginx::start(consumer_addr).await {
@@ -699,35 +724,7 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
     let config = plane_config(consumer_addr, dir.path().join("unused.redb"));
     let dp = DataPlane::with_queue(config, Arc::new(ProviderParser), Arc::new(queue))?;
     let plane = start_plane(dp, max_in_flight).await?;
-    closed_loop(
-        "warm-up",
-        target(plane.base.clone()),
-        &consumer,
-        concurrency,
-        warm_up,
-    )
-    .await;
-    let js = closed_loop(
-        JS,
-        target(plane.base.clone()),
-        &consumer,
-        concurrency,
-        timing,
-    )
-    .await;
-    let half_rate = (js.delivered_per_s / 2.0).max(1.0);
-    phases.push(js);
-    phases.push(
-        open_loop(
-            JS_HALF,
-            target(plane.base.clone()),
-            &consumer,
-            half_rate,
-            timing,
-        )
-        .await,
-    );
-    plane.stop().await;
+    phases.extend(saturation_then_half(plane, (JS, JS_HALF), &mut target, &load).await);
 
     Ok(DeliveryResults {
         phases,
