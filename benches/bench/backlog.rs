@@ -11,6 +11,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::proc_stats::vm_hwm_mib;
 use bytes::Bytes;
 use webhook_operator::queue::{EndpointKey, NewEvent, Queue, RedbQueue, RedbQueueOptions};
 
@@ -111,12 +112,6 @@ pub fn child(path: &str) -> anyhow::Result<()> {
         println!("{serving} {counted} {hwm}");
         anyhow::Ok(())
     })
-}
-
-fn vm_hwm_mib(status: &str) -> Option<f64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 /// Runs the child on `path` and reads its peak RSS just before it exits.

@@ -18,6 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backlog;
 mod delivery;
+mod proc_stats;
 mod reconcile;
 
 use std::fmt::Write as _;

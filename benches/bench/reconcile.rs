@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::proc_stats::{CpuReading, vm_hwm_mib_of};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
@@ -42,6 +43,8 @@ pub struct ReconcileResults {
     /// Every apiserver request in the window less the benchmark's own, for reference.
     pub all_requests_less_ours: u64,
     pub rss_peak_mib: f64,
+    /// CPU seconds per process from the first create until all were Ready.
+    pub cpu: String,
     pub apiserver_version: String,
     pub resync: Option<Resync>,
 }
@@ -59,6 +62,8 @@ pub struct Resync {
     /// Every operator request on its resources, by verb and resource.
     pub operator_requests_by: BTreeMap<String, u64>,
     pub rss_peak_mib: f64,
+    /// CPU seconds per process from the restart until every subscription had a pass.
+    pub cpu: String,
 }
 
 impl ReconcileResults {
@@ -114,17 +119,23 @@ impl ReconcileResults {
             "| operator peak RSS (VmHWM) | {:.1} MiB |",
             r.rss_peak_mib
         );
+        let _ = writeln!(
+            s,
+            "| CPU from the first create until all Ready (what bounds the time) | {} |",
+            r.cpu
+        );
         if let Some(x) = &r.resync {
             let _ = writeln!(
                 s,
-                "| restart (SIGTERM) and resync of all, nothing changed | every subscription had a pass {:.2} s after the restart{}; provider reads {}, writes {}; status writes {}; requests: {}; peak RSS {:.1} MiB |",
+                "| restart (SIGTERM) and resync of all, nothing changed | every subscription had a pass {:.2} s after the restart{}; provider reads {}, writes {}; status writes {}; requests: {}; peak RSS {:.1} MiB; CPU {} |",
                 x.seconds,
                 if x.complete { "" } else { " (timed out)" },
                 x.provider_reads,
                 x.provider_writes,
                 x.status_writes,
                 joined(&x.operator_requests_by),
-                x.rss_peak_mib
+                x.rss_peak_mib,
+                x.cpu
             );
         }
         let _ = writeln!(s, "\n| target | measured | |\n|---|---|---|");
@@ -343,11 +354,23 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn vm_hwm_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+/// The kube-apiserver's and etcd's pids, from the files `hack/controlplane.sh` writes.
+fn control_plane_pids(dir: &Path) -> anyhow::Result<(u32, u32)> {
+    let read = |name: &str| -> anyhow::Result<u32> {
+        Ok(std::fs::read_to_string(dir.join(name))?.trim().parse()?)
+    };
+    Ok((read("apiserver.pid")?, read("etcd.pid")?))
+}
+
+/// The processes whose CPU time the report splits: the control plane, the operator, and
+/// the benchmark itself (the creates, the provider simulators, the Ready watch).
+fn cpu_parts((apiserver, etcd): (u32, u32), operator: u32) -> [(&'static str, u32); 4] {
+    [
+        ("kube-apiserver", apiserver),
+        ("etcd", etcd),
+        ("operator", operator),
+        ("benchmark (creates, simulators, watch)", std::process::id()),
+    ]
 }
 
 pub async fn run(
@@ -473,6 +496,7 @@ pub async fn run(
     let operator = cmd.spawn()?;
     let pid = operator.id();
     cleanup.operator = Some(operator);
+    let control_plane = control_plane_pids(&dir)?;
 
     eprintln!("bench: waiting for the endpoint to be Ready");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -501,6 +525,7 @@ pub async fn run(
     let before = request_totals(&client).await?;
 
     eprintln!("bench: creating {n} WebhookSubscriptions ({CREATE_POOL} at a time)");
+    let cpu = CpuReading::now(&cpu_parts(control_plane, pid));
     let start = Instant::now();
     let results: Vec<_> = futures::stream::iter(0..n)
         .map(|i| {
@@ -526,6 +551,7 @@ pub async fn run(
     eprintln!("bench: created in {created_seconds:.2}s; waiting for Ready");
     let all_ready = wait_for(ready_count, n, Instant::now() + timeout).await;
     let ready_seconds = start.elapsed().as_secs_f64();
+    let cpu = cpu.used_since();
     if all_ready {
         eprintln!("bench: all Ready in {ready_seconds:.2}s; settling {settle:?}");
     } else {
@@ -547,13 +573,14 @@ pub async fn run(
     let operator_requests = by.values().sum();
     let all_requests_less_ours = all.saturating_sub(n as u64 + 1);
     let calls = provider_calls(&base).await?;
-    let rss_peak_mib = vm_hwm_mib(pid).unwrap_or(f64::NAN);
+    let rss_peak_mib = vm_hwm_mib_of(pid).unwrap_or(f64::NAN);
 
     let resync = if all_ready {
         Some(
             restart_and_resync(
                 &mut cleanup,
                 &cmd,
+                control_plane,
                 &client,
                 &http,
                 &base,
@@ -578,6 +605,7 @@ pub async fn run(
         operator_requests_by: by,
         all_requests_less_ours,
         rss_peak_mib,
+        cpu,
         apiserver_version,
         resync,
     })
@@ -655,6 +683,7 @@ fn stop(child: &mut Child) -> anyhow::Result<()> {
 async fn restart_and_resync(
     cleanup: &mut Cleanup,
     cmd: &OperatorCommand,
+    control_plane: (u32, u32),
     client: &Client,
     http: &reqwest::Client,
     base: &str,
@@ -671,6 +700,7 @@ async fn restart_and_resync(
     let start = Instant::now();
     let operator = cmd.spawn()?;
     let pid = operator.id();
+    let cpu = CpuReading::now(&cpu_parts(control_plane, pid));
     cleanup.operator = Some(operator);
     let complete = loop {
         if cmd.subscriptions_passed(http).await >= n {
@@ -682,6 +712,7 @@ async fn restart_and_resync(
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let seconds = start.elapsed().as_secs_f64();
+    let cpu = cpu.used_since();
     eprintln!(
         "bench: every subscription had a pass {seconds:.2}s after the restart; settling {settle:?}"
     );
@@ -702,7 +733,8 @@ async fn restart_and_resync(
         provider_writes: calls.writes,
         status_writes,
         operator_requests_by: by,
-        rss_peak_mib: vm_hwm_mib(pid).unwrap_or(f64::NAN),
+        rss_peak_mib: vm_hwm_mib_of(pid).unwrap_or(f64::NAN),
+        cpu,
     })
 }
 

@@ -122,7 +122,7 @@ async fn hook(
     let Some(route) = ing.routes.lookup(&token) else {
         return unknown(&ing, "unknown_endpoint");
     };
-    let Some(sub) = route.subscriptions.get(&subscription) else {
+    let Some(sub) = route.subscription(&subscription) else {
         return unknown(&ing, "unknown_subscription");
     };
     if let Some(refused) = rate::check(&ing, &route) {

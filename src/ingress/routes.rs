@@ -61,12 +61,17 @@ pub struct SubscriptionEntry {
     pub counters: Arc<SubscriptionCounters>,
 }
 
+/// One endpoint's subscriptions by name, shared by every version of the endpoint's route:
+/// adding or removing a subscription changes this map only, so its cost does not grow
+/// with the number of subscriptions the endpoint has.
+pub type SubscriptionEntries = RwLock<HashMap<String, Arc<SubscriptionEntry>>>;
+
 /// Everything a request to one token needs.
 pub struct EndpointRoute {
     pub key: EndpointKey,
     /// Empty: every type is delivered.
     pub event_types: HashSet<String>,
-    pub subscriptions: HashMap<String, SubscriptionEntry>,
+    subscriptions: Arc<SubscriptionEntries>,
     pub metrics: EndpointMetrics,
     /// The endpoint's own bound on waiting events, if it sets one.
     pub max_queued_events: Option<u64>,
@@ -78,14 +83,24 @@ pub struct EndpointRoute {
     pub rate_limit: Option<Arc<Bucket>>,
 }
 
+impl EndpointRoute {
+    /// The subscription a request names, if the endpoint has it.
+    pub fn subscription(&self, name: &str) -> Option<Arc<SubscriptionEntry>> {
+        self.subscriptions
+            .read()
+            .expect("routes lock")
+            .get(name)
+            .cloned()
+    }
+}
+
 /// Token, event types, own bounds on waiting events and bytes, whether headers are kept.
 type DesiredEndpoint = (String, Vec<String>, Option<u64>, Option<u64>, bool);
 
 #[derive(Default)]
 struct Desired {
     endpoints: HashMap<EndpointKey, DesiredEndpoint>,
-    subscriptions: HashMap<EndpointKey, HashMap<String, SubscriptionRoute>>,
-    counters: HashMap<(EndpointKey, String), Arc<SubscriptionCounters>>,
+    subscriptions: HashMap<EndpointKey, Arc<SubscriptionEntries>>,
     /// Kept across route rebuilds so that a spec change elsewhere does not refill it.
     buckets: HashMap<EndpointKey, Arc<Bucket>>,
 }
@@ -96,7 +111,8 @@ pub struct RouteTable {
     /// (see [`RouteTable::mark_loaded`]). Until then an unknown token may be one not
     /// loaded yet, so the ingress cannot answer 404 for it.
     loaded: AtomicBool,
-    /// Source of the table, so each change rebuilds one endpoint's route. Writers only.
+    /// Source of the table, so an endpoint's change rebuilds that endpoint's route (its
+    /// subscriptions are shared, not rebuilt). Writers only.
     desired: Mutex<Desired>,
     metrics: Arc<Metrics>,
 }
@@ -171,22 +187,30 @@ impl RouteTable {
         }
     }
 
+    /// Adds or replaces one subscription; its counters carry over a replacement.
     pub fn upsert_subscription(&self, sub: &SubscriptionRoute) {
-        let mut d = self.desired.lock().expect("routes lock");
-        d.subscriptions
-            .entry(sub.endpoint.clone())
-            .or_default()
-            .insert(sub.name.clone(), sub.clone());
-        self.rebuild(&mut d, &sub.endpoint);
+        let entries = self.entries(&sub.endpoint);
+        let mut entries = entries.write().expect("routes lock");
+        let counters = entries
+            .get(&sub.name)
+            .map(|e| e.counters.clone())
+            .unwrap_or_default();
+        entries.insert(
+            sub.name.clone(),
+            Arc::new(SubscriptionEntry {
+                provider: sub.provider,
+                keys: sub.keys.clone(),
+                counters,
+            }),
+        );
     }
 
+    /// Removes one subscription, and its counters with it.
     pub fn remove_subscription(&self, endpoint: &EndpointKey, name: &str) {
-        let mut d = self.desired.lock().expect("routes lock");
-        if let Some(subs) = d.subscriptions.get_mut(endpoint) {
-            subs.remove(name);
-        }
-        d.counters.remove(&(endpoint.clone(), name.to_owned()));
-        self.rebuild(&mut d, endpoint);
+        self.entries(endpoint)
+            .write()
+            .expect("routes lock")
+            .remove(name);
     }
 
     pub fn counters(
@@ -194,11 +218,15 @@ impl RouteTable {
         endpoint: &EndpointKey,
         name: &str,
     ) -> Option<Arc<SubscriptionCounters>> {
-        let d = self.desired.lock().expect("routes lock");
-        d.subscriptions.get(endpoint)?.get(name)?;
-        d.counters
-            .get(&(endpoint.clone(), name.to_owned()))
-            .cloned()
+        let entries = self.entries(endpoint);
+        let entries = entries.read().expect("routes lock");
+        entries.get(name).map(|e| e.counters.clone())
+    }
+
+    /// The endpoint's subscriptions, the same map its route (now or later) reads.
+    fn entries(&self, endpoint: &EndpointKey) -> Arc<SubscriptionEntries> {
+        let mut d = self.desired.lock().expect("routes lock");
+        d.subscriptions.entry(endpoint.clone()).or_default().clone()
     }
 
     fn rebuild(&self, d: &mut Desired, key: &EndpointKey) {
@@ -207,22 +235,7 @@ impl RouteTable {
         else {
             return;
         };
-        let mut subscriptions = HashMap::new();
-        for (name, s) in d.subscriptions.get(key).cloned().unwrap_or_default() {
-            let counters = d
-                .counters
-                .entry((key.clone(), name.clone()))
-                .or_default()
-                .clone();
-            subscriptions.insert(
-                name,
-                SubscriptionEntry {
-                    provider: s.provider,
-                    keys: s.keys,
-                    counters,
-                },
-            );
-        }
+        let subscriptions = d.subscriptions.entry(key.clone()).or_default().clone();
         let route = Arc::new(EndpointRoute {
             key: key.clone(),
             event_types: types.into_iter().collect(),
@@ -237,5 +250,91 @@ impl RouteTable {
         // A token change leaves the old one unroutable.
         table.retain(|t, r| r.key != *key || *t == token);
         table.insert(token, route);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::{Destination, Policy};
+
+    fn endpoint(token: &str) -> EndpointConfig {
+        EndpointConfig {
+            key: EndpointKey::new("apps", "orders"),
+            token: token.into(),
+            destination: Destination::Service {
+                name: "sink".into(),
+                namespace: "apps".into(),
+                port: 8080,
+                path: "/".into(),
+            },
+            policy: Policy::default(),
+            signing_secrets: vec![],
+            headers: vec![],
+            event_types: vec![],
+            max_queued_events: None,
+            max_queued_bytes: None,
+            ingress_rate_limit: None,
+            format: Default::default(),
+            filter: None,
+        }
+    }
+
+    fn subscription(name: &str, provider: Provider) -> SubscriptionRoute {
+        SubscriptionRoute {
+            endpoint: EndpointKey::new("apps", "orders"),
+            name: name.into(),
+            provider,
+            keys: VerificationKeys::default(),
+        }
+    }
+
+    fn provider_of(table: &RouteTable, token: &str, name: &str) -> Option<Provider> {
+        table
+            .lookup(token)
+            .and_then(|route| route.subscription(name))
+            .map(|s| s.provider)
+    }
+
+    #[test]
+    fn subscriptions_added_before_or_after_the_endpoint_are_routed_through_its_token_changes() {
+        let table = RouteTable::new(Arc::new(Metrics::new()));
+        let key = EndpointKey::new("apps", "orders");
+        table.upsert_subscription(&subscription("early", Provider::Atlas));
+        table.upsert_endpoint(&endpoint("t1"));
+        // A route handed out before a subscription was added sees it too.
+        let held = table.lookup("t1").expect("routed");
+        table.upsert_subscription(&subscription("late", Provider::Atomic));
+        assert_eq!(provider_of(&table, "t1", "early"), Some(Provider::Atlas));
+        assert_eq!(
+            held.subscription("late").map(|s| s.provider),
+            Some(Provider::Atomic)
+        );
+
+        table.upsert_endpoint(&endpoint("t2"));
+        assert!(table.lookup("t1").is_none(), "the old token is unroutable");
+        assert_eq!(provider_of(&table, "t2", "late"), Some(Provider::Atomic));
+
+        table.remove_subscription(&key, "early");
+        assert_eq!(provider_of(&table, "t2", "early"), None);
+        assert!(table.counters(&key, "early").is_none());
+    }
+
+    #[test]
+    fn counters_survive_a_subscriptions_replacement_and_go_with_its_removal() {
+        let table = RouteTable::new(Arc::new(Metrics::new()));
+        let key = EndpointKey::new("apps", "orders");
+        table.upsert_endpoint(&endpoint("t1"));
+        table.upsert_subscription(&subscription("calls", Provider::Atlas));
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        table.counters(&key, "calls").expect("counters").add(3, at);
+
+        table.upsert_subscription(&subscription("calls", Provider::Smallest));
+        assert_eq!(provider_of(&table, "t1", "calls"), Some(Provider::Smallest));
+        assert_eq!(table.counters(&key, "calls").map(|c| c.get().0), Some(3));
+
+        table.remove_subscription(&key, "calls");
+        table.upsert_subscription(&subscription("calls", Provider::Atlas));
+        assert_eq!(table.counters(&key, "calls").map(|c| c.get().0), Some(0));
     }
 }
