@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::{Client, Resource, ResourceExt};
 
@@ -139,6 +139,9 @@ where
     K: Resource<DynamicType = ()>,
 {
     let namespace = owner.namespace().unwrap_or_default();
+    if store.known_absent(&namespace, name) {
+        return Ok(BTreeMap::new());
+    }
     match store.get(&namespace, name).await? {
         None => Ok(BTreeMap::new()),
         Some(s) if is_owned_by(&s.metadata, owner.meta().uid.as_deref()) => Ok(s
@@ -200,7 +203,10 @@ where
 }
 
 /// Creates or replaces the owned Secret `name` with exactly `data`. Callers have read it
-/// with [`read_owned`] first, which refuses a Secret someone else owns.
+/// with [`read_owned`] first, which refuses a Secret someone else owns. A Secret the store
+/// knows to be absent is created, not applied: one someone else made since (which the
+/// watch has not shown yet) is refused with a conflict and read on the next pass, never
+/// taken over.
 pub async fn write_owned<K>(
     store: &SecretStore,
     owner: &K,
@@ -214,7 +220,7 @@ where
     let api: Api<Secret> = Api::namespaced(store.client.clone(), &namespace);
     let metadata = ObjectMeta {
         name: Some(name.to_string()),
-        namespace: Some(namespace),
+        namespace: Some(namespace.clone()),
         owner_references: owner_reference(owner).map(|o| vec![o]),
         labels: Some(BTreeMap::from([(
             MANAGED_BY.0.to_string(),
@@ -222,23 +228,26 @@ where
         )])),
         ..Default::default()
     };
-    let data: BTreeMap<String, ByteString> = data
-        .iter()
-        .map(|(k, v)| (k.clone(), ByteString(v.clone())))
-        .collect();
-    let written = api
-        .patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": metadata,
-                "data": data,
-                "type": "Opaque",
-            })),
-        )
-        .await?;
+    let secret = Secret {
+        metadata,
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.clone(), ByteString(v.clone())))
+                .collect(),
+        ),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    let written = if store.known_absent(&namespace, name) {
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        api.create(&params, &secret).await?
+    } else {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch(name, &params, &Patch::Apply(&secret)).await?
+    };
     store.remember(written);
     Ok(())
 }
@@ -293,6 +302,23 @@ impl SecretStore {
                 Ok(None)
             }
         }
+    }
+
+    /// Whether the Secret does not exist as far as the operator knows: the watch (its
+    /// first list in) holds none, and this store has neither read nor written one since.
+    /// Only for the operator's own Secrets, whose creation it does itself; a Secret a user
+    /// names is read even then (the user may have created it a moment ago).
+    fn known_absent(&self, namespace: &str, name: &str) -> bool {
+        let Some(watched) = self.watched.lock().expect("secret store lock").clone() else {
+            return false;
+        };
+        let key = (namespace.to_string(), name.to_string());
+        matches!(watched.get(namespace, name), Some(None))
+            && !self
+                .kept
+                .lock()
+                .expect("secret store lock")
+                .contains_key(&key)
     }
 
     /// The kept copy of `key` if the watch holds the same resourceVersion.
@@ -375,16 +401,32 @@ mod tests {
         assert!(is_referable(&meta(None, Some("true")), true));
     }
 
-    /// A loopback stand-in for the API server's Secret GET: counts the GETs and answers
-    /// the Secret at the resourceVersion `version` holds (404 when it is empty).
+    /// A loopback stand-in for the API server's Secret GET and create: counts the GETs
+    /// and answers the Secret at the resourceVersion `version` holds (404 when it is
+    /// empty); counts the creates and answers each with the Secret sent, at version "9".
     async fn api_server(
         version: Arc<Mutex<String>>,
-    ) -> (Client, Arc<std::sync::atomic::AtomicU64>) {
+    ) -> (
+        Client,
+        Arc<std::sync::atomic::AtomicU64>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
         use axum::extract::Path;
         use std::sync::atomic::{AtomicU64, Ordering};
         let gets = Arc::new(AtomicU64::new(0));
+        let creates = Arc::new(AtomicU64::new(0));
         let counted = gets.clone();
-        let app = axum::Router::new().route(
+        let created = creates.clone();
+        let app = axum::Router::new()
+            .route(
+                "/api/v1/namespaces/{ns}/secrets",
+                axum::routing::post(move |axum::Json(mut secret): axum::Json<serde_json::Value>| {
+                    created.fetch_add(1, Ordering::SeqCst);
+                    secret["metadata"]["resourceVersion"] = "9".into();
+                    async move { (axum::http::StatusCode::CREATED, axum::Json(secret)) }
+                }),
+            )
+            .route(
             "/api/v1/namespaces/{ns}/secrets/{name}",
             axum::routing::get(move |Path((ns, name)): Path<(String, String)>| {
                 let (gets, version) = (counted.clone(), version.clone());
@@ -412,7 +454,7 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
         let config = kube::Config::new(url.parse().unwrap());
-        (Client::try_from(config).unwrap(), gets)
+        (Client::try_from(config).unwrap(), gets, creates)
     }
 
     fn watched(rv: &str) -> PartialObjectMeta<Secret> {
@@ -428,7 +470,7 @@ mod tests {
         use kube::runtime::{reflector, watcher};
         use std::sync::atomic::Ordering;
         let version = Arc::new(Mutex::new("1".to_string()));
-        let (client, gets) = api_server(version.clone()).await;
+        let (client, gets, _) = api_server(version.clone()).await;
         let store = SecretStore::new(client);
         let value = |s: &SecretData| s.get_string("k").unwrap();
 
@@ -477,5 +519,46 @@ mod tests {
         ));
         assert_eq!(store.kept(), 0);
         assert_eq!(gets.load(Ordering::SeqCst), 5);
+    }
+
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    #[tokio::test]
+    async fn an_owned_secret_the_watch_does_not_hold_is_created_without_a_read() {
+        use kube::runtime::{reflector, watcher};
+        use std::sync::atomic::Ordering;
+        let (client, gets, creates) = api_server(Arc::new(Mutex::new(String::new()))).await;
+        let store = SecretStore::new(client);
+        let mut owner = ConfigMap::default();
+        owner.metadata.name = Some("orders".into());
+        owner.metadata.namespace = Some("ns".into());
+        owner.metadata.uid = Some("uid-1".into());
+
+        // Without the watch the store cannot know whether the Secret exists: it reads.
+        assert!(read_owned(&store, &owner, "gen").await.unwrap().is_empty());
+        assert_eq!(gets.load(Ordering::SeqCst), 1);
+
+        // The watch's first list is in and holds no such Secret: no read, and the write
+        // is a create (a Secret made meanwhile by someone else would be refused).
+        let (cache, mut writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        writer.apply_watcher_event(&watcher::Event::Apply(watched("1")));
+        store.watch(watches::Cache::listed(cache));
+        let value = ensure_generated(&store, &owner, "gen", "k", || b"v".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(value, b"v");
+        assert_eq!(
+            gets.load(Ordering::SeqCst),
+            1,
+            "no read of a known-absent Secret"
+        );
+        assert_eq!(creates.load(Ordering::SeqCst), 1);
+
+        // Written through the store: no longer known absent (the watch has not shown it
+        // yet), so the next pass reads it rather than creating it again.
+        assert!(!store.known_absent("ns", "gen"));
+        let _ = read_owned(&store, &owner, "gen").await;
+        assert_eq!(gets.load(Ordering::SeqCst), 2);
+        assert_eq!(creates.load(Ordering::SeqCst), 1);
     }
 }

@@ -6,7 +6,8 @@
 //! controller reading the store is already one. So everything else
 //! [`Watch::cache`] or awaits [`Watches::ready`], which any number of tasks may do.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
@@ -14,7 +15,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Context, api};
@@ -55,24 +56,27 @@ where
     /// Every object the watch applies (and all of them after each full list). Subscribe
     /// before [`Watches::start`]: a subscriber added later misses the first list.
     ///
-    /// Each subscriber is drained into its own queue at once, so the watch never waits
-    /// for a consumer that has not started yet (the controllers start after the routes
-    /// are primed from the same caches).
+    /// Each subscriber is drained into its own [`Pending`] queue at once, so the watch
+    /// never waits for a consumer that has not started yet (the controllers start after
+    /// the routes are primed from the same caches) or that runs behind it.
     pub fn subscribe(&self) -> impl Stream<Item = Arc<K>> + Send + 'static {
         let mut handle = self
             .writer
             .as_ref()
             .and_then(Writer::subscribe)
             .expect("subscribed before the watch started");
-        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let pending = Arc::new(Pending::default());
+        let filled = pending.clone();
         tokio::spawn(async move {
             while let Some(obj) = handle.next().await {
-                if tx.unbounded_send(obj).is_err() {
-                    return;
-                }
+                filled.push(obj);
             }
+            filled.close();
         });
-        rx
+        futures::stream::unfold(pending, |pending| async move {
+            let next = pending.pop().await?;
+            Some((next, pending))
+        })
     }
 
     /// The cache, and whether its first list is in; for readers other than the
@@ -113,6 +117,70 @@ where
 
     async fn wait_ready(&self) {
         let _ = self.ready.clone().wait_for(|ready| *ready).await;
+    }
+}
+
+/// The objects one subscriber has not taken yet, in the order they first changed, each
+/// at its newest version: a subscriber that runs behind the watch (a controller at its
+/// concurrency limit while thousands of objects are created) holds one entry per changed
+/// object, not one copy per change.
+struct Pending<K: Resource<DynamicType = ()>> {
+    queue: Mutex<PendingQueue<K>>,
+    wake: Notify,
+}
+
+struct PendingQueue<K: Resource<DynamicType = ()>> {
+    order: VecDeque<ObjectRef<K>>,
+    newest: HashMap<ObjectRef<K>, Arc<K>>,
+    closed: bool,
+}
+
+impl<K: Resource<DynamicType = ()>> Default for Pending<K> {
+    fn default() -> Self {
+        Pending {
+            queue: Mutex::new(PendingQueue {
+                order: VecDeque::new(),
+                newest: HashMap::new(),
+                closed: false,
+            }),
+            wake: Notify::new(),
+        }
+    }
+}
+
+impl<K: Resource<DynamicType = ()>> Pending<K> {
+    fn push(&self, obj: Arc<K>) {
+        let key = ObjectRef::from_obj(obj.as_ref());
+        let mut q = self.queue.lock().expect("pending lock");
+        if q.newest.insert(key.clone(), obj).is_none() {
+            q.order.push_back(key);
+        }
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    fn close(&self) {
+        self.queue.lock().expect("pending lock").closed = true;
+        self.wake.notify_one();
+    }
+
+    /// The next object, or `None` once the watch has ended and everything was taken.
+    async fn pop(&self) -> Option<Arc<K>> {
+        loop {
+            {
+                let mut q = self.queue.lock().expect("pending lock");
+                while let Some(key) = q.order.pop_front() {
+                    if let Some(obj) = q.newest.remove(&key) {
+                        return Some(obj);
+                    }
+                }
+                if q.closed {
+                    return None;
+                }
+            }
+            // A push between the unlock and here leaves a permit: no wake-up is lost.
+            self.wake.notified().await;
+        }
     }
 }
 
@@ -195,5 +263,64 @@ impl Watches {
 impl Default for Watches {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    fn version(name: &str, rv: &str) -> Arc<ConfigMap> {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some(name.into());
+        cm.metadata.namespace = Some("apps".into());
+        cm.metadata.resource_version = Some(rv.into());
+        Arc::new(cm)
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_behind_the_watch_gets_each_object_once_at_its_newest_version() {
+        let pending = Pending::default();
+        for (name, rv) in [("a", "1"), ("b", "2"), ("a", "3"), ("c", "4"), ("b", "5")] {
+            pending.push(version(name, rv));
+        }
+        pending.close();
+        let mut taken = Vec::new();
+        while let Some(obj) = pending.pop().await {
+            taken.push((
+                obj.metadata.name.clone().unwrap_or_default(),
+                obj.metadata.resource_version.clone(),
+            ));
+        }
+        let want: Vec<(String, Option<String>)> = [("a", "3"), ("b", "5"), ("c", "4")]
+            .iter()
+            .map(|(n, rv)| (n.to_string(), Some(rv.to_string())))
+            .collect();
+        assert_eq!(
+            taken, want,
+            "first-change order, newest versions, no repeats"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_subscriber_wakes_for_a_push() {
+        let pending: Arc<Pending<ConfigMap>> = Arc::new(Pending::default());
+        let waiter = tokio::spawn({
+            let pending = pending.clone();
+            async move {
+                pending
+                    .pop()
+                    .await
+                    .map(|o| o.metadata.resource_version.clone())
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        pending.push(version("a", "7"));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("joined");
+        assert_eq!(got, Some(Some("7".into())));
     }
 }
