@@ -27,6 +27,7 @@ pub mod build;
 pub mod conditions;
 pub mod dataplane_routes;
 pub mod endpoint;
+pub mod event_recorder;
 pub mod isolation;
 pub mod memo;
 pub mod rotation;
@@ -48,7 +49,7 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, finalizer, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -64,7 +65,7 @@ pub struct Context {
     pub client: Client,
     pub config: OperatorConfig,
     pub providers: ProviderClients,
-    pub recorder: Recorder,
+    pub recorder: event_recorder::EventRecorder,
     pub routes: Routes,
     /// The address policy and resolution overrides, for reconcile-time destination checks.
     pub destinations: crate::delivery::Resolver,
@@ -84,12 +85,12 @@ impl Context {
         config: OperatorConfig,
         routes: Arc<dyn routes::IngressRoutes>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: "webhook-operator".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: event_recorder::EventRecorder::new(
+                client.clone(),
+                "webhook-operator",
+                std::env::var("POD_NAME").ok(),
+            ),
             providers: ProviderClients::new(config.providers.endpoints()),
             destinations: crate::delivery::Resolver::new(
                 &config.resolve_overrides,
