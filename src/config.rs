@@ -78,11 +78,13 @@ pub struct OperatorConfig {
     pub log_json: bool,
     /// Passes each controller (endpoints, subscriptions) runs at once. A start or resync
     /// of thousands of objects queues them instead of opening thousands of provider and
-    /// API-server requests together.
+    /// API-server requests together. A pass makes several requests one after the other,
+    /// so fewer than a hundred or so fall behind objects created as fast as the API
+    /// server takes them (BENCHMARKS.md).
     #[arg(
         long,
         env = "WEBHOOK_OPERATOR_MAX_CONCURRENT_RECONCILES",
-        default_value_t = 32,
+        default_value_t = 128,
         value_parser = clap::value_parser!(u16).range(1..)
     )]
     pub max_concurrent_reconciles: u16,

@@ -413,7 +413,7 @@ async fn the_reconcile_concurrency_value_reaches_the_operator() {
         )
         .map(str::to_owned)
     };
-    assert_eq!(value(&[]), Some("32".to_owned()));
+    assert_eq!(value(&[]), Some("128".to_owned()));
     assert_eq!(
         value(&["--set", "operator.maxConcurrentReconciles=8"]),
         Some("8".to_owned())
