@@ -218,7 +218,14 @@ impl RouteTable {
         endpoint: &EndpointKey,
         name: &str,
     ) -> Option<Arc<SubscriptionCounters>> {
-        let entries = self.entries(endpoint);
+        // A lookup only: an endpoint nobody configured gets no map.
+        let entries = self
+            .desired
+            .lock()
+            .expect("routes lock")
+            .subscriptions
+            .get(endpoint)?
+            .clone();
         let entries = entries.read().expect("routes lock");
         entries.get(name).map(|e| e.counters.clone())
     }
