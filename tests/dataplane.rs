@@ -436,6 +436,12 @@ async fn events_are_delivered_once_and_signed_with_both_secrets() {
     );
     assert!(last.is_some());
     assert!(h.dp.subscription_counters(&h.key, "nope").is_none());
+    // The consumer can see the last delivery a moment before its outcome is recorded.
+    wait_for("the last outcome recorded", Duration::from_secs(5), || {
+        h.dp.endpoint_health(&h.key)
+            .is_some_and(|health| health.stats.delivered >= 12)
+    })
+    .await;
     let health = h.dp.endpoint_health(&h.key).unwrap();
     assert_eq!(health.stats.delivered, 12);
     assert_eq!(
