@@ -135,7 +135,7 @@ async fn apply(
     let ns = ep.namespace().unwrap_or_default();
     let name = ep.name_any();
     let key = (ns.clone(), name.clone());
-    let written = ctx.endpoint_memo.read(&key, |m| m.status.clone());
+    let written = ctx.endpoint_memo.read(&key, |m| m.status.written());
     let current = status::current(ep, written.as_ref())
         .cloned()
         .unwrap_or_default();
@@ -335,7 +335,7 @@ async fn apply(
     publish_transitions(ctx, ep, &current, &next).await;
     if let Some(written) = status::apply_if_changed(api, ep, written, next).await? {
         ctx.endpoint_memo
-            .update(key.clone(), |m| m.status = Some(written));
+            .update(key.clone(), |m| m.status.keep(written));
     }
     let mut wait = if problems.is_empty() {
         Duration::from_secs(300)

@@ -1,7 +1,8 @@
 //! What the reconcilers remember about an object between passes, in one place per kind.
 //! All of it is in memory only and rebuilt from status after a restart; [`Memo::forget`]
 //! drops everything about an object when its finalizer runs, so a deleted and re-created
-//! object of the same name starts afresh.
+//! object of the same name starts afresh. Each object's memory is boxed: the table then
+//! holds a key and a pointer per slot, not a whole memory per slot, filled or not.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -10,7 +11,7 @@ use std::sync::Mutex;
 use kube::runtime::reflector::ObjectRef;
 
 use super::routes::EndpointKey;
-use super::status::Written;
+use super::status::StatusMemory;
 use super::subscription::Schedule;
 use super::test_event::Pending;
 use crate::api::WebhookSubscription;
@@ -19,7 +20,7 @@ use crate::api::subscription::WebhookSubscriptionStatus;
 
 /// Per-object memory of one kind: `V` per key, `V::default()` when nothing is known.
 #[derive(Debug)]
-pub struct Memo<K, V>(Mutex<HashMap<K, V>>);
+pub struct Memo<K, V>(Mutex<HashMap<K, Box<V>>>);
 
 impl<K, V> Default for Memo<K, V> {
     fn default() -> Self {
@@ -40,6 +41,13 @@ impl<K: Eq + Hash, V: Default> Memo<K, V> {
     /// Changes what is remembered about `key`.
     pub fn update<R>(&self, key: K, f: impl FnOnce(&mut V) -> R) -> R {
         f(self.0.lock().expect("memo lock").entry(key).or_default())
+    }
+
+    /// Changes what is remembered about `key` if anything is; nothing is added.
+    pub fn update_existing(&self, key: &K, f: impl FnOnce(&mut V)) {
+        if let Some(v) = self.0.lock().expect("memo lock").get_mut(key) {
+            f(v);
+        }
     }
 
     /// Forgets everything about `key`: the object was deleted.
@@ -66,8 +74,8 @@ pub struct SubscriptionMemory {
     pub pending_test: Option<Pending>,
     /// The last test request handled (the cached object may predate our status write).
     pub handled_test: Option<String>,
-    /// The status last written (the cached object may predate it).
-    pub status: Option<Written<WebhookSubscriptionStatus>>,
+    /// The status last written while the cache may predate it.
+    pub status: StatusMemory<WebhookSubscriptionStatus>,
 }
 
 /// What a WebhookEndpoint's passes remember.
@@ -75,8 +83,8 @@ pub struct SubscriptionMemory {
 pub struct EndpointMemory {
     /// The last replay request handled (the cached object may predate our status write).
     pub handled_replay: Option<String>,
-    /// The status last written (the cached object may predate it).
-    pub status: Option<Written<WebhookEndpointStatus>>,
+    /// The status last written while the cache may predate it.
+    pub status: StatusMemory<WebhookEndpointStatus>,
 }
 
 pub type SubscriptionMemo = Memo<ObjectRef<WebhookSubscription>, SubscriptionMemory>;
@@ -130,5 +138,22 @@ mod tests {
         memo.forget(&key);
         assert!(memo.is_empty());
         assert_eq!(memo.read(&key, |m| m.handled_replay.clone()), None);
+    }
+
+    #[test]
+    fn updating_only_what_exists_adds_nothing() {
+        let memo = EndpointMemo::default();
+        let (known, unknown) = (
+            ("a".to_string(), "x".to_string()),
+            ("a".to_string(), "y".to_string()),
+        );
+        memo.update(known.clone(), |m| m.handled_replay = Some("r1".into()));
+        memo.update_existing(&unknown, |m| m.handled_replay = Some("r2".into()));
+        memo.update_existing(&known, |m| m.handled_replay = Some("r3".into()));
+        assert_eq!(memo.len(), 1);
+        assert_eq!(
+            memo.read(&known, |m| m.handled_replay.clone()).as_deref(),
+            Some("r3")
+        );
     }
 }

@@ -256,8 +256,27 @@ where
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     // One watch per kind for everything below; every trigger subscribes before it starts.
     let mut watches = watches::Watches::new();
-    let endpoint_changes = changes(watches.endpoints.subscribe(), user_changes);
-    let subscription_changes = changes(watches.subscriptions.subscribe(), user_changes);
+    // Every version the watch shows reaches the memo first, so a kept copy of our own
+    // status write is dropped once the cache holds it.
+    let seen = ctx.clone();
+    let endpoint_changes = changes(
+        watches.endpoints.subscribe().inspect(move |ep| {
+            let key = (ep.namespace().unwrap_or_default(), ep.name_any());
+            let version = ep.meta().resource_version.as_deref();
+            seen.endpoint_memo
+                .update_existing(&key, |m| m.status.observe(version));
+        }),
+        user_changes,
+    );
+    let seen = ctx.clone();
+    let subscription_changes = changes(
+        watches.subscriptions.subscribe().inspect(move |sub| {
+            let version = sub.meta().resource_version.as_deref();
+            seen.subscription_memo
+                .update_existing(&ObjectRef::from_obj(&**sub), |m| m.status.observe(version));
+        }),
+        user_changes,
+    );
     // The cache subscriptions read their endpoint from is the one the watch fills before
     // it triggers them, so a pass an endpoint change starts sees that change. Only what
     // a subscription reads of its endpoint triggers it: an endpoint's delivery figures

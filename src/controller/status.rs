@@ -7,6 +7,9 @@
 //! what it last wrote ([`Written`], kept in its memo): while the cached object is still
 //! one our writes were computed from or produced, what we wrote is the status the object
 //! has, and the next status is computed from that rather than from the older cache.
+//! Once the watch shows the version our last write produced, the cache holds that status
+//! and the copy is dropped ([`StatusMemory`]): at thousands of objects the copies would
+//! be a second cache.
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::object::HasStatus;
@@ -28,6 +31,49 @@ const MAX_UNSEEN: usize = 16;
 pub struct Written<S> {
     status: S,
     versions: Vec<String>,
+    /// The version our last write produced, as the API server answered.
+    produced: Option<String>,
+}
+
+/// What a kind's memo keeps of one object's status: the last write while the cache may
+/// not show it yet, and the newest version the watch has shown.
+#[derive(Clone, Debug)]
+pub struct StatusMemory<S> {
+    written: Option<Written<S>>,
+    seen: Option<String>,
+}
+
+impl<S> Default for StatusMemory<S> {
+    fn default() -> Self {
+        StatusMemory {
+            written: None,
+            seen: None,
+        }
+    }
+}
+
+impl<S: Clone> StatusMemory<S> {
+    /// The write a pass computes its status from (see [`current`]).
+    pub fn written(&self) -> Option<Written<S>> {
+        self.written.clone()
+    }
+
+    /// Keeps what a write produced, unless the watch has shown its version already.
+    pub fn keep(&mut self, written: Written<S>) {
+        self.written = (!self.shows(&written)).then_some(written);
+    }
+
+    /// The watch shows the object at `version`: the copy of a write it shows is dropped.
+    pub fn observe(&mut self, version: Option<&str>) {
+        self.seen = version.map(str::to_owned);
+        if self.written.as_ref().is_some_and(|w| self.shows(w)) {
+            self.written = None;
+        }
+    }
+
+    fn shows(&self, written: &Written<S>) -> bool {
+        written.produced.is_some() && written.produced == self.seen
+    }
 }
 
 /// The status `obj` has: the one we wrote last while the cached `obj` is at a version our
@@ -72,14 +118,18 @@ pub fn remember<K: Resource, S>(
         Some(p) if from.as_ref().is_some_and(|rv| p.versions.contains(rv)) => p.versions,
         _ => Vec::new(),
     };
-    for v in [from, produced].into_iter().flatten() {
+    for v in [from, produced.clone()].into_iter().flatten() {
         if !versions.contains(&v) {
             versions.push(v);
         }
     }
     let drop = versions.len().saturating_sub(MAX_UNSEEN);
     versions.drain(..drop);
-    Written { status, versions }
+    Written {
+        status,
+        versions,
+        produced,
+    }
 }
 
 /// Applies `next` to `obj` unless the status it has (see [`current`]) equals it. Returns
@@ -179,6 +229,34 @@ mod tests {
             Some("10".into()),
         );
         assert_eq!(third.versions, ["9", "10"]);
+    }
+
+    #[test]
+    fn a_kept_write_is_dropped_once_the_watch_shows_it_and_only_then() {
+        // Cache at "1"; we wrote and the API server answered "2".
+        let write = || remember(&sub_at("1", Some(1)), None, status(5), Some("2".into()));
+        let mut memory = StatusMemory::default();
+        memory.keep(write());
+        for older in [None, Some("1")] {
+            memory.observe(older);
+            assert_eq!(memory.written(), Some(write()), "watch at {older:?}");
+        }
+        memory.observe(Some("2"));
+        assert_eq!(memory.written(), None, "the cache holds our write");
+
+        // The watch showed the write before the pass came back with it: never kept.
+        let mut memory = StatusMemory::default();
+        memory.observe(Some("2"));
+        memory.keep(write());
+        assert_eq!(memory.written(), None);
+
+        // Without the version the API server answered, only a later pass replaces it.
+        let unanswered = remember(&sub_at("1", Some(1)), None, status(5), None);
+        let mut memory = StatusMemory::default();
+        memory.keep(unanswered.clone());
+        memory.observe(Some("1"));
+        memory.observe(None);
+        assert_eq!(memory.written(), Some(unanswered));
     }
 
     #[test]

@@ -55,7 +55,7 @@ async fn apply(
     api: &Api<WebhookSubscription>,
 ) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(sub);
-    let written = ctx.subscription_memo.read(&key, |m| m.status.clone());
+    let written = ctx.subscription_memo.read(&key, |m| m.status.written());
     let current = status::current(sub, written.as_ref())
         .cloned()
         .unwrap_or_default();
@@ -183,7 +183,7 @@ async fn write_status(
 ) -> Result<(), Error> {
     if let Some(written) = status::apply_if_changed(api, sub, written, next).await? {
         ctx.subscription_memo
-            .update(ObjectRef::from_obj(sub), |m| m.status = Some(written));
+            .update(ObjectRef::from_obj(sub), |m| m.status.keep(written));
     }
     Ok(())
 }
