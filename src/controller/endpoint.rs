@@ -136,7 +136,10 @@ async fn apply(
     let name = ep.name_any();
     let key = (ns.clone(), name.clone());
     let written = ctx.endpoint_memo.read(&key, |m| m.status.written());
-    let current = status::current(ep, written.as_ref())
+    // Read after the memo: once it has dropped our last write, the cache holds it.
+    let cached = written.is_none().then(|| ctx.cached_endpoint(ep)).flatten();
+    let status_of = status::source(ep, written.as_ref(), cached.as_deref());
+    let current = status::current(status_of, written.as_ref())
         .cloned()
         .unwrap_or_default();
 
@@ -333,7 +336,7 @@ async fn apply(
         current.last_handled_rotation.clone()
     };
     publish_transitions(ctx, ep, &current, &next).await;
-    if let Some(written) = status::apply_if_changed(api, ep, written, next).await? {
+    if let Some(written) = status::apply_if_changed(api, status_of, written, next).await? {
         ctx.endpoint_memo
             .update(key.clone(), |m| m.status.keep(written));
     }

@@ -75,6 +75,8 @@ pub struct Context {
     pub endpoint_memo: memo::EndpointMemo,
     /// The WebhookEndpoint cache of the controllers [`run`] started last.
     endpoints: Mutex<Option<watches::Cache<WebhookEndpoint>>>,
+    /// The WebhookSubscription cache of the controllers [`run`] started last.
+    subscriptions: Mutex<Option<watches::Cache<WebhookSubscription>>>,
     /// Secret reads, validated against the shared Secret watch once [`run`] starts it.
     pub secrets: secrets::SecretStore,
 }
@@ -103,7 +105,24 @@ impl Context {
             subscription_memo: Default::default(),
             endpoint_memo: Default::default(),
             endpoints: Mutex::default(),
+            subscriptions: Mutex::default(),
         }
+    }
+
+    /// The newest version of `ep` the controllers' cache holds, if it holds one.
+    fn cached_endpoint(&self, ep: &WebhookEndpoint) -> Option<Arc<WebhookEndpoint>> {
+        let cache = self.endpoints.lock().expect("endpoints lock").clone()?;
+        cache.get(&ep.namespace()?, &ep.name_any())?
+    }
+
+    /// The newest version of `sub` the controllers' cache holds, if it holds one.
+    fn cached_subscription(&self, sub: &WebhookSubscription) -> Option<Arc<WebhookSubscription>> {
+        let cache = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .clone()?;
+        cache.get(&sub.namespace()?, &sub.name_any())?
     }
 
     /// A WebhookEndpoint as the controllers' cache holds it (no API request; the cache is
@@ -297,6 +316,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     });
     watches.start(&ctx, &shutdown);
     *ctx.endpoints.lock().expect("endpoints lock") = Some(watches.endpoints.cache());
+    *ctx.subscriptions.lock().expect("subscriptions lock") = Some(watches.subscriptions.cache());
     ctx.secrets.watch(watches.secrets.cache());
     route_sync::prime(&ctx, &watches, &shutdown).await;
     let ep_store = watches.endpoints.store.clone();

@@ -88,6 +88,26 @@ where
     }
 }
 
+/// The copy of an object a pass computes its status from: its own while the memo holds
+/// our last write ([`current`] tells from the copy's version whether it shows that write);
+/// the newest the cache holds once the memo has dropped it. The memo drops a write only
+/// when the watch has shown it, and the pass's copy may have been taken before that: its
+/// status would then predate our write, and applying a status computed from it would
+/// take back what the write set. Pure.
+pub fn source<'a, K>(
+    obj: &'a K,
+    written: Option<&Written<K::Status>>,
+    cached: Option<&'a K>,
+) -> &'a K
+where
+    K: Resource + HasStatus,
+{
+    match (written, cached) {
+        (None, Some(newest)) => newest,
+        _ => obj,
+    }
+}
+
 /// The apply patch that brings `current` to `next`, or `None` when there is nothing to
 /// write. Pure.
 pub fn patch<K, S>(current: Option<&S>, next: &S) -> Option<serde_json::Value>
@@ -257,6 +277,33 @@ mod tests {
         memory.observe(Some("1"));
         memory.observe(None);
         assert_eq!(memory.written(), Some(unanswered));
+    }
+
+    #[test]
+    fn a_pass_whose_copy_predates_a_write_the_memo_dropped_computes_from_the_cache() {
+        // We wrote 5 received and the API server answered "2"; the watch showed "2", so the
+        // memo dropped the copy. The pass's own copy was taken at "1", before the write.
+        let copy = sub_at("1", None);
+        let cached = sub_at("2", Some(5));
+        let from = source(&copy, None, Some(&cached));
+        let received = current(from, None)
+            .and_then(|s| s.events.as_ref())
+            .map(|e| e.received);
+        assert_eq!(
+            received,
+            Some(5),
+            "the status our write set, not the copy's"
+        );
+
+        // While the memo holds the write, the copy and the trail decide (as before).
+        let written = remember(&copy, None, status(5), Some("2".into()));
+        let from = source(&copy, Some(&written), Some(&cached));
+        assert_eq!(from.meta().resource_version.as_deref(), Some("1"));
+        // No cache yet (the first list is not in): the copy is all there is.
+        assert_eq!(
+            source(&copy, None, None).meta().resource_version.as_deref(),
+            Some("1")
+        );
     }
 
     #[test]

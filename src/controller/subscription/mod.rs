@@ -56,7 +56,13 @@ async fn apply(
 ) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(sub);
     let written = ctx.subscription_memo.read(&key, |m| m.status.written());
-    let current = status::current(sub, written.as_ref())
+    // Read after the memo: once it has dropped our last write, the cache holds it.
+    let cached = written
+        .is_none()
+        .then(|| ctx.cached_subscription(sub))
+        .flatten();
+    let status_of = status::source(sub, written.as_ref(), cached.as_deref());
+    let current = status::current(status_of, written.as_ref())
         .cloned()
         .unwrap_or_default();
     let resolved = resolve(sub, ctx).await?;
@@ -83,7 +89,7 @@ async fn apply(
             let mut next = current.clone();
             next.events = counters.or(next.events);
             next.last_test = test_step::check(sub, ctx).await.or(next.last_test);
-            write_status(ctx, api, sub, written, next).await?;
+            write_status(ctx, api, status_of, written, next).await?;
             return Ok(Action::requeue(test_step::recheck(sub, ctx, wait)));
         }
     };
@@ -96,7 +102,7 @@ async fn apply(
     next.last_test = test_step::run(sub, ctx, request, &outcome, synced_as.as_ref())
         .await
         .or(current.last_test);
-    write_status(ctx, api, sub, written, next).await?;
+    write_status(ctx, api, status_of, written, next).await?;
 
     let (wait, failures) = next_pass(
         &outcome,
