@@ -137,7 +137,7 @@ async fn apply(
     let key = (ns.clone(), name.clone());
     let written = ctx.endpoint_memo.read(&key, |m| m.status.written());
     // Read after the memo: once it has dropped our last write, the cache holds it.
-    let cached = written.is_none().then(|| ctx.cached_endpoint(ep)).flatten();
+    let cached = super::newest(&ctx.endpoints, ep);
     let status_of = status::source(ep, written.as_ref(), cached.as_deref());
     let current = status::current(status_of, written.as_ref())
         .cloned()

@@ -109,22 +109,6 @@ impl Context {
         }
     }
 
-    /// The newest version of `ep` the controllers' cache holds, if it holds one.
-    fn cached_endpoint(&self, ep: &WebhookEndpoint) -> Option<Arc<WebhookEndpoint>> {
-        let cache = self.endpoints.lock().expect("endpoints lock").clone()?;
-        cache.get(&ep.namespace()?, &ep.name_any())?
-    }
-
-    /// The newest version of `sub` the controllers' cache holds, if it holds one.
-    fn cached_subscription(&self, sub: &WebhookSubscription) -> Option<Arc<WebhookSubscription>> {
-        let cache = self
-            .subscriptions
-            .lock()
-            .expect("subscriptions lock")
-            .clone()?;
-        cache.get(&sub.namespace()?, &sub.name_any())?
-    }
-
     /// A WebhookEndpoint as the controllers' cache holds it (no API request; the cache is
     /// updated before an endpoint change re-runs its subscribers), or from the API server
     /// while no controller runs.
@@ -133,14 +117,38 @@ impl Context {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Arc<WebhookEndpoint>>, kube::Error> {
-        let cache = self.endpoints.lock().expect("endpoints lock").clone();
         // Until the first list is in, a GET answers.
-        if let Some(found) = cache.and_then(|c| c.get(namespace, name)) {
+        if let Some(found) = cached(&self.endpoints, namespace, name) {
             return Ok(found);
         }
         let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), namespace);
         Ok(api.get_opt(name).await?.map(Arc::new))
     }
+}
+
+/// `namespace/name` as `cache` holds it: `None` while no controller runs or the cache's
+/// first list is not in, `Some(None)` when it holds no such object.
+fn cached<K>(
+    cache: &Mutex<Option<watches::Cache<K>>>,
+    namespace: &str,
+    name: &str,
+) -> Option<Option<Arc<K>>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    cache
+        .lock()
+        .expect("cache lock")
+        .clone()?
+        .get(namespace, name)
+}
+
+/// The newest version of `obj` that `cache` holds, if it holds one.
+fn newest<K>(cache: &Mutex<Option<watches::Cache<K>>>, obj: &K) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    cached(cache, &obj.namespace()?, &obj.name_any()).flatten()
 }
 
 /// Reconcile errors. `metric_label` is stable and low-cardinality.

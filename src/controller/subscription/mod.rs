@@ -57,10 +57,7 @@ async fn apply(
     let key = ObjectRef::from_obj(sub);
     let written = ctx.subscription_memo.read(&key, |m| m.status.written());
     // Read after the memo: once it has dropped our last write, the cache holds it.
-    let cached = written
-        .is_none()
-        .then(|| ctx.cached_subscription(sub))
-        .flatten();
+    let cached = super::newest(&ctx.subscriptions, sub);
     let status_of = status::source(sub, written.as_ref(), cached.as_deref());
     let current = status::current(status_of, written.as_ref())
         .cloned()
