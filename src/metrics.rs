@@ -70,6 +70,7 @@ pub struct Metrics {
     subscription_synced: Family<SubscriptionLabels, Gauge>,
     dedupe_keys: Gauge,
     dedupe_evicted: Gauge,
+    requests_in_flight: Gauge,
     latency: Family<EndpointLabels, Histogram>,
     reconcile_failures: Family<ReconcileFailureLabels, Counter>,
     spans_exported: Counter,
@@ -121,6 +122,7 @@ impl Metrics {
             subscription_synced: Family::default(),
             dedupe_keys: Gauge::default(),
             dedupe_evicted: Gauge::default(),
+            requests_in_flight: Gauge::default(),
             latency: Family::new_with_constructor(latency_histogram),
             reconcile_failures: Family::default(),
             spans_exported: Counter::default(),
@@ -205,6 +207,11 @@ impl Metrics {
             m.dedupe_evicted.clone(),
         );
         r.register(
+            "ingress_requests_in_flight",
+            "Ingress requests being handled now (bounded by --max-concurrent-requests)",
+            m.requests_in_flight.clone(),
+        );
+        r.register(
             "delivery_latency_seconds",
             "Ingest to delivered latency",
             m.latency.clone(),
@@ -278,6 +285,11 @@ impl Metrics {
             f.remove(&l);
         }
         self.latency.remove(&l);
+    }
+
+    /// Ingress requests being handled now.
+    pub fn requests_in_flight(&self) -> Gauge {
+        self.requests_in_flight.clone()
     }
 
     /// `reason` must be a fixed string (see `inbound::Rejection::label`).

@@ -262,10 +262,37 @@ pub(super) async fn limit_concurrency(
     request: Request,
     next: Next,
 ) -> Response {
-    let Ok(_permit) = limit.permits.clone().try_acquire_owned() else {
+    let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
         return unavailable(&limit.metrics, "overloaded", limit.retry_after);
     };
+    let _slot = Slot::take(permit, limit.metrics.requests_in_flight());
     next.run(request).await
+}
+
+/// One of the concurrency limit's slots, shown in `ingress_requests_in_flight` while it
+/// is held; given back when the request ends or its connection is dropped.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    in_flight: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Slot {
+    fn take(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        in_flight: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
+        in_flight.inc();
+        Self {
+            _permit: permit,
+            in_flight,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
 }
 
 /// The request body was not complete by its deadline.

@@ -40,6 +40,20 @@ async fn status_of(url: &str, body: &serde_json::Value) -> u16 {
 }
 
 async fn rejected(ops_port: u16, reason: &str) -> u64 {
+    let label = format!("reason=\"{reason}\"");
+    metric_sum(ops_port, |l| l.contains("rejected") && l.contains(&label)).await
+}
+
+/// `webhook_operator_ingress_requests_in_flight` as the ops server reports it.
+async fn in_flight(ops_port: u16) -> u64 {
+    metric_sum(ops_port, |l| {
+        l.starts_with("webhook_operator_ingress_requests_in_flight ")
+    })
+    .await
+}
+
+/// The sum of the ops server's sample lines that `pick` selects.
+async fn metric_sum(ops_port: u16, pick: impl Fn(&str) -> bool) -> u64 {
     let text = reqwest::get(format!("http://127.0.0.1:{ops_port}/metrics"))
         .await
         .unwrap()
@@ -47,7 +61,7 @@ async fn rejected(ops_port: u16, reason: &str) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .filter(|l| l.contains("rejected") && l.contains(&format!("reason=\"{reason}\"")))
+        .filter(|l| !l.starts_with('#') && pick(l))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
         .sum()
@@ -431,7 +445,7 @@ async fn slow_clients_are_cut_off_and_excess_requests_refused() {
             "--header-read-timeout",
             "3s",
             "--body-read-timeout",
-            "3s",
+            "4s",
             "--max-concurrent-requests",
             "2",
         ],
@@ -461,19 +475,28 @@ async fn slow_clients_are_cut_off_and_excess_requests_refused() {
     let s = connect(port, &head).await;
     let (answer, took) = trickle(s, b' ', Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(took < Duration::from_secs(6), "{took:?}");
+    assert!(took < Duration::from_secs(7), "{took:?}");
     assert!(rejected(ops, "body_timeout").await >= 1);
 
-    // Two requests in flight (slow bodies): a third is refused at once with 503.
+    // Two requests in flight (slow bodies): a third is refused at once with 503. The held
+    // slots last until their body deadline, so the third is sent as soon as the ops
+    // server shows both held, by a client built beforehand.
+    let http = reqwest::Client::new();
+    assert_eq!(in_flight(ops).await, 0);
     let held: Vec<_> = futures::future::join_all((0..2).map(|_| connect(port, &head))).await;
-    let refused = wait_until(Duration::from_secs(3), "third request refused", || {
-        let url = url.clone();
-        async move {
-            let r = post(&url, &atlas_event("c-over")).await;
-            (r.status() == 503).then_some(r)
-        }
-    })
+    wait_until(
+        Duration::from_secs(2),
+        "both slow requests in flight",
+        || async { (in_flight(ops).await == 2).then_some(()) },
+    )
     .await;
+    let refused = http
+        .post(&url)
+        .json(&atlas_event("c-over"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503, "third request while two are held");
     assert!(refused.headers().contains_key("retry-after"));
     assert!(rejected(ops, "overloaded").await >= 1);
     drop(held);
@@ -485,6 +508,10 @@ async fn slow_clients_are_cut_off_and_excess_requests_refused() {
             async move { (status_of(&url, &atlas_event("c-ok")).await == 200).then_some(()) }
         },
     )
+    .await;
+    wait_until(Duration::from_secs(5), "every slot given back", || async {
+        (in_flight(ops).await == 0).then_some(())
+    })
     .await;
     wait_until(
         Duration::from_secs(30),
