@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::index::Index;
@@ -23,15 +23,13 @@ use super::{
     ReplayFilter, from_millis, to_millis,
 };
 
+mod dedupe;
 mod disk_index;
+use dedupe::{DEDUPE_BY_KEY_V1, DEDUPE_BY_TIME, DedupeIndex};
 use disk_index::Effect;
 
 /// seq → encoded [`Record`].
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-/// "ns/name\ndedupe_key" → received ms.
-const DEDUPE: TableDefinition<&str, u64> = TableDefinition::new("dedupe");
-/// (received ms, dedupe entry) → (): expires dedupe entries in time order.
-const DEDUPE_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("dedupe_by_time");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const META_NONCE: &str = "nonce";
@@ -167,7 +165,7 @@ impl RedbQueue {
             let txn = db.begin_write().map_err(storage)?;
             let ids = {
                 txn.open_table(EVENTS).map_err(storage)?;
-                txn.open_table(DEDUPE).map_err(storage)?;
+                txn.delete_table(DEDUPE_BY_KEY_V1).map_err(storage)?;
                 txn.open_table(DEDUPE_BY_TIME).map_err(storage)?;
                 disk_index::create(&txn)?;
                 let mut meta = txn.open_table(META).map_err(storage)?;
@@ -192,16 +190,12 @@ impl RedbQueue {
         for (key, counts) in disk_index::counts(&db)? {
             index.load_counts(&key, counts);
         }
-        let dedupe = Arc::new(DedupeCounts::default());
-        {
+        let seen = {
             let txn = db.begin_read().map_err(storage)?;
-            let keys = txn
-                .open_table(DEDUPE)
-                .map_err(storage)?
-                .len()
-                .map_err(storage)?;
-            dedupe.keys.store(keys, Ordering::Relaxed);
-        }
+            DedupeIndex::load(&txn.open_table(DEDUPE_BY_TIME).map_err(storage)?)?
+        };
+        let dedupe = Arc::new(DedupeCounts::default());
+        dedupe.keys.store(seen.len(), Ordering::Relaxed);
 
         let (tx, rx) = mpsc::channel();
         let io_failed = Arc::new(AtomicBool::new(false));
@@ -209,7 +203,7 @@ impl RedbQueue {
         let writer = Writer {
             io_failed: io_failed.clone(),
             dedupe: dedupe.clone(),
-            new_keys: 0,
+            seen,
             expiry_behind: false,
             db: db.clone(),
             index: index.clone(),
@@ -505,8 +499,8 @@ struct Writer {
     db: Arc<Database>,
     io_failed: Arc<AtomicBool>,
     dedupe: Arc<DedupeCounts>,
-    /// Dedupe keys the open batch adds; counted once it commits.
-    new_keys: u64,
+    /// The dedupe keys remembered (the writer alone reads and changes them).
+    seen: DedupeIndex,
     /// The last expiry pass filled its slice: run the next one without waiting.
     expiry_behind: bool,
     index: Arc<Index>,
@@ -519,7 +513,6 @@ struct Writer {
 
 type Tables<'t> = (
     redb::Table<'t, u64, &'static [u8]>,
-    redb::Table<'t, &'static str, u64>,
     redb::Table<'t, (u64, &'static str), ()>,
     redb::Table<'t, &'static str, u64>,
 );
@@ -554,7 +547,6 @@ impl Writer {
     }
 
     fn commit_batch(&mut self, batch: Vec<Op>) {
-        self.new_keys = 0;
         let mut done = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
         let mut fatal: Option<QueueError> = None;
@@ -568,7 +560,7 @@ impl Writer {
                         }
                     }
                     if fatal.is_none()
-                        && let Err(e) = tables.3.insert(META_NEXT_SEQ, self.next_seq)
+                        && let Err(e) = tables.2.insert(META_NEXT_SEQ, self.next_seq)
                     {
                         fatal = Some(storage(e));
                     }
@@ -603,8 +595,10 @@ impl Writer {
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "queue commit failed");
             self.note_failure(e);
+            self.seen.abort();
         } else {
-            self.dedupe.keys.fetch_add(self.new_keys, Ordering::Relaxed);
+            self.seen.commit();
+            self.dedupe.keys.store(self.seen.len(), Ordering::Relaxed);
             for effect in effects {
                 match effect {
                     Effect::Added {
@@ -783,7 +777,7 @@ impl Writer {
             Op::Check(reply) => {
                 // A real write, so that a full disk or a broken file shows.
                 let now = to_millis(SystemTime::now());
-                let r = t.3.insert(META_CHECK, now).map(|_| ()).map_err(storage);
+                let r = t.2.insert(META_CHECK, now).map(|_| ()).map_err(storage);
                 Responder::Unit(reply, guard(r))
             }
             Op::Shutdown => return None,
@@ -802,19 +796,18 @@ impl Writer {
             let received = to_millis(ev.received);
             if !ev.dedupe_key.is_empty() {
                 let entry = dedupe_entry(&ev.endpoint.namespace, &ev.endpoint.name, &ev.dedupe_key);
-                let seen = t.1.get(entry.as_str()).map_err(storage)?.map(|v| v.value());
-                match seen {
+                match self.seen.received(&t.1, &entry)? {
                     Some(prev) if received.saturating_sub(prev) < window => {
                         out.push(EnqueueOutcome::Duplicate);
                         continue;
                     }
                     Some(prev) => {
-                        t.2.remove((prev, entry.as_str())).map_err(storage)?;
+                        t.1.remove((prev, entry.as_str())).map_err(storage)?;
                     }
-                    None => self.new_keys += 1,
+                    None => {}
                 }
-                t.1.insert(entry.as_str(), received).map_err(storage)?;
-                t.2.insert((received, entry.as_str()), ())
+                self.seen.remember(&entry, received);
+                t.1.insert((received, entry.as_str()), ())
                     .map_err(storage)?;
             }
             let seq = self.next_seq;
@@ -913,8 +906,8 @@ impl Writer {
             .saturating_sub(self.options.max_dedupe_keys);
         let result = (|| -> Result<(usize, u64), QueueError> {
             let txn = self.db.begin_write().map_err(storage)?;
-            let counts = {
-                let (_, mut dedupe, mut by_time, _) = open_tables(&txn)?;
+            let expired = {
+                let (_, mut by_time, _) = open_tables(&txn)?;
                 let mut expired = Vec::new();
                 // Oldest first: everything past the window, then (past the size bound)
                 // the oldest keys still inside it.
@@ -926,32 +919,21 @@ impl Writer {
                     }
                     expired.push((ms, entry.to_owned()));
                 }
-                let mut removed = 0u64;
-                let mut evicted = 0u64;
                 for (ms, entry) in &expired {
                     by_time.remove((*ms, entry.as_str())).map_err(storage)?;
-                    let current = dedupe
-                        .get(entry.as_str())
-                        .map_err(storage)?
-                        .map(|v| v.value());
-                    if current == Some(*ms) {
-                        dedupe.remove(entry.as_str()).map_err(storage)?;
-                        removed += 1;
-                        if *ms >= cutoff {
-                            evicted += 1;
-                        }
-                    }
                 }
-                (expired.len(), removed, evicted)
+                expired
             };
             txn.commit().map_err(storage)?;
-            let (scanned, removed, evicted) = counts;
-            self.dedupe.keys.fetch_sub(
-                removed.min(self.dedupe.keys.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
+            // A key received again since keeps its later receipt; only keys still inside
+            // the window when forgotten count as evicted.
+            let evicted = expired
+                .iter()
+                .filter(|(ms, entry)| self.seen.forget(entry, *ms) && *ms >= cutoff)
+                .count() as u64;
+            self.dedupe.keys.store(self.seen.len(), Ordering::Relaxed);
             self.dedupe.evicted.fetch_add(evicted, Ordering::Relaxed);
-            Ok((scanned, evicted))
+            Ok((expired.len(), evicted))
         })();
         match result {
             Ok((scanned, evicted)) => {
@@ -1008,7 +990,6 @@ fn gone(key: EndpointKey, seq: u64, bytes: &[u8]) -> Effect {
 fn open_tables(txn: &redb::WriteTransaction) -> Result<Tables<'_>, QueueError> {
     Ok((
         txn.open_table(EVENTS).map_err(storage)?,
-        txn.open_table(DEDUPE).map_err(storage)?,
         txn.open_table(DEDUPE_BY_TIME).map_err(storage)?,
         txn.open_table(META).map_err(storage)?,
     ))

@@ -577,3 +577,44 @@ async fn dedupe_keys_survive_reopen() {
     assert!(matches!(out[1], EnqueueOutcome::Accepted { .. }));
     assert_eq!(out[2], EnqueueOutcome::Duplicate);
 }
+
+#[tokio::test]
+async fn a_file_with_the_old_key_table_drops_it_and_still_knows_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let e = ep("upgraded");
+    let now = SystemTime::now();
+    {
+        let q = open(&path);
+        q.enqueue(vec![event(&e, "k1", now)]).await.unwrap();
+    }
+    // What the previous version also wrote: every key in a table keyed by the key.
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(DEDUPE_BY_KEY_V1)
+            .unwrap()
+            .insert(
+                dedupe_entry("ns", "upgraded", "k1").as_str(),
+                to_millis(now),
+            )
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let q = open(&path);
+    assert_eq!(q.dedupe_stats().unwrap().0, 1);
+    let out = q.enqueue(vec![event(&e, "k1", now)]).await.unwrap();
+    assert_eq!(out, [EnqueueOutcome::Duplicate]);
+    drop(q);
+    use redb::TableHandle;
+    let db = Database::create(&path).unwrap();
+    let tables: Vec<String> = db
+        .begin_read()
+        .unwrap()
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_string())
+        .collect();
+    assert!(!tables.contains(&"dedupe".to_string()), "{tables:?}");
+    assert!(tables.contains(&"dedupe_by_time".to_string()), "{tables:?}");
+}
