@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+use crate::mark;
 use webhook_operator::api::Provider;
 use webhook_operator::dataplane::{
     DataPlane, DataPlaneConfig, EndpointConfig, EndpointKey, SubscriptionRoute,
@@ -732,10 +734,6 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
         concurrency,
         nginx_missing,
     })
-}
-
-fn mark(ok: bool) -> &'static str {
-    if ok { "met" } else { "**missed**" }
 }
 
 impl DeliveryResults {

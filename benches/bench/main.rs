@@ -8,7 +8,7 @@
 //! cargo bench --bench bench -- --smoke      # CI: 2 s per phase, 50 subscriptions
 //! ```
 //! Flags: `--smoke`, `--seconds N`, `--concurrency N`, `--subscriptions N`,
-//! `--only delivery|reconcile|backlog`, `--out FILE`. `BENCH_SMOKE=1` is the same as `--smoke`.
+//! `--only delivery|queue|reconcile|backlog`, `--out FILE`. `BENCH_SMOKE=1` is the same as `--smoke`.
 //! Smoke runs write `target/BENCHMARKS.smoke.md` unless `--out` says otherwise.
 
 /// A general-purpose allocator that keeps small, short-lived allocations (one request,
@@ -19,6 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod backlog;
 mod delivery;
 mod proc_stats;
+mod queue;
 mod reconcile;
 
 use std::fmt::Write as _;
@@ -37,6 +38,7 @@ struct Opts {
     concurrency: usize,
     subscriptions: usize,
     delivery: bool,
+    queue: bool,
     reconcile: bool,
     backlog: bool,
     out: PathBuf,
@@ -58,6 +60,7 @@ fn opts() -> anyhow::Result<Opts> {
         concurrency: 64,
         subscriptions: if smoke { 50 } else { 10_000 },
         delivery: true,
+        queue: true,
         reconcile: true,
         backlog: true,
         out: if smoke {
@@ -80,12 +83,16 @@ fn opts() -> anyhow::Result<Opts> {
             "--concurrency" => o.concurrency = value()?.parse()?,
             "--subscriptions" => o.subscriptions = value()?.parse()?,
             "--out" => o.out = value()?.into(),
-            "--only" => match value()?.as_str() {
-                "delivery" => (o.reconcile, o.backlog) = (false, false),
-                "reconcile" => (o.delivery, o.backlog) = (false, false),
-                "backlog" => (o.delivery, o.reconcile) = (false, false),
-                other => anyhow::bail!("--only delivery|reconcile|backlog, not {other}"),
-            },
+            "--only" => {
+                let only = value()?;
+                o.delivery = only == "delivery";
+                o.queue = only == "queue";
+                o.reconcile = only == "reconcile";
+                o.backlog = only == "backlog";
+                if !(o.delivery || o.queue || o.reconcile || o.backlog) {
+                    anyhow::bail!("--only delivery|queue|reconcile|backlog, not {only}");
+                }
+            }
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -155,6 +162,7 @@ fn mark(ok: bool) -> &'static str {
 fn report(
     o: &Opts,
     d: Option<&delivery::DeliveryResults>,
+    q: Option<&queue::QueueResults>,
     r: Option<&reconcile::ReconcileResults>,
     b: Option<&backlog::BacklogResults>,
 ) -> String {
@@ -175,6 +183,9 @@ fn report(
     s.push('\n');
     if let Some(d) = d {
         d.report(&mut s);
+    }
+    if let Some(q) = q {
+        q.report(&mut s);
     }
     if let Some(r) = r {
         r.report(&mut s);
@@ -261,14 +272,20 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let (d, r, b) = rt.block_on(async {
+    // The rate per slice shows decay over a phase.
+    let slice = Duration::from_secs(if o.smoke { 1 } else { 5 });
+    let (d, q, r, b) = rt.block_on(async {
         let d = if o.delivery {
             let timing = delivery::Timing {
                 duration: Duration::from_secs(o.seconds),
-                // The rate per slice shows decay over a phase.
-                slice: Duration::from_secs(if o.smoke { 1 } else { 5 }),
+                slice,
             };
             Some(delivery::run(o.concurrency, timing).await?)
+        } else {
+            None
+        };
+        let q = if o.queue {
+            Some(queue::run(Duration::from_secs(o.seconds), slice).await?)
         } else {
             None
         };
@@ -292,9 +309,9 @@ fn main() -> anyhow::Result<()> {
         } else {
             None
         };
-        anyhow::Ok((d, r, b))
+        anyhow::Ok((d, q, r, b))
     })?;
-    let block = report(&o, d.as_ref(), r.as_ref(), b.as_ref());
+    let block = report(&o, d.as_ref(), q.as_ref(), r.as_ref(), b.as_ref());
     println!("{block}");
     write_report(&o.out, &block)?;
     eprintln!("bench: wrote {}", o.out.display());
