@@ -173,6 +173,8 @@ struct Target {
     next: AtomicU64,
     accepted: AtomicU64,
     failed: AtomicU64,
+    /// From each accepted event's send time to its 2xx answer (the durable ack), µs.
+    answered: Mutex<Vec<u32>>,
 }
 
 impl Target {
@@ -189,6 +191,8 @@ impl Target {
         }
         match req.send().await {
             Ok(r) if r.status().is_success() => {
+                let took = now_us().saturating_sub(sent).min(u32::MAX as u64) as u32;
+                self.answered.lock().unwrap().push(took);
                 // Read the (small) answer so the connection goes back to the pool.
                 let _ = r.bytes().await;
                 self.accepted.fetch_add(1, Ordering::Relaxed);
@@ -217,7 +221,10 @@ pub struct Phase {
     pub delivered_total: u64,
     /// From the end of the load window until every accepted event was delivered.
     pub drain_seconds: f64,
+    /// Send to delivery.
     pub latency: Latency,
+    /// Send to the ingress's 2xx (stored durably): the part of `latency` before the queue.
+    pub answered: Latency,
 }
 
 /// Records the consumer's delivered/s per `slice` until `end`.
@@ -423,6 +430,7 @@ async fn finish(
         delivered_total,
         drain_seconds: drain_start.elapsed().as_secs_f64(),
         latency: Latency::of(consumer.take_latencies()),
+        answered: Latency::of(std::mem::take(&mut *target.answered.lock().unwrap())),
     };
     eprintln!(
         "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms",
@@ -671,6 +679,7 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
             next: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            answered: Mutex::default(),
         })
     };
     let warm_up = Timing {
@@ -758,14 +767,14 @@ impl DeliveryResults {
         );
         let _ = writeln!(
             s,
-            "| phase | offered/s | accepted/s | delivered/s | delivered/s per {slice:.0} s slice | refused | p50 ms | p99 ms | p99.9 ms | max ms | drain s |"
+            "| phase | offered/s | accepted/s | delivered/s | delivered/s per {slice:.0} s slice | refused | p50 ms | p99 ms | p99.9 ms | max ms | answered p99 ms | drain s |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for p in &self.phases {
             let slices: Vec<String> = p.slices.iter().map(|r| format!("{r:.0}")).collect();
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 p.name,
                 p.offered_per_s
                     .map_or("max".to_string(), |r| format!("{r:.0}")),
@@ -777,6 +786,7 @@ impl DeliveryResults {
                 p.latency.p99_ms,
                 p.latency.p999_ms,
                 p.latency.max_ms,
+                p.answered.p99_ms,
                 p.drain_seconds,
             );
         }
