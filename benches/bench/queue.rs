@@ -1,8 +1,8 @@
 //! The embedded queue alone: 64 tasks enqueue one 1 KiB event at a time, each with a
 //! random dedupe key (as provider ids are), while one loop leases and acks them. Reports
-//! the events through the queue and the bytes it wrote per event in each slice, so that
-//! anything growing with the keys it remembers shows, and the time to reopen the file with
-//! all of them.
+//! the events through the queue, the bytes it wrote per event and the slowest enqueue in
+//! each slice, so that anything growing with the keys it remembers shows (a stall of the
+//! writer holds every enqueue), and the time to reopen the file with all of them.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -18,8 +18,9 @@ const EVENT_BYTES: usize = 1024;
 pub struct QueueResults {
     seconds: u64,
     slice: Duration,
-    /// (events acked per second, KiB written per acked event) of each slice.
-    slices: Vec<(f64, f64)>,
+    /// Events acked per second, KiB written per acked event and the slowest enqueue (ms)
+    /// of each slice.
+    slices: Vec<(f64, f64, f64)>,
     keys: u64,
     reopen: Duration,
 }
@@ -56,13 +57,17 @@ pub async fn run(duration: Duration, slice: Duration) -> anyhow::Result<QueueRes
     let endpoint = EndpointKey::new("bench", "queue");
     let payload = bytes::Bytes::from(vec![b'x'; EVENT_BYTES]);
     let acked = Arc::new(AtomicU64::new(0));
+    let slowest_us = Arc::new(AtomicU64::new(0));
     let stop = Instant::now() + duration;
     let mut tasks = Vec::new();
     for _ in 0..ENQUEUERS {
         let (queue, endpoint, payload) = (queue.clone(), endpoint.clone(), payload.clone());
+        let slowest_us = slowest_us.clone();
         tasks.push(tokio::spawn(async move {
             while Instant::now() < stop {
+                let started = Instant::now();
                 queue.enqueue(vec![event(&endpoint, &payload)]).await?;
+                slowest_us.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
             anyhow::Ok(())
         }));
@@ -94,6 +99,7 @@ pub async fn run(duration: Duration, slice: Duration) -> anyhow::Result<QueueRes
         slices.push((
             n as f64 / slice.as_secs_f64(),
             (now_written - last_written) as f64 / 1024.0 / n.max(1) as f64,
+            slowest_us.swap(0, Ordering::Relaxed) as f64 / 1000.0,
         ));
         (last_acked, last_written) = (now_acked, now_written);
     }
@@ -126,10 +132,13 @@ impl QueueResults {
             self.seconds,
             self.slice.as_secs()
         );
-        let _ = writeln!(s, "| slice | events/s | KiB written per event |");
-        let _ = writeln!(s, "|---|---|---|");
-        for (i, (rate, kib)) in self.slices.iter().enumerate() {
-            let _ = writeln!(s, "| {} | {rate:.0} | {kib:.1} |", i + 1);
+        let _ = writeln!(
+            s,
+            "| slice | events/s | KiB written per event | slowest enqueue ms |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|");
+        for (i, (rate, kib, slowest)) in self.slices.iter().enumerate() {
+            let _ = writeln!(s, "| {} | {rate:.0} | {kib:.1} | {slowest:.1} |", i + 1);
         }
         let _ = writeln!(
             s,
