@@ -9,7 +9,7 @@
 //! grows"). Opening such a file drops that table.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use redb::{ReadableTable, TableDefinition};
 
@@ -22,12 +22,46 @@ pub(super) const DEDUPE_BY_TIME: TableDefinition<(u64, &str), ()> =
 /// dedupe entry → received ms: the table keyed by key of earlier versions.
 pub(super) const DEDUPE_BY_KEY_V1: TableDefinition<&str, u64> = TableDefinition::new("dedupe");
 
+/// Shards of the index. A map that grows rehashes every key it holds at once; at a
+/// million keys that held the writer, and so every enqueue, for tens of milliseconds. A
+/// shard's resize moves a sixty-fourth of them.
+const SHARDS: usize = 64;
+
+/// The digests are uniform already (and keyed per process, so no client can aim at one
+/// bucket): the maps use them as their hash.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, digest: u64) {
+        self.0 = digest;
+    }
+}
+
+type Shard = HashMap<u64, u64, BuildHasherDefault<Prehashed>>;
+
+/// The shard of `digest`, chosen by bits a map does not use itself: it places entries by
+/// the low bits and tells them apart by the top seven.
+fn shard_of(digest: u64) -> usize {
+    (digest >> 32) as usize % SHARDS
+}
+
 /// A 64-bit digest of each remembered entry → when it was received (ms). Digests may
 /// collide, so a match is confirmed in `DEDUPE_BY_TIME` before an event is called a
 /// duplicate: a collision can only cost a duplicate delivery, never an event.
 pub(super) struct DedupeIndex {
     hasher: RandomState,
-    seen: HashMap<u64, u64>,
+    shards: Vec<Shard>,
     /// What the open batch changed (digest, value before), undone when it does not commit.
     undo: Vec<(u64, Option<u64>)>,
 }
@@ -35,19 +69,25 @@ pub(super) struct DedupeIndex {
 impl DedupeIndex {
     /// Reads every remembered key from the file.
     pub fn load(by_time: &impl ReadableTable<(u64, &'static str), ()>) -> Result<Self, QueueError> {
-        let keys = by_time.len().map_err(storage)?;
+        let keys = usize::try_from(by_time.len().map_err(storage)?).unwrap_or(0);
+        let shard = || Shard::with_capacity_and_hasher(keys / SHARDS, Default::default());
         let mut index = Self {
             hasher: RandomState::new(),
-            seen: HashMap::with_capacity(usize::try_from(keys).unwrap_or(0)),
+            shards: (0..SHARDS).map(|_| shard()).collect(),
             undo: Vec::new(),
         };
         for item in by_time.iter().map_err(storage)? {
             let (k, _) = item.map_err(storage)?;
             let (ms, entry) = k.value();
             // Oldest first: a later entry with the same digest replaces an earlier one.
-            index.seen.insert(index.hasher.hash_one(entry), ms);
+            let digest = index.hasher.hash_one(entry);
+            index.shard(digest).insert(digest, ms);
         }
         Ok(index)
+    }
+
+    fn shard(&mut self, digest: u64) -> &mut Shard {
+        &mut self.shards[shard_of(digest)]
     }
 
     /// When `entry` was last remembered, confirmed in `by_time` (the open transaction's
@@ -57,7 +97,8 @@ impl DedupeIndex {
         by_time: &impl ReadableTable<(u64, &'static str), ()>,
         entry: &str,
     ) -> Result<Option<u64>, QueueError> {
-        let Some(&ms) = self.seen.get(&self.hasher.hash_one(entry)) else {
+        let digest = self.hasher.hash_one(entry);
+        let Some(&ms) = self.shards[shard_of(digest)].get(&digest) else {
             return Ok(None);
         };
         let stored = by_time.get((ms, entry)).map_err(storage)?.is_some();
@@ -67,7 +108,7 @@ impl DedupeIndex {
     /// Remembers `entry` as received at `ms`, until the batch is aborted.
     pub fn remember(&mut self, entry: &str, ms: u64) {
         let digest = self.hasher.hash_one(entry);
-        let before = self.seen.insert(digest, ms);
+        let before = self.shard(digest).insert(digest, ms);
         self.undo.push((digest, before));
     }
 
@@ -78,10 +119,12 @@ impl DedupeIndex {
 
     /// The batch did not commit: forgets what it remembered.
     pub fn abort(&mut self) {
-        for (digest, before) in self.undo.drain(..).rev() {
+        let undo = std::mem::take(&mut self.undo);
+        for (digest, before) in undo.into_iter().rev() {
+            let shard = self.shard(digest);
             match before {
-                Some(ms) => self.seen.insert(digest, ms),
-                None => self.seen.remove(&digest),
+                Some(ms) => shard.insert(digest, ms),
+                None => shard.remove(&digest),
             };
         }
     }
@@ -90,16 +133,17 @@ impl DedupeIndex {
     /// file has committed); false when a later receipt of it is remembered.
     pub fn forget(&mut self, entry: &str, ms: u64) -> bool {
         let digest = self.hasher.hash_one(entry);
-        if self.seen.get(&digest) != Some(&ms) {
+        let shard = self.shard(digest);
+        if shard.get(&digest) != Some(&ms) {
             return false;
         }
-        self.seen.remove(&digest);
+        shard.remove(&digest);
         true
     }
 
     /// Keys remembered.
     pub fn len(&self) -> u64 {
-        self.seen.len() as u64
+        self.shards.iter().map(|s| s.len() as u64).sum()
     }
 }
 
