@@ -151,7 +151,7 @@ pub struct LimitArgs {
     /// A request's headers must arrive within this, or the connection is closed.
     #[arg(long, env = "WEBHOOK_OPERATOR_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: std::time::Duration,
-    /// Most dedupe keys the embedded queue keeps (about 100 bytes of disk and up to 34 of
+    /// Most dedupe keys the embedded queue keeps (about 100 bytes of disk and up to 40 of
     /// memory each); past it the oldest are forgotten before the 24 h window ends (metric
     /// `webhook_operator_dedupe_evicted_keys`).
     #[arg(
