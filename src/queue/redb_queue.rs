@@ -38,8 +38,13 @@ const META_CHECK: &str = "writable_check";
 
 /// How often dedupe keys are expired.
 const EXPIRY_EVERY: Duration = Duration::from_secs(1);
-/// Most dedupe keys one expiry pass removes.
-const EXPIRY_SLICE: usize = 20_000;
+/// Most dedupe keys one expiry pass removes. A pass holds the writer, and so every
+/// enqueue: at 20,000 a pass at the key bound stalled enqueues for about 110 ms
+/// (BENCHMARKS.md); a pass that fills its slice is followed by the next within
+/// [`EXPIRY_CATCH_UP`], so expiry keeps up at any rate all the same.
+const EXPIRY_SLICE: usize = 4_096;
+/// How long the writer waits for work before the next pass while expiry is behind.
+const EXPIRY_CATCH_UP: Duration = Duration::from_millis(1);
 
 /// Dedupe table figures, for the metrics.
 #[derive(Debug, Default)]
@@ -521,7 +526,12 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut last_expiry = Instant::now();
         loop {
-            let first = match rx.recv_timeout(EXPIRY_EVERY) {
+            let wait = if self.expiry_behind {
+                EXPIRY_CATCH_UP
+            } else {
+                EXPIRY_EVERY
+            };
+            let first = match rx.recv_timeout(wait) {
                 Ok(op) => op,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.expire_dedupe(&mut last_expiry, true);
@@ -890,8 +900,9 @@ impl Writer {
 
     /// Forgets dedupe keys older than the window, and the oldest keys past
     /// `max_dedupe_keys`, in slices of at most [`EXPIRY_SLICE`] so that no pass stalls
-    /// enqueues. Runs every second; a pass that filled its slice runs again after the next
-    /// batch, so expiry keeps up with any rate the writer can take.
+    /// enqueues for long. Runs every second; a pass that filled its slice runs again after
+    /// the next batch, or within [`EXPIRY_CATCH_UP`] when none comes, so expiry keeps up
+    /// with any rate the writer can take.
     fn expire_dedupe(&mut self, last: &mut Instant, idle: bool) {
         if !idle && !self.expiry_behind && last.elapsed() < EXPIRY_EVERY {
             return;
