@@ -5,8 +5,8 @@
 //! keys a day's window holds. The lookup by key is [`DedupeIndex`], in memory, rebuilt
 //! from that table at open. Earlier versions kept a second table keyed by the key itself;
 //! with random provider ids every new key rewrote a random leaf of it, so the bytes written
-//! per event and the time per commit grew with the keys remembered (BENCHMARKS.md, "what
-//! grows"). Opening such a file drops that table.
+//! per event and the time per commit grew with the keys remembered (BENCHMARKS.md, "What
+//! grew"). Opening such a file drops that table.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
