@@ -133,6 +133,28 @@ async fn durable_dedupe_across_replicas_and_exclusive_leases() {
     assert_eq!(q1.endpoint_depth(&ep).pending, 0);
 }
 
+/// A replica that leases one event at a time holds no other: the rest stay available to
+/// the other replicas rather than parked, leased to it, until `ack_wait`.
+#[tokio::test]
+async fn a_slow_replica_holds_only_what_it_leased() {
+    let server = NatsServer::start();
+    let ep = EndpointKey::new("apps", "slow");
+    let q1 = connect(&server).await;
+    let q2 = connect(&server).await;
+    let events: Vec<_> = (0..10).map(|i| event(&ep, &format!("k{i}"), "x")).collect();
+    q1.enqueue(events).await.unwrap();
+    let first = lease_n(&q1, &ep, 1, Duration::from_secs(5)).await;
+    assert_eq!(first.len(), 1);
+    let second = lease_n(&q1, &ep, 1, Duration::from_secs(5)).await;
+    assert_eq!(second.len(), 1);
+    let rest = lease_n(&q2, &ep, 8, Duration::from_millis(900)).await;
+    assert_eq!(
+        rest.len(),
+        8,
+        "the other replica gets every event the first one did not lease"
+    );
+}
+
 #[tokio::test]
 async fn unacked_lease_goes_to_another_replica_after_ack_wait() {
     let server = NatsServer::start();

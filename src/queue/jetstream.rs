@@ -42,10 +42,16 @@
 //! - **No lease is left behind.** Every message this replica pulls ends in exactly one of
 //!   ack, NAK (retry or release) or term: an ack or NAK the server does not confirm is
 //!   repeated a few times, a dead letter whose publish fails is NAKed to come back within a
-//!   second, a pull cut short keeps what it already received, a pull the delivery loop
-//!   stops waiting for finishes in its own task and parks its message for the next lease,
-//!   and a prefetched message held too long is NAKed rather than dropped. Only when the server stays unreachable is
-//!   a message left to come back after `ack_wait`.
+//!   second, a pull cut short keeps what it already received, every pull runs in a task
+//!   of its own and parks what it receives for the next leases (so a caller that stops
+//!   waiting drops nothing), and a parked message held too long is NAKed rather than
+//!   dropped. Only when the server stays unreachable is a message left to come back after
+//!   `ack_wait`.
+//! - **Leases do not wait for the server.** A pull is a round trip, and a busy endpoint's
+//!   worker leases as its attempts finish, often one event at a time. So when a lease
+//!   leaves fewer than a batch parked, the next batch is pulled ahead in the background;
+//!   a batch is what the endpoint's leases took in the last 100 ms (1 to 128 messages),
+//!   so a slow endpoint holds no message parked for long.
 //! - **Long attempts keep their lease.** While a message is leased, this replica sends an
 //!   in-progress ack every third of `ack_wait`, so an attempt longer than `ack_wait` (a
 //!   slow consumer with a long `delivery.timeout`) is never handed to a second replica at
@@ -275,8 +281,66 @@ struct Leased {
 /// When a dead letter whose publish failed is handed out again.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
-/// Fewest messages one lease pulls from the server; the surplus waits for the next lease.
-const LEASE_BATCH: usize = 32;
+/// Most messages one pull asks for.
+const MAX_PULL: usize = 128;
+
+/// What a pull ahead asks for: about this long of what the endpoint's leases took lately.
+const PULL_AHEAD: Duration = Duration::from_millis(100);
+
+/// Messages pulled from the server for the leases to come, per endpoint.
+#[derive(Default)]
+struct Parked {
+    /// Oldest first, each with the time it was pulled.
+    msgs: std::collections::VecDeque<(jetstream::Message, Instant)>,
+    /// Bumped by a purge: a pull under way at that moment parks nothing.
+    generation: u64,
+    handed_out: LeaseRate,
+}
+
+/// Messages handed out by leases, counted per second.
+#[derive(Default)]
+struct LeaseRate {
+    since: Option<Instant>,
+    this_second: u64,
+    last_second: u64,
+}
+
+impl LeaseRate {
+    fn record(&mut self, n: usize, now: Instant) {
+        let since = *self.since.get_or_insert(now);
+        let elapsed = now.duration_since(since);
+        if elapsed >= Duration::from_secs(1) {
+            self.last_second = if elapsed < Duration::from_secs(2) {
+                self.this_second
+            } else {
+                0
+            };
+            self.this_second = 0;
+            self.since = Some(now);
+        }
+        self.this_second += n as u64;
+    }
+
+    /// How many messages to pull at once: what leases take in [`PULL_AHEAD`], so a busy
+    /// endpoint's worker finds the next messages parked while a slow one holds none
+    /// longer than it must.
+    fn batch(&self) -> usize {
+        let per_second = self.this_second.max(self.last_second) as f64;
+        ((per_second * PULL_AHEAD.as_secs_f64()) as usize).clamp(1, MAX_PULL)
+    }
+}
+
+/// The two pulls an endpoint may have under way, at most one of each.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum PullKind {
+    /// What is pending now, without waiting: keeps the leases supplied.
+    Ahead,
+    /// The next message, waiting for it: `wait_due`.
+    Next,
+}
+
+/// A pull under way in a task of its own; its error, when it failed, as text.
+type PullTask = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), String>>>;
 
 /// Tries of an ack or NAK the server does not confirm, and the pause before each retry.
 const SETTLE_BACKOFF: [Duration; 3] = [
@@ -298,12 +362,10 @@ struct Inner {
     events: stream::Stream,
     dead: stream::Stream,
     consumers: tokio::sync::Mutex<HashMap<EndpointKey, consumer::PullConsumer>>,
-    /// A message `wait_due` pulled, handed out by the next `lease`: (message, pulled at).
-    prefetched: Mutex<HashMap<EndpointKey, Vec<(jetstream::Message, Instant)>>>,
-    /// The pull `wait_due` has under way per endpoint (at most one).
-    pulls: Mutex<
-        HashMap<EndpointKey, futures::future::Shared<futures::future::BoxFuture<'static, ()>>>,
-    >,
+    /// Messages pulled for the next leases.
+    parked: Mutex<HashMap<EndpointKey, Parked>>,
+    /// The pulls under way.
+    pulls: Mutex<HashMap<(EndpointKey, PullKind), PullTask>>,
     leased: Mutex<HashMap<u64, Leased>>,
     next_receipt: AtomicU64,
     counts: Mutex<Counts>,
@@ -405,7 +467,7 @@ impl JetStreamQueue {
             events,
             dead,
             consumers: Default::default(),
-            prefetched: Default::default(),
+            parked: Default::default(),
             pulls: Default::default(),
             leased: Default::default(),
             next_receipt: AtomicU64::new(1),
@@ -562,41 +624,136 @@ impl Inner {
         }
     }
 
-    /// Pulls one message of `endpoint`, waiting up to `max_wait` for it, and parks it for
-    /// the next lease.
-    async fn pull_one(self: Arc<Self>, endpoint: EndpointKey, max_wait: Duration) {
+    /// The pull of `kind` under way for `endpoint`, started if there is none: `n` messages
+    /// at most, waiting up to `max_wait` for the first one when `kind` is
+    /// [`PullKind::Next`]. The pull runs in a task of its own, so a caller that stops
+    /// waiting never drops messages the server is handing out (they would stay leased,
+    /// unseen, until `ack_wait`); what it receives is parked for the next `lease`.
+    fn pull(
+        self: &Arc<Self>,
+        endpoint: &EndpointKey,
+        kind: PullKind,
+        n: usize,
+        max_wait: Duration,
+    ) -> PullTask {
+        let mut pulls = self.pulls.lock().expect("pulls lock");
+        let slot = (endpoint.clone(), kind);
+        if let Some(p) = pulls.get(&slot).filter(|p| p.peek().is_none()) {
+            return p.clone();
+        }
+        let generation = self
+            .parked
+            .lock()
+            .expect("parked lock")
+            .get(endpoint)
+            .map_or(0, |p| p.generation);
+        let wait = (kind == PullKind::Next).then_some(max_wait);
+        let task = tokio::spawn(
+            self.clone()
+                .pull_and_park(endpoint.clone(), n, wait, generation),
+        );
+        let p = futures::FutureExt::shared(futures::FutureExt::boxed(async move {
+            task.await.unwrap_or_else(|e| Err(e.to_string()))
+        }));
+        pulls.insert(slot, p.clone());
+        p
+    }
+
+    async fn pull_and_park(
+        self: Arc<Self>,
+        endpoint: EndpointKey,
+        n: usize,
+        wait: Option<Duration>,
+        generation: u64,
+    ) -> Result<(), String> {
         let started = Instant::now();
-        let pulled = tokio::time::timeout(max_wait + self.options.request_timeout, async {
+        let mut got = Vec::new();
+        // A pull whose server went away mid-request may never end: bounded. What arrived
+        // before the bound or an error is kept: dropping it would leave it leased until
+        // ack_wait.
+        let bound = wait.unwrap_or_default() + self.options.request_timeout;
+        let pulled = tokio::time::timeout(bound, async {
             let consumer = self.consumer(&endpoint).await?;
-            let mut batch = consumer
-                .batch()
-                .max_messages(1)
-                .expires(max_wait.max(Duration::from_millis(100)))
-                .messages()
-                .await
-                .map_err(storage)?;
-            match batch.next().await {
-                Some(m) => Ok::<_, QueueError>(Some(m.map_err(storage)?)),
-                None => Ok(None),
+            let batch = match wait {
+                None => consumer.fetch().max_messages(n).messages().await,
+                Some(w) => {
+                    consumer
+                        .batch()
+                        .max_messages(n)
+                        .expires(w.max(Duration::from_millis(100)))
+                        .messages()
+                        .await
+                }
+            };
+            let mut batch = batch.map_err(storage)?;
+            while let Some(m) = batch.next().await {
+                got.push(m.map_err(storage)?);
             }
+            Ok::<_, QueueError>(())
         })
         .await
         .unwrap_or_else(|_| Err(QueueError::Storage("pull timed out".into())));
-        match pulled {
-            Ok(Some(msg)) => self
-                .prefetched
-                .lock()
-                .expect("prefetch lock")
-                .entry(endpoint)
-                .or_default()
-                .push((msg, Instant::now())),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(endpoint = %endpoint, error = %e, "waiting for events failed");
-                // Do not spin while the server is away.
-                tokio::time::sleep(max_wait.saturating_sub(started.elapsed())).await;
+        let purged = {
+            let mut parked = self.parked.lock().expect("parked lock");
+            let p = parked.entry(endpoint.clone()).or_default();
+            if p.generation == generation {
+                let now = Instant::now();
+                p.msgs.extend(got.drain(..).map(|m| (m, now)));
+                false
+            } else {
+                true
+            }
+        };
+        if purged {
+            // Purged from the stream while they were on their way: never hand them out.
+            for msg in got {
+                self.give_back(&msg).await;
             }
         }
+        if let Err(e) = &pulled {
+            tracing::debug!(endpoint = %endpoint, error = %e, "pull failed or cut short");
+            if let Some(w) = wait {
+                // Do not spin while the server is away.
+                tokio::time::sleep(w.saturating_sub(started.elapsed())).await;
+            }
+        }
+        pulled.map_err(|e| e.to_string())
+    }
+
+    /// Up to `max` parked messages of `endpoint`, oldest first, and starts a pull ahead when
+    /// fewer than a batch stay parked. A message parked past half its lease is given back
+    /// rather than handed out with too little of `ack_wait` left.
+    async fn take_parked(
+        self: &Arc<Self>,
+        endpoint: &EndpointKey,
+        max: usize,
+    ) -> Vec<jetstream::Message> {
+        let now = Instant::now();
+        let (taken, low) = {
+            let mut parked = self.parked.lock().expect("parked lock");
+            let p = parked.entry(endpoint.clone()).or_default();
+            let n = p.msgs.len().min(max);
+            let taken: Vec<_> = p.msgs.drain(..n).collect();
+            p.handed_out.record(n, now);
+            let batch = p.handed_out.batch();
+            // Pulling ahead pays when leases take more than one message per PULL_AHEAD;
+            // below that, a message parked for the next lease would only wait, leased
+            // to this replica, where another replica could be delivering it.
+            let low = n > 0 && batch > 1 && p.msgs.len() < batch;
+            (taken, low.then_some(batch))
+        };
+        if let Some(batch) = low {
+            drop(self.pull(endpoint, PullKind::Ahead, batch, Duration::ZERO));
+        }
+        let mut fresh = Vec::with_capacity(taken.len());
+        for (msg, at) in taken {
+            if now.duration_since(at) < self.options.ack_wait / 2 {
+                fresh.push(msg);
+            } else {
+                self.give_back(&msg).await;
+            }
+        }
+        fresh
     }
 
     /// Sends an in-progress ack for every lease not renewed within `every`.
@@ -737,71 +894,25 @@ impl Queue for JetStreamQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let mut msgs: Vec<jetstream::Message> = Vec::new();
-        // At most `max` of the parked messages; the rest stay parked, oldest first.
-        let prefetched: Vec<_> = {
-            let mut parked = inner.prefetched.lock().expect("prefetch lock");
-            match parked.get_mut(endpoint) {
-                Some(p) => {
-                    let n = p.len().min(max);
-                    p.drain(..n).collect()
-                }
-                None => Vec::new(),
+        let mut msgs = inner.take_parked(endpoint, max).await;
+        if msgs.is_empty() {
+            // Nothing parked: pull now (or join the pull ahead under way) and wait for it.
+            // Under load a worker leases as its attempts finish, often one event at a
+            // time, and a pull is a round trip to the server: it asks for a batch sized to
+            // what the endpoint takes, and `take_parked` pulls the next one ahead.
+            let batch = inner
+                .parked
+                .lock()
+                .expect("parked lock")
+                .get(endpoint)
+                .map_or(1, |p| p.handed_out.batch());
+            let pulled = inner
+                .pull(endpoint, PullKind::Ahead, max.max(batch), Duration::ZERO)
+                .await;
+            msgs = inner.take_parked(endpoint, max).await;
+            if let (true, Err(e)) = (msgs.is_empty(), pulled) {
+                return Err(QueueError::Storage(e));
             }
-        };
-        for (msg, at) in prefetched {
-            // Held past half its lease: give it back now rather than let it wait out the
-            // rest of ack_wait.
-            if at.elapsed() < inner.options.ack_wait / 2 {
-                msgs.push(msg);
-            } else {
-                inner.give_back(&msg).await;
-            }
-        }
-        if msgs.len() < max {
-            let want = max - msgs.len();
-            // One pull is a round trip to the server: under load a worker leases as its
-            // attempts finish, often one event at a time, so a pull asks for a batch and
-            // parks what is over for the next leases (given back if held too long).
-            let pull = want.max(LEASE_BATCH);
-            // A pull whose server went away mid-request may never end: bounded, so the
-            // delivery worker is never stuck on it. What arrived before the bound or an
-            // error is kept and handed out: dropping it would leave it leased until
-            // ack_wait.
-            let mut got = Vec::new();
-            let pulled = tokio::time::timeout(inner.options.request_timeout, async {
-                let consumer = inner.consumer(endpoint).await?;
-                let mut batch = consumer
-                    .fetch()
-                    .max_messages(pull)
-                    .messages()
-                    .await
-                    .map_err(storage)?;
-                while let Some(m) = batch.next().await {
-                    got.push(m.map_err(storage)?);
-                }
-                Ok::<_, QueueError>(())
-            })
-            .await
-            .unwrap_or_else(|_| Err(QueueError::Storage("lease timed out".into())));
-            if let Err(e) = pulled {
-                if got.is_empty() && msgs.is_empty() {
-                    return Err(e);
-                }
-                tracing::debug!(endpoint = %endpoint, error = %e, kept = got.len(), "pull cut short");
-            }
-            if got.len() > want {
-                let now = Instant::now();
-                let surplus = got.split_off(want).into_iter().map(|m| (m, now));
-                inner
-                    .prefetched
-                    .lock()
-                    .expect("prefetch lock")
-                    .entry(endpoint.clone())
-                    .or_default()
-                    .extend(surplus);
-            }
-            msgs.extend(got);
         }
         let mut out = Vec::with_capacity(msgs.len());
         for msg in msgs {
@@ -860,32 +971,15 @@ impl Queue for JetStreamQueue {
     async fn wait_due(&self, endpoint: &EndpointKey, max_wait: Duration) {
         let inner = &self.inner;
         if inner
-            .prefetched
+            .parked
             .lock()
-            .expect("prefetch lock")
+            .expect("parked lock")
             .get(endpoint)
-            .is_some_and(|b| !b.is_empty())
+            .is_some_and(|p| !p.msgs.is_empty())
         {
             return;
         }
-        // The pull runs in a task of its own and one at a time per endpoint: a caller that
-        // stops waiting (its endpoint's configuration changed) must not drop a pull the
-        // server is answering, or the message it hands out stays leased, unseen, until
-        // ack_wait. The task parks what it receives for the next `lease`.
-        let pull = {
-            let mut pulls = inner.pulls.lock().expect("pulls lock");
-            match pulls.get(endpoint) {
-                Some(p) if p.peek().is_none() => p.clone(),
-                _ => {
-                    let task = tokio::spawn(inner.clone().pull_one(endpoint.clone(), max_wait));
-                    let p = futures::FutureExt::shared(futures::FutureExt::boxed(async move {
-                        let _ = task.await;
-                    }));
-                    pulls.insert(endpoint.clone(), p.clone());
-                    p
-                }
-            }
-        };
+        let pull = inner.pull(endpoint, PullKind::Next, 1, max_wait);
         let _ = tokio::time::timeout(max_wait + inner.options.request_timeout, pull).await;
     }
 
@@ -1029,12 +1123,12 @@ impl Queue for JetStreamQueue {
                 .map_err(storage)?
                 .purged;
         }
-        // Messages parked for the next lease were purged with the rest: never hand them out.
-        inner
-            .prefetched
-            .lock()
-            .expect("prefetch lock")
-            .remove(endpoint);
+        // Messages parked for the next lease were purged with the rest: never hand them
+        // out, nor any a pull under way brings.
+        if let Some(p) = inner.parked.lock().expect("parked lock").get_mut(endpoint) {
+            p.msgs.clear();
+            p.generation += 1;
+        }
         inner.consumers.lock().await.remove(endpoint);
         inner.known.lock().expect("known lock").remove(endpoint);
         let _ = inner.refresh_counts().await;
@@ -1099,6 +1193,22 @@ impl Queue for JetStreamQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pull_asks_for_a_tenth_of_a_second_of_recent_leases_within_bounds() {
+        let start = Instant::now();
+        let mut rate = LeaseRate::default();
+        assert_eq!(rate.batch(), 1, "nothing leased yet: one at a time");
+        rate.record(300, start);
+        rate.record(200, start + Duration::from_millis(500));
+        assert_eq!(rate.batch(), 50, "500 in this second");
+        rate.record(10, start + Duration::from_millis(1200));
+        assert_eq!(rate.batch(), 50, "the last full second still counts");
+        rate.record(5, start + Duration::from_millis(3500));
+        assert_eq!(rate.batch(), 1, "an idle second in between forgets it");
+        rate.record(1_000_000, start + Duration::from_millis(3600));
+        assert_eq!(rate.batch(), MAX_PULL);
+    }
 
     #[test]
     fn tokens_round_trip_and_stay_single_tokens() {
