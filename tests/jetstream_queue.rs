@@ -155,6 +155,38 @@ async fn a_slow_replica_holds_only_what_it_leased() {
     );
 }
 
+/// A replica that stops delivering gives back what it pulled ahead of its leases: the
+/// other replica gets every event it did not lease at once, not after `ack_wait`.
+#[tokio::test]
+async fn a_replica_that_stops_gives_back_what_it_pulled_ahead() {
+    let server = NatsServer::start();
+    let ep = EndpointKey::new("apps", "busy");
+    let long_lease = JetStreamOptions {
+        ack_wait: Duration::from_secs(30),
+        ..options(&server.url())
+    };
+    let q1 = connect_with(long_lease.clone()).await;
+    let q2 = connect_with(long_lease).await;
+    let events: Vec<_> = (0..300)
+        .map(|i| event(&ep, &format!("k{i}"), "x"))
+        .collect();
+    q1.enqueue(events).await.unwrap();
+    // A busy worker: one event at a time as its attempts finish, 100 in a few ms.
+    let mut leased = 0;
+    while leased < 100 {
+        leased += lease_n(&q1, &ep, 1, Duration::from_secs(5)).await.len();
+    }
+    // The attempts under way take a moment: the pull ahead lands meanwhile.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    q1.return_prefetched().await;
+    let rest = lease_n(&q2, &ep, 200, Duration::from_secs(3)).await;
+    assert_eq!(
+        rest.len(),
+        200,
+        "the other replica gets every event the first one did not lease"
+    );
+}
+
 #[tokio::test]
 async fn unacked_lease_goes_to_another_replica_after_ack_wait() {
     let server = NatsServer::start();

@@ -163,6 +163,7 @@ impl Dispatcher {
             for (_, h) in workers {
                 let _ = h.await;
             }
+            this.shared.queue.return_prefetched().await;
             // The spans of the last attempts, before the process ends.
             let _ =
                 tokio::time::timeout(this.shared.shutdown_grace, this.shared.tracer.flush()).await;

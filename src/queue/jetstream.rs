@@ -44,9 +44,10 @@
 //!   repeated a few times, a dead letter whose publish fails is NAKed to come back within a
 //!   second, a pull cut short keeps what it already received, every pull runs in a task
 //!   of its own and parks what it receives for the next leases (so a caller that stops
-//!   waiting drops nothing), and a parked message held too long is NAKed rather than
-//!   dropped. Only when the server stays unreachable is a message left to come back after
-//!   `ack_wait`.
+//!   waiting drops nothing), a parked message held too long is NAKed rather than
+//!   dropped, and when delivery stops every parked message is NAKed (`return_prefetched`).
+//!   Only when the server stays unreachable, or the process dies, is a message left to
+//!   come back after `ack_wait`.
 //! - **Leases do not wait for the server.** A pull is a round trip, and a busy endpoint's
 //!   worker leases as its attempts finish, often one event at a time. So when a lease
 //!   leaves fewer than a batch parked, the next batch is pulled ahead in the background;
@@ -364,6 +365,9 @@ struct Inner {
     consumers: tokio::sync::Mutex<HashMap<EndpointKey, consumer::PullConsumer>>,
     /// Messages pulled for the next leases.
     parked: Mutex<HashMap<EndpointKey, Parked>>,
+    /// Delivery stopped (`return_prefetched`): a pull that ends now gives back what it
+    /// brings instead of parking it. The next lease or wait clears it.
+    stopped: std::sync::atomic::AtomicBool,
     /// The pulls under way.
     pulls: Mutex<HashMap<(EndpointKey, PullKind), PullTask>>,
     leased: Mutex<HashMap<u64, Leased>>,
@@ -468,6 +472,7 @@ impl JetStreamQueue {
             dead,
             consumers: Default::default(),
             parked: Default::default(),
+            stopped: Default::default(),
             pulls: Default::default(),
             leased: Default::default(),
             next_receipt: AtomicU64::new(1),
@@ -693,10 +698,10 @@ impl Inner {
         })
         .await
         .unwrap_or_else(|_| Err(QueueError::Storage("pull timed out".into())));
-        let purged = {
+        let unwanted = {
             let mut parked = self.parked.lock().expect("parked lock");
             let p = parked.entry(endpoint.clone()).or_default();
-            if p.generation == generation {
+            if p.generation == generation && !self.stopped.load(Ordering::Acquire) {
                 let now = Instant::now();
                 p.msgs.extend(got.drain(..).map(|m| (m, now)));
                 false
@@ -704,8 +709,9 @@ impl Inner {
                 true
             }
         };
-        if purged {
-            // Purged from the stream while they were on their way: never hand them out.
+        if unwanted {
+            // Purged from the stream while they were on their way (never hand them out),
+            // or delivery stopped meanwhile (another replica may deliver them now).
             for msg in got {
                 self.give_back(&msg).await;
             }
@@ -891,6 +897,7 @@ impl Queue for JetStreamQueue {
         _now: SystemTime,
     ) -> Result<Vec<QueuedEvent>, QueueError> {
         let inner = &self.inner;
+        inner.stopped.store(false, Ordering::Release);
         if max == 0 {
             return Ok(Vec::new());
         }
@@ -970,6 +977,7 @@ impl Queue for JetStreamQueue {
 
     async fn wait_due(&self, endpoint: &EndpointKey, max_wait: Duration) {
         let inner = &self.inner;
+        inner.stopped.store(false, Ordering::Release);
         if inner
             .parked
             .lock()
@@ -1133,6 +1141,22 @@ impl Queue for JetStreamQueue {
         inner.known.lock().expect("known lock").remove(endpoint);
         let _ = inner.refresh_counts().await;
         Ok(n)
+    }
+
+    async fn return_prefetched(&self) {
+        let inner = &self.inner;
+        inner.stopped.store(true, Ordering::Release);
+        // A pull under way gives back what it brings itself (see `pull_and_park`).
+        let parked: Vec<jetstream::Message> = inner
+            .parked
+            .lock()
+            .expect("parked lock")
+            .values_mut()
+            .flat_map(|p| p.msgs.drain(..).map(|(m, _)| m))
+            .collect();
+        for msg in parked {
+            inner.give_back(&msg).await;
+        }
     }
 
     fn endpoints(&self) -> Vec<EndpointKey> {

@@ -219,6 +219,11 @@ pub trait Queue: Send + Sync + 'static {
     /// Proves the queue can commit a write now (readiness).
     async fn check_writable(&self) -> Result<(), QueueError>;
 
+    /// Delivery has stopped on this replica: events taken from a shared store ahead of a
+    /// lease go back now, so another replica can deliver them at once instead of after
+    /// the store's lease timeout. Nothing to do for a store this replica alone reads.
+    async fn return_prefetched(&self) {}
+
     /// True once the store cannot write again without a restart of the process (the
     /// embedded store after an I/O error such as a full disk): `/healthz` then fails so
     /// that Kubernetes restarts the pod, which reopens and repairs the file.
