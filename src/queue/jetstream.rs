@@ -726,16 +726,17 @@ impl Inner {
         pulled.map_err(|e| e.to_string())
     }
 
-    /// Up to `max` parked messages of `endpoint`, oldest first, and starts a pull ahead when
-    /// fewer than a batch stay parked. A message parked past half its lease is given back
-    /// rather than handed out with too little of `ack_wait` left.
+    /// Up to `max` parked messages of `endpoint`, oldest first, and the endpoint's batch
+    /// size; starts a pull ahead when fewer than a batch stay parked. A message parked past
+    /// half its lease is given back rather than handed out with too little of `ack_wait`
+    /// left.
     async fn take_parked(
         self: &Arc<Self>,
         endpoint: &EndpointKey,
         max: usize,
-    ) -> Vec<jetstream::Message> {
+    ) -> (Vec<jetstream::Message>, usize) {
         let now = Instant::now();
-        let (taken, low) = {
+        let (taken, batch, low) = {
             let mut parked = self.parked.lock().expect("parked lock");
             let p = parked.entry(endpoint.clone()).or_default();
             let n = p.msgs.len().min(max);
@@ -746,9 +747,9 @@ impl Inner {
             // below that, a message parked for the next lease would only wait, leased
             // to this replica, where another replica could be delivering it.
             let low = n > 0 && batch > 1 && p.msgs.len() < batch;
-            (taken, low.then_some(batch))
+            (taken, batch, low)
         };
-        if let Some(batch) = low {
+        if low {
             drop(self.pull(endpoint, PullKind::Ahead, batch, Duration::ZERO));
         }
         let mut fresh = Vec::with_capacity(taken.len());
@@ -759,7 +760,7 @@ impl Inner {
                 self.give_back(&msg).await;
             }
         }
-        fresh
+        (fresh, batch)
     }
 
     /// Sends an in-progress ack for every lease not renewed within `every`.
@@ -901,22 +902,16 @@ impl Queue for JetStreamQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let mut msgs = inner.take_parked(endpoint, max).await;
+        let (mut msgs, batch) = inner.take_parked(endpoint, max).await;
         if msgs.is_empty() {
             // Nothing parked: pull now (or join the pull ahead under way) and wait for it.
             // Under load a worker leases as its attempts finish, often one event at a
             // time, and a pull is a round trip to the server: it asks for a batch sized to
             // what the endpoint takes, and `take_parked` pulls the next one ahead.
-            let batch = inner
-                .parked
-                .lock()
-                .expect("parked lock")
-                .get(endpoint)
-                .map_or(1, |p| p.handed_out.batch());
             let pulled = inner
                 .pull(endpoint, PullKind::Ahead, max.max(batch), Duration::ZERO)
                 .await;
-            msgs = inner.take_parked(endpoint, max).await;
+            msgs = inner.take_parked(endpoint, max).await.0;
             if let (true, Err(e)) = (msgs.is_empty(), pulled) {
                 return Err(QueueError::Storage(e));
             }
