@@ -689,21 +689,44 @@ async fn a_leader_whose_api_server_hangs_stops_reconciling_before_its_lease_expi
     }
 }
 
-/// `webhook_operator_queue_depth{state=...}` as the ops server reports it.
-async fn queue_depth(ops_port: u16, state: &str) -> Option<u64> {
+/// `webhook_operator_queue_depth{state=...}` as the ops server reports it, every state
+/// from one scrape: summing two scrapes would count an event that moved from pending to
+/// leased (or back, on a refused delivery) in between twice or not at all.
+#[derive(Debug, Default, PartialEq)]
+struct QueueDepth {
+    pending: u64,
+    leased: u64,
+    dead_lettered: u64,
+}
+
+impl QueueDepth {
+    /// Events stored and not yet delivered: pending or leased.
+    fn waiting(&self) -> u64 {
+        self.pending + self.leased
+    }
+}
+
+async fn queue_depth(ops_port: u16) -> Option<QueueDepth> {
     let text = reqwest::get(format!("http://127.0.0.1:{ops_port}/metrics"))
         .await
         .ok()?
         .text()
         .await
         .ok()?;
-    text.lines()
-        .find(|l| {
-            l.starts_with("webhook_operator_queue_depth")
-                && l.contains(&format!("state=\"{state}\""))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
+    let state = |state: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("webhook_operator_queue_depth")
+                    && l.contains(&format!("state=\"{state}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+    };
+    Some(QueueDepth {
+        pending: state("pending")?,
+        leased: state("leased")?,
+        dead_lettered: state("dead_lettered")?,
+    })
 }
 
 #[tokio::test]
@@ -727,8 +750,7 @@ async fn deleting_an_endpoint_deletes_its_queued_events() {
         );
     }
     wait_until(Duration::from_secs(10), "three events waiting", || async {
-        let d = queue_depth(ops, "pending").await? + queue_depth(ops, "leased").await?;
-        (d == 3).then_some(())
+        (queue_depth(ops).await?.waiting() == 3).then_some(())
     })
     .await;
 
@@ -741,10 +763,7 @@ async fn deleting_an_endpoint_deletes_its_queued_events() {
     })
     .await;
     wait_until(Duration::from_secs(10), "its events deleted", || async {
-        let d = queue_depth(ops, "pending").await?
-            + queue_depth(ops, "leased").await?
-            + queue_depth(ops, "dead_lettered").await?;
-        (d == 0).then_some(())
+        (queue_depth(ops).await? == QueueDepth::default()).then_some(())
     })
     .await;
 }
@@ -810,16 +829,14 @@ async fn a_restart_with_a_backlog_longer_than_the_window_delivers_each_event_onc
         started.elapsed().as_secs_f64()
     );
     assert_eq!(
-        queue_depth(ops, "pending").await.unwrap_or(0)
-            + queue_depth(ops, "leased").await.unwrap_or(0),
-        N as u64 + 1
+        queue_depth(ops).await.map(|d| d.waiting()),
+        Some(N as u64 + 1)
     );
 
     consumer.answer(200);
     wait_delivered(&consumer, &accepted).await;
     wait_until(Duration::from_secs(30), "the queue drained", || async {
-        let waiting = queue_depth(ops, "pending").await? + queue_depth(ops, "leased").await?;
-        (waiting == 0).then_some(())
+        (queue_depth(ops).await?.waiting() == 0).then_some(())
     })
     .await;
     let received = consumer.received();
