@@ -1,6 +1,7 @@
 //! webhook-operator: manages provider webhooks as Kubernetes custom resources, receives
 //! their events, stores them durably and delivers them to in-cluster services.
 
+pub mod allocator;
 pub mod annotate;
 pub mod api;
 pub mod config;

@@ -1,5 +1,6 @@
 /// A general-purpose allocator that keeps small, short-lived allocations (one request,
-/// one event) off the system allocator's locks; see BENCHMARKS.md.
+/// one event) off the system allocator's locks; see BENCHMARKS.md. Tuned by
+/// `webhook_operator::allocator::tune` at the start of `main`.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -35,6 +36,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    webhook_operator::allocator::tune();
     // Installed as `kubectl-webhooks`, the binary is the kubectl plugin.
     if webhook_operator::plugin::invoked_as_plugin() {
         let _ = rustls::crypto::ring::default_provider().install_default();

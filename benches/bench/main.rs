@@ -12,7 +12,8 @@
 //! Smoke runs write `target/BENCHMARKS.smoke.md` unless `--out` says otherwise.
 
 /// A general-purpose allocator that keeps small, short-lived allocations (one request,
-/// one event) off the system allocator's locks; see BENCHMARKS.md.
+/// one event) off the system allocator's locks; see BENCHMARKS.md. Tuned as the
+/// operator binary tunes it, at the start of `main`.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -251,6 +252,8 @@ fn write_report(path: &std::path::Path, block: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The in-process data plane runs with the operator binary's allocator settings.
+    webhook_operator::allocator::tune();
     let argv: Vec<String> = std::env::args().collect();
     if let Some(i) = argv.iter().position(|a| a == backlog::CHILD_FLAG) {
         let path = argv.get(i + 1).map(String::as_str).unwrap_or_default();
