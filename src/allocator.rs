@@ -14,7 +14,7 @@ const PURGE_DELAY_MS: std::ffi::c_long = 100;
 
 /// Freed pages go back to the kernel after 100 ms instead of a second. A burst of
 /// short-lived allocations (10,000 subscriptions reconciled at once, then a resync) left
-/// 192–202 MiB resident with the default and 186–187 MiB with this, for the same CPU
+/// 192–202 MiB resident with the default and 183–192 MiB with this, for the same CPU
 /// (BENCHMARKS.md, "Operator RSS at 10,000 subscriptions"); delivery throughput did not
 /// change. An explicit `MIMALLOC_PURGE_DELAY` in the environment wins.
 pub fn tune() {
