@@ -1,7 +1,7 @@
 //! The tuning of mimalloc, the allocator the operator binary and the benchmark declare as
 //! their global allocator. Each calls [`tune`] first thing in `main`.
 
-use libmimalloc_sys::{mi_option_get, mi_option_set, mi_option_t};
+use libmimalloc_sys::{mi_option_set, mi_option_t};
 
 /// `mi_option_purge_delay`: its place in the `mi_option_e` enum of the mimalloc v3 that
 /// `libmimalloc-sys` builds (the Rust bindings do not name it). The test below checks
@@ -24,15 +24,15 @@ pub fn tune() {
     }
 }
 
-/// The purge delay in force, in milliseconds.
-pub fn purge_delay_ms() -> std::ffi::c_long {
-    // SAFETY: reads an integer option.
-    unsafe { mi_option_get(PURGE_DELAY) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The purge delay in force, in milliseconds.
+    fn purge_delay_ms() -> std::ffi::c_long {
+        // SAFETY: reads an integer option.
+        unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) }
+    }
 
     #[test]
     fn the_option_tuned_is_the_purge_delay_and_tuning_shortens_it() {

@@ -30,7 +30,6 @@ async fn post(url: &str, body: &serde_json::Value) -> reqwest::Response {
         .expect("the ingress answers")
 }
 
-/// `webhook_operator_ingress_rejected_total{reason=...}` as the ops server reports it.
 /// The status of a POST, or 0 when nothing listens (yet).
 async fn status_of(url: &str, body: &serde_json::Value) -> u16 {
     match reqwest::Client::new().post(url).json(body).send().await {
@@ -39,6 +38,7 @@ async fn status_of(url: &str, body: &serde_json::Value) -> u16 {
     }
 }
 
+/// `webhook_operator_ingress_rejected_total{reason=...}` as the ops server reports it.
 async fn rejected(ops_port: u16, reason: &str) -> u64 {
     let label = format!("reason=\"{reason}\"");
     metric_sum(ops_port, |l| l.contains("rejected") && l.contains(&label)).await
@@ -52,19 +52,31 @@ async fn in_flight(ops_port: u16) -> u64 {
     .await
 }
 
-/// The sum of the ops server's sample lines that `pick` selects.
-async fn metric_sum(ops_port: u16, pick: impl Fn(&str) -> bool) -> u64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{ops_port}/metrics"))
+/// The ops server's `/metrics` text, or `None` when it does not answer (yet).
+async fn metrics_text(ops_port: u16) -> Option<String> {
+    reqwest::get(format!("http://127.0.0.1:{ops_port}/metrics"))
         .await
-        .unwrap()
+        .ok()?
         .text()
         .await
-        .unwrap();
+        .ok()
+}
+
+/// The sum of the sample lines of a `/metrics` text that `pick` selects.
+fn sample_sum(text: &str, pick: impl Fn(&str) -> bool) -> u64 {
     text.lines()
         .filter(|l| !l.starts_with('#') && pick(l))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
         .sum()
+}
+
+/// The sum of the ops server's sample lines that `pick` selects.
+async fn metric_sum(ops_port: u16, pick: impl Fn(&str) -> bool) -> u64 {
+    let text = metrics_text(ops_port)
+        .await
+        .expect("the ops server answers /metrics");
+    sample_sum(&text, pick)
 }
 
 async fn healthz(ops_port: u16) -> Option<u16> {
@@ -707,25 +719,17 @@ impl QueueDepth {
 }
 
 async fn queue_depth(ops_port: u16) -> Option<QueueDepth> {
-    let text = reqwest::get(format!("http://127.0.0.1:{ops_port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = metrics_text(ops_port).await?;
     let state = |state: &str| {
-        text.lines()
-            .find(|l| {
-                l.starts_with("webhook_operator_queue_depth")
-                    && l.contains(&format!("state=\"{state}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|v| v as u64)
+        let label = format!("state=\"{state}\"");
+        sample_sum(&text, |l| {
+            l.starts_with("webhook_operator_queue_depth") && l.contains(&label)
+        })
     };
     Some(QueueDepth {
-        pending: state("pending")?,
-        leased: state("leased")?,
-        dead_lettered: state("dead_lettered")?,
+        pending: state("pending"),
+        leased: state("leased"),
+        dead_lettered: state("dead_lettered"),
     })
 }
 
