@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::mark;
+use crate::proc_stats::machine_cpu_seconds;
 use webhook_operator::api::Provider;
 use webhook_operator::dataplane::{
     DataPlane, DataPlaneConfig, EndpointConfig, EndpointKey, SubscriptionRoute,
@@ -225,6 +226,70 @@ pub struct Phase {
     pub latency: Latency,
     /// Send to the ingress's 2xx (stored durably): the part of `latency` before the queue.
     pub answered: Latency,
+    /// The machine's CPU over the load window.
+    pub cpu: MachineCpu,
+}
+
+/// The whole machine's CPU over a load window: the generator and the consumer are in every
+/// phase, so phases differ by what sits between them.
+#[derive(Clone, Copy, Debug)]
+pub struct MachineCpu {
+    /// Busy share of all cores (idle and I/O wait are not busy).
+    pub busy_share: f64,
+    /// Busy CPU microseconds per event delivered in the window.
+    pub us_per_event: f64,
+}
+
+/// Unknown: `/proc/stat` unreadable, or nothing delivered.
+impl Default for MachineCpu {
+    fn default() -> Self {
+        MachineCpu {
+            busy_share: f64::NAN,
+            us_per_event: f64::NAN,
+        }
+    }
+}
+
+/// The start of a load window: when, the consumer's count, the machine's CPU seconds.
+struct WindowStart {
+    at: Instant,
+    delivered: u64,
+    cpu: Option<(f64, f64)>,
+}
+
+/// A load window as it ended.
+struct Window {
+    delivered: (u64, u64),
+    elapsed: Duration,
+    cpu: MachineCpu,
+}
+
+impl WindowStart {
+    fn now(consumer: &Consumer) -> Self {
+        WindowStart {
+            delivered: consumer.delivered.load(Ordering::Relaxed),
+            cpu: machine_cpu_seconds(),
+            at: Instant::now(),
+        }
+    }
+
+    fn end(&self, consumer: &Consumer) -> Window {
+        let elapsed = self.at.elapsed();
+        let d1 = consumer.delivered.load(Ordering::Relaxed);
+        let events = d1.saturating_sub(self.delivered);
+        let cpu = match (self.cpu, machine_cpu_seconds()) {
+            (Some((busy0, all0)), Some((busy1, all1))) if all1 > all0 && events > 0 => MachineCpu {
+                busy_share: (busy1 - busy0) / (all1 - all0),
+                us_per_event: (busy1 - busy0) * 1e6 / events as f64,
+            },
+            _ => MachineCpu::default(),
+        };
+        Window {
+            delivered: (self.delivered, d1),
+            elapsed,
+            cpu,
+        }
+    }
 }
 
 /// Records the consumer's delivered/s per `slice` until `end`.
@@ -314,9 +379,8 @@ async fn closed_loop(
 ) -> Phase {
     let stop = Arc::new(AtomicBool::new(false));
     consumer.take_latencies();
-    let d0 = consumer.delivered.load(Ordering::Relaxed);
-    let start = Instant::now();
-    let slices = sample_slices(consumer.clone(), start, timing.duration, timing.slice);
+    let start = WindowStart::now(consumer);
+    let slices = sample_slices(consumer.clone(), start.at, timing.duration, timing.slice);
     let senders: Vec<_> = (0..concurrency)
         .map(|_| {
             let (t, stop) = (target.clone(), stop.clone());
@@ -327,15 +391,14 @@ async fn closed_loop(
             })
         })
         .collect();
-    tokio::time::sleep_until((start + timing.duration).into()).await;
+    tokio::time::sleep_until((start.at + timing.duration).into()).await;
     stop.store(true, Ordering::Relaxed);
-    let d1 = consumer.delivered.load(Ordering::Relaxed);
-    let window = start.elapsed();
+    let window = start.end(consumer);
     for s in senders {
         let _ = s.await;
     }
     let slices = slices.await.unwrap_or_default();
-    finish(name, &target, consumer, (d0, d1), window, None, slices).await
+    finish(name, &target, consumer, window, None, slices).await
 }
 
 /// Most requests of the open loop in flight; past it an event counts as refused.
@@ -352,9 +415,9 @@ async fn open_loop(
     timing: Timing,
 ) -> Phase {
     consumer.take_latencies();
-    let d0 = consumer.delivered.load(Ordering::Relaxed);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(OPEN_LOOP_IN_FLIGHT as usize));
-    let start = Instant::now();
+    let window_start = WindowStart::now(consumer);
+    let start = window_start.at;
     let start_us = now_us();
     let slices = sample_slices(consumer.clone(), start, timing.duration, timing.slice);
     let total = (timing.duration.as_secs_f64() * rate) as u64;
@@ -379,24 +442,14 @@ async fn open_loop(
             });
         }
     }
-    let d1 = consumer.delivered.load(Ordering::Relaxed);
-    let window = start.elapsed();
+    let window = window_start.end(consumer);
     let _ = tokio::time::timeout(
         Duration::from_secs(30),
         in_flight.acquire_many(OPEN_LOOP_IN_FLIGHT),
     )
     .await;
     let slices = slices.await.unwrap_or_default();
-    finish(
-        name,
-        &target,
-        consumer,
-        (d0, d1),
-        window,
-        Some(rate),
-        slices,
-    )
-    .await
+    finish(name, &target, consumer, window, Some(rate), slices).await
 }
 
 /// Waits (bounded) for the accepted events to be delivered and sums up.
@@ -404,11 +457,11 @@ async fn finish(
     name: &'static str,
     target: &Target,
     consumer: &Consumer,
-    (d0, d1): (u64, u64),
-    window: Duration,
+    window: Window,
     offered: Option<f64>,
     slices: Vec<f64>,
 ) -> Phase {
+    let (d0, d1) = window.delivered;
     let accepted = target.accepted.swap(0, Ordering::Relaxed);
     let failed = target.failed.swap(0, Ordering::Relaxed);
     let drain_start = Instant::now();
@@ -417,7 +470,7 @@ async fn finish(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let delivered_total = consumer.delivered.load(Ordering::Relaxed) - d0;
-    let secs = window.as_secs_f64();
+    let secs = window.elapsed.as_secs_f64();
     let phase = Phase {
         name,
         seconds: secs,
@@ -431,10 +484,16 @@ async fn finish(
         drain_seconds: drain_start.elapsed().as_secs_f64(),
         latency: Latency::of(consumer.take_latencies()),
         answered: Latency::of(std::mem::take(&mut *target.answered.lock().unwrap())),
+        cpu: window.cpu,
     };
     eprintln!(
-        "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms",
-        phase.accepted_per_s, phase.delivered_per_s, phase.slices, phase.latency.p99_ms
+        "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms, CPU {:.0} % busy, {:.1} µs per event",
+        phase.accepted_per_s,
+        phase.delivered_per_s,
+        phase.slices,
+        phase.latency.p99_ms,
+        phase.cpu.busy_share * 100.0,
+        phase.cpu.us_per_event
     );
     phase
 }
@@ -767,14 +826,17 @@ impl DeliveryResults {
         );
         let _ = writeln!(
             s,
-            "| phase | offered/s | accepted/s | delivered/s | delivered/s per {slice:.0} s slice | refused | p50 ms | p99 ms | p99.9 ms | max ms | answered p99 ms | drain s |"
+            "| phase | offered/s | accepted/s | delivered/s | delivered/s per {slice:.0} s slice | refused | p50 ms | p99 ms | p99.9 ms | max ms | answered p99 ms | drain s | machine CPU busy | CPU µs per event |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for p in &self.phases {
             let slices: Vec<String> = p.slices.iter().map(|r| format!("{r:.0}")).collect();
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} % | {:.1} |",
                 p.name,
                 p.offered_per_s
                     .map_or("max".to_string(), |r| format!("{r:.0}")),
@@ -788,6 +850,8 @@ impl DeliveryResults {
                 p.latency.max_ms,
                 p.answered.p99_ms,
                 p.drain_seconds,
+                p.cpu.busy_share * 100.0,
+                p.cpu.us_per_event,
             );
         }
         let all: Vec<String> = self
@@ -860,5 +924,34 @@ impl DeliveryResults {
             );
         }
         s.push('\n');
+        self.report_cpu(s);
+    }
+
+    /// What bounds the ratio to nginx: the machine's CPU per event in the closed loops.
+    fn report_cpu(&self, s: &mut String) {
+        use std::fmt::Write as _;
+        let (Some(o), Some(n), Some(d)) =
+            (self.phase(OPERATOR), self.phase(NGINX), self.phase(DIRECT))
+        else {
+            return;
+        };
+        let busy = |p: &Phase| p.cpu.busy_share * 100.0;
+        let _ = writeln!(
+            s,
+            "CPU per delivered event, the whole machine (generator and consumer in every phase): \
+             operator {:.1} µs at {:.0} % busy, nginx {:.1} µs at {:.0} % busy, direct {:.1} µs. \
+             Beyond the direct phase the operator takes {:.1} µs per event and nginx {:.1} µs \
+             ({:.1} times). At the same busy CPU, 0.5 of nginx needs the operator at {:.1} µs \
+             or less for the whole machine.\n",
+            o.cpu.us_per_event,
+            busy(o),
+            n.cpu.us_per_event,
+            busy(n),
+            d.cpu.us_per_event,
+            o.cpu.us_per_event - d.cpu.us_per_event,
+            n.cpu.us_per_event - d.cpu.us_per_event,
+            (o.cpu.us_per_event - d.cpu.us_per_event) / (n.cpu.us_per_event - d.cpu.us_per_event),
+            2.0 * n.cpu.us_per_event,
+        );
     }
 }
