@@ -250,6 +250,12 @@ impl Default for MachineCpu {
     }
 }
 
+impl MachineCpu {
+    fn busy_percent(&self) -> f64 {
+        self.busy_share * 100.0
+    }
+}
+
 /// The start of a load window: when, the consumer's count, the machine's CPU seconds.
 struct WindowStart {
     at: Instant,
@@ -492,7 +498,7 @@ async fn finish(
         phase.delivered_per_s,
         phase.slices,
         phase.latency.p99_ms,
-        phase.cpu.busy_share * 100.0,
+        phase.cpu.busy_percent(),
         phase.cpu.us_per_event
     );
     phase
@@ -850,7 +856,7 @@ impl DeliveryResults {
                 p.latency.max_ms,
                 p.answered.p99_ms,
                 p.drain_seconds,
-                p.cpu.busy_share * 100.0,
+                p.cpu.busy_percent(),
                 p.cpu.us_per_event,
             );
         }
@@ -935,7 +941,8 @@ impl DeliveryResults {
         else {
             return;
         };
-        let busy = |p: &Phase| p.cpu.busy_share * 100.0;
+        let (op, nginx, direct) = (o.cpu.us_per_event, n.cpu.us_per_event, d.cpu.us_per_event);
+        let (op_added, nginx_added) = (op - direct, nginx - direct);
         let _ = writeln!(
             s,
             "CPU per delivered event, the whole machine (generator and consumer in every phase): \
@@ -943,15 +950,15 @@ impl DeliveryResults {
              Beyond the direct phase the operator takes {:.1} µs per event and nginx {:.1} µs \
              ({:.1} times). At the same busy CPU, 0.5 of nginx needs the operator at {:.1} µs \
              or less for the whole machine.\n",
-            o.cpu.us_per_event,
-            busy(o),
-            n.cpu.us_per_event,
-            busy(n),
-            d.cpu.us_per_event,
-            o.cpu.us_per_event - d.cpu.us_per_event,
-            n.cpu.us_per_event - d.cpu.us_per_event,
-            (o.cpu.us_per_event - d.cpu.us_per_event) / (n.cpu.us_per_event - d.cpu.us_per_event),
-            2.0 * n.cpu.us_per_event,
+            op,
+            o.cpu.busy_percent(),
+            nginx,
+            n.cpu.busy_percent(),
+            direct,
+            op_added,
+            nginx_added,
+            op_added / nginx_added,
+            2.0 * nginx,
         );
     }
 }
