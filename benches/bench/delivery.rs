@@ -3,6 +3,8 @@
 //! `ProviderParser`, a real redb file, or a real nats-server with JetStream); a loopback
 //! consumer counts deliveries and reads the send time embedded in each payload. The same
 //! load then goes through nginx as a keep-alive reverse proxy, and straight to the consumer.
+//! The data plane runs in a process of its own (this binary started again), as nginx runs
+//! in its own, so each phase can report the CPU of what sits between the two ends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::mark;
-use crate::proc_stats::machine_cpu_seconds;
+use crate::proc_stats::{machine_cpu_seconds, tree_cpu_seconds};
 use webhook_operator::api::Provider;
 use webhook_operator::dataplane::{
     DataPlane, DataPlaneConfig, EndpointConfig, EndpointKey, SubscriptionRoute,
@@ -171,6 +173,9 @@ impl Shots {
 struct Target {
     client: reqwest::Client,
     shots: Shots,
+    /// The process between the generator and the consumer (the data plane's, nginx's
+    /// master), whose CPU the phase reports; none when the load goes straight through.
+    between: Option<u32>,
     next: AtomicU64,
     accepted: AtomicU64,
     failed: AtomicU64,
@@ -228,6 +233,9 @@ pub struct Phase {
     pub answered: Latency,
     /// The machine's CPU over the load window.
     pub cpu: MachineCpu,
+    /// CPU µs per delivered event of the process between the generator and the consumer
+    /// (with its children: nginx's workers), over the load window.
+    pub between_us_per_event: Option<f64>,
 }
 
 /// The whole machine's CPU over a load window: the generator and the consumer are in every
@@ -256,11 +264,13 @@ impl MachineCpu {
     }
 }
 
-/// The start of a load window: when, the consumer's count, the machine's CPU seconds.
+/// The start of a load window: when, the consumer's count, the machine's CPU seconds and
+/// those of the process between.
 struct WindowStart {
     at: Instant,
     delivered: u64,
     cpu: Option<(f64, f64)>,
+    between: Option<(u32, f64)>,
 }
 
 /// A load window as it ended.
@@ -268,13 +278,15 @@ struct Window {
     delivered: (u64, u64),
     elapsed: Duration,
     cpu: MachineCpu,
+    between_us_per_event: Option<f64>,
 }
 
 impl WindowStart {
-    fn now(consumer: &Consumer) -> Self {
+    fn now(consumer: &Consumer, between: Option<u32>) -> Self {
         WindowStart {
             delivered: consumer.delivered.load(Ordering::Relaxed),
             cpu: machine_cpu_seconds(),
+            between: between.and_then(|pid| Some((pid, tree_cpu_seconds(pid)?))),
             at: Instant::now(),
         }
     }
@@ -290,10 +302,15 @@ impl WindowStart {
             },
             _ => MachineCpu::default(),
         };
+        let between_us_per_event = self.between.and_then(|(pid, before)| {
+            let used = tree_cpu_seconds(pid)? - before;
+            (events > 0).then(|| used * 1e6 / events as f64)
+        });
         Window {
             delivered: (self.delivered, d1),
             elapsed,
             cpu,
+            between_us_per_event,
         }
     }
 }
@@ -341,15 +358,15 @@ struct Load<'a> {
 /// a closed loop at saturation named `names.0`, then an open loop named `names.1` at half
 /// the rate it delivered; stops the plane.
 async fn saturation_then_half(
-    plane: Plane,
+    plane: ChildPlane,
     names: (&'static str, &'static str),
-    target: &mut impl FnMut(String) -> Arc<Target>,
+    target: &mut impl FnMut(String, Option<u32>) -> Arc<Target>,
     load: &Load<'_>,
 ) -> [Phase; 2] {
     let (consumer, concurrency) = (load.consumer, load.concurrency);
     closed_loop(
         "warm-up",
-        target(plane.base.clone()),
+        target(plane.base.clone(), Some(plane.pid())),
         consumer,
         concurrency,
         load.warm_up,
@@ -357,7 +374,7 @@ async fn saturation_then_half(
     .await;
     let saturated = closed_loop(
         names.0,
-        target(plane.base.clone()),
+        target(plane.base.clone(), Some(plane.pid())),
         consumer,
         concurrency,
         load.timing,
@@ -366,7 +383,7 @@ async fn saturation_then_half(
     let half_rate = (saturated.delivered_per_s / 2.0).max(1.0);
     let half = open_loop(
         names.1,
-        target(plane.base.clone()),
+        target(plane.base.clone(), Some(plane.pid())),
         consumer,
         half_rate,
         load.timing,
@@ -385,7 +402,7 @@ async fn closed_loop(
 ) -> Phase {
     let stop = Arc::new(AtomicBool::new(false));
     consumer.take_latencies();
-    let start = WindowStart::now(consumer);
+    let start = WindowStart::now(consumer, target.between);
     let slices = sample_slices(consumer.clone(), start.at, timing.duration, timing.slice);
     let senders: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -422,7 +439,7 @@ async fn open_loop(
 ) -> Phase {
     consumer.take_latencies();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(OPEN_LOOP_IN_FLIGHT as usize));
-    let window_start = WindowStart::now(consumer);
+    let window_start = WindowStart::now(consumer, target.between);
     let start = window_start.at;
     let start_us = now_us();
     let slices = sample_slices(consumer.clone(), start, timing.duration, timing.slice);
@@ -491,15 +508,17 @@ async fn finish(
         latency: Latency::of(consumer.take_latencies()),
         answered: Latency::of(std::mem::take(&mut *target.answered.lock().unwrap())),
         cpu: window.cpu,
+        between_us_per_event: window.between_us_per_event,
     };
     eprintln!(
-        "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms, CPU {:.0} % busy, {:.1} µs per event",
+        "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms, CPU {:.0} % busy, {:.1} µs per event, between {:.1} µs",
         phase.accepted_per_s,
         phase.delivered_per_s,
         phase.slices,
         phase.latency.p99_ms,
         phase.cpu.busy_percent(),
-        phase.cpu.us_per_event
+        phase.cpu.us_per_event,
+        phase.between_us_per_event.unwrap_or(f64::NAN)
     );
     phase
 }
@@ -590,6 +609,11 @@ impl Nginx {
         wait_listening(port, "nginx").await?;
         Ok(nginx)
     }
+
+    /// The master's pid; its workers are its children.
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Nginx {
@@ -621,11 +645,117 @@ pub fn nats_version() -> String {
         .unwrap_or_else(|| "nats-server not found (run hack/setup.sh)".into())
 }
 
-/// A data plane on a queue, with its ingress served and its delivery running.
+/// A data plane on a queue, with its ingress served and its delivery running (inside the
+/// child process of [`ChildPlane`]).
 struct Plane {
     base: String,
     stop: tokio::sync::oneshot::Sender<()>,
     delivery: tokio::task::JoinHandle<()>,
+}
+
+/// The hidden flag that makes the bench binary the data plane's own process:
+/// `--plane-child CONSUMER_ADDR MAX_IN_FLIGHT QUEUE`, QUEUE a redb file path or a
+/// `nats://` URL. It prints its ingress base URL, serves until its stdin closes, then
+/// stops its delivery and exits.
+pub const PLANE_CHILD_FLAG: &str = "--plane-child";
+
+/// The data plane in a process of its own, as the operator runs in its pod and nginx in
+/// its workers: the load generator and the consumer do not share its threads.
+struct ChildPlane {
+    base: String,
+    child: std::process::Child,
+}
+
+impl ChildPlane {
+    fn start(consumer: SocketAddr, max_in_flight: u32, queue: &str) -> anyhow::Result<Self> {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                PLANE_CHILD_FLAG,
+                &consumer.to_string(),
+                &max_in_flight.to_string(),
+                queue,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut base = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut base)?;
+        let base = base.trim().to_string();
+        anyhow::ensure!(
+            base.starts_with("http://"),
+            "the data plane's process did not start (it printed {base:?})"
+        );
+        Ok(ChildPlane { base, child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Closes the child's stdin (its signal to stop) and waits for it, bounded; past
+    /// that, the drop kills it.
+    async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ChildPlane {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The child's side of [`ChildPlane`]: a runtime of its own, the plane, its base URL on
+/// stdout, a stop when stdin closes.
+pub fn plane_child(args: &[String]) -> anyhow::Result<()> {
+    let [consumer, max_in_flight, queue] = args else {
+        anyhow::bail!("{PLANE_CHILD_FLAG} CONSUMER_ADDR MAX_IN_FLIGHT QUEUE");
+    };
+    let consumer: SocketAddr = consumer.parse()?;
+    let max_in_flight: u32 = max_in_flight.parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        webhook_operator::providers::install_crypto_provider();
+        let dp = if queue.starts_with("nats://") {
+            let dir = tempfile::tempdir()?;
+            let config = plane_config(consumer, dir.path().join("unused.redb"));
+            let js = JetStreamQueue::connect(JetStreamOptions {
+                url: queue.clone(),
+                ..Default::default()
+            })
+            .await?;
+            DataPlane::with_queue(config, Arc::new(ProviderParser), Arc::new(js))?
+        } else {
+            let config = plane_config(consumer, queue.into());
+            DataPlane::open(config, Arc::new(ProviderParser)).await?
+        };
+        let plane = start_plane(dp, max_in_flight).await?;
+        println!("{}", plane.base);
+        // Stdin closes when the parent is done with this plane (or dies).
+        tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        })
+        .await?;
+        plane.stop().await;
+        anyhow::Ok(())
+    })?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
 }
 
 fn plane_config(consumer: SocketAddr, queue_path: std::path::PathBuf) -> DataPlaneConfig {
@@ -733,7 +863,7 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
         .build()?;
     let run_id = rand::random::<u32>() as u64 * 100;
     let mut runs = 0u64;
-    let mut target = |base: String| {
+    let mut target = |base: String, between: Option<u32>| {
         runs += 1;
         Arc::new(Target {
             client: client.clone(),
@@ -741,6 +871,7 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
                 base,
                 run: run_id + runs,
             },
+            between,
             next: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -755,9 +886,11 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
 
     // The embedded queue: saturation, then half its delivered rate, open loop.
     let dir = tempfile::tempdir()?;
-    let config = plane_config(consumer_addr, dir.path().join("queue.redb"));
-    let dp = DataPlane::open(config, Arc::new(ProviderParser)).await?;
-    let plane = start_plane(dp, max_in_flight).await?;
+    let plane = ChildPlane::start(
+        consumer_addr,
+        max_in_flight,
+        &dir.path().join("queue.redb").to_string_lossy(),
+    )?;
     eprintln!("bench: delivery path, {concurrency} senders, {timing:?} per phase");
     let load = Load {
         consumer: &consumer,
@@ -773,13 +906,22 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
             let base = format!("http://127.0.0.1:{}", nginx.port);
             closed_loop(
                 "warm-up",
-                target(base.clone()),
+                target(base.clone(), Some(nginx.pid())),
                 &consumer,
                 concurrency,
                 warm_up,
             )
             .await;
-            phases.push(closed_loop(NGINX, target(base), &consumer, concurrency, timing).await);
+            phases.push(
+                closed_loop(
+                    NGINX,
+                    target(base, Some(nginx.pid())),
+                    &consumer,
+                    concurrency,
+                    timing,
+                )
+                .await,
+            );
             None
         }
         Err(e) => {
@@ -788,18 +930,11 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
         }
     };
     let direct = format!("http://{consumer_addr}");
-    phases.push(closed_loop(DIRECT, target(direct), &consumer, concurrency, timing).await);
+    phases.push(closed_loop(DIRECT, target(direct, None), &consumer, concurrency, timing).await);
 
     // The same phases with the queue on a local nats-server with JetStream.
     let server = nats::NatsServer::start();
-    let queue = JetStreamQueue::connect(JetStreamOptions {
-        url: server.url(),
-        ..Default::default()
-    })
-    .await?;
-    let config = plane_config(consumer_addr, dir.path().join("unused.redb"));
-    let dp = DataPlane::with_queue(config, Arc::new(ProviderParser), Arc::new(queue))?;
-    let plane = start_plane(dp, max_in_flight).await?;
+    let plane = ChildPlane::start(consumer_addr, max_in_flight, &server.url())?;
     phases.extend(saturation_then_half(plane, (JS, JS_HALF), &mut target, &load).await);
 
     Ok(DeliveryResults {
@@ -832,17 +967,17 @@ impl DeliveryResults {
         );
         let _ = writeln!(
             s,
-            "| phase | offered/s | accepted/s | delivered/s | delivered/s per {slice:.0} s slice | refused | p50 ms | p99 ms | p99.9 ms | max ms | answered p99 ms | drain s | machine CPU busy | CPU µs per event |"
+            "| phase | offered/s | accepted/s | delivered/s | delivered/s per {slice:.0} s slice | refused | p50 ms | p99 ms | p99.9 ms | max ms | answered p99 ms | drain s | machine CPU busy | machine CPU µs per event | between: CPU µs per event |"
         );
         let _ = writeln!(
             s,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for p in &self.phases {
             let slices: Vec<String> = p.slices.iter().map(|r| format!("{r:.0}")).collect();
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} % | {:.1} |",
+                "| {} | {} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} % | {:.1} | {} |",
                 p.name,
                 p.offered_per_s
                     .map_or("max".to_string(), |r| format!("{r:.0}")),
@@ -858,6 +993,8 @@ impl DeliveryResults {
                 p.drain_seconds,
                 p.cpu.busy_percent(),
                 p.cpu.us_per_event,
+                p.between_us_per_event
+                    .map_or("–".to_string(), |us| format!("{us:.1}")),
             );
         }
         let all: Vec<String> = self
@@ -960,5 +1097,14 @@ impl DeliveryResults {
             op_added / nginx_added,
             2.0 * nginx,
         );
+        if let (Some(op), Some(nginx)) = (o.between_us_per_event, n.between_us_per_event) {
+            let _ = writeln!(
+                s,
+                "The processes between, on their own (the data plane runs in a process of its \
+                 own, as nginx runs in its master and workers): the operator's used {op:.1} µs of \
+                 CPU per event, nginx's {nginx:.1} µs ({:.1} times).\n",
+                op / nginx
+            );
+        }
     }
 }

@@ -259,6 +259,9 @@ fn main() -> anyhow::Result<()> {
         let path = argv.get(i + 1).map(String::as_str).unwrap_or_default();
         return backlog::child(path);
     }
+    if let Some(i) = argv.iter().position(|a| a == delivery::PLANE_CHILD_FLAG) {
+        return delivery::plane_child(&argv[i + 1..]);
+    }
     if !std::env::args().any(|a| a == "--bench") && std::env::var_os("BENCH_SMOKE").is_none() {
         // `cargo test --all-targets` runs bench binaries without `--bench`: not a test.
         println!("benchmark: run it with `cargo bench --bench bench`");

@@ -17,6 +17,26 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     cpu_seconds_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// CPU seconds a running process and its children (nginx's workers under its master)
+/// have used so far.
+pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let own = cpu_seconds(pid)?;
+    let children: f64 = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|child| std::fs::read_to_string(format!("/proc/{child}/stat")).ok())
+        .filter(|stat| parent_of(stat) == Some(pid))
+        .filter_map(|stat| cpu_seconds_of(&stat))
+        .sum();
+    Some(own + children)
+}
+
+/// The parent's pid from a `/proc/PID/stat` line (field 4).
+fn parent_of(stat: &str) -> Option<u32> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// utime + stime from a `/proc/PID/stat` line (fields 14 and 15; the command name, field
 /// 2, is in parentheses and may hold spaces, so count from the last `)`).
 fn cpu_seconds_of(stat: &str) -> Option<f64> {
