@@ -221,8 +221,8 @@ pub struct Phase {
     pub accepted_per_s: f64,
     /// Deliveries that reached the consumer during the load window, per second.
     pub delivered_per_s: f64,
-    /// Delivered/s in each slice of the window, in order (the last may be shorter).
-    pub slices: Vec<f64>,
+    /// The window slice by slice.
+    pub slices: Slices,
     /// Deliveries in all, the drain after the window included.
     pub delivered_total: u64,
     /// From the end of the load window until every accepted event was delivered.
@@ -315,25 +315,48 @@ impl WindowStart {
     }
 }
 
-/// Records the consumer's delivered/s per `slice` until `end`.
+/// A phase slice by slice.
+#[derive(Clone, Debug, Default)]
+pub struct Slices {
+    /// Delivered/s in each slice, in order (the last may be shorter).
+    pub rates: Vec<f64>,
+    /// CPU µs per delivered event of the process between, in each slice (empty when the
+    /// load goes straight through). nginx's, which keeps no state, shows what the host
+    /// alone does to it; the operator's rising further would be work that grows.
+    pub between_us: Vec<f64>,
+}
+
+/// Records the consumer's delivered/s, and the CPU per event of the process `between`,
+/// per `slice` until `end`.
 fn sample_slices(
     consumer: Arc<Consumer>,
+    between: Option<u32>,
     start: Instant,
     duration: Duration,
     slice: Duration,
-) -> tokio::task::JoinHandle<Vec<f64>> {
+) -> tokio::task::JoinHandle<Slices> {
     tokio::spawn(async move {
-        let mut rates = Vec::new();
-        let mut last = (start, consumer.delivered.load(Ordering::Relaxed));
+        let mut slices = Slices::default();
+        let cpu = || between.and_then(tree_cpu_seconds);
+        let mut last = (start, consumer.delivered.load(Ordering::Relaxed), cpu());
         let end = start + duration;
         while last.0 < end {
             let next = (last.0 + slice).min(end);
             tokio::time::sleep_until(next.into()).await;
-            let d = consumer.delivered.load(Ordering::Relaxed);
-            rates.push((d - last.1) as f64 / (next - last.0).as_secs_f64());
-            last = (next, d);
+            let (d, used) = (consumer.delivered.load(Ordering::Relaxed), cpu());
+            slices
+                .rates
+                .push((d - last.1) as f64 / (next - last.0).as_secs_f64());
+            if let (Some(before), Some(after)) = (last.2, used)
+                && d > last.1
+            {
+                slices
+                    .between_us
+                    .push((after - before) * 1e6 / (d - last.1) as f64);
+            }
+            last = (next, d, used);
         }
-        rates
+        slices
     })
 }
 
@@ -403,7 +426,13 @@ async fn closed_loop(
     let stop = Arc::new(AtomicBool::new(false));
     consumer.take_latencies();
     let start = WindowStart::now(consumer, target.between);
-    let slices = sample_slices(consumer.clone(), start.at, timing.duration, timing.slice);
+    let slices = sample_slices(
+        consumer.clone(),
+        target.between,
+        start.at,
+        timing.duration,
+        timing.slice,
+    );
     let senders: Vec<_> = (0..concurrency)
         .map(|_| {
             let (t, stop) = (target.clone(), stop.clone());
@@ -442,7 +471,13 @@ async fn open_loop(
     let window_start = WindowStart::now(consumer, target.between);
     let start = window_start.at;
     let start_us = now_us();
-    let slices = sample_slices(consumer.clone(), start, timing.duration, timing.slice);
+    let slices = sample_slices(
+        consumer.clone(),
+        target.between,
+        start,
+        timing.duration,
+        timing.slice,
+    );
     let total = (timing.duration.as_secs_f64() * rate) as u64;
     let mut sent = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -482,7 +517,7 @@ async fn finish(
     consumer: &Consumer,
     window: Window,
     offered: Option<f64>,
-    slices: Vec<f64>,
+    slices: Slices,
 ) -> Phase {
     let (d0, d1) = window.delivered;
     let accepted = target.accepted.swap(0, Ordering::Relaxed);
@@ -511,14 +546,15 @@ async fn finish(
         between_us_per_event: window.between_us_per_event,
     };
     eprintln!(
-        "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms, CPU {:.0} % busy, {:.1} µs per event, between {:.1} µs",
+        "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms, CPU {:.0} % busy, {:.1} µs per event, between {:.1} µs ({:.1?} per slice)",
         phase.accepted_per_s,
         phase.delivered_per_s,
-        phase.slices,
+        phase.slices.rates,
         phase.latency.p99_ms,
         phase.cpu.busy_percent(),
         phase.cpu.us_per_event,
-        phase.between_us_per_event.unwrap_or(f64::NAN)
+        phase.between_us_per_event.unwrap_or(f64::NAN),
+        phase.slices.between_us
     );
     phase
 }
@@ -953,7 +989,7 @@ impl DeliveryResults {
         let slice = self
             .phases
             .first()
-            .map_or(0.0, |p| p.seconds / p.slices.len().max(1) as f64);
+            .map_or(0.0, |p| p.seconds / p.slices.rates.len().max(1) as f64);
         let _ = writeln!(
             s,
             "### Delivery path ({} senders, {secs:.1} s per phase, 1 KiB events, Atlas and signed Smallest in turn, `maxInFlight` {})\n",
@@ -974,7 +1010,7 @@ impl DeliveryResults {
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for p in &self.phases {
-            let slices: Vec<String> = p.slices.iter().map(|r| format!("{r:.0}")).collect();
+            let slices: Vec<String> = p.slices.rates.iter().map(|r| format!("{r:.0}")).collect();
             let _ = writeln!(
                 s,
                 "| {} | {} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} % | {:.1} | {} |",
@@ -1022,8 +1058,8 @@ impl DeliveryResults {
                 mark(nginx > 0.0 && ratio >= 0.5)
             );
             let (first, last) = (
-                o.slices.first().copied().unwrap_or(0.0),
-                o.slices.last().copied().unwrap_or(0.0),
+                o.slices.rates.first().copied().unwrap_or(0.0),
+                o.slices.rates.last().copied().unwrap_or(0.0),
             );
             let _ = writeln!(
                 s,
@@ -1104,6 +1140,26 @@ impl DeliveryResults {
                  own, as nginx runs in its master and workers): the operator's used {op:.1} µs of \
                  CPU per event, nginx's {nginx:.1} µs ({:.1} times).\n",
                 op / nginx
+            );
+        }
+        let per_slice = |p: &Phase| {
+            let us: Vec<String> = p
+                .slices
+                .between_us
+                .iter()
+                .map(|u| format!("{u:.1}"))
+                .collect();
+            us.join(" ")
+        };
+        if !o.slices.between_us.is_empty() && !n.slices.between_us.is_empty() {
+            let _ = writeln!(
+                s,
+                "The same per slice, in µs per event: the operator's process {}; nginx's {}. \
+                 nginx keeps no state from one request to the next, so its figures show what \
+                 the host alone does to the CPU an event costs; operator figures that rise \
+                 further than nginx's over a phase are work per event that grows.\n",
+                per_slice(o),
+                per_slice(n)
             );
         }
     }
