@@ -259,6 +259,18 @@ impl Default for MachineCpu {
 }
 
 impl MachineCpu {
+    /// From two `(busy, total)` readings of [`machine_cpu_seconds`] around `events`.
+    fn over(start: Option<(f64, f64)>, end: Option<(f64, f64)>, events: u64) -> Option<Self> {
+        let ((busy0, all0), (busy1, all1)) = (start?, end?);
+        if all1 <= all0 {
+            return None;
+        }
+        Some(MachineCpu {
+            busy_share: (busy1 - busy0) / (all1 - all0),
+            us_per_event: us_per_event(busy1 - busy0, events)?,
+        })
+    }
+
     fn busy_percent(&self) -> f64 {
         self.busy_share * 100.0
     }
@@ -295,17 +307,10 @@ impl WindowStart {
         let elapsed = self.at.elapsed();
         let d1 = consumer.delivered.load(Ordering::Relaxed);
         let events = d1.saturating_sub(self.delivered);
-        let cpu = match (self.cpu, machine_cpu_seconds()) {
-            (Some((busy0, all0)), Some((busy1, all1))) if all1 > all0 && events > 0 => MachineCpu {
-                busy_share: (busy1 - busy0) / (all1 - all0),
-                us_per_event: (busy1 - busy0) * 1e6 / events as f64,
-            },
-            _ => MachineCpu::default(),
-        };
-        let between_us_per_event = self.between.and_then(|(pid, before)| {
-            let used = tree_cpu_seconds(pid)? - before;
-            (events > 0).then(|| used * 1e6 / events as f64)
-        });
+        let cpu = MachineCpu::over(self.cpu, machine_cpu_seconds(), events).unwrap_or_default();
+        let between_us_per_event = self
+            .between
+            .and_then(|(pid, before)| us_per_event(tree_cpu_seconds(pid)? - before, events));
         Window {
             delivered: (self.delivered, d1),
             elapsed,
@@ -313,6 +318,11 @@ impl WindowStart {
             between_us_per_event,
         }
     }
+}
+
+/// CPU microseconds per event; none when no event was delivered.
+fn us_per_event(cpu_seconds: f64, events: u64) -> Option<f64> {
+    (events > 0).then(|| cpu_seconds * 1e6 / events as f64)
 }
 
 /// A phase slice by slice.
@@ -348,11 +358,9 @@ fn sample_slices(
                 .rates
                 .push((d - last.1) as f64 / (next - last.0).as_secs_f64());
             if let (Some(before), Some(after)) = (last.2, used)
-                && d > last.1
+                && let Some(us) = us_per_event(after - before, d - last.1)
             {
-                slices
-                    .between_us
-                    .push((after - before) * 1e6 / (d - last.1) as f64);
+                slices.between_us.push(us);
             }
             last = (next, d, used);
         }
@@ -767,8 +775,8 @@ pub fn plane_child(args: &[String]) -> anyhow::Result<()> {
     rt.block_on(async {
         webhook_operator::providers::install_crypto_provider();
         let dp = if queue.starts_with("nats://") {
-            let dir = tempfile::tempdir()?;
-            let config = plane_config(consumer, dir.path().join("unused.redb"));
+            // `with_queue` opens no file: the path is never used.
+            let config = plane_config(consumer, std::path::PathBuf::new());
             let js = JetStreamQueue::connect(JetStreamOptions {
                 url: queue.clone(),
                 ..Default::default()
