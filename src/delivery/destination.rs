@@ -208,40 +208,12 @@ impl Resolver {
         Ok(url.clone())
     }
 
-    /// The overrides for https hosts, for the HTTP client (`ClientBuilder::resolve`).
+    /// The overrides for https hosts, for the HTTP client ([`super::client::DeliveryClient`]).
     pub fn https_overrides(&self) -> Vec<(String, SocketAddr)> {
         self.overrides
             .iter()
             .filter_map(|(hp, a)| hp.rsplit_once(':').map(|(h, _)| (h.to_owned(), *a)))
             .collect()
-    }
-}
-
-/// The HTTP client's DNS resolver: system resolution with forbidden addresses removed, so
-/// a name that changes its answer between the check and the request (DNS rebinding)
-/// still cannot reach a refused address. (An IP literal never reaches a resolver; the
-/// worker checks it before every attempt.)
-pub struct GuardedDns {
-    pub policy: AddressPolicy,
-}
-
-impl reqwest::dns::Resolve for GuardedDns {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy;
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            if policy.check_host_name(&host).is_err() {
-                return Err("no permitted address".into());
-            }
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| policy.check(a.ip()).is_ok())
-                .collect();
-            if addrs.is_empty() {
-                return Err("no permitted address".into());
-            }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
     }
 }
 

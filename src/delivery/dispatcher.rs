@@ -9,8 +9,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use super::client::DeliveryClient;
 use super::worker::{self, EndpointRuntime, Shared};
-use super::{Breaker, GuardedDns, Resolver};
+use super::{Breaker, Resolver};
 use crate::health::HealthRegistry;
 use crate::queue::{EndpointKey, Queue};
 
@@ -48,27 +49,17 @@ impl Dispatcher {
     ) -> anyhow::Result<Self> {
         // Another part of the process may have installed it already; either is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .dns_resolver(Arc::new(GuardedDns {
-                policy: s.resolver.policy(),
-            }))
-            // A redirect could lead past the destination guard.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .user_agent(concat!("webhook-operator/", env!("CARGO_PKG_VERSION")));
-        if !s.proxy_from_env {
-            builder = builder.no_proxy();
-        }
-        for (host, addr) in s.resolver.https_overrides() {
-            builder = builder.resolve(&host, addr);
-        }
+        let client = DeliveryClient::new(
+            s.resolver.policy(),
+            s.resolver.https_overrides(),
+            s.proxy_from_env
+                .then(hyper_util::client::proxy::matcher::Matcher::from_env),
+        )?;
         Ok(Self {
             shared: Arc::new(Shared {
                 queue,
                 health,
-                client: builder.build()?,
+                client,
                 resolver: s.resolver,
                 shutdown_grace: s.shutdown_grace,
                 tracer: s.tracer,

@@ -5,6 +5,7 @@
 
 pub mod address_policy;
 mod breaker;
+mod client;
 mod destination;
 mod envelope;
 pub mod filter;
@@ -13,7 +14,7 @@ mod signing;
 
 pub use address_policy::AddressPolicy;
 pub use breaker::{Admission, Breaker};
-pub use destination::{Destination, DestinationError, GuardedDns, Resolver, is_dns_label};
+pub use destination::{Destination, DestinationError, Resolver, is_dns_label};
 pub use policy::{Policy, parse_retry_after};
 pub use signing::{SecretError, SigningSecret, signature_header, verify as verify_signature};
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use http::HeaderMap;
+use http::{HeaderMap, Uri};
 use tokio::sync::{Notify, watch};
 use url::Url;
 
@@ -21,7 +21,7 @@ use crate::queue::{EndpointKey, QueuedEvent};
 pub(crate) struct Shared {
     pub queue: Arc<dyn crate::queue::Queue>,
     pub health: Arc<crate::health::HealthRegistry>,
-    pub client: reqwest::Client,
+    pub client: super::client::DeliveryClient,
     pub resolver: super::Resolver,
     pub shutdown_grace: Duration,
     pub tracer: crate::spans::Tracer,
@@ -125,7 +125,7 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let attempts = Arc::new(Attempts::default());
-    let mut checked: Option<(Arc<EndpointRuntime>, Instant, Result<Url, DestinationError>)> = None;
+    let mut checked: Option<(Arc<EndpointRuntime>, Instant, Result<Uri, DestinationError>)> = None;
     let mut bucket = Bucket {
         tokens: 0.0,
         last: Instant::now(),
@@ -158,7 +158,10 @@ pub(crate) async fn run(
         });
         if stale {
             let target = match &rt.url {
-                Ok(u) => shared.resolver.target(u).await,
+                Ok(u) => shared.resolver.target(u).await.and_then(|u| {
+                    Uri::try_from(u.as_str())
+                        .map_err(|_| DestinationError::Unresolvable("not a valid URL"))
+                }),
                 Err(e) => Err(e.clone()),
             };
             if let Err(e) = &target {
@@ -250,31 +253,6 @@ pub(crate) async fn run(
     }
 }
 
-fn classify(e: &reqwest::Error) -> &'static str {
-    if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_request() {
-        "request failed"
-    } else {
-        "transport error"
-    }
-}
-
-/// A response body is never used, but one left unread closes its connection instead of
-/// returning it to the pool; a small one is read to its end so the next attempt reuses it.
-async fn discard_body(mut resp: reqwest::Response) {
-    const KEEP_ALIVE_LIMIT: usize = 64 * 1024;
-    let mut read = 0;
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        read += chunk.len();
-        if read > KEEP_ALIVE_LIMIT {
-            break;
-        }
-    }
-}
-
 /// A failed attempt.
 struct Failure {
     error: String,
@@ -303,7 +281,7 @@ fn refuses_this_event(status: http::StatusCode) -> bool {
 async fn attempt(
     shared: Arc<Shared>,
     rt: Arc<EndpointRuntime>,
-    url: Url,
+    url: Uri,
     ev: QueuedEvent,
     mut in_flight: InFlight,
 ) {
@@ -370,42 +348,29 @@ async fn attempt(
     let traceparent =
         crate::trace_context::event_trace(ev.traceparent.as_deref(), &ev.id).header(attempt_span);
     let sent_at = span.as_ref().map(|_| SystemTime::now());
-    let request = shared
+    let headers =
+        super::envelope::headers(rt.format, &rt.headers, &rt.secrets, &ev, ts, &traceparent);
+    let response = shared
         .client
-        .post(url)
-        .timeout(rt.policy.timeout)
-        .headers(super::envelope::headers(
-            rt.format,
-            &rt.headers,
-            &rt.secrets,
-            &ev,
-            ts,
-            &traceparent,
-        ))
-        .body(ev.payload.clone());
-    let response = request.send().await;
-    let status = response.as_ref().ok().map(|r| r.status().as_u16());
+        .post(url, headers, ev.payload.clone(), rt.policy.timeout)
+        .await;
+    let status = response.as_ref().ok().map(|r| r.status.as_u16());
     let failure = match response {
-        Ok(resp) if resp.status().is_success() => {
-            discard_body(resp).await;
-            None
-        }
-        Ok(resp) => {
-            let retry_after = resp
-                .headers()
+        Ok(answer) if answer.status.is_success() => None,
+        Ok(answer) => {
+            let retry_after = answer
+                .headers
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| super::parse_retry_after(v, jiff::Timestamp::now()));
-            let status = resp.status();
-            discard_body(resp).await;
             Some(Failure {
-                error: format!("HTTP {}", status.as_u16()),
+                error: format!("HTTP {}", answer.status.as_u16()),
                 retry_after,
-                permanent: refuses_this_event(status),
+                permanent: refuses_this_event(answer.status),
             })
         }
         Err(e) => Some(Failure {
-            error: classify(&e).to_owned(),
+            error: e.reason().to_owned(),
             retry_after: None,
             permanent: false,
         }),
