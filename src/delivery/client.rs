@@ -380,6 +380,12 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    /// An empty POST to `url` with a second to answer.
+    async fn post_empty(c: &DeliveryClient, url: &str) -> Result<Answer, SendError> {
+        c.post(uri(url), HeaderMap::new(), Bytes::new(), SECOND)
+            .await
+    }
+
     #[tokio::test]
     async fn posts_the_body_with_headers_and_reuses_the_connection() {
         let (addr, mut seen) = server(OK).await;
@@ -437,14 +443,7 @@ mod tests {
             .local_addr()
             .unwrap();
         let c = client(AddressPolicy::ALLOW_ALL, Vec::new());
-        let r = c
-            .post(
-                uri(&format!("http://{addr}/")),
-                HeaderMap::new(),
-                Bytes::new(),
-                SECOND,
-            )
-            .await;
+        let r = post_empty(&c, &format!("http://{addr}/")).await;
         assert_eq!(r.unwrap_err(), SendError::Connect);
     }
 
@@ -454,18 +453,13 @@ mod tests {
     async fn a_name_resolving_to_a_refused_address_is_not_connected() {
         let (addr, mut seen) = server(OK).await;
         let guarded = client(AddressPolicy::default(), Vec::new());
-        let to = uri(&format!("http://localhost:{}/", addr.port()));
-        let r = guarded
-            .post(to.clone(), HeaderMap::new(), Bytes::new(), SECOND)
-            .await;
+        let to = format!("http://localhost:{}/", addr.port());
+        let r = post_empty(&guarded, &to).await;
         assert_eq!(r.unwrap_err(), SendError::Connect);
         assert!(seen.try_recv().is_err(), "nothing reached the server");
 
         let allowed = client(AddressPolicy::ALLOW_ALL, Vec::new());
-        let answer = allowed
-            .post(to, HeaderMap::new(), Bytes::new(), SECOND)
-            .await
-            .unwrap();
+        let answer = post_empty(&allowed, &to).await.unwrap();
         assert_eq!(answer.status, StatusCode::OK);
     }
 
@@ -476,13 +470,7 @@ mod tests {
             AddressPolicy::default(),
             vec![("hooks.example.test".into(), addr)],
         );
-        let answer = c
-            .post(
-                uri("http://hooks.example.test/in"),
-                HeaderMap::new(),
-                Bytes::new(),
-                SECOND,
-            )
+        let answer = post_empty(&c, "http://hooks.example.test/in")
             .await
             .unwrap();
         assert_eq!(answer.status, StatusCode::OK);
@@ -530,19 +518,12 @@ mod tests {
 
     #[tokio::test]
     async fn https_is_tunnelled_through_the_proxy() {
-        // The proxy accepts the tunnel and then closes it: the TLS handshake inside fails,
-        // but the CONNECT it saw is what this test is about.
+        // The proxy refuses the tunnel, so the delivery cannot connect; the CONNECT it
+        // was asked for is what this test is about.
         let (proxy, mut seen) =
             server(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n").await;
         let c = proxied(proxy);
-        let r = c
-            .post(
-                uri("https://hooks.example.test/in"),
-                HeaderMap::new(),
-                Bytes::new(),
-                SECOND,
-            )
-            .await;
+        let r = post_empty(&c, "https://hooks.example.test/in").await;
         assert_eq!(r.unwrap_err(), SendError::Connect);
         let (_, request) = seen.recv().await.unwrap();
         assert!(
@@ -561,14 +542,7 @@ mod tests {
         let (proxy, mut through_proxy) = server(OK).await;
         let c = proxied(proxy);
         // Not resolvable, and the proxy is not asked: a connection failure.
-        let r = c
-            .post(
-                uri("http://skipped.example.test/in"),
-                HeaderMap::new(),
-                Bytes::new(),
-                SECOND,
-            )
-            .await;
+        let r = post_empty(&c, "http://skipped.example.test/in").await;
         assert_eq!(r.unwrap_err(), SendError::Connect);
         assert!(through_proxy.try_recv().is_err());
     }
