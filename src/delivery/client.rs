@@ -370,7 +370,6 @@ mod tests {
     }
 
     fn client(policy: AddressPolicy, overrides: Vec<(String, SocketAddr)>) -> DeliveryClient {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         DeliveryClient::new(policy, overrides, None).unwrap()
     }
 
@@ -379,6 +378,17 @@ mod tests {
     }
 
     const SECOND: Duration = Duration::from_secs(1);
+
+    /// `request` starts with `request_line` and holds each of `header_lines`.
+    fn assert_head(request: &str, request_line: &str, header_lines: &[&str]) {
+        assert!(
+            request.starts_with(&format!("{request_line}\r\n")),
+            "{request}"
+        );
+        for line in header_lines {
+            assert!(request.contains(&format!("{line}\r\n")), "{request}");
+        }
+    }
 
     /// An empty POST to `url` with a second to answer.
     async fn post_empty(c: &DeliveryClient, url: &str) -> Result<Answer, SendError> {
@@ -405,14 +415,10 @@ mod tests {
             assert_eq!(answer.status, StatusCode::OK);
             let (conn, request) = seen.recv().await.unwrap();
             assert_eq!(conn, 1, "the second request reuses the first connection");
-            assert!(
-                request.starts_with("POST /hook?x=1 HTTP/1.1\r\n"),
-                "{request}"
-            );
-            assert!(request.contains("webhook-id: msg_1\r\n"), "{request}");
-            assert!(
-                request.contains(&format!("user-agent: {USER_AGENT}\r\n")),
-                "{request}"
+            assert_head(
+                &request,
+                "POST /hook?x=1 HTTP/1.1",
+                &["webhook-id: msg_1", &format!("user-agent: {USER_AGENT}")],
             );
             assert!(request.ends_with(body), "{request}");
         }
@@ -482,7 +488,6 @@ mod tests {
     }
 
     fn proxied(proxy: SocketAddr) -> DeliveryClient {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let matcher = Matcher::builder()
             .all(format!("http://user:pa55@{proxy}"))
             .no("skipped.example.test")
@@ -505,14 +510,11 @@ mod tests {
             .unwrap();
         assert_eq!(answer.status, StatusCode::OK);
         let (_, request) = seen.recv().await.unwrap();
-        assert!(
-            request.starts_with("POST http://hooks.example.test:8080/in HTTP/1.1\r\n"),
-            "{request}"
-        );
         // "user:pa55" in base64.
-        assert!(
-            request.contains("proxy-authorization: Basic dXNlcjpwYTU1\r\n"),
-            "{request}"
+        assert_head(
+            &request,
+            "POST http://hooks.example.test:8080/in HTTP/1.1",
+            &["proxy-authorization: Basic dXNlcjpwYTU1"],
         );
     }
 
@@ -526,14 +528,11 @@ mod tests {
         let r = post_empty(&c, "https://hooks.example.test/in").await;
         assert_eq!(r.unwrap_err(), SendError::Connect);
         let (_, request) = seen.recv().await.unwrap();
-        assert!(
-            request.starts_with("CONNECT hooks.example.test:443 HTTP/1.1\r\n"),
-            "{request}"
-        );
         // The tunnel writes its header names capitalised.
-        assert!(
-            request.contains("Proxy-Authorization: Basic dXNlcjpwYTU1\r\n"),
-            "{request}"
+        assert_head(
+            &request,
+            "CONNECT hooks.example.test:443 HTTP/1.1",
+            &["Proxy-Authorization: Basic dXNlcjpwYTU1"],
         );
     }
 

@@ -47,8 +47,6 @@ impl Dispatcher {
         health: Arc<HealthRegistry>,
         s: DispatcherSettings,
     ) -> anyhow::Result<Self> {
-        // Another part of the process may have installed it already; either is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = DeliveryClient::new(
             s.resolver.policy(),
             s.resolver.https_overrides(),
