@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use reqwest::{Method, RequestBuilder, Response};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::http::{self as phttp, USER_AGENT};
-use super::inbound_util::{parse_json, require_json, str_field, to_payload};
+use super::inbound_util::require_json;
+use super::json_fields::{self, JsonObject};
 use super::{
     Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
     ProviderError, Scope, SyncAction, UpstreamState, classify,
@@ -379,10 +381,8 @@ pub fn parse_inbound(req: &InboundRequest<'_>) -> Result<Parsed, Rejection> {
         return Err(Rejection::MethodNotAllowed);
     }
     require_json(req)?;
-    let body = parse_json(req.body)?;
-    let items = body
-        .as_array()
-        .ok_or(Rejection::BadRequest("expected a json array"))?;
+    let items =
+        json_fields::array(req.body)?.ok_or(Rejection::BadRequest("expected a json array"))?;
     if items.is_empty() {
         return Err(Rejection::BadRequest("no events"));
     }
@@ -393,7 +393,7 @@ pub fn parse_inbound(req: &InboundRequest<'_>) -> Result<Parsed, Rejection> {
             Ok(event) => parsed.events.push(event),
             Err(rejection) => parsed.malformed.push(MalformedEvent {
                 reason: rejection.reason(),
-                raw: to_payload(item),
+                raw: json_fields::bytes(item),
             }),
         }
     }
@@ -416,28 +416,34 @@ fn trigger_hint(query: Option<&str>) -> Option<&'static str> {
 /// present. Without a trigger the event is known by where it arrived (`hint`), and the
 /// dedupe key falls back to a digest of the event itself, so two different events never
 /// share a key while a redelivery of the same one still does.
-fn parse_event(ev: &serde_json::Value, hint: Option<&str>) -> Result<InboundEvent, Rejection> {
-    if !ev.is_object() {
-        return Err(Rejection::BadRequest("event is not an object"));
-    }
-    let trigger = str_field(ev, "triggerName").or(hint);
-    let digest = || {
-        use sha2::Digest;
-        let bytes = serde_json::to_vec(ev).expect("a JSON value serialises");
-        hex::encode(&sha2::Sha256::digest(&bytes)[..12])
-    };
-    let dedupe_key = match (str_field(ev, "messageId"), str_field(ev, "callId"), trigger) {
+fn parse_event(raw: &RawValue, hint: Option<&str>) -> Result<InboundEvent, Rejection> {
+    let ev = JsonObject::of(raw).ok_or(Rejection::BadRequest("event is not an object"))?;
+    let trigger = ev.str("triggerName");
+    let trigger = trigger.as_deref().or(hint);
+    let dedupe_key = match (ev.str("messageId"), ev.str("callId"), trigger) {
         (Some(m), _, _) => format!("message:{m}"),
         (None, Some(c), Some(t)) => format!("call:{c}:{t}"),
-        (None, Some(c), None) => format!("call:{c}:sha256:{}", digest()),
-        (None, None, _) => format!("sha256:{}", digest()),
+        (None, Some(c), None) => format!("call:{c}:sha256:{}", content_digest(raw)),
+        (None, None, _) => format!("sha256:{}", content_digest(raw)),
     };
     Ok(InboundEvent {
         event_type: trigger.unwrap_or(UNKNOWN_TRIGGER).to_string(),
         dedupe_key,
-        payload: to_payload(ev),
-        test: ev.get("test").and_then(serde_json::Value::as_bool) == Some(true),
+        // The element as Atlas sent it.
+        payload: json_fields::bytes(raw),
+        test: ev.bool("test") == Some(true),
     })
+}
+
+/// A digest of an event's content that a redelivery keeps whatever its key order or
+/// spacing: the digest of its compact form with keys sorted (of its bytes as sent, for
+/// the rare element `serde_json::Value` cannot hold, such as a number past f64).
+fn content_digest(raw: &RawValue) -> String {
+    use sha2::Digest;
+    let compact = serde_json::from_str::<serde_json::Value>(raw.get())
+        .map(|v| serde_json::to_vec(&v).expect("a JSON value serialises"));
+    let bytes = compact.as_deref().unwrap_or(raw.get().as_bytes());
+    hex::encode(&sha2::Sha256::digest(bytes)[..12])
 }
 
 /// Event type of an event that names no trigger and arrived on a URL that does not say.
@@ -560,6 +566,32 @@ mod tests {
         .events;
         assert_eq!(m1[0].event_type, "message_sent");
         assert_ne!(m1[0].dedupe_key, m2[0].dedupe_key);
+    }
+
+    #[test]
+    fn each_event_is_delivered_as_sent_and_keyed_by_its_content() {
+        let h = json_headers(&[]);
+        let first = br#"[ {"callId":"c9", "campaignId":"k","n":1} ]"#;
+        let again = br#"[{"n":1,"campaignId":"k","callId":"c9"}]"#;
+        let a = parse_inbound(&req(&h, first)).unwrap().events;
+        let b = parse_inbound(&req(&h, again)).unwrap().events;
+        assert_eq!(
+            &a[0].payload[..],
+            br#"{"callId":"c9", "campaignId":"k","n":1}"#
+        );
+        assert_eq!(
+            &b[0].payload[..],
+            br#"{"n":1,"campaignId":"k","callId":"c9"}"#
+        );
+        // A redelivery in another key order or spacing is still the same event.
+        assert_eq!(a[0].dedupe_key, b[0].dedupe_key);
+        // A number serde_json's tree cannot hold is keyed by its bytes, not a panic.
+        let huge = parse_inbound(&req(&h, br#"[{"callId":"c9","n":1e999}]"#));
+        assert!(
+            huge.unwrap().events[0]
+                .dedupe_key
+                .starts_with("call:c9:sha256:")
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use super::inbound_util::{parse_json, require_json, str_field, to_payload, verify_header_secret};
+use super::inbound_util::{require_json, verify_header_secret};
+use super::json_fields::JsonObject;
 use super::{
     Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderError, Scope,
     SyncAction, UpstreamState,
@@ -77,31 +78,30 @@ pub fn parse_inbound(
         return Err(Rejection::MethodNotAllowed);
     };
     verify_header_secret(req, keys.header_name.as_deref(), &keys.secrets)?;
-    let ev = match ev {
-        Some(ev) => ev,
-        None => parse_json(req.body)?,
-    };
-    let kind = str_field(&ev, "type").ok_or(Rejection::BadRequest("missing type"))?;
-    if !EVENT_TYPES.contains(&kind) {
+    let payload = ev.unwrap_or_else(|| bytes::Bytes::copy_from_slice(req.body));
+    // Not an object: it has no type.
+    let ev = JsonObject::parse(&payload)?.ok_or(Rejection::BadRequest("missing type"))?;
+    let kind = ev
+        .str("type")
+        .ok_or(Rejection::BadRequest("missing type"))?;
+    if !EVENT_TYPES.contains(&kind.as_ref()) {
         return Err(Rejection::BadRequest("unknown event type"));
     }
-    let call = ev
-        .get("call")
-        .ok_or(Rejection::BadRequest("missing call"))?;
-    let call_id = str_field(call, "id").ok_or(Rejection::BadRequest("missing call.id"))?;
-    str_field(call, "status").ok_or(Rejection::BadRequest("missing call.status"))?;
+    let call = JsonObject::of(
+        ev.get("call")
+            .ok_or(Rejection::BadRequest("missing call"))?,
+    );
+    let call_field = |key| call.as_ref().and_then(|c| c.str(key));
+    let call_id = call_field("id").ok_or(Rejection::BadRequest("missing call.id"))?;
+    call_field("status").ok_or(Rejection::BadRequest("missing call.status"))?;
     let test = ev
-        .get("webhook")
-        .and_then(|w| str_field(w, "id"))
+        .object("webhook")
+        .and_then(|w| w.str("id"))
         .is_some_and(|id| id.starts_with(TEST_WEBHOOK_PREFIX));
     Ok(vec![InboundEvent {
-        event_type: kind.to_string(),
         dedupe_key: format!("{call_id}:{kind}"),
-        payload: if req.method == http::Method::POST {
-            bytes::Bytes::copy_from_slice(req.body)
-        } else {
-            to_payload(&ev)
-        },
+        event_type: kind.into_owned(),
+        payload: payload.clone(),
         test,
     }])
 }
@@ -110,16 +110,16 @@ pub fn parse_inbound(
 /// guess (PROVIDERS.md): a JSON body; the JSON in the `payload` query parameter; or the
 /// fields as query parameters, nested by dotted or bracketed names
 /// (`type=call.finished&call.id=c1&call[status]=finished`), values as strings.
-fn get_event(req: &InboundRequest<'_>) -> Result<serde_json::Value, Rejection> {
+fn get_event(req: &InboundRequest<'_>) -> Result<bytes::Bytes, Rejection> {
     if !req.body.is_empty() {
-        return parse_json(req.body);
+        return Ok(bytes::Bytes::copy_from_slice(req.body));
     }
     let pairs: Vec<(String, String)> =
         url::form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
             .into_owned()
             .collect();
     if let Some((_, p)) = pairs.iter().find(|(k, _)| k == "payload") {
-        return parse_json(p.as_bytes());
+        return Ok(bytes::Bytes::from(p.clone()));
     }
     if pairs.is_empty() {
         return Err(Rejection::BadRequest("missing payload parameter"));
@@ -146,7 +146,10 @@ fn get_event(req: &InboundRequest<'_>) -> Result<serde_json::Value, Rejection> {
         }
         node.insert(last.to_string(), serde_json::Value::String(value));
     }
-    Ok(serde_json::Value::Object(root))
+    let event = serde_json::Value::Object(root);
+    Ok(bytes::Bytes::from(
+        serde_json::to_vec(&event).expect("a JSON value serialises"),
+    ))
 }
 
 #[cfg(test)]

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::http::{self as phttp, USER_AGENT};
-use super::inbound_util::{parse_json, require_json, str_field, to_payload, verify_signature};
+use super::inbound_util::{require_json, verify_signature};
+use super::json_fields::{self, JsonObject};
 use super::{
     AtomicMethod, Credentials, DesiredSubscription, Observed, Provider, ProviderApi,
     ProviderEndpoints, ProviderError, Scope, SyncAction, UpstreamState, classify, method_str,
@@ -614,39 +616,40 @@ pub fn parse_inbound(
     // The scheme is a guess; a subscription may name another header and encoding.
     let header = keys.header_name.as_deref().unwrap_or(SIGNATURE_HEADER);
     verify_signature(req, header, &keys.secrets, keys.signature_encoding)?;
-    let env = parse_json(req.body)?;
-    if !env.is_object() {
-        return Err(Rejection::BadRequest("expected a json object"));
-    }
+    let env =
+        JsonObject::parse(req.body)?.ok_or(Rejection::BadRequest("expected a json object"))?;
     for field in ["requestId", "webhookId"] {
-        if str_field(&env, field).is_none() {
+        if env.str(field).is_none() {
             return Err(Rejection::BadRequest("missing envelope field"));
         }
     }
     let batched = env
-        .get("isBatched")
-        .and_then(|b| b.as_bool())
+        .bool("isBatched")
         .ok_or(Rejection::BadRequest("missing isBatched"))?;
     let data = env
         .get("data")
         .ok_or(Rejection::BadRequest("missing data"))?;
-    let events: Vec<&serde_json::Value> = match (batched, data) {
-        (true, serde_json::Value::Array(a)) if !a.is_empty() => a.iter().collect(),
-        (false, d @ serde_json::Value::Object(_)) => vec![d],
-        _ => return Err(Rejection::BadRequest("data does not match isBatched")),
-    };
+    let events = if batched {
+        json_fields::array_of(data).filter(|a| !a.is_empty())
+    } else {
+        data.get().starts_with('{').then(|| vec![data])
+    }
+    .ok_or(Rejection::BadRequest("data does not match isBatched"))?;
     events.into_iter().map(parse_event).collect()
 }
 
-fn parse_event(ev: &serde_json::Value) -> Result<InboundEvent, Rejection> {
-    let id = str_field(ev, "id").ok_or(Rejection::BadRequest("missing data.id"))?;
-    let kind = str_field(ev, "analyticsEvent")
-        .ok_or(Rejection::BadRequest("missing data.analyticsEvent"))?;
+fn parse_event(raw: &RawValue) -> Result<InboundEvent, Rejection> {
+    let ev = JsonObject::of(raw);
+    let field = |key| ev.as_ref().and_then(|ev| ev.str(key));
+    let id = field("id").ok_or(Rejection::BadRequest("missing data.id"))?;
+    let kind =
+        field("analyticsEvent").ok_or(Rejection::BadRequest("missing data.analyticsEvent"))?;
     Ok(InboundEvent {
-        event_type: kind.to_string(),
-        dedupe_key: id.to_string(),
-        payload: to_payload(ev),
         test: kind == TEST_EVENT,
+        event_type: kind.into_owned(),
+        dedupe_key: id.into_owned(),
+        // The event as Atomic sent it.
+        payload: json_fields::bytes(raw),
     })
 }
 

@@ -115,22 +115,6 @@ pub(crate) fn verify_header_secret(
     }
 }
 
-/// Parses a body as JSON, with a fixed reason on failure.
-pub(crate) fn parse_json(body: &[u8]) -> Result<serde_json::Value, Rejection> {
-    serde_json::from_slice(body).map_err(|_| Rejection::BadRequest("malformed json"))
-}
-
-/// A string field of a JSON object, non-empty.
-pub(crate) fn str_field<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
-    v.get(key)
-        .and_then(|x| x.as_str())
-        .filter(|s| !s.is_empty())
-}
-
-pub(crate) fn to_payload(v: &serde_json::Value) -> bytes::Bytes {
-    bytes::Bytes::from(serde_json::to_vec(v).expect("a Value always serialises"))
-}
-
 #[cfg(test)]
 pub(crate) mod testing {
     //! Helpers for the parsers' unit and property tests.

@@ -11,6 +11,7 @@ pub mod atllas;
 pub mod atomic;
 mod http;
 mod inbound_util;
+mod json_fields;
 mod list_rounds;
 pub mod smallest;
 

@@ -10,7 +10,8 @@ use reqwest::{Method, RequestBuilder, Response};
 use serde::{Deserialize, Serialize};
 
 use super::http::{self as phttp, USER_AGENT};
-use super::inbound_util::{parse_json, require_json, str_field, verify_signature};
+use super::inbound_util::{require_json, verify_signature};
+use super::json_fields::JsonObject;
 use super::list_rounds::ListRounds;
 use super::{
     Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
@@ -591,28 +592,26 @@ pub fn parse_inbound(
     }
     require_json(req)?;
     verify_signature(req, SIGNATURE_HEADER, &keys.secrets, SignatureEncoding::Hex)?;
-    let ev = parse_json(req.body)?;
-    if !ev.is_object() {
-        return Err(Rejection::BadRequest("expected a json object"));
-    }
-    let id = str_field(&ev, "id").ok_or(Rejection::BadRequest("missing id"))?;
-    let event = str_field(&ev, "event").ok_or(Rejection::BadRequest("missing event"))?;
-    let event_type = ev
-        .get("metadata")
-        .and_then(|m| str_field(m, "eventType"))
-        .or_else(|| {
-            event
-                .split_once('.')
-                .map(|(_, t)| t)
-                .filter(|t| !t.is_empty())
-        })
-        .ok_or(Rejection::BadRequest("missing event type"))?;
+    let ev = JsonObject::parse(req.body)?.ok_or(Rejection::BadRequest("expected a json object"))?;
+    let id = ev.str("id").ok_or(Rejection::BadRequest("missing id"))?;
+    let event = ev
+        .str("event")
+        .ok_or(Rejection::BadRequest("missing event"))?;
+    let event_type = match ev.object("metadata").and_then(|m| m.str("eventType")) {
+        Some(t) => t.into_owned(),
+        None => event
+            .split_once('.')
+            .map(|(_, t)| t)
+            .filter(|t| !t.is_empty())
+            .ok_or(Rejection::BadRequest("missing event type"))?
+            .to_string(),
+    };
     Ok(vec![InboundEvent {
-        event_type: event_type.to_string(),
-        dedupe_key: id.to_string(),
+        event_type,
+        dedupe_key: id.into_owned(),
         // The envelope is the event: keep the exact bytes that were signed.
         payload: bytes::Bytes::copy_from_slice(req.body),
-        test: ev.get("test").and_then(serde_json::Value::as_bool) == Some(true),
+        test: ev.bool("test") == Some(true),
     }])
 }
 
