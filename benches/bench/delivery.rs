@@ -891,6 +891,9 @@ impl DeliveryResults {
 pub const OPERATOR: &str = "operator (redb, durable), closed loop";
 pub const NGINX: &str = "nginx keep-alive proxy, closed loop";
 pub const DIRECT: &str = "direct to the consumer, closed loop";
+/// nginx at the operator's half-load rate: the tail any proxy gets from this host, the
+/// generator and the consumer at that rate.
+pub const NGINX_HALF: &str = "nginx, the operator's half load, open loop";
 pub const HALF: &str = "operator (redb), half load, open loop";
 pub const JS: &str = "operator (JetStream), closed loop";
 pub const JS_HALF: &str = "operator (JetStream), half load, open loop";
@@ -959,13 +962,21 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
             phases.push(
                 closed_loop(
                     NGINX,
-                    target(base, Some(nginx.pid())),
+                    target(base.clone(), Some(nginx.pid())),
                     &consumer,
                     concurrency,
                     timing,
                 )
                 .await,
             );
+            let operator_half = phases
+                .iter()
+                .find(|p| p.name == HALF)
+                .and_then(|p| p.offered_per_s);
+            if let Some(rate) = operator_half {
+                let half = target(base, Some(nginx.pid()));
+                phases.push(open_loop(NGINX_HALF, half, &consumer, rate, timing).await);
+            }
             None
         }
         Err(e) => {
@@ -1111,7 +1122,30 @@ impl DeliveryResults {
             );
         }
         s.push('\n');
+        self.report_tail(s);
         self.report_cpu(s);
+    }
+
+    /// The half-load tail beside nginx's at the same offered rate, in the same run.
+    fn report_tail(&self, s: &mut String) {
+        use std::fmt::Write as _;
+        let (Some(o), Some(n)) = (self.phase(HALF), self.phase(NGINX_HALF)) else {
+            return;
+        };
+        let _ = writeln!(
+            s,
+            "The half-load tail beside nginx's at the same offered rate ({:.0}/s, open loop): \
+             p99 {:.2} ms for the operator and {:.2} ms through nginx (answered p99 {:.2} and \
+             {:.2} ms, max {:.2} and {:.2} ms). nginx's figure is what the host, the generator \
+             and the consumer give any proxy at this rate; the rest of the operator's is its own.\n",
+            o.offered_per_s.unwrap_or(0.0),
+            o.latency.p99_ms,
+            n.latency.p99_ms,
+            o.answered.p99_ms,
+            n.answered.p99_ms,
+            o.latency.max_ms,
+            n.latency.max_ms,
+        );
     }
 
     /// What bounds the ratio to nginx: the machine's CPU per event in the closed loops.
