@@ -79,8 +79,19 @@ pub fn parse_inbound(
     };
     verify_header_secret(req, keys.header_name.as_deref(), &keys.secrets)?;
     let payload = ev.unwrap_or_else(|| bytes::Bytes::copy_from_slice(req.body));
+    let (event_type, dedupe_key, test) = read_event(&payload)?;
+    Ok(vec![InboundEvent {
+        event_type,
+        dedupe_key,
+        payload,
+        test,
+    }])
+}
+
+/// An Atllas event's type, dedupe key (`<call id>:<type>`) and whether it is a test.
+fn read_event(payload: &[u8]) -> Result<(String, String, bool), Rejection> {
     // Not an object: it has no type.
-    let ev = JsonObject::parse(&payload)?.ok_or(Rejection::BadRequest("missing type"))?;
+    let ev = JsonObject::parse(payload)?.ok_or(Rejection::BadRequest("missing type"))?;
     let kind = ev
         .str("type")
         .ok_or(Rejection::BadRequest("missing type"))?;
@@ -98,12 +109,7 @@ pub fn parse_inbound(
         .object("webhook")
         .and_then(|w| w.str("id"))
         .is_some_and(|id| id.starts_with(TEST_WEBHOOK_PREFIX));
-    Ok(vec![InboundEvent {
-        dedupe_key: format!("{call_id}:{kind}"),
-        event_type: kind.into_owned(),
-        payload: payload.clone(),
-        test,
-    }])
+    Ok((kind.to_string(), format!("{call_id}:{kind}"), test))
 }
 
 /// The event of a GET delivery. How it travels is not documented, so every form is a

@@ -32,10 +32,7 @@ impl<'a> JsonObject<'a> {
 
     /// A value inside a document already read; `None` when it is not an object.
     pub(crate) fn of(raw: &'a RawValue) -> Option<Self> {
-        match read(raw.get().as_bytes()).ok()? {
-            Shape::Object(fields) => Some(Self { fields }),
-            _ => None,
-        }
+        Self::parse(raw.get().as_bytes()).ok().flatten()
     }
 
     /// A field's raw JSON.
@@ -83,10 +80,7 @@ pub(crate) fn array(body: &[u8]) -> Result<Option<Vec<&RawValue>>, Rejection> {
 
 /// The elements of an array inside a document already read; `None` when it is not one.
 pub(crate) fn array_of(raw: &RawValue) -> Option<Vec<&RawValue>> {
-    match read(raw.get().as_bytes()).ok()? {
-        Shape::Array(items) => Some(items),
-        _ => None,
-    }
+    array(raw.get().as_bytes()).ok().flatten()
 }
 
 /// A value's bytes, owned (what an event's payload holds).
