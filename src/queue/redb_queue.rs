@@ -73,6 +73,12 @@ pub struct RedbQueueOptions {
     /// redb's own page cache. Its default (1 GiB) alone would exceed the chart's memory
     /// limit once the file is large; the kernel's page cache still holds hot pages.
     pub file_cache_bytes: usize,
+    /// How long the writer waits, after the first operation of a batch, for more before it
+    /// commits. Each commit rewrites the pages of every table it touches and syncs them,
+    /// so at moderate rates a short wait writes a fraction of the bytes for the same events
+    /// (BENCHMARKS.md: at about 4,600 events/s, 8.6 KiB written per event instead of 19.1,
+    /// and 14 % less CPU per event), for at most this much more time before each 2xx.
+    pub commit_linger: Duration,
 }
 
 impl Default for RedbQueueOptions {
@@ -85,6 +91,7 @@ impl Default for RedbQueueOptions {
             max_dedupe_keys: 2_000_000,
             window: 1024,
             file_cache_bytes: 32 * 1024 * 1024,
+            commit_linger: Duration::from_micros(500),
         }
     }
 }
@@ -539,13 +546,7 @@ impl Writer {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             };
-            let mut batch = vec![first];
-            while batch.len() < self.options.max_batch {
-                match rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
-            }
+            let batch = self.gather(first, &rx);
             let stop = batch.iter().any(|op| matches!(op, Op::Shutdown));
             self.commit_batch(batch);
             if stop {
@@ -554,6 +555,30 @@ impl Writer {
             }
             self.expire_dedupe(&mut last_expiry, false);
         }
+    }
+
+    /// The batch that `first` opens: what else waits, then what arrives within the
+    /// linger, until the batch is full or a shutdown comes.
+    fn gather(&self, first: Op, rx: &mpsc::Receiver<Op>) -> Vec<Op> {
+        let until = Instant::now() + self.options.commit_linger;
+        let mut batch = vec![first];
+        while batch.len() < self.options.max_batch && !matches!(batch.last(), Some(Op::Shutdown)) {
+            let next = match rx.try_recv() {
+                Ok(op) => Ok(op),
+                Err(mpsc::TryRecvError::Empty) => {
+                    match until.checked_duration_since(Instant::now()) {
+                        Some(left) if !left.is_zero() => rx.recv_timeout(left).map_err(|_| ()),
+                        _ => Err(()),
+                    }
+                }
+                Err(mpsc::TryRecvError::Disconnected) => Err(()),
+            };
+            match next {
+                Ok(op) => batch.push(op),
+                Err(()) => break,
+            }
+        }
+        batch
     }
 
     fn commit_batch(&mut self, batch: Vec<Op>) {

@@ -618,3 +618,89 @@ async fn a_file_with_the_old_key_table_drops_it_and_still_knows_its_keys() {
     assert!(!tables.contains(&"dedupe".to_string()), "{tables:?}");
     assert!(tables.contains(&"dedupe_by_time".to_string()), "{tables:?}");
 }
+
+fn lingering(linger: Duration, max_batch: usize) -> RedbQueueOptions {
+    RedbQueueOptions {
+        commit_linger: linger,
+        max_batch,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn an_enqueue_waits_within_the_linger_and_commits_with_the_next_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let a = ep("a");
+    let now = SystemTime::now();
+    {
+        // A batch of two is full at the second operation: it commits then, not after 60 s.
+        let q = Arc::new(RedbQueue::open(&path, lingering(Duration::from_secs(60), 2)).unwrap());
+        let first = tokio::spawn({
+            let (q, a) = (q.clone(), a.clone());
+            async move { q.enqueue(vec![event(&a, "first", now)]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !first.is_finished(),
+            "the first enqueue was answered before its linger ended or its batch filled"
+        );
+        let second = tokio::time::timeout(
+            Duration::from_secs(10),
+            q.enqueue(vec![event(&a, "second", now)]),
+        )
+        .await
+        .expect("the second enqueue fills the batch and commits both");
+        assert!(matches!(
+            second.unwrap()[..],
+            [EnqueueOutcome::Accepted { .. }]
+        ));
+        let first = tokio::time::timeout(Duration::from_secs(10), first)
+            .await
+            .expect("the first enqueue is answered by the same commit")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(first[..], [EnqueueOutcome::Accepted { .. }]));
+        q.close();
+    }
+    // Both were durable when answered.
+    assert_eq!(open(&path).depth().pending, 2);
+}
+
+#[tokio::test]
+async fn a_lone_enqueue_commits_when_the_linger_ends_and_a_close_cuts_it_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let a = ep("a");
+    let now = SystemTime::now();
+    {
+        let q = RedbQueue::open(&path, lingering(Duration::from_millis(300), 4096)).unwrap();
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            q.enqueue(vec![event(&a, "alone", now)]),
+        )
+        .await
+        .expect("a lone enqueue is committed once the linger ends");
+        assert!(matches!(
+            out.unwrap()[..],
+            [EnqueueOutcome::Accepted { .. }]
+        ));
+    }
+    {
+        let q = Arc::new(RedbQueue::open(&path, lingering(Duration::from_secs(60), 4096)).unwrap());
+        let pending = tokio::spawn({
+            let (q, a) = (q.clone(), a.clone());
+            async move { q.enqueue(vec![event(&a, "before-close", now)]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!pending.is_finished(), "answered before the linger ended");
+        q.close();
+        let out = tokio::time::timeout(Duration::from_secs(10), pending)
+            .await
+            .expect("a close commits what lingers instead of waiting out the linger")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(out[..], [EnqueueOutcome::Accepted { .. }]));
+    }
+    assert_eq!(open(&path).depth().pending, 2);
+}
