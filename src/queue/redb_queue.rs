@@ -46,6 +46,11 @@ const EXPIRY_SLICE: usize = 4_096;
 /// How long the writer waits for work before the next pass while expiry is behind.
 const EXPIRY_CATCH_UP: Duration = Duration::from_millis(1);
 
+/// A batch this large commits without waiting out [`RedbQueueOptions::commit_linger`]:
+/// its sync is shared enough already, and where a bounded number of callers each wait for
+/// their commit (64 senders at saturation) a longer wait only slows every round.
+const LINGER_UNTIL_OPS: usize = 32;
+
 /// Dedupe table figures, for the metrics.
 #[derive(Debug, Default)]
 pub struct DedupeCounts {
@@ -558,13 +563,15 @@ impl Writer {
     }
 
     /// The batch that `first` opens: what else waits, then what arrives within the
-    /// linger, until the batch is full or a shutdown comes.
+    /// linger while the batch is under [`LINGER_UNTIL_OPS`], until the batch is full or a
+    /// shutdown comes.
     fn gather(&self, first: Op, rx: &mpsc::Receiver<Op>) -> Vec<Op> {
         let until = Instant::now() + self.options.commit_linger;
         let mut batch = vec![first];
         while batch.len() < self.options.max_batch && !matches!(batch.last(), Some(Op::Shutdown)) {
             let next = match rx.try_recv() {
                 Ok(op) => Ok(op),
+                Err(mpsc::TryRecvError::Empty) if batch.len() >= LINGER_UNTIL_OPS => Err(()),
                 Err(mpsc::TryRecvError::Empty) => {
                     match until.checked_duration_since(Instant::now()) {
                         Some(left) if !left.is_zero() => rx.recv_timeout(left).map_err(|_| ()),

@@ -704,3 +704,32 @@ async fn a_lone_enqueue_commits_when_the_linger_ends_and_a_close_cuts_it_short()
     }
     assert_eq!(open(&path).depth().pending, 2);
 }
+
+#[tokio::test]
+async fn a_batch_of_many_operations_commits_without_waiting_out_the_linger() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let a = ep("a");
+    let now = SystemTime::now();
+    let q = Arc::new(RedbQueue::open(&path, lingering(Duration::from_secs(60), 4096)).unwrap());
+    // As many callers as a batch needs to stop lingering, each with one event.
+    let callers: Vec<_> = (0..LINGER_UNTIL_OPS)
+        .map(|i| {
+            let (q, a) = (q.clone(), a.clone());
+            tokio::spawn(async move { q.enqueue(vec![event(&a, &format!("k{i}"), now)]).await })
+        })
+        .collect();
+    let answered =
+        tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(callers))
+            .await
+            .expect("a batch this large commits at once, not when the 60 s linger ends");
+    for out in answered {
+        assert!(matches!(
+            out.unwrap().unwrap()[..],
+            [EnqueueOutcome::Accepted { .. }]
+        ));
+    }
+    q.close();
+    drop(q);
+    assert_eq!(open(&path).depth().pending, LINGER_UNTIL_OPS as u64);
+}
