@@ -569,21 +569,17 @@ impl Writer {
         let until = Instant::now() + self.options.commit_linger;
         let mut batch = vec![first];
         while batch.len() < self.options.max_batch && !matches!(batch.last(), Some(Op::Shutdown)) {
-            let next = match rx.try_recv() {
-                Ok(op) => Ok(op),
-                Err(mpsc::TryRecvError::Empty) if batch.len() >= LINGER_UNTIL_OPS => Err(()),
-                Err(mpsc::TryRecvError::Empty) => {
-                    match until.checked_duration_since(Instant::now()) {
-                        Some(left) if !left.is_zero() => rx.recv_timeout(left).map_err(|_| ()),
-                        _ => Err(()),
+            let op = match rx.try_recv() {
+                Ok(op) => op,
+                Err(mpsc::TryRecvError::Empty) if batch.len() < LINGER_UNTIL_OPS => {
+                    match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                        Ok(op) => op,
+                        Err(_) => break,
                     }
                 }
-                Err(mpsc::TryRecvError::Disconnected) => Err(()),
+                Err(_) => break,
             };
-            match next {
-                Ok(op) => batch.push(op),
-                Err(()) => break,
-            }
+            batch.push(op);
         }
         batch
     }

@@ -619,6 +619,17 @@ async fn a_file_with_the_old_key_table_drops_it_and_still_knows_its_keys() {
     assert!(tables.contains(&"dedupe_by_time".to_string()), "{tables:?}");
 }
 
+/// One event enqueued from a task of its own, so that the test can watch it wait.
+fn spawn_enqueue(
+    q: &Arc<RedbQueue>,
+    endpoint: &EndpointKey,
+    dedupe: &str,
+    received: SystemTime,
+) -> tokio::task::JoinHandle<Result<Vec<EnqueueOutcome>, QueueError>> {
+    let (q, endpoint, dedupe) = (q.clone(), endpoint.clone(), dedupe.to_owned());
+    tokio::spawn(async move { q.enqueue(vec![event(&endpoint, &dedupe, received)]).await })
+}
+
 fn lingering(linger: Duration, max_batch: usize) -> RedbQueueOptions {
     RedbQueueOptions {
         commit_linger: linger,
@@ -636,10 +647,7 @@ async fn an_enqueue_waits_within_the_linger_and_commits_with_the_next_operation(
     {
         // A batch of two is full at the second operation: it commits then, not after 60 s.
         let q = Arc::new(RedbQueue::open(&path, lingering(Duration::from_secs(60), 2)).unwrap());
-        let first = tokio::spawn({
-            let (q, a) = (q.clone(), a.clone());
-            async move { q.enqueue(vec![event(&a, "first", now)]).await }
-        });
+        let first = spawn_enqueue(&q, &a, "first", now);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
             !first.is_finished(),
@@ -688,10 +696,7 @@ async fn a_lone_enqueue_commits_when_the_linger_ends_and_a_close_cuts_it_short()
     }
     {
         let q = Arc::new(RedbQueue::open(&path, lingering(Duration::from_secs(60), 4096)).unwrap());
-        let pending = tokio::spawn({
-            let (q, a) = (q.clone(), a.clone());
-            async move { q.enqueue(vec![event(&a, "before-close", now)]).await }
-        });
+        let pending = spawn_enqueue(&q, &a, "before-close", now);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!pending.is_finished(), "answered before the linger ended");
         q.close();
@@ -714,10 +719,7 @@ async fn a_batch_of_many_operations_commits_without_waiting_out_the_linger() {
     let q = Arc::new(RedbQueue::open(&path, lingering(Duration::from_secs(60), 4096)).unwrap());
     // As many callers as a batch needs to stop lingering, each with one event.
     let callers: Vec<_> = (0..LINGER_UNTIL_OPS)
-        .map(|i| {
-            let (q, a) = (q.clone(), a.clone());
-            tokio::spawn(async move { q.enqueue(vec![event(&a, &format!("k{i}"), now)]).await })
-        })
+        .map(|i| spawn_enqueue(&q, &a, &format!("k{i}"), now))
         .collect();
     let answered =
         tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(callers))
