@@ -32,12 +32,13 @@ impl TraceParent {
 
     /// The header value of a request made in span `span_id` of this trace.
     pub fn header(&self, span_id: [u8; 8]) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex::encode(self.trace_id),
-            hex::encode(span_id),
-            self.flags
-        )
+        // Made for every delivery attempt: written into place rather than formatted.
+        let mut value = [b'-'; 55];
+        value[..2].copy_from_slice(b"00");
+        hex::encode_to_slice(self.trace_id, &mut value[3..35]).expect("32 hex digits");
+        hex::encode_to_slice(span_id, &mut value[36..52]).expect("16 hex digits");
+        hex::encode_to_slice([self.flags], &mut value[53..]).expect("2 hex digits");
+        String::from_utf8(value.to_vec()).expect("ASCII")
     }
 }
 
@@ -80,7 +81,9 @@ pub fn parse(value: &str) -> Option<TraceParent> {
 /// The four fields of a valid value (see [`parse`]), as kept with an event: later
 /// versions' extra fields and surrounding spaces dropped.
 pub fn normalize(value: &str) -> String {
-    value.trim().chars().take(55).collect()
+    let value = value.trim();
+    let end = value.char_indices().nth(55).map_or(value.len(), |(i, _)| i);
+    value[..end].to_owned()
 }
 
 /// The trace the deliveries of the event `event_id` continue: the incoming one when there
@@ -149,6 +152,21 @@ mod tests {
         assert_ne!(parts[2], "00f067aa0ba902b7");
         assert_eq!(parts[3], "01");
         assert!(parse(&out).is_some());
+    }
+
+    #[test]
+    fn header_and_normalized_value_are_exact() {
+        let tp = parse(INCOMING).unwrap();
+        assert_eq!(
+            tp.header([0xab, 0, 0, 0, 0, 0, 0, 0x0f]),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-ab0000000000000f-01"
+        );
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-later";
+        assert_eq!(
+            normalize(&format!("  {later}  ")),
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+        );
+        assert_eq!(normalize(" 00-é "), "00-é");
     }
 
     #[test]

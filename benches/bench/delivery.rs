@@ -713,7 +713,19 @@ struct ChildPlane {
 impl ChildPlane {
     fn start(consumer: SocketAddr, max_in_flight: u32, queue: &str) -> anyhow::Result<Self> {
         use std::io::BufRead as _;
-        let mut child = std::process::Command::new(std::env::current_exe()?)
+        // `BENCH_PLANE_WRAPPER="valgrind --tool=callgrind"` and the like run the data
+        // plane under a profiler: the generator and the consumer stay at full speed.
+        let wrapper = std::env::var("BENCH_PLANE_WRAPPER").unwrap_or_default();
+        let mut command = wrapper.split_whitespace();
+        let mut launcher = match command.next() {
+            Some(program) => {
+                let mut c = std::process::Command::new(program);
+                c.args(command).arg(std::env::current_exe()?);
+                c
+            }
+            None => std::process::Command::new(std::env::current_exe()?),
+        };
+        let mut child = launcher
             .args([
                 PLANE_CHILD_FLAG,
                 &consumer.to_string(),

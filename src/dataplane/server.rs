@@ -2,7 +2,7 @@
 //! needs and `axum::serve` does not set: a connection limit (past it, new connections wait
 //! in the kernel's accept queue) and a deadline for a request's headers (a client that
 //! trickles its headers is disconnected). Body deadlines and the request concurrency limit
-//! are layers of the ingress router (`ingress::limits`).
+//! are kept by the ingress handler itself (`ingress::hook`, `ingress::limits`).
 
 use std::sync::Arc;
 use std::time::Duration;

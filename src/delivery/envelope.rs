@@ -24,7 +24,11 @@ pub(crate) fn headers(
     ts: i64,
     traceparent: &str,
 ) -> HeaderMap {
-    let mut h = base.clone();
+    // Room for the operator's own headers, so the map is allocated once.
+    let mut h = HeaderMap::with_capacity(base.len() + 12);
+    for (name, value) in base {
+        h.append(name.clone(), value.clone());
+    }
     let mut set = |name: &'static str, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
             h.insert(HeaderName::from_static(name), v);

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{EndpointRoute, Ingress};
@@ -255,87 +253,36 @@ impl ConcurrencyLimit {
             retry_after,
         }
     }
-}
 
-pub(super) async fn limit_concurrency(
-    State(limit): State<ConcurrencyLimit>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
-        return unavailable(&limit.metrics, "overloaded", limit.retry_after);
-    };
-    let _slot = Slot::take(permit, limit.metrics.requests_in_flight());
-    next.run(request).await
+    /// A slot for one request, held until the returned guard drops; `None` past the
+    /// limit (answer [`Self::overloaded`]).
+    pub(super) fn take(&self) -> Option<Slot> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let in_flight = self.metrics.requests_in_flight();
+        in_flight.inc();
+        Some(Slot {
+            _permit: permit,
+            in_flight,
+        })
+    }
+
+    /// The 503 for a request past the limit.
+    pub(super) fn overloaded(&self) -> Response {
+        unavailable(&self.metrics, "overloaded", self.retry_after)
+    }
 }
 
 /// One of the concurrency limit's slots, shown in `ingress_requests_in_flight` while it
 /// is held; given back when the request ends or its connection is dropped.
-struct Slot {
+pub(super) struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
     in_flight: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl Slot {
-    fn take(
-        permit: tokio::sync::OwnedSemaphorePermit,
-        in_flight: prometheus_client::metrics::gauge::Gauge,
-    ) -> Self {
-        in_flight.inc();
-        Self {
-            _permit: permit,
-            in_flight,
-        }
-    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.in_flight.dec();
     }
-}
-
-/// The request body was not complete by its deadline.
-#[derive(Debug, thiserror::Error)]
-#[error("request body not received within its deadline")]
-struct BodyTimeout;
-
-/// Gives the whole body `limit` from the moment the headers are in: a client that sends
-/// one byte a second is cut off, however steadily it sends (an idle timeout would not).
-pub(super) async fn body_deadline(
-    State(limit): State<Duration>,
-    request: Request,
-    next: Next,
-) -> Response {
-    use futures::StreamExt;
-    let (parts, body) = request.into_parts();
-    let deadline = Box::pin(tokio::time::sleep(limit));
-    let frames = body.into_data_stream();
-    let timed = futures::stream::unfold((frames, deadline), |(mut frames, mut deadline)| async {
-        let item = tokio::select! {
-            item = frames.next() => item?.map_err(|e| Box::new(e) as axum::BoxError),
-            _ = &mut deadline => Err(Box::new(BodyTimeout) as axum::BoxError),
-        };
-        Some((item, (frames, deadline)))
-    });
-    next.run(Request::from_parts(
-        parts,
-        axum::body::Body::from_stream(timed),
-    ))
-    .await
-}
-
-/// Whether a body read failed because the body deadline passed (the client sends too
-/// slowly), as opposed to a broken connection.
-pub(super) fn is_body_timeout(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<BodyTimeout>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 #[cfg(test)]

@@ -60,19 +60,9 @@ pub struct Ingress {
 
 impl Ingress {
     pub fn router(self: Arc<Self>) -> Router {
-        let concurrency = self.concurrency.clone();
-        let body_timeout = self.body_read_timeout;
         Router::new()
             .route("/hooks/{token}/{subscription}", any(hook))
             .with_state(self)
-            .layer(axum::middleware::from_fn_with_state(
-                body_timeout,
-                limits::body_deadline,
-            ))
-            .layer(axum::middleware::from_fn_with_state(
-                concurrency,
-                limits::limit_concurrency,
-            ))
     }
 }
 
@@ -114,6 +104,12 @@ async fn hook(
     request: Request,
 ) -> Response {
     let started = ing.tracer.is_on().then(SystemTime::now);
+    let Some(_slot) = ing.concurrency.take() else {
+        return ing.concurrency.overloaded();
+    };
+    // The whole body gets `body_read_timeout` from the moment the headers are in: a
+    // client that sends one byte a second is cut off, however steadily it sends.
+    let body_deadline = tokio::time::Instant::now() + ing.body_read_timeout;
     // Which methods a provider may use is the provider parser's call (Atomic delivers by
     // PUT when configured, Atllas may send GET): the ingress accepts them all here.
     //
@@ -141,7 +137,8 @@ async fn hook(
     {
         return refuse(&ing, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
     }
-    let body = match read_limited(body, ing.max_body_bytes).await {
+    let read = tokio::time::timeout_at(body_deadline, read_limited(body, ing.max_body_bytes));
+    let body = match read.await.unwrap_or(Err("body_timeout")) {
         Ok(b) => b,
         Err(reason) => {
             return refuse(&ing, body_refusal_status(reason), reason);
@@ -304,14 +301,6 @@ fn body_refusal_status(reason: &str) -> StatusCode {
     }
 }
 
-fn body_error(e: axum::Error) -> &'static str {
-    if limits::is_body_timeout(&e) {
-        "body_timeout"
-    } else {
-        "body_unreadable"
-    }
-}
-
 /// Reads the body, stopping as soon as it passes `max` (a chunked body has no
 /// Content-Length to refuse it by up front).
 async fn read_limited(body: axum::body::Body, max: usize) -> Result<bytes::Bytes, &'static str> {
@@ -320,14 +309,14 @@ async fn read_limited(body: axum::body::Body, max: usize) -> Result<bytes::Bytes
     let Some(first) = stream.next().await else {
         return Ok(bytes::Bytes::new());
     };
-    let first = first.map_err(body_error)?;
+    let first = first.map_err(|_| "body_unreadable")?;
     if first.len() > max {
         return Err("body_too_large");
     }
     let mut rest = match stream.next().await {
         // The common case: one chunk, no copy.
         None => return Ok(first),
-        Some(next) => next.map_err(body_error)?,
+        Some(next) => next.map_err(|_| "body_unreadable")?,
     };
     let mut buf = bytes::BytesMut::with_capacity((first.len() + rest.len()).max(8192));
     buf.extend_from_slice(&first);
@@ -338,7 +327,7 @@ async fn read_limited(body: axum::body::Body, max: usize) -> Result<bytes::Bytes
         buf.extend_from_slice(&rest);
         rest = match stream.next().await {
             None => return Ok(buf.freeze()),
-            Some(next) => next.map_err(body_error)?,
+            Some(next) => next.map_err(|_| "body_unreadable")?,
         };
     }
 }

@@ -140,8 +140,14 @@ fn storage<E: std::fmt::Display>(e: E) -> QueueError {
     QueueError::Storage(e.to_string())
 }
 
+/// `msg_` and the nonce and seq as 16 hex digits each (made once per enqueue and per
+/// lease, so without the formatting machinery).
 fn event_id(nonce: u64, seq: u64) -> String {
-    format!("msg_{nonce:016x}{seq:016x}")
+    let mut id = [0u8; 36];
+    id[..4].copy_from_slice(b"msg_");
+    hex::encode_to_slice(nonce.to_be_bytes(), &mut id[4..20]).expect("16 hex digits");
+    hex::encode_to_slice(seq.to_be_bytes(), &mut id[20..]).expect("16 hex digits");
+    String::from_utf8(id.to_vec()).expect("ASCII")
 }
 
 fn dedupe_entry(ns: &str, name: &str, key: &str) -> String {

@@ -79,6 +79,19 @@ pub(super) enum Effect {
     DeadRemoved { key: EndpointKey, seq: u64 },
 }
 
+impl Effect {
+    fn key(&self) -> &EndpointKey {
+        match self {
+            Effect::Added { key, .. }
+            | Effect::Removed { key, .. }
+            | Effect::Moved { key, .. }
+            | Effect::Died { key, .. }
+            | Effect::Revived { key, .. }
+            | Effect::DeadRemoved { key, .. } => key,
+        }
+    }
+}
+
 fn endpoint_id(key: &EndpointKey) -> String {
     format!("{}/{}", key.namespace, key.name)
 }
@@ -100,75 +113,58 @@ pub(super) fn create(txn: &WriteTransaction) -> Result<(), QueueError> {
 pub(super) fn persist(txn: &WriteTransaction, effects: &[Effect]) -> Result<(), QueueError> {
     let mut ready = txn.open_table(READY).map_err(storage)?;
     let mut dead = txn.open_table(DEAD).map_err(storage)?;
-    let mut deltas: HashMap<String, (i64, i64, i64)> = HashMap::new();
-    let mut delta = |key: &EndpointKey, d: (i64, i64, i64)| {
-        let e = deltas.entry(endpoint_id(key)).or_default();
-        *e = (e.0 + d.0, e.1 + d.1, e.2 + d.2);
-    };
+    // Per endpoint of the batch (mostly one): its id, formatted once, and the change to
+    // its counts.
+    let mut deltas: HashMap<&EndpointKey, (String, (i64, i64, i64))> = HashMap::new();
     for effect in effects {
+        let (id, delta) = deltas
+            .entry(effect.key())
+            .or_insert_with_key(|key| (endpoint_id(key), (0, 0, 0)));
+        let id = id.as_str();
+        let mut add = |d: (i64, i64, i64)| {
+            *delta = (delta.0 + d.0, delta.1 + d.1, delta.2 + d.2);
+        };
         match effect {
-            Effect::Added {
-                key, slot, bytes, ..
-            } => {
-                let id = endpoint_id(key);
-                ready
-                    .insert((id.as_str(), slot.0, slot.1), ())
-                    .map_err(storage)?;
-                delta(key, (1, *bytes as i64, 0));
+            Effect::Added { slot, bytes, .. } => {
+                ready.insert((id, slot.0, slot.1), ()).map_err(storage)?;
+                add((1, *bytes as i64, 0));
             }
-            Effect::Removed { key, slot, bytes } => {
-                let id = endpoint_id(key);
-                ready
-                    .remove((id.as_str(), slot.0, slot.1))
-                    .map_err(storage)?;
-                delta(key, (-1, -(*bytes as i64), 0));
+            Effect::Removed { slot, bytes, .. } => {
+                ready.remove((id, slot.0, slot.1)).map_err(storage)?;
+                add((-1, -(*bytes as i64), 0));
             }
             Effect::Moved {
-                key,
-                old,
-                new,
-                bytes,
-                ..
+                old, new, bytes, ..
             } => {
-                let id = endpoint_id(key);
-                ready.remove((id.as_str(), old.0, old.1)).map_err(storage)?;
-                ready
-                    .insert((id.as_str(), new.0, new.1), ())
-                    .map_err(storage)?;
-                delta(key, (0, bytes.1 as i64 - bytes.0 as i64, 0));
+                ready.remove((id, old.0, old.1)).map_err(storage)?;
+                ready.insert((id, new.0, new.1), ()).map_err(storage)?;
+                add((0, bytes.1 as i64 - bytes.0 as i64, 0));
             }
             Effect::Died {
-                key,
                 slot,
                 bytes,
                 dead_ms,
                 received_ms,
+                ..
             } => {
-                let id = endpoint_id(key);
-                ready
-                    .remove((id.as_str(), slot.0, slot.1))
+                ready.remove((id, slot.0, slot.1)).map_err(storage)?;
+                dead.insert((id, slot.1), (*dead_ms, *received_ms))
                     .map_err(storage)?;
-                dead.insert((id.as_str(), slot.1), (*dead_ms, *received_ms))
-                    .map_err(storage)?;
-                delta(key, (-1, -(*bytes as i64), 1));
+                add((-1, -(*bytes as i64), 1));
             }
-            Effect::Revived { key, slot, bytes } => {
-                let id = endpoint_id(key);
-                dead.remove((id.as_str(), slot.1)).map_err(storage)?;
-                ready
-                    .insert((id.as_str(), slot.0, slot.1), ())
-                    .map_err(storage)?;
-                delta(key, (1, *bytes as i64, -1));
+            Effect::Revived { slot, bytes, .. } => {
+                dead.remove((id, slot.1)).map_err(storage)?;
+                ready.insert((id, slot.0, slot.1), ()).map_err(storage)?;
+                add((1, *bytes as i64, -1));
             }
-            Effect::DeadRemoved { key, seq } => {
-                let id = endpoint_id(key);
-                dead.remove((id.as_str(), *seq)).map_err(storage)?;
-                delta(key, (0, 0, -1));
+            Effect::DeadRemoved { seq, .. } => {
+                dead.remove((id, *seq)).map_err(storage)?;
+                add((0, 0, -1));
             }
         }
     }
     let mut counts = txn.open_table(COUNTS).map_err(storage)?;
-    for (id, (w, b, d)) in deltas {
+    for (id, (w, b, d)) in deltas.into_values() {
         let old = counts
             .get(id.as_str())
             .map_err(storage)?

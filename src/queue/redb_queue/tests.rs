@@ -735,3 +735,12 @@ async fn a_batch_of_many_operations_commits_without_waiting_out_the_linger() {
     drop(q);
     assert_eq!(open(&path).depth().pending, LINGER_UNTIL_OPS as u64);
 }
+
+#[test]
+fn event_ids_are_the_nonce_and_seq_in_hex() {
+    assert_eq!(
+        event_id(0x0123_4567_89ab_cdef, 42),
+        "msg_0123456789abcdef000000000000002a"
+    );
+    assert_eq!(event_id(0, 0).len(), 36);
+}
