@@ -9,6 +9,8 @@
 //! ```
 //! Flags: `--smoke`, `--seconds N`, `--concurrency N`, `--subscriptions N`,
 //! `--only delivery|queue|reconcile|backlog`, `--out FILE`. `BENCH_SMOKE=1` is the same as `--smoke`.
+//! `BENCH_PLANE_WRAPPER="valgrind --tool=callgrind"` (or any command that takes the
+//! program and its arguments) runs the delivery phases' data-plane process under it.
 //! Smoke runs write `target/BENCHMARKS.smoke.md` unless `--out` says otherwise.
 
 /// A general-purpose allocator that keeps small, short-lived allocations (one request,
