@@ -24,7 +24,8 @@ pub(crate) fn headers(
     ts: i64,
     traceparent: &str,
 ) -> HeaderMap {
-    // Room for the operator's own headers, so the map is allocated once.
+    // Room for the operator's own headers (five, five more for CloudEvents, and the
+    // client's `user-agent` and `host`), so the map is allocated once.
     let mut h = HeaderMap::with_capacity(base.len() + 12);
     for (name, value) in base {
         h.append(name.clone(), value.clone());

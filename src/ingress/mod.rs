@@ -301,6 +301,11 @@ fn body_refusal_status(reason: &str) -> StatusCode {
     }
 }
 
+/// A body whose connection failed part-way (its deadline is the caller's `timeout_at`).
+fn body_unreadable(_: axum::Error) -> &'static str {
+    "body_unreadable"
+}
+
 /// Reads the body, stopping as soon as it passes `max` (a chunked body has no
 /// Content-Length to refuse it by up front).
 async fn read_limited(body: axum::body::Body, max: usize) -> Result<bytes::Bytes, &'static str> {
@@ -309,14 +314,14 @@ async fn read_limited(body: axum::body::Body, max: usize) -> Result<bytes::Bytes
     let Some(first) = stream.next().await else {
         return Ok(bytes::Bytes::new());
     };
-    let first = first.map_err(|_| "body_unreadable")?;
+    let first = first.map_err(body_unreadable)?;
     if first.len() > max {
         return Err("body_too_large");
     }
     let mut rest = match stream.next().await {
         // The common case: one chunk, no copy.
         None => return Ok(first),
-        Some(next) => next.map_err(|_| "body_unreadable")?,
+        Some(next) => next.map_err(body_unreadable)?,
     };
     let mut buf = bytes::BytesMut::with_capacity((first.len() + rest.len()).max(8192));
     buf.extend_from_slice(&first);
@@ -327,7 +332,7 @@ async fn read_limited(body: axum::body::Body, max: usize) -> Result<bytes::Bytes
         buf.extend_from_slice(&rest);
         rest = match stream.next().await {
             None => return Ok(buf.freeze()),
-            Some(next) => next.map_err(|_| "body_unreadable")?,
+            Some(next) => next.map_err(body_unreadable)?,
         };
     }
 }
