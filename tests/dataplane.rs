@@ -678,6 +678,17 @@ async fn exhausted_events_are_dead_lettered_then_replayed() {
         6,
         "two attempts each, then nothing"
     );
+    // The worker records an attempt's outcome once the queue has stored it: the queue's
+    // count can be ahead of the health figures for a moment.
+    wait_for(
+        "dead letters in the health figures",
+        Duration::from_secs(10),
+        || {
+            h.dp.endpoint_health(&h.key)
+                .is_some_and(|s| s.stats.dead_lettered == 3)
+        },
+    )
+    .await;
     let health = h.dp.endpoint_health(&h.key).unwrap();
     assert_eq!((health.stats.dead_lettered, health.stats.retrying), (3, 0));
     let failed_ids: HashSet<String> = h.consumer.ids().into_iter().collect();
