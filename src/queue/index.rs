@@ -40,6 +40,14 @@ pub(super) struct Counts {
     pub dead: u64,
 }
 
+/// What one [`Index::lease`] took.
+pub(super) struct Leased {
+    /// seq and, where the index held it, the committed record.
+    pub events: Vec<(u64, Option<Record>)>,
+    /// Fewer than asked for because the window ran dry while the file holds more.
+    pub dry: bool,
+}
+
 /// What the window holds of the endpoint's ready slots in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Loaded {
@@ -66,6 +74,12 @@ pub(super) struct EndpointIndex {
     counts: Counts,
     /// seq → committed record of a window event, within the index's memory budget.
     cached: HashMap<u64, Record>,
+}
+
+impl EndpointIndex {
+    fn dry(&self) -> bool {
+        self.window.is_empty() && self.loaded != Loaded::All
+    }
 }
 
 impl Default for EndpointIndex {
@@ -286,13 +300,26 @@ impl Index {
         self.add_counts(&mut st, 0, 0, -1);
     }
 
-    /// Refills an empty window from the file; false when the file could not be read.
-    fn refill(&self, key: &EndpointKey, shard: &Shard) -> bool {
+    /// The window of `key` ran dry while the file holds more of its ready events: a lease
+    /// or a due time needs [`Index::refill`] first.
+    pub fn dry(&self, key: &EndpointKey) -> bool {
+        self.existing_shard(key)
+            .is_some_and(|s| s.state.lock().expect("shard lock").dry())
+    }
+
+    /// Refills the dry window of `key` from the file; true when the window holds slots
+    /// afterwards. It reads the file and waits out a commit in progress (the gate), so a
+    /// caller on the async runtime runs it on a blocking thread: under a slow disk that
+    /// wait lasts as long as the commit's sync.
+    pub fn refill(&self, key: &EndpointKey) -> bool {
+        let Some(shard) = self.existing_shard(key) else {
+            return false;
+        };
         let _gate = self.gate.read().expect("index gate");
         let after = {
             let st = shard.state.lock().expect("shard lock");
             match st.loaded {
-                Loaded::All => return true,
+                Loaded::All => return !st.window.is_empty(),
                 Loaded::Upto(_) if !st.window.is_empty() => return true,
                 Loaded::Upto(u) => u,
             }
@@ -315,58 +342,38 @@ impl Index {
                 st.window.insert(slot);
             }
         }
-        true
+        !st.window.is_empty()
     }
 
-    /// The window of `key`, refilled first when it ran dry and the file holds more.
-    fn ready_shard(&self, key: &EndpointKey) -> Option<Arc<Shard>> {
-        let shard = self.existing_shard(key)?;
-        let dry = {
-            let st = shard.state.lock().expect("shard lock");
-            st.window.is_empty() && st.loaded != Loaded::All
+    /// Takes up to `max` due events of the window into the leased set, with their records
+    /// where cached. Never reads the file: when the window runs dry first and the file
+    /// holds more, the answer says so and the caller refills.
+    pub fn lease(&self, key: &EndpointKey, max: usize, now_ms: u64) -> Leased {
+        let mut out = Leased {
+            events: Vec::new(),
+            dry: false,
         };
-        if dry {
-            self.refill(key, &shard);
-        }
-        Some(shard)
-    }
-
-    /// Takes up to `max` due events into the leased set, with their records where cached.
-    pub fn lease(&self, key: &EndpointKey, max: usize, now_ms: u64) -> Vec<(u64, Option<Record>)> {
-        let mut out = Vec::new();
-        let Some(shard) = self.ready_shard(key) else {
+        let Some(shard) = self.existing_shard(key) else {
             return out;
         };
-        loop {
-            {
-                let mut st = shard.state.lock().expect("shard lock");
-                while out.len() < max {
-                    match st.window.first() {
-                        Some(&(due, seq)) if due <= now_ms => {
-                            st.window.pop_first();
-                            st.leased.insert(seq, (due, seq));
-                            let rec = st.cached.remove(&seq);
-                            if let Some(r) = &rec {
-                                self.cached_bytes.fetch_sub(r.weight(), Ordering::Relaxed);
-                            }
-                            self.leased.fetch_add(1, Ordering::Relaxed);
-                            out.push((seq, rec));
-                        }
-                        _ => break,
+        let mut st = shard.state.lock().expect("shard lock");
+        while out.events.len() < max {
+            match st.window.first() {
+                Some(&(due, seq)) if due <= now_ms => {
+                    st.window.pop_first();
+                    st.leased.insert(seq, (due, seq));
+                    let rec = st.cached.remove(&seq);
+                    if let Some(r) = &rec {
+                        self.cached_bytes.fetch_sub(r.weight(), Ordering::Relaxed);
                     }
+                    self.leased.fetch_add(1, Ordering::Relaxed);
+                    out.events.push((seq, rec));
                 }
-                let more = out.len() < max && st.window.is_empty() && st.loaded != Loaded::All;
-                if !more {
-                    return out;
-                }
-            }
-            // The window ran dry within this lease: the file may hold more due events.
-            if !self.refill(key, &shard)
-                || shard.state.lock().expect("shard lock").window.is_empty()
-            {
-                return out;
+                _ => break,
             }
         }
+        out.dry = out.events.len() < max && st.dry();
+        out
     }
 
     /// Ends a lease without an attempt: the event is due again when it was.
@@ -399,9 +406,10 @@ impl Index {
         }
     }
 
-    /// The earliest due time of `key`, if anything is waiting.
+    /// The earliest due time in the window of `key`; `None` when the window is empty
+    /// (see [`Index::dry`] for whether the file holds more).
     pub fn next_due(&self, key: &EndpointKey) -> Option<u64> {
-        self.ready_shard(key).and_then(|s| {
+        self.existing_shard(key).and_then(|s| {
             s.state
                 .lock()
                 .expect("shard lock")

@@ -272,6 +272,17 @@ impl RedbQueue {
         .map_err(storage)?
     }
 
+    /// Refills the endpoint's in-memory window on a blocking thread: a refill reads the
+    /// file and waits out a commit in progress, which under a slow disk would otherwise hold
+    /// a runtime thread, and every task on it, for as long as the commit's sync.
+    async fn refill(&self, endpoint: &EndpointKey) -> bool {
+        let index = self.index.clone();
+        let key = endpoint.clone();
+        tokio::task::spawn_blocking(move || index.refill(&key))
+            .await
+            .unwrap_or(false)
+    }
+
     /// Stops accepting writes; every later write fails with [`QueueError::Closed`].
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
@@ -316,7 +327,15 @@ impl Queue for RedbQueue {
         max: usize,
         now: SystemTime,
     ) -> Result<Vec<QueuedEvent>, QueueError> {
-        let leased = self.index.lease(endpoint, max, to_millis(now));
+        let now_ms = to_millis(now);
+        let mut leased = Vec::new();
+        loop {
+            let took = self.index.lease(endpoint, max - leased.len(), now_ms);
+            leased.extend(took.events);
+            if !took.dry || leased.len() >= max || !self.refill(endpoint).await {
+                break;
+            }
+        }
         let mut events = Vec::with_capacity(leased.len());
         let mut uncached = Vec::new();
         for (seq, rec) in leased {
@@ -376,6 +395,9 @@ impl Queue for RedbQueue {
     async fn wait_due(&self, endpoint: &EndpointKey, max_wait: Duration) {
         let shard = self.index.shard(endpoint);
         let notified = shard.notify.notified();
+        if self.index.dry(endpoint) {
+            self.refill(endpoint).await;
+        }
         let now = to_millis(SystemTime::now());
         let wait = match self.index.next_due(endpoint) {
             Some(due) if due <= now => return,

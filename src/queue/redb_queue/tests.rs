@@ -456,6 +456,86 @@ async fn a_reopened_backlog_is_held_a_window_at_a_time_and_leased_in_due_order()
     assert_eq!(q.depth(), QueueDepth::default());
 }
 
+/// Holds the index's gate for writing, as the writer does from a commit to its effects,
+/// for `hold`: a commit whose sync takes that long. Returns once the gate is held.
+fn commit_in_progress(index: Arc<Index>, hold: Duration) -> std::thread::JoinHandle<()> {
+    let (held, is_held) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let _gate = index.gate.write().unwrap();
+        held.send(()).unwrap();
+        std::thread::sleep(hold);
+    });
+    is_held.recv().unwrap();
+    thread
+}
+
+/// Ticks of a task on the same runtime while `work` runs, and how long it took.
+async fn ticks_during<T>(work: impl std::future::Future<Output = T>) -> (T, u64, Duration) {
+    let ticks = Arc::new(AtomicU64::new(0));
+    let ticker = tokio::spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                ticks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = work.await;
+    let took = started.elapsed();
+    ticker.abort();
+    (out, ticks.load(Ordering::Relaxed), took)
+}
+
+// The test runtime has one thread: a refill that blocked it would stop every other task.
+#[tokio::test]
+async fn a_refill_waiting_out_a_slow_commit_leaves_the_runtime_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let options = RedbQueueOptions {
+        window: 4,
+        ..RedbQueueOptions::default()
+    };
+    let a = ep("a");
+    let past = SystemTime::now() - Duration::from_secs(1);
+    {
+        let q = RedbQueue::open(&path, options.clone()).unwrap();
+        q.enqueue((0..12).map(|i| event(&a, &format!("k{i}"), past)).collect())
+            .await
+            .unwrap();
+    }
+    // Reopened, the window holds nothing: the first lease and the first wait refill it.
+    let q = RedbQueue::open(&path, options).unwrap();
+    assert!(q.index.dry(&a));
+    let hold = Duration::from_millis(600);
+
+    let sync = commit_in_progress(q.index.clone(), hold);
+    let ((), ticks, took) = ticks_during(q.wait_due(&a, Duration::from_secs(5))).await;
+    sync.join().unwrap();
+    assert!(took >= hold, "the wait refilled after the commit, {took:?}");
+    assert!(ticks >= 10, "other tasks ran {ticks} times in {took:?}");
+    assert!(!q.index.dry(&a), "the wait refilled the window");
+
+    let leased = q.lease(&a, 4, SystemTime::now()).await.unwrap();
+    assert_eq!(leased.len(), 4);
+    assert!(q.index.dry(&a), "the window ran dry again");
+    let sync = commit_in_progress(q.index.clone(), hold);
+    let (leased, ticks, took) = ticks_during(q.lease(&a, 6, SystemTime::now())).await;
+    sync.join().unwrap();
+    assert!(
+        took >= hold,
+        "the lease refilled after the commit, {took:?}"
+    );
+    assert!(ticks >= 10, "other tasks ran {ticks} times in {took:?}");
+    let leased = leased.unwrap();
+    assert_eq!(leased.len(), 6, "a lease refills as often as it needs");
+    assert!(
+        leased.windows(2).all(|w| w[0].receipt.0 < w[1].receipt.0),
+        "in order across the refills"
+    );
+}
+
 /// A file written before the queue kept its own index (records only) is indexed on open:
 /// nothing is lost by an upgrade.
 #[tokio::test]
