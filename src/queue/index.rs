@@ -319,8 +319,8 @@ impl Index {
         let after = {
             let st = shard.state.lock().expect("shard lock");
             match st.loaded {
-                Loaded::All => return !st.window.is_empty(),
-                Loaded::Upto(_) if !st.window.is_empty() => return true,
+                _ if !st.window.is_empty() => return true,
+                Loaded::All => return false,
                 Loaded::Upto(u) => u,
             }
         };

@@ -328,13 +328,13 @@ impl Queue for RedbQueue {
         now: SystemTime,
     ) -> Result<Vec<QueuedEvent>, QueueError> {
         let now_ms = to_millis(now);
-        let mut leased = Vec::new();
-        loop {
-            let took = self.index.lease(endpoint, max - leased.len(), now_ms);
-            leased.extend(took.events);
-            if !took.dry || leased.len() >= max || !self.refill(endpoint).await {
-                break;
-            }
+        let first = self.index.lease(endpoint, max, now_ms);
+        let (mut leased, mut dry) = (first.events, first.dry);
+        // `dry` means fewer than asked for: the refilled window may hold the rest.
+        while dry && self.refill(endpoint).await {
+            let more = self.index.lease(endpoint, max - leased.len(), now_ms);
+            leased.extend(more.events);
+            dry = more.dry;
         }
         let mut events = Vec::with_capacity(leased.len());
         let mut uncached = Vec::new();
