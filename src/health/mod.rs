@@ -101,7 +101,7 @@ pub type OutcomeSink = Arc<dyn Fn(&EndpointKey, &Outcome<'_>) + Send + Sync>;
 /// Health of every endpoint delivery knows.
 pub struct HealthRegistry {
     config: HealthConfig,
-    endpoints: RwLock<HashMap<EndpointKey, Arc<Mutex<Tracker>>>>,
+    endpoints: RwLock<foldhash::HashMap<EndpointKey, Arc<Mutex<Tracker>>>>,
     sink: std::sync::OnceLock<OutcomeSink>,
     /// The last test event delivered per (endpoint, subscription): when, and its
     /// ingest-to-delivered latency.

@@ -64,7 +64,7 @@ pub struct SubscriptionEntry {
 /// One endpoint's subscriptions by name, shared by every version of the endpoint's route:
 /// adding or removing a subscription changes this map only, so its cost does not grow
 /// with the number of subscriptions the endpoint has.
-pub type SubscriptionEntries = RwLock<HashMap<String, Arc<SubscriptionEntry>>>;
+pub type SubscriptionEntries = RwLock<foldhash::HashMap<String, Arc<SubscriptionEntry>>>;
 
 /// Everything a request to one token needs.
 pub struct EndpointRoute {
@@ -106,7 +106,7 @@ struct Desired {
 }
 
 pub struct RouteTable {
-    by_token: RwLock<HashMap<String, Arc<EndpointRoute>>>,
+    by_token: RwLock<foldhash::HashMap<String, Arc<EndpointRoute>>>,
     /// Set once the routes of every object that existed at start-up are in the table
     /// (see [`RouteTable::mark_loaded`]). Until then an unknown token may be one not
     /// loaded yet, so the ingress cannot answer 404 for it.

@@ -13,10 +13,11 @@
 //! The index also keeps the records of ready events it was handed by the writer, up to a
 //! memory budget, so that a lease usually needs no read of the file.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use foldhash::HashMap;
 use tokio::sync::Notify;
 
 use super::record::Record;
@@ -88,9 +89,9 @@ impl Default for EndpointIndex {
             window: BTreeSet::new(),
             // An endpoint the file had no counts for at open has nothing in the file.
             loaded: Loaded::All,
-            leased: HashMap::new(),
+            leased: HashMap::default(),
             counts: Counts::default(),
-            cached: HashMap::new(),
+            cached: HashMap::default(),
         }
     }
 }

@@ -20,18 +20,23 @@ use super::super::record::{Record, STATE_DEAD};
 use super::{EVENTS, META, storage};
 use crate::queue::QueueError;
 
-/// (endpoint, due ms, seq) → (): the ready events, leased ones included.
-const READY: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("ready_by_endpoint");
-/// (endpoint, seq) → (dead ms, received ms).
-const DEAD: TableDefinition<(&str, u64), (u64, u64)> = TableDefinition::new("dead_by_endpoint");
-/// endpoint → (waiting events, their stored bytes, dead letters).
-const COUNTS: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("endpoint_counts");
+// Endpoints are keyed by the bytes of their `namespace/name`: a `&str` key checks both
+// sides of every comparison for UTF-8, dozens of times per event (BENCHMARKS.md).
 
-const META_FORMAT: &str = "index_format";
+/// (endpoint, due ms, seq) → (): the ready events, leased ones included.
+const READY: TableDefinition<(&[u8], u64, u64), ()> = TableDefinition::new("ready_by_endpoint_v3");
+/// (endpoint, seq) → (dead ms, received ms).
+const DEAD: TableDefinition<(&[u8], u64), (u64, u64)> = TableDefinition::new("dead_by_endpoint_v3");
+/// endpoint → (waiting events, their stored bytes, dead letters).
+const COUNTS: TableDefinition<&[u8], (u64, u64, u64)> = TableDefinition::new("endpoint_counts_v3");
+/// The same three tables of format 2, keyed by `&str`: dropped at open, rebuilt as the above.
+const FORMAT_2_TABLES: [&str; 3] = ["ready_by_endpoint", "dead_by_endpoint", "endpoint_counts"];
+
+pub(super) const META_FORMAT: &str = "index_format";
 /// Records the last indexing pass could not read (they are in no count).
 const META_SKIPPED: &str = "index_skipped";
-/// 1: no index tables (the first versions); 2: this index.
-const FORMAT: u64 = 2;
+/// 1: no index tables (the first versions); 2: this index keyed by `&str`; 3: this index.
+const FORMAT: u64 = 3;
 /// Records indexed per transaction when an older file is upgraded.
 const UPGRADE_SLICE: usize = 50_000;
 
@@ -96,13 +101,19 @@ fn endpoint_id(key: &EndpointKey) -> String {
     format!("{}/{}", key.namespace, key.name)
 }
 
-fn endpoint_of(id: &str) -> EndpointKey {
-    let (ns, name) = id.split_once('/').unwrap_or(("", id));
+fn endpoint_of(id: &[u8]) -> EndpointKey {
+    let id = String::from_utf8_lossy(id);
+    let (ns, name) = id.split_once('/').unwrap_or(("", &id));
     EndpointKey::new(ns, name)
 }
 
-/// Creates the index tables.
+/// Creates the index tables (and drops those of format 2; [`upgrade`] indexes such a file
+/// again).
 pub(super) fn create(txn: &WriteTransaction) -> Result<(), QueueError> {
+    for name in FORMAT_2_TABLES {
+        let old: TableDefinition<&str, ()> = TableDefinition::new(name);
+        txn.delete_table(old).map_err(storage)?;
+    }
     txn.open_table(READY).map_err(storage)?;
     txn.open_table(DEAD).map_err(storage)?;
     txn.open_table(COUNTS).map_err(storage)?;
@@ -115,12 +126,13 @@ pub(super) fn persist(txn: &WriteTransaction, effects: &[Effect]) -> Result<(), 
     let mut dead = txn.open_table(DEAD).map_err(storage)?;
     // Per endpoint of the batch (mostly one): its id, formatted once, and the change to
     // its counts.
-    let mut deltas: HashMap<&EndpointKey, (String, (i64, i64, i64))> = HashMap::new();
+    let mut deltas: foldhash::HashMap<&EndpointKey, (String, (i64, i64, i64))> =
+        foldhash::HashMap::default();
     for effect in effects {
         let (id, delta) = deltas
             .entry(effect.key())
             .or_insert_with_key(|key| (endpoint_id(key), (0, 0, 0)));
-        let id = id.as_str();
+        let id = id.as_bytes();
         let mut add = |d: (i64, i64, i64)| {
             *delta = (delta.0 + d.0, delta.1 + d.1, delta.2 + d.2);
         };
@@ -166,16 +178,16 @@ pub(super) fn persist(txn: &WriteTransaction, effects: &[Effect]) -> Result<(), 
     let mut counts = txn.open_table(COUNTS).map_err(storage)?;
     for (id, (w, b, d)) in deltas.into_values() {
         let old = counts
-            .get(id.as_str())
+            .get(id.as_bytes())
             .map_err(storage)?
             .map(|v| v.value())
             .unwrap_or_default();
         let add = |n: u64, d: i64| n.saturating_add_signed(d);
         let new = (add(old.0, w), add(old.1, b), add(old.2, d));
         if new == (0, 0, 0) {
-            counts.remove(id.as_str()).map_err(storage)?;
+            counts.remove(id.as_bytes()).map_err(storage)?;
         } else {
-            counts.insert(id.as_str(), new).map_err(storage)?;
+            counts.insert(id.as_bytes(), new).map_err(storage)?;
         }
     }
     Ok(())
@@ -213,7 +225,7 @@ pub(super) fn ready_after(
     let table = txn.open_table(READY).map_err(storage)?;
     let start = after.unwrap_or((0, 0));
     let range = table
-        .range((id.as_str(), start.0, start.1)..=(id.as_str(), u64::MAX, u64::MAX))
+        .range((id.as_bytes(), start.0, start.1)..=(id.as_bytes(), u64::MAX, u64::MAX))
         .map_err(storage)?;
     let mut out = Vec::with_capacity(max.min(4096));
     for item in range {
@@ -239,7 +251,7 @@ pub(super) fn dead_of(
     let txn = db.begin_read().map_err(storage)?;
     let table = txn.open_table(DEAD).map_err(storage)?;
     let range = table
-        .range((id.as_str(), 0)..=(id.as_str(), u64::MAX))
+        .range((id.as_bytes(), 0)..=(id.as_bytes(), u64::MAX))
         .map_err(storage)?;
     let mut out = Vec::new();
     for item in range {
@@ -257,7 +269,7 @@ pub(super) fn all_seqs(db: &Database, key: &EndpointKey) -> Result<Vec<u64>, Que
     let txn = db.begin_read().map_err(storage)?;
     let table = txn.open_table(READY).map_err(storage)?;
     let range = table
-        .range((id.as_str(), 0, 0)..=(id.as_str(), u64::MAX, u64::MAX))
+        .range((id.as_bytes(), 0, 0)..=(id.as_bytes(), u64::MAX, u64::MAX))
         .map_err(storage)?;
     for item in range {
         let (k, _) = item.map_err(storage)?;
@@ -333,12 +345,12 @@ pub(super) fn upgrade(db: &Database) -> Result<u64, QueueError> {
                 let id = endpoint_id(&EndpointKey::new(rec.namespace, rec.name));
                 let c = slice.entry(id.clone()).or_default();
                 if rec.state == STATE_DEAD {
-                    dead.insert((id.as_str(), seq), (rec.dead_ms, rec.received_ms))
+                    dead.insert((id.as_bytes(), seq), (rec.dead_ms, rec.received_ms))
                         .map_err(storage)?;
                     c.2 += 1;
                 } else {
                     ready
-                        .insert((id.as_str(), rec.due_ms, seq), ())
+                        .insert((id.as_bytes(), rec.due_ms, seq), ())
                         .map_err(storage)?;
                     c.0 += 1;
                     c.1 += v.value().len() as u64;
@@ -347,12 +359,12 @@ pub(super) fn upgrade(db: &Database) -> Result<u64, QueueError> {
             }
             for (id, c) in slice {
                 let old = counts
-                    .get(id.as_str())
+                    .get(id.as_bytes())
                     .map_err(storage)?
                     .map(|v| v.value())
                     .unwrap_or_default();
                 let new = (old.0 + c.0, old.1 + c.1, old.2 + c.2);
-                counts.insert(id.as_str(), new).map_err(storage)?;
+                counts.insert(id.as_bytes(), new).map_err(storage)?;
             }
             if last.is_none() {
                 let mut meta = txn.open_table(META).map_err(storage)?;

@@ -536,6 +536,47 @@ async fn a_refill_waiting_out_a_slow_commit_leaves_the_runtime_running() {
     );
 }
 
+/// Writes the first versions' layout (the events and meta tables, no index tables): 50
+/// events, every tenth dead, even ones for endpoint `a` and odd ones for `b`. Returns the
+/// last record, encoded.
+fn write_unindexed_file(path: &Path, now: SystemTime) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let db = Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut events = txn.open_table(EVENTS).unwrap();
+        for seq in 0..50u64 {
+            let rec = Record {
+                state: if seq % 10 == 0 {
+                    STATE_DEAD
+                } else {
+                    STATE_PENDING
+                },
+                attempts: 0,
+                received_ms: to_millis(now),
+                due_ms: to_millis(now) - 1000 + seq,
+                dead_ms: if seq % 10 == 0 { to_millis(now) } else { 0 },
+                namespace: "ns".into(),
+                name: if seq % 2 == 0 { "a" } else { "b" }.into(),
+                subscription: "sub".into(),
+                event_type: "t".into(),
+                dedupe_key: format!("k{seq}"),
+                last_error: String::new(),
+                payload: Bytes::from(format!("{{\"n\":{seq}}}")),
+                traceparent: String::new(),
+                headers: String::new(),
+            };
+            rec.encode(&mut buf);
+            events.insert(seq, buf.as_slice()).unwrap();
+        }
+        let mut meta = txn.open_table(META).unwrap();
+        meta.insert(META_NONCE, 7).unwrap();
+        meta.insert(META_NEXT_SEQ, 50).unwrap();
+    }
+    txn.commit().unwrap();
+    buf
+}
+
 /// A file written before the queue kept its own index (records only) is indexed on open:
 /// nothing is lost by an upgrade.
 #[tokio::test]
@@ -543,43 +584,7 @@ async fn a_file_from_the_previous_version_is_indexed_on_open_without_loss() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.redb");
     let now = SystemTime::now();
-    let mut buf = Vec::new();
-    {
-        // The previous version's layout: the events and meta tables, no index tables.
-        let db = Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut events = txn.open_table(EVENTS).unwrap();
-            for seq in 0..50u64 {
-                let rec = Record {
-                    state: if seq % 10 == 0 {
-                        STATE_DEAD
-                    } else {
-                        STATE_PENDING
-                    },
-                    attempts: 0,
-                    received_ms: to_millis(now),
-                    due_ms: to_millis(now) - 1000 + seq,
-                    dead_ms: if seq % 10 == 0 { to_millis(now) } else { 0 },
-                    namespace: "ns".into(),
-                    name: if seq % 2 == 0 { "a" } else { "b" }.into(),
-                    subscription: "sub".into(),
-                    event_type: "t".into(),
-                    dedupe_key: format!("k{seq}"),
-                    last_error: String::new(),
-                    payload: Bytes::from(format!("{{\"n\":{seq}}}")),
-                    traceparent: String::new(),
-                    headers: String::new(),
-                };
-                rec.encode(&mut buf);
-                events.insert(seq, buf.as_slice()).unwrap();
-            }
-            let mut meta = txn.open_table(META).unwrap();
-            meta.insert(META_NONCE, 7).unwrap();
-            meta.insert(META_NEXT_SEQ, 50).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    let mut buf = write_unindexed_file(&path, now);
     let q = open(&path);
     let (a, b) = (ep("a"), ep("b"));
     assert_eq!(
@@ -626,6 +631,94 @@ async fn a_file_from_the_previous_version_is_indexed_on_open_without_loss() {
     let q = open(&path);
     assert_eq!(q.endpoint_depth(&b).pending, 27);
     assert_eq!(q.lease(&b, 100, SystemTime::now()).await.unwrap().len(), 27);
+}
+
+/// A file of format 2, whose index tables were keyed by `&str`, is indexed again under
+/// the byte keys on open and its old tables dropped: nothing is lost, nothing of the old
+/// index is read.
+#[tokio::test]
+async fn a_file_indexed_by_text_keys_is_indexed_again_without_loss() {
+    use redb::TableHandle;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let now = SystemTime::now();
+    write_unindexed_file(&path, now);
+    {
+        // What format 2 wrote beside the records: an index whose counts add up, so that
+        // version would have served from it as it is.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let ready_v2: TableDefinition<(&str, u64, u64), ()> =
+                TableDefinition::new("ready_by_endpoint");
+            let dead_v2: TableDefinition<(&str, u64), (u64, u64)> =
+                TableDefinition::new("dead_by_endpoint");
+            let counts_v2: TableDefinition<&str, (u64, u64, u64)> =
+                TableDefinition::new("endpoint_counts");
+            let (mut ready, mut dead) = (
+                txn.open_table(ready_v2).unwrap(),
+                txn.open_table(dead_v2).unwrap(),
+            );
+            for seq in 0..50u64 {
+                let id = if seq % 2 == 0 { "ns/a" } else { "ns/b" };
+                if seq % 10 == 0 {
+                    dead.insert((id, seq), (to_millis(now), to_millis(now)))
+                        .unwrap();
+                } else {
+                    ready
+                        .insert((id, to_millis(now) - 1000 + seq, seq), ())
+                        .unwrap();
+                }
+            }
+            let mut counts = txn.open_table(counts_v2).unwrap();
+            counts.insert("ns/a", (20, 1, 5)).unwrap();
+            counts.insert("ns/b", (25, 1, 0)).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(disk_index::META_FORMAT, 2)
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let q = open(&path);
+    let (a, b) = (ep("a"), ep("b"));
+    let depth = |k: &EndpointKey| {
+        let d = q.endpoint_depth(k);
+        (d.pending, d.dead_lettered)
+    };
+    assert_eq!((depth(&a), depth(&b)), ((20, 5), (25, 0)));
+    let stored: u64 = q.waiting_bytes(Some(&a)).unwrap();
+    assert!(
+        stored > 20,
+        "the bytes are counted from the records, not the old counts: {stored}"
+    );
+    let leased = q.lease(&a, 100, now).await.unwrap();
+    assert_eq!(leased.len(), 20);
+    assert!(
+        leased.windows(2).all(|w| w[0].receipt.0 < w[1].receipt.0),
+        "in due order"
+    );
+    assert_eq!(q.replay(&a, ReplayFilter::All, now).await.unwrap(), 5);
+    drop(q);
+    let db = Database::create(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let tables: Vec<String> = txn
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_string())
+        .collect();
+    for old in ["ready_by_endpoint", "dead_by_endpoint", "endpoint_counts"] {
+        assert!(
+            !tables.contains(&old.to_string()),
+            "{old} left in {tables:?}"
+        );
+    }
+    let format = txn
+        .open_table(META)
+        .unwrap()
+        .get(disk_index::META_FORMAT)
+        .unwrap();
+    assert_eq!(format.map(|v| v.value()), Some(3));
 }
 
 #[tokio::test]
