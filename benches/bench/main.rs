@@ -153,7 +153,7 @@ fn machine() -> String {
         if cfg!(debug_assertions) {
             "dev profile (unoptimised: its figures mean nothing)"
         } else {
-            "release profile (`lto = \"thin\"`, `codegen-units = 4`)"
+            "release profile (`lto = \"fat\"`, `codegen-units = 1`)"
         },
     )
 }
