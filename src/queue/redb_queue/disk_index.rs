@@ -29,8 +29,10 @@ const READY: TableDefinition<(&[u8], u64, u64), ()> = TableDefinition::new("read
 const DEAD: TableDefinition<(&[u8], u64), (u64, u64)> = TableDefinition::new("dead_by_endpoint_v3");
 /// endpoint → (waiting events, their stored bytes, dead letters).
 const COUNTS: TableDefinition<&[u8], (u64, u64, u64)> = TableDefinition::new("endpoint_counts_v3");
-/// The same three tables of format 2, keyed by `&str`: dropped at open, rebuilt as the above.
-const FORMAT_2_TABLES: [&str; 3] = ["ready_by_endpoint", "dead_by_endpoint", "endpoint_counts"];
+/// The same three tables of format 2, keyed by `&str`: dropped when [`upgrade`] indexes
+/// such a file again.
+pub(super) const FORMAT_2_TABLES: [&str; 3] =
+    ["ready_by_endpoint", "dead_by_endpoint", "endpoint_counts"];
 
 pub(super) const META_FORMAT: &str = "index_format";
 /// Records the last indexing pass could not read (they are in no count).
@@ -107,13 +109,8 @@ fn endpoint_of(id: &[u8]) -> EndpointKey {
     EndpointKey::new(ns, name)
 }
 
-/// Creates the index tables (and drops those of format 2; [`upgrade`] indexes such a file
-/// again).
+/// Creates the index tables.
 pub(super) fn create(txn: &WriteTransaction) -> Result<(), QueueError> {
-    for name in FORMAT_2_TABLES {
-        let old: TableDefinition<&str, ()> = TableDefinition::new(name);
-        txn.delete_table(old).map_err(storage)?;
-    }
     txn.open_table(READY).map_err(storage)?;
     txn.open_table(DEAD).map_err(storage)?;
     txn.open_table(COUNTS).map_err(storage)?;
@@ -311,14 +308,19 @@ pub(super) fn upgrade(db: &Database) -> Result<u64, QueueError> {
     if format == Some(FORMAT) && consistent {
         return Ok(0);
     }
-    if format.is_some() {
+    if format == Some(FORMAT) {
         tracing::warn!("the queue file's counts do not match its events; indexing it again");
     }
-    // Start clean: a pass a crash interrupted may have indexed some records.
+    // Start clean: a pass a crash interrupted may have indexed some records; the tables of
+    // format 2 are read by nothing now.
     let txn = db.begin_write().map_err(storage)?;
     txn.delete_table(READY).map_err(storage)?;
     txn.delete_table(DEAD).map_err(storage)?;
     txn.delete_table(COUNTS).map_err(storage)?;
+    for name in FORMAT_2_TABLES {
+        let old: TableDefinition<&str, ()> = TableDefinition::new(name);
+        txn.delete_table(old).map_err(storage)?;
+    }
     create(&txn)?;
     txn.commit().map_err(storage)?;
     let mut from = 0u64;

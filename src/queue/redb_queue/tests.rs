@@ -707,7 +707,7 @@ async fn a_file_indexed_by_text_keys_is_indexed_again_without_loss() {
         .unwrap()
         .map(|t| t.name().to_string())
         .collect();
-    for old in ["ready_by_endpoint", "dead_by_endpoint", "endpoint_counts"] {
+    for old in disk_index::FORMAT_2_TABLES {
         assert!(
             !tables.contains(&old.to_string()),
             "{old} left in {tables:?}"
