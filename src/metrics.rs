@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::queue::{EndpointKey, QueueDepth};
+use crate::queue::{CommitMetrics, EndpointKey, QueueDepth};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
@@ -338,6 +338,20 @@ impl Metrics {
     pub fn set_dedupe(&self, keys: u64, evicted: u64) {
         self.dedupe_keys.set(keys as i64);
         self.dedupe_evicted.set(evicted as i64);
+    }
+
+    /// Exports the embedded queue's commit histograms (the queue observes them itself).
+    pub fn register_queue_commits(&mut self, commits: CommitMetrics) {
+        self.registry.register(
+            "queue_commit_duration_seconds",
+            "Time each group commit of the embedded queue took: applying its operations, writing and syncing the file",
+            commits.duration,
+        );
+        self.registry.register(
+            "queue_commit_operations",
+            "Operations (enqueues, acks, retries, ...) each group commit of the embedded queue carried",
+            commits.operations,
+        );
     }
 
     pub fn set_queue_depth(&self, d: QueueDepth) {

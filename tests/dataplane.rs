@@ -278,6 +278,9 @@ impl Harness {
         consumer: Consumer,
         dir: tempfile::TempDir,
     ) -> Self {
+        // The harness's own client needs a TLS provider even for plain HTTP; installed here
+        // so that a test run alone does not depend on another having installed it first.
+        webhook_operator::providers::install_crypto_provider();
         let key = ep.key.clone();
         let ingress = Self::wire_ingress_only(&dp, ep).await;
         let ops = serve(dp.ops_router()).await;

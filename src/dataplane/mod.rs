@@ -95,7 +95,11 @@ impl DataPlane {
         queue: Arc<dyn Queue>,
         disk: Option<DiskSpace>,
     ) -> anyhow::Result<Arc<Self>> {
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        if let Some(commits) = queue.commit_metrics() {
+            metrics.register_queue_commits(commits);
+        }
+        let metrics = Arc::new(metrics);
         let tracer = match &config.otlp_endpoint {
             Some(endpoint) => crate::spans::Tracer::otlp(endpoint, &metrics)?,
             None => crate::spans::Tracer::disabled(),

@@ -16,6 +16,7 @@ mod redb_queue;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 pub use jetstream::{JetStreamOptions, JetStreamQueue, NatsAuth};
 pub use redb_queue::{RedbQueue, RedbQueueOptions};
@@ -242,6 +243,34 @@ pub trait Queue: Send + Sync + 'static {
     /// keeps them itself (JetStream's server does, and bounds them by its window).
     fn dedupe_stats(&self) -> Option<(u64, u64)> {
         None
+    }
+
+    /// The histograms of the queue's own group commits, when it commits itself (the
+    /// embedded queue does; JetStream's server stores each message on its own).
+    fn commit_metrics(&self) -> Option<CommitMetrics> {
+        None
+    }
+}
+
+/// The embedded queue's group commits, as the operator's metrics export them: how long
+/// each took (applying its operations, writing the pages, syncing the file) and how many
+/// callers' operations (enqueues, acks, retries, ...) it carried. Every enqueue's 2xx
+/// waits for the commit under way and then its own, so the duration is the part of the
+/// ingress latency the disk and the writer set. Clones share the same series.
+#[derive(Clone, Debug)]
+pub struct CommitMetrics {
+    pub duration: Histogram,
+    pub operations: Histogram,
+}
+
+impl Default for CommitMetrics {
+    fn default() -> Self {
+        Self {
+            // 100 µs .. about 3.3 s
+            duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            // 1 .. 4,096 (the largest batch)
+            operations: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+        }
     }
 }
 

@@ -19,8 +19,8 @@ use tokio::sync::oneshot;
 use super::index::Index;
 use super::record::{Head, Record, STATE_DEAD, STATE_PENDING};
 use super::{
-    EndpointKey, EnqueueOutcome, NewEvent, Queue, QueueDepth, QueueError, QueuedEvent, Receipt,
-    ReplayFilter, from_millis, to_millis,
+    CommitMetrics, EndpointKey, EnqueueOutcome, NewEvent, Queue, QueueDepth, QueueError,
+    QueuedEvent, Receipt, ReplayFilter, from_millis, to_millis,
 };
 
 mod dedupe;
@@ -173,6 +173,7 @@ pub struct RedbQueue {
     /// Set once a write hit an I/O error: redb refuses every later write until reopened.
     io_failed: Arc<AtomicBool>,
     dedupe: Arc<DedupeCounts>,
+    commits: CommitMetrics,
 }
 
 impl RedbQueue {
@@ -223,9 +224,11 @@ impl RedbQueue {
         let (tx, rx) = mpsc::channel();
         let io_failed = Arc::new(AtomicBool::new(false));
         let slots = tokio::sync::Semaphore::new(options.max_pending_ops.max(1));
+        let commits = CommitMetrics::default();
         let writer = Writer {
             io_failed: io_failed.clone(),
             dedupe: dedupe.clone(),
+            commits: commits.clone(),
             seen,
             expiry_behind: false,
             db: db.clone(),
@@ -249,6 +252,7 @@ impl RedbQueue {
             slots,
             io_failed,
             dedupe,
+            commits,
         })
     }
 
@@ -520,6 +524,10 @@ impl Queue for RedbQueue {
             self.dedupe.evicted.load(Ordering::Relaxed),
         ))
     }
+
+    fn commit_metrics(&self) -> Option<CommitMetrics> {
+        Some(self.commits.clone())
+    }
 }
 
 fn to_event(nonce: u64, seq: u64, rec: Record) -> QueuedEvent {
@@ -544,6 +552,7 @@ struct Writer {
     db: Arc<Database>,
     io_failed: Arc<AtomicBool>,
     dedupe: Arc<DedupeCounts>,
+    commits: CommitMetrics,
     /// The dedupe keys remembered (the writer alone reads and changes them).
     seen: DedupeIndex,
     /// The last expiry pass filled its slice: run the next one without waiting.
@@ -613,6 +622,8 @@ impl Writer {
     }
 
     fn commit_batch(&mut self, batch: Vec<Op>) {
+        let started = Instant::now();
+        self.commits.operations.observe(batch.len() as f64);
         let mut done = Vec::with_capacity(batch.len());
         let mut effects = Vec::new();
         let mut fatal: Option<QueueError> = None;
@@ -658,6 +669,9 @@ impl Writer {
             (Err(_), Some(e)) => Err(e),
             (Err(e), None) => Err(e),
         };
+        self.commits
+            .duration
+            .observe(started.elapsed().as_secs_f64());
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "queue commit failed");
             self.note_failure(e);

@@ -917,3 +917,59 @@ fn event_ids_are_the_nonce_and_seq_in_hex() {
     );
     assert_eq!(event_id(0, 0).len(), 36);
 }
+
+/// The `_sum` and `_count` of a histogram in the text exposition.
+fn histogram_sum_and_count(text: &str, name: &str) -> (f64, u64) {
+    let value = |suffix: &str| {
+        let prefix = format!("{name}_{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no {name}_{suffix} in\n{text}"))
+            .to_owned()
+    };
+    (
+        value("sum").parse().unwrap(),
+        value("count").parse().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_group_commit_is_measured_with_the_operations_it_carried() {
+    let dir = tempfile::tempdir().unwrap();
+    // A batch of three is full at the third operation, and only then commits.
+    let q = Arc::new(
+        RedbQueue::open(
+            dir.path().join("q.redb"),
+            lingering(Duration::from_secs(60), 3),
+        )
+        .unwrap(),
+    );
+    let mut metrics = crate::metrics::Metrics::new();
+    metrics.register_queue_commits(q.commit_metrics().expect("the embedded queue commits"));
+    let (a, now) = (ep("a"), SystemTime::now());
+    let enqueues: Vec<_> = (0..3)
+        .map(|i| spawn_enqueue(&q, &a, &format!("k{i}"), now))
+        .collect();
+    for e in enqueues {
+        let out = tokio::time::timeout(Duration::from_secs(10), e)
+            .await
+            .expect("the third enqueue fills the batch")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(out[..], [EnqueueOutcome::Accepted { .. }]));
+    }
+
+    let text = metrics.encode();
+    assert_eq!(
+        histogram_sum_and_count(&text, "webhook_operator_queue_commit_operations"),
+        (3.0, 1),
+        "one commit of three operations"
+    );
+    let (seconds, commits) =
+        histogram_sum_and_count(&text, "webhook_operator_queue_commit_duration_seconds");
+    assert_eq!(commits, 1);
+    assert!(
+        seconds > 0.0 && seconds < 10.0,
+        "the commit's own time, not the linger's 60 s: {seconds}"
+    );
+}
