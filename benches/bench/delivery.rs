@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::commits::{CommitTotals, Commits};
 use crate::mark;
 use crate::proc_stats::{machine_cpu_seconds, tree_cpu_seconds};
 use webhook_operator::api::Provider;
@@ -173,14 +174,23 @@ impl Shots {
 struct Target {
     client: reqwest::Client,
     shots: Shots,
-    /// The process between the generator and the consumer (the data plane's, nginx's
-    /// master), whose CPU the phase reports; none when the load goes straight through.
-    between: Option<u32>,
+    /// What sits between the generator and the consumer; none when the load goes
+    /// straight through.
+    between: Option<Between>,
     next: AtomicU64,
     accepted: AtomicU64,
     failed: AtomicU64,
     /// From each accepted event's send time to its 2xx answer (the durable ack), µs.
     answered: Mutex<Vec<u32>>,
+}
+
+/// What sits between the generator and the consumer: its process (the data plane's,
+/// nginx's master), whose CPU the phase reports, and for a data plane its ops server,
+/// whose queue-commit histograms the phase reports.
+#[derive(Clone, Copy, Debug)]
+struct Between {
+    pid: u32,
+    metrics: Option<SocketAddr>,
 }
 
 impl Target {
@@ -236,6 +246,9 @@ pub struct Phase {
     /// CPU µs per delivered event of the process between the generator and the consumer
     /// (with its children: nginx's workers), over the load window.
     pub between_us_per_event: Option<f64>,
+    /// The embedded queue's group commits over the load window (none for nginx, the
+    /// direct phase and JetStream).
+    pub commits: Option<Commits>,
 }
 
 /// The whole machine's CPU over a load window: the generator and the consumer are in every
@@ -283,6 +296,7 @@ struct WindowStart {
     delivered: u64,
     cpu: Option<(f64, f64)>,
     between: Option<(u32, f64)>,
+    commits: Option<(SocketAddr, CommitTotals)>,
 }
 
 /// A load window as it ended.
@@ -291,14 +305,17 @@ struct Window {
     elapsed: Duration,
     cpu: MachineCpu,
     between_us_per_event: Option<f64>,
+    commits: Option<Commits>,
 }
 
 impl WindowStart {
-    fn now(consumer: &Consumer, between: Option<u32>) -> Self {
+    fn now(consumer: &Consumer, between: Option<Between>) -> Self {
+        let metrics = between.and_then(|b| b.metrics);
         WindowStart {
             delivered: consumer.delivered.load(Ordering::Relaxed),
             cpu: machine_cpu_seconds(),
-            between: between.and_then(|pid| Some((pid, tree_cpu_seconds(pid)?))),
+            between: between.and_then(|b| Some((b.pid, tree_cpu_seconds(b.pid)?))),
+            commits: metrics.and_then(|m| Some((m, crate::commits::read(m)?))),
             at: Instant::now(),
         }
     }
@@ -311,11 +328,15 @@ impl WindowStart {
         let between_us_per_event = self
             .between
             .and_then(|(pid, before)| us_per_event(tree_cpu_seconds(pid)? - before, events));
+        let commits = self.commits.and_then(|(metrics, before)| {
+            Commits::over(before, crate::commits::read(metrics)?, elapsed)
+        });
         Window {
             delivered: (self.delivered, d1),
             elapsed,
             cpu,
             between_us_per_event,
+            commits,
         }
     }
 }
@@ -391,13 +412,13 @@ struct Load<'a> {
 async fn saturation_then_half(
     plane: ChildPlane,
     names: (&'static str, &'static str),
-    target: &mut impl FnMut(String, Option<u32>) -> Arc<Target>,
+    target: &mut impl FnMut(String, Option<Between>) -> Arc<Target>,
     load: &Load<'_>,
 ) -> [Phase; 2] {
     let (consumer, concurrency) = (load.consumer, load.concurrency);
     closed_loop(
         "warm-up",
-        target(plane.base.clone(), Some(plane.pid())),
+        target(plane.base.clone(), Some(plane.between())),
         consumer,
         concurrency,
         load.warm_up,
@@ -405,7 +426,7 @@ async fn saturation_then_half(
     .await;
     let saturated = closed_loop(
         names.0,
-        target(plane.base.clone(), Some(plane.pid())),
+        target(plane.base.clone(), Some(plane.between())),
         consumer,
         concurrency,
         load.timing,
@@ -414,7 +435,7 @@ async fn saturation_then_half(
     let half_rate = (saturated.delivered_per_s / 2.0).max(1.0);
     let half = open_loop(
         names.1,
-        target(plane.base.clone(), Some(plane.pid())),
+        target(plane.base.clone(), Some(plane.between())),
         consumer,
         half_rate,
         load.timing,
@@ -436,7 +457,7 @@ async fn closed_loop(
     let start = WindowStart::now(consumer, target.between);
     let slices = sample_slices(
         consumer.clone(),
-        target.between,
+        target.between.map(|b| b.pid),
         start.at,
         timing.duration,
         timing.slice,
@@ -481,7 +502,7 @@ async fn open_loop(
     let start_us = now_us();
     let slices = sample_slices(
         consumer.clone(),
-        target.between,
+        target.between.map(|b| b.pid),
         start,
         timing.duration,
         timing.slice,
@@ -552,9 +573,19 @@ async fn finish(
         answered: Latency::of(std::mem::take(&mut *target.answered.lock().unwrap())),
         cpu: window.cpu,
         between_us_per_event: window.between_us_per_event,
+        commits: window.commits,
     };
+    let commits = phase.commits.map_or(String::new(), |c| {
+        format!(
+            ", commits {:.0}/s of {:.1} operations, {:.2} ms each, {:.0} % of the window",
+            c.per_second,
+            c.operations_each,
+            c.mean_ms,
+            c.busy * 100.0
+        )
+    });
     eprintln!(
-        "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms, CPU {:.0} % busy, {:.1} µs per event, between {:.1} µs ({:.1?} per slice)",
+        "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms, CPU {:.0} % busy, {:.1} µs per event, between {:.1} µs ({:.1?} per slice){commits}",
         phase.accepted_per_s,
         phase.delivered_per_s,
         phase.slices.rates,
@@ -654,9 +685,12 @@ impl Nginx {
         Ok(nginx)
     }
 
-    /// The master's pid; its workers are its children.
-    fn pid(&self) -> u32 {
-        self.child.id()
+    /// The master (its workers are its children); no queue to read commits from.
+    fn between(&self) -> Between {
+        Between {
+            pid: self.child.id(),
+            metrics: None,
+        }
     }
 }
 
@@ -693,20 +727,23 @@ pub fn nats_version() -> String {
 /// child process of [`ChildPlane`]).
 struct Plane {
     base: String,
+    metrics: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     delivery: tokio::task::JoinHandle<()>,
 }
 
 /// The hidden flag that makes the bench binary the data plane's own process:
 /// `--plane-child CONSUMER_ADDR MAX_IN_FLIGHT QUEUE`, QUEUE a redb file path or a
-/// `nats://` URL. It prints its ingress base URL, serves until its stdin closes, then
-/// stops its delivery and exits.
+/// `nats://` URL. It prints its ingress base URL and its ops server's address on one
+/// line, serves until its stdin closes, then stops its delivery and exits.
 pub const PLANE_CHILD_FLAG: &str = "--plane-child";
 
 /// The data plane in a process of its own, as the operator runs in its pod and nginx in
 /// its workers: the load generator and the consumer do not share its threads.
 struct ChildPlane {
     base: String,
+    /// Its ops server (`/metrics`).
+    metrics: SocketAddr,
     child: std::process::Child,
 }
 
@@ -736,18 +773,27 @@ impl ChildPlane {
             .stdout(std::process::Stdio::piped())
             .spawn()?;
         let stdout = child.stdout.take().expect("piped stdout");
-        let mut base = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut base)?;
-        let base = base.trim().to_string();
-        anyhow::ensure!(
-            base.starts_with("http://"),
-            "the data plane's process did not start (it printed {base:?})"
-        );
-        Ok(ChildPlane { base, child })
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let started = line
+            .split_once(' ')
+            .filter(|(base, _)| base.starts_with("http://"))
+            .and_then(|(base, metrics)| Some((base.to_string(), metrics.trim().parse().ok()?)));
+        let Some((base, metrics)) = started else {
+            anyhow::bail!("the data plane's process did not start (it printed {line:?})");
+        };
+        Ok(ChildPlane {
+            base,
+            metrics,
+            child,
+        })
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id()
+    fn between(&self) -> Between {
+        Between {
+            pid: self.child.id(),
+            metrics: Some(self.metrics),
+        }
     }
 
     /// Closes the child's stdin (its signal to stop) and waits for it, bounded; past
@@ -800,7 +846,7 @@ pub fn plane_child(args: &[String]) -> anyhow::Result<()> {
             DataPlane::open(config, Arc::new(ProviderParser)).await?
         };
         let plane = start_plane(dp, max_in_flight).await?;
-        println!("{}", plane.base);
+        println!("{} {}", plane.base, plane.metrics);
         // Stdin closes when the parent is done with this plane (or dies).
         tokio::task::spawn_blocking(|| {
             let mut sink = Vec::new();
@@ -868,12 +914,14 @@ async fn start_plane(dp: Arc<DataPlane>, max_in_flight: u32) -> anyhow::Result<P
         },
     });
     let ingress = serve(dp.ingress_router()).await?;
+    let metrics = serve(dp.ops_router()).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let delivery = dp.start_delivery(async move {
         let _ = stopped.await;
     });
     Ok(Plane {
         base: format!("http://{ingress}/hooks/benchtoken"),
+        metrics,
         stop,
         delivery,
     })
@@ -922,7 +970,7 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
         .build()?;
     let run_id = rand::random::<u32>() as u64 * 100;
     let mut runs = 0u64;
-    let mut target = |base: String, between: Option<u32>| {
+    let mut target = |base: String, between: Option<Between>| {
         runs += 1;
         Arc::new(Target {
             client: client.clone(),
@@ -958,6 +1006,13 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
         timing,
     };
     phases.extend(saturation_then_half(plane, (OPERATOR, HALF), &mut target, &load).await);
+    anyhow::ensure!(
+        phases
+            .iter()
+            .any(|p| p.name == OPERATOR && p.commits.is_some()),
+        "the embedded queue's data plane exported no commits over its closed loop \
+         (webhook_operator_queue_commit_* on its /metrics)"
+    );
 
     // The baselines: nginx in front of the consumer, and the consumer alone.
     let nginx_missing = match Nginx::start(consumer_addr).await {
@@ -965,7 +1020,7 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
             let base = format!("http://127.0.0.1:{}", nginx.port);
             closed_loop(
                 "warm-up",
-                target(base.clone(), Some(nginx.pid())),
+                target(base.clone(), Some(nginx.between())),
                 &consumer,
                 concurrency,
                 warm_up,
@@ -974,7 +1029,7 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
             phases.push(
                 closed_loop(
                     NGINX,
-                    target(base.clone(), Some(nginx.pid())),
+                    target(base.clone(), Some(nginx.between())),
                     &consumer,
                     concurrency,
                     timing,
@@ -986,7 +1041,7 @@ pub async fn run(concurrency: usize, timing: Timing) -> anyhow::Result<DeliveryR
                 .find(|p| p.name == HALF)
                 .and_then(|p| p.offered_per_s);
             if let Some(rate) = operator_half {
-                let half = target(base, Some(nginx.pid()));
+                let half = target(base, Some(nginx.between()));
                 phases.push(open_loop(NGINX_HALF, half, &consumer, rate, timing).await);
             }
             None
@@ -1136,6 +1191,37 @@ impl DeliveryResults {
         s.push('\n');
         self.report_tail(s);
         self.report_cpu(s);
+        self.report_commits(s);
+    }
+
+    /// The embedded queue's group commits in its two phases: what share of the closed
+    /// loop's round the writer takes.
+    fn report_commits(&self, s: &mut String) {
+        use std::fmt::Write as _;
+        let described: Vec<String> = [(OPERATOR, "in the closed loop"), (HALF, "at half load")]
+            .into_iter()
+            .filter_map(|(name, label)| {
+                let c = self.phase(name)?.commits?;
+                Some(format!(
+                    "{label} {:.0} a second carrying {:.1} operations each, {:.2} ms each on \
+                     average, the writer committing for {:.0} % of the window",
+                    c.per_second,
+                    c.operations_each,
+                    c.mean_ms,
+                    c.busy * 100.0
+                ))
+            })
+            .collect();
+        if !described.is_empty() {
+            let _ = writeln!(
+                s,
+                "The embedded queue's group commits (its `webhook_operator_queue_commit_*` \
+                 histograms, read at the window's edges): {}. An event is two operations, its \
+                 enqueue and its ack; each closed-loop sender waits for the commit under way and \
+                 then its own before it sends again.\n",
+                described.join("; ")
+            );
+        }
     }
 
     /// The half-load tail beside nginx's at the same offered rate, in the same run.

@@ -20,6 +20,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backlog;
+mod commits;
 mod delivery;
 mod proc_stats;
 mod queue;
