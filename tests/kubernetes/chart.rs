@@ -443,7 +443,7 @@ async fn values_schema_refuses_wrong_values() {
         Some("http://otel-collector.observability:4318")
     );
 
-    let bad: [(&[&str], &str); 8] = [
+    let bad: [(&[&str], &str); 10] = [
         (
             &["--set-json", "queue.jetstream.replicas=\"three\""],
             "replicas",
@@ -463,6 +463,14 @@ async fn values_schema_refuses_wrong_values() {
         (
             &["--set", "operator.maxConcurrentReconciles=0"],
             "maxConcurrentReconciles",
+        ),
+        (
+            &["--set", "prometheusRule.commitSlowSeconds=0"],
+            "commitSlowSeconds",
+        ),
+        (
+            &["--set", "prometheusRule.for.queueCommitsSlow=soon"],
+            "queueCommitsSlow",
         ),
     ];
     for (args, field) in bad {
