@@ -50,11 +50,11 @@ fn parse(exposition: &str) -> Option<CommitTotals> {
 /// The commits of one window.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Commits {
-    pub per_second: f64,
-    pub operations_each: f64,
-    pub mean_ms: f64,
+    per_second: f64,
+    operations_each: f64,
+    mean_ms: f64,
     /// The share of the window the writer spent committing.
-    pub busy: f64,
+    busy: f64,
 }
 
 impl Commits {
@@ -70,5 +70,19 @@ impl Commits {
                 busy: spent / secs,
             }
         })
+    }
+}
+
+impl std::fmt::Display for Commits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} a second carrying {:.1} operations each, {:.2} ms each on average, the \
+             writer committing for {:.0} % of the window",
+            self.per_second,
+            self.operations_each,
+            self.mean_ms,
+            self.busy * 100.0
+        )
     }
 }

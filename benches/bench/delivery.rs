@@ -575,15 +575,9 @@ async fn finish(
         between_us_per_event: window.between_us_per_event,
         commits: window.commits,
     };
-    let commits = phase.commits.map_or(String::new(), |c| {
-        format!(
-            ", commits {:.0}/s of {:.1} operations, {:.2} ms each, {:.0} % of the window",
-            c.per_second,
-            c.operations_each,
-            c.mean_ms,
-            c.busy * 100.0
-        )
-    });
+    let commits = phase
+        .commits
+        .map_or(String::new(), |c| format!(", commits {c}"));
     eprintln!(
         "bench: {name}: accepted {:.0}/s, delivered {:.0}/s, slices {:.0?}, p99 {:.2} ms, CPU {:.0} % busy, {:.1} µs per event, between {:.1} µs ({:.1?} per slice){commits}",
         phase.accepted_per_s,
@@ -1202,14 +1196,7 @@ impl DeliveryResults {
             .into_iter()
             .filter_map(|(name, label)| {
                 let c = self.phase(name)?.commits?;
-                Some(format!(
-                    "{label} {:.0} a second carrying {:.1} operations each, {:.2} ms each on \
-                     average, the writer committing for {:.0} % of the window",
-                    c.per_second,
-                    c.operations_each,
-                    c.mean_ms,
-                    c.busy * 100.0
-                ))
+                Some(format!("{label} {c}"))
             })
             .collect();
         if !described.is_empty() {

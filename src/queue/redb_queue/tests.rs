@@ -803,6 +803,20 @@ fn spawn_enqueue(
     tokio::spawn(async move { q.enqueue(vec![event(&endpoint, &dedupe, received)]).await })
 }
 
+/// Waits (at most 10 s, else fails with `why`) for an enqueue of [`spawn_enqueue`], which
+/// must be accepted.
+async fn accepted_in_time(
+    enqueue: tokio::task::JoinHandle<Result<Vec<EnqueueOutcome>, QueueError>>,
+    why: &str,
+) {
+    let out = tokio::time::timeout(Duration::from_secs(10), enqueue)
+        .await
+        .expect(why)
+        .unwrap()
+        .unwrap();
+    assert!(matches!(out[..], [EnqueueOutcome::Accepted { .. }]));
+}
+
 fn lingering(linger: Duration, max_batch: usize) -> RedbQueueOptions {
     RedbQueueOptions {
         commit_linger: linger,
@@ -836,12 +850,7 @@ async fn an_enqueue_waits_within_the_linger_and_commits_with_the_next_operation(
             second.unwrap()[..],
             [EnqueueOutcome::Accepted { .. }]
         ));
-        let first = tokio::time::timeout(Duration::from_secs(10), first)
-            .await
-            .expect("the first enqueue is answered by the same commit")
-            .unwrap()
-            .unwrap();
-        assert!(matches!(first[..], [EnqueueOutcome::Accepted { .. }]));
+        accepted_in_time(first, "the first enqueue is answered by the same commit").await;
         q.close();
     }
     // Both were durable when answered.
@@ -873,12 +882,11 @@ async fn a_lone_enqueue_commits_when_the_linger_ends_and_a_close_cuts_it_short()
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!pending.is_finished(), "answered before the linger ended");
         q.close();
-        let out = tokio::time::timeout(Duration::from_secs(10), pending)
-            .await
-            .expect("a close commits what lingers instead of waiting out the linger")
-            .unwrap()
-            .unwrap();
-        assert!(matches!(out[..], [EnqueueOutcome::Accepted { .. }]));
+        accepted_in_time(
+            pending,
+            "a close commits what lingers instead of waiting out the linger",
+        )
+        .await;
     }
     assert_eq!(open(&path).depth().pending, 2);
 }
@@ -951,12 +959,7 @@ async fn each_group_commit_is_measured_with_the_operations_it_carried() {
         .map(|i| spawn_enqueue(&q, &a, &format!("k{i}"), now))
         .collect();
     for e in enqueues {
-        let out = tokio::time::timeout(Duration::from_secs(10), e)
-            .await
-            .expect("the third enqueue fills the batch")
-            .unwrap()
-            .unwrap();
-        assert!(matches!(out[..], [EnqueueOutcome::Accepted { .. }]));
+        accepted_in_time(e, "the third enqueue fills the batch").await;
     }
 
     let text = metrics.encode();
