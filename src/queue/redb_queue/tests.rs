@@ -976,3 +976,53 @@ async fn each_group_commit_is_measured_with_the_operations_it_carried() {
         "the commit's own time, not the linger's 60 s: {seconds}"
     );
 }
+
+/// A power cut keeps what was synced and nothing else. Each commit syncs only the journal,
+/// so an acknowledged event must come back from the queue file as it was at the last
+/// checkpoint (the open) plus the journal.
+#[tokio::test]
+async fn acknowledged_events_survive_losing_every_unsynced_write_of_the_queue_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.redb");
+    let a = ep("a");
+    let now = SystemTime::now();
+    let q = open(&path);
+    // What the disk holds of the queue file: the open's checkpoint synced it.
+    let synced = std::fs::read(&path).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let out = q
+            .enqueue(vec![event(&a, &format!("k{i}"), now)])
+            .await
+            .unwrap();
+        ids.push(accepted_id(&out[0]));
+    }
+    let leased = q.lease(&a, 10, far_future()).await.unwrap();
+    for e in &leased {
+        q.ack(e).await.unwrap();
+    }
+    // The power cut, while the queue is open: the queue file as synced, the journal as is.
+    let after = tempfile::tempdir().unwrap();
+    let lost = after.path().join("q.redb");
+    std::fs::write(&lost, &synced).unwrap();
+    std::fs::copy(journal::journal_path(&path), journal::journal_path(&lost)).unwrap();
+    let without_journal = after.path().join("bare.redb");
+    std::fs::write(&without_journal, &synced).unwrap();
+    drop(q);
+
+    assert_eq!(
+        open(&without_journal).depth().pending,
+        0,
+        "the queue file alone holds none of the events: they are in the journal only"
+    );
+    let q = open(&lost);
+    assert_eq!(q.depth().pending, 30, "every event not acked is back");
+    let back: Vec<String> = q
+        .lease(&a, 100, far_future())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id.clone())
+        .collect();
+    assert_eq!(back, ids[10..]);
+}
