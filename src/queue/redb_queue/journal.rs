@@ -38,6 +38,9 @@ const HEADER_BYTES: u64 = 4096;
 const SET_LEN: u64 = u64::MAX;
 /// A group's generation and body length.
 const GROUP_HEAD: usize = 16;
+/// The open group's buffer keeps at most this much room between commits: a large commit
+/// (a purge, a burst) does not hold its size in memory afterwards.
+const GROUP_ROOM_KEPT: usize = 1024 * 1024;
 
 /// The journal's path beside the queue file.
 pub(super) fn journal_path(queue_file: &Path) -> PathBuf {
@@ -275,13 +278,17 @@ impl StorageBackend for JournaledFile {
         self.journal.sync_data()?;
         state.end += total;
         state.group.clear();
+        state.group.shrink_to(GROUP_ROOM_KEPT);
         Ok(())
     }
 
     fn close(&self) -> io::Result<()> {
-        let mut state = self.state()?;
-        self.checkpoint(&mut state)?;
-        self.file.close()
+        // Without the checkpoint (a full disk) the next open replays the journal instead.
+        let checkpoint = self
+            .state()
+            .and_then(|mut state| self.checkpoint(&mut state));
+        self.file.close()?;
+        checkpoint
     }
 }
 
@@ -310,6 +317,14 @@ mod tests {
         f.write_all_at(&page(stale), n * PAGE as u64).unwrap();
     }
 
+    /// A journaled file in a fresh directory, the journal `capacity` bytes.
+    fn fresh(capacity: u64) -> (tempfile::TempDir, PathBuf, JournaledFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let file = JournaledFile::open(&path, capacity).unwrap();
+        (dir, path, file)
+    }
+
     /// Stands for a crash: the backend is dropped without `close`, so no checkpoint runs.
     fn crash(j: JournaledFile) {
         drop(j);
@@ -317,9 +332,7 @@ mod tests {
 
     #[test]
     fn synced_writes_lost_from_the_queue_file_come_back_from_the_journal() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.redb");
-        let j = JournaledFile::open(&path, 1 << 20).unwrap();
+        let (_dir, path, j) = fresh(1 << 20);
         j.set_len(4 * PAGE as u64).unwrap();
         j.write(0, &page(1)).unwrap();
         j.write(2 * PAGE as u64, &page(2)).unwrap();
@@ -346,9 +359,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_group_is_left_out_and_the_groups_before_it_are_applied() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.redb");
-        let j = JournaledFile::open(&path, 1 << 20).unwrap();
+        let (_dir, path, j) = fresh(1 << 20);
         j.write(0, &page(1)).unwrap();
         j.sync_data().unwrap();
         j.write(PAGE as u64, &page(2)).unwrap();
@@ -376,11 +387,9 @@ mod tests {
 
     #[test]
     fn after_a_checkpoint_older_groups_are_never_applied() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.redb");
         // Room for the header and two one-page groups: the third sync is a checkpoint.
         let capacity = HEADER_BYTES + 2 * (PAGE as u64 + 40);
-        let j = JournaledFile::open(&path, capacity).unwrap();
+        let (_dir, path, j) = fresh(capacity);
         for fill in 1..=3 {
             j.write(0, &page(fill)).unwrap();
             j.sync_data().unwrap();
@@ -403,10 +412,8 @@ mod tests {
 
     #[test]
     fn a_commit_larger_than_the_journal_is_made_durable_by_a_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.redb");
         let capacity = HEADER_BYTES + 2 * PAGE as u64;
-        let j = JournaledFile::open(&path, capacity).unwrap();
+        let (_dir, path, j) = fresh(capacity);
         for n in 0..4 {
             j.write(n * PAGE as u64, &page(n as u8 + 1)).unwrap();
         }
@@ -429,9 +436,7 @@ mod tests {
 
     #[test]
     fn a_clean_close_leaves_nothing_to_replay() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.redb");
-        let j = JournaledFile::open(&path, 1 << 20).unwrap();
+        let (_dir, path, j) = fresh(1 << 20);
         j.write(0, &page(1)).unwrap();
         j.sync_data().unwrap();
         j.close().unwrap();
@@ -445,9 +450,7 @@ mod tests {
 
     #[test]
     fn a_second_open_of_the_same_file_is_refused_before_the_journal_is_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.redb");
-        let j = JournaledFile::open(&path, 1 << 20).unwrap();
+        let (_dir, path, j) = fresh(1 << 20);
         let second = JournaledFile::open(&path, 1 << 20);
         assert!(
             matches!(second, Err(redb::DatabaseError::DatabaseAlreadyOpen)),
