@@ -50,8 +50,24 @@ build() {
   echo "$bin"
 }
 
+# A free port below the kernel's ephemeral range (32768 and up by default): a port the
+# kernel hands out (bind to 0) can be taken by an outgoing connection before the server
+# binds it, and an etcd that then fails with "address already in use" fails the test run.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  python3 -c '
+import random, socket
+while True:
+    s = socket.socket()
+    try:
+        port = random.randint(20000, 32000)
+        s.bind(("127.0.0.1", port))
+        print(port)
+        break
+    except OSError:
+        pass
+    finally:
+        s.close()
+'
 }
 
 start() {
@@ -62,9 +78,6 @@ start() {
   stop "$dir" 2>/dev/null || true
   rm -rf "$dir/etcd-data" "$dir/certs"
   mkdir -p "$dir/certs"
-  local etcd_port peer_port api_port
-  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
-
   # A CA, a serving certificate it signs (rustls refuses a self-signed leaf), the
   # service-account key pair, and a static admin token.
   (cd "$dir/certs" &&
@@ -81,6 +94,33 @@ start() {
   token=$(openssl rand -hex 24)
   echo "$token,admin,admin,system:masters" > "$dir/certs/tokens.csv"
 
+  local attempt
+  for attempt in 1 2 3; do
+    if launch "$dir" "$token"; then
+      if [[ -n "${2:-}" ]]; then
+        # Watchdog: tests pass their own pid so a killed test run never leaks servers.
+        (while kill -0 "$2" 2>/dev/null; do sleep 1; done; stop "$dir") >/dev/null 2>&1 </dev/null &
+        disown
+      fi
+      echo "export KUBECONFIG=$dir/kubeconfig PATH=$bin:\$PATH"
+      return
+    fi
+    stop "$dir"
+    if ((attempt < 3)) && grep -qs "address already in use" "$dir/etcd.log" "$dir/apiserver.log"; then
+      log "a port was taken before its server bound it; starting again on other ports"
+      rm -rf "$dir/etcd-data"
+      continue
+    fi
+    tail -20 "$dir/etcd.log" "$dir/apiserver.log" >&2
+    exit 1
+  done
+}
+
+# Starts etcd and kube-apiserver on fresh ports and waits until the API server is ready;
+# fails as soon as either exits, or after 60 s.
+launch() {
+  local dir=$1 token=$2 etcd_port peer_port api_port
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
   "$bin/etcd" --data-dir "$dir/etcd-data" --name cp \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
@@ -118,19 +158,14 @@ EOF
   for _ in $(seq 1 120); do
     if "$bin/kubectl" --kubeconfig "$dir/kubeconfig" get --raw /readyz >/dev/null 2>&1; then
       log "ready at https://127.0.0.1:$api_port"
-      if [[ -n "${2:-}" ]]; then
-        # Watchdog: tests pass their own pid so a killed test run never leaks servers.
-        (while kill -0 "$2" 2>/dev/null; do sleep 1; done; stop "$dir") >/dev/null 2>&1 </dev/null &
-        disown
-      fi
-      echo "export KUBECONFIG=$dir/kubeconfig PATH=$bin:\$PATH"
-      return
+      return 0
     fi
-    kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null || { tail -20 "$dir/apiserver.log" >&2; exit 1; }
+    kill -0 "$(cat "$dir/etcd.pid")" 2>/dev/null || return 1
+    kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null || return 1
     sleep 0.5
   done
   log "kube-apiserver did not become ready; see $dir/apiserver.log"
-  exit 1
+  return 1
 }
 
 stop() {
