@@ -4,6 +4,8 @@
 
 #[path = "common/nats.rs"]
 mod nats;
+#[path = "common/ports.rs"]
+mod ports;
 
 use std::time::{Duration, SystemTime};
 

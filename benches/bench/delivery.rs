@@ -28,6 +28,8 @@ use webhook_operator::queue::{JetStreamOptions, JetStreamQueue};
 #[allow(dead_code)] // the tests' helper; the benchmark uses start and url only
 #[path = "../../tests/common/nats.rs"]
 mod nats;
+#[path = "../../tests/common/ports.rs"]
+mod ports;
 
 const EVENT_BYTES: usize = 1024;
 const SMALLEST_SECRET: &[u8] = b"bench-smallest-signing-secret";

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::ports::free_port;
+
 /// Where `hack/setup.sh` installs nats-server (`NATS_SERVER` overrides).
 pub fn nats_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NATS_SERVER") {
@@ -25,14 +27,6 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     pub dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl NatsServer {

@@ -15,10 +15,11 @@ use webhook_operator::api::WebhookSubscription;
 use webhook_operator::sandbox::SandboxHandle;
 
 use crate::delivery_e2e::{
-    Consumer, OperatorProcess, atlas_event, consumer_destination, delivered, free_port,
-    ingress_url, signing_secret, wait_endpoint,
+    Consumer, OperatorProcess, atlas_event, consumer_destination, delivered, ingress_url,
+    signing_secret, wait_endpoint,
 };
 use crate::fixtures::*;
+use crate::ports::free_port;
 use crate::support::{TestEnv, test_env, wait_until};
 
 /// A simulator, a consumer and the operator binary for one test.

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::delivery_e2e::*;
 use crate::fixtures::*;
+use crate::ports::free_port;
 use crate::support::wait_until;
 
 /// An Atlas event whose customer number pads it to about `pad` bytes.

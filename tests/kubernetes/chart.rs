@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 use webhook_operator::delivery::SigningSecret;
 
+use crate::ports::free_port;
 use crate::support::{TestEnv, test_env, wait_until};
 
 fn repo_root() -> &'static Path {
@@ -545,14 +546,6 @@ async fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
         },
     )
     .await
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,7 @@ use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 use webhook_operator::sandbox::SandboxHandle;
 
 use crate::fixtures::*;
+use crate::ports::free_port;
 use crate::support::{TestEnv, test_env, wait_until};
 
 /// One delivery as the consumer saw it.
@@ -294,14 +295,6 @@ impl Drop for OperatorProcess {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub(crate) fn consumer_destination() -> Value {

@@ -9,8 +9,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 use webhook_operator::api::WebhookEndpoint;
 
-use crate::delivery_e2e::{Consumer, OperatorProcess, condition, free_port, wait_endpoint};
+use crate::delivery_e2e::{Consumer, OperatorProcess, condition, wait_endpoint};
 use crate::fixtures::*;
+use crate::ports::free_port;
 use crate::support::{TestEnv, test_env, wait_until};
 
 /// Waits for the endpoint's `Ready=False` with `reason`; returns the condition message.

@@ -19,3 +19,5 @@ mod subscription_sync;
 
 #[path = "../common/nats.rs"]
 mod nats;
+#[path = "../common/ports.rs"]
+mod ports;

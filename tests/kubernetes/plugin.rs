@@ -12,9 +12,10 @@ use serde_json::json;
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 
 use crate::delivery_e2e::{
-    atlas_event, consumer_destination, free_port, ingress_url, setup_with, wait_endpoint,
+    atlas_event, consumer_destination, ingress_url, setup_with, wait_endpoint,
 };
 use crate::fixtures::*;
+use crate::ports::free_port;
 use crate::support::{TestEnv, wait_until};
 
 /// Runs `kubectl webhooks ARGS -n <namespace>` with the plugin on PATH; async, so the

@@ -17,15 +17,8 @@ use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 use webhook_operator::sandbox::{self, SandboxConfig, SandboxHandle};
 
 use crate::nats::NatsServer;
+use crate::ports::free_port;
 use crate::support::{TestEnv, test_env, wait_until};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Receives deliveries; remembers the Atlas `callId` of each and counts every POST.
 #[derive(Default)]
