@@ -490,7 +490,8 @@ mod tests {
             // synced it and then wrote a new journal header.
             let mut generation = header();
             let mut on_disk = std::fs::read(&path).unwrap();
-            for step in steps {
+            // The last step is a sync: the crash follows it.
+            for step in steps.into_iter().chain([Step::Sync]) {
                 match step {
                     Step::Write { page, pages, fill } => {
                         let (at, len) = (page as usize * PAGE, pages as usize * PAGE);
@@ -513,14 +514,11 @@ mod tests {
                     }
                     Step::Sync => j.sync_data().unwrap(),
                 }
-                if header() != generation {
-                    generation = header();
+                let now = header();
+                if now != generation {
+                    generation = now;
                     on_disk = std::fs::read(&path).unwrap();
                 }
-            }
-            j.sync_data().unwrap();
-            if header() != generation {
-                on_disk = std::fs::read(&path).unwrap();
             }
             crash(j);
             std::fs::write(&path, &on_disk).unwrap();
