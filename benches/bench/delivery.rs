@@ -1135,7 +1135,7 @@ impl DeliveryResults {
             let ratio = o.delivered_per_s / nginx.max(1.0);
             let _ = writeln!(
                 s,
-                "| operator sustained ≥ 0.5 of nginx | {ratio:.2} ({:.0} / {nginx:.0}) | {} |",
+                "| operator sustained ≥ 0.5 of nginx | {ratio:.3} ({:.0} / {nginx:.0}) | {} |",
                 o.delivered_per_s,
                 mark(nginx > 0.0 && ratio >= 0.5)
             );
@@ -1145,7 +1145,7 @@ impl DeliveryResults {
             );
             let _ = writeln!(
                 s,
-                "| no decay over the phase (last slice ≥ 0.9 of the first) | {:.2} ({last:.0} / {first:.0}) | {} |",
+                "| no decay over the phase (last slice ≥ 0.9 of the first) | {:.3} ({last:.0} / {first:.0}) | {} |",
                 last / first.max(1.0),
                 mark(last >= 0.9 * first)
             );
@@ -1163,7 +1163,7 @@ impl DeliveryResults {
             let share = j.delivered_per_s / j.accepted_per_s.max(1.0);
             let _ = writeln!(
                 s,
-                "| JetStream delivered ≥ 0.9 of accepted at saturation | {share:.2} ({:.0} / {:.0}) | {} |",
+                "| JetStream delivered ≥ 0.9 of accepted at saturation | {share:.3} ({:.0} / {:.0}) | {} |",
                 j.delivered_per_s,
                 j.accepted_per_s,
                 mark(share >= 0.9)
@@ -1171,7 +1171,7 @@ impl DeliveryResults {
             let ratio = j.delivered_per_s / nginx.max(1.0);
             let _ = writeln!(
                 s,
-                "| JetStream delivered ≥ 0.3 of nginx | {ratio:.2} ({:.0} / {nginx:.0}) | {} |",
+                "| JetStream delivered ≥ 0.3 of nginx | {ratio:.3} ({:.0} / {nginx:.0}) | {} |",
                 j.delivered_per_s,
                 mark(nginx > 0.0 && ratio >= 0.3)
             );
