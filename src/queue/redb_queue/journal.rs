@@ -456,6 +456,12 @@ mod tests {
         Sync,
     }
 
+    /// The bytes `pages` pages from `page` take, when a file of `len` bytes holds them.
+    fn span(page: u64, pages: u64, len: usize) -> Option<std::ops::Range<usize>> {
+        let (at, end) = (page as usize * PAGE, (page + pages) as usize * PAGE);
+        (end <= len).then_some(at..end)
+    }
+
     fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         use proptest::prelude::*;
         prop_oneof![
@@ -494,10 +500,9 @@ mod tests {
             for step in steps.into_iter().chain([Step::Sync]) {
                 match step {
                     Step::Write { page, pages, fill } => {
-                        let (at, len) = (page as usize * PAGE, pages as usize * PAGE);
-                        if at + len <= model.len() {
-                            j.write(at as u64, &vec![fill; len]).unwrap();
-                            model[at..at + len].fill(fill);
+                        if let Some(r) = span(page, pages, model.len()) {
+                            j.write(r.start as u64, &vec![fill; r.len()]).unwrap();
+                            model[r].fill(fill);
                         }
                     }
                     Step::SetLen { pages } => {
@@ -505,11 +510,10 @@ mod tests {
                         model.resize(pages as usize * PAGE, 0);
                     }
                     Step::Read { page, pages } => {
-                        let (at, len) = (page as usize * PAGE, pages as usize * PAGE);
-                        if at + len <= model.len() {
-                            let mut out = vec![0; len];
-                            j.read(at as u64, &mut out).unwrap();
-                            proptest::prop_assert!(out == model[at..at + len]);
+                        if let Some(r) = span(page, pages, model.len()) {
+                            let mut out = vec![0; r.len()];
+                            j.read(r.start as u64, &mut out).unwrap();
+                            proptest::prop_assert!(out == model[r]);
                         }
                     }
                     Step::Sync => j.sync_data().unwrap(),
