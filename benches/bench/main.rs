@@ -14,8 +14,9 @@
 //! Smoke runs write `target/BENCHMARKS.smoke.md` unless `--out` says otherwise.
 
 /// A general-purpose allocator that keeps small, short-lived allocations (one request,
-/// one event) off the system allocator's locks; see BENCHMARKS.md. Tuned as the
-/// operator binary tunes it, at the start of `main`.
+/// one event) off the system allocator's locks; see BENCHMARKS.md. The delivery phases'
+/// data plane runs without a controller, so with mimalloc's own purge delay, as the
+/// operator's data plane does while its controller is quiet (`src/allocator.rs`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -255,8 +256,6 @@ fn write_report(path: &std::path::Path, block: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    // The in-process data plane runs with the operator binary's allocator settings.
-    webhook_operator::allocator::tune();
     let argv: Vec<String> = std::env::args().collect();
     if let Some(i) = argv.iter().position(|a| a == backlog::CHILD_FLAG) {
         let path = argv.get(i + 1).map(String::as_str).unwrap_or_default();

@@ -107,7 +107,8 @@ where
                         Some(Ok(watcher::Event::InitDone)) => {
                             ready.send_replace(true);
                         }
-                        Some(_) => {}
+                        // An object listed or changed: the controller's memory churns.
+                        Some(_) => crate::allocator::note_controller_work(),
                         None => return,
                     },
                 }
