@@ -3,58 +3,58 @@
 //! and purges them later, in one sweep of everything free at that moment (mimalloc v3
 //! keeps one deadline per arena, not one per page).
 //!
-//! The two halves of the process want different things from that sweep:
+//! Two workloads want different things from that sweep:
 //!
-//! - **The data plane** frees and allocates the same amount again within milliseconds
-//!   (request buffers, events, delivery bodies). A sweep returns memory it is about to
-//!   reuse, and every page of it faults back in: with sweeps every 100 ms it returned
-//!   about 35 MiB a second and took about 1,800 page faults a second at 15,000 events/s,
-//!   and its half-load latency tail was longer (BENCHMARKS.md, "Issue 17 (delivery side)").
-//!   So the process keeps mimalloc's own purge delay, 1,000 ms.
-//! - **The controller** frees in bursts (10,000 subscriptions listed, reconciled or
-//!   resynced at once), and pages kept for a second then raise the peak RSS with the
-//!   burst. So while it works, and for [`QUIET`] after, [`start_purger`]'s thread forces
-//!   a sweep every [`SWEEP_EVERY`]; the reconcilers and the watches call
-//!   [`note_controller_work`].
+//! - **Steady work** (the data plane under load) frees and allocates the same amount again
+//!   within milliseconds: request buffers, events, delivery bodies. A sweep returns memory
+//!   it is about to reuse, and every page of it faults back in. With sweeps every 100 ms
+//!   the data plane returned about 35 MiB a second and took about 1,800 page faults a
+//!   second at 15,000 events/s (BENCHMARKS.md, "The allocator's sweeps"). So the process
+//!   keeps mimalloc's own purge delay, 1,000 ms.
+//! - **A burst** (10,000 subscriptions listed, reconciled or resynced at once) frees while
+//!   it grows, and pages kept for a second would raise the peak RSS with it. So a thread
+//!   ([`start_purger`]) reads the resident size every [`CHECK_EVERY`] and sweeps at once
+//!   when it has passed its highest level so far by [`GROWTH`]: the peak never grows by
+//!   more than that on freed pages, and steady work, which stays under its peak, is never
+//!   swept early.
 //!
 //! An explicit `MIMALLOC_PURGE_DELAY` in the environment sets the delay, as mimalloc
 //! documents.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How often the purger sweeps while the controller works.
-pub const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// How often the purger reads the resident size.
+pub const CHECK_EVERY: Duration = Duration::from_millis(100);
 
-/// How long after the controller's last piece of work the purger keeps sweeping: long
-/// enough for the memory of a burst's last passes to be freed and returned.
-pub const QUIET: Duration = Duration::from_secs(1);
+/// How far the resident size may pass its highest level so far before the purger sweeps.
+pub const GROWTH: u64 = 1 << 20;
 
-/// The process's clock for [`LAST_WORK_MS`]: its first reading.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+/// The purger's highest resident level: what a reading is compared with.
+#[derive(Debug)]
+struct HighWater(u64);
+
+impl HighWater {
+    /// Whether `resident` bytes have passed the highest level by more than [`GROWTH`]; a
+    /// lower reading changes nothing.
+    fn passed(&self, resident: u64) -> bool {
+        resident > self.0.saturating_add(GROWTH)
+    }
+
+    /// Takes `resident` (a reading after a sweep, or the first one) as the level to pass,
+    /// if it is higher.
+    fn raise(&mut self, resident: u64) {
+        self.0 = self.0.max(resident);
+    }
 }
 
-/// Milliseconds since [`epoch`], plus one so that 0 means "never".
-fn now_ms() -> u64 {
-    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX) + 1
-}
-
-/// When the controller last worked, in [`now_ms`]; 0 for never.
-static LAST_WORK_MS: AtomicU64 = AtomicU64::new(0);
-
-/// The controller is working (a watch event, a reconcile pass): the purger sweeps for the
-/// next [`QUIET`]. One relaxed store; cheap enough for every event.
-pub fn note_controller_work() {
-    LAST_WORK_MS.store(now_ms(), Ordering::Relaxed);
-}
-
-/// Whether a sweep is due at `now` when the controller last worked at `last_work` (both
-/// in [`now_ms`], 0 for never).
-fn controller_recently_worked(last_work: u64, now: u64) -> bool {
-    last_work != 0 && now.saturating_sub(last_work) <= QUIET.as_millis() as u64
+/// Resident memory of this process in bytes, from `/proc/self/statm`; `None` where there
+/// is no such file.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: `sysconf` reads a constant of the system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// Returns every free page of every arena to the kernel now, whatever the purge delay.
@@ -63,22 +63,34 @@ fn sweep() {
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
-/// Starts the thread that sweeps while the controller works (once per process; later
-/// calls do nothing). It lives as long as the process and does nothing while the
-/// controller is quiet.
+/// One check of the purger: sweeps if `high` was passed, and returns whether it swept.
+fn check(high: &mut HighWater) -> bool {
+    let Some(resident) = resident_bytes() else {
+        return false;
+    };
+    if !high.passed(resident) {
+        return false;
+    }
+    sweep();
+    high.raise(resident_bytes().unwrap_or(resident));
+    true
+}
+
+/// Starts the thread that sweeps when the resident size passes its peak (once per
+/// process; later calls do nothing). It lives as long as the process.
 pub fn start_purger() {
-    static STARTED: OnceLock<()> = OnceLock::new();
+    static STARTED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     STARTED.get_or_init(|| {
-        epoch();
+        let Some(first) = resident_bytes() else {
+            return;
+        };
         let spawned = std::thread::Builder::new()
             .name("allocator-purge".into())
-            .spawn(|| {
+            .spawn(move || {
+                let mut high = HighWater(first);
                 loop {
-                    std::thread::sleep(SWEEP_EVERY);
-                    if controller_recently_worked(LAST_WORK_MS.load(Ordering::Relaxed), now_ms())
-                    {
-                        sweep();
-                    }
+                    std::thread::sleep(CHECK_EVERY);
+                    check(&mut high);
                 }
             });
         if let Err(e) = spawned {
@@ -92,40 +104,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sweeps_only_within_the_quiet_window_after_work() {
-        let quiet = QUIET.as_millis() as u64;
-        assert!(!controller_recently_worked(0, 5), "never worked");
-        assert!(controller_recently_worked(100, 100));
-        assert!(controller_recently_worked(100, 100 + quiet));
-        assert!(!controller_recently_worked(100, 101 + quiet));
-        // A reading from before the last work (two threads' clocks) still sweeps.
-        assert!(controller_recently_worked(100, 50));
+    fn only_a_reading_past_the_highest_level_by_the_growth_is_due_a_sweep() {
+        let mut high = HighWater(100 << 20);
+        assert!(!high.passed(100 << 20));
+        assert!(!high.passed((100 << 20) + GROWTH));
+        assert!(high.passed((100 << 20) + GROWTH + 1));
+        assert!(!high.passed(50 << 20), "a lower reading");
+        high.raise(50 << 20);
+        assert_eq!(high.0, 100 << 20, "a lower reading does not lower the level");
+        high.raise(120 << 20);
+        assert!(!high.passed((120 << 20) + GROWTH));
+        assert!(high.passed((120 << 20) + GROWTH + 1));
     }
 
-    #[test]
-    fn noting_work_makes_a_sweep_due() {
-        note_controller_work();
-        assert!(controller_recently_worked(
-            LAST_WORK_MS.load(Ordering::Relaxed),
-            now_ms()
-        ));
-    }
-
-    /// Resident memory of this process, in bytes.
-    fn resident_bytes() -> u64 {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-        pages * 4096
-    }
-
-    /// Memory mimalloc holds as freed pages stays resident until a sweep, which returns
-    /// it at once. (This test binary's global allocator is the system's; the blocks are
-    /// mimalloc's own.)
-    #[test]
-    fn a_sweep_returns_freed_pages_to_the_kernel() {
+    /// Allocates `blocks` MiB with mimalloc's own `mi_malloc` (this test binary's global
+    /// allocator is the system's), writes them and frees them: freed pages mimalloc holds.
+    fn touch_and_free_mib(blocks: usize) {
         const BLOCK: usize = 1 << 20;
-        const BLOCKS: usize = 128;
-        let blocks: Vec<*mut u8> = (0..BLOCKS)
+        let taken: Vec<*mut u8> = (0..blocks)
             .map(|_| {
                 // SAFETY: a fresh block of BLOCK bytes, written in full, freed below.
                 unsafe {
@@ -136,18 +132,29 @@ mod tests {
                 }
             })
             .collect();
-        let touched = resident_bytes();
-        for p in blocks {
+        for p in taken {
             // SAFETY: each pointer came from `mi_malloc` above and is freed once.
             unsafe { libmimalloc_sys::mi_free(p.cast()) }
         }
-        sweep();
-        let after = resident_bytes();
+    }
+
+    /// Freed pages stay resident until a sweep, and a check past the high-water level
+    /// returns them at once and takes the lower level. (With purging off,
+    /// `MIMALLOC_PURGE_DELAY=-1`, the sweep returns nothing and this fails.)
+    #[test]
+    fn a_check_past_the_high_water_level_returns_freed_pages_to_the_kernel() {
+        const MIB: usize = 128;
+        let before = resident_bytes().unwrap();
+        let mut high = HighWater(before);
+        touch_and_free_mib(MIB);
+        let held = resident_bytes().unwrap();
+        assert!(check(&mut high), "{} MiB held past {} MiB", held >> 20, before >> 20);
+        let after = resident_bytes().unwrap();
         assert!(
-            touched.saturating_sub(after) >= (BLOCK * BLOCKS / 2) as u64,
-            "a sweep returned {} of {} MiB freed",
-            touched.saturating_sub(after) >> 20,
-            (BLOCK * BLOCKS) >> 20
+            held.saturating_sub(after) >= (MIB << 19) as u64,
+            "a sweep returned {} of {MIB} MiB freed",
+            held.saturating_sub(after) >> 20,
         );
+        assert!(high.0 < held, "the level is the reading after the sweep");
     }
 }

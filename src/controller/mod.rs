@@ -234,7 +234,6 @@ where
         + Sync
         + 'static,
 {
-    crate::allocator::note_controller_work();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     finalizer(&api, finalizer_name, obj, |event| async {
         match event {

@@ -107,8 +107,7 @@ where
                         Some(Ok(watcher::Event::InitDone)) => {
                             ready.send_replace(true);
                         }
-                        // An object listed or changed: the controller's memory churns.
-                        Some(_) => crate::allocator::note_controller_work(),
+                        Some(_) => {}
                         None => return,
                     },
                 }
