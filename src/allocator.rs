@@ -111,7 +111,11 @@ mod tests {
         assert!(high.passed((100 << 20) + GROWTH + 1));
         assert!(!high.passed(50 << 20), "a lower reading");
         high.raise(50 << 20);
-        assert_eq!(high.0, 100 << 20, "a lower reading does not lower the level");
+        assert_eq!(
+            high.0,
+            100 << 20,
+            "a lower reading does not lower the level"
+        );
         high.raise(120 << 20);
         assert!(!high.passed((120 << 20) + GROWTH));
         assert!(high.passed((120 << 20) + GROWTH + 1));
@@ -148,7 +152,12 @@ mod tests {
         let mut high = HighWater(before);
         touch_and_free_mib(MIB);
         let held = resident_bytes().unwrap();
-        assert!(check(&mut high), "{} MiB held past {} MiB", held >> 20, before >> 20);
+        assert!(
+            check(&mut high),
+            "{} MiB held past {} MiB",
+            held >> 20,
+            before >> 20
+        );
         let after = resident_bytes().unwrap();
         assert!(
             held.saturating_sub(after) >= (MIB << 19) as u64,
