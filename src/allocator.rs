@@ -14,9 +14,9 @@
 //! - **A burst** (10,000 subscriptions listed, reconciled or resynced at once) frees while
 //!   it grows, and pages kept for a second would raise the peak RSS with it. So a thread
 //!   ([`start_purger`]) reads the resident size every [`CHECK_EVERY`] and sweeps at once
-//!   when it has passed its highest level so far by [`GROWTH`]: the peak never grows by
-//!   more than that on freed pages, and steady work, which stays under its peak, is never
-//!   swept early.
+//!   when it has passed its highest level so far by [`GROWTH`]: freed pages add to the
+//!   peak little more than that (and what 100 ms of growth brings), and steady work, which
+//!   stays under its peak, is never swept early.
 //!
 //! An explicit `MIMALLOC_PURGE_DELAY` in the environment sets the delay, as mimalloc
 //! documents.
