@@ -79,8 +79,8 @@ fn check(high: &mut HighWater) -> bool {
 /// Starts the thread that sweeps when the resident size passes its peak (once per
 /// process; later calls do nothing). It lives as long as the process.
 pub fn start_purger() {
-    static STARTED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    STARTED.get_or_init(|| {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
         let Some(first) = resident_bytes() else {
             return;
         };
