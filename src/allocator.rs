@@ -13,12 +13,22 @@
 //!   keeps mimalloc's own purge delay, 1,000 ms.
 //! - **A burst** (10,000 subscriptions listed, reconciled or resynced at once) frees while
 //!   it grows, and pages kept for a second would raise the peak RSS with it. So a thread
-//!   ([`start_purger`]) reads the resident size every [`CHECK_EVERY`] and sweeps at once
+//!   (started by [`set_up`]) reads the resident size every [`CHECK_EVERY`] and sweeps at once
 //!   when it has passed its highest level so far by [`GROWTH`]: freed pages add to the
 //!   peak little more than that (and what 100 ms of growth brings), and steady work, which
 //!   stays under its peak, is never swept early.
 //!
 //! An explicit `MIMALLOC_PURGE_DELAY` in the environment sets the delay, as mimalloc
+//! documents.
+//!
+//! The process also refuses transparent huge pages (by [`set_up`]). mimalloc asks
+//! the kernel for them on its arenas (`MADV_HUGEPAGE`), so the first touch of each 2 MiB
+//! of a growing heap makes the kernel zero all 2 MiB at once, in the thread that touched
+//! it. On the development VM, whose host takes freed memory back, that took 5.4 ms a time
+//! (4 KiB pages: 3 µs), and a burst of requests that grew both the ingress and the queue's
+//! writer stalled them together for 100-600 ms (BENCHMARKS.md, "Huge pages"). With 4 KiB
+//! pages a growing heap costs a few microseconds per page, spread over the requests that
+//! need them. `MIMALLOC_ALLOW_THP` in the environment decides instead, as mimalloc
 //! documents.
 
 use std::time::Duration;
@@ -76,9 +86,33 @@ fn check(high: &mut HighWater) -> bool {
     true
 }
 
+/// How the process uses memory, first thing in `main`: no transparent huge pages, and the
+/// purger started.
+pub fn set_up() {
+    refuse_huge_pages();
+    start_purger();
+}
+
+/// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`, which the
+/// kernel checks at each page fault, so it holds for the arenas mimalloc already asked
+/// huge pages for), unless `MIMALLOC_ALLOW_THP` is set. Children inherit it.
+fn refuse_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return;
+    }
+    // SAFETY: `prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)` sets a flag of the process and reads
+    // no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "transparent huge pages stay on: a growing heap may stall on zeroing 2 MiB pages"
+        );
+    }
+}
+
 /// Starts the thread that sweeps when the resident size passes its peak (once per
 /// process; later calls do nothing). It lives as long as the process.
-pub fn start_purger() {
+fn start_purger() {
     static STARTED: std::sync::Once = std::sync::Once::new();
     STARTED.call_once(|| {
         let Some(first) = resident_bytes() else {
@@ -102,6 +136,19 @@ pub fn start_purger() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_process_refuses_transparent_huge_pages() {
+        let enabled = || {
+            std::fs::read_to_string("/proc/self/status")
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("THP_enabled:").map(|v| v.trim().to_owned()))
+                .expect("the kernel reports THP_enabled")
+        };
+        refuse_huge_pages();
+        assert_eq!(enabled(), "0", "huge pages are off for the process");
+    }
 
     #[test]
     fn only_a_reading_past_the_highest_level_by_the_growth_is_due_a_sweep() {

@@ -1,6 +1,7 @@
 /// A general-purpose allocator that keeps small, short-lived allocations (one request,
-/// one event) off the system allocator's locks; see BENCHMARKS.md. When the resident size
-/// passes its peak, `webhook_operator::allocator`'s purger returns freed pages at once.
+/// one event) off the system allocator's locks; see BENCHMARKS.md. `webhook_operator::allocator`
+/// turns transparent huge pages off and returns freed pages at once when the resident size
+/// passes its peak.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -36,7 +37,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    webhook_operator::allocator::start_purger();
+    webhook_operator::allocator::set_up();
     // Installed as `kubectl-webhooks`, the binary is the kubectl plugin.
     if webhook_operator::plugin::invoked_as_plugin() {
         let _ = rustls::crypto::ring::default_provider().install_default();

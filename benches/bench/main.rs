@@ -14,8 +14,8 @@
 //! Smoke runs write `target/BENCHMARKS.smoke.md` unless `--out` says otherwise.
 
 /// A general-purpose allocator that keeps small, short-lived allocations (one request,
-/// one event) off the system allocator's locks; see BENCHMARKS.md. Its processes start
-/// the operator's purger (`src/allocator.rs`) first thing, as the operator binary does.
+/// one event) off the system allocator's locks; see BENCHMARKS.md. Its processes set
+/// memory up (`src/allocator.rs`) first thing, as the operator binary does.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -255,9 +255,9 @@ fn write_report(path: &std::path::Path, block: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    // Every process of the benchmark (the data plane's children too) returns freed
-    // memory as the operator binary does.
-    webhook_operator::allocator::start_purger();
+    // Every process of the benchmark (the data plane's children too) uses memory as the
+    // operator binary does: no transparent huge pages, freed memory returned.
+    webhook_operator::allocator::set_up();
     let argv: Vec<String> = std::env::args().collect();
     if let Some(i) = argv.iter().position(|a| a == backlog::CHILD_FLAG) {
         let path = argv.get(i + 1).map(String::as_str).unwrap_or_default();
