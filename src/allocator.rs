@@ -86,8 +86,8 @@ fn check(high: &mut HighWater) -> bool {
     true
 }
 
-/// How the process uses memory, first thing in `main`: no transparent huge pages, and the
-/// purger started.
+/// How a long-running process uses memory (the operator's `run`, every benchmark process),
+/// called as it starts: no transparent huge pages, and the purger started.
 pub fn set_up() {
     refuse_huge_pages();
     start_purger();

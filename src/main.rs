@@ -37,7 +37,6 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    webhook_operator::allocator::set_up();
     // Installed as `kubectl-webhooks`, the binary is the kubectl plugin.
     if webhook_operator::plugin::invoked_as_plugin() {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -60,6 +59,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(config) => {
             let config = *config;
             telemetry::init(config.log_json);
+            // After logging, so that a refusal of huge pages that fails is logged.
+            webhook_operator::allocator::set_up();
             let _ = rustls::crypto::ring::default_provider().install_default();
             tracing::info!(?config, "starting");
             let client = kube::Client::try_default().await?;
