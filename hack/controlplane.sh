@@ -10,7 +10,12 @@
 #   hack/controlplane.sh stop [DIR]     stop what start started
 #
 # No kubelet, scheduler or controller-manager: nothing garbage-collects and namespaces stay
-# Terminating. Tests must not rely on those.
+# Terminating. Tests must not rely on those. hack/cluster.sh adds a node, and sets:
+#   CONTROLPLANE_NETNS         run etcd and the API server in this network namespace
+#   CONTROLPLANE_NODE_IP       bind every address, advertise this one (pods reach the API
+#                              through the `kubernetes` Service), admit ServiceAccounts
+#   CONTROLPLANE_SERVICE_CIDR  the Services' ClusterIP range (default 10.0.0.0/24)
+#   CONTROLPLANE_SANS          more subjectAltNames for the serving certificate
 set -euo pipefail
 
 K8S_VERSION=v1.35.4
@@ -20,6 +25,14 @@ cache=${WEBHOOK_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/webhook-operator
 bin="$cache/controlplane/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
 
 log() { echo "controlplane: $*" >&2; }
+
+netns=${CONTROLPLANE_NETNS:-}
+node_ip=${CONTROLPLANE_NODE_IP:-}
+service_cidr=${CONTROLPLANE_SERVICE_CIDR:-10.0.0.0/24}
+# Runs a command in the control plane's network namespace (the machine's by default);
+# nsenter execs it, so a background job's $! is the command's pid.
+in_ns=()
+[[ -n "$netns" ]] && in_ns=(nsenter --net="/run/netns/$netns" --)
 
 build() {
   if [[ -x "$bin/kube-apiserver" && -x "$bin/kubectl" && -x "$bin/etcd" ]]; then
@@ -54,7 +67,7 @@ build() {
 # kernel hands out (bind to 0) can be taken by an outgoing connection before the server
 # binds it, and an etcd that then fails with "address already in use" fails the test run.
 free_port() {
-  python3 -c '
+  "${in_ns[@]}" python3 -c '
 import random, socket
 while True:
     s = socket.socket()
@@ -85,7 +98,7 @@ start() {
       -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
       -keyout ca.key -out ca.crt 2>/dev/null &&
     openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout apiserver.key -out apiserver.csr 2>/dev/null &&
-    printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n' > ext.cnf &&
+    printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost%s\n' "${CONTROLPLANE_SANS:+,$CONTROLPLANE_SANS}" > ext.cnf &&
     openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
       -extfile ext.cnf -out apiserver.crt 2>/dev/null &&
     openssl genrsa -out sa.key 2048 2>/dev/null &&
@@ -121,18 +134,22 @@ start() {
 launch() {
   local dir=$1 token=$2 etcd_port peer_port api_port
   etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
-  "$bin/etcd" --data-dir "$dir/etcd-data" --name cp \
+  local bind=127.0.0.1 advertise=127.0.0.1 server=127.0.0.1 admission=(--disable-admission-plugins ServiceAccount)
+  if [[ -n "$node_ip" ]]; then
+    bind=0.0.0.0 advertise=$node_ip server=$node_ip admission=()
+  fi
+  "${in_ns[@]}" "$bin/etcd" --data-dir "$dir/etcd-data" --name cp \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-cluster "cp=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level error \
     >"$dir/etcd.log" 2>&1 &
   echo $! > "$dir/etcd.pid"
 
-  "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+  "${in_ns[@]}" "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address "$bind" --advertise-address "$advertise" --secure-port "$api_port" \
     --cert-dir "$dir/certs" --tls-cert-file "$dir/certs/apiserver.crt" --tls-private-key-file "$dir/certs/apiserver.key" \
-    --service-cluster-ip-range 10.0.0.0/24 --authorization-mode RBAC \
-    --disable-admission-plugins ServiceAccount --token-auth-file "$dir/certs/tokens.csv" \
+    --service-cluster-ip-range "$service_cidr" --authorization-mode RBAC \
+    "${admission[@]}" --token-auth-file "$dir/certs/tokens.csv" \
     --service-account-issuer https://127.0.0.1 --service-account-key-file "$dir/certs/sa.pub" \
     --service-account-signing-key-file "$dir/certs/sa.key" --client-ca-file "$dir/certs/ca.crt" --allow-privileged \
     >"$dir/apiserver.log" 2>&1 &
@@ -144,7 +161,7 @@ kind: Config
 clusters:
 - name: local
   cluster:
-    server: https://127.0.0.1:$api_port
+    server: https://$server:$api_port
     certificate-authority: $dir/certs/ca.crt
 users:
 - name: admin
@@ -157,7 +174,7 @@ current-context: local
 EOF
   for _ in $(seq 1 120); do
     if "$bin/kubectl" --kubeconfig "$dir/kubeconfig" get --raw /readyz >/dev/null 2>&1; then
-      log "ready at https://127.0.0.1:$api_port"
+      log "ready at https://$server:$api_port"
       return 0
     fi
     kill -0 "$(cat "$dir/etcd.pid")" 2>/dev/null || return 1
