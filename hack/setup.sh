@@ -14,6 +14,12 @@ done
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need_apt+=(nginx)
 # `python3 -m venv` (for the SDK conformance test) needs ensurepip: python3-venv on Debian.
 python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# buildah and debootstrap: hack/image.sh builds the Dockerfile (no Docker engine needed) on a
+# debian:bookworm-slim stand-in that debootstrap makes; runc runs the image in tests/image.rs.
+# Debian's bookworm versions (buildah 1.28, debootstrap 1.0.128, runc 1.1.5).
+for tool in buildah debootstrap runc; do
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null || need_apt+=("$tool")
+done
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]} with apt-get" >&2
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
