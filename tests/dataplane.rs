@@ -1789,3 +1789,80 @@ async fn filter_sees_the_providers_headers_without_its_credentials() {
         )
     );
 }
+
+/// Idle sockets fill `--max-connections`: some send nothing, some one byte (`P` keeps the
+/// server guessing between HTTP/1 and HTTP/2, `G` does not). Each is closed at the header
+/// deadline, counted as `header_timeout`, so a valid POST sent behind them (waiting in the
+/// kernel's accept queue) is answered within the deadline and a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_cannot_hold_the_connection_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use webhook_operator::dataplane::server::{ServerLimits, serve as serve_limited};
+
+    let deadline = Duration::from_secs(2);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new().route("/hooks/t/s", axum::routing::post(|| async { "ok" }));
+    let metrics = Arc::new(webhook_operator::metrics::Metrics::new());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let limits = ServerLimits {
+        max_connections: 4,
+        header_read_timeout: deadline,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let server = tokio::spawn(serve_limited(
+        listener,
+        router,
+        limits,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let mut idle = Vec::new();
+    for sent in [&b""[..], b"P", b"G", b"", b"P", b"G"] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(sent).await.unwrap();
+        idle.push(s);
+    }
+    // The first four hold every slot before the POST connects.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let post = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /hooks/t/s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 512];
+        let n = s.read(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), post).await;
+    let took = started.elapsed();
+    println!(
+        "valid POST behind 6 idle sockets (limit 4, deadline {deadline:?}): {answer:?} after {took:?}"
+    );
+    let answer = answer.expect("no answer within 10 s: idle sockets hold the connection limit");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        took <= deadline + Duration::from_secs(1),
+        "answered after {took:?}, past the header deadline {deadline:?} + 1 s"
+    );
+    // Every idle socket was closed by the server (read gives EOF or a reset), none answered.
+    for (i, mut s) in idle.into_iter().enumerate() {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(deadline * 3, s.read(&mut buf)).await;
+        let read = read.unwrap_or_else(|_| panic!("idle socket {i} still open"));
+        assert!(matches!(read, Ok(0) | Err(_)), "idle socket {i}: {read:?}");
+    }
+    let text = metrics.encode();
+    let line = text
+        .lines()
+        .find(|l| l.contains("reason=\"header_timeout\""))
+        .unwrap_or_default()
+        .to_string();
+    assert!(line.ends_with(" 6"), "header_timeout count: {line:?}");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server stops within its grace period")
+        .unwrap();
+}
