@@ -58,6 +58,7 @@ pub struct OperatorConfig {
     pub require_secret_label: bool,
     /// Resolve a destination `host:port` to another address, e.g.
     /// `consumer.apps.svc:8080=127.0.0.1:18080` (for running outside a cluster). Repeatable.
+    /// The address passes the address policy: loopback needs `--allow-loopback`.
     #[arg(long = "resolve", env = "WEBHOOK_OPERATOR_RESOLVE", value_delimiter = ',', value_parser = parse_resolve)]
     pub resolve_overrides: Vec<(String, SocketAddr)>,
     /// Larger ingress bodies are refused with 413.
@@ -351,6 +352,27 @@ fn parse_resolve(s: &str) -> Result<(String, SocketAddr), String> {
 }
 
 impl OperatorConfig {
+    /// Every `--resolve` address passes the address policy, as a resolved name would: the
+    /// flag cannot map a destination to loopback (the operator's own ports) or to a
+    /// metadata address unless that class is allowed too.
+    pub fn check_resolve_overrides(&self) -> anyhow::Result<()> {
+        use crate::delivery::address_policy::AddressClass;
+        let policy = self.address_policy();
+        for (host, addr) in &self.resolve_overrides {
+            if let Err(class) = policy.check(addr.ip()) {
+                let flag = match class {
+                    AddressClass::Loopback | AddressClass::Unspecified => "--allow-loopback",
+                    AddressClass::LinkLocal | AddressClass::Metadata => "--allow-link-local",
+                };
+                anyhow::bail!(
+                    "--resolve {host}={addr}: {addr} is a {}, refused by the address policy; add {flag} to allow it",
+                    class.describe()
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn address_policy(&self) -> crate::delivery::AddressPolicy {
         crate::delivery::AddressPolicy {
             allow_loopback: self.allow_loopback,
@@ -482,6 +504,31 @@ mod tests {
         for bad in ["otel-collector:4318", "grpc://c:4317", "http://u:p@c:4318"] {
             assert!(parse(&["--otlp-endpoint", bad]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn resolve_overrides_pass_the_address_policy() {
+        use clap::Parser;
+        let check = |args: &[&str]| {
+            Cli::try_parse_from([&["op"], args].concat())
+                .unwrap()
+                .config
+                .check_resolve_overrides()
+                .map_err(|e| e.to_string())
+        };
+        let to_loopback = ["--resolve", "consumer.apps.svc:8080=127.0.0.1:18080"];
+        let refused = check(&to_loopback).unwrap_err();
+        assert!(
+            refused.contains("consumer.apps.svc:8080") && refused.contains("--allow-loopback"),
+            "{refused}"
+        );
+        check(&[&to_loopback[..], &["--allow-loopback"]].concat()).unwrap();
+        let to_metadata = ["--resolve", "c.apps.svc:80=169.254.169.254:80"];
+        let refused = check(&to_metadata).unwrap_err();
+        assert!(refused.contains("--allow-link-local"), "{refused}");
+        check(&[&to_metadata[..], &["--allow-link-local"]].concat()).unwrap();
+        check(&["--resolve", "c.apps.svc:80=10.0.0.5:80"]).unwrap();
+        check(&[]).unwrap();
     }
 
     #[test]

@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(config) => {
             let config = *config;
+            config.check_resolve_overrides()?;
             telemetry::init(config.log_json);
             // After logging, so that a refusal of huge pages that fails is logged.
             webhook_operator::allocator::set_up();

@@ -71,7 +71,7 @@ pub(crate) struct DeliveryClient {
 
 impl DeliveryClient {
     /// `overrides` map host names to fixed addresses (tests and the local demo); they
-    /// are not resolved, and the worker checked them against the policy already.
+    /// are not resolved, and pass the address policy like a resolved answer.
     /// `proxy` decides which destinations go through which proxy
     /// ([`Matcher::from_env`] for `proxyFromEnv`); a proxy connects for us, past the
     /// address policy.
@@ -193,7 +193,16 @@ impl Service<Name> for GuardedResolver {
             .collect();
         Box::pin(async move {
             if !overridden.is_empty() {
-                return Ok(overridden.into_iter());
+                // The same policy as a resolved name: an override is keyed by host alone
+                // here, so it would otherwise open every port of its address.
+                let allowed: Vec<SocketAddr> = overridden
+                    .into_iter()
+                    .filter(|a| policy.check(a.ip()).is_ok())
+                    .collect();
+                if allowed.is_empty() {
+                    return Err("no permitted address".into());
+                }
+                return Ok(allowed.into_iter());
             }
             if policy.check_host_name(&host).is_err() {
                 return Err("no permitted address".into());
@@ -472,10 +481,11 @@ mod tests {
     #[tokio::test]
     async fn an_override_names_the_address_of_a_host() {
         let (addr, mut seen) = server(OK).await;
-        let c = client(
-            AddressPolicy::default(),
-            vec![("hooks.example.test".into(), addr)],
-        );
+        let loopback = AddressPolicy {
+            allow_loopback: true,
+            ..Default::default()
+        };
+        let c = client(loopback, vec![("hooks.example.test".into(), addr)]);
         let answer = post_empty(&c, "http://hooks.example.test/in")
             .await
             .unwrap();
@@ -485,6 +495,25 @@ mod tests {
             request.contains("host: hooks.example.test\r\n"),
             "{request}"
         );
+    }
+
+    /// An override passes the address policy like a resolved name: `--resolve` cannot map a
+    /// host (under any port of a URL) to loopback unless loopback is allowed.
+    #[tokio::test]
+    async fn an_override_to_a_refused_address_is_not_connected() {
+        let (addr, mut seen) = server(OK).await;
+        let strict = client(
+            AddressPolicy::default(),
+            vec![("hooks.example.test".into(), addr)],
+        );
+        for url in [
+            "http://hooks.example.test/in".to_string(),
+            format!("http://hooks.example.test:{}/in", addr.port()),
+        ] {
+            let r = post_empty(&strict, &url).await;
+            assert_eq!(r.unwrap_err(), SendError::Connect, "{url}");
+        }
+        assert!(seen.try_recv().is_err(), "nothing reached the server");
     }
 
     fn proxied(proxy: SocketAddr) -> DeliveryClient {

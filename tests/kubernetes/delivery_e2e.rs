@@ -249,13 +249,22 @@ impl OperatorProcess {
                 &format!("http://127.0.0.1:{ingress_port}"),
             ])
             .args(["--provider-sandbox-url", &sandbox.base_url()])
-            .args([
-                "--resolve",
-                &format!(
-                    "consumer.{}.svc:8080=127.0.0.1:{}",
-                    env.namespace, consumer.port
-                ),
-            ])
+            // The consumer is on loopback: mapped to it only where loopback is allowed
+            // (the operator refuses a `--resolve` to an address its policy refuses).
+            .args(
+                allow_loopback
+                    .then(|| {
+                        [
+                            "--resolve".to_string(),
+                            format!(
+                                "consumer.{}.svc:8080=127.0.0.1:{}",
+                                env.namespace, consumer.port
+                            ),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--namespace", &env.namespace])
             .arg("--data-dir")
             .arg(data_dir)

@@ -95,3 +95,58 @@ async fn run_sees_both_kinds_and_exits_on_sigterm() {
         "no clean-stop log line: {rest:?}"
     );
 }
+
+/// `--resolve` passes the address policy: mapping a Service to loopback without
+/// `--allow-loopback` is refused at start, naming the flag, before anything listens.
+#[test]
+fn a_resolve_to_loopback_needs_allow_loopback() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
+            .args([
+                "run",
+                "--ingress-addr",
+                "127.0.0.1:0",
+                "--ops-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--resolve", "consumer.apps.svc:8080=127.0.0.1:18080"])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            // No cluster: a start that passes the check fails at the client instead.
+            .env("KUBECONFIG", data_dir.path().join("no-such-kubeconfig"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start operator");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("operator still running after 20 s without a cluster");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        (status, stderr)
+    };
+    let (status, stderr) = run(&[]);
+    println!("--resolve to loopback without --allow-loopback: {status}: {stderr}");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--allow-loopback") && stderr.contains("consumer.apps.svc:8080"),
+        "{stderr}"
+    );
+    // With the flag the check passes (the run then fails for want of a cluster).
+    let (_, stderr) = run(&["--allow-loopback"]);
+    assert!(
+        !stderr.contains("refused by the address policy"),
+        "{stderr}"
+    );
+}
