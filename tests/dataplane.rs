@@ -947,13 +947,18 @@ async fn unwritable_queue_answers_503() {
     let (status, body) = h.post(ev("b", "call_completed")).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(ready(&h).await, 503);
+    // A closed queue never writes again in this process: liveness fails too, so that
+    // Kubernetes restarts the pod.
     let healthz = h
         .http
         .get(format!("http://{}/healthz", h.ops))
         .send()
         .await
         .unwrap();
-    assert_eq!(healthz.status().as_u16(), 200);
+    let status = healthz.status().as_u16();
+    let body = healthz.text().await.unwrap();
+    println!("/healthz with the queue closed: {status} {body:?}");
+    assert_eq!(status, 503, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

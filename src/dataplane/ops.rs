@@ -1,4 +1,5 @@
-//! The operations server: `/metrics` (Prometheus text), `/healthz` (the process answers),
+//! The operations server: `/metrics` (Prometheus text), `/healthz` (the process answers
+//! and its own queue can write, see [`crate::queue::Queue::check_live`]),
 //! `/readyz` (the ingress routes are loaded, and the queue is open and commits a write).
 
 use std::sync::Arc;
@@ -51,11 +52,16 @@ async fn metrics_handler(State(ops): State<Ops>) -> impl IntoResponse {
     )
 }
 
+/// Fails when the queue cannot write in a way only a restart mends (closed, an I/O error,
+/// a write that fails). A write that is merely slow (a busy disk) is not a failure here:
+/// readiness reports it.
 async fn live(State(ops): State<Ops>) -> impl IntoResponse {
-    if ops.queue.needs_restart() {
-        (StatusCode::SERVICE_UNAVAILABLE, "queue needs a restart")
-    } else {
-        (StatusCode::OK, "ok")
+    match tokio::time::timeout(Duration::from_secs(2), ops.queue.check_live()).await {
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "liveness: the queue cannot write");
+            (StatusCode::SERVICE_UNAVAILABLE, "queue cannot write")
+        }
+        _ => (StatusCode::OK, "ok"),
     }
 }
 

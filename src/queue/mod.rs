@@ -232,6 +232,17 @@ pub trait Queue: Send + Sync + 'static {
         false
     }
 
+    /// Liveness (`/healthz`): `Err` when this process's store cannot write and only a
+    /// restart can help. The default is [`Self::needs_restart`]; a store on a server
+    /// (JetStream) keeps it, since a restart does not bring a server back (that is
+    /// readiness's part).
+    async fn check_live(&self) -> Result<(), QueueError> {
+        if self.needs_restart() {
+            return Err(QueueError::Storage("the store needs a restart".into()));
+        }
+        Ok(())
+    }
+
     /// Stored bytes of the events waiting (pending or leased) for `endpoint`, or for all
     /// endpoints when `None`; `None` when the queue does not count them (JetStream bounds
     /// its stream by `max_bytes` instead).

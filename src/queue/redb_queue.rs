@@ -520,6 +520,15 @@ impl Queue for RedbQueue {
         self.io_failed.load(Ordering::Relaxed)
     }
 
+    /// Closed, failed, or a write that does not commit: the file is this process's, so a
+    /// restart reopens (and repairs) it.
+    async fn check_live(&self) -> Result<(), QueueError> {
+        if self.needs_restart() {
+            return Err(QueueError::Storage("the store needs a restart".into()));
+        }
+        self.check_writable().await
+    }
+
     fn waiting_bytes(&self, endpoint: Option<&EndpointKey>) -> Option<u64> {
         Some(match endpoint {
             Some(key) => self.index.endpoint_bytes(key),
