@@ -292,6 +292,31 @@ async fn atlas_lifecycle() {
     .await;
 }
 
+/// Deleting sends one unsubscribe per registered trigger: the form Atlas lists (today the
+/// per-trigger URL), not both URL forms blindly.
+#[tokio::test]
+async fn atlas_delete_unsubscribes_only_what_is_registered() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Atlas);
+        let creds = Credentials::api_key(ATLAS_KEY);
+        let d = atlas(
+            "https://hooks.example/atlas/t0k3n",
+            "camp1",
+            &["call_started", "call_completed"],
+        );
+        c.ensure(&creds, &d, None).await.unwrap();
+        assert_eq!(atlas_subs(&s).await.len(), 2);
+        let before = s.writes("atlas").await;
+        c.delete(&creds, &d).await.unwrap();
+        let unsubscribes = s.writes("atlas").await - before;
+        println!("Atlas delete of 2 triggers: {unsubscribes} unsubscribe calls");
+        assert!(atlas_subs(&s).await.is_empty());
+        assert_eq!(unsubscribes, 2, "one unsubscribe per registered trigger");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn atlas_adopts_existing_subscription() {
     bounded(async {

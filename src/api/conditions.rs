@@ -52,4 +52,14 @@ pub mod reasons {
     pub const BACKLOGGED: &str = "Backlogged";
     /// `spec.filter` does not compile; the message is the compiler's.
     pub const FILTER_INVALID: &str = "FilterInvalid";
+    /// A `spec.headers` entry the data plane cannot send: a reserved name, or a Secret
+    /// value that is not a valid header value (a line break inside, for example).
+    pub const HEADER_INVALID: &str = "HeaderInvalid";
+    /// The ingress token (from the generated `<endpoint>-ingress` Secret) is already used
+    /// by another endpoint.
+    pub const INGRESS_TOKEN_IN_USE: &str = "IngressTokenInUse";
+    /// The ingress token is empty or not URL-safe text.
+    pub const INGRESS_TOKEN_INVALID: &str = "IngressTokenInvalid";
+    /// A signing secret is not a Standard Webhooks secret (`whsec_` + base64).
+    pub const SIGNING_SECRET_INVALID: &str = "SigningSecretInvalid";
 }

@@ -332,8 +332,12 @@ pub struct WebhookEndpointStatus {
     /// The generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`: ingress URL assigned and destination resolvable. `Healthy`: recent
-    /// deliveries succeed. `Reconciling` / `Stalled` in the kstatus sense.
+    /// `Ready`: ingress URL assigned and destination resolvable; when `False` its reason
+    /// says why (`SecretMissing`, `SecretNotReferable`, `SecretNotOwned`,
+    /// `CrossNamespaceRefDenied`, `DestinationForbidden`, `DestinationUnresolvable`,
+    /// `FilterInvalid`, `HeaderInvalid`, `IngressTokenInUse`, `IngressTokenInvalid`,
+    /// `SigningSecretInvalid`, `InvalidSpec`). `Healthy`: recent deliveries succeed.
+    /// `Reconciling` / `Stalled` in the kstatus sense.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Where providers must send events: the public base URL plus `/hooks/<token>`, or the

@@ -6,16 +6,32 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use super::routes::{
-    EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes, TestInjection,
+    EndpointDelivery, EndpointHealthView, EndpointKey, IngressRoutes, Refusal, TestInjection,
 };
 use crate::api::Provider;
-use crate::dataplane::{DataPlane, EndpointConfig, ReplayFilter, SubscriptionRoute};
+use crate::api::conditions::reasons;
+use crate::dataplane::{
+    DataPlane, EndpointConfig, EndpointConfigError, ReplayFilter, SubscriptionRoute,
+};
 use crate::delivery::{Destination, Policy, SigningSecret};
 use crate::inbound::VerificationKeys;
 use crate::queue;
 
 fn key((namespace, name): EndpointKey) -> queue::EndpointKey {
     queue::EndpointKey::new(namespace, name)
+}
+
+/// Each refusal of the data plane under its own condition reason.
+fn refusal(e: EndpointConfigError) -> Refusal {
+    let reason = match &e {
+        EndpointConfigError::InvalidToken => reasons::INGRESS_TOKEN_INVALID,
+        EndpointConfigError::TokenInUse => reasons::INGRESS_TOKEN_IN_USE,
+        EndpointConfigError::InvalidHeaderName(_) | EndpointConfigError::InvalidHeaderValue(_) => {
+            reasons::HEADER_INVALID
+        }
+        EndpointConfigError::NoSigningSecret => reasons::SECRET_MISSING,
+    };
+    (reason, e.to_string())
 }
 
 impl IngressRoutes for std::sync::Arc<DataPlane> {
@@ -65,17 +81,27 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         DataPlane::subscription_signature_failures(self, &key(endpoint), &subscription)
     }
 
-    fn configure_endpoint(&self, ep: &EndpointDelivery) -> Result<(), String> {
+    fn configure_endpoint(&self, ep: &EndpointDelivery) -> Result<(), Refusal> {
         let destination =
             Destination::from_api(&ep.spec.destination, &ep.key.0).ok_or_else(|| {
-                "exactly one of destination.service or destination.url must be set".to_string()
+                (
+                    reasons::INVALID_SPEC,
+                    "exactly one of destination.service or destination.url must be set".into(),
+                )
             })?;
-        let policy =
-            Policy::try_from(&ep.spec.delivery).map_err(|e| format!("spec.delivery: {e}"))?;
+        let policy = Policy::try_from(&ep.spec.delivery)
+            .map_err(|e| (reasons::INVALID_SPEC, format!("spec.delivery: {e}")))?;
         let signing_secrets = ep
             .signing_secrets
             .iter()
-            .map(|s| SigningSecret::parse(s).map_err(|e| format!("signing secret: {e}")))
+            .map(|s| {
+                SigningSecret::parse(s).map_err(|e| {
+                    (
+                        reasons::SIGNING_SECRET_INVALID,
+                        format!("signing secret: {e}"),
+                    )
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         DataPlane::upsert_endpoint(
             self,
@@ -103,10 +129,10 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                     .as_deref()
                     .map(crate::delivery::filter::Filter::compile)
                     .transpose()
-                    .map_err(|e| format!("spec.filter: {e}"))?,
+                    .map_err(|e| (reasons::FILTER_INVALID, format!("spec.filter: {e}")))?,
             },
         )
-        .map_err(|e| e.to_string())
+        .map_err(refusal)
     }
 
     fn remove_endpoint(&self, endpoint: EndpointKey) {

@@ -253,9 +253,9 @@ async fn apply(
     if refused.is_some() {
         ctx.routes.0.remove_endpoint(key.clone());
     } else if let (true, Ok(delivery)) = (problems.is_empty(), &delivery)
-        && let Err(reason) = ctx.routes.0.configure_endpoint(delivery)
+        && let Err(refused) = ctx.routes.0.configure_endpoint(delivery)
     {
-        problems.push((reasons::DESTINATION_FORBIDDEN, reason));
+        problems.push(refused);
     }
 
     // Replay requested through the annotation, handled once per value.

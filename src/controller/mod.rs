@@ -549,7 +549,7 @@ pub(crate) mod test_support {
         ) -> Option<(u64, Option<SystemTime>)> {
             None
         }
-        fn configure_endpoint(&self, _: &EndpointDelivery) -> Result<(), String> {
+        fn configure_endpoint(&self, _: &EndpointDelivery) -> Result<(), super::routes::Refusal> {
             Ok(())
         }
         fn remove_endpoint(&self, _: EndpointKey) {}

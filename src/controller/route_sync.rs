@@ -275,8 +275,8 @@ fn sync_once(
                 Ok(()) => {
                     tracing::info!(namespace = %d.key.0, name = %d.key.1, "route sync: endpoint configured")
                 }
-                Err(reason) => {
-                    tracing::warn!(namespace = %d.key.0, name = %d.key.1, %reason, "route sync: endpoint refused")
+                Err((reason, message)) => {
+                    tracing::warn!(namespace = %d.key.0, name = %d.key.1, reason, %message, "route sync: endpoint refused")
                 }
             }
         }

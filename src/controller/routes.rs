@@ -12,6 +12,10 @@ use crate::inbound::VerificationKeys;
 /// Namespace and name of a WebhookEndpoint.
 pub type EndpointKey = (String, String);
 
+/// Why the data plane refused an endpoint's configuration: the `Ready` condition's reason
+/// (one of [`crate::api::conditions::reasons`]) and its message.
+pub type Refusal = (&'static str, String);
+
 pub trait IngressRoutes: TestInjection + Send + Sync {
     /// The ingress accepts requests for `subscription` on `endpoint`'s token path and
     /// verifies them with `keys`.
@@ -39,9 +43,9 @@ pub trait IngressRoutes: TestInjection + Send + Sync {
     ) -> Option<(u64, Option<SystemTime>)> {
         None
     }
-    /// Deliver `endpoint`'s events as configured. `Err` is a user-facing reason the
-    /// destination is refused (for example a link-local address).
-    fn configure_endpoint(&self, endpoint: &EndpointDelivery) -> Result<(), String>;
+    /// Deliver `endpoint`'s events as configured. `Err` is why the configuration is
+    /// refused: a condition reason and a user-facing message.
+    fn configure_endpoint(&self, endpoint: &EndpointDelivery) -> Result<(), Refusal>;
     fn remove_endpoint(&self, endpoint: EndpointKey);
     /// Delivery statistics and the health verdict, if the endpoint is known.
     fn endpoint_health(&self, endpoint: EndpointKey) -> Option<EndpointHealthView>;

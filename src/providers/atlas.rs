@@ -358,15 +358,28 @@ impl ProviderApi for AtlasClient {
         applied: &DesiredSubscription,
     ) -> Result<(), ProviderError> {
         let campaign = campaign_of(applied)?;
+        // The forms Atlas lists (a bare one may have been adopted); when it cannot list,
+        // both URL forms, since either may exist. An absent one is gone.
+        let existing = match self.list(creds, campaign).await {
+            Ok(existing) => Some(existing),
+            Err(ProviderError::CannotObserve(_)) => None,
+            Err(e) => return Err(e),
+        };
         for trigger in applied.event_set() {
-            // Both URL forms: a bare one may have been adopted. An absent one is gone.
             let t = tuple(applied, campaign, &trigger);
-            let bare = TriggerRequest {
-                hook_url: applied.hook_url.clone(),
-                ..t.clone()
+            let forms = match &existing {
+                Some(existing) => registered_forms(existing, &t, &applied.hook_url),
+                None => {
+                    let bare = TriggerRequest {
+                        hook_url: applied.hook_url.clone(),
+                        ..t.clone()
+                    };
+                    vec![t, bare]
+                }
             };
-            self.unsubscribe(creds, &t).await?;
-            self.unsubscribe(creds, &bare).await?;
+            for form in &forms {
+                self.unsubscribe(creds, form).await?;
+            }
         }
         Ok(())
     }

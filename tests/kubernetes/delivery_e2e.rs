@@ -923,6 +923,52 @@ async fn sigkill_mid_delivery_loses_no_acknowledged_event() {
     );
 }
 
+/// A header the data plane cannot send (a reserved name the schema lets through, a value
+/// with a line break inside) gets its own reason, `HeaderInvalid`, not `DestinationForbidden`.
+#[tokio::test]
+async fn a_header_the_data_plane_refuses_gets_its_own_reason() {
+    let (env, _sandbox, _consumer, _operator, _dir, _) =
+        setup("badheader", json!({"destination": consumer_destination()})).await;
+    create_secret(&env, "auth", json!({"line": "one\ntwo", "ok": "t0ken"})).await;
+    for (header, key) in [("X-Token", "line"), ("Upgrade", "ok")] {
+        apply_endpoint(
+            &env,
+            "orders",
+            json!({"destination": consumer_destination(),
+                   "headers": [{"name": header, "secretKeyRef": {"name": "auth", "key": key}}]}),
+        )
+        .await;
+        let ep = wait_endpoint(&env, "orders", "Ready=False", |ep| {
+            condition(ep, "Ready").is_some_and(|(s, _)| s == "False")
+        })
+        .await;
+        let ready = ep
+            .status
+            .unwrap()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        println!(
+            "header {header}: Ready=False {} {:?}",
+            ready.reason, ready.message
+        );
+        assert_eq!(ready.reason, "HeaderInvalid", "{header}: {}", ready.message);
+        assert!(ready.message.contains(header), "{}", ready.message);
+        // Fixed: Ready again before the next case.
+        apply_endpoint(
+            &env,
+            "orders",
+            json!({"destination": consumer_destination()}),
+        )
+        .await;
+        wait_endpoint(&env, "orders", "Ready again", |ep| {
+            condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn link_local_destination_is_refused_with_a_condition() {
     let env = test_env("ssrf").await;

@@ -72,7 +72,10 @@ impl IngressRoutes for RecordedRoutes {
     ) -> Option<(u64, Option<SystemTime>)> {
         None
     }
-    fn configure_endpoint(&self, _: &EndpointDelivery) -> Result<(), String> {
+    fn configure_endpoint(
+        &self,
+        _: &EndpointDelivery,
+    ) -> Result<(), webhook_operator::controller::routes::Refusal> {
         Ok(())
     }
     fn remove_endpoint(&self, _: EndpointKey) {}
