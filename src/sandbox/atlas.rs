@@ -277,7 +277,11 @@ pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, Strin
     let mut out = Vec::new();
     for url in targets {
         let status = deliver(&s.http, reqwest::Method::POST, &url, &[], body.clone()).await;
-        out.push(Delivery { url, status });
+        out.push(Delivery {
+            url,
+            status,
+            method: None,
+        });
     }
     Ok(out)
 }

@@ -70,5 +70,6 @@ pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, Strin
     Ok(vec![Delivery {
         url: url.to_string(),
         status,
+        method: None,
     }])
 }

@@ -369,11 +369,15 @@ async fn send(s: &Shared, env: &str, hook: &Webhook, batched: bool, events: Vec<
         header.clone(),
         encode_signature(secret.as_bytes(), &body, *encoding),
     ));
-    let method = match hook.method.unwrap_or_default() {
+    deliver(&s.http, method_of(hook), &hook.url, &headers, body).await
+}
+
+/// The method a webhook's deliveries are sent by (POST unless it chose PUT).
+fn method_of(hook: &Webhook) -> reqwest::Method {
+    match hook.method.unwrap_or_default() {
         AtomicMethod::Post => reqwest::Method::POST,
         AtomicMethod::Put => reqwest::Method::PUT,
-    };
-    deliver(&s.http, method, &hook.url, &headers, body).await
+    }
 }
 
 pub(crate) fn snapshot(s: &Shared) -> Value {
@@ -451,6 +455,7 @@ pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, Strin
         out.push(Delivery {
             url: hook.url.clone(),
             status,
+            method: Some(method_of(&hook).to_string()),
         });
     }
     Ok(out)

@@ -112,4 +112,7 @@ pub struct Delivery {
     pub url: String,
     /// The receiver's HTTP status; 0 when it could not be reached.
     pub status: u16,
+    /// The HTTP method it was sent by, where the provider lets a webhook choose (Atomic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
 }

@@ -548,6 +548,7 @@ pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, Strin
         out.push(Delivery {
             url: hk.url,
             status,
+            method: None,
         });
     }
     Ok(out)

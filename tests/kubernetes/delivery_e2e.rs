@@ -1756,6 +1756,7 @@ async fn atomic_deliveries_by_put_reach_the_consumer() {
         [200],
         "the ingress accepts Atomic's PUT: {result}"
     );
+    assert_registered_and_sent_by_put(&sandbox, &result).await;
     wait_until(Duration::from_secs(30), "the PUT event delivered", || {
         let n = consumer.received().len();
         async move { (n == 1).then_some(()) }
@@ -1766,6 +1767,27 @@ async fn atomic_deliveries_by_put_reach_the_consumer() {
         consumer.received()[0].body["analyticsEvent"],
         "card-published"
     );
+}
+
+/// The subscription registered its webhook with `method: PUT` at the simulated Atomic API
+/// (the simulator's default is POST), and the fired event reached the ingress by PUT.
+async fn assert_registered_and_sent_by_put(sandbox: &SandboxHandle, fired: &Value) {
+    let registered = control(sandbox, reqwest::Method::GET, "atomic/subscriptions", None).await;
+    let methods: Vec<&str> = registered["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["webhook"]["method"].as_str())
+        .collect();
+    println!("Atomic webhooks registered with methods {methods:?}; fired: {fired}");
+    assert_eq!(methods, ["PUT"], "{registered}");
+    let sent: Vec<&str> = fired["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["method"].as_str())
+        .collect();
+    assert_eq!(sent, ["PUT"], "{fired}");
 }
 
 #[tokio::test]
