@@ -378,7 +378,8 @@ pub struct DeliveryStats {
     /// Events waiting for a retry now.
     #[serde(default)]
     pub retrying: u64,
-    /// Events moved to the dead-letter store (including `malformed`).
+    /// Events moved to the dead-letter store since the operator started (including
+    /// `malformed` ones and those `spec.filter` failed on).
     #[serde(default)]
     pub dead_lettered: u64,
     /// Elements of a provider's batch that could not be read (for example an Atlas array

@@ -330,6 +330,9 @@ async fn attempt(
                 match shared.queue.dead_letter(&ev, &reason).await {
                     Ok(()) => {
                         rt.metrics.dead_lettered.inc();
+                        shared
+                            .health
+                            .record(&rt.key, Outcome::FilterError { error: &reason });
                         if let Some(span) = span {
                             span.finish(&ev, "dead_lettered", ev.attempts);
                         }

@@ -42,6 +42,11 @@ enum WireOutcome {
         ns: String,
         name: String,
     },
+    FilterError {
+        ns: String,
+        name: String,
+        error: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -75,6 +80,11 @@ fn to_wire(key: &EndpointKey, o: &Outcome<'_>) -> WireOutcome {
         Outcome::Malformed => WireOutcome::Malformed {
             ns: key.namespace.clone(),
             name: key.name.clone(),
+        },
+        Outcome::FilterError { error } => WireOutcome::FilterError {
+            ns: key.namespace.clone(),
+            name: key.name.clone(),
+            error: error.to_owned(),
         },
     }
 }
@@ -110,6 +120,10 @@ fn apply(registry: &HealthRegistry, w: &WireOutcome) {
         WireOutcome::Malformed { ns, name } => registry.record_remote(
             &EndpointKey::new(ns.as_str(), name.as_str()),
             Outcome::Malformed,
+        ),
+        WireOutcome::FilterError { ns, name, error } => registry.record_remote(
+            &EndpointKey::new(ns.as_str(), name.as_str()),
+            Outcome::FilterError { error },
         ),
     }
 }

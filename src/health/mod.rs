@@ -58,7 +58,13 @@ pub enum Outcome<'a> {
     /// An element of a provider's batch that could not be read went straight to the
     /// dead-letter store (never an attempt: the destination's health is not touched).
     Malformed,
+    /// `spec.filter` failed on an event, which went to the dead-letter store (never an
+    /// attempt either). `error` is the filter's, shown as the last error.
+    FilterError { error: &'a str },
 }
+
+/// How a filter error starts in `status.delivery.lastError`.
+pub const FILTER_ERROR_PREFIX: &str = "spec.filter: ";
 
 /// What the controller reads for `status.delivery` and the `Healthy` condition.
 #[derive(Clone, Debug, PartialEq)]
@@ -208,6 +214,11 @@ impl HealthRegistry {
             Outcome::Malformed => {
                 t.malformed += 1;
                 t.dead_lettered += 1;
+            }
+            Outcome::FilterError { error } => {
+                t.dead_lettered += 1;
+                let shown = format!("{FILTER_ERROR_PREFIX}{error}");
+                t.last_error = Some(shown.chars().take(MAX_ERROR_LEN).collect());
             }
         }
         while t.window.len() > self.config.window_attempts {

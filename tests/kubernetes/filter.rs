@@ -60,3 +60,79 @@ async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
     })
     .await;
 }
+
+/// A filter that fails on an event (here a missing field) keeps the event as a dead letter
+/// and says so where a user looks: `status.delivery.deadLettered`, `lastError` with the
+/// reason, and a Warning Event.
+#[tokio::test]
+async fn a_filter_error_is_counted_reported_and_announced() {
+    use k8s_openapi::api::core::v1::Event;
+    use kube::api::{Api, ListParams};
+    use std::time::Duration;
+
+    use crate::delivery_e2e::atlas_event;
+    use crate::support::wait_until;
+
+    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
+        "filtererr",
+        json!({"destination": consumer_destination(), "filter": "payload.call.lead_warmth == 'hot'"}),
+        &[],
+    )
+    .await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!(
+        "{}/atlas",
+        crate::delivery_e2e::ingress_url(&env, "orders").await
+    );
+    // An Atlas event has no `call` field: the filter fails on it.
+    let r = reqwest::Client::new()
+        .post(&url)
+        .json(&atlas_event("filter-fails"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ep = wait_endpoint(
+        &env,
+        "orders",
+        "deadLettered=1 with the filter's error",
+        |ep| {
+            let d = ep.status.as_ref().and_then(|s| s.delivery.as_ref());
+            d.is_some_and(|d| {
+                d.dead_lettered == 1
+                    && d.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("filter"))
+            })
+        },
+    )
+    .await;
+    let delivery = ep.status.unwrap().delivery.unwrap();
+    println!(
+        "after a filter error: deadLettered={} lastError={:?}",
+        delivery.dead_lettered, delivery.last_error
+    );
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let event = wait_until(Duration::from_secs(30), "a FilterFailed Event", || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("FilterFailed"))
+        }
+    })
+    .await;
+    println!("Event: {:?} {:?}", event.type_, event.message);
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(
+        event
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("filter")),
+        "{:?}",
+        event.message
+    );
+    assert!(consumer.received().is_empty(), "nothing was delivered");
+}
