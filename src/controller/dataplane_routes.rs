@@ -192,4 +192,12 @@ impl TestInjection for std::sync::Arc<DataPlane> {
     ) -> Option<(SystemTime, std::time::Duration)> {
         DataPlane::last_test(self, &key(endpoint), &subscription)
     }
+
+    fn last_test_failure(
+        &self,
+        endpoint: EndpointKey,
+        subscription: String,
+    ) -> Option<(SystemTime, String)> {
+        DataPlane::last_test_failure(self, &key(endpoint), &subscription)
+    }
 }

@@ -85,6 +85,14 @@ pub trait TestInjection: Send + Sync {
         endpoint: EndpointKey,
         subscription: String,
     ) -> Option<(SystemTime, std::time::Duration)>;
+    /// When a test event of the subscription was last dead-lettered, and why.
+    fn last_test_failure(
+        &self,
+        _endpoint: EndpointKey,
+        _subscription: String,
+    ) -> Option<(SystemTime, String)> {
+        None
+    }
 }
 
 /// Everything delivery needs about one endpoint, secrets resolved.

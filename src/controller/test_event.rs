@@ -151,24 +151,36 @@ async fn verification_keys(
         .ok_or_else(|| secrets::SecretError::NotFound(secret).to_string())
 }
 
-/// The result of a pending test, if it changed: delivered, timed out, or still pending
-/// (`None`, check again after [`RECHECK`]).
+/// The result of a pending test, if it changed: delivered, dead-lettered (refused by the
+/// destination, or out of attempts), timed out, or still pending (`None`, check again
+/// after [`RECHECK`]).
 pub fn check(sub: &WebhookSubscription, ctx: &Context) -> Option<LastTest> {
     let key = kube::runtime::reflector::ObjectRef::from_obj(sub);
     let pending = ctx
         .subscription_memo
         .read(&key, |m| m.pending_test.clone())?;
-    let delivered = endpoint_of(sub)
+    let endpoint = endpoint_of(sub);
+    let delivered = endpoint
+        .clone()
         .and_then(|ep| ctx.routes.0.last_test(ep, sub.name_any()))
         .filter(|(at, _)| *at >= pending.sent_at);
-    let result = match delivered {
-        Some((_, latency)) => LastTest {
+    let dead_lettered = endpoint
+        .and_then(|ep| ctx.routes.0.last_test_failure(ep, sub.name_any()))
+        .filter(|(at, _)| *at >= pending.sent_at);
+    let result = match (delivered, dead_lettered) {
+        (None, Some((_, why))) => LastTest {
+            requested_at: pending.requested_at,
+            result: TestResult::Failed,
+            latency_ms: None,
+            message: Some(format!("dead-lettered: {why}")),
+        },
+        (Some((_, latency)), _) => LastTest {
             requested_at: pending.requested_at,
             result: TestResult::Delivered,
             latency_ms: Some((latency.as_secs_f64() * 1000.0 * 10.0).round() / 10.0),
             message: Some(pending.how),
         },
-        None if pending.started.elapsed() > TIMEOUT => LastTest {
+        (None, None) if pending.started.elapsed() > TIMEOUT => LastTest {
             requested_at: pending.requested_at,
             result: TestResult::Failed,
             latency_ms: None,
@@ -177,7 +189,7 @@ pub fn check(sub: &WebhookSubscription, ctx: &Context) -> Option<LastTest> {
                 TIMEOUT.as_secs()
             )),
         },
-        None => return None,
+        (None, None) => return None,
     };
     ctx.subscription_memo.update(key, |m| m.pending_test = None);
     Some(result)

@@ -308,6 +308,15 @@ impl DataPlane {
         Ok(response.status())
     }
 
+    /// When a test event of the subscription was last dead-lettered, and why.
+    pub fn last_test_failure(
+        &self,
+        endpoint: &EndpointKey,
+        subscription: &str,
+    ) -> Option<(SystemTime, String)> {
+        self.health.last_test_failure(endpoint, subscription)
+    }
+
     /// When a test event of the subscription was last delivered, and its latency.
     pub fn last_test(
         &self,

@@ -440,6 +440,14 @@ async fn attempt(
                 } else {
                     format!("{error} after {failed} attempts")
                 };
+                if ev
+                    .dedupe_key
+                    .starts_with(crate::ingress::TEST_DEDUPE_PREFIX)
+                {
+                    shared
+                        .health
+                        .record_test_failure(&rt.key, &ev.subscription, &reason);
+                }
                 shared.queue.dead_letter(&ev, &reason).await
             } else {
                 rt.metrics.retries.inc();

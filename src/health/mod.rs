@@ -112,6 +112,8 @@ pub struct HealthRegistry {
     /// The last test event delivered per (endpoint, subscription): when, and its
     /// ingest-to-delivered latency.
     tests: Mutex<HashMap<(EndpointKey, String), (SystemTime, Duration)>>,
+    /// The last test event dead-lettered per (endpoint, subscription): when, and why.
+    test_failures: Mutex<HashMap<(EndpointKey, String), (SystemTime, String)>>,
 }
 
 impl HealthRegistry {
@@ -121,6 +123,7 @@ impl HealthRegistry {
             endpoints: RwLock::default(),
             sink: std::sync::OnceLock::new(),
             tests: Mutex::default(),
+            test_failures: Mutex::default(),
         }
     }
 
@@ -148,6 +151,28 @@ impl HealthRegistry {
             (key.clone(), subscription.to_owned()),
             (SystemTime::now(), latency),
         );
+    }
+
+    /// A test event of `subscription` was dead-lettered (refused by the destination, or
+    /// out of attempts) for `reason` (this replica only).
+    pub fn record_test_failure(&self, key: &EndpointKey, subscription: &str, reason: &str) {
+        self.test_failures.lock().expect("tests lock").insert(
+            (key.clone(), subscription.to_owned()),
+            (SystemTime::now(), reason.to_owned()),
+        );
+    }
+
+    /// When a test event of `subscription` was last dead-lettered, and why.
+    pub fn last_test_failure(
+        &self,
+        key: &EndpointKey,
+        subscription: &str,
+    ) -> Option<(SystemTime, String)> {
+        self.test_failures
+            .lock()
+            .expect("tests lock")
+            .get(&(key.clone(), subscription.to_owned()))
+            .cloned()
     }
 
     /// When a test event of `subscription` was last delivered, and its latency.

@@ -204,3 +204,55 @@ async fn kubectl_webhooks_plugin_tests_replays_rotates_and_shows_status() {
         "no error for a synced subscription: {out}"
     );
 }
+
+/// A destination that refuses the test event (400): the event is dead-lettered at once, so
+/// `kubectl webhooks test` ends at once too, with `Failed` and the destination's answer
+/// (not after its 60 s wait with a timeout).
+#[tokio::test]
+async fn kubectl_webhooks_test_fails_as_soon_as_the_destination_refuses() {
+    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
+        "plugintest",
+        json!({"destination": consumer_destination()}),
+        &[],
+    )
+    .await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let plugin_dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_webhook-operator"),
+        plugin_dir.path().join("kubectl-webhooks"),
+    )
+    .unwrap();
+    consumer.answer(400);
+    let started = std::time::Instant::now();
+    let run = tokio::time::timeout(
+        Duration::from_secs(20),
+        kubectl_webhooks(&env, plugin_dir.path(), &["test", "atlas"]),
+    )
+    .await;
+    let took = started.elapsed();
+    let run =
+        run.unwrap_or_else(|_| panic!("`kubectl webhooks test` still waiting after {took:?}"));
+    let out = String::from_utf8_lossy(&run.stdout).to_string();
+    println!("kubectl webhooks test against a 400: {out:?} after {took:?}");
+    assert!(!run.status.success(), "{out}");
+    assert!(out.contains("Failed") && out.contains("HTTP 400"), "{out}");
+    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    let last = subs
+        .get("atlas")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .last_test
+        .unwrap();
+    assert_eq!(last.result, "Failed");
+    assert!(
+        last.message
+            .as_deref()
+            .is_some_and(|m| m.contains("HTTP 400")),
+        "{:?}",
+        last.message
+    );
+}
