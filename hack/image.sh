@@ -143,7 +143,9 @@ build() {
   # built and tagged first, so that pruning the earlier builds below keeps its apt-get.
   local bud=(bud --pull=never --isolation chroot --layers --quiet -f "$root/Dockerfile"
     --build-arg "BIN_DIR=$bin_dir")
-  bh "${bud[@]}" --target certs -t "$IMAGE_REPO-certs:cache" "$root" >/dev/null
+  if grep -qiE '^FROM .* AS certs$' "$root/Dockerfile"; then
+    bh "${bud[@]}" --target certs -t "$IMAGE_REPO-certs:cache" "$root" >/dev/null
+  fi
   bh "${bud[@]}" -t "$image" "$root" >/dev/null
   # Drop the earlier builds no tag names any more (vfs keeps a full copy per layer).
   local i

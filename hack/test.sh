@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: set-up, formatting, lints, then every test (unit, simulator,
-# data plane, the chart, and the Kubernetes tests against a real kube-apiserver + etcd),
+# data plane, the chart, the image built from the Dockerfile with buildah (tests/image.rs),
+# and the Kubernetes tests against a real kube-apiserver + etcd),
 # then the local demo and the benchmark as bounded smoke runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
