@@ -152,10 +152,17 @@ build() {
   for i in 1 2 3 4 5 6 7 8 9 10; do
     [[ -n "$(bh rmi --prune 2>/dev/null)" ]] || break
   done
-  local tmp="$archive.tmp.$$"
-  rm -f "$tmp"
-  bh push --quiet "$image" "oci-archive:$tmp:$image" >&2
-  mv "$tmp" "$archive"
+  # The archive is written anew only when the image changed (compressing it is most of a
+  # warm build's time); $archive.id names the image it holds.
+  local id
+  id=$(bh inspect --type image --format '{{.FromImageID}}' "$image")
+  if [[ ! -s "$archive" || "$(cat "$archive.id" 2>/dev/null)" != "$id" ]]; then
+    local tmp="$archive.tmp.$$"
+    rm -f "$tmp"
+    bh push --quiet "$image" "oci-archive:$tmp:$image" >&2
+    mv "$tmp" "$archive"
+    echo "$id" >"$archive.id"
+  fi
   echo "$archive"
 }
 
