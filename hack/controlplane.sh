@@ -136,7 +136,8 @@ launch() {
   etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
   local bind=127.0.0.1 advertise=127.0.0.1 server=127.0.0.1 admission=(--disable-admission-plugins ServiceAccount)
   if [[ -n "$node_ip" ]]; then
-    bind=0.0.0.0 advertise=$node_ip server=$node_ip admission=()
+    # The kubelet's node name resolves nowhere: the API server reaches it by its IP.
+    bind=0.0.0.0 advertise=$node_ip server=$node_ip admission=(--kubelet-preferred-address-types InternalIP)
   fi
   "${in_ns[@]}" "$bin/etcd" --data-dir "$dir/etcd-data" --name cp \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \

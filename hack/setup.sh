@@ -36,6 +36,10 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 
 # kube-apiserver, kubectl and etcd from their Go modules (cached by version).
 "$root/hack/controlplane.sh" build >/dev/null
+# The single-node cluster of tests/node (hack/cluster.sh): containerd, runc, the CNI plugins
+# and buildah from Debian's packages; kubelet, kube-controller-manager, kube-scheduler,
+# kube-proxy and CoreDNS from their Go modules; a pause image (all cached by version).
+"$root/hack/cluster.sh" build >/dev/null
 
 # Helm, for the chart's lint/template tests (pinned; built from its Go module once).
 "$root/hack/helm.sh" version >/dev/null

@@ -16,6 +16,9 @@ cargo test --locked --lib --bins --benches "${flat_tests[@]}"
 # The Kubernetes tests start operator binaries, NATS servers and loads on one shared
 # machine; in parallel they measure each other, so they run one at a time.
 cargo test --locked --test kubernetes -- --test-threads=1
+# The chart on a real node (hack/cluster.sh): helm install, Services and cluster DNS, the
+# release's lifecycle under load. One cluster for the binary, one test at a time.
+cargo test --locked --test node -- --test-threads=1
 hack/run-local.sh --smoke
 # The benchmark in smoke mode (dev profile: no release build in CI); it only has to complete.
 cargo bench --locked --profile dev --bench bench -- --smoke
