@@ -34,6 +34,7 @@ class Handler(BaseHTTPRequestHandler):
                 "data": event.get_data(),
                 "body": body.decode(),
                 "webhook": {k: v for k, v in headers.items() if k.startswith("webhook-")},
+                "traceparent": headers.get("traceparent"),
             }
             self.send_response(200)
         except Exception as e:  # the test reports what the SDK refused

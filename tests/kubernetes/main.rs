@@ -16,8 +16,11 @@ mod operator_run;
 mod plugin;
 mod scaleout;
 mod subscription_sync;
+mod through_binary;
 
 #[path = "../common/nats.rs"]
 mod nats;
 #[path = "../common/ports.rs"]
 mod ports;
+#[path = "../common/sdk.rs"]
+mod sdk;
