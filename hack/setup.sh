@@ -53,6 +53,9 @@ if ! "$nats_bin/nats-server" --version 2>/dev/null | grep -q "${NATS_SERVER_VERS
   mkdir -p "$nats_bin"
   GOBIN="$nats_bin" go install "github.com/nats-io/nats-server/v2@$NATS_SERVER_VERSION"
 fi
+# lazyfs, the FUSE file system of the power-cut test (tests/kubernetes/powercut.rs, which
+# builds it): its modules, pinned by tests/powercut/lazyfs/go.sum, into the module cache.
+(cd "$root/tests/powercut/lazyfs" && go mod download)
 
 # The official Smallest Python SDK, pinned, in its own venv: the conformance test
 # smallest_official_sdk_conforms (tests/providers_sim.rs) runs

@@ -14,6 +14,7 @@ mod health_scripts;
 mod isolation;
 mod operator_run;
 mod plugin;
+mod powercut;
 mod scaleout;
 mod subscription_sync;
 mod through_binary;
