@@ -181,6 +181,10 @@ fn image_config() -> Value {
 }
 
 fn uid_gid(user: &str) -> (u32, u32) {
+    assert!(
+        !user.is_empty(),
+        "the image sets no USER: it would run as root"
+    );
     let (uid, gid) = user.split_once(':').unwrap_or((user, user));
     let parse = |s: &str| {
         s.parse::<u32>().unwrap_or_else(|_| {
