@@ -214,7 +214,7 @@ fn kill_and_wait(child: &mut Child) {
 #[test]
 fn dockerfile_builds_an_image_that_runs_as_non_root_on_a_read_only_root() {
     // The binaries this test run built: the script packages them and runs no cargo of its
-    // own (no second build, and no wait on the build directory's lock from inside a test).
+    // own, so the image holds exactly what this run compiled and tested.
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_webhook-operator"))
         .parent()
         .unwrap();
