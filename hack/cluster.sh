@@ -440,6 +440,8 @@ load() { # DIR ARCHIVE [BASE_NAME]
 # DIR and /run/wo-ID and the pods' network namespaces; removes the cgroups, the network
 # namespace (with the bridge and the pods' veths) and the link.
 stop() {
+  # Best effort: every step runs even if one before it failed.
+  set +e
   dir=${1:-$root/.cluster}
   [[ -d "$dir" ]] || return 0
   dir=$(cd "$dir" && pwd)
@@ -489,6 +491,10 @@ stop() {
   ip netns del "$netns" 2>/dev/null || true
   ip link del "$veth" 2>/dev/null || true
   rm -rf "$run"
+  # The logs stay in DIR; the images, volumes and etcd's data go (unless a mount is left).
+  if ! awk '{print $2}' /proc/mounts | grep -q "^$dir/"; then
+    rm -rf "$dir/containerd/root" "$dir/pv" "$dir/kubelet/root" "$dir/controlplane/etcd-data"
+  fi
 }
 
 stop_pid() {
