@@ -72,3 +72,10 @@ CLOUDEVENTS_VERSION=2.2.0
 if ! "$sdk_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('cloudevents') != '$CLOUDEVENTS_VERSION')" 2>/dev/null; then
   "$sdk_venv/bin/pip" install --quiet "cloudevents==$CLOUDEVENTS_VERSION"
 fi
+# The OpenTelemetry protocol's Python package, pinned, in the same venv: the collector of
+# otlp_export_through_the_binary_is_read_by_opentelemetry_proto (tests/kubernetes/through_binary.rs)
+# decodes the operator's OTLP export with it (tests/conformance/otlp_collector.py).
+OTEL_PROTO_VERSION=1.45.2
+if ! "$sdk_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('opentelemetry-proto') != '$OTEL_PROTO_VERSION')" 2>/dev/null; then
+  "$sdk_venv/bin/pip" install --quiet "opentelemetry-proto==$OTEL_PROTO_VERSION"
+fi

@@ -224,3 +224,91 @@ async fn next_line(
         .ok()
         .and_then(|l| l.ok().flatten())
 }
+
+/// `--otlp-endpoint` through the binary, the export decoded by the OpenTelemetry protocol's
+/// own Python package (`tests/conformance/otlp_collector.py`): the event's `receive`,
+/// `store`, `deliver` and `attempt` spans, in the provider's trace, parented as documented,
+/// and the attempt is the span the destination's `traceparent` names.
+#[tokio::test]
+async fn otlp_export_through_the_binary_is_read_by_opentelemetry_proto() {
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    let python = crate::sdk::sdk_python();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/conformance/otlp_collector.py"
+    );
+    let mut collector = tokio::process::Command::new(&python)
+        .arg(script)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs");
+    let mut lines = tokio::io::BufReader::new(collector.stdout.take().unwrap()).lines();
+    let first = next_line(&mut lines, 30)
+        .await
+        .expect("the collector starts (hack/setup.sh installs opentelemetry-proto)");
+    let port: u16 = first.strip_prefix("listening ").unwrap().parse().unwrap();
+    let otlp = format!("http://127.0.0.1:{port}");
+    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
+        "binotlp",
+        json!({"destination": consumer_destination()}),
+        &["--otlp-endpoint", &otlp],
+    )
+    .await;
+    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(&env, "atlas", "Ready", "True", None).await;
+    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let incoming = format!("00-{TRACE}-{PARENT}-01");
+    let sent = send(&url, &atlas_event("traced"), &[("traceparent", &incoming)]).await;
+    assert_eq!(sent.0, 200);
+
+    let mut spans: Vec<Value> = Vec::new();
+    let named = |spans: &[Value], name: &str| -> Vec<Value> {
+        spans
+            .iter()
+            .filter(|s| s["name"] == name && s["trace_id"] == TRACE)
+            .cloned()
+            .collect()
+    };
+    while named(&spans, "deliver").is_empty() || named(&spans, "attempt").is_empty() {
+        let line = next_line(&mut lines, 30)
+            .await
+            .unwrap_or_else(|| panic!("no deliver/attempt span exported; got {spans:?}"));
+        let span: Value = serde_json::from_str(&line).unwrap();
+        assert!(
+            span.get("error").is_none(),
+            "opentelemetry-proto refused: {line}"
+        );
+        spans.push(span);
+    }
+    for s in &spans {
+        println!("span decoded by opentelemetry-proto: {s}");
+    }
+    let one = |name: &str| {
+        let found = named(&spans, name);
+        assert_eq!(found.len(), 1, "{name}: {spans:?}");
+        found[0].clone()
+    };
+    let (receive, store, deliver, attempt) =
+        (one("receive"), one("store"), one("deliver"), one("attempt"));
+    assert_eq!(receive["service"], "webhook-operator");
+    assert_eq!(receive["kind"], "SPAN_KIND_SERVER");
+    assert_eq!(attempt["kind"], "SPAN_KIND_CLIENT");
+    assert_eq!(
+        receive["parent_span_id"], PARENT,
+        "continues the provider's span"
+    );
+    assert_eq!(store["parent_span_id"], receive["span_id"]);
+    assert_eq!(deliver["parent_span_id"], receive["span_id"]);
+    assert_eq!(attempt["parent_span_id"], deliver["span_id"]);
+    let at_destination = consumer.received()[0].headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        at_destination,
+        format!("00-{TRACE}-{}-01", attempt["span_id"].as_str().unwrap()),
+        "the destination's traceparent names the attempt span"
+    );
+}
