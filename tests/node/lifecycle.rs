@@ -24,13 +24,12 @@ const FULL: &str = "life-webhook-operator";
 /// the hook URL got (0: the connection failed).
 struct Shot {
     at: Instant,
-    done: Instant,
     step: &'static str,
     provider: &'static str,
     status: u16,
 }
 
-/// Fires Atlas, Atomic and Smallest events in turn every 100 ms until stopped.
+/// Fires Atlas, Atomic and Smallest events in turn, one every 100 ms, until stopped.
 struct Stream {
     stop: Arc<AtomicBool>,
     step: Arc<Mutex<&'static str>>,
@@ -44,32 +43,42 @@ impl Stream {
         let step = Arc::new(Mutex::new("steady"));
         let shots = Arc::new(Mutex::new(Vec::new()));
         let (s, st, sh) = (stop.clone(), step.clone(), shots.clone());
+        // One shot every 100 ms, each in a thread of its own, so a shot that hangs while
+        // the pod restarts does not hold the next ones back.
         let thread = std::thread::spawn(move || {
+            let events = Arc::new(events);
+            let mut shooters = Vec::new();
             let mut i = 0usize;
             while !s.load(Ordering::Relaxed) {
-                let (provider, event) = &events[i % events.len()];
+                let (events, sandbox, st, sh) =
+                    (events.clone(), sandbox.clone(), st.clone(), sh.clone());
+                let n = i;
                 i += 1;
-                let at = Instant::now();
-                let statuses = fire(&sandbox, provider, event);
-                let done = Instant::now();
-                let step = *st.lock().unwrap();
-                let mut shots = sh.lock().unwrap();
-                // A fire the simulator could not answer counts as one refused delivery.
-                for status in if statuses.is_empty() {
-                    vec![0]
-                } else {
-                    statuses
-                } {
-                    shots.push(Shot {
-                        at,
-                        done,
-                        step,
-                        provider,
-                        status,
-                    });
-                }
-                drop(shots);
-                std::thread::sleep(Duration::from_millis(100).saturating_sub(at.elapsed()));
+                shooters.push(std::thread::spawn(move || {
+                    let (provider, event) = &events[n % events.len()];
+                    let step = *st.lock().unwrap();
+                    let at = Instant::now();
+                    let statuses = fire(&sandbox, provider, event);
+                    // A fire the simulator could not answer counts as one refused delivery.
+                    let statuses = if statuses.is_empty() {
+                        vec![0]
+                    } else {
+                        statuses
+                    };
+                    let mut shots = sh.lock().unwrap();
+                    for status in statuses {
+                        shots.push(Shot {
+                            at,
+                            step,
+                            provider,
+                            status,
+                        });
+                    }
+                }));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            for t in shooters {
+                t.join().unwrap();
             }
         });
         Stream {
@@ -164,12 +173,13 @@ fn evict(c: &Cluster) -> std::process::Output {
     ])
 }
 
-/// How long the ingress accepted nothing in a step with refused deliveries: from the end of
-/// the last 2xx before the first refusal to the start of the first 2xx after the last one
-/// (None: none refused). Shots are sent one after another, so a refusal that hangs counts
-/// whole.
+/// How long the ingress accepted nothing in a step with refused deliveries: from the start
+/// of the last shot answered 2xx before the first refusal to the start of the first one
+/// answered 2xx after the last refusal (None: none refused); shots start every 100 ms.
 fn refused_window(shots: &[Shot], step: &str) -> Option<Duration> {
-    let ok = |s: &&Shot| (200..300).contains(&s.status);
+    let mut shots: Vec<&Shot> = shots.iter().collect();
+    shots.sort_by_key(|s| s.at);
+    let ok = |s: &&&Shot| (200..300).contains(&s.status);
     let first = shots.iter().position(|s| s.step == step && s.status == 0)?;
     let last = shots
         .iter()
@@ -178,11 +188,11 @@ fn refused_window(shots: &[Shot], step: &str) -> Option<Duration> {
         .iter()
         .rev()
         .find(ok)
-        .map_or(shots[first].at, |s| s.done);
+        .map_or(shots[first].at, |s| s.at);
     let after = shots[last..]
         .iter()
         .find(ok)
-        .map_or(shots[last].done, |s| s.at);
+        .map_or(shots[last].at, |s| s.at);
     Some(after.saturating_duration_since(before))
 }
 

@@ -207,14 +207,17 @@ spec:
         httpGet: {path: /healthz, port: ops}
         periodSeconds: 10
         failureThreshold: 3
+      # Probed every second, so a restarted pod is back behind the Service within a second
+      # of being ready (with one embedded replica the ingress refuses connections until
+      # then); still out of the Service after 10 s of failures, and 60 s to start.
       readinessProbe:
         httpGet: {path: /readyz, port: ops}
-        periodSeconds: 5
-        failureThreshold: 2
+        periodSeconds: 1
+        failureThreshold: 10
       startupProbe:
         httpGet: {path: /healthz, port: ops}
-        periodSeconds: 2
-        failureThreshold: 30
+        periodSeconds: 1
+        failureThreshold: 60
       resources:
         {{- toYaml .Values.resources | nindent 8 }}
       securityContext:
