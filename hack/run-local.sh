@@ -7,6 +7,10 @@
 #   hack/run-local.sh           run, print the table, keep running until Ctrl-C
 #   hack/run-local.sh --smoke   run, print the table, exit 0 (CI); non-zero with
 #                               diagnostics when not done within DEMO_TIMEOUT (120 s)
+#   hack/run-local.sh --cluster [--smoke]
+#                               the same demo on a single-node cluster (hack/cluster.sh):
+#                               the image, helm install, Deployments, Services, cluster
+#                               DNS (hack/cluster/demo.sh)
 #
 # Everything it starts is stopped on exit (Ctrl-C included). Logs are in .demo/.
 set -euo pipefail
@@ -16,8 +20,9 @@ cd "$root"
 smoke=false
 case "${1:-}" in
   --smoke) smoke=true ;;
+  --cluster) shift; exec "$root/hack/cluster/demo.sh" "$@" ;;
   "") ;;
-  *) echo "usage: $0 [--smoke]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--smoke] | --cluster [--smoke]" >&2; exit 2 ;;
 esac
 timeout_secs=${DEMO_TIMEOUT:-120}
 dir="$root/.demo"

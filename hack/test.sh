@@ -20,6 +20,8 @@ cargo test --locked --test kubernetes -- --test-threads=1
 # release's lifecycle under load. One cluster for the binary, one test at a time.
 cargo test --locked --test node -- --test-threads=1
 hack/run-local.sh --smoke
+# The same demo on a single-node cluster: the image, helm install, Services, cluster DNS.
+hack/run-local.sh --cluster --smoke
 # The benchmark in smoke mode (dev profile: no release build in CI); it only has to complete.
 cargo bench --locked --profile dev --bench bench -- --smoke
 echo "test.sh: finished in $(( $(date +%s) - start ))s"
