@@ -1,7 +1,8 @@
 //! Features proven in-process elsewhere, here through the real binary and the CRD: the
 //! global event bound, the byte bounds (per endpoint and global) and the `429` of
 //! `spec.ingressRateLimit`; a CEL `spec.filter`; `format: cloudevents` read by the
-//! CloudEvents SDK; a provider's `traceparent` continued to the destination.
+//! CloudEvents SDK; a provider's `traceparent` continued to the destination; the OTLP
+//! export decoded by `opentelemetry-proto`.
 
 use std::time::Duration;
 
