@@ -387,6 +387,10 @@ pub struct DeliveryStats {
     /// kept as dead letters to inspect, and each is announced by a `MalformedEvents` Event.
     #[serde(default)]
     pub malformed: u64,
+    /// Events `spec.filter` failed on (a missing field, a result that is not a bool): kept
+    /// as dead letters with the filter's error, each announced by a `FilterFailed` Event.
+    #[serde(default)]
+    pub filter_errors: u64,
     /// Failed attempts since the last success.
     #[serde(default)]
     pub consecutive_failures: u64,

@@ -428,23 +428,24 @@ async fn publish_transitions(
         };
         publish(ctx, ep, kind, &after.reason, type_, after.message.clone()).await;
     }
-    // New dead letters while the last error is the filter's: it failed on an event.
-    let dead = |s: &WebhookEndpointStatus| s.delivery.as_ref().map_or(0, |d| d.dead_lettered);
-    let filter_error = next
-        .delivery
-        .as_ref()
-        .and_then(|d| d.last_error.as_deref())
-        .filter(|e| e.starts_with(crate::health::FILTER_ERROR_PREFIX));
-    if let Some(error) = filter_error
-        && dead(next) > dead(current)
-    {
+    let filter_errors =
+        |s: &WebhookEndpointStatus| s.delivery.as_ref().map_or(0, |d| d.filter_errors);
+    let new = filter_errors(next).saturating_sub(filter_errors(current));
+    if new > 0 {
+        // The last error is the filter's unless a delivery failed since.
+        let error = next
+            .delivery
+            .as_ref()
+            .and_then(|d| d.last_error.as_deref())
+            .filter(|e| e.starts_with(crate::health::FILTER_ERROR_PREFIX))
+            .unwrap_or("spec.filter failed");
         publish(
             ctx,
             ep,
             EventType::Warning,
             "FilterFailed",
             "Deliver",
-            format!("{error}; the event is kept as a dead letter: fix spec.filter, then replay"),
+            format!("{new} event(s): {error}; kept as dead letters: fix spec.filter, then replay"),
         )
         .await;
     }

@@ -88,6 +88,7 @@ struct Tracker {
     retrying: u64,
     dead_lettered: u64,
     malformed: u64,
+    filter_errors: u64,
     consecutive_failures: u64,
     last_success: Option<SystemTime>,
     last_failure: Option<SystemTime>,
@@ -241,6 +242,7 @@ impl HealthRegistry {
                 t.dead_lettered += 1;
             }
             Outcome::FilterError { error } => {
+                t.filter_errors += 1;
                 t.dead_lettered += 1;
                 let shown = format!("{FILTER_ERROR_PREFIX}{error}");
                 t.last_error = Some(shown.chars().take(MAX_ERROR_LEN).collect());
@@ -351,6 +353,7 @@ impl HealthRegistry {
                 retrying: t.retrying,
                 dead_lettered: t.dead_lettered,
                 malformed: t.malformed,
+                filter_errors: t.filter_errors,
                 consecutive_failures: t.consecutive_failures,
                 failure_ratio,
                 last_success_time: t.last_success.and_then(to_time),

@@ -101,6 +101,7 @@ async fn a_filter_error_is_counted_reported_and_announced() {
             let d = ep.status.as_ref().and_then(|s| s.delivery.as_ref());
             d.is_some_and(|d| {
                 d.dead_lettered == 1
+                    && d.filter_errors == 1
                     && d.last_error
                         .as_deref()
                         .is_some_and(|e| e.contains("filter"))
@@ -110,8 +111,8 @@ async fn a_filter_error_is_counted_reported_and_announced() {
     .await;
     let delivery = ep.status.unwrap().delivery.unwrap();
     println!(
-        "after a filter error: deadLettered={} lastError={:?}",
-        delivery.dead_lettered, delivery.last_error
+        "after a filter error: deadLettered={} filterErrors={} lastError={:?}",
+        delivery.dead_lettered, delivery.filter_errors, delivery.last_error
     );
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
     let event = wait_until(Duration::from_secs(30), "a FilterFailed Event", || {
