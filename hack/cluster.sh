@@ -75,22 +75,23 @@ scratch_image() {
   rm -rf "$store"
 }
 
-# A stand-in operator image until the Dockerfile's is built by the suite: BINARY, the
-# shared libraries it links, the CA roots, on a scratch base, entrypoint BINARY, user 65532.
+# An image of one binary from this machine (a stand-in operator image, the NATS server):
+# BINARY, the shared libraries it links, the CA roots, on a scratch base, entrypoint
+# /usr/local/bin/<its name>, user 65532.
 interim_image() { # BINARY OUT NAME
   local binary=$1 out=$2 name=$3 store ctr lib
   store=$(mktemp -d "$out.store.XXXXXX")
   ctr=$(buildah_in "$store" from scratch)
   local mnt; mnt=$(buildah_in "$store" mount "$ctr")
   mkdir -p "$mnt/usr/local/bin" "$mnt/etc/ssl/certs" "$mnt/tmp"
-  cp "$binary" "$mnt/usr/local/bin/webhook-operator"
+  cp "$binary" "$mnt/usr/local/bin/$(basename "$binary")"
   for lib in $(ldd "$binary" | grep -o '/[^ ]*'); do
     mkdir -p "$mnt$(dirname "$lib")" && cp -L "$lib" "$mnt$lib"
   done
   cp -L /etc/ssl/certs/ca-certificates.crt "$mnt/etc/ssl/certs/"
   chmod 1777 "$mnt/tmp"
   buildah_in "$store" umount "$ctr" >/dev/null
-  buildah_in "$store" config --entrypoint '["/usr/local/bin/webhook-operator"]' --user 65532:65532 "$ctr"
+  buildah_in "$store" config --entrypoint "[\"/usr/local/bin/$(basename "$binary")\"]" --user 65532:65532 "$ctr"
   buildah_in "$store" commit -q "$ctr" "$name" >/dev/null
   rm -f "$out"
   buildah_in "$store" push -q "$name" "oci-archive:$out:$name"

@@ -199,6 +199,34 @@ pub fn fire(sandbox: &str, provider: &str, event: &Value) -> Vec<u16> {
         .unwrap_or_default()
 }
 
+/// Deletes the custom resources (the operator removes its webhooks at the providers) and
+/// then uninstalls the release: every release's operator watches every namespace, so no
+/// test may leave one running for the next.
+pub fn uninstall(c: &Cluster, ns: &str, release: &str) {
+    c.kubectl_ok(&[
+        "-n",
+        ns,
+        "delete",
+        "webhooksubscriptions,webhookendpoints",
+        "--all",
+        "--timeout=120s",
+    ]);
+    let out = c.helm(&[
+        "uninstall",
+        release,
+        "--namespace",
+        ns,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm uninstall {release}: {}",
+        text(&out)
+    );
+}
+
 pub fn consumer_counts(consumer: &str) -> Value {
     let (status, body) = http("GET", &format!("{consumer}/_counts"), None);
     assert_eq!(status, 200, "consumer /_counts: {body}");
@@ -342,4 +370,5 @@ fn helm_install_runs_the_chart_and_delivers_through_services() {
         },
     );
     eprintln!("node: delivered through demo-consumer.{ns}.svc: {counts}");
+    uninstall(c, ns, RELEASE);
 }

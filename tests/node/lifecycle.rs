@@ -22,15 +22,15 @@ const FULL: &str = "life-webhook-operator";
 
 /// One fire at a simulator: when, which step was running, and the status its delivery to
 /// the hook URL got (0: the connection failed).
-struct Shot {
-    at: Instant,
-    step: &'static str,
-    provider: &'static str,
-    status: u16,
+pub struct Shot {
+    pub at: Instant,
+    pub step: &'static str,
+    pub provider: &'static str,
+    pub status: u16,
 }
 
 /// Fires Atlas, Atomic and Smallest events in turn, one every 100 ms, until stopped.
-struct Stream {
+pub struct Stream {
     stop: Arc<AtomicBool>,
     step: Arc<Mutex<&'static str>>,
     shots: Arc<Mutex<Vec<Shot>>>,
@@ -38,7 +38,7 @@ struct Stream {
 }
 
 impl Stream {
-    fn start(sandbox: String, events: Vec<(&'static str, Value)>) -> Stream {
+    pub fn start(sandbox: String, events: Vec<(&'static str, Value)>) -> Stream {
         let stop = Arc::new(AtomicBool::new(false));
         let step = Arc::new(Mutex::new("steady"));
         let shots = Arc::new(Mutex::new(Vec::new()));
@@ -89,11 +89,11 @@ impl Stream {
         }
     }
 
-    fn step(&self, name: &'static str) {
+    pub fn step(&self, name: &'static str) {
         *self.step.lock().unwrap() = name;
     }
 
-    fn finish(mut self) -> Vec<Shot> {
+    pub fn finish(mut self) -> Vec<Shot> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap();
         std::mem::take(&mut *self.shots.lock().unwrap())
@@ -101,8 +101,8 @@ impl Stream {
 }
 
 /// The webhook ids the consumer verified per path (`/atlas`, ...), read from its log.
-fn delivered_ids(c: &Cluster) -> BTreeMap<String, BTreeSet<String>> {
-    let log = c.kubectl_ok(&["-n", NS, "logs", "deploy/demo-consumer", "--tail=-1"]);
+pub fn delivered_ids(c: &Cluster, ns: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let log = c.kubectl_ok(&["-n", ns, "logs", "deploy/demo-consumer", "--tail=-1"]);
     let field = |l: &str, name: &str| -> Option<String> {
         let rest = &l[l.find(&format!(" {name}="))? + name.len() + 2..];
         Some(
@@ -176,7 +176,7 @@ fn evict(c: &Cluster) -> std::process::Output {
 /// How long the ingress accepted nothing in a step with refused deliveries: from the start
 /// of the last shot answered 2xx before the first refusal to the start of the first one
 /// answered 2xx after the last refusal (None: none refused); shots start every 100 ms.
-fn refused_window(shots: &[Shot], step: &str) -> Option<Duration> {
+pub fn refused_window(shots: &[Shot], step: &str) -> Option<Duration> {
     let mut shots: Vec<&Shot> = shots.iter().collect();
     shots.sort_by_key(|s| s.at);
     let ok = |s: &&&Shot| (200..300).contains(&s.status);
@@ -322,9 +322,9 @@ fn lifecycle_upgrade_delete_evict_uninstall_lose_nothing() {
     let all_delivered = wait_for(
         Duration::from_secs(90),
         "every accepted event delivered",
-        || format!("{}\n{}", report(&delivered_ids(c)), diag()),
+        || format!("{}\n{}", report(&delivered_ids(c, NS)), diag()),
         || {
-            let ids = delivered_ids(c);
+            let ids = delivered_ids(c, NS);
             providers
                 .iter()
                 .all(|p| ids.get(&format!("/{p}")).map_or(0, BTreeSet::len) >= accepted(p))

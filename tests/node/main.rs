@@ -5,4 +5,5 @@
 mod support;
 
 mod install;
+mod jetstream;
 mod lifecycle;

@@ -218,6 +218,14 @@ spec:
         httpGet: {path: /healthz, port: ops}
         periodSeconds: 1
         failureThreshold: 60
+      {{- if $distributed }}
+      # A replica going away keeps serving for 5 s before SIGTERM, until the Service has
+      # dropped it (kube-proxy applies that a moment later): a rolling upgrade of several
+      # replicas then refuses no connection.
+      lifecycle:
+        preStop:
+          sleep: {seconds: 5}
+      {{- end }}
       resources:
         {{- toYaml .Values.resources | nindent 8 }}
       securityContext:
