@@ -7,8 +7,15 @@
 
 use bytes::Bytes;
 
-use crate::api::Provider;
-pub use crate::api::subscription::SignatureEncoding;
+use crate::providers::Provider;
+
+/// How a signature's bytes are written in its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SignatureEncoding {
+    #[default]
+    Hex,
+    Base64,
+}
 
 /// A request as it reached the ingress, before any verification.
 pub struct InboundRequest<'a> {

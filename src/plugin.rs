@@ -12,8 +12,9 @@ use kube::{Client, ResourceExt};
 use serde_json::{Map, Value};
 
 use crate::annotate::{annotate_and_wait, request_value};
-use crate::api::{TEST_REQUESTED_AT_ANNOTATION, WebhookEndpoint, WebhookSubscription};
-use crate::controller::endpoint::ROTATE_ANNOTATION;
+use crate::api::{
+    ROTATE_ANNOTATION, TEST_REQUESTED_AT_ANNOTATION, WebhookEndpoint, WebhookSubscription,
+};
 use crate::replay::ReplayArgs;
 
 /// The program name kubectl looks for on `PATH` for `kubectl webhooks`.

@@ -9,9 +9,9 @@ use kube::api::Api;
 use serde_json::json;
 
 use crate::annotate::{annotate_and_wait, request_value};
-use crate::api::WebhookEndpoint;
-use crate::controller::endpoint::{
+use crate::api::{
     REPLAY_ANNOTATION, REPLAY_BY_ANNOTATION, REPLAY_SINCE_ANNOTATION, REPLAY_UNTIL_ANNOTATION,
+    WebhookEndpoint,
 };
 
 #[derive(clap::Args, Debug)]

@@ -27,6 +27,19 @@ pub const REQUESTED_AT_ANNOTATION: &str = "hooks.webhook-operator.dev/requested-
 /// the outcome lands in `status.lastTest`. Handled once per value.
 pub const TEST_REQUESTED_AT_ANNOTATION: &str = "hooks.webhook-operator.dev/test-requested-at";
 
+/// Annotation asking to re-queue dead letters; its value is echoed in
+/// `status.lastHandledReplayAt`. `replay-since` / `replay-until` (RFC 3339) limit it to a
+/// window of the time events were dead-lettered, or received with `replay-by: received`.
+pub const REPLAY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-requested-at";
+pub const REPLAY_SINCE_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-since";
+/// RFC 3339 end of the replay window (default: now).
+pub const REPLAY_UNTIL_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-until";
+/// Which time the window applies to: `dead-lettered` (default) or `received`.
+pub const REPLAY_BY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-by";
+/// Annotation asking for a new generated signing secret (only without `signing.secretRef`:
+/// a user-provided secret rotates when its Secret changes). Handled once per value.
+pub const ROTATE_ANNOTATION: &str = "hooks.webhook-operator.dev/rotate-signing-secret";
+
 /// Both CRDs, endpoint first (subscriptions refer to endpoints).
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![WebhookEndpoint::crd(), WebhookSubscription::crd()]

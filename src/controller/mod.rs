@@ -38,6 +38,7 @@ pub mod signature_check;
 pub mod status;
 pub mod subscription;
 pub mod test_event;
+pub mod to_dataplane;
 pub mod watches;
 
 use std::collections::HashMap;

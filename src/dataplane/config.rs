@@ -5,13 +5,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::api::Provider;
-use crate::api::endpoint::DeliveryFormat;
 use crate::delivery::filter::Filter;
-use crate::delivery::{AddressPolicy, Destination, Policy, SigningSecret};
+use crate::delivery::{AddressPolicy, DeliveryFormat, Destination, Policy, SigningSecret};
 use crate::health::HealthConfig;
 use crate::inbound::VerificationKeys;
-use crate::ingress::RateLimit;
+use crate::providers::Provider;
 use crate::queue::EndpointKey;
 
 /// Data plane settings. `Default` gives production values; tests shorten the timings.
@@ -90,6 +88,13 @@ impl Default for DataPlaneConfig {
             otlp_endpoint: None,
         }
     }
+}
+
+/// Sustained requests per second and how many may come at once above it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 /// One `WebhookEndpoint` as the data plane needs it.

@@ -17,7 +17,9 @@ use std::time::SystemTime;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 
-pub use config::{DataPlaneConfig, EndpointConfig, EndpointConfigError, SubscriptionRoute};
+pub use config::{
+    DataPlaneConfig, EndpointConfig, EndpointConfigError, RateLimit, SubscriptionRoute,
+};
 
 pub use crate::health::EndpointHealth;
 pub use crate::queue::{EndpointKey, ReplayFilter};

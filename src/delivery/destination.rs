@@ -9,7 +9,7 @@ use std::sync::Arc;
 use url::Url;
 
 use super::address_policy::{AddressClass, AddressPolicy};
-use crate::api::endpoint as api;
+pub use crate::health::DestinationError;
 
 /// A delivery target as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,49 +24,7 @@ pub enum Destination {
     Url(String),
 }
 
-/// Why events of an endpoint cannot leave. The controller turns it into a condition
-/// (`reason()` is a condition reason); the events stay parked until it is fixed.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum DestinationError {
-    /// Resolves to an address the [`AddressPolicy`] refuses.
-    #[error("destination resolves to a forbidden address ({0})")]
-    Forbidden(&'static str),
-    /// The URL is malformed or the host does not resolve.
-    #[error("destination unresolvable: {0}")]
-    Unresolvable(&'static str),
-}
-
-impl DestinationError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            DestinationError::Forbidden(_) => {
-                crate::api::conditions::reasons::DESTINATION_FORBIDDEN
-            }
-            DestinationError::Unresolvable(_) => {
-                crate::api::conditions::reasons::DESTINATION_UNRESOLVABLE
-            }
-        }
-    }
-}
-
 impl Destination {
-    /// From `spec.destination`; a Service without a namespace is in the endpoint's.
-    pub fn from_api(spec: &api::Destination, endpoint_namespace: &str) -> Option<Self> {
-        match (&spec.service, &spec.url) {
-            (Some(s), None) => Some(Destination::Service {
-                name: s.name.clone(),
-                namespace: s
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| endpoint_namespace.to_owned()),
-                port: s.port,
-                path: s.path.clone().unwrap_or_else(|| "/".into()),
-            }),
-            (None, Some(u)) => Some(Destination::Url(u.clone())),
-            _ => None,
-        }
-    }
-
     /// The URL to deliver to. A Service URL is assembled from its parts with a URL type,
     /// never by formatting, and its name and namespace must be DNS labels, so they cannot
     /// carry user info, another host or a path.

@@ -7,8 +7,17 @@ use std::time::SystemTime;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::SigningSecret;
-use crate::api::endpoint::DeliveryFormat;
 use crate::queue::QueuedEvent;
+
+/// How a delivery is shaped on the wire (`spec.format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeliveryFormat {
+    /// The provider payload plus Standard Webhooks headers.
+    #[default]
+    Default,
+    /// CloudEvents 1.0, HTTP binary content mode; `ce-id` is the stable `webhook-id`.
+    Cloudevents,
+}
 
 /// `ce-type` when the provider gave the event no type.
 const FALLBACK_TYPE: &str = "dev.webhook-operator.event";

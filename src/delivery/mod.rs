@@ -15,7 +15,8 @@ mod signing;
 pub use address_policy::AddressPolicy;
 pub use breaker::{Admission, Breaker};
 pub use destination::{Destination, DestinationError, Resolver, is_dns_label};
-pub use policy::{Policy, parse_retry_after};
+pub use envelope::DeliveryFormat;
+pub use policy::{Backoff, Policy, parse_retry_after};
 pub use signing::{SecretError, SigningSecret, signature_header, verify as verify_signature};
 
 mod dispatcher;

@@ -1,12 +1,19 @@
-//! The delivery policy in force for one endpoint, parsed from the API's strings once, and
-//! the retry schedule it implies.
+//! The delivery policy in force for one endpoint (the controller parses it from the
+//! API's strings once), and the retry schedule it implies.
 
 use std::time::Duration;
 
 use rand::Rng;
 
-use crate::api::endpoint::{self, Backoff};
-use crate::duration::{DurationError, parse_go_duration};
+/// Backoff shape between delivery attempts; jitter is always added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Backoff {
+    /// initialDelay × 2^(attempt−1), capped at maxDelay.
+    #[default]
+    Exponential,
+    /// initialDelay × attempt, capped at maxDelay.
+    Linear,
+}
 
 /// Parsed `spec.delivery`.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,27 +32,21 @@ pub struct Policy {
     pub dead_letter_retention: Duration,
 }
 
+/// The API's defaults (the controller's conversion of a default `spec.delivery` is held
+/// equal to this by a test).
 impl Default for Policy {
     fn default() -> Self {
-        Self::try_from(&endpoint::DeliveryPolicy::default()).expect("API defaults parse")
-    }
-}
-
-impl TryFrom<&endpoint::DeliveryPolicy> for Policy {
-    type Error = DurationError;
-
-    fn try_from(p: &endpoint::DeliveryPolicy) -> Result<Self, DurationError> {
-        Ok(Self {
-            timeout: parse_go_duration(&p.timeout)?,
-            max_attempts: p.retry.max_attempts.max(1) as u32,
-            backoff: p.retry.backoff,
-            initial_delay: parse_go_duration(&p.retry.initial_delay)?,
-            max_delay: parse_go_duration(&p.retry.max_delay)?,
-            max_age: parse_go_duration(&p.retry.max_age)?,
-            max_in_flight: p.max_in_flight.max(1),
-            rate_per_second: p.rate_per_second,
-            dead_letter_retention: parse_go_duration(&p.dead_letter.retention)?,
-        })
+        Self {
+            timeout: Duration::from_secs(10),
+            max_attempts: 8,
+            backoff: Backoff::Exponential,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(300),
+            max_age: Duration::from_secs(24 * 3600),
+            max_in_flight: 16,
+            rate_per_second: 0,
+            dead_letter_retention: Duration::from_secs(168 * 3600),
+        }
     }
 }
 
@@ -102,18 +103,6 @@ mod tests {
             max_delay: Duration::from_secs(60),
             ..Policy::default()
         }
-    }
-
-    #[test]
-    fn api_defaults_convert() {
-        let p = Policy::default();
-        assert_eq!(p.timeout, Duration::from_secs(10));
-        assert_eq!(p.max_attempts, 8);
-        assert_eq!(p.max_delay, Duration::from_secs(300));
-        assert_eq!(p.dead_letter_retention, Duration::from_secs(168 * 3600));
-        let mut bad = endpoint::DeliveryPolicy::default();
-        bad.retry.max_age = "forever".into();
-        assert!(Policy::try_from(&bad).is_err());
     }
 
     #[test]

@@ -11,11 +11,11 @@ use http::{HeaderMap, Uri};
 use tokio::sync::{Notify, watch};
 use url::Url;
 
+use super::envelope::DeliveryFormat;
 use super::{Admission, Breaker, DestinationError, Policy, SigningSecret};
-use crate::api::endpoint::DeliveryFormat;
 use crate::health::Outcome;
 use crate::metrics::EndpointMetrics;
-use crate::queue::{EndpointKey, QueuedEvent};
+use crate::queue::{EndpointKey, EventKind, QueuedEvent};
 
 /// What workers and attempts share (the dispatcher builds it once).
 pub(crate) struct Shared {
@@ -286,64 +286,10 @@ async fn attempt(
     mut in_flight: InFlight,
 ) {
     let span = shared.tracer.deliver(&ev);
-    if let Some(reason) = crate::ingress::malformed_reason(&ev.dedupe_key) {
-        // An element the provider sent that could not be read: kept for inspection in the
-        // dead-letter store, never sent.
+    if let Some(end) = unsent(&rt, &ev) {
         in_flight.answered();
-        let reason = format!("malformed provider event: {reason}");
-        match shared.queue.dead_letter(&ev, &reason).await {
-            Ok(()) => {
-                rt.metrics.dead_lettered.inc();
-                shared.health.record(&rt.key, Outcome::Malformed);
-                if let Some(span) = span {
-                    span.finish(&ev, "dead_lettered", ev.attempts);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(endpoint = %rt.key, error = %e, "storing a malformed event as a dead letter failed")
-            }
-        }
+        settle_unsent(&shared, &rt, &ev, span, end).await;
         return;
-    }
-    if let Some(filter) = &rt.filter {
-        use super::filter::Verdict;
-        match filter.evaluate(&ev.payload, &ev.event_type, &ev.subscription, &ev.headers) {
-            Verdict::Deliver => {}
-            Verdict::Skip => {
-                in_flight.answered();
-                match shared.queue.ack(&ev).await {
-                    Ok(()) => {
-                        rt.metrics.filtered.inc();
-                        if let Some(span) = span {
-                            span.finish(&ev, "filtered", ev.attempts);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(endpoint = %rt.key, error = %e, "acknowledging a filtered event failed")
-                    }
-                }
-                return;
-            }
-            Verdict::Error(reason) => {
-                in_flight.answered();
-                rt.metrics.filter_errors.inc();
-                match shared.queue.dead_letter(&ev, &reason).await {
-                    Ok(()) => {
-                        rt.metrics.dead_lettered.inc();
-                        shared
-                            .health
-                            .record(&rt.key, Outcome::FilterError { error: &reason });
-                        if let Some(span) = span {
-                            span.finish(&ev, "dead_lettered", ev.attempts);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(endpoint = %rt.key, error = %e, "storing a filter error as a dead letter failed")
-                    }
-                }
-                return;
-            }
-        }
     }
     let ts = jiff::Timestamp::now().as_second();
     // The span this attempt is made in: the destination's `traceparent` names it.
@@ -359,19 +305,7 @@ async fn attempt(
         .await;
     let status = response.as_ref().ok().map(|r| r.status.as_u16());
     let failure = match response {
-        Ok(answer) if answer.status.is_success() => None,
-        Ok(answer) => {
-            let retry_after = answer
-                .headers
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| super::parse_retry_after(v, jiff::Timestamp::now()));
-            Some(Failure {
-                error: format!("HTTP {}", answer.status.as_u16()),
-                retry_after,
-                permanent: refuses_this_event(answer.status),
-            })
-        }
+        Ok(answer) => failure_of(answer.status, &answer.headers),
         Err(e) => Some(Failure {
             error: e.reason().to_owned(),
             retry_after: None,
@@ -380,103 +314,320 @@ async fn attempt(
     };
     in_flight.answered();
     let now = SystemTime::now();
-    match failure {
-        None => {
-            rt.breaker.on_success();
-            let latency = now.duration_since(ev.received).unwrap_or_default();
-            let acked = shared.queue.ack(&ev).await;
-            if let Err(e) = &acked {
-                // Delivered but not acked: it will be delivered again with the same id.
-                tracing::warn!(endpoint = %rt.key, error = %e, "ack failed");
-            }
-            if let (Some(span), Some(at)) = (span, sent_at) {
-                use crate::spans::AttemptOutcome;
-                let n = ev.attempts + 1;
-                span.attempt(attempt_span, at, n, status, AttemptOutcome::Delivered, None);
-                if acked.is_ok() {
-                    span.finish(&ev, "delivered", n);
-                }
-            }
-            rt.metrics.delivered.inc();
-            rt.metrics.latency.observe(latency.as_secs_f64());
-            if ev
-                .dedupe_key
-                .starts_with(crate::ingress::TEST_DEDUPE_PREFIX)
-            {
+    // The destination is up when it answers, even when it refuses this one event: no
+    // reason to hold back the others.
+    match &failure {
+        Some(f) if !f.permanent => {
+            rt.breaker.on_failure(Instant::now());
+        }
+        _ => rt.breaker.on_success(),
+    }
+    let age = now.duration_since(ev.received).unwrap_or_default();
+    let end = disposition(failure, ev.attempts, age, &rt.policy, &mut rand::rng());
+    let sent = Sent {
+        span: span.zip(sent_at),
+        attempt_span,
+        status,
+        now,
+        age,
+    };
+    settle(&shared, &rt, &ev, sent, end).await;
+}
+
+/// What an answer other than an error of transport says: `None` for a 2xx.
+fn failure_of(status: http::StatusCode, headers: &HeaderMap) -> Option<Failure> {
+    if status.is_success() {
+        return None;
+    }
+    let retry_after = headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| super::parse_retry_after(v, jiff::Timestamp::now()));
+    Some(Failure {
+        error: format!("HTTP {}", status.as_u16()),
+        retry_after,
+        permanent: refuses_this_event(status),
+    })
+}
+
+/// An event that ends without being sent.
+enum Unsent {
+    /// An element the provider sent that could not be read: kept for inspection in the
+    /// dead-letter store, never sent.
+    Malformed(String),
+    /// The endpoint's filter skips it.
+    Filtered,
+    /// The endpoint's filter failed on it.
+    FilterError(String),
+}
+
+fn unsent(rt: &EndpointRuntime, ev: &QueuedEvent) -> Option<Unsent> {
+    if let EventKind::Malformed { reason } = &ev.kind {
+        return Some(Unsent::Malformed(format!(
+            "malformed provider event: {reason}"
+        )));
+    }
+    use super::filter::Verdict;
+    match rt
+        .filter
+        .as_ref()?
+        .evaluate(&ev.payload, &ev.event_type, &ev.subscription, &ev.headers)
+    {
+        Verdict::Deliver => None,
+        Verdict::Skip => Some(Unsent::Filtered),
+        Verdict::Error(reason) => {
+            rt.metrics.filter_errors.inc();
+            Some(Unsent::FilterError(reason))
+        }
+    }
+}
+
+/// Stores the end of an unsent event; once stored, counts it and ends its span.
+async fn settle_unsent(
+    shared: &Shared,
+    rt: &EndpointRuntime,
+    ev: &QueuedEvent,
+    span: Option<crate::spans::Deliver>,
+    end: Unsent,
+) {
+    let stored = match &end {
+        Unsent::Filtered => shared.queue.ack(ev).await,
+        Unsent::Malformed(reason) | Unsent::FilterError(reason) => {
+            shared.queue.dead_letter(ev, reason).await
+        }
+    };
+    if let Err(e) = stored {
+        let what = match end {
+            Unsent::Filtered => "acknowledging a filtered event failed",
+            Unsent::Malformed(_) => "storing a malformed event as a dead letter failed",
+            Unsent::FilterError(_) => "storing a filter error as a dead letter failed",
+        };
+        tracing::warn!(endpoint = %rt.key, error = %e, "{what}");
+        return;
+    }
+    let state = match end {
+        Unsent::Filtered => {
+            rt.metrics.filtered.inc();
+            "filtered"
+        }
+        Unsent::Malformed(_) => {
+            rt.metrics.dead_lettered.inc();
+            shared.health.record(&rt.key, Outcome::Malformed);
+            "dead_lettered"
+        }
+        Unsent::FilterError(reason) => {
+            rt.metrics.dead_lettered.inc();
+            shared
+                .health
+                .record(&rt.key, Outcome::FilterError { error: &reason });
+            "dead_lettered"
+        }
+    };
+    if let Some(span) = span {
+        span.finish(ev, state, ev.attempts);
+    }
+}
+
+/// What becomes of an event after an attempt.
+#[derive(Debug, PartialEq)]
+enum Disposition {
+    Delivered,
+    /// Sent again after `delay`.
+    Retry {
+        delay: Duration,
+        error: String,
+    },
+    /// Moved to the dead-letter store with `reason`.
+    DeadLetter {
+        reason: String,
+        error: String,
+    },
+}
+
+/// The end of an attempt from its failure (`None`: delivered), the attempts before it,
+/// the event's age and the policy. Pure: the jitter comes from `rng`.
+fn disposition(
+    failure: Option<Failure>,
+    prior_attempts: u32,
+    age: Duration,
+    policy: &Policy,
+    rng: &mut impl rand::Rng,
+) -> Disposition {
+    let Some(Failure {
+        error,
+        retry_after,
+        permanent,
+    }) = failure
+    else {
+        return Disposition::Delivered;
+    };
+    let failed = prior_attempts + 1;
+    let delay = policy.retry_delay(failed, retry_after, rng);
+    // Too old by the time of the next attempt is as good as too old now.
+    if permanent || failed >= policy.max_attempts || age + delay > policy.max_age {
+        let reason = if permanent {
+            format!("{error}: the destination refused this event")
+        } else {
+            format!("{error} after {failed} attempts")
+        };
+        Disposition::DeadLetter { reason, error }
+    } else {
+        Disposition::Retry { delay, error }
+    }
+}
+
+/// What an attempt that was sent leaves to record.
+struct Sent {
+    /// The event's span and when the attempt was sent, when spans are recorded.
+    span: Option<(crate::spans::Deliver, SystemTime)>,
+    attempt_span: [u8; 8],
+    status: Option<u16>,
+    now: SystemTime,
+    age: Duration,
+}
+
+/// Stores what `end` says (ack, retry or dead letter), then counts it, records the
+/// attempt's span and tells health.
+async fn settle(
+    shared: &Shared,
+    rt: &EndpointRuntime,
+    ev: &QueuedEvent,
+    sent: Sent,
+    end: Disposition,
+) {
+    use crate::spans::AttemptOutcome;
+    let n = ev.attempts + 1;
+    let stored = match &end {
+        Disposition::Delivered => shared.queue.ack(ev).await,
+        Disposition::Retry { delay, error } => {
+            shared.queue.retry(ev, sent.now + *delay, error).await
+        }
+        Disposition::DeadLetter { reason, .. } => {
+            if ev.kind == EventKind::Test {
                 shared
                     .health
-                    .record_test(&rt.key, &ev.subscription, latency);
+                    .record_test_failure(&rt.key, &ev.subscription, reason);
+            }
+            shared.queue.dead_letter(ev, reason).await
+        }
+    };
+    if let Err(e) = &stored {
+        // Delivered but not acked: it will be delivered again with the same id.
+        let what = match end {
+            Disposition::Delivered => "ack failed",
+            _ => "recording a failed attempt failed",
+        };
+        tracing::warn!(endpoint = %rt.key, error = %e, "{what}");
+    }
+    let (outcome, error, finished) = match &end {
+        Disposition::Delivered => (AttemptOutcome::Delivered, None, Some("delivered")),
+        Disposition::Retry { error, .. } => (AttemptOutcome::Retry, Some(error), None),
+        Disposition::DeadLetter { error, .. } => (
+            AttemptOutcome::DeadLetter,
+            Some(error),
+            Some("dead_lettered"),
+        ),
+    };
+    if let Some((span, at)) = sent.span {
+        span.attempt(
+            sent.attempt_span,
+            at,
+            n,
+            sent.status,
+            outcome,
+            error.map(String::as_str),
+        );
+        if let (Some(state), true) = (finished, stored.is_ok()) {
+            span.finish(ev, state, n);
+        }
+    }
+    match &end {
+        Disposition::Delivered => {
+            rt.metrics.delivered.inc();
+            rt.metrics.latency.observe(sent.age.as_secs_f64());
+            if ev.kind == EventKind::Test {
+                shared
+                    .health
+                    .record_test(&rt.key, &ev.subscription, sent.age);
             }
             shared.health.record(
                 &rt.key,
                 Outcome::Delivered {
-                    latency,
+                    latency: sent.age,
                     prior_attempts: ev.attempts,
                 },
             );
         }
-        Some(Failure {
-            error,
-            retry_after,
-            permanent,
-        }) => {
-            if permanent {
-                // The destination is up and refused this one event: no reason to hold
-                // back the others.
-                rt.breaker.on_success();
-            } else {
-                rt.breaker.on_failure(Instant::now());
-            }
-            let failed = ev.attempts + 1;
-            let delay = rt.policy.retry_delay(failed, retry_after, &mut rand::rng());
-            let age = now.duration_since(ev.received).unwrap_or_default();
-            // Too old by the time of the next attempt is as good as too old now.
-            let exhausted =
-                permanent || failed >= rt.policy.max_attempts || age + delay > rt.policy.max_age;
-            let stored = if exhausted {
-                rt.metrics.dead_lettered.inc();
-                let reason = if permanent {
-                    format!("{error}: the destination refused this event")
-                } else {
-                    format!("{error} after {failed} attempts")
-                };
-                if ev
-                    .dedupe_key
-                    .starts_with(crate::ingress::TEST_DEDUPE_PREFIX)
-                {
-                    shared
-                        .health
-                        .record_test_failure(&rt.key, &ev.subscription, &reason);
-                }
-                shared.queue.dead_letter(&ev, &reason).await
-            } else {
+        Disposition::Retry { error, .. } | Disposition::DeadLetter { error, .. } => {
+            if matches!(end, Disposition::Retry { .. }) {
                 rt.metrics.retries.inc();
-                shared.queue.retry(&ev, now + delay, &error).await
-            };
-            if let Err(e) = &stored {
-                tracing::warn!(endpoint = %rt.key, error = %e, "recording a failed attempt failed");
-            }
-            if let (Some(span), Some(at)) = (span, sent_at) {
-                use crate::spans::AttemptOutcome;
-                let outcome = if exhausted {
-                    AttemptOutcome::DeadLetter
-                } else {
-                    AttemptOutcome::Retry
-                };
-                span.attempt(attempt_span, at, failed, status, outcome, Some(&error));
-                if exhausted && stored.is_ok() {
-                    span.finish(&ev, "dead_lettered", failed);
-                }
+            } else {
+                rt.metrics.dead_lettered.inc();
             }
             rt.metrics.failed.inc();
             shared.health.record(
                 &rt.key,
                 Outcome::Failed {
-                    error: &error,
+                    error,
                     prior_attempts: ev.attempts,
-                    dead_lettered: exhausted,
+                    dead_lettered: matches!(end, Disposition::DeadLetter { .. }),
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn failure(permanent: bool) -> Option<Failure> {
+        Some(Failure {
+            error: "HTTP 503".into(),
+            retry_after: None,
+            permanent,
+        })
+    }
+
+    #[test]
+    fn disposition_table() {
+        let policy = Policy {
+            max_attempts: 3,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(10),
+            max_age: Duration::from_secs(3600),
+            ..Policy::default()
+        };
+        let young = Duration::from_secs(1);
+        let dead = |reason: &str| Disposition::DeadLetter {
+            reason: reason.into(),
+            error: "HTTP 503".into(),
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut d = |f, prior, age| disposition(f, prior, age, &policy, &mut rng);
+        assert_eq!(d(None, 2, young), Disposition::Delivered);
+        assert!(matches!(
+            d(failure(false), 0, young),
+            Disposition::Retry { .. }
+        ));
+        assert!(matches!(
+            d(failure(false), 1, young),
+            Disposition::Retry { .. }
+        ));
+        assert_eq!(
+            d(failure(false), 2, young),
+            dead("HTTP 503 after 3 attempts")
+        );
+        assert_eq!(
+            d(failure(true), 0, young),
+            dead("HTTP 503: the destination refused this event")
+        );
+        // Too old by the time of the next attempt.
+        assert_eq!(
+            d(failure(false), 0, Duration::from_millis(3_599_500)),
+            dead("HTTP 503 after 1 attempts")
+        );
     }
 }

@@ -12,13 +12,56 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+pub use verdict::{HealthThresholds, Verdict, VerdictInput, reasons, verdict};
 
-pub use verdict::{HealthThresholds, Verdict, VerdictInput, verdict};
-
-use crate::api::endpoint::DeliveryStats;
-use crate::delivery::DestinationError;
 use crate::queue::EndpointKey;
+
+/// Why events of an endpoint cannot leave. The controller turns it into a condition
+/// (`reason()` is a condition reason); the events stay parked until it is fixed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DestinationError {
+    /// Resolves to an address the delivery's address policy refuses.
+    #[error("destination resolves to a forbidden address ({0})")]
+    Forbidden(&'static str),
+    /// The URL is malformed or the host does not resolve.
+    #[error("destination unresolvable: {0}")]
+    Unresolvable(&'static str),
+}
+
+impl DestinationError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DestinationError::Forbidden(_) => reasons::DESTINATION_FORBIDDEN,
+            DestinationError::Unresolvable(_) => reasons::DESTINATION_UNRESOLVABLE,
+        }
+    }
+}
+
+/// An endpoint's delivery figures (the controller writes them to `status.delivery`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeliveryStats {
+    /// Events delivered (2xx from the destination).
+    pub delivered: u64,
+    /// Failed attempts.
+    pub failed: u64,
+    /// Events waiting for a retry now.
+    pub retrying: u64,
+    /// Events moved to the dead-letter store (including `malformed`).
+    pub dead_lettered: u64,
+    /// Elements of a provider's batch that could not be read.
+    pub malformed: u64,
+    /// Failed attempts since the last success.
+    pub consecutive_failures: u64,
+    /// Share of failed attempts over the recent window, 0 to 1.
+    pub failure_ratio: Option<f64>,
+    pub last_success_time: Option<jiff::Timestamp>,
+    pub last_failure_time: Option<jiff::Timestamp>,
+    /// Short reason of the last failure (status code or transport error, no secrets).
+    pub last_error: Option<String>,
+    /// Ingest-to-delivered latency percentiles over the recent window, milliseconds.
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
 
 /// Window and thresholds of the health computation.
 #[derive(Clone, Debug)]
@@ -370,8 +413,8 @@ impl HealthRegistry {
     }
 }
 
-fn to_time(t: SystemTime) -> Option<Time> {
-    jiff::Timestamp::try_from(t).ok().map(Time)
+fn to_time(t: SystemTime) -> Option<jiff::Timestamp> {
+    jiff::Timestamp::try_from(t).ok()
 }
 
 fn percentiles(samples: &VecDeque<f64>) -> (Option<f64>, Option<f64>) {

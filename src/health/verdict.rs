@@ -1,6 +1,17 @@
 //! The `Healthy` condition of an endpoint as a pure function of its delivery figures.
 
-use crate::api::conditions::reasons;
+/// The reasons of the `Healthy` condition and of a destination error: stable CamelCase
+/// strings, the same as the operator's condition reasons (a test of the controller holds
+/// the two lists equal).
+pub mod reasons {
+    pub const DELIVERING: &str = "Delivering";
+    pub const NO_DELIVERIES: &str = "NoDeliveries";
+    pub const DELIVERY_FAILING: &str = "DeliveryFailing";
+    pub const DEGRADED: &str = "Degraded";
+    pub const BACKLOGGED: &str = "Backlogged";
+    pub const DESTINATION_UNRESOLVABLE: &str = "DestinationUnresolvable";
+    pub const DESTINATION_FORBIDDEN: &str = "DestinationForbidden";
+}
 
 /// What the verdict is computed from.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -27,14 +27,7 @@ pub use routes::{EndpointRoute, RouteTable, SubscriptionCounters};
 use crate::health::HealthRegistry;
 use crate::inbound::{InboundParser, InboundRequest, MalformedEvent};
 use crate::metrics::Metrics;
-use crate::queue::{EnqueueOutcome, NewEvent, Queue};
-
-/// Prefix of the dedupe key of a test event (a provider's test button or the operator's
-/// own test request), so delivery can report it without another field in the queue.
-pub const TEST_DEDUPE_PREFIX: &str = "test:";
-
-/// Prefix of the dedupe key of an unreadable batch element (see [`malformed_reason`]).
-const MALFORMED_DEDUPE_PREFIX: &str = "malformed:";
+use crate::queue::{EnqueueOutcome, EventKind, NewEvent, Queue};
 
 /// The event type of an unreadable batch element in the dead-letter store.
 pub const MALFORMED_EVENT_TYPE: &str = "webhook-operator.malformed";
@@ -198,7 +191,7 @@ async fn hook(
             subscription: subscription.clone(),
             event_type: ev.event_type,
             dedupe_key: if ev.test {
-                test_dedupe_key(&ev.dedupe_key)
+                EventKind::test_key(&ev.dedupe_key)
             } else {
                 ev.dedupe_key
             },
@@ -254,14 +247,8 @@ async fn hook(
     )
 }
 
-/// A test event is delivered each time it is sent: a provider's test button sends the
-/// same example event (same ids) every time, so its key is made unique per request.
-fn test_dedupe_key(key: &str) -> String {
-    format!("{TEST_DEDUPE_PREFIX}{key}:{:016x}", rand::random::<u64>())
-}
-
 /// An unreadable batch element as a queue entry that delivery moves straight to the
-/// dead-letter store (see [`malformed_reason`]). Keyed by its content, so a provider's
+/// dead-letter store (see [`EventKind::Malformed`]). Keyed by its content, so a provider's
 /// retry of the same batch does not store it twice.
 fn malformed_event(
     endpoint: &crate::queue::EndpointKey,
@@ -275,22 +262,12 @@ fn malformed_event(
         endpoint: endpoint.clone(),
         subscription: subscription.to_string(),
         event_type: MALFORMED_EVENT_TYPE.to_string(),
-        dedupe_key: format!(
-            "{MALFORMED_DEDUPE_PREFIX}{}:{}",
-            m.reason,
-            hex::encode(&digest[..16])
-        ),
+        dedupe_key: EventKind::malformed_key(m.reason, &hex::encode(&digest[..16])),
         payload: m.raw,
         received: now,
         traceparent: None,
         headers: String::new(),
     }
-}
-
-/// Why a queued event is an unreadable element kept for inspection, if it is one.
-pub fn malformed_reason(dedupe_key: &str) -> Option<&str> {
-    let rest = dedupe_key.strip_prefix(MALFORMED_DEDUPE_PREFIX)?;
-    Some(rest.rsplit_once(':').map_or(rest, |(reason, _)| reason))
 }
 
 fn body_refusal_status(reason: &str) -> StatusCode {

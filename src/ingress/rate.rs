@@ -11,12 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::{EndpointRoute, Ingress};
 
-/// Sustained requests per second and how many may come at once above it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RateLimit {
-    pub per_second: u32,
-    pub burst: u32,
-}
+pub use crate::dataplane::RateLimit;
 
 /// One endpoint's bucket; starts full.
 #[derive(Debug)]

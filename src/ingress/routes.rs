@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use super::Bucket;
-use crate::api::Provider;
 use crate::dataplane::{EndpointConfig, SubscriptionRoute};
 use crate::inbound::VerificationKeys;
 use crate::metrics::{EndpointMetrics, Metrics};
+use crate::providers::Provider;
 use crate::queue::{EndpointKey, from_millis, to_millis};
 
 /// Events received on one subscription (verified ones, whatever became of them), and

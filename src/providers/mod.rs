@@ -21,7 +21,72 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use crate::api::Provider;
+/// A provider these clients and parsers speak to. The API has an enum of its own (with a
+/// schema); the controller translates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Atlas,
+    Atomic,
+    Smallest,
+    Atllas,
+}
+
+impl Provider {
+    pub const ALL: [Provider; 4] = [
+        Provider::Atlas,
+        Provider::Atomic,
+        Provider::Smallest,
+        Provider::Atllas,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Atlas => "atlas",
+            Provider::Atomic => "atomic",
+            Provider::Smallest => "smallest",
+            Provider::Atllas => "atllas",
+        }
+    }
+
+    /// The event names the provider documents.
+    pub fn event_names(self) -> &'static [&'static str] {
+        match self {
+            Provider::Atlas => &[
+                "call_started",
+                "call_completed",
+                "message_received",
+                "message_sent",
+            ],
+            Provider::Atomic => &[
+                "card-published",
+                "card-completed",
+                "card-dismissed",
+                "card-snoozed",
+                "card-unsnoozed",
+                "card-expired",
+                "card-cancelled",
+                "card-embargoed",
+                "card-error",
+                "card-displayed",
+                "card-subview-displayed",
+                "card-subview-exited",
+            ],
+            Provider::Smallest => &[
+                "pre-conversation",
+                "post-conversation",
+                "analytics-completed",
+            ],
+            Provider::Atllas => &["call.finished", "call.completed"],
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 use crate::inbound::{InboundParser, InboundRequest, Parsed, Rejection, VerificationKeys};
 pub use http::install_crypto_provider;
 pub use inbound_util::{encode_signature, sign_hex};
@@ -83,8 +148,15 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// HTTP method of Atomic deliveries (the CRD's own type: it is plain data).
-pub use crate::api::subscription::AtomicMethod;
+/// HTTP method of Atomic deliveries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum AtomicMethod {
+    #[default]
+    #[serde(rename = "POST")]
+    Post,
+    #[serde(rename = "PUT")]
+    Put,
+}
 
 pub(crate) fn method_str(m: AtomicMethod) -> &'static str {
     match m {

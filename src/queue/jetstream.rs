@@ -77,8 +77,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    EndpointKey, EnqueueOutcome, NewEvent, Queue, QueueDepth, QueueError, QueuedEvent, Receipt,
-    ReplayFilter, from_millis, to_millis,
+    EndpointKey, EnqueueOutcome, EventKind, NewEvent, Queue, QueueDepth, QueueError, QueuedEvent,
+    Receipt, ReplayFilter, from_millis, to_millis,
 };
 
 /// How to reach and authenticate to NATS. `Debug` never shows a secret.
@@ -939,6 +939,7 @@ impl Queue for JetStreamQueue {
                 endpoint: endpoint.clone(),
                 subscription: env.sub.clone(),
                 event_type: env.ty.clone(),
+                kind: EventKind::of_dedupe_key(&env.key),
                 dedupe_key: env.key.clone(),
                 payload,
                 received: from_millis(env.received_ms),

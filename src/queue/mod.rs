@@ -94,6 +94,57 @@ pub struct QueuedEvent {
     pub traceparent: Option<String>,
     /// Headers the provider sent (see [`NewEvent::headers`]).
     pub headers: String,
+    /// A provider's event, a test event or an unreadable batch element.
+    pub kind: EventKind,
+}
+
+/// What a queued event is. The stored formats carry it as a prefix of the dedupe key (so
+/// files and streams written before it stay readable); [`QueuedEvent::kind`] holds it
+/// read back, and the ingress builds the keys with [`EventKind::test_key`] and
+/// [`EventKind::malformed_key`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Provider,
+    /// A provider's test button or the operator's own test request.
+    Test,
+    /// An element of a provider's batch that could not be read; delivery moves it
+    /// straight to the dead-letter store.
+    Malformed {
+        reason: String,
+    },
+}
+
+const TEST_KEY_PREFIX: &str = "test:";
+const MALFORMED_KEY_PREFIX: &str = "malformed:";
+
+impl EventKind {
+    /// The kind a stored dedupe key carries.
+    pub fn of_dedupe_key(dedupe_key: &str) -> Self {
+        if dedupe_key.starts_with(TEST_KEY_PREFIX) {
+            return EventKind::Test;
+        }
+        match dedupe_key.strip_prefix(MALFORMED_KEY_PREFIX) {
+            Some(rest) => EventKind::Malformed {
+                reason: rest
+                    .rsplit_once(':')
+                    .map_or(rest, |(reason, _)| reason)
+                    .to_string(),
+            },
+            None => EventKind::Provider,
+        }
+    }
+
+    /// A test event is delivered each time it is sent: a provider's test button sends the
+    /// same example event (same ids) every time, so its key is made unique per request.
+    pub fn test_key(key: &str) -> String {
+        format!("{TEST_KEY_PREFIX}{key}:{:016x}", rand::random::<u64>())
+    }
+
+    /// An unreadable element's key: its reason and a digest of its content, so a
+    /// provider's retry of the same batch does not store it twice.
+    pub fn malformed_key(reason: &str, content_digest: &str) -> String {
+        format!("{MALFORMED_KEY_PREFIX}{reason}:{content_digest}")
+    }
 }
 
 /// The `(name, value)` pairs of an event's kept headers: one `name: value` per line

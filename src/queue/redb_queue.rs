@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::index::Index;
 use super::record::{Head, Record, STATE_DEAD, STATE_PENDING};
 use super::{
-    CommitMetrics, EndpointKey, EnqueueOutcome, NewEvent, Queue, QueueDepth, QueueError,
+    CommitMetrics, EndpointKey, EnqueueOutcome, EventKind, NewEvent, Queue, QueueDepth, QueueError,
     QueuedEvent, Receipt, ReplayFilter, from_millis, to_millis,
 };
 
@@ -555,6 +555,7 @@ fn to_event(nonce: u64, seq: u64, rec: Record) -> QueuedEvent {
         endpoint: EndpointKey::new(rec.namespace, rec.name),
         subscription: rec.subscription,
         event_type: rec.event_type,
+        kind: EventKind::of_dedupe_key(&rec.dedupe_key),
         dedupe_key: rec.dedupe_key,
         payload: rec.payload,
         received: from_millis(rec.received_ms),

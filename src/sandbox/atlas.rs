@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::faults::{Delivery, ErrorShape, faults_layer};
+use super::wire::Provider;
+use super::wire::atlas::{PROVIDER_CUSTOM, TriggerSubscription};
 use super::{AppState, Shared, deliver, now, parse_body, random_hex, valid_hook_url};
-use crate::api::Provider;
-use crate::providers::atlas::{PROVIDER_CUSTOM, TriggerSubscription};
 
 const PREFIX: &str = "/atlas/v1/api/events-gateway/trigger";
 

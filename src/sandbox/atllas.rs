@@ -4,8 +4,8 @@
 use serde_json::{Value, json};
 
 use super::faults::Delivery;
+use super::wire::atllas::EVENT_TYPES;
 use super::{Shared, deliver, random_hex};
-use crate::providers::atllas::EVENT_TYPES;
 
 /// `{"url", "event"?: "call.finished"|"call.completed", "method"?: "POST"|"GET",
 /// "headerName"?, "headerValue"?}`: sends one event; GET carries it in `?payload=`.

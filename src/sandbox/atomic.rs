@@ -16,10 +16,9 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::faults::{Delivery, ErrorShape, faults_layer};
+use super::wire::atomic::{Method as AtomicMethod, TEST_EVENT, Webhook};
+use super::wire::{Provider, sign as encode_signature};
 use super::{AppState, Shared, deliver, now, parse_body, random_hex, valid_hook_url};
-use crate::api::Provider;
-use crate::providers::atomic::{TEST_EVENT, Webhook};
-use crate::providers::{AtomicMethod, encode_signature};
 
 /// Documented limit of subscriptions per environment.
 const MAX_PER_ENV: usize = 100;

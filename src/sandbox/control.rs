@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::faults::{Faults, slot};
+use super::wire::Provider;
 use super::{AppState, atlas, atllas, atomic, smallest};
-use crate::api::Provider;
 
 fn provider_from(s: &str) -> Option<Provider> {
     Provider::ALL.into_iter().find(|p| p.as_str() == s)

@@ -13,7 +13,7 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use crate::api::Provider;
+use super::wire::Provider;
 
 /// Faults injected into one provider's API (token endpoint included). Ratios are the
 /// share of requests affected, drawn at random per request: 1.0 = every request.

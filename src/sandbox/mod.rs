@@ -18,6 +18,7 @@ mod atomic;
 mod control;
 mod faults;
 mod smallest;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +28,6 @@ use std::time::Duration;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::providers::{ProviderClients, ProviderEndpoints, install_crypto_provider};
 pub use faults::Faults;
 
 /// Accepted credentials and behaviour switches.
@@ -54,7 +54,7 @@ pub struct SandboxConfig {
     pub smallest_secret_in_list: bool,
     /// Header and encoding of Atomic delivery signatures (the default is the guess the
     /// operator makes; another lets tests play an account that signs differently).
-    pub atomic_signature: (String, crate::inbound::SignatureEncoding),
+    pub atomic_signature: (String, wire::SignatureEncoding),
 }
 
 impl Default for SandboxConfig {
@@ -72,8 +72,8 @@ impl Default for SandboxConfig {
             atlas_events_name_trigger: true,
             smallest_secret_in_list: true,
             atomic_signature: (
-                crate::providers::atomic::SIGNATURE_HEADER.into(),
-                crate::inbound::SignatureEncoding::Hex,
+                wire::atomic::SIGNATURE_HEADER.into(),
+                wire::SignatureEncoding::Hex,
             ),
         }
     }
@@ -170,11 +170,6 @@ impl SandboxHandle {
         format!("http://{}", self.addr)
     }
 
-    /// Provider endpoints pointing at this simulator.
-    pub fn endpoints(&self) -> ProviderEndpoints {
-        ProviderClients::sandbox(&self.base_url())
-    }
-
     /// Stops the server, cutting open connections (a hung request must not block it).
     pub fn shutdown(self) {
         self.task.abort();
@@ -198,7 +193,7 @@ fn router(state: AppState) -> Router {
 
 /// Serves the simulators on `listener` in a background task.
 pub async fn serve(listener: TcpListener, config: SandboxConfig) -> anyhow::Result<SandboxHandle> {
-    install_crypto_provider();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .timeout(config.delivery_timeout)
         .connect_timeout(Duration::from_secs(5))

@@ -14,10 +14,9 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::faults::{Delivery, ErrorShape, faults_layer};
+use super::wire::smallest::{IdRef, Populated, SIGNATURE_HEADER, Subscription, Webhook};
+use super::wire::{Provider, SignatureEncoding, sign};
 use super::{AppState, Shared, deliver, now, parse_body, random_hex, valid_hook_url};
-use crate::api::Provider;
-use crate::providers::sign_hex;
-use crate::providers::smallest::{IdRef, Populated, SIGNATURE_HEADER, Subscription, Webhook};
 
 const BASE: &str = "/smallest/atoms/v1";
 const RESERVED_HEADERS: [&str; 6] = [
@@ -542,7 +541,7 @@ pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, Strin
             .collect();
         headers.push((
             SIGNATURE_HEADER.to_string(),
-            sign_hex(hk.secret.as_bytes(), &body),
+            sign(hk.secret.as_bytes(), &body, SignatureEncoding::Hex),
         ));
         let status = deliver(&s.http, reqwest::Method::POST, &hk.url, &headers, body).await;
         out.push(Delivery {

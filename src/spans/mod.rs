@@ -377,6 +377,7 @@ mod tests {
             subscription: "calls".into(),
             event_type: "call_completed".into(),
             dedupe_key: "k".into(),
+            kind: crate::queue::EventKind::Provider,
             payload: bytes::Bytes::from_static(b"{}"),
             received: SystemTime::now(),
             attempts: 0,
