@@ -12,15 +12,14 @@ use std::time::Duration;
 use axum::extract::Request;
 use bytes::Bytes;
 use serde_json::{Value, json};
-use webhook_operator::api::Provider;
 use webhook_operator::inbound::{
     InboundEvent, InboundParser, InboundRequest, Rejection, SignatureEncoding, VerificationKeys,
 };
 use webhook_operator::providers::{
-    AtomicMethod, Credentials, DesiredSubscription, ProviderClients, ProviderError, ProviderParser,
-    Scope, SyncAction, UpstreamState, install_crypto_provider,
+    AtomicMethod, Credentials, DesiredSubscription, Provider, ProviderClients, ProviderError,
+    ProviderParser, Scope, SyncAction, UpstreamState, install_crypto_provider,
 };
-use webhook_operator::sandbox::{SandboxConfig, SandboxHandle, serve};
+use webhook_sandbox::{SandboxConfig, SandboxHandle, serve};
 
 const ATLAS_KEY: &str = "atlas-key-Zq81";
 const SMALLEST_KEY: &str = "smallest-key-Pw07";
@@ -56,7 +55,7 @@ async fn sim_with(cfg: SandboxConfig) -> Sim {
     install_crypto_provider();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let handle = serve(listener, cfg).await.unwrap();
-    let mut ep = handle.endpoints();
+    let mut ep = ProviderClients::sandbox(&handle.base_url());
     ep.request_timeout = Duration::from_secs(2);
     let clients = ProviderClients::new(ep);
     Sim {
@@ -389,7 +388,7 @@ async fn atlas_errors() {
 async fn atlas_hang_times_out_as_unavailable() {
     bounded(async {
         let s = sim().await;
-        let mut ep = s.handle.endpoints();
+        let mut ep = ProviderClients::sandbox(&s.handle.base_url());
         ep.request_timeout = Duration::from_millis(300);
         let clients = ProviderClients::new(ep);
         s.faults("atlas", json!({"hang": true})).await;
@@ -1240,7 +1239,7 @@ async fn atomic_does_not_adopt_a_webhook_whose_enabled_is_unknown() {
 async fn atlas_unlistable_is_cannot_observe_not_recreate() {
     bounded(async {
         let s = sim().await;
-        let mut ep = s.handle.endpoints();
+        let mut ep = ProviderClients::sandbox(&s.handle.base_url());
         ep.atlas_list_path = "/events-gateway/trigger/not-the-real-path".into();
         let clients = ProviderClients::new(ep);
         let c = clients.get(Provider::Atlas);
@@ -1419,7 +1418,10 @@ async fn atomic_signature_header_and_encoding_are_configurable() {
     bounded(async {
         // An account whose deliveries are signed differently from the operator's guess.
         let s = sim_with(SandboxConfig {
-            atomic_signature: ("X-Signature-256".into(), SignatureEncoding::Base64),
+            atomic_signature: (
+                "X-Signature-256".into(),
+                webhook_sandbox::wire::SignatureEncoding::Base64,
+            ),
             ..config()
         })
         .await;

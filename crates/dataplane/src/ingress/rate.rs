@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::{EndpointRoute, Ingress};
 
-pub use crate::dataplane::RateLimit;
+pub use crate::config::RateLimit;
 
 /// One endpoint's bucket; starts full.
 #[derive(Debug)]

@@ -25,9 +25,9 @@ pub use rate::{Bucket, RateLimit};
 pub use routes::{EndpointRoute, RouteTable, SubscriptionCounters};
 
 use crate::health::HealthRegistry;
-use crate::inbound::{InboundParser, InboundRequest, MalformedEvent};
 use crate::metrics::Metrics;
 use crate::queue::{EnqueueOutcome, EventKind, NewEvent, Queue};
+use webhook_providers::inbound::{InboundParser, InboundRequest, MalformedEvent};
 
 /// The event type of an unreadable batch element in the dead-letter store.
 pub const MALFORMED_EVENT_TYPE: &str = "webhook-operator.malformed";

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use super::Bucket;
-use crate::dataplane::{EndpointConfig, SubscriptionRoute};
-use crate::inbound::VerificationKeys;
+use crate::config::{EndpointConfig, SubscriptionRoute};
 use crate::metrics::{EndpointMetrics, Metrics};
-use crate::providers::Provider;
 use crate::queue::{EndpointKey, from_millis, to_millis};
+use webhook_providers::Provider;
+use webhook_providers::inbound::VerificationKeys;
 
 /// Events received on one subscription (verified ones, whatever became of them), and
 /// requests refused for a missing or wrong signature.

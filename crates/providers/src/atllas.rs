@@ -161,7 +161,7 @@ fn get_event(req: &InboundRequest<'_>) -> Result<bytes::Bytes, Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::inbound_util::testing::{POST, json_headers};
+    use crate::inbound_util::testing::{POST, json_headers};
     use proptest::prelude::*;
 
     const HEADER: &str = "x-atllas-token";

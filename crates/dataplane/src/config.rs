@@ -8,9 +8,9 @@ use std::time::Duration;
 use crate::delivery::filter::Filter;
 use crate::delivery::{AddressPolicy, DeliveryFormat, Destination, Policy, SigningSecret};
 use crate::health::HealthConfig;
-use crate::inbound::VerificationKeys;
-use crate::providers::Provider;
 use crate::queue::EndpointKey;
+use webhook_providers::Provider;
+use webhook_providers::inbound::VerificationKeys;
 
 /// Data plane settings. `Default` gives production values; tests shorten the timings.
 #[derive(Clone, Debug)]

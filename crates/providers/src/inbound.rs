@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use crate::providers::Provider;
+use crate::Provider;
 
 /// How a signature's bytes are written in its header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

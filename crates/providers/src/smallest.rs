@@ -618,8 +618,8 @@ pub fn parse_inbound(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::inbound_util::testing::{POST, json_headers};
-    use crate::providers::sign_hex;
+    use crate::inbound_util::testing::{POST, json_headers};
+    use crate::sign_hex;
     use proptest::prelude::*;
 
     const SECRET: &[u8] = b"whsec-smallest-1";

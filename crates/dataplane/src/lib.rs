@@ -7,9 +7,16 @@
 //! controller ◀──endpoint_health / subscription_counters── HealthRegistry, RouteTable
 //! ```
 
-mod config;
+pub mod config;
+pub mod delivery;
+pub mod health;
+pub mod ingress;
+pub mod metrics;
 mod ops;
+pub mod queue;
 pub mod server;
+pub mod spans;
+pub mod trace_context;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -26,10 +33,10 @@ pub use crate::queue::{EndpointKey, ReplayFilter};
 
 use crate::delivery::{Dispatcher, DispatcherSettings, EndpointRuntime, Resolver};
 use crate::health::HealthRegistry;
-use crate::inbound::InboundParser;
 use crate::ingress::{ConcurrencyLimit, DiskSpace, Ingress, Limits, RouteTable};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, RedbQueue, RedbQueueOptions};
+use webhook_providers::inbound::InboundParser;
 
 /// Header names a configured header may not take: the signature headers and those the
 /// HTTP client owns.

@@ -12,10 +12,10 @@ use kube::{Client, ResourceExt};
 use serde_json::{Map, Value};
 
 use crate::annotate::{annotate_and_wait, request_value};
-use crate::api::{
+use crate::replay::ReplayArgs;
+use webhook_api::{
     ROTATE_ANNOTATION, TEST_REQUESTED_AT_ANNOTATION, WebhookEndpoint, WebhookSubscription,
 };
-use crate::replay::ReplayArgs;
 
 /// The program name kubectl looks for on `PATH` for `kubectl webhooks`.
 pub const PLUGIN_NAME: &str = "kubectl-webhooks";
@@ -69,7 +69,7 @@ pub struct RequestArgs {
     #[arg(short, long)]
     pub namespace: Option<String>,
     /// How long to wait for the operator to handle the request.
-    #[arg(long, default_value = "60s", value_parser = |s: &str| crate::duration::parse_go_duration(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "60s", value_parser = |s: &str| webhook_api::duration::parse_go_duration(s).map_err(|e| e.to_string()))]
     pub timeout: Duration,
 }
 

@@ -10,6 +10,7 @@ pub mod atlas;
 pub mod atllas;
 pub mod atomic;
 mod http;
+pub mod inbound;
 mod inbound_util;
 mod json_fields;
 mod list_rounds;

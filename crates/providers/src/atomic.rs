@@ -656,8 +656,8 @@ fn parse_event(raw: &RawValue) -> Result<InboundEvent, Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::inbound_util::testing::{POST, json_headers};
-    use crate::providers::sign_hex;
+    use crate::inbound_util::testing::{POST, json_headers};
+    use crate::sign_hex;
     use proptest::prelude::*;
 
     const SECRET: &[u8] = b"0217309e-3c74-41b5-82e9-bd60e5db9bdb";

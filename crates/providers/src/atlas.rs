@@ -465,7 +465,7 @@ pub const UNKNOWN_TRIGGER: &str = "unknown";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::inbound_util::testing::{POST, json_headers};
+    use crate::inbound_util::testing::{POST, json_headers};
     use proptest::prelude::*;
 
     fn req<'a>(h: &'a http::HeaderMap, body: &'a [u8]) -> InboundRequest<'a> {

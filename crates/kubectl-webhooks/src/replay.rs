@@ -9,7 +9,7 @@ use kube::api::Api;
 use serde_json::json;
 
 use crate::annotate::{annotate_and_wait, request_value};
-use crate::api::{
+use webhook_api::{
     REPLAY_ANNOTATION, REPLAY_BY_ANNOTATION, REPLAY_SINCE_ANNOTATION, REPLAY_UNTIL_ANNOTATION,
     WebhookEndpoint,
 };
@@ -31,7 +31,7 @@ pub struct ReplayArgs {
     #[arg(long, value_parser = ["dead-lettered", "received"], default_value = "dead-lettered")]
     pub by: String,
     /// How long to wait for the operator to handle the request.
-    #[arg(long, default_value = "60s", value_parser = |s: &str| crate::duration::parse_go_duration(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "60s", value_parser = |s: &str| webhook_api::duration::parse_go_duration(s).map_err(|e| e.to_string()))]
     pub timeout: Duration,
 }
 
