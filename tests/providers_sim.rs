@@ -1497,3 +1497,78 @@ async fn smallest_reads_the_secret_by_id_when_the_list_lacks_it() {
     })
     .await;
 }
+
+/// The simulators' wire types are their own (`crates/sandbox/src/wire.rs`, written from
+/// PROVIDERS.md), so an answer a simulator writes must read back through the client's
+/// type field for field: a field renamed, dropped or retyped on either side fails here
+/// (and in the lifecycle tests above, which go through HTTP).
+#[test]
+fn simulator_answers_read_back_field_for_field_through_the_clients_types() {
+    use webhook_sandbox::wire;
+    fn read_back<Sim: serde::Serialize, Client: serde::Serialize + serde::de::DeserializeOwned>(
+        what: &str,
+        sim: Sim,
+    ) {
+        let written = serde_json::to_value(&sim).unwrap();
+        let client: Client = serde_json::from_value(written.clone())
+            .unwrap_or_else(|e| panic!("{what}: the client cannot read the simulator: {e}"));
+        assert_eq!(
+            serde_json::to_value(&client).unwrap(),
+            written,
+            "{what}: the client's type and the simulator's disagree"
+        );
+    }
+    read_back::<_, webhook_operator::providers::atlas::TriggerSubscription>(
+        "Atlas list element",
+        wire::atlas::TriggerSubscription {
+            id: "sub_1".into(),
+            hook_url: "https://hooks.example/h/t/calls".into(),
+            campaign_id: "c1".into(),
+            trigger_name: "call_completed".into(),
+            provider: wire::atlas::PROVIDER_CUSTOM.into(),
+        },
+    );
+    read_back::<_, webhook_operator::providers::atomic::Webhook>(
+        "Atomic webhook",
+        wire::atomic::Webhook {
+            id: "w1".into(),
+            types: vec!["card-published".into()],
+            url: "https://hooks.example/h/t/cards".into(),
+            headers: [("x-a".to_string(), "b".to_string())].into(),
+            secret: Some("s3cret".into()),
+            created: "2026-01-01T00:00:00Z".into(),
+            updated: "2026-01-01T00:00:00Z".into(),
+            card_template_id: Some("tpl".into()),
+            action_flow_config_id: Some("flow".into()),
+            method: Some(wire::atomic::Method::Put),
+            enabled: Some(false),
+        },
+    );
+    let agent = wire::smallest::IdRef::Populated(wire::smallest::Populated {
+        id: AGENT_X.into(),
+        name: Some("agent".into()),
+        description: Some("d".into()),
+    });
+    read_back::<_, webhook_operator::providers::smallest::Webhook>(
+        "Smallest webhook",
+        wire::smallest::Webhook {
+            id: "65f0c0ffee0000000000beef".into(),
+            url: "https://hooks.example/h/t/agents".into(),
+            description: "managed".into(),
+            status: "enabled".into(),
+            organization_id: Some("org".into()),
+            created_by: Some("me".into()),
+            subscriptions: vec![wire::smallest::Subscription {
+                id: "s1".into(),
+                webhook_id: wire::smallest::IdRef::Id("65f0c0ffee0000000000beef".into()),
+                agent_id: agent,
+                event_type: "post-conversation".into(),
+                created_at: Some("2026-01-01T00:00:00Z".into()),
+                updated_at: Some("2026-01-01T00:00:00Z".into()),
+            }],
+            decrypted_secret_key: Some("key".into()),
+            created_at: Some("2026-01-01T00:00:00Z".into()),
+            updated_at: Some("2026-01-01T00:00:00Z".into()),
+        },
+    );
+}
