@@ -32,10 +32,7 @@ say() { printf '\033[1mdemo:\033[0m %s\n' "$*" >&2; }
 
 hack/setup.sh
 cargo build --quiet --bin webhook-operator
-cargo build --quiet -p webhook-sandbox
 bin="$root/target/debug/webhook-operator"
-# The simulators are a binary of their own (crates/sandbox), not part of the operator's.
-sandbox_bin="$root/target/debug/webhook-sandbox"
 
 rm -rf "$dir/data" && mkdir -p "$dir/data"
 pids=()
@@ -97,7 +94,7 @@ printf 'whsec_%s' "$(openssl rand -base64 32)" > "$secret_file"  # no newline: i
 kubectl -n "$ns" create secret generic demo-signing --from-file=secret="$secret_file" >/dev/null
 
 say "starting the provider simulators, the demo consumer and the operator"
-"$sandbox_bin" --listen "127.0.0.1:$sandbox_port" >"$dir/sandbox.log" 2>&1 &
+"$bin" sandbox --listen "127.0.0.1:$sandbox_port" >"$dir/sandbox.log" 2>&1 &
 pids+=($!)
 "$bin" demo-consumer --listen "127.0.0.1:$consumer_port" --secret-file "$secret_file" >"$dir/consumer.log" 2>&1 &
 pids+=($!)

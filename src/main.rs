@@ -29,6 +29,9 @@ enum Command {
     Run(Box<OperatorConfig>),
     /// Re-queue the dead letters of a WebhookEndpoint (through the replay annotation).
     Replay(webhook_operator::replay::ReplayArgs),
+    /// Serve the provider simulators (Atlas, Atomic, Smallest) for tests and demos (the
+    /// same as the `webhook-sandbox` binary).
+    Sandbox(webhook_sandbox::SandboxArgs),
     /// Receive deliveries for the local demo: verify their signatures and count them.
     DemoConsumer(webhook_operator::demo_consumer::DemoConsumerArgs),
 }
@@ -45,6 +48,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(args) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             webhook_operator::replay::run(args).await?
+        }
+        Command::Sandbox(args) => {
+            telemetry::init(false);
+            webhook_sandbox::run(args).await?
         }
         Command::DemoConsumer(args) => {
             telemetry::init(false);
