@@ -541,19 +541,28 @@ async fn settle(
             span.finish(ev, state, n);
         }
     }
-    match &end {
+    count(shared, rt, ev, &end, sent.age);
+}
+
+/// Counts an attempt's end in the endpoint's metrics and health.
+fn count(
+    shared: &Shared,
+    rt: &EndpointRuntime,
+    ev: &QueuedEvent,
+    end: &Disposition,
+    age: Duration,
+) {
+    match end {
         Disposition::Delivered => {
             rt.metrics.delivered.inc();
-            rt.metrics.latency.observe(sent.age.as_secs_f64());
+            rt.metrics.latency.observe(age.as_secs_f64());
             if ev.kind == EventKind::Test {
-                shared
-                    .health
-                    .record_test(&rt.key, &ev.subscription, sent.age);
+                shared.health.record_test(&rt.key, &ev.subscription, age);
             }
             shared.health.record(
                 &rt.key,
                 Outcome::Delivered {
-                    latency: sent.age,
+                    latency: age,
                     prior_attempts: ev.attempts,
                 },
             );
