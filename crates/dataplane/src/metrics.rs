@@ -33,7 +33,7 @@ pub struct SubscriptionLabels {
 }
 
 /// A failed reconcile: the object's kind and the stable reason
-/// (`controller::Error::metric_label`).
+/// (`controller::Error::reason`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileFailureLabels {
     pub kind: String,

@@ -405,7 +405,7 @@ pub fn parse_inbound(req: &InboundRequest<'_>) -> Result<Parsed, Rejection> {
         match parse_event(item, hint) {
             Ok(event) => parsed.events.push(event),
             Err(rejection) => parsed.malformed.push(MalformedEvent {
-                reason: rejection.reason(),
+                reason: rejection.detail(),
                 raw: json_fields::bytes(item),
             }),
         }

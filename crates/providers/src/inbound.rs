@@ -121,11 +121,11 @@ impl Rejection {
         }
     }
 
-    /// The short fixed reason, for a dead letter or a log line.
-    pub fn reason(&self) -> &'static str {
+    /// The short fixed detail, for a dead letter or a log line.
+    pub fn detail(&self) -> &'static str {
         match self {
             Rejection::Unauthorized(reason) | Rejection::BadRequest(reason) => reason,
-            other => other.label(),
+            other => other.reason(),
         }
     }
 
@@ -135,8 +135,8 @@ impl Rejection {
         matches!(self, Rejection::Unauthorized(_))
     }
 
-    /// Low-cardinality label for metrics.
-    pub fn label(&self) -> &'static str {
+    /// The stable, low-cardinality reason (the metric label and the error answered).
+    pub fn reason(&self) -> &'static str {
         match self {
             Rejection::Unauthorized(_) => "unauthorized",
             Rejection::BadRequest(_) => "bad_request",

@@ -58,7 +58,7 @@ pub enum Full {
 
 impl Full {
     /// The `reason` label of the refusal counter.
-    pub fn label(&self) -> &'static str {
+    pub fn reason(&self) -> &'static str {
         match self {
             Full::Endpoint { .. } => "endpoint_backlogged",
             Full::Total { .. } => "queue_backlogged",
@@ -161,7 +161,7 @@ pub(super) fn admit(ing: &Ingress, route: &EndpointRoute) -> Option<Response> {
     let full = full?;
     Some(unavailable(
         &ing.metrics,
-        full.label(),
+        full.reason(),
         ing.limits.retry_after,
     ))
 }
@@ -357,7 +357,7 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(
-            disk.check(&q, &a, (None, None)).unwrap().label(),
+            disk.check(&q, &a, (None, None)).unwrap().reason(),
             "disk_low"
         );
     }
@@ -424,7 +424,7 @@ mod tests {
             })
         );
         let total = limits(on_a + on_b, 0).check(&q, &b, (None, None)).unwrap();
-        assert_eq!(total.label(), "queue_bytes_backlogged");
+        assert_eq!(total.reason(), "queue_bytes_backlogged");
         assert!(total.describe().contains("bytes"), "{}", total.describe());
         // Delivered events free their bytes: the bound lifts, nothing was dropped.
         let leased = q.lease(&a, 1, SystemTime::now()).await.unwrap();

@@ -146,14 +146,14 @@ async fn hook(
     let parsed = match ing.parser.parse(sub.provider, &sub.keys, &inbound) {
         Ok(parsed) => parsed,
         Err(rejection) => {
-            ing.metrics.rejected(rejection.label());
+            ing.metrics.rejected(rejection.reason());
             if rejection.is_signature_failure() {
                 sub.counters.signature_failure(SystemTime::now());
                 ing.metrics.signature_mismatch(&route.key, &subscription);
             }
             return reply(
                 rejection.status(),
-                format!("{{\"error\":\"{}\"}}", rejection.label()),
+                format!("{{\"error\":\"{}\"}}", rejection.reason()),
             );
         }
     };
