@@ -121,21 +121,9 @@ async fn hook(
         return refused;
     }
     let (parts, body) = request.into_parts();
-    if parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n > ing.max_body_bytes)
-    {
-        return refuse(&ing, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
-    }
-    let read = tokio::time::timeout_at(body_deadline, read_limited(body, ing.max_body_bytes));
-    let body = match read.await.unwrap_or(Err("body_timeout")) {
-        Ok(b) => b,
-        Err(reason) => {
-            return refuse(&ing, body_refusal_status(reason), reason);
-        }
+    let body = match read_body(&ing, &parts.headers, body, body_deadline).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
     };
     let inbound = InboundRequest {
         method: &parts.method,
@@ -180,7 +168,103 @@ async fn hook(
     let received = parsed.events.len() as u64;
     sub.counters.add(received, now);
     route.metrics.received.inc_by(received);
+    let malformed = parsed.malformed.len() as u64;
+    let batch = to_batch(&route, &subscription, parsed, now, traceparent, headers);
+    let filtered = received + malformed - batch.len() as u64;
+    route.metrics.filtered.inc_by(filtered);
+    if malformed > 0 {
+        tracing::warn!(endpoint = %route.key, subscription = %subscription, malformed, "kept unreadable batch elements as dead letters");
+        route.metrics.malformed.inc_by(malformed);
+    }
+    store(
+        &ing,
+        &route,
+        &subscription,
+        batch,
+        span,
+        filtered,
+        malformed,
+    )
+    .await
+}
 
+/// Stores a request's events in one commit and answers the provider: 200 with what was
+/// accepted, or 503 when the queue refuses.
+async fn store(
+    ing: &Ingress,
+    route: &EndpointRoute,
+    subscription: &str,
+    batch: Vec<NewEvent>,
+    span: Option<crate::spans::Receive>,
+    filtered: u64,
+    malformed: u64,
+) -> Response {
+    let offered = batch.len();
+    let store_start = span.as_ref().map(|_| SystemTime::now());
+    let stored = ing.queue.enqueue(batch).await;
+    if let (Some(span), Some(start)) = (&span, store_start) {
+        span.store(start, offered, stored.is_ok());
+    }
+    let outcomes = match stored {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(endpoint = %route.key, error = %e, "queue refused events");
+            if let Some(span) = span {
+                span.finish(&route.key, subscription, 503, 0);
+            }
+            return refuse(ing, StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable");
+        }
+    };
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| **o == EnqueueOutcome::Duplicate)
+        .count() as u64;
+    let accepted = outcomes.len() as u64 - duplicates - malformed;
+    route.metrics.queued.inc_by(accepted);
+    route.metrics.duplicates.inc_by(duplicates);
+    if let Some(span) = span {
+        span.finish(&route.key, subscription, 200, accepted);
+    }
+    reply(
+        StatusCode::OK,
+        format!(
+            "{{\"accepted\":{accepted},\"duplicates\":{duplicates},\"filtered\":{filtered},\"malformed\":{malformed}}}"
+        ),
+    )
+}
+
+/// The request's body, refused when its length passes `max_body_bytes` or it is not in
+/// by `deadline`.
+async fn read_body(
+    ing: &Ingress,
+    headers: &http::HeaderMap,
+    body: axum::body::Body,
+    deadline: tokio::time::Instant,
+) -> Result<bytes::Bytes, Response> {
+    if headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > ing.max_body_bytes)
+    {
+        return Err(refuse(ing, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"));
+    }
+    let read = tokio::time::timeout_at(deadline, read_limited(body, ing.max_body_bytes));
+    read.await
+        .unwrap_or(Err("body_timeout"))
+        .map_err(|reason| refuse(ing, body_refusal_status(reason), reason))
+}
+
+/// What a request stores: the parsed events the endpoint's `eventTypes` keep, then the
+/// unreadable elements, all in the request's trace and with its kept headers.
+fn to_batch(
+    route: &EndpointRoute,
+    subscription: &str,
+    parsed: webhook_providers::inbound::Parsed,
+    now: SystemTime,
+    traceparent: Option<String>,
+    headers: String,
+) -> Vec<NewEvent> {
     let mut batch = Vec::with_capacity(parsed.events.len() + parsed.malformed.len());
     for ev in parsed.events {
         if !route.event_types.is_empty() && !route.event_types.contains(&ev.event_type) {
@@ -188,7 +272,7 @@ async fn hook(
         }
         batch.push(NewEvent {
             endpoint: route.key.clone(),
-            subscription: subscription.clone(),
+            subscription: subscription.to_string(),
             event_type: ev.event_type,
             dedupe_key: if ev.test {
                 EventKind::test_key(&ev.dedupe_key)
@@ -201,50 +285,12 @@ async fn hook(
             headers: headers.clone(),
         });
     }
-    let filtered = received - batch.len() as u64;
-    route.metrics.filtered.inc_by(filtered);
-    let malformed = parsed.malformed.len() as u64;
-    if malformed > 0 {
-        tracing::warn!(endpoint = %route.key, subscription = %subscription, malformed, "kept unreadable batch elements as dead letters");
-        route.metrics.malformed.inc_by(malformed);
-    }
     batch.extend(parsed.malformed.into_iter().map(|m| NewEvent {
         // In the request's trace, so its dead-letter span joins the others.
         traceparent: traceparent.clone(),
-        ..malformed_event(&route.key, &subscription, m, now)
+        ..malformed_event(&route.key, subscription, m, now)
     }));
-    let offered = batch.len();
-    let store_start = span.as_ref().map(|_| SystemTime::now());
-    let stored = ing.queue.enqueue(batch).await;
-    if let (Some(span), Some(start)) = (&span, store_start) {
-        span.store(start, offered, stored.is_ok());
-    }
-    let outcomes = match stored {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::error!(endpoint = %route.key, error = %e, "queue refused events");
-            if let Some(span) = span {
-                span.finish(&route.key, &subscription, 503, 0);
-            }
-            return refuse(&ing, StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable");
-        }
-    };
-    let duplicates = outcomes
-        .iter()
-        .filter(|o| **o == EnqueueOutcome::Duplicate)
-        .count() as u64;
-    let accepted = outcomes.len() as u64 - duplicates - malformed;
-    route.metrics.queued.inc_by(accepted);
-    route.metrics.duplicates.inc_by(duplicates);
-    if let Some(span) = span {
-        span.finish(&route.key, &subscription, 200, accepted);
-    }
-    reply(
-        StatusCode::OK,
-        format!(
-            "{{\"accepted\":{accepted},\"duplicates\":{duplicates},\"filtered\":{filtered},\"malformed\":{malformed}}}"
-        ),
-    )
+    batch
 }
 
 /// An unreadable batch element as a queue entry that delivery moves straight to the
