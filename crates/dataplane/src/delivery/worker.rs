@@ -125,7 +125,7 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let attempts = Arc::new(Attempts::default());
-    let mut checked: Option<(Arc<EndpointRuntime>, Instant, Result<Uri, DestinationError>)> = None;
+    let mut checked: Checked = None;
     let mut bucket = Bucket {
         tokens: 0.0,
         last: Instant::now(),
@@ -152,26 +152,7 @@ pub(crate) async fn run(
             break; // endpoint removed: its events stay parked
         };
 
-        let stale = checked.as_ref().is_none_or(|(seen, at, r)| {
-            !Arc::ptr_eq(seen, &rt)
-                || at.elapsed() > if r.is_ok() { RECHECK } else { PARKED_RECHECK }
-        });
-        if stale {
-            let target = match &rt.url {
-                Ok(u) => shared.resolver.target(u).await.and_then(|u| {
-                    Uri::try_from(u.as_str())
-                        .map_err(|_| DestinationError::Unresolvable("not a valid URL"))
-                }),
-                Err(e) => Err(e.clone()),
-            };
-            if let Err(e) = &target {
-                tracing::warn!(endpoint = %key, reason = e.reason(), "destination refused; events parked");
-            }
-            shared
-                .health
-                .set_destination_error(&key, target.as_ref().err().cloned());
-            checked = Some((rt.clone(), Instant::now(), target));
-        }
+        check_destination(&shared, &key, &rt, &mut checked).await;
         let Some((_, _, Ok(url))) = checked.as_ref() else {
             if !idle!(PARKED_RECHECK) {
                 break;
@@ -182,18 +163,10 @@ pub(crate) async fn run(
 
         shared.health.set_breaker_open(&key, rt.breaker.is_open());
         let busy = attempts.requests.load(Ordering::Acquire);
-        let (mut room, probe) = match rt.breaker.admit(Instant::now()) {
-            Admission::Open => (
-                (rt.policy.max_in_flight as usize).saturating_sub(busy),
-                false,
-            ),
-            Admission::Probe if busy == 0 => (1, true),
-            Admission::Probe => {
-                rt.breaker.abandon_probe();
-                (0, false)
-            }
-            Admission::Wait(d) => {
-                if !idle!(d) {
+        let (mut room, probe) = match breaker_room(&rt, busy) {
+            Ok(room) => room,
+            Err(wait) => {
+                if !idle!(wait) {
                     break;
                 }
                 continue;
@@ -250,6 +223,55 @@ pub(crate) async fn run(
     let deadline = Instant::now() + shared.shutdown_grace;
     while attempts.unfinished.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         let _ = tokio::time::timeout(Duration::from_millis(50), attempts.changed.notified()).await;
+    }
+}
+
+/// The configuration the destination was last checked for, when, and what it gave.
+type Checked = Option<(Arc<EndpointRuntime>, Instant, Result<Uri, DestinationError>)>;
+
+/// Checks the destination again when the configuration changed or the last check is
+/// old (sooner while it is refused), and tells health.
+async fn check_destination(
+    shared: &Shared,
+    key: &EndpointKey,
+    rt: &Arc<EndpointRuntime>,
+    checked: &mut Checked,
+) {
+    let stale = checked.as_ref().is_none_or(|(seen, at, r)| {
+        !Arc::ptr_eq(seen, rt) || at.elapsed() > if r.is_ok() { RECHECK } else { PARKED_RECHECK }
+    });
+    if !stale {
+        return;
+    }
+    let target = match &rt.url {
+        Ok(u) => shared.resolver.target(u).await.and_then(|u| {
+            Uri::try_from(u.as_str()).map_err(|_| DestinationError::Unresolvable("not a valid URL"))
+        }),
+        Err(e) => Err(e.clone()),
+    };
+    if let Err(e) = &target {
+        tracing::warn!(endpoint = %key, reason = e.reason(), "destination refused; events parked");
+    }
+    shared
+        .health
+        .set_destination_error(key, target.as_ref().err().cloned());
+    *checked = Some((rt.clone(), Instant::now(), target));
+}
+
+/// How many events the breaker lets out now, and whether as its one probe; or how long
+/// to wait.
+fn breaker_room(rt: &EndpointRuntime, busy: usize) -> Result<(usize, bool), Duration> {
+    match rt.breaker.admit(Instant::now()) {
+        Admission::Open => Ok((
+            (rt.policy.max_in_flight as usize).saturating_sub(busy),
+            false,
+        )),
+        Admission::Probe if busy == 0 => Ok((1, true)),
+        Admission::Probe => {
+            rt.breaker.abandon_probe();
+            Ok((0, false))
+        }
+        Admission::Wait(d) => Err(d),
     }
 }
 
