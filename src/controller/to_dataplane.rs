@@ -78,6 +78,7 @@ pub fn delivery_stats(s: DeliveryStats) -> api::DeliveryStats {
         retrying: s.retrying,
         dead_lettered: s.dead_lettered,
         malformed: s.malformed,
+        filter_errors: s.filter_errors,
         consecutive_failures: s.consecutive_failures,
         failure_ratio: s.failure_ratio,
         last_success_time: time(s.last_success_time),

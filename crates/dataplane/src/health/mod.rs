@@ -50,6 +50,8 @@ pub struct DeliveryStats {
     pub dead_lettered: u64,
     /// Elements of a provider's batch that could not be read.
     pub malformed: u64,
+    /// Events the endpoint's filter failed on (dead-lettered).
+    pub filter_errors: u64,
     /// Failed attempts since the last success.
     pub consecutive_failures: u64,
     /// Share of failed attempts over the recent window, 0 to 1.
