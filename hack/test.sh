@@ -7,12 +7,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$(date +%s)
 hack/setup.sh
-cargo fmt --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 # Every target but the Kubernetes binary, in parallel.
 flat_tests=()
 for f in tests/*.rs; do flat_tests+=(--test "$(basename "$f" .rs)"); done
 cargo test --locked --lib --bins --benches "${flat_tests[@]}"
+# The unit tests of the workspace's other crates (crates/: api, providers, dataplane,
+# sandbox, kubectl-webhooks).
+cargo test --locked --workspace --exclude webhook-operator --lib --bins
 # The Kubernetes tests start operator binaries, NATS servers and loads on one shared
 # machine; in parallel they measure each other, so they run one at a time.
 cargo test --locked --test kubernetes -- --test-threads=1

@@ -29,8 +29,9 @@ enum Command {
     Run(Box<OperatorConfig>),
     /// Re-queue the dead letters of a WebhookEndpoint (through the replay annotation).
     Replay(webhook_operator::replay::ReplayArgs),
-    /// Serve the provider simulators (Atlas, Atomic, Smallest) for tests and demos.
-    Sandbox(webhook_operator::sandbox::SandboxArgs),
+    /// Serve the provider simulators (Atlas, Atomic, Smallest) for tests and demos (the
+    /// same as the `webhook-sandbox` binary).
+    Sandbox(webhook_sandbox::SandboxArgs),
     /// Receive deliveries for the local demo: verify their signatures and count them.
     DemoConsumer(webhook_operator::demo_consumer::DemoConsumerArgs),
 }
@@ -50,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Sandbox(args) => {
             telemetry::init(false);
-            webhook_operator::sandbox::run(args).await?
+            webhook_sandbox::run(args).await?
         }
         Command::DemoConsumer(args) => {
             telemetry::init(false);

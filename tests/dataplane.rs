@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use tokio::sync::oneshot;
 
-use webhook_operator::api::Provider;
 use webhook_operator::dataplane::{
     DataPlane, DataPlaneConfig, EndpointConfig, EndpointKey, ReplayFilter, SubscriptionRoute,
 };
@@ -27,6 +26,7 @@ use webhook_operator::inbound::{
     InboundEvent, InboundParser, InboundRequest, Parsed, Rejection, VerificationKeys,
 };
 use webhook_operator::ingress::RateLimit;
+use webhook_operator::providers::Provider;
 use webhook_operator::queue::{EnqueueOutcome, NewEvent, Queue, RedbQueue, RedbQueueOptions};
 
 const NEW_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
@@ -1158,7 +1158,7 @@ async fn cloudevents_format_is_read_back_by_the_cloudevents_sdk() {
     let key = EndpointKey::new("apps", "orders");
     let config = test_config(dir.path(), SocketAddr::from(([127, 0, 0, 1], port)));
     let mut ep = endpoint(&key, service(), fast_policy());
-    ep.format = webhook_operator::api::endpoint::DeliveryFormat::Cloudevents;
+    ep.format = webhook_operator::delivery::DeliveryFormat::Cloudevents;
     let dp = DataPlane::open(config, Arc::new(TestParser)).await.unwrap();
     let h = Harness::wire(dp, ep, Consumer::start().await, dir).await;
     let before = std::time::SystemTime::now();

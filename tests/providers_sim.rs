@@ -12,15 +12,14 @@ use std::time::Duration;
 use axum::extract::Request;
 use bytes::Bytes;
 use serde_json::{Value, json};
-use webhook_operator::api::Provider;
 use webhook_operator::inbound::{
     InboundEvent, InboundParser, InboundRequest, Rejection, SignatureEncoding, VerificationKeys,
 };
 use webhook_operator::providers::{
-    AtomicMethod, Credentials, DesiredSubscription, ProviderClients, ProviderError, ProviderParser,
-    Scope, SyncAction, UpstreamState, install_crypto_provider,
+    AtomicMethod, Credentials, DesiredSubscription, Provider, ProviderClients, ProviderError,
+    ProviderParser, Scope, SyncAction, UpstreamState, install_crypto_provider,
 };
-use webhook_operator::sandbox::{SandboxConfig, SandboxHandle, serve};
+use webhook_sandbox::{SandboxConfig, SandboxHandle, serve};
 
 const ATLAS_KEY: &str = "atlas-key-Zq81";
 const SMALLEST_KEY: &str = "smallest-key-Pw07";
@@ -56,7 +55,7 @@ async fn sim_with(cfg: SandboxConfig) -> Sim {
     install_crypto_provider();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let handle = serve(listener, cfg).await.unwrap();
-    let mut ep = handle.endpoints();
+    let mut ep = ProviderClients::sandbox(&handle.base_url());
     ep.request_timeout = Duration::from_secs(2);
     let clients = ProviderClients::new(ep);
     Sim {
@@ -389,7 +388,7 @@ async fn atlas_errors() {
 async fn atlas_hang_times_out_as_unavailable() {
     bounded(async {
         let s = sim().await;
-        let mut ep = s.handle.endpoints();
+        let mut ep = ProviderClients::sandbox(&s.handle.base_url());
         ep.request_timeout = Duration::from_millis(300);
         let clients = ProviderClients::new(ep);
         s.faults("atlas", json!({"hang": true})).await;
@@ -1240,7 +1239,7 @@ async fn atomic_does_not_adopt_a_webhook_whose_enabled_is_unknown() {
 async fn atlas_unlistable_is_cannot_observe_not_recreate() {
     bounded(async {
         let s = sim().await;
-        let mut ep = s.handle.endpoints();
+        let mut ep = ProviderClients::sandbox(&s.handle.base_url());
         ep.atlas_list_path = "/events-gateway/trigger/not-the-real-path".into();
         let clients = ProviderClients::new(ep);
         let c = clients.get(Provider::Atlas);
@@ -1419,7 +1418,10 @@ async fn atomic_signature_header_and_encoding_are_configurable() {
     bounded(async {
         // An account whose deliveries are signed differently from the operator's guess.
         let s = sim_with(SandboxConfig {
-            atomic_signature: ("X-Signature-256".into(), SignatureEncoding::Base64),
+            atomic_signature: (
+                "X-Signature-256".into(),
+                webhook_sandbox::wire::SignatureEncoding::Base64,
+            ),
             ..config()
         })
         .await;
@@ -1494,4 +1496,79 @@ async fn smallest_reads_the_secret_by_id_when_the_list_lacks_it() {
         );
     })
     .await;
+}
+
+/// The simulators' wire types are their own (`crates/sandbox/src/wire.rs`, written from
+/// PROVIDERS.md), so an answer a simulator writes must read back through the client's
+/// type field for field: a field renamed, dropped or retyped on either side fails here
+/// (and in the lifecycle tests above, which go through HTTP).
+#[test]
+fn simulator_answers_read_back_field_for_field_through_the_clients_types() {
+    use webhook_sandbox::wire;
+    fn read_back<Sim: serde::Serialize, Client: serde::Serialize + serde::de::DeserializeOwned>(
+        what: &str,
+        sim: Sim,
+    ) {
+        let written = serde_json::to_value(&sim).unwrap();
+        let client: Client = serde_json::from_value(written.clone())
+            .unwrap_or_else(|e| panic!("{what}: the client cannot read the simulator: {e}"));
+        assert_eq!(
+            serde_json::to_value(&client).unwrap(),
+            written,
+            "{what}: the client's type and the simulator's disagree"
+        );
+    }
+    read_back::<_, webhook_operator::providers::atlas::TriggerSubscription>(
+        "Atlas list element",
+        wire::atlas::TriggerSubscription {
+            id: "sub_1".into(),
+            hook_url: "https://hooks.example/h/t/calls".into(),
+            campaign_id: "c1".into(),
+            trigger_name: "call_completed".into(),
+            provider: wire::atlas::PROVIDER_CUSTOM.into(),
+        },
+    );
+    read_back::<_, webhook_operator::providers::atomic::Webhook>(
+        "Atomic webhook",
+        wire::atomic::Webhook {
+            id: "w1".into(),
+            types: vec!["card-published".into()],
+            url: "https://hooks.example/h/t/cards".into(),
+            headers: [("x-a".to_string(), "b".to_string())].into(),
+            secret: Some("s3cret".into()),
+            created: "2026-01-01T00:00:00Z".into(),
+            updated: "2026-01-01T00:00:00Z".into(),
+            card_template_id: Some("tpl".into()),
+            action_flow_config_id: Some("flow".into()),
+            method: Some(wire::atomic::Method::Put),
+            enabled: Some(false),
+        },
+    );
+    let agent = wire::smallest::IdRef::Populated(wire::smallest::Populated {
+        id: AGENT_X.into(),
+        name: Some("agent".into()),
+        description: Some("d".into()),
+    });
+    read_back::<_, webhook_operator::providers::smallest::Webhook>(
+        "Smallest webhook",
+        wire::smallest::Webhook {
+            id: "65f0c0ffee0000000000beef".into(),
+            url: "https://hooks.example/h/t/agents".into(),
+            description: "managed".into(),
+            status: "enabled".into(),
+            organization_id: Some("org".into()),
+            created_by: Some("me".into()),
+            subscriptions: vec![wire::smallest::Subscription {
+                id: "s1".into(),
+                webhook_id: wire::smallest::IdRef::Id("65f0c0ffee0000000000beef".into()),
+                agent_id: agent,
+                event_type: "post-conversation".into(),
+                created_at: Some("2026-01-01T00:00:00Z".into()),
+                updated_at: Some("2026-01-01T00:00:00Z".into()),
+            }],
+            decrypted_secret_key: Some("key".into()),
+            created_at: Some("2026-01-01T00:00:00Z".into()),
+            updated_at: Some("2026-01-01T00:00:00Z".into()),
+        },
+    );
 }

@@ -16,12 +16,12 @@ use bytes::Bytes;
 use crate::commits::{CommitTotals, Commits};
 use crate::mark;
 use crate::proc_stats::{machine_cpu_seconds, tree_cpu_seconds};
-use webhook_operator::api::Provider;
 use webhook_operator::dataplane::{
     DataPlane, DataPlaneConfig, EndpointConfig, EndpointKey, SubscriptionRoute,
 };
 use webhook_operator::delivery::{Destination, Policy, SigningSecret};
 use webhook_operator::inbound::VerificationKeys;
+use webhook_operator::providers::Provider;
 use webhook_operator::providers::{ProviderParser, sign_hex};
 use webhook_operator::queue::{JetStreamOptions, JetStreamQueue};
 

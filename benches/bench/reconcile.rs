@@ -21,7 +21,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::{Value, json};
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
-use webhook_operator::sandbox::{self, SandboxConfig};
+use webhook_sandbox::{self as sandbox, SandboxConfig};
 
 const NAMESPACE: &str = "bench";
 const CREATE_POOL: usize = 32;

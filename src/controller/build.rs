@@ -215,6 +215,7 @@ pub fn verification_keys(
     secrets: &impl SecretRead,
 ) -> Option<VerificationKeys> {
     let (signature_header, signature_encoding) = sub.spec.signature_scheme();
+    let signature_encoding = super::to_dataplane::signature_encoding(signature_encoding);
     if sub.spec.provider == Provider::Atllas {
         let name = sub.atllas_header_secret_name();
         let value = owned_key(secrets, &sub.metadata, &name, HEADER_VALUE_KEY).ok()?;

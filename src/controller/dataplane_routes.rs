@@ -13,7 +13,7 @@ use crate::api::conditions::reasons;
 use crate::dataplane::{
     DataPlane, EndpointConfig, EndpointConfigError, ReplayFilter, SubscriptionRoute,
 };
-use crate::delivery::{Destination, Policy, SigningSecret};
+use crate::delivery::SigningSecret;
 use crate::inbound::VerificationKeys;
 use crate::queue;
 
@@ -47,7 +47,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
             SubscriptionRoute {
                 endpoint: key(endpoint),
                 name: subscription,
-                provider,
+                provider: super::to_dataplane::provider(provider),
                 keys,
             },
         );
@@ -82,14 +82,14 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
     }
 
     fn configure_endpoint(&self, ep: &EndpointDelivery) -> Result<(), Refusal> {
-        let destination =
-            Destination::from_api(&ep.spec.destination, &ep.key.0).ok_or_else(|| {
+        let destination = super::isolation::destination(&ep.spec.destination, &ep.key.0)
+            .ok_or_else(|| {
                 (
                     reasons::INVALID_SPEC,
                     "exactly one of destination.service or destination.url must be set".into(),
                 )
             })?;
-        let policy = Policy::try_from(&ep.spec.delivery)
+        let policy = super::to_dataplane::policy(&ep.spec.delivery)
             .map_err(|e| (reasons::INVALID_SPEC, format!("spec.delivery: {e}")))?;
         let signing_secrets = ep
             .signing_secrets
@@ -122,7 +122,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                         per_second: l.requests_per_second,
                         burst: l.burst.unwrap_or(l.requests_per_second),
                     }),
-                format: ep.spec.format,
+                format: super::to_dataplane::format(ep.spec.format),
                 filter: ep
                     .spec
                     .filter
@@ -141,7 +141,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
 
     fn endpoint_health(&self, endpoint: EndpointKey) -> Option<EndpointHealthView> {
         DataPlane::endpoint_health(self, &key(endpoint)).map(|h| EndpointHealthView {
-            stats: h.stats,
+            stats: super::to_dataplane::delivery_stats(h.stats),
             healthy: h.verdict.healthy,
             reason: h.verdict.reason,
             message: h.verdict.message,

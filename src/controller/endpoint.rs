@@ -22,18 +22,10 @@ use crate::api::endpoint::{WebhookEndpoint, WebhookEndpointStatus};
 use crate::api::{REQUESTED_AT_ANNOTATION, WebhookSubscription};
 
 pub const FINALIZER: &str = "hooks.webhook-operator.dev/delivery";
-/// Annotation asking to re-queue dead letters; its value is echoed in
-/// `status.lastHandledReplayAt`. `replay-since` / `replay-until` (RFC 3339) limit it to a
-/// window of the time events were dead-lettered, or received with `replay-by: received`.
-pub const REPLAY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-requested-at";
-pub const REPLAY_SINCE_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-since";
-/// RFC 3339 end of the replay window (default: now).
-pub const REPLAY_UNTIL_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-until";
-/// Which time the window applies to: `dead-lettered` (default) or `received`.
-pub const REPLAY_BY_ANNOTATION: &str = "hooks.webhook-operator.dev/replay-by";
-/// Annotation asking for a new generated signing secret (only without `signing.secretRef`:
-/// a user-provided secret rotates when its Secret changes). Handled once per value.
-pub const ROTATE_ANNOTATION: &str = "hooks.webhook-operator.dev/rotate-signing-secret";
+pub use crate::api::{
+    REPLAY_ANNOTATION, REPLAY_BY_ANNOTATION, REPLAY_SINCE_ANNOTATION, REPLAY_UNTIL_ANNOTATION,
+    ROTATE_ANNOTATION,
+};
 
 /// The rotation request that produced the generated secret.
 const ROTATION_REQUEST_KEY: &str = "rotation-request";

@@ -10,6 +10,23 @@ use crate::delivery::{Destination, Resolver};
 /// Why an endpoint's destination is refused: a condition reason and a message (no secret).
 pub type Refusal = (&'static str, String);
 
+/// From `spec.destination`; a Service without a namespace is in the endpoint's.
+pub fn destination(spec: &ApiDestination, endpoint_namespace: &str) -> Option<Destination> {
+    match (&spec.service, &spec.url) {
+        (Some(s), None) => Some(Destination::Service {
+            name: s.name.clone(),
+            namespace: s
+                .namespace
+                .clone()
+                .unwrap_or_else(|| endpoint_namespace.to_owned()),
+            port: s.port,
+            path: s.path.clone().unwrap_or_else(|| "/".into()),
+        }),
+        (None, Some(u)) => Some(Destination::Url(u.clone())),
+        _ => None,
+    }
+}
+
 /// `Err` when the endpoint in `endpoint_namespace` may not deliver to `spec`.
 pub fn check_destination(
     spec: &ApiDestination,
@@ -17,7 +34,7 @@ pub fn check_destination(
     allow_cross_namespace_refs: bool,
     resolver: &Resolver,
 ) -> Result<(), Refusal> {
-    let destination = Destination::from_api(spec, endpoint_namespace).ok_or_else(|| {
+    let destination = destination(spec, endpoint_namespace).ok_or_else(|| {
         (
             reasons::INVALID_SPEC,
             "exactly one of destination.service or destination.url must be set".to_string(),

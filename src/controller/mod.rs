@@ -38,6 +38,7 @@ pub mod signature_check;
 pub mod status;
 pub mod subscription;
 pub mod test_event;
+pub mod to_dataplane;
 pub mod watches;
 
 use std::collections::HashMap;
@@ -151,7 +152,7 @@ where
     cached(cache, &obj.namespace()?, &obj.name_any()).flatten()
 }
 
-/// Reconcile errors. `metric_label` is stable and low-cardinality.
+/// Reconcile errors. `reason()` is stable and low-cardinality.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API: {0}")]
@@ -199,13 +200,11 @@ impl CleanupError {
 impl Error {
     /// The failure's reason in the reconcile-failure metric: the step that failed, not the
     /// finalizer wrapper every pass runs in.
-    pub fn metric_label(&self) -> &'static str {
+    pub fn reason(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
             Error::Finalizer(e) => match &**e {
-                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => {
-                    e.metric_label()
-                }
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.reason(),
                 _ => "finalizer",
             },
             Error::Provider(e) => e.reason(),
@@ -491,10 +490,10 @@ fn error_policy<K: Resource<DynamicType = ()>>(
     err: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    tracing::warn!(error = %err, label = err.metric_label(), "reconcile failed");
+    tracing::warn!(error = %err, label = err.reason(), "reconcile failed");
     ctx.routes
         .0
-        .reconcile_failed(K::kind(&()).into_owned(), err.metric_label());
+        .reconcile_failed(K::kind(&()).into_owned(), err.reason());
     Action::requeue(Duration::from_secs(5) + Duration::from_millis(rand::random::<u64>() % 5000))
 }
 
@@ -637,7 +636,7 @@ mod tests {
             ),
         ];
         for (err, label) in cases {
-            assert_eq!(err.metric_label(), label, "{err}");
+            assert_eq!(err.reason(), label, "{err}");
         }
     }
 

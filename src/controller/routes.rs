@@ -59,7 +59,7 @@ pub trait IngressRoutes: TestInjection + Send + Sync {
         endpoint: EndpointKey,
     ) -> futures::future::BoxFuture<'static, anyhow::Result<u64>>;
     /// A reconcile of a `kind` object failed for `reason` (a stable label, see
-    /// [`super::Error::metric_label`]): counted in the operator's metrics.
+    /// [`super::Error::reason`]): counted in the operator's metrics.
     fn reconcile_failed(&self, _kind: String, _reason: &'static str) {}
     /// Re-queues the endpoint's dead letters that `filter` selects.
     fn replay(

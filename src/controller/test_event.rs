@@ -97,7 +97,7 @@ async fn send_event(
     if let Some(id) = upstream_id {
         let sent = ctx
             .providers
-            .get(sub.spec.provider)
+            .get(super::to_dataplane::provider(sub.spec.provider))
             .send_test(creds, desired, id)
             .await
             .map_err(|e| format!("the provider's test endpoint failed: {e}"))?;

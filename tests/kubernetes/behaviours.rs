@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::{Value, json};
 use webhook_operator::api::WebhookSubscription;
-use webhook_operator::sandbox::SandboxHandle;
+use webhook_sandbox::SandboxHandle;
 
 use crate::delivery_e2e::{
     Consumer, OperatorProcess, atlas_event, consumer_destination, delivered, ingress_url,

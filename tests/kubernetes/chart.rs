@@ -583,9 +583,9 @@ async fn operator_under_the_chart_rbac_creates_delivers_and_deletes_without_403(
     let sa_kubeconfig = act_as_service_account(&env, &sa, dir.path()).await;
 
     // Peers: the provider simulator and a consumer that verifies signatures.
-    let sandbox = webhook_operator::sandbox::serve(
+    let sandbox = webhook_sandbox::serve(
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        webhook_operator::sandbox::SandboxConfig::default(),
+        webhook_sandbox::SandboxConfig::default(),
     )
     .await
     .unwrap();

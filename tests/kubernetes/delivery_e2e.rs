@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
-use webhook_operator::sandbox::SandboxHandle;
+use webhook_sandbox::SandboxHandle;
 
 use crate::fixtures::*;
 use crate::ports::free_port;

@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
-use webhook_operator::sandbox::{self, SandboxConfig, SandboxHandle};
+use webhook_sandbox::{self as sandbox, SandboxConfig, SandboxHandle};
 
 use crate::support::{TestEnv, wait_until};
 

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
-use webhook_operator::sandbox::{self, SandboxConfig, SandboxHandle};
+use webhook_sandbox::{self as sandbox, SandboxConfig, SandboxHandle};
 
 use crate::nats::NatsServer;
 use crate::ports::free_port;

@@ -20,7 +20,7 @@ use webhook_operator::controller::routes::{
 };
 use webhook_operator::controller::{self, Context};
 use webhook_operator::inbound::VerificationKeys;
-use webhook_operator::sandbox::SandboxHandle;
+use webhook_sandbox::SandboxHandle;
 
 use crate::fixtures::*;
 use crate::support::{TestEnv, test_env, wait_until};

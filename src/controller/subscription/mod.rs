@@ -209,7 +209,7 @@ async fn cleanup(sub: &WebhookSubscription, ctx: &Context) -> Result<Action, Err
             .await
             .map_err(|e| Error::Cleanup(CleanupError::Credentials(e)))?;
         ctx.providers
-            .get(sub.spec.provider)
+            .get(crate::controller::to_dataplane::provider(sub.spec.provider))
             .delete(&creds, &applied)
             .await
             .map_err(Error::Provider)?;

@@ -36,7 +36,7 @@ pub fn translate(
                 environment_id: a.environment_id,
                 card_template_id: a.card_template_id,
                 action_flow_config_id: a.action_flow_config_id,
-                method: a.method,
+                method: crate::controller::to_dataplane::atomic_method(a.method),
             }
         }
         Provider::Smallest => Scope::Smallest {
@@ -51,7 +51,7 @@ pub fn translate(
         },
     };
     DesiredSubscription {
-        provider: spec.provider,
+        provider: crate::controller::to_dataplane::provider(spec.provider),
         hook_url,
         events: spec.events.iter().map(|e| e.0.clone()).collect(),
         scope,
@@ -93,7 +93,9 @@ pub(super) async fn sync(
         });
     }
 
-    let provider = ctx.providers.get(sub.spec.provider);
+    let provider = ctx
+        .providers
+        .get(crate::controller::to_dataplane::provider(sub.spec.provider));
     let result = match sub.spec.management_policy {
         ManagementPolicy::ObserveOnly => match provider.observe(creds, &desired).await {
             Ok(Some(observed)) => Ok((observed, None)),
