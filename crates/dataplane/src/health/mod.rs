@@ -214,11 +214,7 @@ impl HealthRegistry {
         key: &EndpointKey,
         subscription: &str,
     ) -> Option<(SystemTime, String)> {
-        self.test_failures
-            .lock()
-            .expect("tests lock")
-            .get(&(key.clone(), subscription.to_owned()))
-            .cloned()
+        last_of(&self.test_failures, key, subscription)
     }
 
     /// When a test event of `subscription` was last delivered, and its latency.
@@ -227,11 +223,7 @@ impl HealthRegistry {
         key: &EndpointKey,
         subscription: &str,
     ) -> Option<(SystemTime, Duration)> {
-        self.tests
-            .lock()
-            .expect("tests lock")
-            .get(&(key.clone(), subscription.to_owned()))
-            .copied()
+        last_of(&self.tests, key, subscription)
     }
 
     pub fn record(&self, key: &EndpointKey, outcome: Outcome<'_>) {
@@ -401,6 +393,18 @@ impl HealthRegistry {
             generation: t.generation,
         })
     }
+}
+
+/// What `map` last noted for a test event of `subscription`.
+fn last_of<V: Clone>(
+    map: &Mutex<HashMap<(EndpointKey, String), V>>,
+    key: &EndpointKey,
+    subscription: &str,
+) -> Option<V> {
+    map.lock()
+        .expect("tests lock")
+        .get(&(key.clone(), subscription.to_owned()))
+        .cloned()
 }
 
 /// Sets one of the tracker's fields, a new generation when it changes.

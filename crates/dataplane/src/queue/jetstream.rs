@@ -261,47 +261,43 @@ async fn ensure_streams(
         .to_ascii_uppercase()
         .replace(['.', '*', '>'], "_");
     let p = &options.prefix;
+    // What the three streams share: a name under the prefix, one subject, the storage.
+    let base = |name: &str, subject: String| stream::Config {
+        name: format!("{upper}_{name}"),
+        subjects: vec![subject],
+        storage: options.storage,
+        num_replicas: options.replicas,
+        ..Default::default()
+    };
     let events = ensure_stream(
         js,
         stream::Config {
-            name: format!("{upper}_EVENTS"),
-            subjects: vec![format!("{p}.events.>")],
             retention: stream::RetentionPolicy::WorkQueue,
-            storage: options.storage,
-            num_replicas: options.replicas,
             max_bytes: options.max_bytes,
             // At max_bytes refuse the new event (the ingress answers 503); the default
             // would delete the oldest, acknowledged ones.
             discard: stream::DiscardPolicy::New,
             duplicate_window: options.dedupe_window,
             allow_direct: true,
-            ..Default::default()
+            ..base("EVENTS", format!("{p}.events.>"))
         },
     )
     .await?;
     let dead = ensure_stream(
         js,
         stream::Config {
-            name: format!("{upper}_DEAD"),
-            subjects: vec![format!("{p}.dead.>")],
             retention: stream::RetentionPolicy::Limits,
-            storage: options.storage,
-            num_replicas: options.replicas,
             max_age: options.dead_letter_max_age,
             duplicate_window: Duration::from_secs(120),
-            ..Default::default()
+            ..base("DEAD", format!("{p}.dead.>"))
         },
     )
     .await?;
     ensure_stream(
         js,
         stream::Config {
-            name: format!("{upper}_CHECK"),
-            subjects: vec![format!("{p}.check")],
-            storage: options.storage,
-            num_replicas: options.replicas,
             max_messages_per_subject: 1,
-            ..Default::default()
+            ..base("CHECK", format!("{p}.check"))
         },
     )
     .await?;
@@ -824,6 +820,20 @@ impl Inner {
     }
 
     /// Up to `limit` dead letters of `key` from stream sequence `from` on, in order.
+    /// The page of `key`'s dead letters from `from` on, moving `from` past it; none at the end.
+    async fn next_dead_page(
+        &self,
+        key: &EndpointKey,
+        from: &mut u64,
+    ) -> Result<Option<Vec<(u64, Envelope, Bytes)>>, QueueError> {
+        let page = self.dead_page(key, *from, 256).await?;
+        let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
+            return Ok(None);
+        };
+        *from = last + 1;
+        Ok(Some(page))
+    }
+
     async fn dead_page(
         &self,
         key: &EndpointKey,
@@ -1080,12 +1090,7 @@ impl Queue for JetStreamQueue {
         let inner = &self.inner;
         let mut n = 0;
         let mut from = 1;
-        loop {
-            let page = inner.dead_page(endpoint, from, 256).await?;
-            let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
-                break;
-            };
-            from = last + 1;
+        while let Some(page) = inner.next_dead_page(endpoint, &mut from).await? {
             for (seq, mut env, payload) in page {
                 let dead_at = from_millis(env.dead_ms.unwrap_or(0));
                 if !filter.matches(dead_at, from_millis(env.received_ms)) {
@@ -1118,12 +1123,7 @@ impl Queue for JetStreamQueue {
         let before = to_millis(before);
         let mut n = 0;
         let mut from = 1;
-        loop {
-            let page = inner.dead_page(endpoint, from, 256).await?;
-            let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
-                break;
-            };
-            from = last + 1;
+        while let Some(page) = inner.next_dead_page(endpoint, &mut from).await? {
             for (seq, env, _) in page {
                 if env.dead_ms.unwrap_or(0) < before {
                     inner.dead.delete_message(seq).await.map_err(storage)?;
