@@ -14,7 +14,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -63,27 +63,11 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                metrics.rejected("connection_limit");
-                tokio::select! {
-                    slot = slots.clone().acquire_owned() => slot.expect("never closed"),
-                    _ = shutdown.cancelled() => break,
-                }
-            }
+        let Some(slot) = connection_slot(&slots, &metrics, &shutdown).await else {
+            break;
         };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
+        let Some(stream) = accept(&listener, &shutdown).await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
@@ -129,6 +113,39 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("connections still open after the shutdown grace period");
+    }
+}
+
+/// A free connection slot, counting a wait for one as `connection_limit`; none on shutdown.
+async fn connection_slot(
+    slots: &Arc<tokio::sync::Semaphore>,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(slot) = slots.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    metrics.rejected("connection_limit");
+    tokio::select! {
+        slot = slots.clone().acquire_owned() => Some(slot.expect("never closed")),
+        _ = shutdown.cancelled() => None,
+    }
+}
+
+/// The next connection; none on shutdown.
+async fn accept(listener: &TcpListener, shutdown: &CancellationToken) -> Option<TcpStream> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => return Some(stream),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.cancelled() => return None,
+        }
     }
 }
 

@@ -465,16 +465,11 @@ pub const UNKNOWN_TRIGGER: &str = "unknown";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbound_util::testing::{POST, json_headers};
+    use crate::inbound_util::testing::{POST, json_headers, request};
     use proptest::prelude::*;
 
     fn req<'a>(h: &'a http::HeaderMap, body: &'a [u8]) -> InboundRequest<'a> {
-        InboundRequest {
-            method: &POST,
-            headers: h,
-            query: None,
-            body,
-        }
+        request(&POST, h, None, body)
     }
 
     #[test]
@@ -535,12 +530,7 @@ mod tests {
             Err(Rejection::UnsupportedMediaType)
         );
         let get = http::Method::GET;
-        let r = InboundRequest {
-            method: &get,
-            headers: &h,
-            query: None,
-            body: b"[]",
-        };
+        let r = request(&get, &h, None, b"[]");
         assert_eq!(parse_inbound(&r), Err(Rejection::MethodNotAllowed));
     }
 
@@ -611,12 +601,7 @@ mod tests {
     fn trigger_is_known_from_the_hook_url_it_arrived_on() {
         let h = json_headers(&[]);
         let body = br#"[{"callId":"c8","campaignId":"k"}]"#;
-        let r = InboundRequest {
-            method: &POST,
-            headers: &h,
-            query: Some("trigger=call_completed"),
-            body,
-        };
+        let r = request(&POST, &h, Some("trigger=call_completed"), body);
         let evs = parse_inbound(&r).unwrap().events;
         assert_eq!(evs[0].event_type, "call_completed");
         assert_eq!(evs[0].dedupe_key, "call:c8:call_completed");

@@ -161,7 +161,7 @@ fn get_event(req: &InboundRequest<'_>) -> Result<bytes::Bytes, Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbound_util::testing::{POST, json_headers};
+    use crate::inbound_util::testing::{POST, json_headers, request};
     use proptest::prelude::*;
 
     const HEADER: &str = "x-atllas-token";
@@ -187,15 +187,7 @@ mod tests {
 
     fn post(body: &[u8], value: &str) -> Result<Vec<InboundEvent>, Rejection> {
         let h = json_headers(&[(HEADER, value)]);
-        parse_inbound(
-            &keys(),
-            &InboundRequest {
-                method: &POST,
-                headers: &h,
-                query: None,
-                body,
-            },
-        )
+        parse_inbound(&keys(), &request(&POST, &h, None, body))
     }
 
     #[test]
@@ -214,31 +206,14 @@ mod tests {
             .finish();
         let h = json_headers(&[(HEADER, VALUE)]);
         let get = http::Method::GET;
-        let evs = parse_inbound(
-            &keys(),
-            &InboundRequest {
-                method: &get,
-                headers: &h,
-                query: Some(&q),
-                body: b"",
-            },
-        )
-        .unwrap();
+        let evs = parse_inbound(&keys(), &request(&get, &h, Some(&q), b"")).unwrap();
         assert_eq!(evs[0].event_type, "call.finished");
     }
 
     fn get(query: Option<&str>, body: &[u8]) -> Result<Vec<InboundEvent>, Rejection> {
         let h = json_headers(&[(HEADER, VALUE)]);
         let get = http::Method::GET;
-        parse_inbound(
-            &keys(),
-            &InboundRequest {
-                method: &get,
-                headers: &h,
-                query,
-                body,
-            },
-        )
+        parse_inbound(&keys(), &request(&get, &h, query, body))
     }
 
     #[test]
@@ -294,15 +269,7 @@ mod tests {
         );
         let h = json_headers(&[]);
         assert_eq!(
-            parse_inbound(
-                &keys(),
-                &InboundRequest {
-                    method: &POST,
-                    headers: &h,
-                    query: None,
-                    body: &body("call.finished")
-                }
-            ),
+            parse_inbound(&keys(), &request(&POST, &h, None, &body("call.finished"))),
             Err(Rejection::Unauthorized("missing header"))
         );
     }
@@ -315,7 +282,7 @@ mod tests {
             let _ = post(&b, VALUE);
             let h = json_headers(&[(HEADER, VALUE)]);
             let get = http::Method::GET;
-            let _ = parse_inbound(&keys(), &InboundRequest { method: &get, headers: &h, query: Some(&q), body: &b });
+            let _ = parse_inbound(&keys(), &request(&get, &h, Some(&q), &b));
         }
 
         #[test]

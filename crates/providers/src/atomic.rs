@@ -656,7 +656,7 @@ fn parse_event(raw: &RawValue) -> Result<InboundEvent, Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbound_util::testing::{POST, json_headers};
+    use crate::inbound_util::testing::{POST, json_headers, request};
     use crate::sign_hex;
     use proptest::prelude::*;
 
@@ -686,15 +686,7 @@ mod tests {
         sig: &str,
     ) -> Result<Vec<InboundEvent>, Rejection> {
         let h = json_headers(&[(SIGNATURE_HEADER, sig)]);
-        parse_inbound(
-            &keys(),
-            &InboundRequest {
-                method,
-                headers: &h,
-                query: None,
-                body,
-            },
-        )
+        parse_inbound(&keys(), &request(method, &h, None, body))
     }
 
     #[test]
@@ -731,12 +723,7 @@ mod tests {
             Err(Rejection::MethodNotAllowed)
         );
         let h = json_headers(&[]);
-        let r = InboundRequest {
-            method: &POST,
-            headers: &h,
-            query: None,
-            body: &b,
-        };
+        let r = request(&POST, &h, None, &b);
         assert_eq!(
             parse_inbound(&keys(), &r),
             Err(Rejection::Unauthorized("missing signature"))

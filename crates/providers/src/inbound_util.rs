@@ -136,4 +136,19 @@ pub(crate) mod testing {
     }
 
     pub(crate) const POST: Method = Method::POST;
+
+    /// The request as the ingress hands it to a parser.
+    pub(crate) fn request<'a>(
+        method: &'a Method,
+        headers: &'a HeaderMap,
+        query: Option<&'a str>,
+        body: &'a [u8],
+    ) -> crate::inbound::InboundRequest<'a> {
+        crate::inbound::InboundRequest {
+            method,
+            headers,
+            query,
+            body,
+        }
+    }
 }

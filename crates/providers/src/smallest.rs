@@ -317,6 +317,39 @@ impl SmallestClient {
         }
     }
 
+    /// Brings webhook `w` to `description` and to `events` for exactly `agents`; returns
+    /// whether it wrote anything.
+    async fn fix_up(
+        &self,
+        creds: &Credentials,
+        w: &Webhook,
+        description: String,
+        agents: &[String],
+        events: &BTreeSet<String>,
+    ) -> Result<bool, ProviderError> {
+        let mut wrote = false;
+        if w.description != description {
+            let patch = PatchWebhook {
+                description: Some(description),
+                ..Default::default()
+            };
+            self.patch(creds, &w.id, &patch).await?;
+            wrote = true;
+        }
+        let current = subscribed(w);
+        for agent in agents {
+            if current.get(agent) != Some(events) {
+                self.set_agent(creds, agent, &w.id, events).await?;
+                wrote = true;
+            }
+        }
+        for agent in current.keys().filter(|a| !agents.contains(a)) {
+            self.remove_from_agent(creds, agent, &w.id).await?;
+            wrote = true;
+        }
+        Ok(wrote)
+    }
+
     async fn find_by_url(
         &self,
         creds: &Credentials,
@@ -471,11 +504,10 @@ impl ProviderApi for SmallestClient {
             return Err(ProviderError::Invalid("no events".into()));
         }
         let description = description_for(&desired.owner);
-        let mut wrote = false;
         let mut found = false;
         let mut listed = None;
         // Find by URL first: creating a second webhook for a registered URL is a 400.
-        let id = match self.find_by_url(creds, &desired.hook_url).await? {
+        let (id, wrote) = match self.find_by_url(creds, &desired.hook_url).await? {
             None => {
                 let body = CreateWebhook {
                     endpoint: desired.hook_url.clone(),
@@ -490,33 +522,16 @@ impl ProviderApi for SmallestClient {
                         })
                         .collect(),
                 };
-                wrote = true;
-                self.create(creds, &body).await?
+                (self.create(creds, &body).await?, true)
             }
             Some(w) => {
                 found = true;
-                if w.description != description {
-                    let patch = PatchWebhook {
-                        description: Some(description),
-                        ..Default::default()
-                    };
-                    self.patch(creds, &w.id, &patch).await?;
-                    wrote = true;
-                }
-                let current = subscribed(&w);
-                for agent in &agents {
-                    if current.get(agent) != Some(&events) {
-                        self.set_agent(creds, agent, &w.id, &events).await?;
-                        wrote = true;
-                    }
-                }
-                for agent in current.keys().filter(|a| !agents.contains(a)) {
-                    self.remove_from_agent(creds, agent, &w.id).await?;
-                    wrote = true;
-                }
+                let wrote = self
+                    .fix_up(creds, &w, description, &agents, &events)
+                    .await?;
                 let id = w.id.clone();
                 listed = Some(w);
-                id
+                (id, wrote)
             }
         };
         // The hook URL moved: the old webhook is ours alone and must go.
@@ -618,7 +633,7 @@ pub fn parse_inbound(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbound_util::testing::{POST, json_headers};
+    use crate::inbound_util::testing::{POST, json_headers, request};
     use crate::sign_hex;
     use proptest::prelude::*;
 
@@ -642,15 +657,7 @@ mod tests {
 
     fn parse(body: &[u8], sig: &str) -> Result<Vec<InboundEvent>, Rejection> {
         let h = json_headers(&[("X-Signature", sig)]);
-        parse_inbound(
-            &keys(),
-            &InboundRequest {
-                method: &POST,
-                headers: &h,
-                query: None,
-                body,
-            },
-        )
+        parse_inbound(&keys(), &request(&POST, &h, None, body))
     }
 
     #[test]
@@ -689,12 +696,7 @@ mod tests {
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain"),
         );
-        let r = InboundRequest {
-            method: &POST,
-            headers: &h,
-            query: None,
-            body: &b,
-        };
+        let r = request(&POST, &h, None, &b);
         assert_eq!(
             parse_inbound(&keys(), &r),
             Err(Rejection::UnsupportedMediaType)

@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 use super::faults::{Delivery, ErrorShape, faults_layer};
 use super::wire::Provider;
 use super::wire::atlas::{PROVIDER_CUSTOM, TriggerSubscription};
-use super::{AppState, Shared, deliver, now, parse_body, random_hex, valid_hook_url};
+use super::{AppState, Shared, deliver, now, parse_body, random_hex, required, valid_hook_url};
 
 const PREFIX: &str = "/atlas/v1/api/events-gateway/trigger";
 
@@ -244,14 +244,8 @@ pub(crate) fn drop_sub(s: &Shared, id: &str) -> bool {
 /// `{"event": "<triggerName>", "campaignId": "<id>"}`: POSTs a one-element JSON array to
 /// every subscription of that trigger for that campaign or for `*`.
 pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, String> {
-    let trigger = req
-        .get("event")
-        .and_then(Value::as_str)
-        .ok_or("event is required")?;
-    let campaign = req
-        .get("campaignId")
-        .and_then(Value::as_str)
-        .ok_or("campaignId is required")?;
+    let trigger = required(req, "event")?;
+    let campaign = required(req, "campaignId")?;
     if !Provider::Atlas.event_names().contains(&trigger) {
         return Err("unknown trigger".into());
     }

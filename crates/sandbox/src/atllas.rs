@@ -5,15 +5,12 @@ use serde_json::{Value, json};
 
 use super::faults::Delivery;
 use super::wire::atllas::EVENT_TYPES;
-use super::{Shared, deliver, random_hex};
+use super::{Shared, deliver, random_hex, required};
 
 /// `{"url", "event"?: "call.finished"|"call.completed", "method"?: "POST"|"GET",
 /// "headerName"?, "headerValue"?}`: sends one event; GET carries it in `?payload=`.
 pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, String> {
-    let url = req
-        .get("url")
-        .and_then(Value::as_str)
-        .ok_or("url is required")?;
+    let url = required(req, "url")?;
     let kind = req
         .get("event")
         .and_then(Value::as_str)

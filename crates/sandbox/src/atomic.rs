@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 use super::faults::{Delivery, ErrorShape, faults_layer};
 use super::wire::atomic::{Method as AtomicMethod, TEST_EVENT, Webhook};
 use super::wire::{Provider, sign as encode_signature};
-use super::{AppState, Shared, deliver, now, parse_body, random_hex, valid_hook_url};
+use super::{AppState, Shared, deliver, now, parse_body, random_hex, required, valid_hook_url};
 
 /// Documented limit of subscriptions per environment.
 const MAX_PER_ENV: usize = 100;
@@ -417,18 +417,9 @@ pub(crate) fn set_enabled(s: &Shared, id: &str, enabled: bool) -> bool {
 /// to every enabled webhook of that environment subscribed to the event (and, when it
 /// names a card template, to that template or to none).
 pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, String> {
-    let kind = req
-        .get("event")
-        .and_then(Value::as_str)
-        .ok_or("event is required")?;
-    let org = req
-        .get("organizationId")
-        .and_then(Value::as_str)
-        .ok_or("organizationId is required")?;
-    let env = req
-        .get("environmentId")
-        .and_then(Value::as_str)
-        .ok_or("environmentId is required")?;
+    let kind = required(req, "event")?;
+    let org = required(req, "organizationId")?;
+    let env = required(req, "environmentId")?;
     let card = req.get("cardTemplateId").and_then(Value::as_str);
     let batched = req.get("batched").and_then(Value::as_bool).unwrap_or(false);
     let targets: Vec<Webhook> = {

@@ -233,6 +233,13 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The string field `field` of a fire request; an error naming it when it is absent.
+pub(crate) fn required<'a>(req: &'a serde_json::Value, field: &str) -> Result<&'a str, String> {
+    req.get(field)
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| format!("{field} is required"))
+}
+
 /// Random lowercase hex of `n` bytes.
 pub(crate) fn random_hex(n: usize) -> String {
     let bytes: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();

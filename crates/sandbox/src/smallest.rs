@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq;
 use super::faults::{Delivery, ErrorShape, faults_layer};
 use super::wire::smallest::{IdRef, Populated, SIGNATURE_HEADER, Subscription, Webhook};
 use super::wire::{Provider, SignatureEncoding, sign};
-use super::{AppState, Shared, deliver, now, parse_body, random_hex, valid_hook_url};
+use super::{AppState, Shared, deliver, now, parse_body, random_hex, required, valid_hook_url};
 
 const BASE: &str = "/smallest/atoms/v1";
 const RESERVED_HEADERS: [&str; 6] = [
@@ -500,14 +500,8 @@ fn metadata(agent: &str, kind: &str) -> Value {
 /// `{"event": "<eventType>", "agentId": "<id>"}`: delivers to every enabled webhook with
 /// that agent subscribed to that event, signed with `X-Signature`.
 pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, String> {
-    let kind = req
-        .get("event")
-        .and_then(Value::as_str)
-        .ok_or("event is required")?;
-    let agent = req
-        .get("agentId")
-        .and_then(Value::as_str)
-        .ok_or("agentId is required")?;
+    let kind = required(req, "event")?;
+    let agent = required(req, "agentId")?;
     if !event_type_ok(kind) {
         return Err("unknown event type".into());
     }

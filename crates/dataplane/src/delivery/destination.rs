@@ -76,6 +76,17 @@ pub fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+/// The URL's host, without the brackets of an IPv6 literal, and port.
+fn host_port(url: &Url) -> Result<(&str, u16), DestinationError> {
+    let host = url
+        .host_str()
+        .ok_or(DestinationError::Unresolvable("no host"))?;
+    let port = url
+        .port_or_known_default()
+        .ok_or(DestinationError::Unresolvable("no port"))?;
+    Ok((host.trim_start_matches('[').trim_end_matches(']'), port))
+}
+
 fn forbidden(class: AddressClass) -> DestinationError {
     DestinationError::Forbidden(class.describe())
 }
@@ -108,13 +119,7 @@ impl Resolver {
     /// an IP literal, a resolution override. A DNS name is checked again at each attempt
     /// and on each connection (its answer may change).
     pub fn check_static(&self, url: &Url) -> Result<(), DestinationError> {
-        let host = url
-            .host_str()
-            .ok_or(DestinationError::Unresolvable("no host"))?;
-        let port = url
-            .port_or_known_default()
-            .ok_or(DestinationError::Unresolvable("no port"))?;
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let (bare, port) = host_port(url)?;
         self.policy.check_host_name(bare).map_err(forbidden)?;
         if let Some(addr) = self.overrides.get(&format!("{bare}:{port}")) {
             return self.check(addr.ip());
@@ -129,13 +134,7 @@ impl Resolver {
     /// replaces host and port (tests and the local demo map `*.svc` names to loopback
     /// ports); https keeps its host for TLS, the client's resolver applies the override.
     pub async fn target(&self, url: &Url) -> Result<Url, DestinationError> {
-        let host = url
-            .host_str()
-            .ok_or(DestinationError::Unresolvable("no host"))?;
-        let port = url
-            .port_or_known_default()
-            .ok_or(DestinationError::Unresolvable("no port"))?;
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let (bare, port) = host_port(url)?;
         self.check_static(url)?;
         if let Some(addr) = self.overrides.get(&format!("{bare}:{port}")) {
             if url.scheme() == "http" {

@@ -163,7 +163,7 @@ pub(crate) async fn run(
 
         shared.health.set_breaker_open(&key, rt.breaker.is_open());
         let busy = attempts.requests.load(Ordering::Acquire);
-        let (mut room, probe) = match breaker_room(&rt, busy) {
+        let (room, probe) = match lease_room(&rt, busy, &mut bucket) {
             Ok(room) => room,
             Err(wait) => {
                 if !idle!(wait) {
@@ -172,31 +172,8 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        if room == 0 {
-            if !idle!(Duration::from_secs(1)) {
-                break;
-            }
-            continue;
-        }
-        let rate = rt.policy.rate_per_second;
-        room = room.min(bucket.available(rate, Instant::now()));
-        if room == 0 {
-            if probe {
-                rt.breaker.abandon_probe();
-            }
-            if !idle!(bucket.until_next(rate)) {
-                break;
-            }
-            continue;
-        }
 
-        let events = match shared.queue.lease(&key, room, SystemTime::now()).await {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::error!(endpoint = %key, error = %e, "lease failed");
-                Vec::new()
-            }
-        };
+        let events = lease(&shared, &key, room).await;
         if events.is_empty() {
             if probe {
                 rt.breaker.abandon_probe();
@@ -211,18 +188,55 @@ pub(crate) async fn run(
             }
             continue;
         }
-        bucket.take(rate, events.len());
+        bucket.take(rt.policy.rate_per_second, events.len());
         for ev in events {
             let guard = InFlight::start(&attempts);
             tokio::spawn(attempt(shared.clone(), rt.clone(), url.clone(), ev, guard));
         }
     }
 
-    // Let attempts under way finish (their outcome is stored); anything else is safe in
-    // the queue and due again on the next start.
+    drain(&shared, &attempts).await;
+}
+
+/// Lets attempts under way finish (their outcome is stored); anything else is safe in
+/// the queue and due again on the next start.
+async fn drain(shared: &Shared, attempts: &Attempts) {
     let deadline = Instant::now() + shared.shutdown_grace;
     while attempts.unfinished.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         let _ = tokio::time::timeout(Duration::from_millis(50), attempts.changed.notified()).await;
+    }
+}
+
+/// How many events to lease now, and whether the lease is the breaker's probe; or how
+/// long to wait before there is room (the breaker, `max_in_flight`, the rate).
+fn lease_room(
+    rt: &EndpointRuntime,
+    busy: usize,
+    bucket: &mut Bucket,
+) -> Result<(usize, bool), Duration> {
+    let (room, probe) = breaker_room(rt, busy)?;
+    if room == 0 {
+        return Err(Duration::from_secs(1));
+    }
+    let rate = rt.policy.rate_per_second;
+    let room = room.min(bucket.available(rate, Instant::now()));
+    if room == 0 {
+        if probe {
+            rt.breaker.abandon_probe();
+        }
+        return Err(bucket.until_next(rate));
+    }
+    Ok((room, probe))
+}
+
+/// Leases up to `room` due events; none when the lease fails (logged).
+async fn lease(shared: &Shared, key: &EndpointKey, room: usize) -> Vec<QueuedEvent> {
+    match shared.queue.lease(key, room, SystemTime::now()).await {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::error!(endpoint = %key, error = %e, "lease failed");
+            Vec::new()
+        }
     }
 }
 

@@ -214,11 +214,7 @@ impl HealthRegistry {
         key: &EndpointKey,
         subscription: &str,
     ) -> Option<(SystemTime, String)> {
-        self.test_failures
-            .lock()
-            .expect("tests lock")
-            .get(&(key.clone(), subscription.to_owned()))
-            .cloned()
+        last_of(&self.test_failures, key, subscription)
     }
 
     /// When a test event of `subscription` was last delivered, and its latency.
@@ -227,11 +223,7 @@ impl HealthRegistry {
         key: &EndpointKey,
         subscription: &str,
     ) -> Option<(SystemTime, Duration)> {
-        self.tests
-            .lock()
-            .expect("tests lock")
-            .get(&(key.clone(), subscription.to_owned()))
-            .copied()
+        last_of(&self.tests, key, subscription)
     }
 
     pub fn record(&self, key: &EndpointKey, outcome: Outcome<'_>) {
@@ -301,20 +293,12 @@ impl HealthRegistry {
 
     pub fn set_breaker_open(&self, key: &EndpointKey, open: bool) {
         let tracker = self.tracker(key);
-        let mut t = tracker.lock().expect("tracker lock");
-        if t.breaker_open != open {
-            t.breaker_open = open;
-            t.generation += 1;
-        }
+        set_field(&tracker, |t| &mut t.breaker_open, open);
     }
 
     pub fn set_destination_error(&self, key: &EndpointKey, error: Option<DestinationError>) {
         let tracker = self.tracker(key);
-        let mut t = tracker.lock().expect("tracker lock");
-        if t.destination_error != error {
-            t.destination_error = error;
-            t.generation += 1;
-        }
+        set_field(&tracker, |t| &mut t.destination_error, error);
     }
 
     /// The ingress refuses this endpoint's events at a bound (`Some(why)`), or accepts them
@@ -331,11 +315,7 @@ impl HealthRegistry {
             None if backlog.is_none() => return,
             None => self.tracker(key),
         };
-        let mut t = tracker.lock().expect("tracker lock");
-        if t.backlog != backlog {
-            t.backlog = backlog;
-            t.generation += 1;
-        }
+        set_field(&tracker, |t| &mut t.backlog, backlog);
     }
 
     /// Cheap change indicator: compare with the generation of the last snapshot written.
@@ -412,6 +392,32 @@ impl HealthRegistry {
             breaker_open: t.breaker_open,
             generation: t.generation,
         })
+    }
+}
+
+/// What `map` last noted for a test event of `subscription`.
+fn last_of<V: Clone>(
+    map: &Mutex<HashMap<(EndpointKey, String), V>>,
+    key: &EndpointKey,
+    subscription: &str,
+) -> Option<V> {
+    map.lock()
+        .expect("tests lock")
+        .get(&(key.clone(), subscription.to_owned()))
+        .cloned()
+}
+
+/// Sets one of the tracker's fields, a new generation when it changes.
+fn set_field<T: PartialEq>(
+    tracker: &Mutex<Tracker>,
+    field: impl FnOnce(&mut Tracker) -> &mut T,
+    value: T,
+) {
+    let mut t = tracker.lock().expect("tracker lock");
+    let slot = field(&mut t);
+    if *slot != value {
+        *slot = value;
+        t.generation += 1;
     }
 }
 

@@ -22,12 +22,13 @@ use axum::routing::any;
 
 pub use limits::{ConcurrencyLimit, DiskSpace, Full, Limits};
 pub use rate::{Bucket, RateLimit};
+use routes::SubscriptionEntry;
 pub use routes::{EndpointRoute, RouteTable, SubscriptionCounters};
 
 use crate::health::HealthRegistry;
 use crate::metrics::Metrics;
 use crate::queue::{EnqueueOutcome, EventKind, NewEvent, Queue};
-use webhook_providers::inbound::{InboundParser, InboundRequest, MalformedEvent};
+use webhook_providers::inbound::{InboundParser, InboundRequest, MalformedEvent, Rejection};
 
 /// The event type of an unreadable batch element in the dead-letter store.
 pub const MALFORMED_EVENT_TYPE: &str = "webhook-operator.malformed";
@@ -133,32 +134,10 @@ async fn hook(
     };
     let parsed = match ing.parser.parse(sub.provider, &sub.keys, &inbound) {
         Ok(parsed) => parsed,
-        Err(rejection) => {
-            ing.metrics.rejected(rejection.reason());
-            if rejection.is_signature_failure() {
-                sub.counters.signature_failure(SystemTime::now());
-                ing.metrics.signature_mismatch(&route.key, &subscription);
-            }
-            return reply(
-                rejection.status(),
-                format!("{{\"error\":\"{}\"}}", rejection.reason()),
-            );
-        }
+        Err(rejection) => return rejected(&ing, &route, &sub, &subscription, &rejection),
     };
     let now = SystemTime::now();
-    let incoming = parts
-        .headers
-        .get(crate::trace_context::HEADER)
-        .and_then(|v| v.to_str().ok());
-    let span = started.and_then(|start| ing.tracer.receive(incoming, start));
-    // Kept only when valid, so a delivery never forwards a malformed header. With tracing
-    // on, the `receive` span is stored as the events' parent.
-    let traceparent = match &span {
-        Some(span) => Some(span.stored_traceparent()),
-        None => incoming
-            .filter(|v| crate::trace_context::parse(v).is_some())
-            .map(crate::trace_context::normalize),
-    };
+    let (span, traceparent) = receive_span(&ing, started, &parts.headers);
     // Only an endpoint with a `spec.filter` reads them: others store none.
     let headers = if route.keep_headers {
         kept_headers::kept(&parts.headers, sub.keys.header_name.as_deref())
@@ -186,6 +165,46 @@ async fn hook(
         malformed,
     )
     .await
+}
+
+/// Answers a request the provider's parser refused, counting a signature failure.
+fn rejected(
+    ing: &Ingress,
+    route: &EndpointRoute,
+    sub: &SubscriptionEntry,
+    subscription: &str,
+    rejection: &Rejection,
+) -> Response {
+    ing.metrics.rejected(rejection.reason());
+    if rejection.is_signature_failure() {
+        sub.counters.signature_failure(SystemTime::now());
+        ing.metrics.signature_mismatch(&route.key, subscription);
+    }
+    reply(
+        rejection.status(),
+        format!("{{\"error\":\"{}\"}}", rejection.reason()),
+    )
+}
+
+/// The request's `receive` span (with tracing on, from `started`) and the traceparent its
+/// events keep: the span's, else the incoming header, kept only when valid so that a
+/// delivery never forwards a malformed header.
+fn receive_span(
+    ing: &Ingress,
+    started: Option<SystemTime>,
+    headers: &http::HeaderMap,
+) -> (Option<crate::spans::Receive>, Option<String>) {
+    let incoming = headers
+        .get(crate::trace_context::HEADER)
+        .and_then(|v| v.to_str().ok());
+    let span = started.and_then(|start| ing.tracer.receive(incoming, start));
+    let traceparent = match &span {
+        Some(span) => Some(span.stored_traceparent()),
+        None => incoming
+            .filter(|v| crate::trace_context::parse(v).is_some())
+            .map(crate::trace_context::normalize),
+    };
+    (span, traceparent)
 }
 
 /// Stores a request's events in one commit and answers the provider: 200 with what was

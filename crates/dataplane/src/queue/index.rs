@@ -257,10 +257,15 @@ impl Index {
 
     /// A waiting event at `slot` is gone (acked or purged).
     pub fn removed(&self, key: &EndpointKey, slot: Slot, bytes: u64) {
+        self.taken_out(key, slot, bytes, 0);
+    }
+
+    /// A waiting event at `slot` left the waiting ones, as `dead` more dead letters.
+    fn taken_out(&self, key: &EndpointKey, slot: Slot, bytes: u64, dead: i64) {
         let shard = self.shard(key);
         let mut st = shard.state.lock().expect("shard lock");
         self.unplace(&mut st, slot);
-        self.add_counts(&mut st, -1, -(bytes as i64), 0);
+        self.add_counts(&mut st, -1, -(bytes as i64), dead);
     }
 
     /// A waiting event moved from `old` to `new` and its stored size changed.
@@ -277,10 +282,7 @@ impl Index {
 
     /// A waiting event at `slot` became a dead letter.
     pub fn died(&self, key: &EndpointKey, slot: Slot, bytes: u64) {
-        let shard = self.shard(key);
-        let mut st = shard.state.lock().expect("shard lock");
-        self.unplace(&mut st, slot);
-        self.add_counts(&mut st, -1, -(bytes as i64), 1);
+        self.taken_out(key, slot, bytes, 1);
     }
 
     /// A dead letter is waiting again at `slot` (replay).

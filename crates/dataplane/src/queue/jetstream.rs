@@ -227,6 +227,110 @@ pub(crate) fn unescape_token(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The NATS client for `options`: its URL and credentials, reconnecting quickly.
+async fn dial(options: &JetStreamOptions) -> Result<async_nats::Client, QueueError> {
+    let mut connect = async_nats::ConnectOptions::new()
+        .name("webhook-operator")
+        .connection_timeout(Duration::from_secs(5))
+        // Come back quickly after a server restart; the ingress answers 503 meanwhile.
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((attempts as u64 * 100).min(1000))
+        });
+    connect = match &options.auth {
+        NatsAuth::None => connect,
+        NatsAuth::CredentialsFile(path) => connect
+            .credentials_file(path)
+            .await
+            .map_err(|e| QueueError::Storage(format!("reading NATS credentials file: {e}")))?,
+        NatsAuth::Token(t) => connect.token(t.clone()),
+        NatsAuth::UserPassword(u, p) => connect.user_and_password(u.clone(), p.clone()),
+    };
+    connect
+        .connect(options.url.as_str())
+        .await
+        .map_err(|e| QueueError::Storage(format!("connecting to NATS: {e}")))
+}
+
+/// Creates (or checks) the events, dead-letter and check streams; returns the first two.
+async fn ensure_streams(
+    js: &jetstream::Context,
+    options: &JetStreamOptions,
+) -> Result<(stream::Stream, stream::Stream), QueueError> {
+    let upper = options
+        .prefix
+        .to_ascii_uppercase()
+        .replace(['.', '*', '>'], "_");
+    let p = &options.prefix;
+    // What the three streams share: a name under the prefix, one subject, the storage.
+    let base = |name: &str, subject: String| stream::Config {
+        name: format!("{upper}_{name}"),
+        subjects: vec![subject],
+        storage: options.storage,
+        num_replicas: options.replicas,
+        ..Default::default()
+    };
+    let events = ensure_stream(
+        js,
+        stream::Config {
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_bytes: options.max_bytes,
+            // At max_bytes refuse the new event (the ingress answers 503); the default
+            // would delete the oldest, acknowledged ones.
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: options.dedupe_window,
+            allow_direct: true,
+            ..base("EVENTS", format!("{p}.events.>"))
+        },
+    )
+    .await?;
+    let dead = ensure_stream(
+        js,
+        stream::Config {
+            retention: stream::RetentionPolicy::Limits,
+            max_age: options.dead_letter_max_age,
+            duplicate_window: Duration::from_secs(120),
+            ..base("DEAD", format!("{p}.dead.>"))
+        },
+    )
+    .await?;
+    ensure_stream(
+        js,
+        stream::Config {
+            max_messages_per_subject: 1,
+            ..base("CHECK", format!("{p}.check"))
+        },
+    )
+    .await?;
+    Ok((events, dead))
+}
+
+/// Starts the count refresher and the lease keep-alive; both stop with the last `Inner`.
+fn spawn_background(
+    inner: &Arc<Inner>,
+) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
+    let weak = Arc::downgrade(inner);
+    let refresher = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(inner) = weak.upgrade() else { return };
+            if let Err(e) = inner.refresh_counts().await {
+                tracing::debug!(error = %e, "queue counts not refreshed");
+            }
+        }
+    });
+    let weak = Arc::downgrade(inner);
+    let keepalive = tokio::spawn(async move {
+        loop {
+            let Some(inner) = weak.upgrade() else { return };
+            let every = (inner.options.ack_wait / 3).max(Duration::from_millis(100));
+            inner.keep_leases_alive(every).await;
+            drop(inner);
+            tokio::time::sleep(every / 2).await;
+        }
+    });
+    (refresher, keepalive)
+}
+
 /// Creates a stream, or brings an existing one to the settings an update may change
 /// (replicas, limits, discard policy, duplicate window), so that changed flags take effect
 /// at start-up. The storage type cannot change in place: a mismatch is an error that says so.
@@ -393,78 +497,10 @@ impl Drop for JetStreamQueue {
 impl JetStreamQueue {
     /// Connects, creates (or checks) the streams and starts the count refresher.
     pub async fn connect(options: JetStreamOptions) -> Result<Self, QueueError> {
-        let mut connect = async_nats::ConnectOptions::new()
-            .name("webhook-operator")
-            .connection_timeout(Duration::from_secs(5))
-            // Come back quickly after a server restart; the ingress answers 503 meanwhile.
-            .reconnect_delay_callback(|attempts| {
-                Duration::from_millis((attempts as u64 * 100).min(1000))
-            });
-        connect = match &options.auth {
-            NatsAuth::None => connect,
-            NatsAuth::CredentialsFile(path) => connect
-                .credentials_file(path)
-                .await
-                .map_err(|e| QueueError::Storage(format!("reading NATS credentials file: {e}")))?,
-            NatsAuth::Token(t) => connect.token(t.clone()),
-            NatsAuth::UserPassword(u, p) => connect.user_and_password(u.clone(), p.clone()),
-        };
-        let client = connect
-            .connect(options.url.as_str())
-            .await
-            .map_err(|e| QueueError::Storage(format!("connecting to NATS: {e}")))?;
         let js = jetstream::ContextBuilder::new()
             .timeout(options.request_timeout)
-            .build(client);
-        let upper = options
-            .prefix
-            .to_ascii_uppercase()
-            .replace(['.', '*', '>'], "_");
-        let p = &options.prefix;
-        let events = ensure_stream(
-            &js,
-            stream::Config {
-                name: format!("{upper}_EVENTS"),
-                subjects: vec![format!("{p}.events.>")],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: options.storage,
-                num_replicas: options.replicas,
-                max_bytes: options.max_bytes,
-                // At max_bytes refuse the new event (the ingress answers 503); the default
-                // would delete the oldest, acknowledged ones.
-                discard: stream::DiscardPolicy::New,
-                duplicate_window: options.dedupe_window,
-                allow_direct: true,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let dead = ensure_stream(
-            &js,
-            stream::Config {
-                name: format!("{upper}_DEAD"),
-                subjects: vec![format!("{p}.dead.>")],
-                retention: stream::RetentionPolicy::Limits,
-                storage: options.storage,
-                num_replicas: options.replicas,
-                max_age: options.dead_letter_max_age,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            },
-        )
-        .await?;
-        ensure_stream(
-            &js,
-            stream::Config {
-                name: format!("{upper}_CHECK"),
-                subjects: vec![format!("{p}.check")],
-                storage: options.storage,
-                num_replicas: options.replicas,
-                max_messages_per_subject: 1,
-                ..Default::default()
-            },
-        )
-        .await?;
+            .build(dial(&options).await?);
+        let (events, dead) = ensure_streams(&js, &options).await?;
         let inner = Arc::new(Inner {
             js,
             options,
@@ -480,26 +516,7 @@ impl JetStreamQueue {
             known: Default::default(),
         });
         let _ = inner.refresh_counts().await;
-        let weak = Arc::downgrade(&inner);
-        let refresher = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let Some(inner) = weak.upgrade() else { return };
-                if let Err(e) = inner.refresh_counts().await {
-                    tracing::debug!(error = %e, "queue counts not refreshed");
-                }
-            }
-        });
-        let weak = Arc::downgrade(&inner);
-        let keepalive = tokio::spawn(async move {
-            loop {
-                let Some(inner) = weak.upgrade() else { return };
-                let every = (inner.options.ack_wait / 3).max(Duration::from_millis(100));
-                inner.keep_leases_alive(every).await;
-                drop(inner);
-                tokio::time::sleep(every / 2).await;
-            }
-        });
+        let (refresher, keepalive) = spawn_background(&inner);
         Ok(Self {
             inner,
             refresher,
@@ -803,6 +820,20 @@ impl Inner {
     }
 
     /// Up to `limit` dead letters of `key` from stream sequence `from` on, in order.
+    /// The page of `key`'s dead letters from `from` on, moving `from` past it; none at the end.
+    async fn next_dead_page(
+        &self,
+        key: &EndpointKey,
+        from: &mut u64,
+    ) -> Result<Option<Vec<(u64, Envelope, Bytes)>>, QueueError> {
+        let page = self.dead_page(key, *from, 256).await?;
+        let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
+            return Ok(None);
+        };
+        *from = last + 1;
+        Ok(Some(page))
+    }
+
     async fn dead_page(
         &self,
         key: &EndpointKey,
@@ -1059,12 +1090,7 @@ impl Queue for JetStreamQueue {
         let inner = &self.inner;
         let mut n = 0;
         let mut from = 1;
-        loop {
-            let page = inner.dead_page(endpoint, from, 256).await?;
-            let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
-                break;
-            };
-            from = last + 1;
+        while let Some(page) = inner.next_dead_page(endpoint, &mut from).await? {
             for (seq, mut env, payload) in page {
                 let dead_at = from_millis(env.dead_ms.unwrap_or(0));
                 if !filter.matches(dead_at, from_millis(env.received_ms)) {
@@ -1097,12 +1123,7 @@ impl Queue for JetStreamQueue {
         let before = to_millis(before);
         let mut n = 0;
         let mut from = 1;
-        loop {
-            let page = inner.dead_page(endpoint, from, 256).await?;
-            let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
-                break;
-            };
-            from = last + 1;
+        while let Some(page) = inner.next_dead_page(endpoint, &mut from).await? {
             for (seq, env, _) in page {
                 if env.dead_ms.unwrap_or(0) < before {
                     inner.dead.delete_message(seq).await.map_err(storage)?;

@@ -648,30 +648,7 @@ impl Writer {
         let mut fatal: Option<QueueError> = None;
         let txn = self.db.begin_write().map_err(storage);
         match &txn {
-            Ok(txn) => match open_tables(txn) {
-                Ok(mut tables) => {
-                    for op in batch {
-                        if let Some(r) = self.apply(&mut tables, op, &mut effects, &mut fatal) {
-                            done.push(r);
-                        }
-                    }
-                    if fatal.is_none()
-                        && let Err(e) = tables.2.insert(META_NEXT_SEQ, self.next_seq)
-                    {
-                        fatal = Some(storage(e));
-                    }
-                    drop(tables);
-                    if fatal.is_none()
-                        && let Err(e) = disk_index::persist(txn, &effects)
-                    {
-                        fatal = Some(e);
-                    }
-                }
-                Err(e) => {
-                    fatal = Some(e);
-                    done.extend(batch.into_iter().filter_map(fail_op));
-                }
-            },
+            Ok(txn) => self.write_batch(txn, batch, &mut done, &mut effects, &mut fatal),
             Err(e) => {
                 fatal = Some(e.clone());
                 done.extend(batch.into_iter().filter_map(fail_op));
@@ -698,34 +675,73 @@ impl Writer {
         } else {
             self.seen.commit();
             self.dedupe.keys.store(self.seen.len(), Ordering::Relaxed);
-            for effect in effects {
-                match effect {
-                    Effect::Added {
-                        key,
-                        slot,
-                        bytes,
-                        record,
-                    } => self.index.added(&key, slot, bytes, record),
-                    Effect::Removed { key, slot, bytes } => self.index.removed(&key, slot, bytes),
-                    Effect::Moved {
-                        key,
-                        old,
-                        new,
-                        bytes,
-                        record,
-                    } => self.index.moved(&key, old, new, bytes, record),
-                    Effect::Died {
-                        key, slot, bytes, ..
-                    } => self.index.died(&key, slot, bytes),
-                    Effect::Revived { key, slot, bytes } => self.index.revived(&key, slot, bytes),
-                    Effect::DeadRemoved { key, .. } => self.index.dead_removed(&key),
-                }
-            }
+            effects.into_iter().for_each(|e| self.index_effect(e));
         }
         drop(gate);
         let err = outcome.err();
         for r in done {
             r.finish(err.as_ref());
+        }
+    }
+
+    /// Applies `batch` inside the open transaction `txn`, with the next sequence and the
+    /// on-disk index; an error opening the tables fails every op.
+    fn write_batch(
+        &mut self,
+        txn: &redb::WriteTransaction,
+        batch: Vec<Op>,
+        done: &mut Vec<Responder>,
+        effects: &mut Vec<Effect>,
+        fatal: &mut Option<QueueError>,
+    ) {
+        let mut tables = match open_tables(txn) {
+            Ok(tables) => tables,
+            Err(e) => {
+                *fatal = Some(e);
+                done.extend(batch.into_iter().filter_map(fail_op));
+                return;
+            }
+        };
+        for op in batch {
+            if let Some(r) = self.apply(&mut tables, op, effects, fatal) {
+                done.push(r);
+            }
+        }
+        if fatal.is_none()
+            && let Err(e) = tables.2.insert(META_NEXT_SEQ, self.next_seq)
+        {
+            *fatal = Some(storage(e));
+        }
+        drop(tables);
+        if fatal.is_none()
+            && let Err(e) = disk_index::persist(txn, effects)
+        {
+            *fatal = Some(e);
+        }
+    }
+
+    /// Brings the in-memory window up to date with one committed effect.
+    fn index_effect(&self, effect: Effect) {
+        match effect {
+            Effect::Added {
+                key,
+                slot,
+                bytes,
+                record,
+            } => self.index.added(&key, slot, bytes, record),
+            Effect::Removed { key, slot, bytes } => self.index.removed(&key, slot, bytes),
+            Effect::Moved {
+                key,
+                old,
+                new,
+                bytes,
+                record,
+            } => self.index.moved(&key, old, new, bytes, record),
+            Effect::Died {
+                key, slot, bytes, ..
+            } => self.index.died(&key, slot, bytes),
+            Effect::Revived { key, slot, bytes } => self.index.revived(&key, slot, bytes),
+            Effect::DeadRemoved { key, .. } => self.index.dead_removed(&key),
         }
     }
 
@@ -741,12 +757,6 @@ impl Writer {
         if fatal.is_some() {
             return fail_op(op);
         }
-        let mut guard = |r: Result<(), QueueError>| {
-            if let Err(QueueError::Storage(m)) = &r {
-                *fatal = Some(QueueError::Storage(m.clone()));
-            }
-            r
-        };
         Some(match op {
             Op::Enqueue(events, reply) => {
                 let r = self.enqueue(t, events, effects);
@@ -764,123 +774,119 @@ impl Writer {
                     Ok(None) => Err(QueueError::UnknownReceipt),
                     Err(e) => Err(e),
                 };
-                Responder::Unit(reply, guard(r))
+                Responder::Unit(reply, guard(fatal, r))
             }
             Op::Retry(key, seq, due, error, reply) => {
-                let r = self.update(t, seq, |rec| {
-                    rec.attempts += 1;
-                    rec.due_ms = due;
-                    rec.last_error = error;
-                });
-                let r = r.map(|u| {
-                    effects.push(Effect::Moved {
-                        key,
-                        old: (u.old_due, seq),
-                        new: (due, seq),
-                        bytes: (u.old_bytes, u.bytes),
-                        record: u.record,
-                    });
-                });
-                Responder::Unit(reply, guard(r))
+                let r = self.retry(t, key, seq, due, error, effects);
+                Responder::Unit(reply, guard(fatal, r))
             }
             Op::Dead(key, seq, now, reason, reply) => {
-                let r = self.update(t, seq, |rec| {
-                    rec.attempts += 1;
-                    rec.state = STATE_DEAD;
-                    rec.dead_ms = now;
-                    rec.last_error = reason;
-                });
-                let r = r.map(|u| {
-                    effects.push(Effect::Died {
-                        key,
-                        slot: (u.old_due, seq),
-                        bytes: u.old_bytes,
-                        dead_ms: now,
-                        received_ms: u.record.received_ms,
-                    });
-                });
-                Responder::Unit(reply, guard(r))
+                let r = self.dead(t, key, seq, now, reason, effects);
+                Responder::Unit(reply, guard(fatal, r))
             }
             Op::Replay(key, seqs, now, reply) => {
-                let mut n = 0;
-                let mut r = Ok(());
-                for seq in seqs {
-                    let res = self.update_if_dead(t, seq, |rec| {
-                        rec.state = STATE_PENDING;
-                        rec.attempts = 0;
-                        rec.due_ms = now;
-                        rec.dead_ms = 0;
-                        rec.last_error.clear();
-                    });
-                    match res {
-                        Ok(Some(bytes)) => {
-                            n += 1;
-                            effects.push(Effect::Revived {
-                                key: key.clone(),
-                                slot: (now, seq),
-                                bytes,
-                            });
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            r = Err(e);
-                            break;
-                        }
-                    }
-                }
-                Responder::Count(reply, guard(r).map(|_| n))
+                let r = count_each(seqs, |seq| self.replay(t, &key, seq, now, effects));
+                Responder::Count(reply, guard(fatal, r))
             }
             Op::Prune(key, seqs, reply) => {
-                let mut n = 0;
-                let mut r = Ok(());
-                for seq in seqs {
-                    let dead = match t.0.get(seq) {
-                        Ok(v) => v.and_then(|v| Record::decode(v.value())).map(|r| r.state),
-                        Err(e) => {
-                            r = Err(storage(e));
-                            break;
-                        }
-                    };
-                    if dead == Some(STATE_DEAD) {
-                        if let Err(e) = t.0.remove(seq) {
-                            r = Err(storage(e));
-                            break;
-                        }
-                        n += 1;
-                        effects.push(Effect::DeadRemoved {
-                            key: key.clone(),
-                            seq,
-                        });
-                    }
-                }
-                Responder::Count(reply, guard(r).map(|_| n))
+                let r = count_each(seqs, |seq| prune(t, &key, seq, effects));
+                Responder::Count(reply, guard(fatal, r))
             }
             Op::Purge(key, seqs, reply) => {
-                let mut n = 0;
-                let mut r = Ok(());
-                for seq in seqs {
-                    match t.0.remove(seq) {
-                        Ok(Some(v)) => {
-                            n += 1;
-                            effects.push(gone(key.clone(), seq, v.value()));
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            r = Err(storage(e));
-                            break;
-                        }
-                    }
-                }
-                Responder::Count(reply, guard(r).map(|_| n))
+                let r = count_each(seqs, |seq| {
+                    let removed = t.0.remove(seq).map_err(storage)?;
+                    Ok(removed
+                        .map(|v| effects.push(gone(key.clone(), seq, v.value())))
+                        .is_some())
+                });
+                Responder::Count(reply, guard(fatal, r))
             }
             Op::Check(reply) => {
                 // A real write, so that a full disk or a broken file shows.
                 let now = to_millis(SystemTime::now());
                 let r = t.2.insert(META_CHECK, now).map(|_| ()).map_err(storage);
-                Responder::Unit(reply, guard(r))
+                Responder::Unit(reply, guard(fatal, r))
             }
             Op::Shutdown => return None,
         })
+    }
+
+    /// Schedules record `seq` again at `due`, one attempt more.
+    fn retry(
+        &mut self,
+        t: &mut Tables<'_>,
+        key: EndpointKey,
+        seq: u64,
+        due: u64,
+        error: String,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), QueueError> {
+        let u = self.update(t, seq, |rec| {
+            rec.attempts += 1;
+            rec.due_ms = due;
+            rec.last_error = error;
+        })?;
+        effects.push(Effect::Moved {
+            key,
+            old: (u.old_due, seq),
+            new: (due, seq),
+            bytes: (u.old_bytes, u.bytes),
+            record: u.record,
+        });
+        Ok(())
+    }
+
+    /// Moves record `seq` to the dead letters at `now`.
+    fn dead(
+        &mut self,
+        t: &mut Tables<'_>,
+        key: EndpointKey,
+        seq: u64,
+        now: u64,
+        reason: String,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), QueueError> {
+        let u = self.update(t, seq, |rec| {
+            rec.attempts += 1;
+            rec.state = STATE_DEAD;
+            rec.dead_ms = now;
+            rec.last_error = reason;
+        })?;
+        effects.push(Effect::Died {
+            key,
+            slot: (u.old_due, seq),
+            bytes: u.old_bytes,
+            dead_ms: now,
+            received_ms: u.record.received_ms,
+        });
+        Ok(())
+    }
+
+    /// Makes dead record `seq` pending again, due `now`; false when it is not dead.
+    fn replay(
+        &mut self,
+        t: &mut Tables<'_>,
+        key: &EndpointKey,
+        seq: u64,
+        now: u64,
+        effects: &mut Vec<Effect>,
+    ) -> Result<bool, QueueError> {
+        let bytes = self.update_if_dead(t, seq, |rec| {
+            rec.state = STATE_PENDING;
+            rec.attempts = 0;
+            rec.due_ms = now;
+            rec.dead_ms = 0;
+            rec.last_error.clear();
+        })?;
+        Ok(bytes
+            .map(|bytes| {
+                effects.push(Effect::Revived {
+                    key: key.clone(),
+                    slot: (now, seq),
+                    bytes,
+                })
+            })
+            .is_some())
     }
 
     fn enqueue(
@@ -1076,6 +1082,49 @@ struct Updated {
 }
 
 /// The effect of deleting the stored record `bytes` of `seq`.
+/// `r`, after marking a storage error in it fatal for the batch.
+fn guard<T>(fatal: &mut Option<QueueError>, r: Result<T, QueueError>) -> Result<T, QueueError> {
+    if let Err(QueueError::Storage(m)) = &r {
+        *fatal = Some(QueueError::Storage(m.clone()));
+    }
+    r
+}
+
+/// How many of `seqs` `one` applies to, stopping at the first error.
+fn count_each(
+    seqs: Vec<u64>,
+    mut one: impl FnMut(u64) -> Result<bool, QueueError>,
+) -> Result<u64, QueueError> {
+    let mut n = 0;
+    for seq in seqs {
+        n += u64::from(one(seq)?);
+    }
+    Ok(n)
+}
+
+/// Removes record `seq` when it is dead; false when it is not.
+fn prune(
+    t: &mut Tables<'_>,
+    key: &EndpointKey,
+    seq: u64,
+    effects: &mut Vec<Effect>,
+) -> Result<bool, QueueError> {
+    let state = t.0.get(seq).map_err(storage)?;
+    let dead = state
+        .and_then(|v| Record::decode(v.value()))
+        .map(|r| r.state)
+        == Some(STATE_DEAD);
+    if !dead {
+        return Ok(false);
+    }
+    t.0.remove(seq).map_err(storage)?;
+    effects.push(Effect::DeadRemoved {
+        key: key.clone(),
+        seq,
+    });
+    Ok(true)
+}
+
 fn gone(key: EndpointKey, seq: u64, bytes: &[u8]) -> Effect {
     match Head::decode(bytes) {
         Some(h) if h.state == STATE_DEAD => Effect::DeadRemoved { key, seq },

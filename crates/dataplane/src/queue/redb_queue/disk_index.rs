@@ -280,100 +280,20 @@ pub(super) fn all_seqs(db: &Database, key: &EndpointKey) -> Result<Vec<u64>, Que
 /// a file a previous version wrote to after an upgrade, say by a rollback, is indexed
 /// again).
 pub(super) fn upgrade(db: &Database) -> Result<u64, QueueError> {
-    let (format, consistent) = {
-        let txn = db.begin_read().map_err(storage)?;
-        let meta = txn.open_table(META).map_err(storage)?;
-        let format = meta.get(META_FORMAT).map_err(storage)?.map(|v| v.value());
-        let skipped = meta
-            .get(META_SKIPPED)
-            .map_err(storage)?
-            .map_or(0, |v| v.value());
-        let records = txn
-            .open_table(EVENTS)
-            .map_err(storage)?
-            .len()
-            .map_err(storage)?;
-        let mut counted = skipped;
-        for item in txn
-            .open_table(COUNTS)
-            .map_err(storage)?
-            .iter()
-            .map_err(storage)?
-        {
-            let (waiting, _, dead) = item.map_err(storage)?.1.value();
-            counted += waiting + dead;
-        }
-        (format, counted == records)
-    };
+    let (format, consistent) = index_state(db)?;
     if format == Some(FORMAT) && consistent {
         return Ok(0);
     }
     if format == Some(FORMAT) {
         tracing::warn!("the queue file's counts do not match its events; indexing it again");
     }
-    // Start clean: a pass a crash interrupted may have indexed some records; the tables of
-    // format 2 are read by nothing now.
-    let txn = db.begin_write().map_err(storage)?;
-    txn.delete_table(READY).map_err(storage)?;
-    txn.delete_table(DEAD).map_err(storage)?;
-    txn.delete_table(COUNTS).map_err(storage)?;
-    for name in FORMAT_2_TABLES {
-        let old: TableDefinition<&str, ()> = TableDefinition::new(name);
-        txn.delete_table(old).map_err(storage)?;
-    }
-    create(&txn)?;
-    txn.commit().map_err(storage)?;
+    reset(db)?;
     let mut from = 0u64;
     let mut indexed = 0u64;
     let mut skipped = 0u64;
     loop {
         let txn = db.begin_write().map_err(storage)?;
-        let mut last = None;
-        {
-            let events = txn.open_table(EVENTS).map_err(storage)?;
-            let mut ready = txn.open_table(READY).map_err(storage)?;
-            let mut dead = txn.open_table(DEAD).map_err(storage)?;
-            let mut counts = txn.open_table(COUNTS).map_err(storage)?;
-            let mut slice: HashMap<String, (u64, u64, u64)> = HashMap::new();
-            for item in events.range(from..).map_err(storage)?.take(UPGRADE_SLICE) {
-                let (k, v) = item.map_err(storage)?;
-                let seq = k.value();
-                last = Some(seq);
-                let Some(rec) = Record::decode(v.value()) else {
-                    tracing::warn!(seq, "skipping an unreadable queue record");
-                    skipped += 1;
-                    continue;
-                };
-                let id = endpoint_id(&EndpointKey::new(rec.namespace, rec.name));
-                let c = slice.entry(id.clone()).or_default();
-                if rec.state == STATE_DEAD {
-                    dead.insert((id.as_bytes(), seq), (rec.dead_ms, rec.received_ms))
-                        .map_err(storage)?;
-                    c.2 += 1;
-                } else {
-                    ready
-                        .insert((id.as_bytes(), rec.due_ms, seq), ())
-                        .map_err(storage)?;
-                    c.0 += 1;
-                    c.1 += v.value().len() as u64;
-                }
-                indexed += 1;
-            }
-            for (id, c) in slice {
-                let old = counts
-                    .get(id.as_bytes())
-                    .map_err(storage)?
-                    .map(|v| v.value())
-                    .unwrap_or_default();
-                let new = (old.0 + c.0, old.1 + c.1, old.2 + c.2);
-                counts.insert(id.as_bytes(), new).map_err(storage)?;
-            }
-            if last.is_none() {
-                let mut meta = txn.open_table(META).map_err(storage)?;
-                meta.insert(META_FORMAT, FORMAT).map_err(storage)?;
-                meta.insert(META_SKIPPED, skipped).map_err(storage)?;
-            }
-        }
+        let last = index_slice(&txn, from, &mut indexed, &mut skipped)?;
         txn.commit().map_err(storage)?;
         match last {
             Some(seq) => from = seq + 1,
@@ -388,4 +308,102 @@ pub(super) fn upgrade(db: &Database) -> Result<u64, QueueError> {
             }
         }
     }
+}
+
+/// The file's index format, and whether its counts add up to its records.
+fn index_state(db: &Database) -> Result<(Option<u64>, bool), QueueError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let meta = txn.open_table(META).map_err(storage)?;
+    let format = meta.get(META_FORMAT).map_err(storage)?.map(|v| v.value());
+    let skipped = meta
+        .get(META_SKIPPED)
+        .map_err(storage)?
+        .map_or(0, |v| v.value());
+    let records = txn
+        .open_table(EVENTS)
+        .map_err(storage)?
+        .len()
+        .map_err(storage)?;
+    let mut counted = skipped;
+    for item in txn
+        .open_table(COUNTS)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (waiting, _, dead) = item.map_err(storage)?.1.value();
+        counted += waiting + dead;
+    }
+    Ok((format, counted == records))
+}
+
+/// Starts clean: a pass a crash interrupted may have indexed some records; the tables of
+/// format 2 are read by nothing now.
+fn reset(db: &Database) -> Result<(), QueueError> {
+    let txn = db.begin_write().map_err(storage)?;
+    txn.delete_table(READY).map_err(storage)?;
+    txn.delete_table(DEAD).map_err(storage)?;
+    txn.delete_table(COUNTS).map_err(storage)?;
+    for name in FORMAT_2_TABLES {
+        let old: TableDefinition<&str, ()> = TableDefinition::new(name);
+        txn.delete_table(old).map_err(storage)?;
+    }
+    create(&txn)?;
+    txn.commit().map_err(storage)?;
+    Ok(())
+}
+
+/// Indexes up to [`UPGRADE_SLICE`] records from `from` in `txn`; returns the last seq read,
+/// or none (and marks the file indexed) when there were none left.
+fn index_slice(
+    txn: &redb::WriteTransaction,
+    from: u64,
+    indexed: &mut u64,
+    skipped: &mut u64,
+) -> Result<Option<u64>, QueueError> {
+    let mut last = None;
+    let events = txn.open_table(EVENTS).map_err(storage)?;
+    let mut ready = txn.open_table(READY).map_err(storage)?;
+    let mut dead = txn.open_table(DEAD).map_err(storage)?;
+    let mut counts = txn.open_table(COUNTS).map_err(storage)?;
+    let mut slice: HashMap<String, (u64, u64, u64)> = HashMap::new();
+    for item in events.range(from..).map_err(storage)?.take(UPGRADE_SLICE) {
+        let (k, v) = item.map_err(storage)?;
+        let seq = k.value();
+        last = Some(seq);
+        let Some(rec) = Record::decode(v.value()) else {
+            tracing::warn!(seq, "skipping an unreadable queue record");
+            *skipped += 1;
+            continue;
+        };
+        let id = endpoint_id(&EndpointKey::new(rec.namespace, rec.name));
+        let c = slice.entry(id.clone()).or_default();
+        if rec.state == STATE_DEAD {
+            dead.insert((id.as_bytes(), seq), (rec.dead_ms, rec.received_ms))
+                .map_err(storage)?;
+            c.2 += 1;
+        } else {
+            ready
+                .insert((id.as_bytes(), rec.due_ms, seq), ())
+                .map_err(storage)?;
+            c.0 += 1;
+            c.1 += v.value().len() as u64;
+        }
+        *indexed += 1;
+    }
+    for (id, c) in slice {
+        let old = counts
+            .get(id.as_bytes())
+            .map_err(storage)?
+            .map(|v| v.value())
+            .unwrap_or_default();
+        let new = (old.0 + c.0, old.1 + c.1, old.2 + c.2);
+        counts.insert(id.as_bytes(), new).map_err(storage)?;
+    }
+    if last.is_none() {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        meta.insert(META_FORMAT, FORMAT).map_err(storage)?;
+        meta.insert(META_SKIPPED, *skipped).map_err(storage)?;
+    }
+    Ok(last)
 }
