@@ -99,7 +99,7 @@ impl Context {
                 &config.resolve_overrides,
                 config.address_policy(),
             ),
-            secrets: secrets::SecretStore::new(client.clone()),
+            secrets: secrets::SecretStore::new(client.clone(), config.require_secret_label),
             client,
             config,
             routes: Routes(routes),

@@ -168,7 +168,7 @@ impl Caches {
             secrets: SecretCache {
                 meta: watches.secrets.store.clone(),
                 data: HashMap::new(),
-                require_label: ctx.config.require_secret_label,
+                require_label: ctx.secrets.require_label(),
             },
         })
     }
