@@ -282,8 +282,9 @@ where
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     // One watch per kind for everything below; every trigger subscribes before it starts.
     let mut watches = watches::Watches::new();
-    let endpoint_changes = endpoint_changes(&watches, &ctx);
-    let subscription_changes = subscription_changes(&watches, &ctx);
+    let endpoint_changes = noted_changes(watches.endpoints.subscribe(), &ctx, note_endpoint);
+    let subscription_changes =
+        noted_changes(watches.subscriptions.subscribe(), &ctx, note_subscription);
     // The cache subscriptions read their endpoint from is the one the watch fills before
     // it triggers them, so a pass an endpoint change starts sees that change. Only what
     // a subscription reads of its endpoint triggers it: an endpoint's delivery figures
@@ -387,41 +388,34 @@ fn user_changes<K: Resource>(obj: &K) -> Option<u64> {
         .hash_property(obj)
 }
 
-// Every version the watch shows reaches the memo first, so a kept copy of our own status
-// write is dropped once the cache holds it.
-
-/// The endpoints whose spec, annotations or finalizers moved, each version noted in the memo.
-fn endpoint_changes(
-    watches: &watches::Watches,
+/// [`changes`] of `objects`, after every version the watch shows has reached the memo
+/// through `note`, so that a kept copy of our own status write is dropped once the cache
+/// holds it.
+fn noted_changes<K>(
+    objects: impl futures::Stream<Item = Arc<K>> + Send + 'static,
     ctx: &Arc<Context>,
-) -> impl futures::Stream<Item = Arc<WebhookEndpoint>> + Send + 'static {
-    let seen = ctx.clone();
-    changes(
-        watches.endpoints.subscribe().inspect(move |ep| {
-            let key = (ep.namespace().unwrap_or_default(), ep.name_any());
-            let version = ep.meta().resource_version.as_deref();
-            seen.endpoint_memo
-                .update_existing(&key, |m| m.status.observe(version));
-        }),
-        user_changes,
-    )
+    note: fn(&Context, &K),
+) -> impl futures::Stream<Item = Arc<K>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let ctx = ctx.clone();
+    changes(objects.inspect(move |obj| note(&ctx, obj)), user_changes)
 }
 
-/// The subscriptions whose spec, annotations or finalizers moved, each version noted in the
-/// memo.
-fn subscription_changes(
-    watches: &watches::Watches,
-    ctx: &Arc<Context>,
-) -> impl futures::Stream<Item = Arc<WebhookSubscription>> + Send + 'static {
-    let seen = ctx.clone();
-    changes(
-        watches.subscriptions.subscribe().inspect(move |sub| {
-            let version = sub.meta().resource_version.as_deref();
-            seen.subscription_memo
-                .update_existing(&ObjectRef::from_obj(&**sub), |m| m.status.observe(version));
-        }),
-        user_changes,
-    )
+/// Notes in the endpoint memo the version of `ep` the watch shows.
+fn note_endpoint(ctx: &Context, ep: &WebhookEndpoint) {
+    let version = ep.meta().resource_version.as_deref();
+    let key = (ep.namespace().unwrap_or_default(), ep.name_any());
+    ctx.endpoint_memo
+        .update_existing(&key, |m| m.status.observe(version));
+}
+
+/// Notes in the subscription memo the version of `sub` the watch shows.
+fn note_subscription(ctx: &Context, sub: &WebhookSubscription) {
+    let version = sub.meta().resource_version.as_deref();
+    ctx.subscription_memo
+        .update_existing(&ObjectRef::from_obj(sub), |m| m.status.observe(version));
 }
 
 /// A Secret the operator generated (and owns).
