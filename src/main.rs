@@ -57,94 +57,105 @@ async fn main() -> anyhow::Result<()> {
             telemetry::init(false);
             webhook_operator::demo_consumer::run(args).await?
         }
-        Command::Run(config) => {
-            let config = *config;
-            config.check_resolve_overrides()?;
-            telemetry::init(config.log_json);
-            // After logging, so that a refusal of huge pages that fails is logged.
-            webhook_operator::allocator::set_up();
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            tracing::info!(?config, "starting");
-            let client = kube::Client::try_default().await?;
-            let shutdown = CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
-
-            let parser = Arc::new(webhook_operator::providers::ProviderParser);
-            let identity = leader::default_identity();
-            let (data_plane, nats) = match config.queue {
-                QueueBackend::Embedded => {
-                    std::fs::create_dir_all(&config.data_dir)?;
-                    (DataPlane::open(config.data_plane(), parser).await?, None)
-                }
-                QueueBackend::Jetstream => {
-                    let queue = JetStreamQueue::connect(config.jetstream()?).await?;
-                    let nats = queue.nats_client();
-                    let dp = DataPlane::with_queue(config.data_plane(), parser, Arc::new(queue))?;
-                    (dp, Some(nats))
-                }
-            };
-            if let Some(nats) = nats {
-                health::cluster::share(
-                    nats,
-                    format!("{}.health", config.nats.nats_prefix),
-                    identity.clone(),
-                    data_plane.health_registry(),
-                    shutdown.clone(),
-                )
-                .await?;
-            }
-            let limits = config.server_limits();
-            let ingress = serve(
-                "ingress",
-                config.ingress_addr,
-                data_plane.ingress_router(),
-                limits,
-                data_plane.metrics(),
-                shutdown.clone(),
-            )
-            .await?;
-            let ops = serve(
-                "ops",
-                config.ops_addr,
-                data_plane.ops_router(),
-                limits,
-                data_plane.metrics(),
-                shutdown.clone(),
-            )
-            .await?;
-            let delivery = data_plane.start_delivery(shutdown.clone().cancelled_owned());
-
-            let election = config
-                .leader
-                .leader_election
-                .then(|| config.leader_config(identity));
-            let ctx = Arc::new(controller::Context::new(
-                client.clone(),
-                config,
-                Arc::new(data_plane),
-            ));
-            match election {
-                None => controller::run(ctx, shutdown).await,
-                Some(election) => {
-                    // Reconcilers only while holding the Lease; route sync otherwise.
-                    let stop_grace = election.stop_grace();
-                    let (leading, elector) = leader::spawn(client, election, shutdown.clone());
-                    leader::run_while_leading(
-                        leading,
-                        shutdown.clone(),
-                        stop_grace,
-                        |token| controller::run(ctx.clone(), token),
-                        |token| controller::route_sync::run(ctx.clone(), token),
-                    )
-                    .await;
-                    let _ = elector.await;
-                }
-            }
-            let _ = tokio::join!(ingress, ops, delivery);
-            tracing::info!("stopped");
-        }
+        Command::Run(config) => run(*config).await?,
     }
     Ok(())
+}
+
+/// `webhook-operator run`: the data plane, its servers and the controllers until `SIGTERM`.
+async fn run(config: OperatorConfig) -> anyhow::Result<()> {
+    config.check_resolve_overrides()?;
+    telemetry::init(config.log_json);
+    // After logging, so that a refusal of huge pages that fails is logged.
+    webhook_operator::allocator::set_up();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing::info!(?config, "starting");
+    let client = kube::Client::try_default().await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+
+    let identity = leader::default_identity();
+    let data_plane = open_data_plane(&config, &identity, &shutdown).await?;
+    let limits = config.server_limits();
+    let ingress = serve(
+        "ingress",
+        config.ingress_addr,
+        data_plane.ingress_router(),
+        limits,
+        data_plane.metrics(),
+        shutdown.clone(),
+    )
+    .await?;
+    let ops = serve(
+        "ops",
+        config.ops_addr,
+        data_plane.ops_router(),
+        limits,
+        data_plane.metrics(),
+        shutdown.clone(),
+    )
+    .await?;
+    let delivery = data_plane.start_delivery(shutdown.clone().cancelled_owned());
+
+    let election = config
+        .leader
+        .leader_election
+        .then(|| config.leader_config(identity));
+    let ctx = Arc::new(controller::Context::new(
+        client.clone(),
+        config,
+        Arc::new(data_plane),
+    ));
+    match election {
+        None => controller::run(ctx, shutdown).await,
+        Some(election) => {
+            // Reconcilers only while holding the Lease; route sync otherwise.
+            let stop_grace = election.stop_grace();
+            let (leading, elector) = leader::spawn(client, election, shutdown.clone());
+            leader::run_while_leading(
+                leading,
+                shutdown.clone(),
+                stop_grace,
+                |token| controller::run(ctx.clone(), token),
+                |token| controller::route_sync::run(ctx.clone(), token),
+            )
+            .await;
+            let _ = elector.await;
+        }
+    }
+    let _ = tokio::join!(ingress, ops, delivery);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The data plane on the configured queue; with JetStream, its health is shared with the
+/// other replicas over NATS.
+async fn open_data_plane(
+    config: &OperatorConfig,
+    identity: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<DataPlane>> {
+    let parser = Arc::new(webhook_operator::providers::ProviderParser);
+    match config.queue {
+        QueueBackend::Embedded => {
+            std::fs::create_dir_all(&config.data_dir)?;
+            Ok(DataPlane::open(config.data_plane(), parser).await?)
+        }
+        QueueBackend::Jetstream => {
+            let queue = JetStreamQueue::connect(config.jetstream()?).await?;
+            let nats = queue.nats_client();
+            let data_plane = DataPlane::with_queue(config.data_plane(), parser, Arc::new(queue))?;
+            health::cluster::share(
+                nats,
+                format!("{}.health", config.nats.nats_prefix),
+                identity.to_owned(),
+                data_plane.health_registry(),
+                shutdown.clone(),
+            )
+            .await?;
+            Ok(data_plane)
+        }
+    }
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.

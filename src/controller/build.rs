@@ -70,15 +70,9 @@ impl Fetched {
     }
 
     /// Reads the Secret `name` a spec names from the API, once per pass.
-    pub async fn read_referenced(
-        &mut self,
-        store: &SecretStore,
-        namespace: &str,
-        name: &str,
-        require_label: bool,
-    ) {
+    pub async fn read_referenced(&mut self, store: &SecretStore, namespace: &str, name: &str) {
         if !self.referenced.contains_key(name) {
-            let read = secrets::read_referenced(store, namespace, name, require_label).await;
+            let read = secrets::read_referenced(store, namespace, name).await;
             self.referenced.insert(name.to_string(), read);
         }
     }

@@ -178,7 +178,6 @@ async fn apply(
         Err(secrets::OwnedSecretError::NotOwned(_)) => None,
         Err(secrets::OwnedSecretError::Kube(e)) => return Err(e.into()),
     };
-    let require_label = ctx.config.require_secret_label;
     let referenced = ep
         .spec
         .signing
@@ -189,9 +188,7 @@ async fn apply(
         .into_iter()
         .chain(ep.spec.headers.iter().map(|h| &h.secret_key_ref.name));
     for name in referenced {
-        fetched
-            .read_referenced(&ctx.secrets, &ns, name, require_label)
-            .await;
+        fetched.read_referenced(&ctx.secrets, &ns, name).await;
     }
     let rotate_request = ep.annotations().get(ROTATE_ANNOTATION).cloned();
     let mut overlap_ends = None;

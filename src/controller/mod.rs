@@ -99,7 +99,7 @@ impl Context {
                 &config.resolve_overrides,
                 config.address_policy(),
             ),
-            secrets: secrets::SecretStore::new(client.clone()),
+            secrets: secrets::SecretStore::new(client.clone(), config.require_secret_label),
             client,
             config,
             routes: Routes(routes),
@@ -282,27 +282,9 @@ where
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     // One watch per kind for everything below; every trigger subscribes before it starts.
     let mut watches = watches::Watches::new();
-    // Every version the watch shows reaches the memo first, so a kept copy of our own
-    // status write is dropped once the cache holds it.
-    let seen = ctx.clone();
-    let endpoint_changes = changes(
-        watches.endpoints.subscribe().inspect(move |ep| {
-            let key = (ep.namespace().unwrap_or_default(), ep.name_any());
-            let version = ep.meta().resource_version.as_deref();
-            seen.endpoint_memo
-                .update_existing(&key, |m| m.status.observe(version));
-        }),
-        user_changes,
-    );
-    let seen = ctx.clone();
-    let subscription_changes = changes(
-        watches.subscriptions.subscribe().inspect(move |sub| {
-            let version = sub.meta().resource_version.as_deref();
-            seen.subscription_memo
-                .update_existing(&ObjectRef::from_obj(&**sub), |m| m.status.observe(version));
-        }),
-        user_changes,
-    );
+    let endpoint_changes = noted_changes(watches.endpoints.subscribe(), &ctx, note_endpoint);
+    let subscription_changes =
+        noted_changes(watches.subscriptions.subscribe(), &ctx, note_subscription);
     // The cache subscriptions read their endpoint from is the one the watch fills before
     // it triggers them, so a pass an endpoint change starts sees that change. Only what
     // a subscription reads of its endpoint triggers it: an endpoint's delivery figures
@@ -313,14 +295,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     );
     let secrets_for_subscriptions = watches.secrets.subscribe();
     let secrets_for_endpoints = watches.secrets.subscribe();
-    let generated_secrets = watches.secrets.subscribe().filter(|s| {
-        std::future::ready(
-            s.labels()
-                .get("app.kubernetes.io/managed-by")
-                .map(String::as_str)
-                == Some("webhook-operator"),
-        )
-    });
+    let generated_secrets = watches
+        .secrets
+        .subscribe()
+        .filter(|s| std::future::ready(generated_by_us(s)));
     watches.start(&ctx, &shutdown);
     *ctx.endpoints.lock().expect("endpoints lock") = Some(watches.endpoints.cache());
     *ctx.subscriptions.lock().expect("subscriptions lock") = Some(watches.subscriptions.cache());
@@ -352,20 +330,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let subscriptions = Controller::for_shared_stream(subscription_changes, sub_store.clone())
         .with_config(limits)
         .watches_shared_stream(secrets_for_subscriptions, move |secret| {
-            readers_of(&store, &secret, |s: &WebhookSubscription, name| {
-                s.spec
-                    .credentials_ref
-                    .as_ref()
-                    .is_some_and(|c| c.name == name)
-            })
+            readers_of(&store, &secret, reads_credentials)
         });
     let store = sub_store.clone();
     let subscriptions = subscriptions
         .watches_shared_stream(endpoints_for_subscriptions, move |ep| {
-            let subs = store.state();
-            endpoint::subscribers(&ep.namespace().unwrap_or_default(), &ep.name_any(), &subs)
-                .map(|s| ObjectRef::from_obj(&**s))
-                .collect::<Vec<_>>()
+            subscribers_of(&store, &ep)
         })
         .reconcile_on(sub_rx)
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
@@ -416,6 +386,64 @@ fn user_changes<K: Resource>(obj: &K) -> Option<u64> {
         .combine(predicates::annotations)
         .combine(predicates::finalizers)
         .hash_property(obj)
+}
+
+/// [`changes`] of `objects`, after every version the watch shows has reached the memo
+/// through `note`, so that a kept copy of our own status write is dropped once the cache
+/// holds it.
+fn noted_changes<K>(
+    objects: impl futures::Stream<Item = Arc<K>> + Send + 'static,
+    ctx: &Arc<Context>,
+    note: fn(&Context, &K),
+) -> impl futures::Stream<Item = Arc<K>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let ctx = ctx.clone();
+    changes(objects.inspect(move |obj| note(&ctx, obj)), user_changes)
+}
+
+/// Notes in the endpoint memo the version of `ep` the watch shows.
+fn note_endpoint(ctx: &Context, ep: &WebhookEndpoint) {
+    let version = ep.meta().resource_version.as_deref();
+    let key = (ep.namespace().unwrap_or_default(), ep.name_any());
+    ctx.endpoint_memo
+        .update_existing(&key, |m| m.status.observe(version));
+}
+
+/// Notes in the subscription memo the version of `sub` the watch shows.
+fn note_subscription(ctx: &Context, sub: &WebhookSubscription) {
+    let version = sub.meta().resource_version.as_deref();
+    ctx.subscription_memo
+        .update_existing(&ObjectRef::from_obj(sub), |m| m.status.observe(version));
+}
+
+/// A Secret the operator generated (and owns).
+fn generated_by_us(secret: &PartialObjectMeta<Secret>) -> bool {
+    secret
+        .labels()
+        .get("app.kubernetes.io/managed-by")
+        .map(String::as_str)
+        == Some("webhook-operator")
+}
+
+/// Whether `sub` reads its credentials from the Secret `name`.
+fn reads_credentials(sub: &WebhookSubscription, name: &str) -> bool {
+    sub.spec
+        .credentials_ref
+        .as_ref()
+        .is_some_and(|c| c.name == name)
+}
+
+/// The subscriptions that deliver through `ep`.
+fn subscribers_of(
+    store: &kube::runtime::reflector::Store<WebhookSubscription>,
+    ep: &WebhookEndpoint,
+) -> Vec<ObjectRef<WebhookSubscription>> {
+    let subs = store.state();
+    endpoint::subscribers(&ep.namespace().unwrap_or_default(), &ep.name_any(), &subs)
+        .map(|s| ObjectRef::from_obj(&**s))
+        .collect()
 }
 
 /// A kind's objects as a trigger: only those whose `predicate` value moved.

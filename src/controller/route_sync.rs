@@ -168,7 +168,7 @@ impl Caches {
             secrets: SecretCache {
                 meta: watches.secrets.store.clone(),
                 data: HashMap::new(),
-                require_label: ctx.config.require_secret_label,
+                require_label: ctx.secrets.require_label(),
             },
         })
     }
@@ -235,10 +235,22 @@ fn subscription_keys(sub: &WebhookSubscription, secrets: &SecretCache) -> Option
     build::verification_keys(sub, secrets)
 }
 
+/// Brings the data plane's endpoints, then its subscriptions, in step with the objects.
 fn sync_once(
     ctx: &Context,
     endpoints: &[Arc<WebhookEndpoint>],
     subscriptions: &[Arc<WebhookSubscription>],
+    secrets: &SecretCache,
+    applied: &mut Applied,
+) {
+    sync_endpoints(ctx, endpoints, secrets, applied);
+    sync_subscriptions(ctx.routes.0.as_ref(), subscriptions, secrets, applied);
+}
+
+/// Configures each endpoint whose inputs changed and removes those gone.
+fn sync_endpoints(
+    ctx: &Context,
+    endpoints: &[Arc<WebhookEndpoint>],
     secrets: &SecretCache,
     applied: &mut Applied,
 ) {
@@ -288,7 +300,15 @@ fn sync_once(
         }
     }
     applied.endpoints = seen_eps;
+}
 
+/// Registers the keys of each subscription whose inputs changed and removes those gone.
+fn sync_subscriptions(
+    routes: &dyn IngressRoutes,
+    subscriptions: &[Arc<WebhookSubscription>],
+    secrets: &SecretCache,
+    applied: &mut Applied,
+) {
     let mut seen_subs = HashMap::new();
     for sub in subscriptions {
         if sub.metadata.deletion_timestamp.is_some() {

@@ -154,8 +154,27 @@ where
     }
 }
 
-/// A Secret named in a spec; under `require_label` only one carrying [`REFERABLE_LABEL`].
+/// A Secret named in a spec; when the store requires the label, only one carrying
+/// [`REFERABLE_LABEL`].
 pub async fn read_referenced(
+    store: &SecretStore,
+    namespace: &str,
+    name: &str,
+) -> Result<SecretData, SecretError> {
+    read_checked(store, namespace, name, store.require_label).await
+}
+
+/// A Secret the operator itself reads by name (its own generated Secrets).
+pub async fn read(
+    store: &SecretStore,
+    namespace: &str,
+    name: &str,
+) -> Result<SecretData, SecretError> {
+    read_checked(store, namespace, name, false).await
+}
+
+/// The Secret `namespace/name`; under `require_label` only one carrying [`REFERABLE_LABEL`].
+async fn read_checked(
     store: &SecretStore,
     namespace: &str,
     name: &str,
@@ -169,15 +188,6 @@ pub async fn read_referenced(
         Ok(None) => Err(SecretError::NotFound(name.to_string())),
         Err(e) => Err(SecretError::Api(name.to_string(), e.to_string())),
     }
-}
-
-/// A Secret the operator itself reads by name (its own generated Secrets).
-pub async fn read(
-    store: &SecretStore,
-    namespace: &str,
-    name: &str,
-) -> Result<SecretData, SecretError> {
-    read_referenced(store, namespace, name, false).await
 }
 
 /// Returns the value under `key` of the Secret `name` owned by `owner`, creating the
@@ -266,16 +276,25 @@ pub struct SecretStore {
     watched: Mutex<Option<watches::Cache<PartialObjectMeta<Secret>>>>,
     /// (namespace, name) → the Secret as last read or written; values only, no annotations.
     kept: Mutex<HashMap<(String, String), Arc<Secret>>>,
+    /// `--require-secret-label`: a Secret named in a spec is read only with [`REFERABLE_LABEL`].
+    require_label: bool,
 }
 
 impl SecretStore {
-    /// A store that GETs every read until [`SecretStore::watch`] gives it the watch.
-    pub fn new(client: Client) -> Self {
+    /// A store that GETs every read until [`SecretStore::watch`] gives it the watch;
+    /// under `require_label` a Secret named in a spec is read only with [`REFERABLE_LABEL`].
+    pub fn new(client: Client, require_label: bool) -> Self {
         SecretStore {
             client,
             watched: Mutex::default(),
             kept: Mutex::default(),
+            require_label,
         }
+    }
+
+    /// Whether a Secret named in a spec needs [`REFERABLE_LABEL`].
+    pub fn require_label(&self) -> bool {
+        self.require_label
     }
 
     /// Validates kept copies against `watch` from now on (the leader's shared watch).
@@ -471,7 +490,7 @@ mod tests {
         use std::sync::atomic::Ordering;
         let version = Arc::new(Mutex::new("1".to_string()));
         let (client, gets, _) = api_server(version.clone()).await;
-        let store = SecretStore::new(client);
+        let store = SecretStore::new(client, false);
         let value = |s: &SecretData| s.get_string("k").unwrap();
 
         // No watch yet (a follower's start, a test context): every read is a GET.
@@ -528,7 +547,7 @@ mod tests {
         use kube::runtime::{reflector, watcher};
         use std::sync::atomic::Ordering;
         let (client, gets, creates) = api_server(Arc::new(Mutex::new(String::new()))).await;
-        let store = SecretStore::new(client);
+        let store = SecretStore::new(client, false);
         let mut owner = ConfigMap::default();
         owner.metadata.name = Some("orders".into());
         owner.metadata.namespace = Some("ns".into());

@@ -132,9 +132,7 @@ pub(super) async fn read_credentials(
     let Some(r) = &spec.credentials_ref else {
         return Err(CredentialsError::NotSet);
     };
-    let secret =
-        secrets::read_referenced(&ctx.secrets, ns, &r.name, ctx.config.require_secret_label)
-            .await?;
+    let secret = secrets::read_referenced(&ctx.secrets, ns, &r.name).await?;
     let creds = match spec.provider {
         Provider::Atomic => Credentials {
             api_key: None,
