@@ -98,3 +98,41 @@ pub async fn replay(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_replay_request_selects_by_its_window() {
+        let all = replay_filter(&annotations(&[(REPLAY_ANNOTATION, "r1")]));
+        assert!(matches!(all, Ok(ReplayFilter::All)));
+        let since = "2026-11-25T00:00:00Z";
+        let dead = replay_filter(&annotations(&[(REPLAY_SINCE_ANNOTATION, since)]));
+        assert!(matches!(dead, Ok(ReplayFilter::DeadLetteredBetween { .. })));
+        let received = replay_filter(&annotations(&[
+            (REPLAY_SINCE_ANNOTATION, since),
+            (REPLAY_BY_ANNOTATION, "received"),
+        ]));
+        assert!(matches!(received, Ok(ReplayFilter::ReceivedBetween { .. })));
+    }
+
+    #[test]
+    fn an_invalid_replay_request_is_a_problem_named_replay_invalid() {
+        for bad in [
+            annotations(&[(REPLAY_UNTIL_ANNOTATION, "yesterday")]),
+            annotations(&[(REPLAY_BY_ANNOTATION, "sent")]),
+        ] {
+            let problem = replay_filter(&bad).expect_err("refused");
+            assert_eq!(problem.reason(), "ReplayInvalid");
+            assert!(problem.message().starts_with("annotation "), "{problem:?}");
+        }
+    }
+}

@@ -129,3 +129,42 @@ async fn rotate(
     }
     Ok(decision.overlap_ends)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(signing: serde_json::Value) -> WebhookEndpoint {
+        let spec = serde_json::json!({
+            "destination": {"service": {"name": "sink", "port": 8080}},
+            "signing": signing,
+        });
+        crate::controller::test_support::object("WebhookEndpoint", "a", "orders", spec)
+    }
+
+    #[test]
+    fn a_generated_secret_is_created_once_and_regenerated_once_per_request() {
+        let ep = endpoint(serde_json::json!({}));
+        let mut owned = BTreeMap::new();
+        regenerate(&ep, &mut owned, None);
+        let first = owned.get(SIGNING_KEY).cloned().expect("generated");
+        assert!(first.starts_with(b"whsec_"));
+        regenerate(&ep, &mut owned, None);
+        assert_eq!(owned.get(SIGNING_KEY), Some(&first));
+        let request = "r1".to_string();
+        regenerate(&ep, &mut owned, Some(&request));
+        let second = owned.get(SIGNING_KEY).cloned().unwrap();
+        assert_ne!(second, first);
+        // The same request value seen again (a stale object): no second rotation.
+        regenerate(&ep, &mut owned, Some(&request));
+        assert_eq!(owned.get(SIGNING_KEY), Some(&second));
+    }
+
+    #[test]
+    fn a_secret_the_spec_names_is_never_generated() {
+        let ep = endpoint(serde_json::json!({"secretRef": {"name": "mine", "key": "k"}}));
+        let mut owned = BTreeMap::new();
+        regenerate(&ep, &mut owned, Some(&"r1".to_string()));
+        assert!(owned.is_empty());
+    }
+}

@@ -179,3 +179,37 @@ pub async fn publish_transitions(
         .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_pass_comes_sooner_with_a_problem_and_at_the_end_of_an_overlap() {
+        let problem = EndpointProblem::FilterInvalid("unexpected token".into());
+        assert_eq!(requeue(&[], None), Duration::from_secs(300));
+        assert_eq!(
+            requeue(std::slice::from_ref(&problem), None),
+            Duration::from_secs(30)
+        );
+        let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(5);
+        let wait = requeue(&[], Some(soon));
+        assert!(wait <= Duration::from_millis(5200) && wait > Duration::from_secs(4));
+        // The first problem names Ready's and Stalled's reason and message.
+        let st = next_status(
+            &Default::default(),
+            None,
+            None,
+            None,
+            &[problem],
+            None,
+            None,
+            None,
+        );
+        for type_ in [types::READY, types::STALLED] {
+            let c = st.conditions.iter().find(|c| c.type_ == type_).unwrap();
+            assert_eq!(c.reason, reasons::FILTER_INVALID);
+            assert_eq!(c.message, "spec.filter: unexpected token");
+        }
+    }
+}
