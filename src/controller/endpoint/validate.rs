@@ -1,0 +1,70 @@
+//! Step 3: everything that decides whether the endpoint can be delivered, in one place:
+//! tenant isolation of the destination, the build of the delivery settings from the
+//! Secrets, and `spec.filter`.
+
+use kube::ResourceExt;
+
+use super::{EndpointProblem, Rotated};
+use crate::api::endpoint::{INGRESS_SECRET_KEY, WebhookEndpoint};
+use crate::controller::build::{self, SecretRead, ingress_token};
+use crate::controller::routes::EndpointDelivery;
+use crate::controller::{Context, isolation};
+
+/// What validation hands to the data-plane configuration and the status.
+pub struct Validated {
+    /// Every problem, the one reported first first.
+    pub problems: Vec<EndpointProblem>,
+    /// Isolation refuses the destination: nothing may be delivered.
+    pub refused: bool,
+    /// The delivery settings, when the build finished.
+    pub delivery: Option<EndpointDelivery>,
+    /// The ingress path token, once the ingress key exists.
+    pub token: Option<String>,
+    /// The signing secret in force, for its hash in status.
+    pub signing_secret: Option<Vec<u8>>,
+}
+
+pub fn validate(ep: &WebhookEndpoint, ctx: &Context, rotated: &Rotated) -> Validated {
+    let fetched = &rotated.fetched;
+    let mut problems = Vec::new();
+    // A refused destination is reported first and nothing is handed to the data plane, so
+    // nothing is delivered (an earlier configuration is withdrawn).
+    let refused = isolation::check_destination(
+        &ep.spec.destination,
+        &ep.namespace().unwrap_or_default(),
+        ctx.config.allow_cross_namespace_refs,
+        &ctx.destinations,
+    )
+    .map_err(|(reason, msg)| problems.push(EndpointProblem::DestinationRefused(reason, msg)))
+    .is_err();
+    let signing_secret = fetched
+        .owned(&ep.metadata, &ep.signing_secret_name())
+        .ok()
+        .flatten()
+        .and_then(|owned| build::signing_secret(ep, fetched, &owned).ok());
+    let delivery = build::endpoint_delivery(ep, fetched)
+        .map_err(|p| {
+            problems.extend(p.into_iter().map(|(r, m)| EndpointProblem::Build(r, m)));
+        })
+        .ok();
+    if let Some(Err(e)) = ep
+        .spec
+        .filter
+        .as_deref()
+        .map(crate::delivery::filter::Filter::compile)
+    {
+        problems.push(EndpointProblem::FilterInvalid(e.to_string()));
+    }
+    let token = fetched
+        .owned(&ep.metadata, &ep.ingress_secret_name())
+        .ok()
+        .flatten()
+        .and_then(|d| d.get(INGRESS_SECRET_KEY).map(|k| ingress_token(k)));
+    Validated {
+        problems,
+        refused,
+        delivery,
+        token,
+        signing_secret,
+    }
+}
