@@ -103,54 +103,12 @@ pub(super) async fn sigterm(operator: &mut OperatorProcess, within: Duration) ->
 /// Fires one event from each provider's simulator at the subscriptions set up by
 /// `specs()` plus the Atllas one; each must be accepted by the ingress.
 async fn fire_one_per_provider(run: &Run) {
-    let subs: Api<WebhookSubscription> =
-        Api::namespaced(run.env.client.clone(), &run.env.namespace);
-    let manual = subs
-        .get("atllas")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .manual_setup
-        .unwrap();
-    let header_value = secret_value(&run.env, &manual.secret_name.unwrap(), "value").await;
-    let fired = [
-        (
-            "atlas",
-            json!({"event": "call_completed", "campaignId": "camp-1"}),
-        ),
-        (
-            "atomic",
-            json!({"event": "card-published", "organizationId": "org1", "environmentId": "env1"}),
-        ),
-        (
-            "smallest",
-            json!({"event": "post-conversation", "agentId": "65f0c0ffee00000000000001"}),
-        ),
-        (
-            "atllas",
-            json!({"url": manual.hook_url.unwrap(), "event": "call.finished", "headerName": manual.header_name.unwrap(), "headerValue": header_value}),
-        ),
-    ];
-    for (provider, body) in fired {
-        let result = control(
-            &run.sandbox,
-            reqwest::Method::POST,
-            &format!("{provider}/fire"),
-            Some(body),
-        )
-        .await;
+    for (provider, result) in fire_each_provider(&run.env, &run.sandbox).await {
         assert_eq!(
             result["deliveries"][0]["status"], 200,
             "{provider}: the ingress accepted the delivery: {result}"
         );
     }
-}
-
-async fn secret_value(env: &TestEnv, name: &str, key: &str) -> String {
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let s = secrets.get(name).await.unwrap();
-    String::from_utf8(s.data.unwrap()[key].0.clone()).unwrap()
 }
 
 fn header<'a>(r: &'a crate::delivery_e2e::Received, name: &str) -> Option<&'a str> {

@@ -193,18 +193,15 @@ async fn a_backlogged_endpoint_answers_503_says_so_and_drains_without_loss() {
         "the operator's RSS grew from {rss_before} to {rss_after} KiB under a refused flood"
     );
 
-    let ep = wait_endpoint(&env, "orders", "Healthy=False Backlogged", |ep| {
-        condition(ep, "Healthy").is_some_and(|(s, r)| s == "False" && r == "Backlogged")
-    })
+    let ep = wait_false(
+        &env,
+        "orders",
+        "Healthy=False Backlogged",
+        "Healthy",
+        "Backlogged",
+    )
     .await;
-    let message = ep
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Healthy")
-        .unwrap()
-        .message;
+    let message = condition_of(ep, "Healthy").message;
     assert!(
         message.contains("5 events waiting for this endpoint (limit 5)"),
         "{message}"

@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use k8s_openapi::api::core::v1::{Event, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
@@ -341,6 +342,38 @@ pub(crate) fn condition(ep: &WebhookEndpoint, type_: &str) -> Option<(String, St
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
+/// Waits for the endpoint's `Ready=True`.
+pub(crate) async fn wait_ready(env: &TestEnv, endpoint: &str, what: &str) -> WebhookEndpoint {
+    wait_endpoint(env, endpoint, what, |ep| {
+        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
+    })
+    .await
+}
+
+/// Waits for the endpoint's condition `type_` to be `False` with `reason`.
+pub(crate) async fn wait_false(
+    env: &TestEnv,
+    endpoint: &str,
+    what: &str,
+    type_: &str,
+    reason: &str,
+) -> WebhookEndpoint {
+    wait_endpoint(env, endpoint, what, |ep| {
+        condition(ep, type_).is_some_and(|(s, r)| s == "False" && r == reason)
+    })
+    .await
+}
+
+/// The endpoint's condition `type_`; panics when it has none.
+pub(crate) fn condition_of(ep: WebhookEndpoint, type_: &str) -> Condition {
+    ep.status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)
+        .unwrap()
+}
+
 pub(crate) fn delivered(ep: &WebhookEndpoint) -> u64 {
     ep.status
         .as_ref()
@@ -355,10 +388,7 @@ pub(crate) async fn signing_secret(env: &TestEnv, endpoint: &str) -> String {
 }
 
 pub(crate) async fn ingress_url(env: &TestEnv, endpoint: &str) -> String {
-    let ep = wait_endpoint(env, endpoint, "endpoint Ready", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
-    })
-    .await;
+    let ep = wait_ready(env, endpoint, "endpoint Ready").await;
     ep.status.unwrap().ingress_url.unwrap()
 }
 
@@ -419,53 +449,7 @@ async fn each_provider_event_reaches_the_consumer_once_signed() {
         wait_condition(&env, name, "Ready", "True", None).await;
     }
     let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    let manual = subs
-        .get("atllas")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .manual_setup
-        .unwrap();
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let header_value = String::from_utf8(
-        secrets
-            .get(&manual.secret_name.unwrap())
-            .await
-            .unwrap()
-            .data
-            .unwrap()["value"]
-            .0
-            .clone(),
-    )
-    .unwrap();
-
-    let fired = [
-        (
-            "atlas",
-            json!({"event": "call_completed", "campaignId": "camp-1"}),
-        ),
-        (
-            "atomic",
-            json!({"event": "card-published", "organizationId": "org1", "environmentId": "env1"}),
-        ),
-        (
-            "smallest",
-            json!({"event": "post-conversation", "agentId": "65f0c0ffee00000000000001"}),
-        ),
-        (
-            "atllas",
-            json!({"url": manual.hook_url.unwrap(), "event": "call.finished", "headerName": manual.header_name.unwrap(), "headerValue": header_value}),
-        ),
-    ];
-    for (provider, body) in fired {
-        let result = control(
-            &sandbox,
-            reqwest::Method::POST,
-            &format!("{provider}/fire"),
-            Some(body),
-        )
-        .await;
+    for (provider, result) in fire_each_provider(&env, &sandbox).await {
         let statuses: Vec<u64> = result["deliveries"]
             .as_array()
             .unwrap()
@@ -942,13 +926,7 @@ async fn a_header_the_data_plane_refuses_gets_its_own_reason() {
             condition(ep, "Ready").is_some_and(|(s, _)| s == "False")
         })
         .await;
-        let ready = ep
-            .status
-            .unwrap()
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready")
-            .unwrap();
+        let ready = condition_of(ep, "Ready");
         println!(
             "header {header}: Ready=False {} {:?}",
             ready.reason, ready.message
@@ -962,10 +940,7 @@ async fn a_header_the_data_plane_refuses_gets_its_own_reason() {
             json!({"destination": consumer_destination()}),
         )
         .await;
-        wait_endpoint(&env, "orders", "Ready again", |ep| {
-            condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
-        })
-        .await;
+        wait_ready(&env, "orders", "Ready again").await;
     }
 }
 
@@ -993,18 +968,15 @@ async fn link_local_destination_is_refused_with_a_condition() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let _operator = OperatorProcess::start(&env, &sandbox, &consumer, free_port(), dir.path());
-    let ep = wait_endpoint(&env, "metadata", "Ready=False DestinationForbidden", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, r)| s == "False" && r == "DestinationForbidden")
-    })
+    let ep = wait_false(
+        &env,
+        "metadata",
+        "Ready=False DestinationForbidden",
+        "Ready",
+        "DestinationForbidden",
+    )
     .await;
-    let msg = ep
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap()
-        .message;
+    let msg = condition_of(ep, "Ready").message;
     assert!(msg.contains("forbidden"), "{msg}");
 }
 

@@ -3,7 +3,9 @@
 
 use serde_json::json;
 
-use crate::delivery_e2e::{condition, consumer_destination, setup_with, wait_endpoint};
+use crate::delivery_e2e::{
+    condition_of, consumer_destination, setup_with, wait_endpoint, wait_false, wait_ready,
+};
 use crate::fixtures::*;
 
 #[tokio::test]
@@ -15,10 +17,7 @@ async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
     )
     .await;
     // A valid filter: Ready.
-    wait_endpoint(&env, "orders", "Ready with a valid filter", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
-    })
-    .await;
+    wait_ready(&env, "orders", "Ready with a valid filter").await;
 
     apply_endpoint(
         &env,
@@ -26,17 +25,15 @@ async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
         json!({"destination": consumer_destination(), "filter": "payload.call.lead_warmth == "}),
     )
     .await;
-    let ep = wait_endpoint(&env, "orders", "Ready=False FilterInvalid", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, r)| s == "False" && r == "FilterInvalid")
-    })
+    let ep = wait_false(
+        &env,
+        "orders",
+        "Ready=False FilterInvalid",
+        "Ready",
+        "FilterInvalid",
+    )
     .await;
-    let ready = ep
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap();
+    let ready = condition_of(ep, "Ready");
     assert!(
         ready.message.starts_with("spec.filter: "),
         "{}",
@@ -55,10 +52,7 @@ async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
         json!({"destination": consumer_destination(), "filter": "eventType != 'ping'"}),
     )
     .await;
-    wait_endpoint(&env, "orders", "Ready again", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
-    })
-    .await;
+    wait_ready(&env, "orders", "Ready again").await;
 }
 
 /// A filter that fails on an event (here a missing field) keeps the event as a dead letter

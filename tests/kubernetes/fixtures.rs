@@ -66,6 +66,62 @@ pub async fn upstream_for(sandbox: &SandboxHandle, provider: &str, hook_url: &st
         .collect()
 }
 
+/// One value of a Secret's data, as text.
+pub async fn secret_value(env: &TestEnv, name: &str, key: &str) -> String {
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let s = secrets.get(name).await.unwrap();
+    String::from_utf8(s.data.unwrap()[key].0.clone()).unwrap()
+}
+
+/// Fires one event from each provider's simulator at the subscriptions set up by `specs()`
+/// plus the Atllas one (`atllas`, manual set-up); returns each provider's answer from the
+/// simulator's `fire` control, in order, for the caller to judge.
+pub async fn fire_each_provider(
+    env: &TestEnv,
+    sandbox: &SandboxHandle,
+) -> Vec<(&'static str, Value)> {
+    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    let manual = subs
+        .get("atllas")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .manual_setup
+        .unwrap();
+    let header_value = secret_value(env, &manual.secret_name.unwrap(), "value").await;
+    let fired = [
+        (
+            "atlas",
+            json!({"event": "call_completed", "campaignId": "camp-1"}),
+        ),
+        (
+            "atomic",
+            json!({"event": "card-published", "organizationId": "org1", "environmentId": "env1"}),
+        ),
+        (
+            "smallest",
+            json!({"event": "post-conversation", "agentId": "65f0c0ffee00000000000001"}),
+        ),
+        (
+            "atllas",
+            json!({"url": manual.hook_url.unwrap(), "event": "call.finished", "headerName": manual.header_name.unwrap(), "headerValue": header_value}),
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (provider, body) in fired {
+        let result = control(
+            sandbox,
+            reqwest::Method::POST,
+            &format!("{provider}/fire"),
+            Some(body),
+        )
+        .await;
+        answers.push((provider, result));
+    }
+    answers
+}
+
 pub async fn create_secret(env: &TestEnv, name: &str, data: Value) {
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
     let secret: Secret = serde_json::from_value(json!({
