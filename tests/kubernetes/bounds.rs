@@ -12,7 +12,6 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::delivery_e2e::*;
-use crate::fixtures::*;
 use crate::ports::free_port;
 use crate::support::wait_until;
 
@@ -109,14 +108,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-fn call_ids(consumer: &Consumer) -> BTreeSet<String> {
-    consumer
-        .received()
-        .iter()
-        .filter_map(|r| r.body["callId"].as_str().map(String::from))
-        .collect()
-}
-
 async fn wait_delivered(consumer: &Consumer, accepted: &BTreeSet<String>) {
     // The consumer refused for a while: its circuit breaker may be open for a cooldown
     // (30 s) before the first probe succeeds.
@@ -140,9 +131,7 @@ async fn a_backlogged_endpoint_answers_503_says_so_and_drains_without_loss() {
         "delivery": {"retry": {"initialDelay": "100ms", "maxDelay": "200ms"}}});
     let (env, _sandbox, consumer, operator, data_dir, _) =
         setup_with("backlog", spec, &["--ops-addr", &ops_flag]).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
 
     // The consumer refuses, so every accepted event keeps waiting.
     consumer.answer(503);
@@ -313,9 +302,7 @@ async fn disk_watermark_refuses_and_a_full_disk_recovers_by_restart_without_loss
         OperatorProcess::start_with(&env, &sandbox, &consumer, port, &data, &args)
     };
     let mut operator = start(&["--min-free-disk-bytes", "4194304"]);
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     consumer.answer(503);
     let mut accepted = BTreeSet::new();
     wait_until(Duration::from_secs(30), "ingress on the small disk", || {
@@ -461,9 +448,7 @@ async fn slow_clients_are_cut_off_and_excess_requests_refused() {
         ],
     )
     .await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let path = url::Url::parse(&url).unwrap().path().to_string();
 
     // Headers one byte a second: the connection is closed at the header deadline.
@@ -741,9 +726,7 @@ async fn deleting_an_endpoint_deletes_its_queued_events() {
         &["--ops-addr", &ops_flag],
     )
     .await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     consumer.answer(503);
     for n in 0..3 {
         assert_eq!(
@@ -783,9 +766,7 @@ async fn a_restart_with_a_backlog_longer_than_the_window_delivers_each_event_onc
         "delivery": {"retry": {"maxAttempts": 100, "initialDelay": "100ms", "maxDelay": "200ms"}}});
     let (env, sandbox, consumer, mut operator, dir, port) =
         setup_with("restart", spec, &["--ops-addr", &ops_flag]).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     // Refused deliveries are not recorded: before the restart nothing is delivered.
     consumer.answer(503);
     let statuses: Vec<(String, u16)> = futures::stream::iter(0..N)

@@ -392,6 +392,14 @@ pub(crate) async fn ingress_url(env: &TestEnv, endpoint: &str) -> String {
     ep.status.unwrap().ingress_url.unwrap()
 }
 
+/// Applies the `atlas` subscription of `specs()` to endpoint `orders`, waits for it to be
+/// Ready, and returns its ingress URL.
+pub(crate) async fn atlas_ready_url(env: &TestEnv) -> String {
+    apply_subscription(env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(env, "atlas", "Ready", "True", None).await;
+    format!("{}/atlas", ingress_url(env, "orders").await)
+}
+
 /// Sandbox, consumer, credentials, endpoint `orders` and a running operator.
 async fn setup(
     prefix: &str,
@@ -661,9 +669,7 @@ async fn failing_consumer_is_retried_health_degrades_then_recovers() {
     // A short health window, so recovery shows within the test rather than after 5 min.
     let (env, _sandbox, consumer, _operator, _dir, _) =
         setup_with("retry", spec, &["--health-window", "10s"]).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     consumer.answer(500);
     let http = reqwest::Client::new();
     for i in 0..3 {
@@ -736,9 +742,7 @@ async fn exhausted_events_are_dead_lettered_and_replayed() {
     let spec = json!({"destination": consumer_destination(),
         "delivery": {"retry": {"maxAttempts": 2, "initialDelay": "100ms", "maxDelay": "200ms"}}});
     let (env, _sandbox, consumer, _operator, _dir, _) = setup("dlq", spec).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     consumer.answer(503);
     let http = reqwest::Client::new();
     for i in 0..2 {
@@ -807,9 +811,7 @@ async fn sigkill_mid_delivery_loses_no_acknowledged_event() {
     let spec = json!({"destination": consumer_destination(),
         "delivery": {"ratePerSecond": 1500, "maxInFlight": 32, "retry": {"initialDelay": "100ms", "maxDelay": "1s"}}});
     let (env, sandbox, consumer, mut operator, dir, port) = setup("crash", spec).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
 
     const TOTAL: usize = 10_000;
     let accepted: Arc<Mutex<BTreeSet<String>>> = Arc::default();
@@ -985,9 +987,7 @@ async fn rotating_the_signing_secret_signs_with_both_during_the_overlap() {
     let spec =
         json!({"destination": consumer_destination(), "signing": {"rotationOverlap": "10s"}});
     let (env, _sandbox, consumer, _operator, _dir, _) = setup("rotate", spec).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let old = signing_secret(&env, "orders").await;
     *consumer.also_verify_with.lock().unwrap() = vec![old.clone()];
 
@@ -1153,9 +1153,7 @@ async fn a_replay_window_redelivers_exactly_the_events_in_it() {
     let spec =
         json!({"destination": consumer_destination(), "delivery": {"retry": {"maxAttempts": 1}}});
     let (env, _sandbox, consumer, _operator, _dir, _) = setup("window", spec).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     consumer.answer(503);
     let http = reqwest::Client::new();
     let send = |ids: Vec<&'static str>| {
@@ -1694,7 +1692,8 @@ async fn restarts_never_answer_404_and_reconcile_every_subscription() {
     .await;
 }
 
-fn call_ids(consumer: &Consumer) -> BTreeSet<String> {
+/// The `callId`s of every event the consumer received.
+pub(crate) fn call_ids(consumer: &Consumer) -> BTreeSet<String> {
     consumer
         .received()
         .iter()
@@ -1766,9 +1765,7 @@ async fn assert_registered_and_sent_by_put(sandbox: &SandboxHandle, fired: &Valu
 async fn a_partly_bad_atlas_array_delivers_the_good_events_and_keeps_the_bad_one() {
     let (env, _sandbox, consumer, _operator, _dir, _) =
         setup("partial", json!({"destination": consumer_destination()})).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let batch = json!([
         {"callId": "good-1", "campaignId": "camp-1", "triggerName": "call_completed"},
         "not an event object",
@@ -2031,9 +2028,7 @@ async fn status_writes_are_batched_under_load() {
     use kube::runtime::{WatchStreamExt, watcher};
     let (env, _sandbox, consumer, _operator, _dir, _) =
         setup("batched", json!({"destination": consumer_destination()})).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
 
     let count_writes = |name: &'static str, api: Api<kube::core::DynamicObject>| {
         let stream = watcher(

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::delivery_e2e::{
-    Consumer, OperatorProcess, atlas_event, consumer_destination, ingress_url, setup_with,
+    OperatorProcess, atlas_event, call_ids, consumer_destination, ingress_url, setup_with,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -105,14 +105,6 @@ impl Drop for Lazyfs {
                 .status();
         }
     }
-}
-
-fn call_ids(consumer: &Consumer) -> BTreeSet<String> {
-    consumer
-        .received()
-        .iter()
-        .filter_map(|r| r.body["callId"].as_str().map(String::from))
-        .collect()
 }
 
 /// Sends events as fast as four clients can until the ingress stops answering; records

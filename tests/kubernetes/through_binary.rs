@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
 use crate::delivery_e2e::{
-    OperatorProcess, atlas_event, consumer_destination, ingress_url, setup_with,
+    OperatorProcess, atlas_event, atlas_ready_url, consumer_destination, ingress_url, setup_with,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -73,9 +73,7 @@ async fn bounds_and_the_rate_limit_answer_through_the_binary() {
     )
     .await;
     consumer.answer(503);
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let path = url::Url::parse(&url).unwrap().path().to_string();
     for id in ["ev-1", "ev-2"] {
         assert_eq!(send(&url, &atlas_event(id), &[]).await.0, 200, "{id}");
@@ -169,9 +167,7 @@ async fn a_cel_filter_cloudevents_and_traceparent_through_the_binary() {
         "filter": "payload.callId != 'dropped-by-filter'",
     });
     let (env, _sandbox, _consumer, _operator, _dir, _) = setup_with("bince", spec, &[]).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let incoming = format!("00-{TRACE}-00f067aa0ba902b7-01");
     assert_eq!(
         send(&url, &atlas_event("dropped-by-filter"), &[]).await.0,
@@ -257,9 +253,7 @@ async fn otlp_export_through_the_binary_is_read_by_opentelemetry_proto() {
         &["--otlp-endpoint", &otlp],
     )
     .await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let incoming = format!("00-{TRACE}-{PARENT}-01");
     let sent = send(&url, &atlas_event("traced"), &[("traceparent", &incoming)]).await;
     assert_eq!(sent.0, 200);
