@@ -16,7 +16,7 @@ use webhook_sandbox::SandboxHandle;
 
 use crate::delivery_e2e::{
     Consumer, OperatorProcess, atlas_event, consumer_destination, delivered, ingress_url,
-    signing_secret, wait_endpoint,
+    post_accepted, signing_secret, wait_endpoint,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -331,13 +331,7 @@ async fn sigterm_with_deliveries_in_flight_loses_nothing_and_delivers_nothing_tw
     let mut accepted = BTreeSet::new();
     for n in 0..EVENTS {
         let id = format!("term-{n}");
-        let r = http
-            .post(&url)
-            .json(&atlas_event(&id))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{id}: {}", r.status());
+        post_accepted(&http, &url, &id).await;
         accepted.insert(id);
     }
     let consumer = run.consumer.clone();

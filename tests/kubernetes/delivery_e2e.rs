@@ -392,6 +392,12 @@ pub(crate) async fn ingress_url(env: &TestEnv, endpoint: &str) -> String {
     ep.status.unwrap().ingress_url.unwrap()
 }
 
+/// Posts the Atlas event `id` to `url`; the ingress must accept it.
+pub(crate) async fn post_accepted(http: &reqwest::Client, url: &str, id: &str) {
+    let r = http.post(url).json(&atlas_event(id)).send().await.unwrap();
+    assert!(r.status().is_success(), "{id}: {}", r.status());
+}
+
 /// Applies the `atlas` subscription of `specs()` to endpoint `orders`, waits for it to be
 /// Ready, and returns its ingress URL.
 pub(crate) async fn atlas_ready_url(env: &TestEnv) -> String {
