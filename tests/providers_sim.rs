@@ -574,32 +574,8 @@ async fn atomic_adopts_identical_webhook() {
             &["card-completed"],
             AtomicMethod::Post,
         );
-        let tok: Value = s
-            .http
-            .post(s.url("/atomic/org1/auth/token"))
-            .basic_auth(ATOMIC_ID, Some(ATOMIC_SECRET))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body("grant_type=client_credentials")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let r = s
-            .http
-            .post(s.url("/atomic/org1/v1/envA/webhook"))
-            .bearer_auth(tok["access_token"].as_str().unwrap())
-            .header("user-agent", "test")
-            .json(&json!({"types": ["card-completed"], "url": d.hook_url}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 201);
-        let id = r.json::<Value>().await.unwrap()["data"]["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let id =
+            atomic_raw_create(&s, json!({"types": ["card-completed"], "url": d.hook_url})).await;
         let o = s
             .clients
             .get(Provider::Atomic)
@@ -1113,8 +1089,8 @@ async fn atllas_is_manual_and_deliveries_verify() {
 
 // ------------------------------------------- fail-safe assumptions (issue 16)
 
-/// Creates an Atomic webhook straight through the simulator's API (someone else's).
-async fn atomic_raw_create(s: &Sim, body: Value) -> String {
+/// An Atomic access token from the simulator's token endpoint (client credentials).
+async fn atomic_token(s: &Sim) -> String {
     let tok: Value = s
         .http
         .post(s.url("/atomic/org1/auth/token"))
@@ -1127,10 +1103,15 @@ async fn atomic_raw_create(s: &Sim, body: Value) -> String {
         .json()
         .await
         .unwrap();
+    tok["access_token"].as_str().unwrap().to_string()
+}
+
+/// Creates an Atomic webhook straight through the simulator's API (someone else's).
+async fn atomic_raw_create(s: &Sim, body: Value) -> String {
     let r = s
         .http
         .post(s.url("/atomic/org1/v1/envA/webhook"))
-        .bearer_auth(tok["access_token"].as_str().unwrap())
+        .bearer_auth(atomic_token(s).await)
         .header("user-agent", "test")
         .json(&body)
         .send()
