@@ -16,7 +16,7 @@ use webhook_sandbox::SandboxHandle;
 
 use crate::delivery_e2e::{
     Consumer, OperatorProcess, atlas_event, consumer_destination, delivered, ingress_url,
-    post_accepted, signing_secret, wait_endpoint,
+    post_accepted, send_json, signing_secret, wait_endpoint,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -273,12 +273,7 @@ async fn endpoint_headers_from_a_secret_reach_the_consumer() {
     apply_subscription(env, "atlas", specs()[0].1.clone()).await;
     wait_condition(env, "atlas", "Ready", "True", None).await;
     let url = format!("{}/atlas", ingress_url(env, "orders").await);
-    let r = reqwest::Client::new()
-        .post(&url)
-        .json(&atlas_event("with-header"))
-        .send()
-        .await
-        .unwrap();
+    let r = send_json(&url, &atlas_event("with-header")).await.unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     let received = wait_until(Duration::from_secs(60), "the delivery", || {
         let got = run.consumer.received();

@@ -22,12 +22,7 @@ fn padded_event(call_id: &str, pad: usize) -> serde_json::Value {
 }
 
 async fn post(url: &str, body: &serde_json::Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .expect("the ingress answers")
+    send_json(url, body).await.expect("the ingress answers")
 }
 
 /// The status of a POST, or 0 when nothing listens (yet).

@@ -974,10 +974,7 @@ async fn operator_under_the_chart_rbac_in_jetstream_mode_holds_the_lease_and_del
     *consumer.secret.lock().unwrap() =
         Some(crate::delivery_e2e::signing_secret(&env, "orders").await);
     crate::fixtures::wait_condition(&env, "calls", "Ready", "True", None).await;
-    let r = reqwest::Client::new()
-        .post(&url)
-        .json(&crate::delivery_e2e::atlas_event("js-1"))
-        .send()
+    let r = crate::delivery_e2e::send_json(&url, &crate::delivery_e2e::atlas_event("js-1"))
         .await
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());

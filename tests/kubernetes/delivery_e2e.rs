@@ -392,6 +392,11 @@ pub(crate) async fn ingress_url(env: &TestEnv, endpoint: &str) -> String {
     ep.status.unwrap().ingress_url.unwrap()
 }
 
+/// POSTs `body` as JSON to `url` with a fresh client.
+pub(crate) async fn send_json(url: &str, body: &Value) -> reqwest::Result<reqwest::Response> {
+    reqwest::Client::new().post(url).json(body).send().await
+}
+
 /// Posts the Atlas event `id` to `url`; the ingress must accept it.
 pub(crate) async fn post_accepted(http: &reqwest::Client, url: &str, id: &str) {
     let r = http.post(url).json(&atlas_event(id)).send().await.unwrap();
@@ -864,12 +869,7 @@ async fn sigkill_mid_delivery_loses_no_acknowledged_event() {
     wait_until(Duration::from_secs(30), "ingress back", || {
         let url = url.clone();
         async move {
-            let r = reqwest::Client::new()
-                .post(&url)
-                .json(&atlas_event("probe"))
-                .send()
-                .await
-                .ok()?;
+            let r = send_json(&url, &atlas_event("probe")).await.ok()?;
             r.status().is_success().then_some(())
         }
     })
@@ -1777,12 +1777,7 @@ async fn a_partly_bad_atlas_array_delivers_the_good_events_and_keeps_the_bad_one
         "not an event object",
         {"callId": "good-2", "campaignId": "camp-1", "triggerName": "call_completed"}
     ]);
-    let r = reqwest::Client::new()
-        .post(&url)
-        .json(&batch)
-        .send()
-        .await
-        .unwrap();
+    let r = send_json(&url, &batch).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let answer: Value = r.json().await.unwrap();
     assert_eq!(

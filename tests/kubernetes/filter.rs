@@ -4,7 +4,8 @@
 use serde_json::json;
 
 use crate::delivery_e2e::{
-    condition_of, consumer_destination, setup_with, wait_endpoint, wait_false, wait_ready,
+    condition_of, consumer_destination, send_json, setup_with, wait_endpoint, wait_false,
+    wait_ready,
 };
 use crate::fixtures::*;
 
@@ -80,12 +81,7 @@ async fn a_filter_error_is_counted_reported_and_announced() {
         crate::delivery_e2e::ingress_url(&env, "orders").await
     );
     // An Atlas event has no `call` field: the filter fails on it.
-    let r = reqwest::Client::new()
-        .post(&url)
-        .json(&atlas_event("filter-fails"))
-        .send()
-        .await
-        .unwrap();
+    let r = send_json(&url, &atlas_event("filter-fails")).await.unwrap();
     assert_eq!(r.status(), 200);
     let ep = wait_endpoint(
         &env,

@@ -12,7 +12,7 @@ use serde_json::json;
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 
 use crate::delivery_e2e::{
-    atlas_event, consumer_destination, ingress_url, setup_with, wait_endpoint,
+    atlas_event, consumer_destination, ingress_url, send_json, setup_with, wait_endpoint,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -102,12 +102,7 @@ async fn kubectl_webhooks_plugin_tests_replays_rotates_and_shows_status() {
     // replay: a refused event is dead-lettered, then re-queued by the plugin.
     consumer.answer(400);
     let url = format!("{}/atlas", ingress_url(&env, "orders").await);
-    let sent = reqwest::Client::new()
-        .post(&url)
-        .json(&atlas_event("plugin-1"))
-        .send()
-        .await
-        .unwrap();
+    let sent = send_json(&url, &atlas_event("plugin-1")).await.unwrap();
     assert!(sent.status().is_success());
     wait_endpoint(&env, "orders", "one dead letter", |ep| {
         ep.status

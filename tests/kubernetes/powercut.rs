@@ -15,7 +15,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::delivery_e2e::{
-    OperatorProcess, atlas_event, call_ids, consumer_destination, ingress_url, setup_with,
+    OperatorProcess, atlas_event, call_ids, consumer_destination, ingress_url, send_json,
+    setup_with,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -161,12 +162,7 @@ async fn power_cuts_under_load_lose_no_acknowledged_event() {
         wait_until(Duration::from_secs(60), "the ingress answers", || {
             let (url, probe) = (url.clone(), probe.clone());
             async move {
-                let r = reqwest::Client::new()
-                    .post(&url)
-                    .json(&atlas_event(&probe))
-                    .send()
-                    .await
-                    .ok()?;
+                let r = send_json(&url, &atlas_event(&probe)).await.ok()?;
                 r.status().is_success().then_some(())
             }
         })
