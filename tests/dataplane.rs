@@ -2,8 +2,11 @@
 //! events cross the durable queue and reach an axum consumer, signed with Standard Webhooks.
 //! Every server binds 127.0.0.1:0; every wait is bounded.
 
+#[path = "common/process.rs"]
+mod process;
 #[path = "common/sdk.rs"]
 mod sdk;
+use process::output_ok;
 use sdk::sdk_python;
 
 use std::collections::HashSet;
@@ -1333,17 +1336,14 @@ async fn chart_alert_rules_pass_promtool_against_exported_series() {
     );
 
     // The chart's PrometheusRule and dashboard, rendered with the pinned helm.
-    let out = std::process::Command::new(root.join("hack/helm.sh"))
-        .args(["template", "r", "charts/webhook-operator"])
-        .args(["--set", "prometheusRule.enabled=true"])
-        .args(["--set", "grafanaDashboard.enabled=true"])
-        .current_dir(root)
-        .output()
-        .expect("hack/helm.sh runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        std::process::Command::new(root.join("hack/helm.sh"))
+            .args(["template", "r", "charts/webhook-operator"])
+            .args(["--set", "prometheusRule.enabled=true"])
+            .args(["--set", "grafanaDashboard.enabled=true"])
+            .current_dir(root),
+        "hack/helm.sh runs",
+        "",
     );
     let docs: Vec<serde_yaml::Value> =
         serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())

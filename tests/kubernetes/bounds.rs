@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::delivery_e2e::*;
 use crate::ports::free_port;
+use crate::process::output_ok;
 use crate::support::wait_until;
 
 /// An Atlas event whose customer number pads it to about `pad` bytes.
@@ -215,15 +216,12 @@ struct SmallDisk {
 impl SmallDisk {
     fn mount(megabytes: u64) -> SmallDisk {
         let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        output_ok(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+                .arg(dir.path()),
+            "run mount",
+            "mounting a tmpfs failed: ",
         );
         SmallDisk { dir }
     }

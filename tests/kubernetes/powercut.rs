@@ -20,6 +20,7 @@ use crate::delivery_e2e::{
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
+use crate::process::output_ok;
 use crate::support::wait_until;
 
 /// Power cuts, each at a random moment under load.
@@ -29,17 +30,14 @@ const CUTS: usize = 3;
 fn build_lazyfs() -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/powercut/lazyfs");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lazyfs");
-    let built = Command::new("go")
-        .args(["build", "-mod=readonly", "-o"])
-        .arg(&out)
-        .arg(".")
-        .current_dir(&src)
-        .output()
-        .expect("run go build (Go is a prerequisite, see hack/setup.sh)");
-    assert!(
-        built.status.success(),
-        "go build lazyfs: {}",
-        String::from_utf8_lossy(&built.stderr)
+    output_ok(
+        Command::new("go")
+            .args(["build", "-mod=readonly", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(&src),
+        "run go build (Go is a prerequisite, see hack/setup.sh)",
+        "go build lazyfs: ",
     );
     out
 }
