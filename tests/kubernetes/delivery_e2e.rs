@@ -513,17 +513,12 @@ async fn each_provider_event_reaches_the_consumer_once_signed() {
             .is_some()
     );
     for name in ["atlas", "atomic", "smallest", "atllas"] {
-        let api = subs.clone();
-        wait_until(
+        wait_subscription(
+            &subs,
+            name,
             Duration::from_secs(30),
             &format!("{name} counts its event"),
-            || {
-                let api = api.clone();
-                async move {
-                    let s = api.get(name).await.ok()?;
-                    (s.status?.events?.received == 1).then_some(())
-                }
-            },
+            |s| (s.status?.events?.received == 1).then_some(()),
         )
         .await;
     }

@@ -188,21 +188,36 @@ pub async fn wait_condition(
     reason: Option<&str>,
 ) -> WebhookSubscription {
     let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_until(
+    wait_subscription(
+        &api,
+        name,
         Duration::from_secs(75),
         &format!("{name} {type_}={status} {reason:?}"),
-        || {
-            let api = api.clone();
-            async move {
-                let sub = api.get(name).await.ok()?;
-                let st = sub.status.as_ref()?;
-                let ok = st.conditions.iter().any(|c| {
-                    c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r)
-                }) && st.observed_generation == sub.metadata.generation;
-                ok.then_some(sub)
-            }
+        |sub| {
+            let st = sub.status.as_ref()?;
+            let ok = st.conditions.iter().any(|c| {
+                c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r)
+            }) && st.observed_generation == sub.metadata.generation;
+            ok.then_some(sub)
         },
     )
+    .await
+}
+
+/// Waits until `check` returns something for the subscription `name` (read afresh each
+/// time); returns that.
+pub async fn wait_subscription<T>(
+    api: &Api<WebhookSubscription>,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(WebhookSubscription) -> Option<T>,
+) -> T {
+    wait_until(timeout, what, || {
+        let api = api.clone();
+        let check = &check;
+        async move { check(api.get(name).await.ok()?) }
+    })
     .await
 }
 

@@ -198,16 +198,14 @@ async fn each_provider_gets_exactly_one_upstream_subscription_and_is_ready() {
             .unwrap();
     }
     for (name, url) in &urls {
-        let api = subs.clone();
-        wait_until(
+        wait_subscription(
+            &subs,
+            name,
             Duration::from_secs(60),
             &format!("{name}: a pass after the restart"),
-            || {
-                let api = api.clone();
-                async move {
-                    let st = api.get(name).await.ok()?.status?;
-                    (st.last_handled_requested_at.as_deref() == Some("after-restart")).then_some(())
-                }
+            |sub| {
+                let st = sub.status?;
+                (st.last_handled_requested_at.as_deref() == Some("after-restart")).then_some(())
             },
         )
         .await;
