@@ -1373,17 +1373,14 @@ async fn a_test_annotation_sends_one_test_event_through_the_whole_path() {
             .unwrap();
     }
     for name in names {
-        let api = subs.clone();
-        wait_until(
+        wait_subscription(
+            &subs,
+            name,
             Duration::from_secs(60),
             &format!("{name}: second test Delivered"),
-            || {
-                let api = api.clone();
-                async move {
-                    let t = api.get(name).await.ok()?.status?.last_test?;
-                    (t.requested_at == "2026-11-23T09:00:00Z" && t.result == "Delivered")
-                        .then_some(())
-                }
+            |sub| {
+                let t = sub.status?.last_test?;
+                (t.requested_at == "2026-11-23T09:00:00Z" && t.result == "Delivered").then_some(())
             },
         )
         .await;
@@ -1799,16 +1796,8 @@ async fn a_partly_bad_atlas_array_delivers_the_good_events_and_keeps_the_bad_one
         d.is_some_and(|d| d.malformed == 1 && d.dead_lettered == 1 && d.delivered == 2)
     })
     .await;
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_until(Duration::from_secs(30), "a MalformedEvents Event", || {
-        let events = events.clone();
-        async move {
-            let list = events.list(&ListParams::default()).await.ok()?;
-            list.items
-                .iter()
-                .any(|e| e.reason.as_deref() == Some("MalformedEvents"))
-                .then_some(())
-        }
+    wait_event_where(&env, "a MalformedEvents Event", |e| {
+        e.reason.as_deref() == Some("MalformedEvents")
     })
     .await;
     assert_eq!(consumer.received().len(), 2);

@@ -61,12 +61,7 @@ async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
 /// reason, and a Warning Event.
 #[tokio::test]
 async fn a_filter_error_is_counted_reported_and_announced() {
-    use k8s_openapi::api::core::v1::Event;
-    use kube::api::{Api, ListParams};
-    use std::time::Duration;
-
     use crate::delivery_e2e::atlas_event;
-    use crate::support::wait_until;
 
     let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
         "filtererr",
@@ -104,15 +99,8 @@ async fn a_filter_error_is_counted_reported_and_announced() {
         "after a filter error: deadLettered={} filterErrors={} lastError={:?}",
         delivery.dead_lettered, delivery.filter_errors, delivery.last_error
     );
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    let event = wait_until(Duration::from_secs(30), "a FilterFailed Event", || {
-        let events = events.clone();
-        async move {
-            let list = events.list(&ListParams::default()).await.ok()?;
-            list.items
-                .into_iter()
-                .find(|e| e.reason.as_deref() == Some("FilterFailed"))
-        }
+    let event = wait_event_where(&env, "a FilterFailed Event", |e| {
+        e.reason.as_deref() == Some("FilterFailed")
     })
     .await;
     println!("Event: {:?} {:?}", event.type_, event.message);

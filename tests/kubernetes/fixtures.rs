@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 use webhook_sandbox::{self as sandbox, SandboxConfig, SandboxHandle};
@@ -201,6 +201,24 @@ pub async fn wait_condition(
             ok.then_some(sub)
         },
     )
+    .await
+}
+
+/// Waits up to 30 s for a Kubernetes Event in the test namespace that `matches`; returns it.
+pub async fn wait_event_where(
+    env: &TestEnv,
+    what: &str,
+    matches: impl Fn(&Event) -> bool,
+) -> Event {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait_until(Duration::from_secs(30), what, || {
+        let events = events.clone();
+        let matches = &matches;
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items.into_iter().find(|e| matches(e))
+        }
+    })
     .await
 }
 

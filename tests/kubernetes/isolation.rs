@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use webhook_operator::api::WebhookEndpoint;
 
@@ -23,24 +23,10 @@ async fn wait_refused(env: &TestEnv, endpoint: &str, reason: &str) -> String {
 
 /// Waits for a Kubernetes Event with `reason` about `endpoint`.
 async fn wait_event(env: &TestEnv, endpoint: &str, reason: &str) {
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_until(
-        Duration::from_secs(30),
-        &format!("an Event {reason} for {endpoint}"),
-        || {
-            let events = events.clone();
-            async move {
-                let list = events.list(&ListParams::default()).await.ok()?;
-                list.items
-                    .iter()
-                    .any(|e| {
-                        e.reason.as_deref() == Some(reason)
-                            && e.involved_object.name.as_deref() == Some(endpoint)
-                    })
-                    .then_some(())
-            }
-        },
-    )
+    let what = format!("an Event {reason} for {endpoint}");
+    wait_event_where(env, &what, |e| {
+        e.reason.as_deref() == Some(reason) && e.involved_object.name.as_deref() == Some(endpoint)
+    })
     .await;
 }
 

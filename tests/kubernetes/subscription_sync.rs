@@ -448,19 +448,17 @@ async fn provider_outage_is_retried_within_the_backoff_schedule_then_recovers() 
     control(&sandbox, reqwest::Method::DELETE, "atlas/faults", None).await;
     let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
     // The next pass comes at most one backoff step (64 s +20 %) after the last failure.
-    wait_until(
+    wait_subscription(
+        &api,
+        "atlas",
         Duration::from_secs(120),
         "recovery after the outage",
-        || {
-            let api = api.clone();
-            async move {
-                let sub = api.get("atlas").await.ok()?;
-                sub.status?
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-                    .then_some(())
-            }
+        |sub| {
+            sub.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
         },
     )
     .await;
