@@ -5,7 +5,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
+use webhook_operator::api::{WebhookEndpoint, WebhookSubscription, WebhookSubscriptionStatus};
 use webhook_sandbox::{self as sandbox, SandboxConfig, SandboxHandle};
 
 use crate::support::{TestEnv, wait_until};
@@ -80,13 +80,8 @@ pub async fn fire_each_provider(
     env: &TestEnv,
     sandbox: &SandboxHandle,
 ) -> Vec<(&'static str, Value)> {
-    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    let manual = subs
-        .get("atllas")
+    let manual = subscription_status(env, "atllas")
         .await
-        .unwrap()
-        .status
-        .unwrap()
         .manual_setup
         .unwrap();
     let header_value = secret_value(env, &manual.secret_name.unwrap(), "value").await;
@@ -202,6 +197,12 @@ pub async fn wait_condition(
         },
     )
     .await
+}
+
+/// The subscription's status as it is now.
+pub async fn subscription_status(env: &TestEnv, name: &str) -> WebhookSubscriptionStatus {
+    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    subs.get(name).await.unwrap().status.unwrap()
 }
 
 /// Waits up to 30 s for a Kubernetes Event in the test namespace that `matches`; returns it.

@@ -33,14 +33,7 @@ async fn run_sees_both_kinds_and_exits_on_sigterm() {
     subs.create(&PostParams::default(), &sub).await.unwrap();
 
     let data_dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
-        .args([
-            "run",
-            "--ingress-addr",
-            "127.0.0.1:0",
-            "--ops-addr",
-            "127.0.0.1:0",
-        ])
+    let mut child = operator_on_loopback()
         .arg("--namespace")
         .arg(&env.namespace)
         .arg("--data-dir")
@@ -96,14 +89,7 @@ async fn run_sees_both_kinds_and_exits_on_sigterm() {
 fn a_resolve_to_loopback_needs_allow_loopback() {
     let data_dir = tempfile::tempdir().unwrap();
     let run = |extra: &[&str]| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
-            .args([
-                "run",
-                "--ingress-addr",
-                "127.0.0.1:0",
-                "--ops-addr",
-                "127.0.0.1:0",
-            ])
+        let mut child = operator_on_loopback()
             .args(["--resolve", "consumer.apps.svc:8080=127.0.0.1:18080"])
             .args(extra)
             .arg("--data-dir")
@@ -153,4 +139,17 @@ fn wait_exit(child: &mut Child, poll: Duration, late: &str) -> ExitStatus {
         }
         std::thread::sleep(poll);
     }
+}
+
+/// `webhook-operator run` with its ingress and ops servers on loopback port 0.
+fn operator_on_loopback() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_webhook-operator"));
+    cmd.args([
+        "run",
+        "--ingress-addr",
+        "127.0.0.1:0",
+        "--ops-addr",
+        "127.0.0.1:0",
+    ]);
+    cmd
 }

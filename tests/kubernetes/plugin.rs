@@ -233,15 +233,7 @@ async fn kubectl_webhooks_test_fails_as_soon_as_the_destination_refuses() {
     println!("kubectl webhooks test against a 400: {out:?} after {took:?}");
     assert!(!run.status.success(), "{out}");
     assert!(out.contains("Failed") && out.contains("HTTP 400"), "{out}");
-    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    let last = subs
-        .get("atlas")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .last_test
-        .unwrap();
+    let last = subscription_status(&env, "atlas").await.last_test.unwrap();
     assert_eq!(last.result, "Failed");
     assert!(
         last.message
