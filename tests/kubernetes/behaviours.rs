@@ -16,7 +16,7 @@ use webhook_sandbox::SandboxHandle;
 
 use crate::delivery_e2e::{
     Consumer, OperatorProcess, atlas_event, consumer_destination, delivered, ingress_url,
-    post_accepted, send_json, signing_secret, wait_endpoint,
+    post_accepted, post_event, send_json, signing_secret, wait_endpoint,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -366,12 +366,7 @@ async fn sigterm_with_deliveries_in_flight_loses_nothing_and_delivers_nothing_tw
     .await;
     // Anything redelivered after the restart was due at once; an event acknowledged now
     // comes after it, so once it arrives the record is complete.
-    let r = http
-        .post(&url)
-        .json(&atlas_event("term-marker"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_event(&http, &url, "term-marker").await;
     assert!(r.status().is_success());
     wait_until(Duration::from_secs(60), "the marker event", || {
         let got = consumer

@@ -478,12 +478,7 @@ async fn slow_clients_are_cut_off_and_excess_requests_refused() {
         || async { (in_flight(ops).await == 2).then_some(()) },
     )
     .await;
-    let refused = http
-        .post(&url)
-        .json(&atlas_event("c-over"))
-        .send()
-        .await
-        .unwrap();
+    let refused = post_event(&http, &url, "c-over").await;
     assert_eq!(refused.status(), 503, "third request while two are held");
     assert!(refused.headers().contains_key("retry-after"));
     assert!(rejected(ops, "overloaded").await >= 1);

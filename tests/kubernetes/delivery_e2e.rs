@@ -364,6 +364,22 @@ pub(crate) async fn wait_false(
     .await
 }
 
+/// Waits for the endpoint's `status.delivery.deadLettered` to be `n`.
+pub(crate) async fn wait_dead_lettered(
+    env: &TestEnv,
+    endpoint: &str,
+    n: u64,
+    what: &str,
+) -> WebhookEndpoint {
+    wait_endpoint(env, endpoint, what, |ep| {
+        ep.status
+            .as_ref()
+            .and_then(|s| s.delivery.as_ref())
+            .is_some_and(|d| d.dead_lettered == n)
+    })
+    .await
+}
+
 /// The endpoint's condition `type_`; panics when it has none.
 pub(crate) fn condition_of(ep: WebhookEndpoint, type_: &str) -> Condition {
     ep.status
@@ -397,9 +413,14 @@ pub(crate) async fn send_json(url: &str, body: &Value) -> reqwest::Result<reqwes
     reqwest::Client::new().post(url).json(body).send().await
 }
 
+/// Posts the Atlas event `id` to `url` with `http`; returns the answer.
+pub(crate) async fn post_event(http: &reqwest::Client, url: &str, id: &str) -> reqwest::Response {
+    http.post(url).json(&atlas_event(id)).send().await.unwrap()
+}
+
 /// Posts the Atlas event `id` to `url`; the ingress must accept it.
 pub(crate) async fn post_accepted(http: &reqwest::Client, url: &str, id: &str) {
-    let r = http.post(url).json(&atlas_event(id)).send().await.unwrap();
+    let r = post_event(http, url, id).await;
     assert!(r.status().is_success(), "{id}: {}", r.status());
 }
 
@@ -679,12 +700,8 @@ async fn failing_consumer_is_retried_health_degrades_then_recovers() {
     consumer.answer(500);
     let http = reqwest::Client::new();
     for i in 0..3 {
-        let status = http
-            .post(&url)
-            .json(&atlas_event(&format!("retry-{i}")))
-            .send()
+        let status = post_event(&http, &url, &format!("retry-{i}"))
             .await
-            .unwrap()
             .status();
         assert!(status.is_success());
     }
@@ -753,22 +770,13 @@ async fn exhausted_events_are_dead_lettered_and_replayed() {
     let http = reqwest::Client::new();
     for i in 0..2 {
         assert!(
-            http.post(&url)
-                .json(&atlas_event(&format!("dlq-{i}")))
-                .send()
+            post_event(&http, &url, &format!("dlq-{i}"))
                 .await
-                .unwrap()
                 .status()
                 .is_success()
         );
     }
-    wait_endpoint(&env, "orders", "two dead letters", |ep| {
-        ep.status
-            .as_ref()
-            .and_then(|s| s.delivery.as_ref())
-            .is_some_and(|d| d.dead_lettered == 2)
-    })
-    .await;
+    wait_dead_lettered(&env, "orders", 2, "two dead letters").await;
     consumer.answer(200);
     // `webhook-operator replay` sets the annotation and waits for the operator's echo.
     let out = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
@@ -1001,12 +1009,7 @@ async fn rotating_the_signing_secret_signs_with_both_during_the_overlap() {
             let http = reqwest::Client::new();
             while !stop.load(Ordering::SeqCst) {
                 let n = sent.load(Ordering::SeqCst);
-                let r = http
-                    .post(&url)
-                    .json(&atlas_event(&format!("rot-{n}")))
-                    .send()
-                    .await
-                    .unwrap();
+                let r = post_event(&http, &url, &format!("rot-{n}")).await;
                 assert!(r.status().is_success());
                 sent.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1161,15 +1164,7 @@ async fn a_replay_window_redelivers_exactly_the_events_in_it() {
         let (http, url) = (http.clone(), url.clone());
         async move {
             for id in ids {
-                assert!(
-                    http.post(&url)
-                        .json(&atlas_event(id))
-                        .send()
-                        .await
-                        .unwrap()
-                        .status()
-                        .is_success()
-                );
+                assert!(post_event(&http, &url, id).await.status().is_success());
             }
         }
     };

@@ -12,7 +12,7 @@ use serde_json::json;
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 
 use crate::delivery_e2e::{
-    atlas_event, consumer_destination, ingress_url, send_json, setup_with, wait_endpoint,
+    atlas_event, consumer_destination, ingress_url, send_json, setup_with, wait_dead_lettered,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -104,13 +104,7 @@ async fn kubectl_webhooks_plugin_tests_replays_rotates_and_shows_status() {
     let url = format!("{}/atlas", ingress_url(&env, "orders").await);
     let sent = send_json(&url, &atlas_event("plugin-1")).await.unwrap();
     assert!(sent.status().is_success());
-    wait_endpoint(&env, "orders", "one dead letter", |ep| {
-        ep.status
-            .as_ref()
-            .and_then(|s| s.delivery.as_ref())
-            .is_some_and(|d| d.dead_lettered == 1)
-    })
-    .await;
+    wait_dead_lettered(&env, "orders", 1, "one dead letter").await;
     consumer.answer(200);
     let attempts = |c: &crate::delivery_e2e::Consumer| {
         c.received()
