@@ -7,7 +7,7 @@ mod process;
 #[path = "common/sdk.rs"]
 mod sdk;
 use process::output_ok;
-use sdk::sdk_python;
+use sdk::{conformance_script, sdk_python_present};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -1130,18 +1130,10 @@ async fn signature_failures_are_counted_per_subscription() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudevents_format_is_read_back_by_the_cloudevents_sdk() {
     use tokio::io::AsyncBufReadExt;
-    let python = sdk_python();
-    assert!(
-        python.exists(),
-        "{} is missing: run hack/setup.sh (it installs the pinned cloudevents SDK)",
-        python.display()
-    );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/conformance/cloudevents_consumer.py"
-    );
+    let python = sdk_python_present(" (it installs the pinned cloudevents SDK)");
+    let script = conformance_script("cloudevents_consumer.py");
     let mut child = tokio::process::Command::new(&python)
-        .args([script, "1"])
+        .args([script.as_str(), "1"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -3,7 +3,7 @@
 
 #[path = "common/sdk.rs"]
 mod sdk;
-use sdk::sdk_python;
+use sdk::{conformance_script, sdk_python_present};
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -1357,19 +1357,11 @@ async fn atlas_event_without_trigger_is_known_by_the_url_it_arrived_on() {
 #[tokio::test]
 async fn smallest_official_sdk_conforms() {
     let s = sim().await;
-    let python = sdk_python();
-    assert!(
-        python.exists(),
-        "{} is missing: run hack/setup.sh (it installs the pinned smallestai SDK)",
-        python.display()
-    );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/conformance/smallest_sdk.py"
-    );
+    let python = sdk_python_present(" (it installs the pinned smallestai SDK)");
+    let script = conformance_script("smallest_sdk.py");
     let base = s.url("/smallest/atoms/v1");
     let run = tokio::process::Command::new(&python)
-        .args([script, &base, SMALLEST_KEY])
+        .args([script.as_str(), &base, SMALLEST_KEY])
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(60), run)

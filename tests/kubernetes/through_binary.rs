@@ -140,18 +140,10 @@ async fn bounds_and_the_rate_limit_answer_through_the_binary() {
 #[tokio::test]
 async fn a_cel_filter_cloudevents_and_traceparent_through_the_binary() {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let python = crate::sdk::sdk_python();
-    assert!(
-        python.exists(),
-        "{} is missing: run hack/setup.sh",
-        python.display()
-    );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/conformance/cloudevents_consumer.py"
-    );
+    let python = crate::sdk::sdk_python_present("");
+    let script = crate::sdk::conformance_script("cloudevents_consumer.py");
     let mut sdk_consumer = tokio::process::Command::new(&python)
-        .args([script, "2"])
+        .args([script.as_str(), "2"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -231,10 +223,7 @@ async fn otlp_export_through_the_binary_is_read_by_opentelemetry_proto() {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const PARENT: &str = "00f067aa0ba902b7";
     let python = crate::sdk::sdk_python();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/conformance/otlp_collector.py"
-    );
+    let script = crate::sdk::conformance_script("otlp_collector.py");
     let mut collector = tokio::process::Command::new(&python)
         .arg(script)
         .stdout(std::process::Stdio::piped())
