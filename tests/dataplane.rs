@@ -6,7 +6,7 @@
 mod process;
 #[path = "common/sdk.rs"]
 mod sdk;
-use process::output_ok;
+use process::{output_ok, spawn_piped};
 use sdk::{conformance_script, sdk_python_present};
 
 use std::collections::HashSet;
@@ -1132,12 +1132,7 @@ async fn cloudevents_format_is_read_back_by_the_cloudevents_sdk() {
     use tokio::io::AsyncBufReadExt;
     let python = sdk_python_present(" (it installs the pinned cloudevents SDK)");
     let script = conformance_script("cloudevents_consumer.py");
-    let mut child = tokio::process::Command::new(&python)
-        .args([script.as_str(), "1"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
+    let mut child = spawn_piped(&python, &[script.as_str(), "1"]);
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let next_line = async |lines: &mut tokio::io::Lines<_>| {
         tokio::time::timeout(Duration::from_secs(20), lines.next_line())

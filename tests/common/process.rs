@@ -13,3 +13,13 @@ pub fn output_ok(cmd: &mut Command, spawn: &str, failed: &str) -> Output {
     );
     out
 }
+
+/// Starts `program` with `args`, its stdout piped, killed when dropped.
+pub fn spawn_piped(program: &std::path::Path, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs")
+}

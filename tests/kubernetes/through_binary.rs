@@ -142,12 +142,7 @@ async fn a_cel_filter_cloudevents_and_traceparent_through_the_binary() {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     let python = crate::sdk::sdk_python_present("");
     let script = crate::sdk::conformance_script("cloudevents_consumer.py");
-    let mut sdk_consumer = tokio::process::Command::new(&python)
-        .args([script.as_str(), "2"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
+    let mut sdk_consumer = crate::process::spawn_piped(&python, &[script.as_str(), "2"]);
     let mut lines = tokio::io::BufReader::new(sdk_consumer.stdout.take().unwrap()).lines();
     let first = next_line(&mut lines, 30)
         .await
@@ -224,12 +219,7 @@ async fn otlp_export_through_the_binary_is_read_by_opentelemetry_proto() {
     const PARENT: &str = "00f067aa0ba902b7";
     let python = crate::sdk::sdk_python();
     let script = crate::sdk::conformance_script("otlp_collector.py");
-    let mut collector = tokio::process::Command::new(&python)
-        .arg(script)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
+    let mut collector = crate::process::spawn_piped(&python, &[script.as_str()]);
     let mut lines = tokio::io::BufReader::new(collector.stdout.take().unwrap()).lines();
     let first = next_line(&mut lines, 30)
         .await
