@@ -120,32 +120,28 @@ async fn no_secret_reaches_the_operator_log_for_any_provider() {
     let env = test_env("logsecret").await;
     let tag = format!("{:08x}", rand::random::<u32>());
     credentials(&env).await;
-    create_secret(
-        &env,
-        "consumer-auth",
-        json!({"token": format!("consumer-header-{tag}")}),
-    )
-    .await;
-    create_secret(
-        &env,
-        "atlas-wrong",
-        json!({"apiKey": format!("wrong-atlas-key-{tag}")}),
-    )
-    .await;
-    create_secret(
-        &env,
-        "atomic-wrong",
-        // Another client id: the operator caches Atomic tokens by organisation and client
-        // id, so a wrong secret next to a good one with the same id is never sent.
-        json!({"clientId": "atomic-other", "clientSecret": format!("wrong-atomic-secret-{tag}")}),
-    )
-    .await;
-    create_secret(
-        &env,
-        "smallest-wrong",
-        json!({"apiKey": format!("wrong-smallest-key-{tag}")}),
-    )
-    .await;
+    for (name, data) in [
+        (
+            "consumer-auth",
+            json!({"token": format!("consumer-header-{tag}")}),
+        ),
+        (
+            "atlas-wrong",
+            json!({"apiKey": format!("wrong-atlas-key-{tag}")}),
+        ),
+        (
+            "atomic-wrong",
+            // Another client id: the operator caches Atomic tokens by organisation and client
+            // id, so a wrong secret next to a good one with the same id is never sent.
+            json!({"clientId": "atomic-other", "clientSecret": format!("wrong-atomic-secret-{tag}")}),
+        ),
+        (
+            "smallest-wrong",
+            json!({"apiKey": format!("wrong-smallest-key-{tag}")}),
+        ),
+    ] {
+        create_secret(&env, name, data).await;
+    }
     let endpoint = json!({"destination": consumer_destination(),
         "headers": [{"name": "X-Consumer-Key", "secretKeyRef": {"name": "consumer-auth", "key": "token"}}]});
     // The most talkative level a user might set, for every crate in the process.

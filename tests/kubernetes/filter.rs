@@ -1,7 +1,7 @@
 //! `spec.filter` against the real API server with the operator running: an expression
 //! that does not compile is reported on the endpoint, with the compiler's message.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::delivery_e2e::{
     condition_of, consumer_destination, send_json, setup_with, wait_endpoint, wait_false,
@@ -9,14 +9,15 @@ use crate::delivery_e2e::{
 };
 use crate::fixtures::*;
 
+/// Endpoint `orders` to the consumer, passing only events whose `call.lead_warmth` is `hot`.
+fn hot_calls_only() -> Value {
+    json!({"destination": consumer_destination(), "filter": "payload.call.lead_warmth == 'hot'"})
+}
+
 #[tokio::test]
 async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
-    let (env, _sandbox, _consumer, _operator, _dir, _) = setup_with(
-        "filter",
-        json!({"destination": consumer_destination(), "filter": "payload.call.lead_warmth == 'hot'"}),
-        &[],
-    )
-    .await;
+    let (env, _sandbox, _consumer, _operator, _dir, _) =
+        setup_with("filter", hot_calls_only(), &[]).await;
     // A valid filter: Ready.
     wait_ready(&env, "orders", "Ready with a valid filter").await;
 
@@ -63,12 +64,8 @@ async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
 async fn a_filter_error_is_counted_reported_and_announced() {
     use crate::delivery_e2e::atlas_event;
 
-    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
-        "filtererr",
-        json!({"destination": consumer_destination(), "filter": "payload.call.lead_warmth == 'hot'"}),
-        &[],
-    )
-    .await;
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup_with("filtererr", hot_calls_only(), &[]).await;
     apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
     wait_condition(&env, "atlas", "Ready", "True", None).await;
     let url = format!(
