@@ -426,9 +426,8 @@ async fn trickle(mut s: tokio::net::TcpStream, byte: u8, limit: Duration) -> (St
 async fn slow_clients_are_cut_off_and_excess_requests_refused() {
     let ops = free_port();
     let ops_flag = format!("127.0.0.1:{ops}");
-    let (env, _sandbox, consumer, _operator, _dir, port) = setup_with(
+    let (env, _sandbox, consumer, _operator, _dir, port) = setup_to_consumer(
         "slowclient",
-        json!({"destination": consumer_destination()}),
         &[
             "--ops-addr",
             &ops_flag,
@@ -708,12 +707,8 @@ async fn queue_depth(ops_port: u16) -> Option<QueueDepth> {
 async fn deleting_an_endpoint_deletes_its_queued_events() {
     let ops = free_port();
     let ops_flag = format!("127.0.0.1:{ops}");
-    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
-        "purge",
-        json!({"destination": consumer_destination()}),
-        &["--ops-addr", &ops_flag],
-    )
-    .await;
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup_to_consumer("purge", &["--ops-addr", &ops_flag]).await;
     let url = atlas_ready_url(&env).await;
     consumer.answer(503);
     for n in 0..3 {

@@ -432,33 +432,33 @@ pub(crate) async fn atlas_ready_url(env: &TestEnv) -> String {
     format!("{}/atlas", ingress_url(env, "orders").await)
 }
 
-/// Sandbox, consumer, credentials, endpoint `orders` and a running operator.
-async fn setup(
-    prefix: &str,
-    endpoint_spec: Value,
-) -> (
+/// What `setup` returns: the namespace, the simulator, the consumer, the operator, its data
+/// directory and its ingress port.
+pub(crate) type Setup = (
     TestEnv,
     SandboxHandle,
     Consumer,
     OperatorProcess,
     tempfile::TempDir,
     u16,
-) {
+);
+
+/// Sandbox, consumer, credentials, endpoint `orders` and a running operator.
+async fn setup(prefix: &str, endpoint_spec: Value) -> Setup {
     setup_with(prefix, endpoint_spec, &[]).await
 }
 
-pub(crate) async fn setup_with(
-    prefix: &str,
-    endpoint_spec: Value,
-    extra: &[&str],
-) -> (
-    TestEnv,
-    SandboxHandle,
-    Consumer,
-    OperatorProcess,
-    tempfile::TempDir,
-    u16,
-) {
+/// `setup_with` an endpoint `orders` that delivers to the consumer as it is.
+pub(crate) async fn setup_to_consumer(prefix: &str, extra: &[&str]) -> Setup {
+    setup_with(
+        prefix,
+        json!({"destination": consumer_destination()}),
+        extra,
+    )
+    .await
+}
+
+pub(crate) async fn setup_with(prefix: &str, endpoint_spec: Value, extra: &[&str]) -> Setup {
     let env = test_env(prefix).await;
     let sandbox = sandbox().await;
     let consumer = Consumer::start().await;

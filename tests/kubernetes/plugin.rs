@@ -8,11 +8,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
-use serde_json::json;
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 
 use crate::delivery_e2e::{
-    atlas_event, consumer_destination, ingress_url, send_json, setup_with, wait_dead_lettered,
+    atlas_event, ingress_url, send_json, setup_to_consumer, wait_dead_lettered,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -56,12 +55,8 @@ async fn signing_secret(env: &TestEnv) -> Vec<u8> {
 #[tokio::test]
 async fn kubectl_webhooks_plugin_tests_replays_rotates_and_shows_status() {
     let ops = format!("127.0.0.1:{}", free_port());
-    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
-        "plugin",
-        json!({"destination": consumer_destination()}),
-        &["--ops-addr", &ops],
-    )
-    .await;
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup_to_consumer("plugin", &["--ops-addr", &ops]).await;
     apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
     wait_condition(&env, "atlas", "Ready", "True", None).await;
     // The reconciler exports the Synced condition for the chart's alert.
@@ -199,12 +194,7 @@ async fn kubectl_webhooks_plugin_tests_replays_rotates_and_shows_status() {
 /// (not after its 60 s wait with a timeout).
 #[tokio::test]
 async fn kubectl_webhooks_test_fails_as_soon_as_the_destination_refuses() {
-    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
-        "plugintest",
-        json!({"destination": consumer_destination()}),
-        &[],
-    )
-    .await;
+    let (env, _sandbox, consumer, _operator, _dir, _) = setup_to_consumer("plugintest", &[]).await;
     apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
     wait_condition(&env, "atlas", "Ready", "True", None).await;
     let plugin_dir = tempfile::tempdir().unwrap();

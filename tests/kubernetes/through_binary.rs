@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
 use crate::delivery_e2e::{
-    OperatorProcess, atlas_event, atlas_ready_url, consumer_destination, ingress_url, setup_with,
+    OperatorProcess, atlas_event, atlas_ready_url, consumer_destination, ingress_url,
+    setup_to_consumer, setup_with,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -226,12 +227,8 @@ async fn otlp_export_through_the_binary_is_read_by_opentelemetry_proto() {
         .expect("the collector starts (hack/setup.sh installs opentelemetry-proto)");
     let port: u16 = first.strip_prefix("listening ").unwrap().parse().unwrap();
     let otlp = format!("http://127.0.0.1:{port}");
-    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
-        "binotlp",
-        json!({"destination": consumer_destination()}),
-        &["--otlp-endpoint", &otlp],
-    )
-    .await;
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup_to_consumer("binotlp", &["--otlp-endpoint", &otlp]).await;
     let url = atlas_ready_url(&env).await;
     let incoming = format!("00-{TRACE}-{PARENT}-01");
     let sent = send(&url, &atlas_event("traced"), &[("traceparent", &incoming)]).await;
