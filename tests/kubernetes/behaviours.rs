@@ -33,6 +33,14 @@ pub(super) struct Run {
 }
 
 impl Run {
+    /// Starts the operator, logging at info, in a fresh namespace holding the providers'
+    /// credentials and no endpoint.
+    async fn with_credentials(prefix: &str) -> Run {
+        let env = test_env(prefix).await;
+        credentials(&env).await;
+        Run::start(env, None, "webhook_operator=info").await
+    }
+
     /// Starts the operator in `env` (whose Secrets the caller has created), after applying
     /// endpoint `orders` with `endpoint_spec` when given; waits until it is Ready.
     pub(super) async fn start(env: TestEnv, endpoint_spec: Option<Value>, rust_log: &str) -> Run {
@@ -399,9 +407,7 @@ async fn upstream_all(sandbox: &SandboxHandle, provider: &str) -> Value {
 
 #[tokio::test]
 async fn observe_only_never_writes_upstream_and_reports_what_exists() {
-    let env = test_env("observe").await;
-    credentials(&env).await;
-    let run = Run::start(env, None, "webhook_operator=info").await;
+    let run = Run::with_credentials("observe").await;
     let env = &run.env;
     let receiver = "https://receiver.example.com/calls";
     let spec = |policy: &str, url: &str| {
@@ -472,9 +478,7 @@ async fn observe_only_never_writes_upstream_and_reports_what_exists() {
 
 #[tokio::test]
 async fn a_subscription_to_an_external_url_is_registered_and_removed() {
-    let env = test_env("exturl").await;
-    credentials(&env).await;
-    let run = Run::start(env, None, "webhook_operator=info").await;
+    let run = Run::with_credentials("exturl").await;
     let env = &run.env;
     let mut names = Vec::new();
     for (name, mut spec) in specs() {
