@@ -2,9 +2,12 @@
 //! events cross the durable queue and reach an axum consumer, signed with Standard Webhooks.
 //! Every server binds 127.0.0.1:0; every wait is bounded.
 
+#[path = "common/process.rs"]
+mod process;
 #[path = "common/sdk.rs"]
 mod sdk;
-use sdk::sdk_python;
+use process::{output_ok, spawn_piped};
+use sdk::{conformance_script, sdk_python_present};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -1127,22 +1130,9 @@ async fn signature_failures_are_counted_per_subscription() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudevents_format_is_read_back_by_the_cloudevents_sdk() {
     use tokio::io::AsyncBufReadExt;
-    let python = sdk_python();
-    assert!(
-        python.exists(),
-        "{} is missing: run hack/setup.sh (it installs the pinned cloudevents SDK)",
-        python.display()
-    );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/conformance/cloudevents_consumer.py"
-    );
-    let mut child = tokio::process::Command::new(&python)
-        .args([script, "1"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
+    let python = sdk_python_present(" (it installs the pinned cloudevents SDK)");
+    let script = conformance_script("cloudevents_consumer.py");
+    let mut child = spawn_piped(&python, &[script.as_str(), "1"]);
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let next_line = async |lines: &mut tokio::io::Lines<_>| {
         tokio::time::timeout(Duration::from_secs(20), lines.next_line())
@@ -1333,17 +1323,14 @@ async fn chart_alert_rules_pass_promtool_against_exported_series() {
     );
 
     // The chart's PrometheusRule and dashboard, rendered with the pinned helm.
-    let out = std::process::Command::new(root.join("hack/helm.sh"))
-        .args(["template", "r", "charts/webhook-operator"])
-        .args(["--set", "prometheusRule.enabled=true"])
-        .args(["--set", "grafanaDashboard.enabled=true"])
-        .current_dir(root)
-        .output()
-        .expect("hack/helm.sh runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        std::process::Command::new(root.join("hack/helm.sh"))
+            .args(["template", "r", "charts/webhook-operator"])
+            .args(["--set", "prometheusRule.enabled=true"])
+            .args(["--set", "grafanaDashboard.enabled=true"])
+            .current_dir(root),
+        "hack/helm.sh runs",
+        "",
     );
     let docs: Vec<serde_yaml::Value> =
         serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())

@@ -3,7 +3,7 @@
 
 #[path = "common/sdk.rs"]
 mod sdk;
-use sdk::sdk_python;
+use sdk::{conformance_script, sdk_python_present};
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -574,32 +574,8 @@ async fn atomic_adopts_identical_webhook() {
             &["card-completed"],
             AtomicMethod::Post,
         );
-        let tok: Value = s
-            .http
-            .post(s.url("/atomic/org1/auth/token"))
-            .basic_auth(ATOMIC_ID, Some(ATOMIC_SECRET))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body("grant_type=client_credentials")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let r = s
-            .http
-            .post(s.url("/atomic/org1/v1/envA/webhook"))
-            .bearer_auth(tok["access_token"].as_str().unwrap())
-            .header("user-agent", "test")
-            .json(&json!({"types": ["card-completed"], "url": d.hook_url}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 201);
-        let id = r.json::<Value>().await.unwrap()["data"]["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let id =
+            atomic_raw_create(&s, json!({"types": ["card-completed"], "url": d.hook_url})).await;
         let o = s
             .clients
             .get(Provider::Atomic)
@@ -1113,8 +1089,8 @@ async fn atllas_is_manual_and_deliveries_verify() {
 
 // ------------------------------------------- fail-safe assumptions (issue 16)
 
-/// Creates an Atomic webhook straight through the simulator's API (someone else's).
-async fn atomic_raw_create(s: &Sim, body: Value) -> String {
+/// An Atomic access token from the simulator's token endpoint (client credentials).
+async fn atomic_token(s: &Sim) -> String {
     let tok: Value = s
         .http
         .post(s.url("/atomic/org1/auth/token"))
@@ -1127,10 +1103,15 @@ async fn atomic_raw_create(s: &Sim, body: Value) -> String {
         .json()
         .await
         .unwrap();
+    tok["access_token"].as_str().unwrap().to_string()
+}
+
+/// Creates an Atomic webhook straight through the simulator's API (someone else's).
+async fn atomic_raw_create(s: &Sim, body: Value) -> String {
     let r = s
         .http
         .post(s.url("/atomic/org1/v1/envA/webhook"))
-        .bearer_auth(tok["access_token"].as_str().unwrap())
+        .bearer_auth(atomic_token(s).await)
         .header("user-agent", "test")
         .json(&body)
         .send()
@@ -1376,19 +1357,11 @@ async fn atlas_event_without_trigger_is_known_by_the_url_it_arrived_on() {
 #[tokio::test]
 async fn smallest_official_sdk_conforms() {
     let s = sim().await;
-    let python = sdk_python();
-    assert!(
-        python.exists(),
-        "{} is missing: run hack/setup.sh (it installs the pinned smallestai SDK)",
-        python.display()
-    );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/conformance/smallest_sdk.py"
-    );
+    let python = sdk_python_present(" (it installs the pinned smallestai SDK)");
+    let script = conformance_script("smallest_sdk.py");
     let base = s.url("/smallest/atoms/v1");
     let run = tokio::process::Command::new(&python)
-        .args([script, &base, SMALLEST_KEY])
+        .args([script.as_str(), &base, SMALLEST_KEY])
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(60), run)

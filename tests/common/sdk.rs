@@ -13,3 +13,20 @@ pub fn sdk_python() -> std::path::PathBuf {
         });
     cache.join("webhook-operator/sdk-venv/bin/python")
 }
+
+/// The venv's python, asserted present; `installs` says what `hack/setup.sh` puts there for
+/// the caller (" (it installs ...)"), or is empty.
+pub fn sdk_python_present(installs: &str) -> std::path::PathBuf {
+    let python = sdk_python();
+    assert!(
+        python.exists(),
+        "{} is missing: run hack/setup.sh{installs}",
+        python.display()
+    );
+    python
+}
+
+/// The path of `tests/conformance/<name>`.
+pub fn conformance_script(name: &str) -> String {
+    format!("{}/tests/conformance/{name}", env!("CARGO_MANIFEST_DIR"))
+}

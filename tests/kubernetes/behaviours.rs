@@ -16,7 +16,7 @@ use webhook_sandbox::SandboxHandle;
 
 use crate::delivery_e2e::{
     Consumer, OperatorProcess, atlas_event, consumer_destination, delivered, ingress_url,
-    signing_secret, wait_endpoint,
+    post_accepted, post_event, send_json, signing_secret, wait_endpoint,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -33,6 +33,14 @@ pub(super) struct Run {
 }
 
 impl Run {
+    /// Starts the operator, logging at info, in a fresh namespace holding the providers'
+    /// credentials and no endpoint.
+    async fn with_credentials(prefix: &str) -> Run {
+        let env = test_env(prefix).await;
+        credentials(&env).await;
+        Run::start(env, None, "webhook_operator=info").await
+    }
+
     /// Starts the operator in `env` (whose Secrets the caller has created), after applying
     /// endpoint `orders` with `endpoint_spec` when given; waits until it is Ready.
     pub(super) async fn start(env: TestEnv, endpoint_spec: Option<Value>, rust_log: &str) -> Run {
@@ -103,54 +111,12 @@ pub(super) async fn sigterm(operator: &mut OperatorProcess, within: Duration) ->
 /// Fires one event from each provider's simulator at the subscriptions set up by
 /// `specs()` plus the Atllas one; each must be accepted by the ingress.
 async fn fire_one_per_provider(run: &Run) {
-    let subs: Api<WebhookSubscription> =
-        Api::namespaced(run.env.client.clone(), &run.env.namespace);
-    let manual = subs
-        .get("atllas")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .manual_setup
-        .unwrap();
-    let header_value = secret_value(&run.env, &manual.secret_name.unwrap(), "value").await;
-    let fired = [
-        (
-            "atlas",
-            json!({"event": "call_completed", "campaignId": "camp-1"}),
-        ),
-        (
-            "atomic",
-            json!({"event": "card-published", "organizationId": "org1", "environmentId": "env1"}),
-        ),
-        (
-            "smallest",
-            json!({"event": "post-conversation", "agentId": "65f0c0ffee00000000000001"}),
-        ),
-        (
-            "atllas",
-            json!({"url": manual.hook_url.unwrap(), "event": "call.finished", "headerName": manual.header_name.unwrap(), "headerValue": header_value}),
-        ),
-    ];
-    for (provider, body) in fired {
-        let result = control(
-            &run.sandbox,
-            reqwest::Method::POST,
-            &format!("{provider}/fire"),
-            Some(body),
-        )
-        .await;
+    for (provider, result) in fire_each_provider(&run.env, &run.sandbox).await {
         assert_eq!(
             result["deliveries"][0]["status"], 200,
             "{provider}: the ingress accepted the delivery: {result}"
         );
     }
-}
-
-async fn secret_value(env: &TestEnv, name: &str, key: &str) -> String {
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let s = secrets.get(name).await.unwrap();
-    String::from_utf8(s.data.unwrap()[key].0.clone()).unwrap()
 }
 
 fn header<'a>(r: &'a crate::delivery_e2e::Received, name: &str) -> Option<&'a str> {
@@ -162,32 +128,28 @@ async fn no_secret_reaches_the_operator_log_for_any_provider() {
     let env = test_env("logsecret").await;
     let tag = format!("{:08x}", rand::random::<u32>());
     credentials(&env).await;
-    create_secret(
-        &env,
-        "consumer-auth",
-        json!({"token": format!("consumer-header-{tag}")}),
-    )
-    .await;
-    create_secret(
-        &env,
-        "atlas-wrong",
-        json!({"apiKey": format!("wrong-atlas-key-{tag}")}),
-    )
-    .await;
-    create_secret(
-        &env,
-        "atomic-wrong",
-        // Another client id: the operator caches Atomic tokens by organisation and client
-        // id, so a wrong secret next to a good one with the same id is never sent.
-        json!({"clientId": "atomic-other", "clientSecret": format!("wrong-atomic-secret-{tag}")}),
-    )
-    .await;
-    create_secret(
-        &env,
-        "smallest-wrong",
-        json!({"apiKey": format!("wrong-smallest-key-{tag}")}),
-    )
-    .await;
+    for (name, data) in [
+        (
+            "consumer-auth",
+            json!({"token": format!("consumer-header-{tag}")}),
+        ),
+        (
+            "atlas-wrong",
+            json!({"apiKey": format!("wrong-atlas-key-{tag}")}),
+        ),
+        (
+            "atomic-wrong",
+            // Another client id: the operator caches Atomic tokens by organisation and client
+            // id, so a wrong secret next to a good one with the same id is never sent.
+            json!({"clientId": "atomic-other", "clientSecret": format!("wrong-atomic-secret-{tag}")}),
+        ),
+        (
+            "smallest-wrong",
+            json!({"apiKey": format!("wrong-smallest-key-{tag}")}),
+        ),
+    ] {
+        create_secret(&env, name, data).await;
+    }
     let endpoint = json!({"destination": consumer_destination(),
         "headers": [{"name": "X-Consumer-Key", "secretKeyRef": {"name": "consumer-auth", "key": "token"}}]});
     // The most talkative level a user might set, for every crate in the process.
@@ -315,12 +277,7 @@ async fn endpoint_headers_from_a_secret_reach_the_consumer() {
     apply_subscription(env, "atlas", specs()[0].1.clone()).await;
     wait_condition(env, "atlas", "Ready", "True", None).await;
     let url = format!("{}/atlas", ingress_url(env, "orders").await);
-    let r = reqwest::Client::new()
-        .post(&url)
-        .json(&atlas_event("with-header"))
-        .send()
-        .await
-        .unwrap();
+    let r = send_json(&url, &atlas_event("with-header")).await.unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     let received = wait_until(Duration::from_secs(60), "the delivery", || {
         let got = run.consumer.received();
@@ -373,13 +330,7 @@ async fn sigterm_with_deliveries_in_flight_loses_nothing_and_delivers_nothing_tw
     let mut accepted = BTreeSet::new();
     for n in 0..EVENTS {
         let id = format!("term-{n}");
-        let r = http
-            .post(&url)
-            .json(&atlas_event(&id))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{id}: {}", r.status());
+        post_accepted(&http, &url, &id).await;
         accepted.insert(id);
     }
     let consumer = run.consumer.clone();
@@ -419,12 +370,7 @@ async fn sigterm_with_deliveries_in_flight_loses_nothing_and_delivers_nothing_tw
     .await;
     // Anything redelivered after the restart was due at once; an event acknowledged now
     // comes after it, so once it arrives the record is complete.
-    let r = http
-        .post(&url)
-        .json(&atlas_event("term-marker"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_event(&http, &url, "term-marker").await;
     assert!(r.status().is_success());
     wait_until(Duration::from_secs(60), "the marker event", || {
         let got = consumer
@@ -461,9 +407,7 @@ async fn upstream_all(sandbox: &SandboxHandle, provider: &str) -> Value {
 
 #[tokio::test]
 async fn observe_only_never_writes_upstream_and_reports_what_exists() {
-    let env = test_env("observe").await;
-    credentials(&env).await;
-    let run = Run::start(env, None, "webhook_operator=info").await;
+    let run = Run::with_credentials("observe").await;
     let env = &run.env;
     let receiver = "https://receiver.example.com/calls";
     let spec = |policy: &str, url: &str| {
@@ -534,9 +478,7 @@ async fn observe_only_never_writes_upstream_and_reports_what_exists() {
 
 #[tokio::test]
 async fn a_subscription_to_an_external_url_is_registered_and_removed() {
-    let env = test_env("exturl").await;
-    credentials(&env).await;
-    let run = Run::start(env, None, "webhook_operator=info").await;
+    let run = Run::with_credentials("exturl").await;
     let env = &run.env;
     let mut names = Vec::new();
     for (name, mut spec) in specs() {

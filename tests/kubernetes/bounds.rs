@@ -12,8 +12,8 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::delivery_e2e::*;
-use crate::fixtures::*;
 use crate::ports::free_port;
+use crate::process::output_ok;
 use crate::support::wait_until;
 
 /// An Atlas event whose customer number pads it to about `pad` bytes.
@@ -23,12 +23,7 @@ fn padded_event(call_id: &str, pad: usize) -> serde_json::Value {
 }
 
 async fn post(url: &str, body: &serde_json::Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .expect("the ingress answers")
+    send_json(url, body).await.expect("the ingress answers")
 }
 
 /// The status of a POST, or 0 when nothing listens (yet).
@@ -109,14 +104,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-fn call_ids(consumer: &Consumer) -> BTreeSet<String> {
-    consumer
-        .received()
-        .iter()
-        .filter_map(|r| r.body["callId"].as_str().map(String::from))
-        .collect()
-}
-
 async fn wait_delivered(consumer: &Consumer, accepted: &BTreeSet<String>) {
     // The consumer refused for a while: its circuit breaker may be open for a cooldown
     // (30 s) before the first probe succeeds.
@@ -140,9 +127,7 @@ async fn a_backlogged_endpoint_answers_503_says_so_and_drains_without_loss() {
         "delivery": {"retry": {"initialDelay": "100ms", "maxDelay": "200ms"}}});
     let (env, _sandbox, consumer, operator, data_dir, _) =
         setup_with("backlog", spec, &["--ops-addr", &ops_flag]).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
 
     // The consumer refuses, so every accepted event keeps waiting.
     consumer.answer(503);
@@ -193,18 +178,15 @@ async fn a_backlogged_endpoint_answers_503_says_so_and_drains_without_loss() {
         "the operator's RSS grew from {rss_before} to {rss_after} KiB under a refused flood"
     );
 
-    let ep = wait_endpoint(&env, "orders", "Healthy=False Backlogged", |ep| {
-        condition(ep, "Healthy").is_some_and(|(s, r)| s == "False" && r == "Backlogged")
-    })
+    let ep = wait_false(
+        &env,
+        "orders",
+        "Healthy=False Backlogged",
+        "Healthy",
+        "Backlogged",
+    )
     .await;
-    let message = ep
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Healthy")
-        .unwrap()
-        .message;
+    let message = condition_of(ep, "Healthy").message;
     assert!(
         message.contains("5 events waiting for this endpoint (limit 5)"),
         "{message}"
@@ -234,15 +216,12 @@ struct SmallDisk {
 impl SmallDisk {
     fn mount(megabytes: u64) -> SmallDisk {
         let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        output_ok(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+                .arg(dir.path()),
+            "run mount",
+            "mounting a tmpfs failed: ",
         );
         SmallDisk { dir }
     }
@@ -316,9 +295,7 @@ async fn disk_watermark_refuses_and_a_full_disk_recovers_by_restart_without_loss
         OperatorProcess::start_with(&env, &sandbox, &consumer, port, &data, &args)
     };
     let mut operator = start(&["--min-free-disk-bytes", "4194304"]);
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     consumer.answer(503);
     let mut accepted = BTreeSet::new();
     wait_until(Duration::from_secs(30), "ingress on the small disk", || {
@@ -449,9 +426,8 @@ async fn trickle(mut s: tokio::net::TcpStream, byte: u8, limit: Duration) -> (St
 async fn slow_clients_are_cut_off_and_excess_requests_refused() {
     let ops = free_port();
     let ops_flag = format!("127.0.0.1:{ops}");
-    let (env, _sandbox, consumer, _operator, _dir, port) = setup_with(
+    let (env, _sandbox, consumer, _operator, _dir, port) = setup_to_consumer(
         "slowclient",
-        json!({"destination": consumer_destination()}),
         &[
             "--ops-addr",
             &ops_flag,
@@ -464,9 +440,7 @@ async fn slow_clients_are_cut_off_and_excess_requests_refused() {
         ],
     )
     .await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let path = url::Url::parse(&url).unwrap().path().to_string();
 
     // Headers one byte a second: the connection is closed at the header deadline.
@@ -503,12 +477,7 @@ async fn slow_clients_are_cut_off_and_excess_requests_refused() {
         || async { (in_flight(ops).await == 2).then_some(()) },
     )
     .await;
-    let refused = http
-        .post(&url)
-        .json(&atlas_event("c-over"))
-        .send()
-        .await
-        .unwrap();
+    let refused = post_event(&http, &url, "c-over").await;
     assert_eq!(refused.status(), 503, "third request while two are held");
     assert!(refused.headers().contains_key("retry-after"));
     assert!(rejected(ops, "overloaded").await >= 1);
@@ -738,15 +707,9 @@ async fn queue_depth(ops_port: u16) -> Option<QueueDepth> {
 async fn deleting_an_endpoint_deletes_its_queued_events() {
     let ops = free_port();
     let ops_flag = format!("127.0.0.1:{ops}");
-    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
-        "purge",
-        json!({"destination": consumer_destination()}),
-        &["--ops-addr", &ops_flag],
-    )
-    .await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup_to_consumer("purge", &["--ops-addr", &ops_flag]).await;
+    let url = atlas_ready_url(&env).await;
     consumer.answer(503);
     for n in 0..3 {
         assert_eq!(
@@ -786,9 +749,7 @@ async fn a_restart_with_a_backlog_longer_than_the_window_delivers_each_event_onc
         "delivery": {"retry": {"maxAttempts": 100, "initialDelay": "100ms", "maxDelay": "200ms"}}});
     let (env, sandbox, consumer, mut operator, dir, port) =
         setup_with("restart", spec, &["--ops-addr", &ops_flag]).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     // Refused deliveries are not recorded: before the restart nothing is delivered.
     consumer.answer(503);
     let statuses: Vec<(String, u16)> = futures::stream::iter(0..N)

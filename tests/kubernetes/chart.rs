@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 use webhook_operator::delivery::SigningSecret;
 
+use crate::fixtures::control;
 use crate::ports::free_port;
 use crate::support::{TestEnv, test_env, wait_until};
 
@@ -792,17 +793,7 @@ async fn operator_under_the_chart_rbac_creates_delivers_and_deletes_without_403(
         }
     })
     .await;
-    let upstream: Value = http
-        .get(format!(
-            "{}/_control/atlas/subscriptions",
-            sandbox.base_url()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let upstream = control(&sandbox, reqwest::Method::GET, "atlas/subscriptions", None).await;
     assert_eq!(
         upstream["subscriptions"].as_array().map(Vec::len),
         Some(0),
@@ -974,10 +965,7 @@ async fn operator_under_the_chart_rbac_in_jetstream_mode_holds_the_lease_and_del
     *consumer.secret.lock().unwrap() =
         Some(crate::delivery_e2e::signing_secret(&env, "orders").await);
     crate::fixtures::wait_condition(&env, "calls", "Ready", "True", None).await;
-    let r = reqwest::Client::new()
-        .post(&url)
-        .json(&crate::delivery_e2e::atlas_event("js-1"))
-        .send()
+    let r = crate::delivery_e2e::send_json(&url, &crate::delivery_e2e::atlas_event("js-1"))
         .await
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());

@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use k8s_openapi::api::core::v1::{Event, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
@@ -341,6 +342,54 @@ pub(crate) fn condition(ep: &WebhookEndpoint, type_: &str) -> Option<(String, St
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
+/// Waits for the endpoint's `Ready=True`.
+pub(crate) async fn wait_ready(env: &TestEnv, endpoint: &str, what: &str) -> WebhookEndpoint {
+    wait_endpoint(env, endpoint, what, |ep| {
+        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
+    })
+    .await
+}
+
+/// Waits for the endpoint's condition `type_` to be `False` with `reason`.
+pub(crate) async fn wait_false(
+    env: &TestEnv,
+    endpoint: &str,
+    what: &str,
+    type_: &str,
+    reason: &str,
+) -> WebhookEndpoint {
+    wait_endpoint(env, endpoint, what, |ep| {
+        condition(ep, type_).is_some_and(|(s, r)| s == "False" && r == reason)
+    })
+    .await
+}
+
+/// Waits for the endpoint's `status.delivery.deadLettered` to be `n`.
+pub(crate) async fn wait_dead_lettered(
+    env: &TestEnv,
+    endpoint: &str,
+    n: u64,
+    what: &str,
+) -> WebhookEndpoint {
+    wait_endpoint(env, endpoint, what, |ep| {
+        ep.status
+            .as_ref()
+            .and_then(|s| s.delivery.as_ref())
+            .is_some_and(|d| d.dead_lettered == n)
+    })
+    .await
+}
+
+/// The endpoint's condition `type_`; panics when it has none.
+pub(crate) fn condition_of(ep: WebhookEndpoint, type_: &str) -> Condition {
+    ep.status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)
+        .unwrap()
+}
+
 pub(crate) fn delivered(ep: &WebhookEndpoint) -> u64 {
     ep.status
         .as_ref()
@@ -355,40 +404,61 @@ pub(crate) async fn signing_secret(env: &TestEnv, endpoint: &str) -> String {
 }
 
 pub(crate) async fn ingress_url(env: &TestEnv, endpoint: &str) -> String {
-    let ep = wait_endpoint(env, endpoint, "endpoint Ready", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
-    })
-    .await;
+    let ep = wait_ready(env, endpoint, "endpoint Ready").await;
     ep.status.unwrap().ingress_url.unwrap()
 }
 
-/// Sandbox, consumer, credentials, endpoint `orders` and a running operator.
-async fn setup(
-    prefix: &str,
-    endpoint_spec: Value,
-) -> (
+/// POSTs `body` as JSON to `url` with a fresh client.
+pub(crate) async fn send_json(url: &str, body: &Value) -> reqwest::Result<reqwest::Response> {
+    reqwest::Client::new().post(url).json(body).send().await
+}
+
+/// Posts the Atlas event `id` to `url` with `http`; returns the answer.
+pub(crate) async fn post_event(http: &reqwest::Client, url: &str, id: &str) -> reqwest::Response {
+    http.post(url).json(&atlas_event(id)).send().await.unwrap()
+}
+
+/// Posts the Atlas event `id` to `url`; the ingress must accept it.
+pub(crate) async fn post_accepted(http: &reqwest::Client, url: &str, id: &str) {
+    let r = post_event(http, url, id).await;
+    assert!(r.status().is_success(), "{id}: {}", r.status());
+}
+
+/// Applies the `atlas` subscription of `specs()` to endpoint `orders`, waits for it to be
+/// Ready, and returns its ingress URL.
+pub(crate) async fn atlas_ready_url(env: &TestEnv) -> String {
+    apply_subscription(env, "atlas", specs()[0].1.clone()).await;
+    wait_condition(env, "atlas", "Ready", "True", None).await;
+    format!("{}/atlas", ingress_url(env, "orders").await)
+}
+
+/// What `setup` returns: the namespace, the simulator, the consumer, the operator, its data
+/// directory and its ingress port.
+pub(crate) type Setup = (
     TestEnv,
     SandboxHandle,
     Consumer,
     OperatorProcess,
     tempfile::TempDir,
     u16,
-) {
+);
+
+/// Sandbox, consumer, credentials, endpoint `orders` and a running operator.
+async fn setup(prefix: &str, endpoint_spec: Value) -> Setup {
     setup_with(prefix, endpoint_spec, &[]).await
 }
 
-pub(crate) async fn setup_with(
-    prefix: &str,
-    endpoint_spec: Value,
-    extra: &[&str],
-) -> (
-    TestEnv,
-    SandboxHandle,
-    Consumer,
-    OperatorProcess,
-    tempfile::TempDir,
-    u16,
-) {
+/// `setup_with` an endpoint `orders` that delivers to the consumer as it is.
+pub(crate) async fn setup_to_consumer(prefix: &str, extra: &[&str]) -> Setup {
+    setup_with(
+        prefix,
+        json!({"destination": consumer_destination()}),
+        extra,
+    )
+    .await
+}
+
+pub(crate) async fn setup_with(prefix: &str, endpoint_spec: Value, extra: &[&str]) -> Setup {
     let env = test_env(prefix).await;
     let sandbox = sandbox().await;
     let consumer = Consumer::start().await;
@@ -419,53 +489,7 @@ async fn each_provider_event_reaches_the_consumer_once_signed() {
         wait_condition(&env, name, "Ready", "True", None).await;
     }
     let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    let manual = subs
-        .get("atllas")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .manual_setup
-        .unwrap();
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let header_value = String::from_utf8(
-        secrets
-            .get(&manual.secret_name.unwrap())
-            .await
-            .unwrap()
-            .data
-            .unwrap()["value"]
-            .0
-            .clone(),
-    )
-    .unwrap();
-
-    let fired = [
-        (
-            "atlas",
-            json!({"event": "call_completed", "campaignId": "camp-1"}),
-        ),
-        (
-            "atomic",
-            json!({"event": "card-published", "organizationId": "org1", "environmentId": "env1"}),
-        ),
-        (
-            "smallest",
-            json!({"event": "post-conversation", "agentId": "65f0c0ffee00000000000001"}),
-        ),
-        (
-            "atllas",
-            json!({"url": manual.hook_url.unwrap(), "event": "call.finished", "headerName": manual.header_name.unwrap(), "headerValue": header_value}),
-        ),
-    ];
-    for (provider, body) in fired {
-        let result = control(
-            &sandbox,
-            reqwest::Method::POST,
-            &format!("{provider}/fire"),
-            Some(body),
-        )
-        .await;
+    for (provider, result) in fire_each_provider(&env, &sandbox).await {
         let statuses: Vec<u64> = result["deliveries"]
             .as_array()
             .unwrap()
@@ -510,17 +534,12 @@ async fn each_provider_event_reaches_the_consumer_once_signed() {
             .is_some()
     );
     for name in ["atlas", "atomic", "smallest", "atllas"] {
-        let api = subs.clone();
-        wait_until(
+        wait_subscription(
+            &subs,
+            name,
             Duration::from_secs(30),
             &format!("{name} counts its event"),
-            || {
-                let api = api.clone();
-                async move {
-                    let s = api.get(name).await.ok()?;
-                    (s.status?.events?.received == 1).then_some(())
-                }
-            },
+            |s| (s.status?.events?.received == 1).then_some(()),
         )
         .await;
     }
@@ -677,18 +696,12 @@ async fn failing_consumer_is_retried_health_degrades_then_recovers() {
     // A short health window, so recovery shows within the test rather than after 5 min.
     let (env, _sandbox, consumer, _operator, _dir, _) =
         setup_with("retry", spec, &["--health-window", "10s"]).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     consumer.answer(500);
     let http = reqwest::Client::new();
     for i in 0..3 {
-        let status = http
-            .post(&url)
-            .json(&atlas_event(&format!("retry-{i}")))
-            .send()
+        let status = post_event(&http, &url, &format!("retry-{i}"))
             .await
-            .unwrap()
             .status();
         assert!(status.is_success());
     }
@@ -752,29 +765,18 @@ async fn exhausted_events_are_dead_lettered_and_replayed() {
     let spec = json!({"destination": consumer_destination(),
         "delivery": {"retry": {"maxAttempts": 2, "initialDelay": "100ms", "maxDelay": "200ms"}}});
     let (env, _sandbox, consumer, _operator, _dir, _) = setup("dlq", spec).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     consumer.answer(503);
     let http = reqwest::Client::new();
     for i in 0..2 {
         assert!(
-            http.post(&url)
-                .json(&atlas_event(&format!("dlq-{i}")))
-                .send()
+            post_event(&http, &url, &format!("dlq-{i}"))
                 .await
-                .unwrap()
                 .status()
                 .is_success()
         );
     }
-    wait_endpoint(&env, "orders", "two dead letters", |ep| {
-        ep.status
-            .as_ref()
-            .and_then(|s| s.delivery.as_ref())
-            .is_some_and(|d| d.dead_lettered == 2)
-    })
-    .await;
+    wait_dead_lettered(&env, "orders", 2, "two dead letters").await;
     consumer.answer(200);
     // `webhook-operator replay` sets the annotation and waits for the operator's echo.
     let out = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
@@ -823,9 +825,7 @@ async fn sigkill_mid_delivery_loses_no_acknowledged_event() {
     let spec = json!({"destination": consumer_destination(),
         "delivery": {"ratePerSecond": 1500, "maxInFlight": 32, "retry": {"initialDelay": "100ms", "maxDelay": "1s"}}});
     let (env, sandbox, consumer, mut operator, dir, port) = setup("crash", spec).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
 
     const TOTAL: usize = 10_000;
     let accepted: Arc<Mutex<BTreeSet<String>>> = Arc::default();
@@ -872,12 +872,7 @@ async fn sigkill_mid_delivery_loses_no_acknowledged_event() {
     wait_until(Duration::from_secs(30), "ingress back", || {
         let url = url.clone();
         async move {
-            let r = reqwest::Client::new()
-                .post(&url)
-                .json(&atlas_event("probe"))
-                .send()
-                .await
-                .ok()?;
+            let r = send_json(&url, &atlas_event("probe")).await.ok()?;
             r.status().is_success().then_some(())
         }
     })
@@ -942,13 +937,7 @@ async fn a_header_the_data_plane_refuses_gets_its_own_reason() {
             condition(ep, "Ready").is_some_and(|(s, _)| s == "False")
         })
         .await;
-        let ready = ep
-            .status
-            .unwrap()
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready")
-            .unwrap();
+        let ready = condition_of(ep, "Ready");
         println!(
             "header {header}: Ready=False {} {:?}",
             ready.reason, ready.message
@@ -962,10 +951,7 @@ async fn a_header_the_data_plane_refuses_gets_its_own_reason() {
             json!({"destination": consumer_destination()}),
         )
         .await;
-        wait_endpoint(&env, "orders", "Ready again", |ep| {
-            condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
-        })
-        .await;
+        wait_ready(&env, "orders", "Ready again").await;
     }
 }
 
@@ -993,18 +979,15 @@ async fn link_local_destination_is_refused_with_a_condition() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let _operator = OperatorProcess::start(&env, &sandbox, &consumer, free_port(), dir.path());
-    let ep = wait_endpoint(&env, "metadata", "Ready=False DestinationForbidden", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, r)| s == "False" && r == "DestinationForbidden")
-    })
+    let ep = wait_false(
+        &env,
+        "metadata",
+        "Ready=False DestinationForbidden",
+        "Ready",
+        "DestinationForbidden",
+    )
     .await;
-    let msg = ep
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap()
-        .message;
+    let msg = condition_of(ep, "Ready").message;
     assert!(msg.contains("forbidden"), "{msg}");
 }
 
@@ -1013,9 +996,7 @@ async fn rotating_the_signing_secret_signs_with_both_during_the_overlap() {
     let spec =
         json!({"destination": consumer_destination(), "signing": {"rotationOverlap": "10s"}});
     let (env, _sandbox, consumer, _operator, _dir, _) = setup("rotate", spec).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let old = signing_secret(&env, "orders").await;
     *consumer.also_verify_with.lock().unwrap() = vec![old.clone()];
 
@@ -1028,12 +1009,7 @@ async fn rotating_the_signing_secret_signs_with_both_during_the_overlap() {
             let http = reqwest::Client::new();
             while !stop.load(Ordering::SeqCst) {
                 let n = sent.load(Ordering::SeqCst);
-                let r = http
-                    .post(&url)
-                    .json(&atlas_event(&format!("rot-{n}")))
-                    .send()
-                    .await
-                    .unwrap();
+                let r = post_event(&http, &url, &format!("rot-{n}")).await;
                 assert!(r.status().is_success());
                 sent.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1181,24 +1157,14 @@ async fn a_replay_window_redelivers_exactly_the_events_in_it() {
     let spec =
         json!({"destination": consumer_destination(), "delivery": {"retry": {"maxAttempts": 1}}});
     let (env, _sandbox, consumer, _operator, _dir, _) = setup("window", spec).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     consumer.answer(503);
     let http = reqwest::Client::new();
     let send = |ids: Vec<&'static str>| {
         let (http, url) = (http.clone(), url.clone());
         async move {
             for id in ids {
-                assert!(
-                    http.post(&url)
-                        .json(&atlas_event(id))
-                        .send()
-                        .await
-                        .unwrap()
-                        .status()
-                        .is_success()
-                );
+                assert!(post_event(&http, &url, id).await.status().is_success());
             }
         }
     };
@@ -1402,17 +1368,14 @@ async fn a_test_annotation_sends_one_test_event_through_the_whole_path() {
             .unwrap();
     }
     for name in names {
-        let api = subs.clone();
-        wait_until(
+        wait_subscription(
+            &subs,
+            name,
             Duration::from_secs(60),
             &format!("{name}: second test Delivered"),
-            || {
-                let api = api.clone();
-                async move {
-                    let t = api.get(name).await.ok()?.status?.last_test?;
-                    (t.requested_at == "2026-11-23T09:00:00Z" && t.result == "Delivered")
-                        .then_some(())
-                }
+            |sub| {
+                let t = sub.status?.last_test?;
+                (t.requested_at == "2026-11-23T09:00:00Z" && t.result == "Delivered").then_some(())
             },
         )
         .await;
@@ -1722,7 +1685,8 @@ async fn restarts_never_answer_404_and_reconcile_every_subscription() {
     .await;
 }
 
-fn call_ids(consumer: &Consumer) -> BTreeSet<String> {
+/// The `callId`s of every event the consumer received.
+pub(crate) fn call_ids(consumer: &Consumer) -> BTreeSet<String> {
     consumer
         .received()
         .iter()
@@ -1794,20 +1758,13 @@ async fn assert_registered_and_sent_by_put(sandbox: &SandboxHandle, fired: &Valu
 async fn a_partly_bad_atlas_array_delivers_the_good_events_and_keeps_the_bad_one() {
     let (env, _sandbox, consumer, _operator, _dir, _) =
         setup("partial", json!({"destination": consumer_destination()})).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let batch = json!([
         {"callId": "good-1", "campaignId": "camp-1", "triggerName": "call_completed"},
         "not an event object",
         {"callId": "good-2", "campaignId": "camp-1", "triggerName": "call_completed"}
     ]);
-    let r = reqwest::Client::new()
-        .post(&url)
-        .json(&batch)
-        .send()
-        .await
-        .unwrap();
+    let r = send_json(&url, &batch).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let answer: Value = r.json().await.unwrap();
     assert_eq!(
@@ -1834,16 +1791,8 @@ async fn a_partly_bad_atlas_array_delivers_the_good_events_and_keeps_the_bad_one
         d.is_some_and(|d| d.malformed == 1 && d.dead_lettered == 1 && d.delivered == 2)
     })
     .await;
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_until(Duration::from_secs(30), "a MalformedEvents Event", || {
-        let events = events.clone();
-        async move {
-            let list = events.list(&ListParams::default()).await.ok()?;
-            list.items
-                .iter()
-                .any(|e| e.reason.as_deref() == Some("MalformedEvents"))
-                .then_some(())
-        }
+    wait_event_where(&env, "a MalformedEvents Event", |e| {
+        e.reason.as_deref() == Some("MalformedEvents")
     })
     .await;
     assert_eq!(consumer.received().len(), 2);
@@ -2059,9 +2008,7 @@ async fn status_writes_are_batched_under_load() {
     use kube::runtime::{WatchStreamExt, watcher};
     let (env, _sandbox, consumer, _operator, _dir, _) =
         setup("batched", json!({"destination": consumer_destination()})).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
 
     let count_writes = |name: &'static str, api: Api<kube::core::DynamicObject>| {
         let stream = watcher(

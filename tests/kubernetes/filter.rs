@@ -1,24 +1,25 @@
 //! `spec.filter` against the real API server with the operator running: an expression
 //! that does not compile is reported on the endpoint, with the compiler's message.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::delivery_e2e::{condition, consumer_destination, setup_with, wait_endpoint};
+use crate::delivery_e2e::{
+    condition_of, consumer_destination, send_json, setup_with, wait_endpoint, wait_false,
+    wait_ready,
+};
 use crate::fixtures::*;
+
+/// Endpoint `orders` to the consumer, passing only events whose `call.lead_warmth` is `hot`.
+fn hot_calls_only() -> Value {
+    json!({"destination": consumer_destination(), "filter": "payload.call.lead_warmth == 'hot'"})
+}
 
 #[tokio::test]
 async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
-    let (env, _sandbox, _consumer, _operator, _dir, _) = setup_with(
-        "filter",
-        json!({"destination": consumer_destination(), "filter": "payload.call.lead_warmth == 'hot'"}),
-        &[],
-    )
-    .await;
+    let (env, _sandbox, _consumer, _operator, _dir, _) =
+        setup_with("filter", hot_calls_only(), &[]).await;
     // A valid filter: Ready.
-    wait_endpoint(&env, "orders", "Ready with a valid filter", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
-    })
-    .await;
+    wait_ready(&env, "orders", "Ready with a valid filter").await;
 
     apply_endpoint(
         &env,
@@ -26,17 +27,15 @@ async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
         json!({"destination": consumer_destination(), "filter": "payload.call.lead_warmth == "}),
     )
     .await;
-    let ep = wait_endpoint(&env, "orders", "Ready=False FilterInvalid", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, r)| s == "False" && r == "FilterInvalid")
-    })
+    let ep = wait_false(
+        &env,
+        "orders",
+        "Ready=False FilterInvalid",
+        "Ready",
+        "FilterInvalid",
+    )
     .await;
-    let ready = ep
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap();
+    let ready = condition_of(ep, "Ready");
     assert!(
         ready.message.starts_with("spec.filter: "),
         "{}",
@@ -55,10 +54,7 @@ async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
         json!({"destination": consumer_destination(), "filter": "eventType != 'ping'"}),
     )
     .await;
-    wait_endpoint(&env, "orders", "Ready again", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
-    })
-    .await;
+    wait_ready(&env, "orders", "Ready again").await;
 }
 
 /// A filter that fails on an event (here a missing field) keeps the event as a dead letter
@@ -66,19 +62,10 @@ async fn a_filter_that_does_not_compile_makes_the_endpoint_not_ready() {
 /// reason, and a Warning Event.
 #[tokio::test]
 async fn a_filter_error_is_counted_reported_and_announced() {
-    use k8s_openapi::api::core::v1::Event;
-    use kube::api::{Api, ListParams};
-    use std::time::Duration;
-
     use crate::delivery_e2e::atlas_event;
-    use crate::support::wait_until;
 
-    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
-        "filtererr",
-        json!({"destination": consumer_destination(), "filter": "payload.call.lead_warmth == 'hot'"}),
-        &[],
-    )
-    .await;
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup_with("filtererr", hot_calls_only(), &[]).await;
     apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
     wait_condition(&env, "atlas", "Ready", "True", None).await;
     let url = format!(
@@ -86,12 +73,7 @@ async fn a_filter_error_is_counted_reported_and_announced() {
         crate::delivery_e2e::ingress_url(&env, "orders").await
     );
     // An Atlas event has no `call` field: the filter fails on it.
-    let r = reqwest::Client::new()
-        .post(&url)
-        .json(&atlas_event("filter-fails"))
-        .send()
-        .await
-        .unwrap();
+    let r = send_json(&url, &atlas_event("filter-fails")).await.unwrap();
     assert_eq!(r.status(), 200);
     let ep = wait_endpoint(
         &env,
@@ -114,15 +96,8 @@ async fn a_filter_error_is_counted_reported_and_announced() {
         "after a filter error: deadLettered={} filterErrors={} lastError={:?}",
         delivery.dead_lettered, delivery.filter_errors, delivery.last_error
     );
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    let event = wait_until(Duration::from_secs(30), "a FilterFailed Event", || {
-        let events = events.clone();
-        async move {
-            let list = events.list(&ListParams::default()).await.ok()?;
-            list.items
-                .into_iter()
-                .find(|e| e.reason.as_deref() == Some("FilterFailed"))
-        }
+    let event = wait_event_where(&env, "a FilterFailed Event", |e| {
+        e.reason.as_deref() == Some("FilterFailed")
     })
     .await;
     println!("Event: {:?} {:?}", event.type_, event.message);

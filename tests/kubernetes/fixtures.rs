@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
+use webhook_operator::api::{WebhookEndpoint, WebhookSubscription, WebhookSubscriptionStatus};
 use webhook_sandbox::{self as sandbox, SandboxConfig, SandboxHandle};
 
 use crate::support::{TestEnv, wait_until};
@@ -64,6 +64,57 @@ pub async fn upstream_for(sandbox: &SandboxHandle, provider: &str, hook_url: &st
             url.map(|u| u.split('?').next().unwrap_or(u)) == Some(hook_url)
         })
         .collect()
+}
+
+/// One value of a Secret's data, as text.
+pub async fn secret_value(env: &TestEnv, name: &str, key: &str) -> String {
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let s = secrets.get(name).await.unwrap();
+    String::from_utf8(s.data.unwrap()[key].0.clone()).unwrap()
+}
+
+/// Fires one event from each provider's simulator at the subscriptions set up by `specs()`
+/// plus the Atllas one (`atllas`, manual set-up); returns each provider's answer from the
+/// simulator's `fire` control, in order, for the caller to judge.
+pub async fn fire_each_provider(
+    env: &TestEnv,
+    sandbox: &SandboxHandle,
+) -> Vec<(&'static str, Value)> {
+    let manual = subscription_status(env, "atllas")
+        .await
+        .manual_setup
+        .unwrap();
+    let header_value = secret_value(env, &manual.secret_name.unwrap(), "value").await;
+    let fired = [
+        (
+            "atlas",
+            json!({"event": "call_completed", "campaignId": "camp-1"}),
+        ),
+        (
+            "atomic",
+            json!({"event": "card-published", "organizationId": "org1", "environmentId": "env1"}),
+        ),
+        (
+            "smallest",
+            json!({"event": "post-conversation", "agentId": "65f0c0ffee00000000000001"}),
+        ),
+        (
+            "atllas",
+            json!({"url": manual.hook_url.unwrap(), "event": "call.finished", "headerName": manual.header_name.unwrap(), "headerValue": header_value}),
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (provider, body) in fired {
+        let result = control(
+            sandbox,
+            reqwest::Method::POST,
+            &format!("{provider}/fire"),
+            Some(body),
+        )
+        .await;
+        answers.push((provider, result));
+    }
+    answers
 }
 
 pub async fn create_secret(env: &TestEnv, name: &str, data: Value) {
@@ -132,21 +183,60 @@ pub async fn wait_condition(
     reason: Option<&str>,
 ) -> WebhookSubscription {
     let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_until(
+    wait_subscription(
+        &api,
+        name,
         Duration::from_secs(75),
         &format!("{name} {type_}={status} {reason:?}"),
-        || {
-            let api = api.clone();
-            async move {
-                let sub = api.get(name).await.ok()?;
-                let st = sub.status.as_ref()?;
-                let ok = st.conditions.iter().any(|c| {
-                    c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r)
-                }) && st.observed_generation == sub.metadata.generation;
-                ok.then_some(sub)
-            }
+        |sub| {
+            let st = sub.status.as_ref()?;
+            let ok = st.conditions.iter().any(|c| {
+                c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r)
+            }) && st.observed_generation == sub.metadata.generation;
+            ok.then_some(sub)
         },
     )
+    .await
+}
+
+/// The subscription's status as it is now.
+pub async fn subscription_status(env: &TestEnv, name: &str) -> WebhookSubscriptionStatus {
+    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
+    subs.get(name).await.unwrap().status.unwrap()
+}
+
+/// Waits up to 30 s for a Kubernetes Event in the test namespace that `matches`; returns it.
+pub async fn wait_event_where(
+    env: &TestEnv,
+    what: &str,
+    matches: impl Fn(&Event) -> bool,
+) -> Event {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait_until(Duration::from_secs(30), what, || {
+        let events = events.clone();
+        let matches = &matches;
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items.into_iter().find(|e| matches(e))
+        }
+    })
+    .await
+}
+
+/// Waits until `check` returns something for the subscription `name` (read afresh each
+/// time); returns that.
+pub async fn wait_subscription<T>(
+    api: &Api<WebhookSubscription>,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(WebhookSubscription) -> Option<T>,
+) -> T {
+    wait_until(timeout, what, || {
+        let api = api.clone();
+        let check = &check;
+        async move { check(api.get(name).await.ok()?) }
+    })
     .await
 }
 

@@ -14,7 +14,7 @@ use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 
 use crate::behaviours::{Run, sigterm};
 use crate::delivery_e2e::{
-    atlas_event, condition, consumer_destination, ingress_url, wait_endpoint,
+    condition, consumer_destination, ingress_url, post_accepted, wait_endpoint,
 };
 use crate::fixtures::*;
 use crate::support::{TestEnv, test_env, wait_until};
@@ -202,15 +202,7 @@ async fn argocd_lua_and_flux_cel_judge_statuses_from_a_real_run() {
     let http = reqwest::Client::new();
     let post = |id: String| {
         let (http, url) = (http.clone(), url.clone());
-        async move {
-            let r = http
-                .post(&url)
-                .json(&atlas_event(&id))
-                .send()
-                .await
-                .unwrap();
-            assert!(r.status().is_success(), "{id}: {}", r.status());
-        }
+        async move { post_accepted(&http, &url, &id).await }
     };
     post("fine".into()).await;
     wait_endpoint(env, "orders", "Healthy=True Delivering", |ep| {

@@ -4,51 +4,29 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use webhook_operator::api::WebhookEndpoint;
 
-use crate::delivery_e2e::{Consumer, OperatorProcess, condition, wait_endpoint};
+use crate::delivery_e2e::{Consumer, OperatorProcess, condition_of, wait_false, wait_ready};
 use crate::fixtures::*;
 use crate::ports::free_port;
 use crate::support::{TestEnv, test_env, wait_until};
 
 /// Waits for the endpoint's `Ready=False` with `reason`; returns the condition message.
 async fn wait_refused(env: &TestEnv, endpoint: &str, reason: &str) -> String {
-    let ep = wait_endpoint(env, endpoint, &format!("Ready=False {reason}"), |ep| {
-        condition(ep, "Ready").is_some_and(|(s, r)| s == "False" && r == reason)
-    })
-    .await;
-    ep.status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap()
-        .message
+    let what = format!("Ready=False {reason}");
+    let ep = wait_false(env, endpoint, &what, "Ready", reason).await;
+    condition_of(ep, "Ready").message
 }
 
 /// Waits for a Kubernetes Event with `reason` about `endpoint`.
 async fn wait_event(env: &TestEnv, endpoint: &str, reason: &str) {
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_until(
-        Duration::from_secs(30),
-        &format!("an Event {reason} for {endpoint}"),
-        || {
-            let events = events.clone();
-            async move {
-                let list = events.list(&ListParams::default()).await.ok()?;
-                list.items
-                    .iter()
-                    .any(|e| {
-                        e.reason.as_deref() == Some(reason)
-                            && e.involved_object.name.as_deref() == Some(endpoint)
-                    })
-                    .then_some(())
-            }
-        },
-    )
+    let what = format!("an Event {reason} for {endpoint}");
+    wait_event_where(env, &what, |e| {
+        e.reason.as_deref() == Some(reason) && e.involved_object.name.as_deref() == Some(endpoint)
+    })
     .await;
 }
 
@@ -185,10 +163,7 @@ async fn the_operators_own_metrics_port_is_refused_unless_loopback_is_allowed() 
     let dir = tempfile::tempdir().unwrap();
     let _operator =
         OperatorProcess::start_with(&env, &sandbox, &consumer, free_port(), dir.path(), &[]);
-    wait_endpoint(&env, "metrics", "Ready=True with --allow-loopback", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
-    })
-    .await;
+    wait_ready(&env, "metrics", "Ready=True with --allow-loopback").await;
 }
 
 #[tokio::test]
@@ -260,8 +235,5 @@ async fn require_secret_label_reads_only_labelled_secrets() {
         )
         .await
         .unwrap();
-    wait_endpoint(&env, "orders", "Ready=True once labelled", |ep| {
-        condition(ep, "Ready").is_some_and(|(s, _)| s == "True")
-    })
-    .await;
+    wait_ready(&env, "orders", "Ready=True once labelled").await;
 }

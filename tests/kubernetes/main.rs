@@ -23,5 +23,7 @@ mod through_binary;
 mod nats;
 #[path = "../common/ports.rs"]
 mod ports;
+#[path = "../common/process.rs"]
+mod process;
 #[path = "../common/sdk.rs"]
 mod sdk;

@@ -2,7 +2,7 @@
 //! cleanly on SIGTERM.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -33,14 +33,7 @@ async fn run_sees_both_kinds_and_exits_on_sigterm() {
     subs.create(&PostParams::default(), &sub).await.unwrap();
 
     let data_dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
-        .args([
-            "run",
-            "--ingress-addr",
-            "127.0.0.1:0",
-            "--ops-addr",
-            "127.0.0.1:0",
-        ])
+    let mut child = operator_on_loopback()
         .arg("--namespace")
         .arg(&env.namespace)
         .arg("--data-dir")
@@ -77,17 +70,11 @@ async fn run_sees_both_kinds_and_exits_on_sigterm() {
     let pid = child.id().to_string();
     let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(kill.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("operator did not exit within 20 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_exit(
+        &mut child,
+        Duration::from_millis(100),
+        "operator did not exit within 20 s of SIGTERM",
+    );
     assert!(status.success(), "operator exited with {status}");
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(
@@ -102,14 +89,7 @@ async fn run_sees_both_kinds_and_exits_on_sigterm() {
 fn a_resolve_to_loopback_needs_allow_loopback() {
     let data_dir = tempfile::tempdir().unwrap();
     let run = |extra: &[&str]| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
-            .args([
-                "run",
-                "--ingress-addr",
-                "127.0.0.1:0",
-                "--ops-addr",
-                "127.0.0.1:0",
-            ])
+        let mut child = operator_on_loopback()
             .args(["--resolve", "consumer.apps.svc:8080=127.0.0.1:18080"])
             .args(extra)
             .arg("--data-dir")
@@ -121,17 +101,11 @@ fn a_resolve_to_loopback_needs_allow_loopback() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start operator");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("operator still running after 20 s without a cluster");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = wait_exit(
+            &mut child,
+            Duration::from_millis(50),
+            "operator still running after 20 s without a cluster",
+        );
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
         (status, stderr)
@@ -149,4 +123,33 @@ fn a_resolve_to_loopback_needs_allow_loopback() {
         !stderr.contains("refused by the address policy"),
         "{stderr}"
     );
+}
+
+/// Waits up to 20 s for `child` to exit, looking every `poll`; kills it and panics with
+/// `late` when it has not.
+fn wait_exit(child: &mut Child, poll: Duration, late: &str) -> ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{late}");
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+/// `webhook-operator run` with its ingress and ops servers on loopback port 0.
+fn operator_on_loopback() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_webhook-operator"));
+    cmd.args([
+        "run",
+        "--ingress-addr",
+        "127.0.0.1:0",
+        "--ops-addr",
+        "127.0.0.1:0",
+    ]);
+    cmd
 }

@@ -8,11 +8,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
-use serde_json::json;
 use webhook_operator::api::{WebhookEndpoint, WebhookSubscription};
 
 use crate::delivery_e2e::{
-    atlas_event, consumer_destination, ingress_url, setup_with, wait_endpoint,
+    atlas_event, ingress_url, send_json, setup_to_consumer, wait_dead_lettered,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -56,12 +55,8 @@ async fn signing_secret(env: &TestEnv) -> Vec<u8> {
 #[tokio::test]
 async fn kubectl_webhooks_plugin_tests_replays_rotates_and_shows_status() {
     let ops = format!("127.0.0.1:{}", free_port());
-    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
-        "plugin",
-        json!({"destination": consumer_destination()}),
-        &["--ops-addr", &ops],
-    )
-    .await;
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup_to_consumer("plugin", &["--ops-addr", &ops]).await;
     apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
     wait_condition(&env, "atlas", "Ready", "True", None).await;
     // The reconciler exports the Synced condition for the chart's alert.
@@ -102,20 +97,9 @@ async fn kubectl_webhooks_plugin_tests_replays_rotates_and_shows_status() {
     // replay: a refused event is dead-lettered, then re-queued by the plugin.
     consumer.answer(400);
     let url = format!("{}/atlas", ingress_url(&env, "orders").await);
-    let sent = reqwest::Client::new()
-        .post(&url)
-        .json(&atlas_event("plugin-1"))
-        .send()
-        .await
-        .unwrap();
+    let sent = send_json(&url, &atlas_event("plugin-1")).await.unwrap();
     assert!(sent.status().is_success());
-    wait_endpoint(&env, "orders", "one dead letter", |ep| {
-        ep.status
-            .as_ref()
-            .and_then(|s| s.delivery.as_ref())
-            .is_some_and(|d| d.dead_lettered == 1)
-    })
-    .await;
+    wait_dead_lettered(&env, "orders", 1, "one dead letter").await;
     consumer.answer(200);
     let attempts = |c: &crate::delivery_e2e::Consumer| {
         c.received()
@@ -210,12 +194,7 @@ async fn kubectl_webhooks_plugin_tests_replays_rotates_and_shows_status() {
 /// (not after its 60 s wait with a timeout).
 #[tokio::test]
 async fn kubectl_webhooks_test_fails_as_soon_as_the_destination_refuses() {
-    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
-        "plugintest",
-        json!({"destination": consumer_destination()}),
-        &[],
-    )
-    .await;
+    let (env, _sandbox, consumer, _operator, _dir, _) = setup_to_consumer("plugintest", &[]).await;
     apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
     wait_condition(&env, "atlas", "Ready", "True", None).await;
     let plugin_dir = tempfile::tempdir().unwrap();
@@ -238,15 +217,7 @@ async fn kubectl_webhooks_test_fails_as_soon_as_the_destination_refuses() {
     println!("kubectl webhooks test against a 400: {out:?} after {took:?}");
     assert!(!run.status.success(), "{out}");
     assert!(out.contains("Failed") && out.contains("HTTP 400"), "{out}");
-    let subs: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
-    let last = subs
-        .get("atlas")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .last_test
-        .unwrap();
+    let last = subscription_status(&env, "atlas").await.last_test.unwrap();
     assert_eq!(last.result, "Failed");
     assert!(
         last.message

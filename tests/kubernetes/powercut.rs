@@ -15,10 +15,12 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::delivery_e2e::{
-    Consumer, OperatorProcess, atlas_event, consumer_destination, ingress_url, setup_with,
+    OperatorProcess, atlas_event, call_ids, consumer_destination, ingress_url, send_json,
+    setup_with,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
+use crate::process::output_ok;
 use crate::support::wait_until;
 
 /// Power cuts, each at a random moment under load.
@@ -28,17 +30,14 @@ const CUTS: usize = 3;
 fn build_lazyfs() -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/powercut/lazyfs");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lazyfs");
-    let built = Command::new("go")
-        .args(["build", "-mod=readonly", "-o"])
-        .arg(&out)
-        .arg(".")
-        .current_dir(&src)
-        .output()
-        .expect("run go build (Go is a prerequisite, see hack/setup.sh)");
-    assert!(
-        built.status.success(),
-        "go build lazyfs: {}",
-        String::from_utf8_lossy(&built.stderr)
+    output_ok(
+        Command::new("go")
+            .args(["build", "-mod=readonly", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(&src),
+        "run go build (Go is a prerequisite, see hack/setup.sh)",
+        "go build lazyfs: ",
     );
     out
 }
@@ -107,14 +106,6 @@ impl Drop for Lazyfs {
     }
 }
 
-fn call_ids(consumer: &Consumer) -> BTreeSet<String> {
-    consumer
-        .received()
-        .iter()
-        .filter_map(|r| r.body["callId"].as_str().map(String::from))
-        .collect()
-}
-
 /// Sends events as fast as four clients can until the ingress stops answering; records
 /// the ids answered 2xx.
 async fn load(url: String, prefix: String, accepted: Arc<Mutex<BTreeSet<String>>>) {
@@ -169,12 +160,7 @@ async fn power_cuts_under_load_lose_no_acknowledged_event() {
         wait_until(Duration::from_secs(60), "the ingress answers", || {
             let (url, probe) = (url.clone(), probe.clone());
             async move {
-                let r = reqwest::Client::new()
-                    .post(&url)
-                    .json(&atlas_event(&probe))
-                    .send()
-                    .await
-                    .ok()?;
+                let r = send_json(&url, &atlas_event(&probe)).await.ok()?;
                 r.status().is_success().then_some(())
             }
         })

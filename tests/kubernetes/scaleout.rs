@@ -199,22 +199,14 @@ impl Cluster {
     }
 
     async fn apply_subscription(&self, name: &str, campaign: &str) {
-        let api: Api<WebhookSubscription> =
-            Api::namespaced(self.env.client.clone(), &self.env.namespace);
-        let obj = json!({
-            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
-            "metadata": {"name": name},
-            "spec": {"provider": "atlas", "credentialsRef": {"name": "atlas-creds"},
-                     "events": ["call_completed"], "atlas": {"campaignId": campaign},
-                     "endpointRef": {"name": "orders"}}
-        });
-        api.patch(
+        crate::fixtures::apply_subscription(
+            &self.env,
             name,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&obj),
+            json!({"provider": "atlas", "credentialsRef": {"name": "atlas-creds"},
+                   "events": ["call_completed"], "atlas": {"campaignId": campaign},
+                   "endpointRef": {"name": "orders"}}),
         )
-        .await
-        .unwrap();
+        .await;
     }
 
     async fn wait_ready(&self, name: &str, timeout: Duration) {

@@ -198,16 +198,14 @@ async fn each_provider_gets_exactly_one_upstream_subscription_and_is_ready() {
             .unwrap();
     }
     for (name, url) in &urls {
-        let api = subs.clone();
-        wait_until(
+        wait_subscription(
+            &subs,
+            name,
             Duration::from_secs(60),
             &format!("{name}: a pass after the restart"),
-            || {
-                let api = api.clone();
-                async move {
-                    let st = api.get(name).await.ok()?.status?;
-                    (st.last_handled_requested_at.as_deref() == Some("after-restart")).then_some(())
-                }
+            |sub| {
+                let st = sub.status?;
+                (st.last_handled_requested_at.as_deref() == Some("after-restart")).then_some(())
             },
         )
         .await;
@@ -450,19 +448,17 @@ async fn provider_outage_is_retried_within_the_backoff_schedule_then_recovers() 
     control(&sandbox, reqwest::Method::DELETE, "atlas/faults", None).await;
     let api: Api<WebhookSubscription> = Api::namespaced(env.client.clone(), &env.namespace);
     // The next pass comes at most one backoff step (64 s +20 %) after the last failure.
-    wait_until(
+    wait_subscription(
+        &api,
+        "atlas",
         Duration::from_secs(120),
         "recovery after the outage",
-        || {
-            let api = api.clone();
-            async move {
-                let sub = api.get("atlas").await.ok()?;
-                sub.status?
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-                    .then_some(())
-            }
+        |sub| {
+            sub.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
         },
     )
     .await;

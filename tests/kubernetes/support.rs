@@ -10,6 +10,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
+use crate::process::output_ok;
+
 pub struct ControlPlane {
     pub dir: PathBuf,
     pub kubeconfig: PathBuf,
@@ -40,15 +42,10 @@ pub fn start_control_plane_named(name: &str) -> ControlPlane {
     let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let script = repo_root().join("hack/controlplane.sh");
     let run = |args: &[&str]| {
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .args(args)
-            .output()
-            .expect("run hack/controlplane.sh");
-        assert!(
-            out.status.success(),
-            "hack/controlplane.sh {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = output_ok(
+            std::process::Command::new("bash").arg(&script).args(args),
+            "run hack/controlplane.sh",
+            &format!("hack/controlplane.sh {args:?} failed:\n"),
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };

@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
 use crate::delivery_e2e::{
-    OperatorProcess, atlas_event, consumer_destination, ingress_url, setup_with,
+    OperatorProcess, atlas_event, atlas_ready_url, consumer_destination, ingress_url,
+    setup_to_consumer, setup_with,
 };
 use crate::fixtures::*;
 use crate::ports::free_port;
@@ -73,9 +74,7 @@ async fn bounds_and_the_rate_limit_answer_through_the_binary() {
     )
     .await;
     consumer.answer(503);
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let path = url::Url::parse(&url).unwrap().path().to_string();
     for id in ["ev-1", "ev-2"] {
         assert_eq!(send(&url, &atlas_event(id), &[]).await.0, 200, "{id}");
@@ -142,22 +141,9 @@ async fn bounds_and_the_rate_limit_answer_through_the_binary() {
 #[tokio::test]
 async fn a_cel_filter_cloudevents_and_traceparent_through_the_binary() {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let python = crate::sdk::sdk_python();
-    assert!(
-        python.exists(),
-        "{} is missing: run hack/setup.sh",
-        python.display()
-    );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/conformance/cloudevents_consumer.py"
-    );
-    let mut sdk_consumer = tokio::process::Command::new(&python)
-        .args([script, "2"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
+    let python = crate::sdk::sdk_python_present("");
+    let script = crate::sdk::conformance_script("cloudevents_consumer.py");
+    let mut sdk_consumer = crate::process::spawn_piped(&python, &[script.as_str(), "2"]);
     let mut lines = tokio::io::BufReader::new(sdk_consumer.stdout.take().unwrap()).lines();
     let first = next_line(&mut lines, 30)
         .await
@@ -169,9 +155,7 @@ async fn a_cel_filter_cloudevents_and_traceparent_through_the_binary() {
         "filter": "payload.callId != 'dropped-by-filter'",
     });
     let (env, _sandbox, _consumer, _operator, _dir, _) = setup_with("bince", spec, &[]).await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let url = atlas_ready_url(&env).await;
     let incoming = format!("00-{TRACE}-00f067aa0ba902b7-01");
     assert_eq!(
         send(&url, &atlas_event("dropped-by-filter"), &[]).await.0,
@@ -235,31 +219,17 @@ async fn otlp_export_through_the_binary_is_read_by_opentelemetry_proto() {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const PARENT: &str = "00f067aa0ba902b7";
     let python = crate::sdk::sdk_python();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/conformance/otlp_collector.py"
-    );
-    let mut collector = tokio::process::Command::new(&python)
-        .arg(script)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python runs");
+    let script = crate::sdk::conformance_script("otlp_collector.py");
+    let mut collector = crate::process::spawn_piped(&python, &[script.as_str()]);
     let mut lines = tokio::io::BufReader::new(collector.stdout.take().unwrap()).lines();
     let first = next_line(&mut lines, 30)
         .await
         .expect("the collector starts (hack/setup.sh installs opentelemetry-proto)");
     let port: u16 = first.strip_prefix("listening ").unwrap().parse().unwrap();
     let otlp = format!("http://127.0.0.1:{port}");
-    let (env, _sandbox, consumer, _operator, _dir, _) = setup_with(
-        "binotlp",
-        json!({"destination": consumer_destination()}),
-        &["--otlp-endpoint", &otlp],
-    )
-    .await;
-    apply_subscription(&env, "atlas", specs()[0].1.clone()).await;
-    wait_condition(&env, "atlas", "Ready", "True", None).await;
-    let url = format!("{}/atlas", ingress_url(&env, "orders").await);
+    let (env, _sandbox, consumer, _operator, _dir, _) =
+        setup_to_consumer("binotlp", &["--otlp-endpoint", &otlp]).await;
+    let url = atlas_ready_url(&env).await;
     let incoming = format!("00-{TRACE}-{PARENT}-01");
     let sent = send(&url, &atlas_event("traced"), &[("traceparent", &incoming)]).await;
     assert_eq!(sent.0, 200);
