@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::install::{
     apply_examples, fire, helm_install, provider_events, signing_secret, uninstall, workloads,
 };
-use crate::lifecycle::{Stream, delivered_ids, refused_window};
+use crate::lifecycle::{Stream, refused_window, wait_all_delivered};
 use crate::support::{cluster, repo_root, text, wait_for};
 
 const NS: &str = "jetstream";
@@ -188,18 +188,7 @@ fn jetstream_two_replicas_leader_deleted_and_upgrade_under_load() {
     let count = |f: &dyn Fn(&crate::lifecycle::Shot) -> bool| shots.iter().filter(|s| f(s)).count();
     let accepted = |p: &str| count(&|s| s.provider == p && (200..300).contains(&s.status));
     let providers = ["atlas", "atomic", "smallest"];
-    let delivered = wait_for(
-        Duration::from_secs(90),
-        "every accepted event delivered",
-        diag,
-        || {
-            let ids = delivered_ids(c, NS);
-            providers
-                .iter()
-                .all(|p| ids.get(&format!("/{p}")).map_or(0, BTreeSet::len) >= accepted(p))
-                .then_some(ids)
-        },
-    );
+    let delivered = wait_all_delivered(c, NS, &providers, accepted, diag);
     let got: usize = providers
         .iter()
         .map(|p| delivered.get(&format!("/{p}")).map_or(0, BTreeSet::len))

@@ -101,6 +101,29 @@ impl Stream {
 }
 
 /// The webhook ids the consumer verified per path (`/atlas`, ...), read from its log.
+/// Waits (90 s at most) until the consumer in `ns` holds, for each of `providers`, at
+/// least as many distinct event ids as `accepted` says were answered 2xx; returns them.
+pub fn wait_all_delivered(
+    c: &Cluster,
+    ns: &str,
+    providers: &[&str],
+    accepted: impl Fn(&str) -> usize,
+    diag: impl Fn() -> String,
+) -> BTreeMap<String, BTreeSet<String>> {
+    wait_for(
+        Duration::from_secs(90),
+        "every accepted event delivered",
+        diag,
+        || {
+            let ids = delivered_ids(c, ns);
+            providers
+                .iter()
+                .all(|p| ids.get(&format!("/{p}")).map_or(0, BTreeSet::len) >= accepted(p))
+                .then_some(ids)
+        },
+    )
+}
+
 pub fn delivered_ids(c: &Cluster, ns: &str) -> BTreeMap<String, BTreeSet<String>> {
     let log = c.kubectl_ok(&["-n", ns, "logs", "deploy/demo-consumer", "--tail=-1"]);
     let field = |l: &str, name: &str| -> Option<String> {
@@ -319,18 +342,9 @@ fn lifecycle_upgrade_delete_evict_uninstall_lose_nothing() {
         shots.len(),
         count(&|s| (200..300).contains(&s.status))
     );
-    let all_delivered = wait_for(
-        Duration::from_secs(90),
-        "every accepted event delivered",
-        || format!("{}\n{}", report(&delivered_ids(c, NS)), diag()),
-        || {
-            let ids = delivered_ids(c, NS);
-            providers
-                .iter()
-                .all(|p| ids.get(&format!("/{p}")).map_or(0, BTreeSet::len) >= accepted(p))
-                .then_some(ids)
-        },
-    );
+    let all_delivered = wait_all_delivered(c, NS, &providers, accepted, || {
+        format!("{}\n{}", report(&delivered_ids(c, NS)), diag())
+    });
     let lost: usize = providers
         .iter()
         .map(|p| {
