@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use super::Bucket;
+use super::key_fetch::FetchState;
 use crate::config::{EndpointConfig, SubscriptionRoute};
 use crate::metrics::{EndpointMetrics, Metrics};
 use crate::queue::{EndpointKey, from_millis, to_millis};
@@ -59,6 +60,8 @@ pub struct SubscriptionEntry {
     pub provider: Provider,
     pub keys: VerificationKeys,
     pub counters: Arc<SubscriptionCounters>,
+    /// Secrets fetched from the provider after a signature failed (see [`super::key_fetch`]).
+    pub fetch: Arc<FetchState>,
 }
 
 /// One endpoint's subscriptions by name, shared by every version of the endpoint's route:
@@ -187,13 +190,14 @@ impl RouteTable {
         }
     }
 
-    /// Adds or replaces one subscription; its counters carry over a replacement.
+    /// Adds or replaces one subscription; its counters and the secrets fetched for it
+    /// carry over a replacement.
     pub fn upsert_subscription(&self, sub: &SubscriptionRoute) {
         let entries = self.entries(&sub.endpoint);
         let mut entries = entries.write().expect("routes lock");
-        let counters = entries
+        let (counters, fetch) = entries
             .get(&sub.name)
-            .map(|e| e.counters.clone())
+            .map(|e| (e.counters.clone(), e.fetch.clone()))
             .unwrap_or_default();
         entries.insert(
             sub.name.clone(),
@@ -201,6 +205,7 @@ impl RouteTable {
                 provider: sub.provider,
                 keys: sub.keys.clone(),
                 counters,
+                fetch,
             }),
         );
     }
