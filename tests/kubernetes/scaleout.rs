@@ -476,7 +476,9 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
 
 /// Fires `total` events as POSTs of `per_post` at the replicas' ingresses with a fixed
 /// concurrency. A POST that is refused or fails is sent again (as a provider would) to the
-/// next ingress. Returns the callIds of every acknowledged (2xx) POST.
+/// next ingress. Returns the callIds of every acknowledged (2xx) POST. The retry models
+/// Atlas, which retries on a best-effort basis; Atlas does not sign, so no 401 can hide
+/// here (what a refused signature costs is `key_race`'s, with no retries).
 async fn load(
     urls: Vec<String>,
     total: usize,

@@ -59,6 +59,14 @@ pub fn fetchable(provider: Provider) -> bool {
     matches!(provider, Provider::Atomic | Provider::Smallest)
 }
 
+/// Whose secret: the subscription's provider, the endpoint it receives on, its name.
+#[derive(Clone, Copy)]
+pub struct Subject<'a> {
+    pub provider: Provider,
+    pub endpoint: &'a EndpointKey,
+    pub subscription: &'a str,
+}
+
 /// The ingress's side of fetching: the source (set once the controller exists) and the
 /// bounds.
 pub struct KeyFetcher {
@@ -100,9 +108,7 @@ impl KeyFetcher {
         &self,
         state: &FetchState,
         metrics: &Metrics,
-        provider: Provider,
-        endpoint: &EndpointKey,
-        subscription: &str,
+        who: Subject<'_>,
         route_keys: &VerificationKeys,
         mut verify: impl FnMut(&VerificationKeys) -> Result<T, E>,
     ) -> Option<Result<T, E>> {
@@ -117,15 +123,7 @@ impl KeyFetcher {
             }
         }
         let fetched = state
-            .fetch_after(
-                seen,
-                self,
-                source.as_ref(),
-                metrics,
-                provider,
-                endpoint,
-                subscription,
-            )
+            .fetch_after(seen, self, source.as_ref(), metrics, who)
             .await;
         if !fetched {
             return last;
@@ -189,17 +187,19 @@ impl FetchState {
     /// Fetches unless a fetch completed after generation `seen` (then its result is
     /// used) or the rate limit is reached. Returns whether some fetch completed since
     /// `seen` (this one or another's), i.e. whether verifying again may help.
-    #[allow(clippy::too_many_arguments)]
     async fn fetch_after(
         &self,
         seen: u64,
         fetcher: &KeyFetcher,
         source: &dyn KeySource,
         metrics: &Metrics,
-        provider: Provider,
-        endpoint: &EndpointKey,
-        subscription: &str,
+        who: Subject<'_>,
     ) -> bool {
+        let Subject {
+            provider,
+            endpoint,
+            subscription,
+        } = who;
         let mut recent = self.flight.lock().await;
         if self.generation() != seen {
             return true;
@@ -315,9 +315,11 @@ mod tests {
             .verify_again(
                 state,
                 metrics,
-                Provider::Smallest,
-                &EndpointKey::new("apps", "orders"),
-                "calls",
+                Subject {
+                    provider: Provider::Smallest,
+                    endpoint: &EndpointKey::new("apps", "orders"),
+                    subscription: "calls",
+                },
                 &old_keys(),
                 check(wanted),
             )

@@ -147,9 +147,11 @@ async fn hook(
                 .verify_again(
                     &sub.fetch,
                     &ing.metrics,
-                    sub.provider,
-                    &route.key,
-                    &subscription,
+                    key_fetch::Subject {
+                        provider: sub.provider,
+                        endpoint: &route.key,
+                        subscription: &subscription,
+                    },
                     &sub.keys,
                     |keys| ing.parser.parse(sub.provider, keys, &inbound),
                 )
