@@ -30,7 +30,8 @@ pub const DEFAULT_MAX_FETCHES_PER_MINUTE: usize = 6;
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The rate limit's window.
 pub const WINDOW: Duration = Duration::from_secs(60);
-/// Fetched secrets kept per subscription (newest first), besides the route's own keys.
+/// Secrets of one fetch kept per subscription (newest first), besides the route's own keys
+/// (Atomic may list a replacement and the webhook it replaces).
 const KEPT: usize = 4;
 
 /// Why the current secret could not be fetched: a short fixed reason (for a log line),
@@ -144,7 +145,7 @@ pub struct FetchState {
     generation: AtomicU64,
     /// Held for the duration of a fetch: the single flight.
     flight: tokio::sync::Mutex<VecDeque<Instant>>,
-    /// Secrets fetched, newest first.
+    /// What the last successful fetch returned, newest first.
     fetched: RwLock<Vec<Vec<u8>>>,
 }
 
@@ -224,16 +225,13 @@ impl FetchState {
         let result = match answer {
             Ok(Ok(secrets)) if secrets.is_empty() => "none",
             Ok(Ok(secrets)) => {
+                // What the provider signs with now replaces what was fetched before: a
+                // secret it no longer uses stays accepted only through the route's own
+                // keys, for the overlap the leader keeps in the Secret.
                 let mut kept = self.fetched.write().expect("keys");
                 let new = secrets.iter().any(|s| !kept.contains(s));
-                let mut next = secrets;
-                for s in kept.iter() {
-                    if !next.contains(s) {
-                        next.push(s.clone());
-                    }
-                }
-                next.truncate(KEPT);
-                *kept = next;
+                *kept = secrets;
+                kept.truncate(KEPT);
                 if new { "fetched" } else { "unchanged" }
             }
             Ok(Err(e)) => {
@@ -376,6 +374,25 @@ mod tests {
             Some(Ok(()))
         );
         assert_eq!(source.calls.load(Ordering::SeqCst), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_secret_the_provider_no_longer_signs_with_is_not_kept_from_a_fetch() {
+        let (fetcher, source, state) = setup(Duration::from_millis(10), 6);
+        let metrics = Metrics::new();
+        assert_eq!(
+            again(&fetcher, &state, &metrics, b"new").await,
+            Some(Ok(()))
+        );
+        *source.secret.write().unwrap() = b"newer".to_vec();
+        assert_eq!(
+            again(&fetcher, &state, &metrics, b"newer").await,
+            Some(Ok(()))
+        );
+        // "new" was only ever fetched: once the provider moved on, it is not accepted.
+        let merged = state.merged(&old_keys()).unwrap();
+        assert_eq!(merged.secrets, vec![b"newer".to_vec(), b"old".to_vec()]);
+        assert_eq!(metrics.key_fetches("smallest", "fetched"), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -349,4 +349,15 @@ mod tests {
         table.upsert_subscription(&subscription("calls", Provider::Atlas));
         assert_eq!(table.counters(&key, "calls").map(|c| c.get().0), Some(0));
     }
+
+    #[test]
+    fn fetched_secrets_survive_a_subscriptions_replacement() {
+        let table = RouteTable::new(Arc::new(Metrics::new()));
+        table.upsert_endpoint(&endpoint("t1"));
+        table.upsert_subscription(&subscription("calls", Provider::Smallest));
+        let before = table.lookup("t1").unwrap().subscription("calls").unwrap();
+        table.upsert_subscription(&subscription("calls", Provider::Smallest));
+        let after = table.lookup("t1").unwrap().subscription("calls").unwrap();
+        assert!(Arc::ptr_eq(&before.fetch, &after.fetch));
+    }
 }
