@@ -104,8 +104,11 @@ async fn run(config: OperatorConfig) -> anyhow::Result<()> {
     let ctx = Arc::new(controller::Context::new(
         client.clone(),
         config,
-        Arc::new(data_plane),
+        Arc::new(data_plane.clone()),
     ));
+    // A signature that fails against a route's keys makes the ingress fetch the
+    // provider's current secret (bounded; any replica, read-only).
+    data_plane.set_key_source(Arc::new(controller::key_fetch::ProviderKeys::new(&ctx)));
     match election {
         None => controller::run(ctx, shutdown).await,
         Some(election) => {

@@ -22,8 +22,8 @@ use crate::support::{TestEnv, test_env, wait_until};
 
 /// Receives deliveries; remembers the Atlas `callId` of each and counts every POST.
 #[derive(Default)]
-struct Received {
-    calls: HashSet<String>,
+pub(crate) struct Received {
+    pub(crate) calls: HashSet<String>,
     posts: u64,
     /// When each `callId` first arrived.
     first_at: HashMap<String, Instant>,
@@ -54,11 +54,11 @@ async fn consumer() -> (u16, Arc<Mutex<Received>>) {
     (port, received)
 }
 
-struct Replica {
-    name: String,
+pub(crate) struct Replica {
+    pub(crate) name: String,
     child: Child,
     ingress_port: u16,
-    logs: Arc<Mutex<Vec<String>>>,
+    pub(crate) logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Replica {
@@ -66,7 +66,7 @@ impl Replica {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
     }
-    fn hook(&self, path: &str) -> String {
+    pub(crate) fn hook(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.ingress_port)
     }
 }
@@ -82,11 +82,11 @@ impl Drop for Replica {
     }
 }
 
-struct Cluster {
-    env: TestEnv,
+pub(crate) struct Cluster {
+    pub(crate) env: TestEnv,
     nats: NatsServer,
-    sandbox: SandboxHandle,
-    received: Arc<Mutex<Received>>,
+    pub(crate) sandbox: SandboxHandle,
+    pub(crate) received: Arc<Mutex<Received>>,
     consumer_port: u16,
     ports: [u16; 2],
     /// `--nats-ack-wait` of the replicas.
@@ -94,7 +94,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn new(prefix: &str) -> Cluster {
+    pub(crate) async fn new(prefix: &str) -> Cluster {
         let env = test_env(prefix).await;
         let nats = tokio::task::spawn_blocking(NatsServer::start)
             .await
@@ -115,7 +115,7 @@ impl Cluster {
         }
     }
 
-    fn start_replica(&self, index: usize) -> Replica {
+    pub(crate) fn start_replica(&self, index: usize) -> Replica {
         let name = format!("replica-{index}");
         let ns = &self.env.namespace;
         let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
@@ -172,7 +172,7 @@ impl Cluster {
         }
     }
 
-    async fn setup_objects(&self, subs: &[(&str, &str)]) {
+    pub(crate) async fn setup_objects(&self, subs: &[(&str, &str)]) {
         let secrets: Api<Secret> = Api::namespaced(self.env.client.clone(), &self.env.namespace);
         let secret: Secret = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "atlas-creds"},
@@ -209,7 +209,7 @@ impl Cluster {
         .await;
     }
 
-    async fn wait_ready(&self, name: &str, timeout: Duration) {
+    pub(crate) async fn wait_ready(&self, name: &str, timeout: Duration) {
         let api: Api<WebhookSubscription> =
             Api::namespaced(self.env.client.clone(), &self.env.namespace);
         let deadline = Instant::now() + timeout;
@@ -239,7 +239,7 @@ impl Cluster {
     }
 
     /// `/hooks/<token>` of the endpoint.
-    async fn hook_path(&self) -> String {
+    pub(crate) async fn hook_path(&self) -> String {
         let api: Api<WebhookEndpoint> =
             Api::namespaced(self.env.client.clone(), &self.env.namespace);
         wait_until(Duration::from_secs(30), "endpoint ingress URL", || {
@@ -253,7 +253,7 @@ impl Cluster {
         .await
     }
 
-    async fn holder(&self) -> Option<String> {
+    pub(crate) async fn holder(&self) -> Option<String> {
         let leases: Api<Lease> = Api::namespaced(self.env.client.clone(), &self.env.namespace);
         leases
             .get_opt("webhook-operator")
@@ -284,7 +284,7 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    async fn wait_delivered(&self, ids: &HashSet<String>, timeout: Duration) {
+    pub(crate) async fn wait_delivered(&self, ids: &HashSet<String>, timeout: Duration) {
         let received = self.received.clone();
         let total = ids.len();
         let deadline = Instant::now() + timeout;
@@ -476,7 +476,9 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
 
 /// Fires `total` events as POSTs of `per_post` at the replicas' ingresses with a fixed
 /// concurrency. A POST that is refused or fails is sent again (as a provider would) to the
-/// next ingress. Returns the callIds of every acknowledged (2xx) POST.
+/// next ingress. Returns the callIds of every acknowledged (2xx) POST. The retry models
+/// Atlas, which retries on a best-effort basis; Atlas does not sign, so no 401 can hide
+/// here (what a refused signature costs is `key_race`'s, with no retries).
 async fn load(
     urls: Vec<String>,
     total: usize,
