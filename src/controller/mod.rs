@@ -406,7 +406,7 @@ where
 /// Notes in the endpoint memo the version of `ep` the watch shows.
 fn note_endpoint(ctx: &Context, ep: &WebhookEndpoint) {
     let version = ep.meta().resource_version.as_deref();
-    let key = (ep.namespace().unwrap_or_default(), ep.name_any());
+    let key = routes::key_of(ep);
     ctx.endpoint_memo
         .update_existing(&key, |m| m.status.observe(version));
 }
@@ -490,8 +490,7 @@ async fn refresh_status(
             _ = tick.tick() => {}
         }
         for ep in endpoints.state() {
-            let key = (ep.namespace().unwrap_or_default(), ep.name_any());
-            let Some(health) = ctx.routes.0.endpoint_health(key) else {
+            let Some(health) = ctx.routes.0.endpoint_health(routes::key_of(&ep)) else {
                 continue;
             };
             let r = ObjectRef::from_obj(&*ep);

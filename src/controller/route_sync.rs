@@ -285,10 +285,10 @@ fn sync_endpoints(
         if applied.endpoints.get(&d.key) != Some(&fp) {
             match routes.configure_endpoint(&d) {
                 Ok(()) => {
-                    tracing::info!(namespace = %d.key.0, name = %d.key.1, "route sync: endpoint configured")
+                    tracing::info!(namespace = %d.key.namespace, name = %d.key.name, "route sync: endpoint configured")
                 }
                 Err((reason, message)) => {
-                    tracing::warn!(namespace = %d.key.0, name = %d.key.1, reason, %message, "route sync: endpoint refused")
+                    tracing::warn!(namespace = %d.key.namespace, name = %d.key.name, reason, %message, "route sync: endpoint refused")
                 }
             }
         }

@@ -63,7 +63,7 @@ reconcile_under_finalizer!(WebhookEndpoint);
 /// about it go with it.
 async fn cleanup(ep: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
     let ns = ep.namespace().unwrap_or_default();
-    let key = (ns.clone(), ep.name_any());
+    let key = super::routes::key_of(ep);
     ctx.endpoint_memo.forget(&key);
     ctx.routes.0.remove_endpoint(key.clone());
     // Its events go with it (README "Deleting an endpoint"); a failure keeps the finalizer
@@ -85,7 +85,7 @@ async fn apply(
     ctx: &Context,
     api: &Api<WebhookEndpoint>,
 ) -> Result<Action, Error> {
-    let key = (ep.namespace().unwrap_or_default(), ep.name_any());
+    let key = super::routes::key_of(ep);
     let written = ctx.endpoint_memo.read(&key, |m| m.status.written());
     // Read after the memo: once it has dropped our last write, the cache holds it.
     // (`super::status` is the controller's status store; `status` is this pass's step.)
@@ -184,8 +184,8 @@ mod tests {
         let spec = serde_json::json!({"destination": {"service": {"name": "sink", "port": 8080}}});
         let ep: WebhookEndpoint =
             super::super::test_support::object("WebhookEndpoint", "a", "orders", spec);
-        let key = ("a".to_string(), "orders".to_string());
-        let other = ("a".to_string(), "invoices".to_string());
+        let key = super::super::routes::EndpointKey::new("a", "orders");
+        let other = super::super::routes::EndpointKey::new("a", "invoices");
         for k in [&key, &other] {
             ctx.endpoint_memo
                 .update(k.clone(), |m| m.handled_replay = Some("r1".into()));

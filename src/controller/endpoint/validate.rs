@@ -47,13 +47,10 @@ pub fn validate(ep: &WebhookEndpoint, ctx: &Context, rotated: &Rotated) -> Valid
             problems.extend(p.into_iter().map(|(r, m)| EndpointProblem::Build(r, m)));
         })
         .ok();
-    if let Some(Err(e)) = ep
-        .spec
-        .filter
-        .as_deref()
-        .map(crate::delivery::filter::Filter::compile)
-    {
-        problems.push(EndpointProblem::FilterInvalid(e.to_string()));
+    // The build compiled `spec.filter`. Without a build the endpoint is not Ready for
+    // the build's first problem already, whatever the filter.
+    if let Some(Err(e)) = delivery.as_ref().map(|d| &d.filter) {
+        problems.push(EndpointProblem::FilterInvalid(e.clone()));
     }
     let token = fetched
         .owned(&ep.metadata, &ep.ingress_secret_name())
