@@ -264,8 +264,8 @@ fn sync_endpoints(
         if isolation::check_destination(
             &ep.spec.destination,
             &ep.namespace().unwrap_or_default(),
-            ctx.config.allow_cross_namespace_refs,
-            &ctx.destinations,
+            ctx.destinations.allow_cross_namespace_refs,
+            &ctx.destinations.resolver,
         )
         .is_err()
         {

@@ -64,7 +64,7 @@ reconcile_under_finalizer!(WebhookEndpoint);
 async fn cleanup(ep: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
     let ns = ep.namespace().unwrap_or_default();
     let key = super::routes::key_of(ep);
-    ctx.endpoint_memo.forget(&key);
+    ctx.memos.endpoints.forget(&key);
     ctx.routes.0.remove_endpoint(key.clone());
     // Its events go with it (README "Deleting an endpoint"); a failure keeps the finalizer
     // and is retried.
@@ -86,10 +86,10 @@ async fn apply(
     api: &Api<WebhookEndpoint>,
 ) -> Result<Action, Error> {
     let key = super::routes::key_of(ep);
-    let written = ctx.endpoint_memo.read(&key, |m| m.status.written());
+    let written = ctx.memos.endpoints.read(&key, |m| m.status.written());
     // Read after the memo: once it has dropped our last write, the cache holds it.
     // (`super::status` is the controller's status store; `status` is this pass's step.)
-    let cached = super::newest(&ctx.endpoints, ep);
+    let cached = super::newest(&ctx.watched.endpoints, ep);
     let status_of = super::status::source(ep, written.as_ref(), cached.as_deref());
     let current = super::status::current(status_of, written.as_ref())
         .cloned()
@@ -112,7 +112,8 @@ async fn apply(
     );
     status::publish_transitions(ctx, ep, &current, &next).await;
     if let Some(written) = super::status::apply_if_changed(api, status_of, written, next).await? {
-        ctx.endpoint_memo
+        ctx.memos
+            .endpoints
             .update(key.clone(), |m| m.status.keep(written));
     }
     let wait = status::requeue(&validated.problems, rotated.overlap_ends);
@@ -187,17 +188,19 @@ mod tests {
         let key = super::super::routes::EndpointKey::new("a", "orders");
         let other = super::super::routes::EndpointKey::new("a", "invoices");
         for k in [&key, &other] {
-            ctx.endpoint_memo
+            ctx.memos
+                .endpoints
                 .update(k.clone(), |m| m.handled_replay = Some("r1".into()));
         }
         cleanup(&ep, &ctx).await.unwrap();
         // A re-created endpoint of the same name answers the same request value again.
         assert_eq!(
-            ctx.endpoint_memo.read(&key, |m| m.handled_replay.clone()),
+            ctx.memos.endpoints.read(&key, |m| m.handled_replay.clone()),
             None
         );
         assert_eq!(
-            ctx.endpoint_memo
+            ctx.memos
+                .endpoints
                 .read(&other, |m| m.handled_replay.clone())
                 .as_deref(),
             Some("r1")

@@ -37,7 +37,7 @@ pub fn next(
         validated
             .token
             .as_deref()
-            .map(|t| ingress_url(ctx.config.public_base_url.as_deref(), t)),
+            .map(|t| ingress_url(ctx.public_base_url.as_deref(), t)),
         validated.signing_secret.as_deref().map(secret_hash),
         &validated.problems,
         health.as_ref(),

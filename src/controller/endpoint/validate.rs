@@ -6,9 +6,9 @@ use kube::ResourceExt;
 
 use super::{EndpointProblem, Rotated};
 use crate::api::endpoint::{INGRESS_SECRET_KEY, WebhookEndpoint};
+use crate::controller::Context;
 use crate::controller::build::{self, SecretRead, ingress_token};
 use crate::controller::routes::EndpointDelivery;
-use crate::controller::{Context, isolation};
 
 /// What validation hands to the data-plane configuration and the status.
 pub struct Validated {
@@ -29,14 +29,11 @@ pub fn validate(ep: &WebhookEndpoint, ctx: &Context, rotated: &Rotated) -> Valid
     let mut problems = Vec::new();
     // A refused destination is reported first and nothing is handed to the data plane, so
     // nothing is delivered (an earlier configuration is withdrawn).
-    let refused = isolation::check_destination(
-        &ep.spec.destination,
-        &ep.namespace().unwrap_or_default(),
-        ctx.config.allow_cross_namespace_refs,
-        &ctx.destinations,
-    )
-    .map_err(|(reason, msg)| problems.push(EndpointProblem::DestinationRefused(reason, msg)))
-    .is_err();
+    let refused = ctx
+        .destinations
+        .check(&ep.spec.destination, &ep.namespace().unwrap_or_default())
+        .map_err(|(reason, msg)| problems.push(EndpointProblem::DestinationRefused(reason, msg)))
+        .is_err();
     let signing_secret = fetched
         .owned(&ep.metadata, &ep.signing_secret_name())
         .ok()
