@@ -4,12 +4,10 @@
 //! only when the data plane's numbers changed).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use sha2::{Digest, Sha256};
 
 use super::{Context, Error};
 use crate::api::WebhookSubscription;
@@ -26,36 +24,14 @@ mod validate;
 
 pub use problem::EndpointProblem;
 pub use replay::replay_filter;
-pub use status::next_status;
-use {rotation::Rotated, secrets::SecretsRead, validate::Validated};
+pub use rotation::rotation_overlap;
+pub use status::{ingress_url, next_status, secret_hash};
 
 pub const FINALIZER: &str = "hooks.webhook-operator.dev/delivery";
 pub use crate::api::{
     REPLAY_ANNOTATION, REPLAY_BY_ANNOTATION, REPLAY_SINCE_ANNOTATION, REPLAY_UNTIL_ANNOTATION,
     ROTATE_ANNOTATION,
 };
-
-/// The rotation overlap window of an endpoint (24 h when unset).
-pub fn rotation_overlap(signing: Option<&crate::api::endpoint::Signing>) -> Duration {
-    let fallback = Duration::from_secs(24 * 3600);
-    signing.map_or(fallback, |s| {
-        crate::duration::parse_go_duration(&s.rotation_overlap).unwrap_or(fallback)
-    })
-}
-
-/// `status.ingressURL`: the public base URL plus the path, or the path alone.
-pub fn ingress_url(public_base: Option<&str>, token: &str) -> String {
-    let path = format!("/hooks/{token}");
-    match public_base {
-        Some(base) => format!("{}{path}", base.trim_end_matches('/')),
-        None => path,
-    }
-}
-
-/// SHA-256 of the signing secret, for status: rotation shows without revealing it.
-pub fn secret_hash(secret: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(secret)))
-}
 
 reconcile_under_finalizer!(WebhookEndpoint);
 

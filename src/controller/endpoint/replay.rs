@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 
-use super::EndpointProblem;
+use super::problem::EndpointProblem;
 use crate::api::endpoint::{WebhookEndpoint, WebhookEndpointStatus};
 use crate::api::{
     REPLAY_ANNOTATION, REPLAY_BY_ANNOTATION, REPLAY_SINCE_ANNOTATION, REPLAY_UNTIL_ANNOTATION,

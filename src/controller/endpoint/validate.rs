@@ -4,7 +4,8 @@
 
 use kube::ResourceExt;
 
-use super::{EndpointProblem, Rotated};
+use super::problem::EndpointProblem;
+use super::rotation::Rotated;
 use crate::api::endpoint::{INGRESS_SECRET_KEY, WebhookEndpoint};
 use crate::controller::Context;
 use crate::controller::build::{self, SecretRead, ingress_token};
