@@ -57,6 +57,17 @@ pub(crate) struct Store {
     subs: Vec<Sub>,
 }
 
+impl Store {
+    /// `Err` (404) unless a webhook `id` exists.
+    fn known(&self, id: &str) -> Result<(), Response> {
+        if self.hooks.iter().any(|x| x.id == id) {
+            Ok(())
+        } else {
+            Err(error(StatusCode::NOT_FOUND, "Webhook not found"))
+        }
+    }
+}
+
 pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"status": false, "errors": [message]}))).into_response()
 }
@@ -309,8 +320,8 @@ async fn delete_webhook(State(s): State<AppState>, Path(id): Path<String>) -> Re
         );
     }
     let mut st = s.smallest.lock().expect("smallest state");
-    if !st.hooks.iter().any(|x| x.id == id) {
-        return error(StatusCode::NOT_FOUND, "Webhook not found");
+    if let Err(r) = st.known(&id) {
+        return r;
     }
     if st.subs.iter().any(|x| x.webhook_id == id) {
         return error(
@@ -382,8 +393,8 @@ async fn agent_replace(
         );
     }
     let mut st = s.smallest.lock().expect("smallest state");
-    if !st.hooks.iter().any(|x| x.id == webhook_id) {
-        return error(StatusCode::NOT_FOUND, "Webhook not found");
+    if let Err(r) = st.known(webhook_id) {
+        return r;
     }
     st.subs
         .retain(|x| !(x.agent_id == agent && x.webhook_id == webhook_id));
