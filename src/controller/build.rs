@@ -190,11 +190,17 @@ pub fn endpoint_delivery(
     }
     match (token, signing) {
         (Some(token), Some(signing_secrets)) if problems.is_empty() => Ok(EndpointDelivery {
-            key: (ns, ep.name_any()),
+            key: super::routes::key_of(ep),
             token: ingress_token(&token),
             spec: ep.spec.clone(),
             signing_secrets,
             headers,
+            filter: ep
+                .spec
+                .filter
+                .as_deref()
+                .map(crate::delivery::filter::Filter::compile)
+                .transpose(),
         }),
         _ => Err(problems),
     }
@@ -390,7 +396,11 @@ mod tests {
         ];
         for (case, spec, fetched, want) in cases {
             let got = endpoint_delivery(&endpoint(spec), &fetched).map(|d| {
-                assert_eq!(d.key, ("a".to_string(), "orders".to_string()), "{case}");
+                assert_eq!(
+                    d.key,
+                    super::super::routes::EndpointKey::new("a", "orders"),
+                    "{case}"
+                );
                 assert_eq!(d.token, ingress_token(b"key"), "{case}");
                 (d.signing_secrets, d.headers)
             });
@@ -404,6 +414,29 @@ mod tests {
                 )
             });
             assert_eq!(got, want, "{case}");
+        }
+    }
+
+    /// `spec.filter` is compiled by the build, once: the settings carry the program, or
+    /// why it does not compile (for the condition and for the data plane's refusal).
+    #[test]
+    fn the_build_carries_the_compiled_filter() {
+        let secrets = given(&[INGRESS, SIGNING], &[]);
+        let filter_of = |extra| endpoint_delivery(&endpoint(extra), &secrets).map(|d| d.filter);
+        let none = filter_of(serde_json::json!({}));
+        assert!(
+            matches!(none, Ok(Ok(None))),
+            "no filter: nothing to compile"
+        );
+        let valid = filter_of(serde_json::json!({"filter": "event.type == 'a'"}));
+        assert!(
+            matches!(valid, Ok(Ok(Some(_)))),
+            "a valid filter is compiled"
+        );
+        let invalid = filter_of(serde_json::json!({"filter": "event.type =="}));
+        match invalid {
+            Ok(Err(message)) => assert!(!message.is_empty()),
+            _ => panic!("an invalid filter is carried as its error, the settings still built"),
         }
     }
 

@@ -15,11 +15,6 @@ use crate::dataplane::{
 };
 use crate::delivery::SigningSecret;
 use crate::inbound::VerificationKeys;
-use crate::queue;
-
-fn key((namespace, name): EndpointKey) -> queue::EndpointKey {
-    queue::EndpointKey::new(namespace, name)
-}
 
 /// Each refusal of the data plane under its own condition reason.
 fn refusal(e: EndpointConfigError) -> Refusal {
@@ -45,7 +40,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         DataPlane::upsert_subscription(
             self,
             SubscriptionRoute {
-                endpoint: key(endpoint),
+                endpoint,
                 name: subscription,
                 provider: super::to_dataplane::provider(provider),
                 keys,
@@ -58,11 +53,11 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
     }
 
     fn remove_subscription(&self, endpoint: EndpointKey, subscription: String) {
-        DataPlane::remove_subscription(self, &key(endpoint), &subscription);
+        DataPlane::remove_subscription(self, &endpoint, &subscription);
     }
 
     fn subscription_synced(&self, endpoint: EndpointKey, subscription: String, synced: bool) {
-        DataPlane::set_subscription_synced(self, &key(endpoint), &subscription, synced);
+        DataPlane::set_subscription_synced(self, &endpoint, &subscription, synced);
     }
 
     fn subscription_counters(
@@ -70,7 +65,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         endpoint: EndpointKey,
         subscription: String,
     ) -> Option<(u64, Option<SystemTime>)> {
-        DataPlane::subscription_counters(self, &key(endpoint), &subscription)
+        DataPlane::subscription_counters(self, &endpoint, &subscription)
     }
 
     fn subscription_signature_failures(
@@ -78,11 +73,11 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         endpoint: EndpointKey,
         subscription: String,
     ) -> Option<(u64, Option<SystemTime>)> {
-        DataPlane::subscription_signature_failures(self, &key(endpoint), &subscription)
+        DataPlane::subscription_signature_failures(self, &endpoint, &subscription)
     }
 
     fn configure_endpoint(&self, ep: &EndpointDelivery) -> Result<(), Refusal> {
-        let destination = super::isolation::destination(&ep.spec.destination, &ep.key.0)
+        let destination = super::isolation::destination(&ep.spec.destination, &ep.key.namespace)
             .ok_or_else(|| {
                 (
                     reasons::INVALID_SPEC,
@@ -106,7 +101,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         DataPlane::upsert_endpoint(
             self,
             EndpointConfig {
-                key: key(ep.key.clone()),
+                key: ep.key.clone(),
                 token: ep.token.clone(),
                 destination,
                 policy,
@@ -124,11 +119,8 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                     }),
                 format: super::to_dataplane::format(ep.spec.format),
                 filter: ep
-                    .spec
                     .filter
-                    .as_deref()
-                    .map(crate::delivery::filter::Filter::compile)
-                    .transpose()
+                    .clone()
                     .map_err(|e| (reasons::FILTER_INVALID, format!("spec.filter: {e}")))?,
             },
         )
@@ -136,11 +128,11 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
     }
 
     fn remove_endpoint(&self, endpoint: EndpointKey) {
-        DataPlane::remove_endpoint(self, &key(endpoint));
+        DataPlane::remove_endpoint(self, &endpoint);
     }
 
     fn endpoint_health(&self, endpoint: EndpointKey) -> Option<EndpointHealthView> {
-        DataPlane::endpoint_health(self, &key(endpoint)).map(|h| EndpointHealthView {
+        DataPlane::endpoint_health(self, &endpoint).map(|h| EndpointHealthView {
             stats: super::to_dataplane::delivery_stats(h.stats),
             healthy: h.verdict.healthy,
             reason: h.verdict.reason,
@@ -155,7 +147,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
 
     fn purge_endpoint(&self, endpoint: EndpointKey) -> BoxFuture<'static, anyhow::Result<u64>> {
         let dp = self.clone();
-        async move { DataPlane::purge_endpoint(&dp, &key(endpoint)).await }.boxed()
+        async move { DataPlane::purge_endpoint(&dp, &endpoint).await }.boxed()
     }
 
     fn replay(
@@ -164,7 +156,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
         filter: ReplayFilter,
     ) -> BoxFuture<'static, anyhow::Result<u64>> {
         let dp = self.clone();
-        async move { DataPlane::replay(&dp, &key(endpoint), filter).await }.boxed()
+        async move { DataPlane::replay(&dp, &endpoint, filter).await }.boxed()
     }
 }
 
@@ -190,7 +182,7 @@ impl TestInjection for std::sync::Arc<DataPlane> {
         endpoint: EndpointKey,
         subscription: String,
     ) -> Option<(SystemTime, std::time::Duration)> {
-        DataPlane::last_test(self, &key(endpoint), &subscription)
+        DataPlane::last_test(self, &endpoint, &subscription)
     }
 
     fn last_test_failure(
@@ -198,6 +190,6 @@ impl TestInjection for std::sync::Arc<DataPlane> {
         endpoint: EndpointKey,
         subscription: String,
     ) -> Option<(SystemTime, String)> {
-        DataPlane::last_test_failure(self, &key(endpoint), &subscription)
+        DataPlane::last_test_failure(self, &endpoint, &subscription)
     }
 }

@@ -27,6 +27,27 @@ pub fn destination(spec: &ApiDestination, endpoint_namespace: &str) -> Option<De
     }
 }
 
+/// Where endpoints may deliver: the operator's flags, as the reconciler and route sync
+/// check them.
+pub struct Destinations {
+    /// `--allow-cross-namespace-refs`.
+    pub allow_cross_namespace_refs: bool,
+    /// The address policy and resolution overrides.
+    pub resolver: Resolver,
+}
+
+impl Destinations {
+    /// [`check_destination`] under these flags.
+    pub fn check(&self, spec: &ApiDestination, endpoint_namespace: &str) -> Result<(), Refusal> {
+        check_destination(
+            spec,
+            endpoint_namespace,
+            self.allow_cross_namespace_refs,
+            &self.resolver,
+        )
+    }
+}
+
 /// `Err` when the endpoint in `endpoint_namespace` may not deliver to `spec`.
 pub fn check_destination(
     spec: &ApiDestination,

@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn forgetting_an_endpoint_drops_its_handled_replay() {
         let memo = EndpointMemo::default();
-        let key: EndpointKey = ("ns".into(), "orders".into());
+        let key = EndpointKey::new("ns", "orders");
         memo.update(key.clone(), |m| m.handled_replay = Some("r1".into()));
         assert_eq!(
             memo.read(&key, |m| m.handled_replay.clone()).as_deref(),
@@ -143,10 +143,7 @@ mod tests {
     #[test]
     fn updating_only_what_exists_adds_nothing() {
         let memo = EndpointMemo::default();
-        let (known, unknown) = (
-            ("a".to_string(), "x".to_string()),
-            ("a".to_string(), "y".to_string()),
-        );
+        let (known, unknown) = (EndpointKey::new("a", "x"), EndpointKey::new("a", "y"));
         memo.update(known.clone(), |m| m.handled_replay = Some("r1".into()));
         memo.update_existing(&unknown, |m| m.handled_replay = Some("r2".into()));
         memo.update_existing(&known, |m| m.handled_replay = Some("r3".into()));

@@ -62,25 +62,44 @@ use crate::config::OperatorConfig;
 use crate::providers::{ProviderClients, ProviderError};
 use routes::Routes;
 
-/// What every reconcile needs.
+/// What the passes use. The flags are read once, here: the passes see what they decide
+/// with (where endpoints may deliver, the public base URL), the wiring what it starts
+/// with ([`Watched`]).
 pub struct Context {
+    /// The API server: the passes' own objects (finalizer, status) and the watches.
     pub client: Client,
-    pub config: OperatorConfig,
     pub providers: ProviderClients,
     pub recorder: event_recorder::EventRecorder,
     pub routes: Routes,
-    /// The address policy and resolution overrides, for reconcile-time destination checks.
-    pub destinations: crate::delivery::Resolver,
-    /// What subscription passes remember between passes (schedule, test events).
-    pub subscription_memo: memo::SubscriptionMemo,
-    /// What endpoint passes remember between passes (the last replay handled).
-    pub endpoint_memo: memo::EndpointMemo,
-    /// The WebhookEndpoint cache of the controllers [`run`] started last.
-    endpoints: Mutex<Option<watches::Cache<WebhookEndpoint>>>,
-    /// The WebhookSubscription cache of the controllers [`run`] started last.
-    subscriptions: Mutex<Option<watches::Cache<WebhookSubscription>>>,
     /// Secret reads, validated against the shared Secret watch once [`run`] starts it.
     pub secrets: secrets::SecretStore,
+    /// Where endpoints may deliver, for reconcile-time destination checks.
+    pub destinations: isolation::Destinations,
+    /// The public base of `status.ingressURL` (`--public-base-url`).
+    pub public_base_url: Option<String>,
+    /// What the passes of each kind remember between passes.
+    pub memos: Memos,
+    /// What the watches cover and the caches they fill.
+    watched: Watched,
+}
+
+/// What the passes of each kind remember between passes.
+#[derive(Default)]
+pub struct Memos {
+    /// Endpoint passes: the last replay handled, the status last written.
+    pub endpoints: memo::EndpointMemo,
+    /// Subscription passes: schedule, test events, the status last written.
+    pub subscriptions: memo::SubscriptionMemo,
+}
+
+/// The namespace the watches cover, how many passes of a kind run at once, and the
+/// caches of the controllers [`run`] started last (read by the passes).
+struct Watched {
+    /// `--namespace`: `None` watches all.
+    namespace: Option<String>,
+    max_concurrent_reconciles: u16,
+    endpoints: Mutex<Option<watches::Cache<WebhookEndpoint>>>,
+    subscriptions: Mutex<Option<watches::Cache<WebhookSubscription>>>,
 }
 
 impl Context {
@@ -96,18 +115,24 @@ impl Context {
                 std::env::var("POD_NAME").ok(),
             ),
             providers: ProviderClients::new(config.providers.endpoints()),
-            destinations: crate::delivery::Resolver::new(
-                &config.resolve_overrides,
-                config.address_policy(),
-            ),
+            destinations: isolation::Destinations {
+                allow_cross_namespace_refs: config.allow_cross_namespace_refs,
+                resolver: crate::delivery::Resolver::new(
+                    &config.resolve_overrides,
+                    config.address_policy(),
+                ),
+            },
             secrets: secrets::SecretStore::new(client.clone(), config.require_secret_label),
             client,
-            config,
             routes: Routes(routes),
-            subscription_memo: Default::default(),
-            endpoint_memo: Default::default(),
-            endpoints: Mutex::default(),
-            subscriptions: Mutex::default(),
+            public_base_url: config.public_base_url,
+            memos: Memos::default(),
+            watched: Watched {
+                namespace: config.namespace,
+                max_concurrent_reconciles: config.max_concurrent_reconciles,
+                endpoints: Mutex::default(),
+                subscriptions: Mutex::default(),
+            },
         }
     }
 
@@ -120,15 +145,13 @@ impl Context {
         name: &str,
     ) -> Result<Option<Arc<WebhookEndpoint>>, kube::Error> {
         // Until the first list is in, a GET answers.
-        if let Some(found) = cached(&self.endpoints, namespace, name) {
+        if let Some(found) = cached(&self.watched.endpoints, namespace, name) {
             return Ok(found);
         }
         let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), namespace);
         Ok(api.get_opt(name).await?.map(Arc::new))
     }
-}
 
-impl Context {
     /// A WebhookSubscription as the controllers' cache holds it, or from the API server
     /// while no controller runs (a follower).
     pub async fn subscription(
@@ -136,7 +159,7 @@ impl Context {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Arc<WebhookSubscription>>, kube::Error> {
-        if let Some(found) = cached(&self.subscriptions, namespace, name) {
+        if let Some(found) = cached(&self.watched.subscriptions, namespace, name) {
             return Ok(found);
         }
         let api: Api<WebhookSubscription> = Api::namespaced(self.client.clone(), namespace);
@@ -317,8 +340,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         .subscribe()
         .filter(|s| std::future::ready(generated_by_us(s)));
     watches.start(&ctx, &shutdown);
-    *ctx.endpoints.lock().expect("endpoints lock") = Some(watches.endpoints.cache());
-    *ctx.subscriptions.lock().expect("subscriptions lock") = Some(watches.subscriptions.cache());
+    let watched = &ctx.watched;
+    *watched.endpoints.lock().expect("endpoints lock") = Some(watches.endpoints.cache());
+    *watched.subscriptions.lock().expect("subscriptions lock") =
+        Some(watches.subscriptions.cache());
     ctx.secrets.watch(watches.secrets.cache());
     route_sync::prime(&ctx, &watches, &shutdown).await;
     let ep_store = watches.endpoints.store.clone();
@@ -332,7 +357,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     // values) changes.
     let store = ep_store.clone();
     let limits = kube::runtime::controller::Config::default()
-        .concurrency(ctx.config.max_concurrent_reconciles);
+        .concurrency(ctx.watched.max_concurrent_reconciles);
     let endpoints = Controller::for_shared_stream(endpoint_changes, ep_store.clone())
         .with_config(limits.clone())
         .owns_shared_stream(generated_secrets)
@@ -423,15 +448,17 @@ where
 /// Notes in the endpoint memo the version of `ep` the watch shows.
 fn note_endpoint(ctx: &Context, ep: &WebhookEndpoint) {
     let version = ep.meta().resource_version.as_deref();
-    let key = (ep.namespace().unwrap_or_default(), ep.name_any());
-    ctx.endpoint_memo
+    let key = routes::key_of(ep);
+    ctx.memos
+        .endpoints
         .update_existing(&key, |m| m.status.observe(version));
 }
 
 /// Notes in the subscription memo the version of `sub` the watch shows.
 fn note_subscription(ctx: &Context, sub: &WebhookSubscription) {
     let version = sub.meta().resource_version.as_deref();
-    ctx.subscription_memo
+    ctx.memos
+        .subscriptions
         .update_existing(&ObjectRef::from_obj(sub), |m| m.status.observe(version));
 }
 
@@ -507,8 +534,7 @@ async fn refresh_status(
             _ = tick.tick() => {}
         }
         for ep in endpoints.state() {
-            let key = (ep.namespace().unwrap_or_default(), ep.name_any());
-            let Some(health) = ctx.routes.0.endpoint_health(key) else {
+            let Some(health) = ctx.routes.0.endpoint_health(routes::key_of(&ep)) else {
                 continue;
             };
             let r = ObjectRef::from_obj(&*ep);

@@ -264,8 +264,8 @@ fn sync_endpoints(
         if isolation::check_destination(
             &ep.spec.destination,
             &ep.namespace().unwrap_or_default(),
-            ctx.config.allow_cross_namespace_refs,
-            &ctx.destinations,
+            ctx.destinations.allow_cross_namespace_refs,
+            &ctx.destinations.resolver,
         )
         .is_err()
         {
@@ -285,10 +285,10 @@ fn sync_endpoints(
         if applied.endpoints.get(&d.key) != Some(&fp) {
             match routes.configure_endpoint(&d) {
                 Ok(()) => {
-                    tracing::info!(namespace = %d.key.0, name = %d.key.1, "route sync: endpoint configured")
+                    tracing::info!(namespace = %d.key.namespace, name = %d.key.name, "route sync: endpoint configured")
                 }
                 Err((reason, message)) => {
-                    tracing::warn!(namespace = %d.key.0, name = %d.key.1, reason, %message, "route sync: endpoint refused")
+                    tracing::warn!(namespace = %d.key.namespace, name = %d.key.name, reason, %message, "route sync: endpoint refused")
                 }
             }
         }

@@ -6,11 +6,15 @@ use std::time::SystemTime;
 
 use kube::ResourceExt;
 
-use crate::api::WebhookSubscription;
+use crate::api::{WebhookEndpoint, WebhookSubscription};
 use crate::inbound::VerificationKeys;
+/// Namespace and name of a WebhookEndpoint: the data plane's key, the one type for it.
+pub use crate::queue::EndpointKey;
 
-/// Namespace and name of a WebhookEndpoint.
-pub type EndpointKey = (String, String);
+/// The key of `ep`.
+pub fn key_of(ep: &WebhookEndpoint) -> EndpointKey {
+    EndpointKey::new(ep.namespace().unwrap_or_default(), ep.name_any())
+}
 
 /// Why the data plane refused an endpoint's configuration: the `Ready` condition's reason
 /// (one of [`crate::api::conditions::reasons`]) and its message.
@@ -105,6 +109,9 @@ pub struct EndpointDelivery {
     pub signing_secrets: Vec<Vec<u8>>,
     /// Extra headers, values resolved from Secrets.
     pub headers: Vec<(String, String)>,
+    /// `spec.filter`, compiled once by the build: `Err` is why it does not compile (the
+    /// endpoint is then not configured).
+    pub filter: Result<Option<crate::delivery::filter::Filter>, String>,
 }
 
 /// Delivery health as the status needs it.
@@ -123,7 +130,7 @@ pub fn endpoint_of(sub: &WebhookSubscription) -> Option<EndpointKey> {
     sub.spec
         .endpoint_ref
         .as_ref()
-        .map(|r| (sub.namespace().unwrap_or_default(), r.name.clone()))
+        .map(|r| EndpointKey::new(sub.namespace().unwrap_or_default(), r.name.clone()))
 }
 
 /// Convenience calls in the reconcilers' terms.

@@ -36,7 +36,10 @@ pub fn new_request(sub: &WebhookSubscription, ctx: &Context) -> Option<String> {
     let requested = sub.annotations().get(TEST_REQUESTED_AT_ANNOTATION)?.clone();
     let key = kube::runtime::reflector::ObjectRef::from_obj(sub);
     // Remembered in memory as well: the cached object may predate our own status write.
-    let pending = ctx.subscription_memo.read(&key, |m| m.handled_test.clone());
+    let pending = ctx
+        .memos
+        .subscriptions
+        .read(&key, |m| m.handled_test.clone());
     let handled = sub
         .status
         .as_ref()
@@ -57,7 +60,8 @@ pub async fn send(
     creds: &Credentials,
 ) -> LastTest {
     let key = kube::runtime::reflector::ObjectRef::from_obj(sub);
-    ctx.subscription_memo
+    ctx.memos
+        .subscriptions
         .update(key.clone(), |m| m.handled_test = Some(requested_at.clone()));
     let sent_at = SystemTime::now();
     let how = match send_event(sub, ctx, desired, upstream_id, creds).await {
@@ -71,7 +75,7 @@ pub async fn send(
             };
         }
     };
-    ctx.subscription_memo.update(key, |m| {
+    ctx.memos.subscriptions.update(key, |m| {
         m.pending_test = Some(Pending {
             requested_at: requested_at.clone(),
             sent_at,
@@ -157,7 +161,8 @@ async fn verification_keys(
 pub fn check(sub: &WebhookSubscription, ctx: &Context) -> Option<LastTest> {
     let key = kube::runtime::reflector::ObjectRef::from_obj(sub);
     let pending = ctx
-        .subscription_memo
+        .memos
+        .subscriptions
         .read(&key, |m| m.pending_test.clone())?;
     let endpoint = endpoint_of(sub);
     let delivered = endpoint
@@ -191,13 +196,16 @@ pub fn check(sub: &WebhookSubscription, ctx: &Context) -> Option<LastTest> {
         },
         (None, None) => return None,
     };
-    ctx.subscription_memo.update(key, |m| m.pending_test = None);
+    ctx.memos
+        .subscriptions
+        .update(key, |m| m.pending_test = None);
     Some(result)
 }
 
 /// Whether a test of this subscription is waiting for its delivery.
 pub fn is_pending(sub: &WebhookSubscription, ctx: &Context) -> bool {
-    ctx.subscription_memo
+    ctx.memos
+        .subscriptions
         .read(&kube::runtime::reflector::ObjectRef::from_obj(sub), |m| {
             m.pending_test.is_some()
         })

@@ -241,7 +241,7 @@ impl Watches {
     /// Starts the three watches in the operator's namespace (or all); they stop with
     /// `shutdown`.
     pub fn start(&mut self, ctx: &Context, shutdown: &CancellationToken) {
-        let ns = ctx.config.namespace.as_deref();
+        let ns = ctx.watched.namespace.as_deref();
         self.endpoints.start(api(&ctx.client, ns), shutdown);
         self.subscriptions.start(api(&ctx.client, ns), shutdown);
         self.secrets.start(api(&ctx.client, ns), shutdown);

@@ -8,10 +8,27 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use webhook_api::{WebhookEndpoint, WebhookEndpointStatus};
 
 /// A fresh request value: the current time, so each request differs from the last.
 pub fn request_value() -> String {
     jiff::Timestamp::now().to_string()
+}
+
+/// Requests on the endpoint `name` with `annotations` and waits until the status field
+/// `echo` shows `request` (the request value among them).
+pub async fn request_on_endpoint(
+    api: &Api<WebhookEndpoint>,
+    name: &str,
+    annotations: Map<String, Value>,
+    timeout: Duration,
+    request: &str,
+    echo: fn(&WebhookEndpointStatus) -> Option<&str>,
+) -> anyhow::Result<()> {
+    annotate_and_wait(api, name, annotations, timeout, |ep| {
+        (ep.status.as_ref().and_then(echo)? == request).then_some(())
+    })
+    .await
 }
 
 /// Merges `annotations` (a `null` value removes one) into `name`, then polls until

@@ -11,7 +11,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Map, Value};
 
-use crate::annotate::{annotate_and_wait, request_value};
+use crate::annotate::{annotate_and_wait, request_on_endpoint, request_value};
 use crate::replay::ReplayArgs;
 use webhook_api::{
     ROTATE_ANNOTATION, TEST_REQUESTED_AT_ANNOTATION, WebhookEndpoint, WebhookSubscription,
@@ -127,15 +127,13 @@ async fn test(args: RequestArgs) -> anyhow::Result<()> {
 async fn rotate(args: RequestArgs) -> anyhow::Result<()> {
     let (api, ns) = namespaced::<WebhookEndpoint>(args.namespace).await?;
     let request = request_value();
-    annotate_and_wait(
+    request_on_endpoint(
         &api,
         &args.name,
         one_annotation(ROTATE_ANNOTATION, &request),
         args.timeout,
-        |ep| {
-            let echoed = ep.status.as_ref()?.last_handled_rotation.as_deref()?;
-            (echoed == request).then_some(())
-        },
+        &request,
+        |s| s.last_handled_rotation.as_deref(),
     )
     .await?;
     println!(
@@ -172,36 +170,49 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     ])];
     for ep in endpoints.list(&ListParams::default()).await?.items {
         let s = ep.status.clone().unwrap_or_default();
-        let d = s.delivery.clone().unwrap_or_default();
-        rows.push(vec![
-            ep.namespace().unwrap_or_default(),
-            "endpoint".into(),
-            ep.name_any(),
-            cond_status(&s.conditions, "Ready"),
-            cond_reason(&s.conditions, "Healthy"),
+        let d = s.delivery.unwrap_or_default();
+        let figures = [
             d.delivered.to_string(),
             d.retrying.to_string(),
             d.dead_lettered.to_string(),
-            d.last_error
-                .unwrap_or_else(|| failing_message(&s.conditions)),
-        ]);
+        ];
+        let last_error = d
+            .last_error
+            .unwrap_or_else(|| failing_message(&s.conditions));
+        let kind = ("endpoint", "Healthy");
+        rows.push(status_row(&ep, kind, &s.conditions, figures, last_error));
     }
     for sub in subs.list(&ListParams::default()).await?.items {
         let s = sub.status.clone().unwrap_or_default();
-        rows.push(vec![
-            sub.namespace().unwrap_or_default(),
-            "subscription".into(),
-            sub.name_any(),
-            cond_status(&s.conditions, "Ready"),
-            cond_reason(&s.conditions, "Synced"),
-            "-".into(),
-            "-".into(),
-            "-".into(),
-            failing_message(&s.conditions),
-        ]);
+        let figures = ["-", "-", "-"].map(String::from);
+        let last_error = failing_message(&s.conditions);
+        let kind = ("subscription", "Synced");
+        rows.push(status_row(&sub, kind, &s.conditions, figures, last_error));
     }
     print!("{}", table(&rows));
     Ok(())
+}
+
+/// One row of `status`: the object, its `Ready` status and the reason of its second
+/// condition (`kind` is the kind's name and that condition's type), then the delivery
+/// figures and the last error.
+fn status_row(
+    obj: &impl ResourceExt,
+    (kind, second): (&str, &str),
+    conditions: &[Condition],
+    figures: [String; 3],
+    last_error: String,
+) -> Vec<String> {
+    let mut row = vec![
+        obj.namespace().unwrap_or_default(),
+        kind.to_string(),
+        obj.name_any(),
+        cond_status(conditions, "Ready"),
+        cond_reason(conditions, second),
+    ];
+    row.extend(figures);
+    row.push(last_error);
+    row
 }
 
 fn row(cells: &[&str]) -> Vec<String> {

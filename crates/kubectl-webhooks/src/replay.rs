@@ -8,7 +8,7 @@ use kube::Client;
 use kube::api::Api;
 use serde_json::json;
 
-use crate::annotate::{annotate_and_wait, request_value};
+use crate::annotate::{request_on_endpoint, request_value};
 use webhook_api::{
     REPLAY_ANNOTATION, REPLAY_BY_ANNOTATION, REPLAY_SINCE_ANNOTATION, REPLAY_UNTIL_ANNOTATION,
     WebhookEndpoint,
@@ -52,10 +52,14 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let serde_json::Value::Object(annotations) = annotations else {
         unreachable!("a JSON object literal")
     };
-    annotate_and_wait(&api, &args.endpoint, annotations, args.timeout, |ep| {
-        let echoed = ep.status.as_ref()?.last_handled_replay_at.as_deref()?;
-        (echoed == request).then_some(())
-    })
+    request_on_endpoint(
+        &api,
+        &args.endpoint,
+        annotations,
+        args.timeout,
+        &request,
+        |s| s.last_handled_replay_at.as_deref(),
+    )
     .await?;
     println!(
         "replay of {ns}/{} handled (request {request}); see its Events for the count",

@@ -8,12 +8,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use bytes::Bytes;
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
 
-use super::faults::{Delivery, ErrorShape, faults_layer};
+use super::faults::Delivery;
 use super::wire::Provider;
 use super::wire::atlas::{PROVIDER_CUSTOM, TriggerSubscription};
-use super::{AppState, Shared, deliver, now, parse_body, random_hex, required, valid_hook_url};
+use super::{
+    AppState, Shared, deliver, guarded, now, parse_body, presents, random_hex, required,
+    valid_hook_url,
+};
 
 const PREFIX: &str = "/atlas/v1/api/events-gateway/trigger";
 
@@ -32,26 +34,18 @@ pub(crate) fn error(status: StatusCode, message: &str) -> Response {
 }
 
 pub(crate) fn router(state: AppState) -> Router<AppState> {
-    Router::new()
+    let routes = Router::new()
         .route(&format!("{PREFIX}/subscribe"), post(subscribe))
         .route(&format!("{PREFIX}/unsubscribe"), delete(unsubscribe))
         .route(&format!("{PREFIX}/list"), get(list))
-        .route(&format!("{PREFIX}/sample"), get(sample))
-        .route_layer(axum::middleware::from_fn_with_state(
-            (state, Provider::Atlas, error as ErrorShape),
-            faults_layer,
-        ))
+        .route(&format!("{PREFIX}/sample"), get(sample));
+    guarded(routes, state, Provider::Atlas, error, authorized)
 }
 
 fn authorized(s: &Shared, h: &HeaderMap) -> Result<(), Response> {
-    let ok = h
-        .get("api-key")
-        .is_some_and(|v| bool::from(v.as_bytes().ct_eq(s.config.atlas_api_key.as_bytes())));
-    if ok {
-        Ok(())
-    } else {
-        Err(error(StatusCode::UNAUTHORIZED, "Invalid API key"))
-    }
+    presents(h, "api-key", b"", &s.config.atlas_api_key)
+        .then_some(())
+        .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "Invalid API key"))
 }
 
 /// Validates the four required fields shared by subscribe and unsubscribe.
@@ -103,10 +97,7 @@ fn same(a: &TriggerSubscription, b: &TriggerSubscription) -> bool {
     a.hook_url == b.hook_url && a.campaign_id == b.campaign_id && a.trigger_name == b.trigger_name
 }
 
-async fn subscribe(State(s): State<AppState>, h: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorized(&s, &h) {
-        return r;
-    }
+async fn subscribe(State(s): State<AppState>, body: Bytes) -> Response {
     let mut t = match tuple(&s, &body) {
         Ok(t) => t,
         Err(r) => return r,
@@ -132,10 +123,7 @@ async fn subscribe(State(s): State<AppState>, h: HeaderMap, body: Bytes) -> Resp
     (StatusCode::CREATED, Json(body)).into_response()
 }
 
-async fn unsubscribe(State(s): State<AppState>, h: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorized(&s, &h) {
-        return r;
-    }
+async fn unsubscribe(State(s): State<AppState>, body: Bytes) -> Response {
     let t = match tuple(&s, &body) {
         Ok(t) => t,
         Err(r) => return r,
@@ -156,10 +144,7 @@ struct CampaignQuery {
     trigger_name: Option<String>,
 }
 
-async fn list(State(s): State<AppState>, h: HeaderMap, Query(q): Query<CampaignQuery>) -> Response {
-    if let Err(r) = authorized(&s, &h) {
-        return r;
-    }
+async fn list(State(s): State<AppState>, Query(q): Query<CampaignQuery>) -> Response {
     let Some(campaign) = q.campaign_id.filter(|c| !c.is_empty()) else {
         return error(StatusCode::BAD_REQUEST, "campaignId is required");
     };
@@ -172,14 +157,7 @@ async fn list(State(s): State<AppState>, h: HeaderMap, Query(q): Query<CampaignQ
     Json(subs).into_response()
 }
 
-async fn sample(
-    State(s): State<AppState>,
-    h: HeaderMap,
-    Query(q): Query<CampaignQuery>,
-) -> Response {
-    if let Err(r) = authorized(&s, &h) {
-        return r;
-    }
+async fn sample(Query(q): Query<CampaignQuery>) -> Response {
     match (q.campaign_id, q.trigger_name) {
         (Some(c), Some(t)) if Provider::Atlas.event_names().contains(&t.as_str()) => {
             Json(event(&c, &t)).into_response()

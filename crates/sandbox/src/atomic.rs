@@ -6,8 +6,10 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::Request;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use base64::Engine;
@@ -18,7 +20,10 @@ use subtle::ConstantTimeEq;
 use super::faults::{Delivery, ErrorShape, faults_layer};
 use super::wire::atomic::{Method as AtomicMethod, TEST_EVENT, Webhook};
 use super::wire::{Provider, sign as encode_signature};
-use super::{AppState, Shared, deliver, now, parse_body, random_hex, required, valid_hook_url};
+use super::{
+    AppState, Shared, deliver, now, parse_body, random_hex, required, signed_headers,
+    valid_hook_url,
+};
 
 /// Documented limit of subscriptions per environment.
 const MAX_PER_ENV: usize = 100;
@@ -60,10 +65,11 @@ fn oauth_error(status: StatusCode, code: &str) -> Response {
 
 pub(crate) fn router(state: AppState) -> Router<AppState> {
     Router::new()
-        .route("/atomic/{org}/auth/token", post(token))
         .route("/atomic/{org}/v1/{env}/webhook", get(list).post(create))
         .route("/atomic/{org}/v1/{env}/webhook/{id}", delete(disable))
         .route("/atomic/{org}/v1/{env}/webhook/{id}/test", post(test))
+        .route_layer(from_fn_with_state(state.clone(), require_token))
+        .route("/atomic/{org}/auth/token", post(token))
         .route_layer(axum::middleware::from_fn_with_state(
             (state, Provider::Atomic, error as ErrorShape),
             faults_layer,
@@ -110,6 +116,21 @@ async fn token(
 }
 
 /// Every API call needs a User-Agent and an unexpired token issued for this org.
+/// Every call but the token request needs a token of the path's organisation (the
+/// faults layer around it counts it).
+async fn require_token(
+    State(s): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let org = params.get("org").map(String::as_str).unwrap_or_default();
+    match authorized(&s, org, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(r) => r,
+    }
+}
+
 fn authorized(s: &Shared, org: &str, h: &HeaderMap) -> Result<(), Response> {
     if h.get(axum::http::header::USER_AGENT)
         .is_none_or(|v| v.is_empty())
@@ -134,14 +155,7 @@ fn authorized(s: &Shared, org: &str, h: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-async fn list(
-    State(s): State<AppState>,
-    Path((org, env)): Path<(String, String)>,
-    h: HeaderMap,
-) -> Response {
-    if let Err(r) = authorized(&s, &org, &h) {
-        return r;
-    }
+async fn list(State(s): State<AppState>, Path((org, env)): Path<(String, String)>) -> Response {
     let st = s.atomic.lock().expect("atomic state");
     let hooks: Vec<Webhook> = st
         .webhooks
@@ -166,12 +180,8 @@ fn opt_str(v: &Value, k: &str) -> Result<Option<String>, Response> {
 async fn create(
     State(s): State<AppState>,
     Path((org, env)): Path<(String, String)>,
-    h: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorized(&s, &org, &h) {
-        return r;
-    }
     let hook = match validate(&s, &body) {
         Ok(x) => x,
         Err(r) => return r,
@@ -283,11 +293,7 @@ fn uuid_like() -> String {
 async fn disable(
     State(s): State<AppState>,
     Path((org, env, id)): Path<(String, String, String)>,
-    h: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorized(&s, &org, &h) {
-        return r;
-    }
     let mut st = s.atomic.lock().expect("atomic state");
     match st
         .webhooks
@@ -306,11 +312,7 @@ async fn disable(
 async fn test(
     State(s): State<AppState>,
     Path((org, env, id)): Path<(String, String, String)>,
-    h: HeaderMap,
 ) -> Response {
-    if let Err(r) = authorized(&s, &org, &h) {
-        return r;
-    }
     let hook = {
         let st = s.atomic.lock().expect("atomic state");
         st.webhooks
@@ -357,17 +359,10 @@ async fn send(s: &Shared, env: &str, hook: &Webhook, batched: bool, events: Vec<
         "data": data,
     }))
     .expect("json");
-    let mut headers: Vec<(String, String)> = hook
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     let secret = hook.secret.clone().unwrap_or_default();
     let (header, encoding) = &s.config.atomic_signature;
-    headers.push((
-        header.clone(),
-        encode_signature(secret.as_bytes(), &body, *encoding),
-    ));
+    let signature = encode_signature(secret.as_bytes(), &body, *encoding);
+    let headers = signed_headers(&hook.headers, (header.clone(), signature));
     deliver(&s.http, method_of(hook), &hook.url, &headers, body).await
 }
 

@@ -30,8 +30,8 @@ pub(crate) fn router() -> Router<AppState> {
         )
         .route("/_control/{provider}/fire", post(fire))
         .route("/_control/{provider}/drop", post(drop_one))
-        .route("/_control/{provider}/disable", post(disable_one))
-        .route("/_control/{provider}/enable", post(enable_one))
+        .route("/_control/{provider}/disable", post(enable_one::<false>))
+        .route("/_control/{provider}/enable", post(enable_one::<true>))
         .route("/_control/smallest/rotate", post(rotate_smallest))
         .route("/_control/atomic/revoke-tokens", post(revoke_tokens))
 }
@@ -174,20 +174,13 @@ async fn rotate_smallest(State(s): State<AppState>, Json(b): Json<ById>) -> Resp
     }
 }
 
-async fn disable_one(
+/// `POST /_control/{provider}/enable` (`ENABLED`) or `/disable`.
+async fn enable_one<const ENABLED: bool>(
     State(s): State<AppState>,
     Path(name): Path<String>,
     Json(b): Json<ById>,
 ) -> Response {
-    set_enabled(&s, &name, &b.id, false)
-}
-
-async fn enable_one(
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-    Json(b): Json<ById>,
-) -> Response {
-    set_enabled(&s, &name, &b.id, true)
+    set_enabled(&s, &name, &b.id, ENABLED)
 }
 
 fn set_enabled(s: &AppState, name: &str, id: &str, enabled: bool) -> Response {

@@ -26,6 +26,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::HeaderMap;
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::Response;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 pub use faults::Faults;
@@ -234,6 +239,39 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
 }
 
 /// The string field `field` of a fire request; an error naming it when it is absent.
+/// How a simulator authorizes a management call from its headers.
+pub(crate) type Authorize = fn(&Shared, &HeaderMap) -> Result<(), Response>;
+
+/// A simulator's management `routes` behind `authorize` and, around it, the faults layer
+/// (which counts every call).
+pub(crate) fn guarded(
+    routes: Router<AppState>,
+    state: AppState,
+    provider: wire::Provider,
+    error: faults::ErrorShape,
+    authorize: Authorize,
+) -> Router<AppState> {
+    routes
+        .route_layer(from_fn_with_state((state.clone(), authorize), auth_layer))
+        .route_layer(from_fn_with_state(
+            (state, provider, error),
+            faults::faults_layer,
+        ))
+}
+
+/// Every management call of a simulator is authorized first (the faults layer around it
+/// counts it); a refusal is the simulator's own answer.
+pub(crate) async fn auth_layer(
+    State((state, authorize)): State<(AppState, Authorize)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match authorize(&state, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => refusal,
+    }
+}
+
 pub(crate) fn required<'a>(req: &'a serde_json::Value, field: &str) -> Result<&'a str, String> {
     req.get(field)
         .and_then(serde_json::Value::as_str)
@@ -251,6 +289,24 @@ pub(crate) fn now() -> String {
 }
 
 /// Sends one simulated delivery; the receiver's status, or 0 when it could not be reached.
+/// A webhook's own headers and then its signature header, as a delivery sends them.
+pub(crate) fn signed_headers(
+    own: &std::collections::BTreeMap<String, String>,
+    signature: (String, String),
+) -> Vec<(String, String)> {
+    own.iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .chain([signature])
+        .collect()
+}
+
+/// Whether header `name` is `prefix` followed by `secret` (compared in constant time).
+pub(crate) fn presents(h: &HeaderMap, name: &str, prefix: &[u8], secret: &str) -> bool {
+    h.get(name)
+        .and_then(|v| v.as_bytes().strip_prefix(prefix))
+        .is_some_and(|v| bool::from(v.ct_eq(secret.as_bytes())))
+}
+
 pub(crate) async fn deliver(
     http: &reqwest::Client,
     method: reqwest::Method,

@@ -11,12 +11,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
 use bytes::Bytes;
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
 
-use super::faults::{Delivery, ErrorShape, faults_layer};
+use super::faults::Delivery;
 use super::wire::smallest::{IdRef, Populated, SIGNATURE_HEADER, Subscription, Webhook};
 use super::wire::{Provider, SignatureEncoding, sign};
-use super::{AppState, Shared, deliver, now, parse_body, random_hex, required, valid_hook_url};
+use super::{
+    AppState, Shared, deliver, guarded, now, parse_body, presents, random_hex, required,
+    signed_headers, valid_hook_url,
+};
 
 const BASE: &str = "/smallest/atoms/v1";
 const RESERVED_HEADERS: [&str; 6] = [
@@ -55,6 +57,17 @@ pub(crate) struct Store {
     subs: Vec<Sub>,
 }
 
+impl Store {
+    /// `Err` (404) unless a webhook `id` exists.
+    fn known(&self, id: &str) -> Result<(), Response> {
+        if self.hooks.iter().any(|x| x.id == id) {
+            Ok(())
+        } else {
+            Err(error(StatusCode::NOT_FOUND, "Webhook not found"))
+        }
+    }
+}
+
 pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"status": false, "errors": [message]}))).into_response()
 }
@@ -64,7 +77,7 @@ fn ok(status: StatusCode, data: impl serde::Serialize) -> Response {
 }
 
 pub(crate) fn router(state: AppState) -> Router<AppState> {
-    Router::new()
+    let routes = Router::new()
         .route(&format!("{BASE}/webhook"), get(get_webhooks).post(create))
         .route(
             &format!("{BASE}/webhook/{{id}}"),
@@ -73,23 +86,15 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
         .route(
             &format!("{BASE}/agent/{{agent}}/webhook-subscriptions"),
             get(agent_get).post(agent_replace).delete(agent_delete),
-        )
-        .route_layer(axum::middleware::from_fn_with_state(
-            (state, Provider::Smallest, error as ErrorShape),
-            faults_layer,
-        ))
+        );
+    guarded(routes, state, Provider::Smallest, error, authorized)
 }
 
 fn authorized(s: &Shared, h: &HeaderMap) -> Result<(), Response> {
-    let ok = h
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .is_some_and(|t| bool::from(t.ct_eq(s.config.smallest_api_key.as_bytes())));
-    if ok {
-        Ok(())
-    } else {
-        Err(error(StatusCode::UNAUTHORIZED, "Unauthorized"))
-    }
+    let key = &s.config.smallest_api_key;
+    presents(h, "authorization", b"Bearer ", key)
+        .then_some(())
+        .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "Unauthorized"))
 }
 
 /// Ids are MongoDB ObjectIds: 24 hex characters.
@@ -153,14 +158,7 @@ struct WebhookQuery {
     webhook_id: Option<String>,
 }
 
-async fn get_webhooks(
-    State(s): State<AppState>,
-    h: HeaderMap,
-    Query(q): Query<WebhookQuery>,
-) -> Response {
-    if let Err(r) = authorized(&s, &h) {
-        return r;
-    }
+async fn get_webhooks(State(s): State<AppState>, Query(q): Query<WebhookQuery>) -> Response {
     let st = s.smallest.lock().expect("smallest state");
     match q.webhook_id {
         Some(id) if !object_id(&id) => error(
@@ -185,10 +183,7 @@ fn event_type_ok(t: &str) -> bool {
     Provider::Smallest.event_names().contains(&t)
 }
 
-async fn create(State(s): State<AppState>, h: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorized(&s, &h) {
-        return r;
-    }
+async fn create(State(s): State<AppState>, body: Bytes) -> Response {
     let Some(v) = parse_body(&body) else {
         return error(StatusCode::BAD_REQUEST, "Body must be a JSON object");
     };
@@ -275,15 +270,7 @@ fn valid_headers(v: &Value) -> Result<BTreeMap<String, String>, &'static str> {
     Ok(m)
 }
 
-async fn update(
-    State(s): State<AppState>,
-    h: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = authorized(&s, &h) {
-        return r;
-    }
+async fn update(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> Response {
     let Some(v) = parse_body(&body) else {
         return error(StatusCode::BAD_REQUEST, "Body must be a JSON object");
     };
@@ -325,14 +312,7 @@ async fn update(
     ok(StatusCode::OK, id)
 }
 
-async fn delete_webhook(
-    State(s): State<AppState>,
-    h: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = authorized(&s, &h) {
-        return r;
-    }
+async fn delete_webhook(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     if !object_id(&id) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -340,8 +320,8 @@ async fn delete_webhook(
         );
     }
     let mut st = s.smallest.lock().expect("smallest state");
-    if !st.hooks.iter().any(|x| x.id == id) {
-        return error(StatusCode::NOT_FOUND, "Webhook not found");
+    if let Err(r) = st.known(&id) {
+        return r;
     }
     if st.subs.iter().any(|x| x.webhook_id == id) {
         return error(
@@ -362,8 +342,8 @@ fn agent_ok(agent: &str) -> Result<(), Response> {
     }
 }
 
-async fn agent_get(State(s): State<AppState>, h: HeaderMap, Path(agent): Path<String>) -> Response {
-    if let Err(r) = authorized(&s, &h).and_then(|_| agent_ok(&agent)) {
+async fn agent_get(State(s): State<AppState>, Path(agent): Path<String>) -> Response {
+    if let Err(r) = agent_ok(&agent) {
         return r;
     }
     let st = s.smallest.lock().expect("smallest state");
@@ -381,11 +361,10 @@ async fn agent_get(State(s): State<AppState>, h: HeaderMap, Path(agent): Path<St
 /// PROVIDERS.md); the agent's subscriptions to other webhooks stay.
 async fn agent_replace(
     State(s): State<AppState>,
-    h: HeaderMap,
     Path(agent): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorized(&s, &h).and_then(|_| agent_ok(&agent)) {
+    if let Err(r) = agent_ok(&agent) {
         return r;
     }
     let Some(v) = parse_body(&body) else {
@@ -414,8 +393,8 @@ async fn agent_replace(
         );
     }
     let mut st = s.smallest.lock().expect("smallest state");
-    if !st.hooks.iter().any(|x| x.id == webhook_id) {
-        return error(StatusCode::NOT_FOUND, "Webhook not found");
+    if let Err(r) = st.known(webhook_id) {
+        return r;
     }
     st.subs
         .retain(|x| !(x.agent_id == agent && x.webhook_id == webhook_id));
@@ -433,12 +412,8 @@ async fn agent_replace(
 }
 
 /// Removes all of the agent's subscriptions, across every webhook (documented).
-async fn agent_delete(
-    State(s): State<AppState>,
-    h: HeaderMap,
-    Path(agent): Path<String>,
-) -> Response {
-    if let Err(r) = authorized(&s, &h).and_then(|_| agent_ok(&agent)) {
+async fn agent_delete(State(s): State<AppState>, Path(agent): Path<String>) -> Response {
+    if let Err(r) = agent_ok(&agent) {
         return r;
     }
     let mut st = s.smallest.lock().expect("smallest state");
@@ -542,15 +517,8 @@ pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, Strin
             "id": random_hex(12),
         }))
         .expect("json");
-        let mut headers: Vec<(String, String)> = hk
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        headers.push((
-            SIGNATURE_HEADER.to_string(),
-            sign(hk.secret.as_bytes(), &body, SignatureEncoding::Hex),
-        ));
+        let signature = sign(hk.secret.as_bytes(), &body, SignatureEncoding::Hex);
+        let headers = signed_headers(&hk.headers, (SIGNATURE_HEADER.to_string(), signature));
         let status = deliver(&s.http, reqwest::Method::POST, &hk.url, &headers, body).await;
         out.push(Delivery {
             url: hk.url,

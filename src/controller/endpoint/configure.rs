@@ -1,6 +1,7 @@
 //! Step 4: hand the delivery settings to the data plane, or withdraw them.
 
-use super::{EndpointProblem, Validated};
+use super::problem::EndpointProblem;
+use super::validate::Validated;
 use crate::controller::Context;
 use crate::controller::routes::EndpointKey;
 

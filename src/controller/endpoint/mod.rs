@@ -4,12 +4,10 @@
 //! only when the data plane's numbers changed).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use sha2::{Digest, Sha256};
 
 use super::{Context, Error};
 use crate::api::WebhookSubscription;
@@ -26,8 +24,8 @@ mod validate;
 
 pub use problem::EndpointProblem;
 pub use replay::replay_filter;
-pub use status::next_status;
-use {rotation::Rotated, secrets::SecretsRead, validate::Validated};
+pub use rotation::rotation_overlap;
+pub use status::{ingress_url, next_status, secret_hash};
 
 pub const FINALIZER: &str = "hooks.webhook-operator.dev/delivery";
 pub use crate::api::{
@@ -35,36 +33,14 @@ pub use crate::api::{
     ROTATE_ANNOTATION,
 };
 
-/// The rotation overlap window of an endpoint (24 h when unset).
-pub fn rotation_overlap(signing: Option<&crate::api::endpoint::Signing>) -> Duration {
-    let fallback = Duration::from_secs(24 * 3600);
-    signing.map_or(fallback, |s| {
-        crate::duration::parse_go_duration(&s.rotation_overlap).unwrap_or(fallback)
-    })
-}
-
-/// `status.ingressURL`: the public base URL plus the path, or the path alone.
-pub fn ingress_url(public_base: Option<&str>, token: &str) -> String {
-    let path = format!("/hooks/{token}");
-    match public_base {
-        Some(base) => format!("{}{path}", base.trim_end_matches('/')),
-        None => path,
-    }
-}
-
-/// SHA-256 of the signing secret, for status: rotation shows without revealing it.
-pub fn secret_hash(secret: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(secret)))
-}
-
 reconcile_under_finalizer!(WebhookEndpoint);
 
 /// The endpoint was deleted: its routes, its queued events and what passes remembered
 /// about it go with it.
 async fn cleanup(ep: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
     let ns = ep.namespace().unwrap_or_default();
-    let key = (ns.clone(), ep.name_any());
-    ctx.endpoint_memo.forget(&key);
+    let key = super::routes::key_of(ep);
+    ctx.memos.endpoints.forget(&key);
     ctx.routes.0.remove_endpoint(key.clone());
     // Its events go with it (README "Deleting an endpoint"); a failure keeps the finalizer
     // and is retried.
@@ -85,11 +61,11 @@ async fn apply(
     ctx: &Context,
     api: &Api<WebhookEndpoint>,
 ) -> Result<Action, Error> {
-    let key = (ep.namespace().unwrap_or_default(), ep.name_any());
-    let written = ctx.endpoint_memo.read(&key, |m| m.status.written());
+    let key = super::routes::key_of(ep);
+    let written = ctx.memos.endpoints.read(&key, |m| m.status.written());
     // Read after the memo: once it has dropped our last write, the cache holds it.
     // (`super::status` is the controller's status store; `status` is this pass's step.)
-    let cached = super::newest(&ctx.endpoints, ep);
+    let cached = super::newest(&ctx.watched.endpoints, ep);
     let status_of = super::status::source(ep, written.as_ref(), cached.as_deref());
     let current = super::status::current(status_of, written.as_ref())
         .cloned()
@@ -112,7 +88,8 @@ async fn apply(
     );
     status::publish_transitions(ctx, ep, &current, &next).await;
     if let Some(written) = super::status::apply_if_changed(api, status_of, written, next).await? {
-        ctx.endpoint_memo
+        ctx.memos
+            .endpoints
             .update(key.clone(), |m| m.status.keep(written));
     }
     let wait = status::requeue(&validated.problems, rotated.overlap_ends);
@@ -184,20 +161,22 @@ mod tests {
         let spec = serde_json::json!({"destination": {"service": {"name": "sink", "port": 8080}}});
         let ep: WebhookEndpoint =
             super::super::test_support::object("WebhookEndpoint", "a", "orders", spec);
-        let key = ("a".to_string(), "orders".to_string());
-        let other = ("a".to_string(), "invoices".to_string());
+        let key = super::super::routes::EndpointKey::new("a", "orders");
+        let other = super::super::routes::EndpointKey::new("a", "invoices");
         for k in [&key, &other] {
-            ctx.endpoint_memo
+            ctx.memos
+                .endpoints
                 .update(k.clone(), |m| m.handled_replay = Some("r1".into()));
         }
         cleanup(&ep, &ctx).await.unwrap();
         // A re-created endpoint of the same name answers the same request value again.
         assert_eq!(
-            ctx.endpoint_memo.read(&key, |m| m.handled_replay.clone()),
+            ctx.memos.endpoints.read(&key, |m| m.handled_replay.clone()),
             None
         );
         assert_eq!(
-            ctx.endpoint_memo
+            ctx.memos
+                .endpoints
                 .read(&other, |m| m.handled_replay.clone())
                 .as_deref(),
             Some("r1")

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 
-use super::EndpointProblem;
+use super::problem::EndpointProblem;
 use crate::api::endpoint::{WebhookEndpoint, WebhookEndpointStatus};
 use crate::api::{
     REPLAY_ANNOTATION, REPLAY_BY_ANNOTATION, REPLAY_SINCE_ANNOTATION, REPLAY_UNTIL_ANNOTATION,
@@ -66,7 +66,8 @@ pub async fn replay(
     // Remembered in memory too: the cached object may predate our own status write, and a
     // request must be handled once.
     let last_replay = ctx
-        .endpoint_memo
+        .memos
+        .endpoints
         .read(key, |m| m.handled_replay.clone())
         .or_else(|| current.last_handled_replay_at.clone());
     if replay_at.is_none() || replay_at == last_replay {
@@ -86,7 +87,8 @@ pub async fn replay(
             let msg = format!("re-queued {n} dead-lettered events");
             publish(ctx, ep, EventType::Normal, "Replayed", "Replay", msg).await;
             if let Some(r) = &replay_at {
-                ctx.endpoint_memo
+                ctx.memos
+                    .endpoints
                     .update(key.clone(), |m| m.handled_replay = Some(r.clone()));
             }
             replay_at

@@ -2,14 +2,24 @@
 //! rotation: the replaced secret is kept in force for the overlap window.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 
-use super::{ROTATE_ANNOTATION, SecretsRead, rotation_overlap};
+use super::secrets::SecretsRead;
+use crate::api::ROTATE_ANNOTATION;
 use crate::api::endpoint::{SIGNING_KEY, WebhookEndpoint};
 use crate::controller::build::{self, Fetched};
 use crate::controller::{Context, Error, publish, rotation, secrets};
+
+/// The rotation overlap window of an endpoint (24 h when unset).
+pub fn rotation_overlap(signing: Option<&crate::api::endpoint::Signing>) -> Duration {
+    let fallback = Duration::from_secs(24 * 3600);
+    signing.map_or(fallback, |s| {
+        crate::duration::parse_go_duration(&s.rotation_overlap).unwrap_or(fallback)
+    })
+}
 
 /// The rotation request that produced the generated secret.
 const ROTATION_REQUEST_KEY: &str = "rotation-request";

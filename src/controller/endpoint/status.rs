@@ -5,14 +5,31 @@ use std::time::Duration;
 
 use kube::Resource;
 use kube::runtime::events::EventType;
+use sha2::{Digest, Sha256};
 
-use super::{EndpointProblem, Rotated, Validated, ingress_url, secret_hash};
+use super::problem::EndpointProblem;
+use super::rotation::Rotated;
+use super::validate::Validated;
 use crate::api::REQUESTED_AT_ANNOTATION;
 use crate::api::conditions::{reasons, types};
 use crate::api::endpoint::{WebhookEndpoint, WebhookEndpointStatus};
 use crate::controller::conditions::{self, Desired};
 use crate::controller::routes::{EndpointHealthView, EndpointKey};
 use crate::controller::{Context, publish};
+
+/// `status.ingressURL`: the public base URL plus the path, or the path alone.
+pub fn ingress_url(public_base: Option<&str>, token: &str) -> String {
+    let path = format!("/hooks/{token}");
+    match public_base {
+        Some(base) => format!("{}{path}", base.trim_end_matches('/')),
+        None => path,
+    }
+}
+
+/// SHA-256 of the signing secret, for status: rotation shows without revealing it.
+pub fn secret_hash(secret: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(secret)))
+}
 
 /// The status this pass writes. A destination error of the data plane joins the
 /// problems.
@@ -37,7 +54,7 @@ pub fn next(
         validated
             .token
             .as_deref()
-            .map(|t| ingress_url(ctx.config.public_base_url.as_deref(), t)),
+            .map(|t| ingress_url(ctx.public_base_url.as_deref(), t)),
         validated.signing_secret.as_deref().map(secret_hash),
         &validated.problems,
         health.as_ref(),

@@ -4,11 +4,12 @@
 
 use kube::ResourceExt;
 
-use super::{EndpointProblem, Rotated};
+use super::problem::EndpointProblem;
+use super::rotation::Rotated;
 use crate::api::endpoint::{INGRESS_SECRET_KEY, WebhookEndpoint};
+use crate::controller::Context;
 use crate::controller::build::{self, SecretRead, ingress_token};
 use crate::controller::routes::EndpointDelivery;
-use crate::controller::{Context, isolation};
 
 /// What validation hands to the data-plane configuration and the status.
 pub struct Validated {
@@ -29,14 +30,11 @@ pub fn validate(ep: &WebhookEndpoint, ctx: &Context, rotated: &Rotated) -> Valid
     let mut problems = Vec::new();
     // A refused destination is reported first and nothing is handed to the data plane, so
     // nothing is delivered (an earlier configuration is withdrawn).
-    let refused = isolation::check_destination(
-        &ep.spec.destination,
-        &ep.namespace().unwrap_or_default(),
-        ctx.config.allow_cross_namespace_refs,
-        &ctx.destinations,
-    )
-    .map_err(|(reason, msg)| problems.push(EndpointProblem::DestinationRefused(reason, msg)))
-    .is_err();
+    let refused = ctx
+        .destinations
+        .check(&ep.spec.destination, &ep.namespace().unwrap_or_default())
+        .map_err(|(reason, msg)| problems.push(EndpointProblem::DestinationRefused(reason, msg)))
+        .is_err();
     let signing_secret = fetched
         .owned(&ep.metadata, &ep.signing_secret_name())
         .ok()
@@ -47,13 +45,10 @@ pub fn validate(ep: &WebhookEndpoint, ctx: &Context, rotated: &Rotated) -> Valid
             problems.extend(p.into_iter().map(|(r, m)| EndpointProblem::Build(r, m)));
         })
         .ok();
-    if let Some(Err(e)) = ep
-        .spec
-        .filter
-        .as_deref()
-        .map(crate::delivery::filter::Filter::compile)
-    {
-        problems.push(EndpointProblem::FilterInvalid(e.to_string()));
+    // The build compiled `spec.filter`. Without a build the endpoint is not Ready for
+    // the build's first problem already, whatever the filter.
+    if let Some(Err(e)) = delivery.as_ref().map(|d| &d.filter) {
+        problems.push(EndpointProblem::FilterInvalid(e.clone()));
     }
     let token = fetched
         .owned(&ep.metadata, &ep.ingress_secret_name())

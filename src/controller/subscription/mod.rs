@@ -56,9 +56,9 @@ async fn apply(
     api: &Api<WebhookSubscription>,
 ) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(sub);
-    let written = ctx.subscription_memo.read(&key, |m| m.status.written());
+    let written = ctx.memos.subscriptions.read(&key, |m| m.status.written());
     // Read after the memo: once it has dropped our last write, the cache holds it.
-    let cached = super::newest(&ctx.subscriptions, sub);
+    let cached = super::newest(&ctx.watched.subscriptions, sub);
     let status_of = status::source(sub, written.as_ref(), cached.as_deref());
     let current = status::current(status_of, written.as_ref())
         .cloned()
@@ -68,7 +68,7 @@ async fn apply(
 
     // Nothing changed and nothing due: no provider call (our own status writes and
     // unrelated events land here); only the counters and a pending test may have moved.
-    let schedule = ctx.subscription_memo.read(&key, |m| m.schedule.clone());
+    let schedule = ctx.memos.subscriptions.read(&key, |m| m.schedule.clone());
     // Deliveries started or stopped failing verification: a full pass writes the
     // condition (rare: it flips only between refused and verified).
     let verification_flipped = signature_check::changed(
@@ -114,7 +114,7 @@ async fn apply(
         test_request: None,
         ..resolved.inputs
     };
-    ctx.subscription_memo.update(key, |m| {
+    ctx.memos.subscriptions.update(key, |m| {
         m.schedule = Some(Schedule {
             inputs,
             next_due: Instant::now() + wait,
@@ -186,7 +186,8 @@ async fn write_status(
     next: WebhookSubscriptionStatus,
 ) -> Result<(), Error> {
     if let Some(written) = status::apply_if_changed(api, sub, written, next).await? {
-        ctx.subscription_memo
+        ctx.memos
+            .subscriptions
             .update(ObjectRef::from_obj(sub), |m| m.status.keep(written));
     }
     Ok(())
@@ -194,7 +195,7 @@ async fn write_status(
 
 async fn cleanup(sub: &WebhookSubscription, ctx: &Context) -> Result<Action, Error> {
     ctx.routes.remove_subscription(sub);
-    ctx.subscription_memo.forget(&ObjectRef::from_obj(sub));
+    ctx.memos.subscriptions.forget(&ObjectRef::from_obj(sub));
     let applied: Option<DesiredSubscription> = sub
         .status
         .as_ref()

@@ -388,7 +388,7 @@ async fn cleanup_forgets_everything_the_subscription_passes_remembered() {
     let sub: WebhookSubscription =
         super::super::test_support::object("WebhookSubscription", "b", "calls", spec);
     let key = ObjectRef::from_obj(&sub);
-    ctx.subscription_memo.update(key.clone(), |m| {
+    ctx.memos.subscriptions.update(key.clone(), |m| {
         m.handled_test = Some("t1".into());
         m.schedule = Some(Schedule {
             inputs: inputs(1),
@@ -397,7 +397,7 @@ async fn cleanup_forgets_everything_the_subscription_passes_remembered() {
         });
     });
     cleanup(&sub, &ctx).await.unwrap();
-    assert!(ctx.subscription_memo.is_empty());
+    assert!(ctx.memos.subscriptions.is_empty());
 }
 
 fn inputs(generation: i64) -> Inputs {

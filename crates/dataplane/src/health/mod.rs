@@ -174,15 +174,7 @@ impl HealthRegistry {
     }
 
     fn tracker(&self, key: &EndpointKey) -> Arc<Mutex<Tracker>> {
-        if let Some(t) = self.endpoints.read().expect("health lock").get(key) {
-            return t.clone();
-        }
-        self.endpoints
-            .write()
-            .expect("health lock")
-            .entry(key.clone())
-            .or_default()
-            .clone()
+        crate::queue::per_endpoint(&self.endpoints, key, Mutex::default)
     }
 
     /// Also hands every later local outcome to `sink` (set once; see [`cluster`]).

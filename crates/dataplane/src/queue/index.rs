@@ -137,20 +137,10 @@ impl Index {
     }
 
     pub fn shard(&self, key: &EndpointKey) -> Arc<Shard> {
-        if let Some(s) = self.shards.read().expect("index lock").get(key) {
-            return s.clone();
-        }
-        self.shards
-            .write()
-            .expect("index lock")
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(Shard {
-                    state: Mutex::new(EndpointIndex::default()),
-                    notify: Notify::new(),
-                })
-            })
-            .clone()
+        super::per_endpoint(&self.shards, key, || Shard {
+            state: Mutex::new(EndpointIndex::default()),
+            notify: Notify::new(),
+        })
     }
 
     pub fn existing_shard(&self, key: &EndpointKey) -> Option<Arc<Shard>> {

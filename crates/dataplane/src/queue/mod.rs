@@ -43,6 +43,23 @@ impl std::fmt::Display for EndpointKey {
     }
 }
 
+/// What the per-endpoint `map` holds for `key`, made by `make` the first time: the read
+/// lock on the common path, the write lock only to add.
+pub fn per_endpoint<V>(
+    map: &std::sync::RwLock<foldhash::HashMap<EndpointKey, std::sync::Arc<V>>>,
+    key: &EndpointKey,
+    make: impl FnOnce() -> V,
+) -> std::sync::Arc<V> {
+    if let Some(v) = map.read().expect("per-endpoint map lock").get(key) {
+        return v.clone();
+    }
+    map.write()
+        .expect("per-endpoint map lock")
+        .entry(key.clone())
+        .or_insert_with(|| std::sync::Arc::new(make()))
+        .clone()
+}
+
 /// An event as the ingress hands it over, verified and normalised.
 #[derive(Clone, Debug)]
 pub struct NewEvent {
