@@ -244,6 +244,7 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         ingress_rate_limit: None,
         format: Default::default(),
         filter: None,
+        dedupe: None,
     }
 }
 
@@ -851,6 +852,7 @@ async fn a_backlog_larger_than_the_memory_window_is_delivered_exactly_once_after
                 subscription: "calls".into(),
                 event_type: "call_completed".into(),
                 dedupe_key: format!("b{i}"),
+                dedupe_window: None,
                 payload: Bytes::from(ev(&format!("b{i}"), "call_completed").to_string()),
                 // Out of order, so that the file's order by due time is what leases follow.
                 received: now - Duration::from_millis(((i * 7919) % N) as u64),

@@ -42,6 +42,7 @@ fn event(ep: &EndpointKey, key: &str, payload: &str) -> NewEvent {
         subscription: "sub".into(),
         event_type: "call.finished".into(),
         dedupe_key: key.into(),
+        dedupe_window: None,
         payload: Bytes::from(payload.to_string()),
         received: SystemTime::now(),
         traceparent: None,
@@ -137,6 +138,35 @@ async fn durable_dedupe_across_replicas_and_exclusive_leases() {
 
 /// A replica that leases one event at a time holds no other: the rest stay available to
 /// the other replicas rather than parked, leased to it, until `ack_wait`.
+/// `spec.dedupe.window` on JetStream, whose server has one window per stream: receipts of
+/// a key within one slot of the event's window are duplicates, a receipt a window later
+/// is stored.
+#[tokio::test]
+async fn an_events_own_window_shortens_the_servers() {
+    let server = NatsServer::start();
+    let ep = EndpointKey::new("apps", "windowed");
+    let q = connect(&server).await;
+    // A start on a slot boundary of the 10 s window (slots count from the epoch).
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let at = |secs: u64, window: Option<u64>| NewEvent {
+        received: t0 + Duration::from_secs(secs),
+        dedupe_window: window.map(Duration::from_secs),
+        ..event(&ep, "order-7", "x")
+    };
+    let mut duplicate = Vec::new();
+    for ev in [
+        at(0, Some(10)),
+        at(9, Some(10)),  // the same slot: a duplicate
+        at(10, Some(10)), // a window later: stored
+        at(0, None),      // the stream's window: ...
+        at(30, None),     // ... a duplicate however late
+    ] {
+        let out = q.enqueue(vec![ev]).await.unwrap();
+        duplicate.push(out[0] == EnqueueOutcome::Duplicate);
+    }
+    assert_eq!(duplicate, [false, true, false, false, true]);
+}
+
 #[tokio::test]
 async fn a_slow_replica_holds_only_what_it_leased() {
     let server = NatsServer::start();

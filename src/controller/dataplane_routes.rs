@@ -130,6 +130,13 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                     .map(crate::delivery::filter::Filter::compile)
                     .transpose()
                     .map_err(|e| (reasons::FILTER_INVALID, format!("spec.filter: {e}")))?,
+                dedupe: ep
+                    .spec
+                    .dedupe
+                    .as_ref()
+                    .map(super::endpoint::dedupe_key)
+                    .transpose()
+                    .map_err(|e| (reasons::DEDUPE_INVALID, format!("spec.dedupe: {e}")))?,
             },
         )
         .map_err(refusal)

@@ -61,6 +61,7 @@ pub struct Metrics {
     duplicates: EpCounter,
     filtered: EpCounter,
     filter_errors: EpCounter,
+    dedupe_key_errors: EpCounter,
     malformed: EpCounter,
     delivered: EpCounter,
     failed: EpCounter,
@@ -86,6 +87,8 @@ pub struct EndpointMetrics {
     pub filtered: Counter,
     /// Events whose `spec.filter` failed (kept as dead letters).
     pub filter_errors: Counter,
+    /// Events whose `spec.dedupe` key failed (deduped on the provider's id instead).
+    pub dedupe_key_errors: Counter,
     /// Batch elements that could not be read (stored as dead letters, not delivered).
     pub malformed: Counter,
     pub delivered: Counter,
@@ -113,6 +116,7 @@ impl Metrics {
             duplicates: Family::default(),
             filtered: Family::default(),
             filter_errors: Family::default(),
+            dedupe_key_errors: Family::default(),
             malformed: Family::default(),
             delivered: Family::default(),
             failed: Family::default(),
@@ -160,6 +164,11 @@ impl Metrics {
             "filter_errors",
             "Events whose spec.filter failed to evaluate (kept as dead letters)",
             m.filter_errors.clone(),
+        );
+        r.register(
+            "dedupe_key_errors",
+            "Events whose spec.dedupe key failed to evaluate (deduped on the provider's id instead)",
+            m.dedupe_key_errors.clone(),
         );
         r.register(
             "events_malformed",
@@ -255,6 +264,7 @@ impl Metrics {
             duplicates: self.duplicates.get_or_create(&l).clone(),
             filtered: self.filtered.get_or_create(&l).clone(),
             filter_errors: self.filter_errors.get_or_create(&l).clone(),
+            dedupe_key_errors: self.dedupe_key_errors.get_or_create(&l).clone(),
             malformed: self.malformed.get_or_create(&l).clone(),
             delivered: self.delivered.get_or_create(&l).clone(),
             failed: self.failed.get_or_create(&l).clone(),
@@ -276,6 +286,7 @@ impl Metrics {
             &self.duplicates,
             &self.filtered,
             &self.filter_errors,
+            &self.dedupe_key_errors,
             &self.malformed,
             &self.delivered,
             &self.failed,

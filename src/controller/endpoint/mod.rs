@@ -27,6 +27,7 @@ mod validate;
 pub use problem::EndpointProblem;
 pub use replay::replay_filter;
 pub use status::next_status;
+pub use validate::dedupe_key;
 use {rotation::Rotated, secrets::SecretsRead, validate::Validated};
 
 pub const FINALIZER: &str = "hooks.webhook-operator.dev/delivery";

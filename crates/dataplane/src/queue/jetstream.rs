@@ -21,7 +21,9 @@
 //! - **Dedupe across replicas.** The `Nats-Msg-Id` header is a hash of (endpoint, dedupe
 //!   key) and the events stream's `duplicate_window` is the dedupe window, so the *server*
 //!   refuses the second copy whichever replica's ingress got it; `PubAck.duplicate` maps
-//!   to [`EnqueueOutcome::Duplicate`].
+//!   to [`EnqueueOutcome::Duplicate`]. The server has one window per stream: an event's
+//!   shorter window (`spec.dedupe.window`) is kept by adding the slot of that length its
+//!   receipt falls in to the hash (see [`window_slot`]).
 //! - **Retry** is a NAK with the delay delivery chose (`-NAK {"delay":…}`): the server keeps
 //!   the message and redelivers it when due, to any replica. A NAK cannot carry data, so the
 //!   attempt count is the server's delivery count (`info.delivered - 1`) plus the count a
@@ -866,6 +868,18 @@ impl Inner {
     }
 }
 
+/// The part of an event's `Nats-Msg-Id` its own dedupe window adds: the number of the
+/// slot of that length its receipt falls in, so that two receipts of one key in different
+/// slots are both stored. Receipts a window or more apart always fall in different slots
+/// (never a duplicate past the window); two a moment apart across a slot's end are both
+/// delivered (a duplicate delivery, as with any at-least-once delivery, never a lost event).
+fn window_slot(ev: &NewEvent) -> String {
+    match ev.dedupe_window.map(|w| w.as_millis() as u64) {
+        Some(w) if w > 0 => format!("\n{}", to_millis(ev.received) / w),
+        _ => String::new(),
+    }
+}
+
 #[async_trait::async_trait]
 impl Queue for JetStreamQueue {
     async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<EnqueueOutcome>, QueueError> {
@@ -888,8 +902,11 @@ impl Queue for JetStreamQueue {
                 h: ev.headers.clone(),
             };
             let digest = Sha256::digest(format!(
-                "{}\n{}\n{}",
-                ev.endpoint.namespace, ev.endpoint.name, ev.dedupe_key
+                "{}\n{}\n{}{}",
+                ev.endpoint.namespace,
+                ev.endpoint.name,
+                ev.dedupe_key,
+                window_slot(ev)
             ));
             let ack = inner
                 .js

@@ -51,6 +51,9 @@ pub struct NewEvent {
     pub event_type: String,
     /// Equal keys for the same endpoint within the dedupe window are duplicates.
     pub dedupe_key: String,
+    /// This event's dedupe window when shorter than the queue's (`spec.dedupe.window`);
+    /// `None`: the queue's.
+    pub dedupe_window: Option<Duration>,
     pub payload: Bytes,
     pub received: SystemTime,
     /// The provider's valid W3C `traceparent`, kept so deliveries continue its trace.

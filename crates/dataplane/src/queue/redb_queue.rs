@@ -901,6 +901,11 @@ impl Writer {
             let received = to_millis(ev.received);
             if !ev.dedupe_key.is_empty() {
                 let entry = dedupe_entry(&ev.endpoint.namespace, &ev.endpoint.name, &ev.dedupe_key);
+                // An event's own window may only shorten the queue's: keys are expired
+                // after the queue's.
+                let window = ev
+                    .dedupe_window
+                    .map_or(window, |w| window.min(w.as_millis() as u64));
                 match self.seen.received(&t.1, &entry)? {
                     Some(prev) if received.saturating_sub(prev) < window => {
                         out.push(EnqueueOutcome::Duplicate);
