@@ -21,3 +21,4 @@ pub mod controller;
 pub mod demo_consumer;
 pub mod leader;
 pub mod telemetry;
+pub mod transfer;

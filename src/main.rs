@@ -29,6 +29,12 @@ enum Command {
     Run(Box<OperatorConfig>),
     /// Re-queue the dead letters of a WebhookEndpoint (through the replay annotation).
     Replay(webhook_operator::replay::ReplayArgs),
+    /// Write a WebhookEndpoint's waiting events and dead letters as JSON Lines, from the
+    /// queue the `run` flags name (the embedded queue only, with the operator stopped).
+    Export(webhook_operator::transfer::ExportArgs),
+    /// Store events written by `export` in the queue the `run` flags name (JetStream);
+    /// ids are kept and dedupe applies, so a repeated import stores nothing twice.
+    Import(webhook_operator::transfer::ImportArgs),
     /// Serve the provider simulators (Atlas, Atomic, Smallest) for tests and demos (the
     /// same as the `webhook-sandbox` binary).
     Sandbox(webhook_sandbox::SandboxArgs),
@@ -48,6 +54,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(args) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             webhook_operator::replay::run(args).await?
+        }
+        Command::Export(args) => webhook_operator::transfer::export(args).await?,
+        Command::Import(args) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            webhook_operator::transfer::import(args).await?
         }
         Command::Sandbox(args) => {
             telemetry::init(false);

@@ -244,6 +244,7 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         ingress_rate_limit: None,
         format: Default::default(),
         filter: None,
+        dedupe: None,
     }
 }
 
@@ -851,6 +852,7 @@ async fn a_backlog_larger_than_the_memory_window_is_delivered_exactly_once_after
                 subscription: "calls".into(),
                 event_type: "call_completed".into(),
                 dedupe_key: format!("b{i}"),
+                dedupe_window: None,
                 payload: Bytes::from(ev(&format!("b{i}"), "call_completed").to_string()),
                 // Out of order, so that the file's order by due time is what leases follow.
                 received: now - Duration::from_millis(((i * 7919) % N) as u64),
@@ -1290,6 +1292,40 @@ fn exported_series(exposition: &str) -> HashSet<String> {
     names
 }
 
+/// The anchors a Markdown renderer gives the headings of `text` (GitHub's rule: lower
+/// case, spaces to `-`, other punctuation but `-` and `_` dropped; a repeated heading gets
+/// `-1`, `-2`, ...). Headings inside fenced code blocks are not headings.
+fn markdown_anchors(text: &str) -> HashSet<String> {
+    let mut out = HashSet::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        let Some(title) = line.trim_start_matches('#').strip_prefix(' ') else {
+            continue;
+        };
+        if fenced || !line.starts_with('#') {
+            continue;
+        }
+        let slug: String = title
+            .trim()
+            .to_lowercase()
+            .chars()
+            .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+            .map(|c| if c == ' ' { '-' } else { c })
+            .collect();
+        let mut anchor = slug.clone();
+        let mut n = 0;
+        while !out.insert(anchor.clone()) {
+            n += 1;
+            anchor = format!("{slug}-{n}");
+        }
+    }
+    out
+}
+
 /// Every `webhook_operator_*` identifier in `text`.
 fn referenced_series(text: &str) -> HashSet<String> {
     let mut out = HashSet::new();
@@ -1381,6 +1417,32 @@ async fn chart_alert_rules_pass_promtool_against_exported_series() {
             rules.contains(alert) && cases.contains(alert),
             "{alert} untested"
         );
+    }
+    // Every alert links its runbook: a section of the README that exists.
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let anchors = markdown_anchors(&readme);
+    let alerts: Vec<&serde_yaml::Value> = of_kind("PrometheusRule")["spec"]["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap())
+        .filter(|r| r["alert"].is_string())
+        .collect();
+    assert!(alerts.len() >= 6, "{alerts:?}");
+    for rule in alerts {
+        let alert = rule["alert"].as_str().unwrap();
+        let url = rule["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{alert} has no runbook_url"));
+        let (base, anchor) = url
+            .split_once('#')
+            .unwrap_or_else(|| panic!("{alert}: {url} names no anchor"));
+        assert_eq!(base, "README.md", "{alert}: the chart's default base");
+        assert!(
+            anchors.contains(anchor),
+            "{alert}: README has no section #{anchor}"
+        );
+        println!("{alert}: {url}");
     }
 
     let dir = tempfile::tempdir().unwrap();

@@ -42,6 +42,7 @@ fn event(ep: &EndpointKey, key: &str, payload: &str) -> NewEvent {
         subscription: "sub".into(),
         event_type: "call.finished".into(),
         dedupe_key: key.into(),
+        dedupe_window: None,
         payload: Bytes::from(payload.to_string()),
         received: SystemTime::now(),
         traceparent: None,
@@ -137,6 +138,35 @@ async fn durable_dedupe_across_replicas_and_exclusive_leases() {
 
 /// A replica that leases one event at a time holds no other: the rest stay available to
 /// the other replicas rather than parked, leased to it, until `ack_wait`.
+/// `spec.dedupe.window` on JetStream, whose server has one window per stream: receipts of
+/// a key within one slot of the event's window are duplicates, a receipt a window later
+/// is stored.
+#[tokio::test]
+async fn an_events_own_window_shortens_the_servers() {
+    let server = NatsServer::start();
+    let ep = EndpointKey::new("apps", "windowed");
+    let q = connect(&server).await;
+    // A start on a slot boundary of the 10 s window (slots count from the epoch).
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let at = |secs: u64, window: Option<u64>| NewEvent {
+        received: t0 + Duration::from_secs(secs),
+        dedupe_window: window.map(Duration::from_secs),
+        ..event(&ep, "order-7", "x")
+    };
+    let mut duplicate = Vec::new();
+    for ev in [
+        at(0, Some(10)),
+        at(9, Some(10)),  // the same slot: a duplicate
+        at(10, Some(10)), // a window later: stored
+        at(0, None),      // the stream's window: ...
+        at(30, None),     // ... a duplicate however late
+    ] {
+        let out = q.enqueue(vec![ev]).await.unwrap();
+        duplicate.push(out[0] == EnqueueOutcome::Duplicate);
+    }
+    assert_eq!(duplicate, [false, true, false, false, true]);
+}
+
 #[tokio::test]
 async fn a_slow_replica_holds_only_what_it_leased() {
     let server = NatsServer::start();
@@ -481,4 +511,179 @@ async fn the_providers_traceparent_survives_lease_dead_letter_and_replay() {
     let again = lease_n(&q, &ep, 2, Duration::from_secs(5)).await;
     let tps: Vec<Option<&str>> = again.iter().map(|e| e.traceparent.as_deref()).collect();
     assert!(tps.contains(&Some(TP)) && tps.contains(&None), "{tps:?}");
+}
+
+/// Issue 47 item 5 at the queue level: an endpoint's waiting events and dead letters
+/// exported from the embedded queue as JSON Lines and imported into JetStream. Each
+/// waiting event is delivered once with its id, payload, attempts, trace context and
+/// headers; the dead letters arrive as dead letters with theirs; a second import of the
+/// same lines stores nothing; another endpoint's events stay behind.
+#[tokio::test]
+async fn export_from_the_embedded_queue_imports_into_jetstream_once() {
+    use std::collections::HashMap;
+    use webhook_operator::queue::{RedbQueue, RedbQueueOptions, read_lines, write_lines};
+
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = RedbQueue::open(dir.path().join("q.redb"), RedbQueueOptions::default()).unwrap();
+    let ep = EndpointKey::new("apps", "moving");
+    let other = EndpointKey::new("apps", "staying");
+    let mut batch: Vec<NewEvent> = (0..20)
+        .map(|i| event(&ep, &format!("k{i}"), &format!("{{\"n\":{i}}}")))
+        .collect();
+    for ev in &mut batch {
+        ev.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        ev.headers = "x-atlas-event: call_completed\n".into();
+    }
+    batch.push(event(&other, "k0", "not exported"));
+    embedded.enqueue(batch).await.unwrap();
+    let leased = embedded.lease(&ep, 3, SystemTime::now()).await.unwrap();
+    embedded.dead_letter(&leased[0], "HTTP 400").await.unwrap();
+    embedded.dead_letter(&leased[1], "HTTP 410").await.unwrap();
+    embedded
+        .retry(&leased[2], SystemTime::now(), "HTTP 503")
+        .await
+        .unwrap();
+
+    let exported = embedded.export(&ep).await.unwrap();
+    let dead: Vec<&str> = exported
+        .iter()
+        .filter(|e| e.is_dead())
+        .map(|e| e.id.as_str())
+        .collect();
+    assert_eq!(
+        exported.len(),
+        20,
+        "the other endpoint's event stays behind"
+    );
+    assert_eq!(dead, [leased[0].id.as_str(), leased[1].id.as_str()]);
+    let mut lines = Vec::new();
+    write_lines(&exported, &mut lines).unwrap();
+    let read = read_lines(&lines[..]).unwrap();
+    assert_eq!(read, exported, "JSON Lines round trip");
+    println!(
+        "exported {} events ({} dead letters) in {} bytes of JSON Lines",
+        read.len(),
+        dead.len(),
+        lines.len()
+    );
+
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+    let first = js.import(read.clone()).await.unwrap();
+    assert!(
+        first
+            .iter()
+            .all(|o| matches!(o, EnqueueOutcome::Accepted { .. })),
+        "{first:?}"
+    );
+    let again = js.import(read.clone()).await.unwrap();
+    assert!(
+        again.iter().all(|o| *o == EnqueueOutcome::Duplicate),
+        "a second import stores nothing: {again:?}"
+    );
+
+    // Each waiting event once (asking for one more than there are).
+    let waiting: HashMap<&str, _> = read
+        .iter()
+        .filter(|e| !e.is_dead())
+        .map(|e| (e.id.as_str(), e))
+        .collect();
+    let got = lease_n(&js, &ep, waiting.len() + 1, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), waiting.len(), "each waiting event once");
+    for ev in &got {
+        let was = waiting[ev.id.as_str()];
+        assert_eq!(ev.payload, was.payload_bytes().unwrap());
+        assert_eq!(ev.attempts, was.attempts, "{}", ev.id);
+        assert_eq!(ev.traceparent, was.traceparent);
+        assert_eq!(ev.headers, was.headers);
+        assert_eq!(ev.dedupe_key, was.dedupe_key);
+        js.ack(ev).await.unwrap();
+    }
+    assert_eq!(
+        got.iter().find(|e| e.id == leased[2].id).unwrap().attempts,
+        1,
+        "the failed attempt carried over"
+    );
+    // The dead letters, as dead letters, with their ids.
+    js.refresh_counts().await.unwrap();
+    assert_eq!(js.endpoint_depth(&ep).dead_lettered, 2);
+    assert!(!js.endpoints().contains(&other));
+    assert_eq!(
+        js.replay(&ep, ReplayFilter::All, SystemTime::now())
+            .await
+            .unwrap(),
+        2
+    );
+    let mut replayed: Vec<String> = lease_n(&js, &ep, 3, Duration::from_secs(3))
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    replayed.sort();
+    let mut dead: Vec<String> = dead.into_iter().map(String::from).collect();
+    dead.sort();
+    assert_eq!(replayed, dead);
+}
+
+/// The same move through the binary: `webhook-operator export` from an embedded queue's
+/// data directory, `webhook-operator import --queue jetstream` twice; every waiting event
+/// is delivered once and the second import reports all of them already there.
+#[tokio::test]
+async fn export_and_import_through_the_binary_deliver_each_event_once() {
+    use webhook_operator::queue::{RedbQueue, RedbQueueOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ep = EndpointKey::new("apps", "moving");
+    let ids: Vec<String> = {
+        let embedded =
+            RedbQueue::open(dir.path().join("queue.redb"), RedbQueueOptions::default()).unwrap();
+        let batch = (0..50)
+            .map(|i| event(&ep, &format!("k{i}"), &format!("{{\"n\":{i}}}")))
+            .collect();
+        let out = embedded.enqueue(batch).await.unwrap();
+        out.iter().map(accepted_id).collect()
+        // Dropped: the file is free for the export, as with the operator stopped.
+    };
+    let file = dir.path().join("moving.jsonl");
+    let bin = env!("CARGO_BIN_EXE_webhook-operator");
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        println!("{}", stderr.trim());
+        stderr
+    };
+    run(vec![
+        "export".into(),
+        "apps/moving".into(),
+        "--data-dir".into(),
+        dir.path().display().to_string(),
+        "--output".into(),
+        file.display().to_string(),
+    ]);
+    let server = NatsServer::start();
+    let import = || {
+        run(vec![
+            "import".into(),
+            "--queue".into(),
+            "jetstream".into(),
+            "--nats-url".into(),
+            server.url(),
+            "--input".into(),
+            file.display().to_string(),
+        ])
+    };
+    assert!(import().contains("imported 50 events, 0 already there"));
+    assert!(import().contains("imported 0 events, 50 already there"));
+
+    let js = connect(&server).await;
+    let got = lease_n(&js, &ep, ids.len() + 1, Duration::from_secs(3)).await;
+    let mut leased: Vec<String> = got.iter().map(|e| e.id.clone()).collect();
+    leased.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(leased, want, "each event once, with its id");
 }

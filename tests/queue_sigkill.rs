@@ -60,6 +60,7 @@ fn child_writer(path: &str) {
                                 subscription: "sub".into(),
                                 event_type: "call_completed".into(),
                                 dedupe_key: format!("{t}-{i}-{j}"),
+                                dedupe_window: None,
                                 payload: Bytes::from(format!("{{\"k\":\"{t}-{i}-{j}\"}}")),
                                 received: SystemTime::now(),
                                 traceparent: None,

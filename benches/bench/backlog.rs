@@ -59,6 +59,7 @@ async fn fill(path: &Path, n: u64) -> anyhow::Result<()> {
                 subscription: "sub".into(),
                 event_type: "call_completed".into(),
                 dedupe_key: format!("evt-{}", written + i),
+                dedupe_window: None,
                 payload: payload.clone(),
                 received,
                 traceparent: None,

@@ -43,6 +43,7 @@ fn event(endpoint: &EndpointKey, payload: &bytes::Bytes) -> NewEvent {
         subscription: "bench".into(),
         event_type: "call_completed".into(),
         dedupe_key: format!("{:032x}", rand::random::<u128>()),
+        dedupe_window: None,
         payload: payload.clone(),
         received: SystemTime::now(),
         traceparent: None,

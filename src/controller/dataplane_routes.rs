@@ -122,6 +122,13 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                     .filter
                     .clone()
                     .map_err(|e| (reasons::FILTER_INVALID, format!("spec.filter: {e}")))?,
+                dedupe: ep
+                    .spec
+                    .dedupe
+                    .as_ref()
+                    .map(super::endpoint::dedupe_key)
+                    .transpose()
+                    .map_err(|e| (reasons::DEDUPE_INVALID, format!("spec.dedupe: {e}")))?,
             },
         )
         .map_err(refusal)

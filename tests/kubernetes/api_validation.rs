@@ -59,6 +59,10 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
         }),
         format: Default::default(),
         filter: None,
+        dedupe: Some(Dedupe {
+            key: "payload.call.id + ':' + eventType".into(),
+            window: Some("10m".into()),
+        }),
     }
 }
 
@@ -233,6 +237,18 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, serde_json::Value, &'stat
             "WebhookEndpoint",
             json!({"destination": {"url": https}, "delivery": {"retry": {"maxAttempts": -1}}}),
             "spec.delivery.retry.maxAttempts",
+        ),
+        (
+            "a dedupe window past the queue's",
+            "WebhookEndpoint",
+            json!({"destination": {"url": https}, "dedupe": {"key": "payload.id", "window": "48h"}}),
+            "spec.dedupe.window",
+        ),
+        (
+            "a dedupe without a key",
+            "WebhookEndpoint",
+            json!({"destination": {"url": https}, "dedupe": {"window": "1h"}}),
+            "spec.dedupe.key",
         ),
         (
             "a backlog bound of zero",

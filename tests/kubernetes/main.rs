@@ -8,6 +8,7 @@ mod api_validation;
 mod behaviours;
 mod bounds;
 mod chart;
+mod dedupe;
 mod delivery_e2e;
 mod filter;
 mod health_scripts;

@@ -52,6 +52,8 @@ pub mod reasons {
     pub const BACKLOGGED: &str = "Backlogged";
     /// `spec.filter` does not compile; the message is the compiler's.
     pub const FILTER_INVALID: &str = "FilterInvalid";
+    /// `spec.dedupe.key` does not compile; the message is the compiler's.
+    pub const DEDUPE_INVALID: &str = "DedupeInvalid";
     /// A `spec.headers` entry the data plane cannot send: a reserved name, or a Secret
     /// value that is not a valid header value (a line break inside, for example).
     pub const HEADER_INVALID: &str = "HeaderInvalid";

@@ -84,6 +84,32 @@ pub struct WebhookEndpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub filter: Option<String>,
+    /// The endpoint's own dedupe key, in place of the provider's event id: events whose
+    /// key is equal within `window` are delivered once. Absent: the provider's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedupe: Option<Dedupe>,
+}
+
+/// `spec.dedupe`: a dedupe key computed from each event.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Dedupe {
+    /// A CEL expression over the same variables as `filter` (`payload`, `eventType`,
+    /// `subscription`, `headers`) giving a string or number, for example
+    /// `payload.call.id + ':' + eventType`. An expression that does not compile makes
+    /// `Ready=False` with reason `DedupeInvalid`; one that fails on an event (a missing
+    /// field, an empty string, a list) leaves that event the provider's id, counted in
+    /// `webhook_operator_dedupe_key_errors_total`.
+    #[schemars(length(min = 1, max = 4096))]
+    pub key: String,
+    /// How long a key is remembered (Go duration, 1s to 24h; default and upper bound: the
+    /// queue's dedupe window, 24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend(
+        "pattern" = super::common::DURATION_PATTERN,
+        "x-kubernetes-validations" = [{"rule": "duration(self) >= duration('1s') && duration(self) <= duration('24h')", "message": "must be between 1s and 24h"}]
+    ))]
+    pub window: Option<String>,
 }
 
 /// A token bucket over the ingress requests of one endpoint.

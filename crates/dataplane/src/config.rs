@@ -121,6 +121,8 @@ pub struct EndpointConfig {
     pub format: DeliveryFormat,
     /// `spec.filter`, compiled.
     pub filter: Option<Filter>,
+    /// `spec.dedupe`, compiled: the key that replaces the provider's id at ingress.
+    pub dedupe: Option<crate::ingress::DedupeKey>,
 }
 
 impl std::fmt::Debug for EndpointConfig {
@@ -145,6 +147,7 @@ impl std::fmt::Debug for EndpointConfig {
             .field("ingress_rate_limit", &self.ingress_rate_limit)
             .field("format", &self.format)
             .field("filter", &self.filter)
+            .field("dedupe", &self.dedupe)
             .finish()
     }
 }

@@ -69,6 +69,7 @@ pub struct Metrics {
     duplicates: EpCounter,
     filtered: EpCounter,
     filter_errors: EpCounter,
+    dedupe_key_errors: EpCounter,
     malformed: EpCounter,
     delivered: EpCounter,
     failed: EpCounter,
@@ -94,6 +95,8 @@ pub struct EndpointMetrics {
     pub filtered: Counter,
     /// Events whose `spec.filter` failed (kept as dead letters).
     pub filter_errors: Counter,
+    /// Events whose `spec.dedupe` key failed (deduped on the provider's id instead).
+    pub dedupe_key_errors: Counter,
     /// Batch elements that could not be read (stored as dead letters, not delivered).
     pub malformed: Counter,
     pub delivered: Counter,
@@ -122,6 +125,7 @@ impl Metrics {
             duplicates: Family::default(),
             filtered: Family::default(),
             filter_errors: Family::default(),
+            dedupe_key_errors: Family::default(),
             malformed: Family::default(),
             delivered: Family::default(),
             failed: Family::default(),
@@ -174,6 +178,11 @@ impl Metrics {
             "filter_errors",
             "Events whose spec.filter failed to evaluate (kept as dead letters)",
             m.filter_errors.clone(),
+        );
+        r.register(
+            "dedupe_key_errors",
+            "Events whose spec.dedupe key failed to evaluate (deduped on the provider's id instead)",
+            m.dedupe_key_errors.clone(),
         );
         r.register(
             "events_malformed",
@@ -269,6 +278,7 @@ impl Metrics {
             duplicates: self.duplicates.get_or_create(&l).clone(),
             filtered: self.filtered.get_or_create(&l).clone(),
             filter_errors: self.filter_errors.get_or_create(&l).clone(),
+            dedupe_key_errors: self.dedupe_key_errors.get_or_create(&l).clone(),
             malformed: self.malformed.get_or_create(&l).clone(),
             delivered: self.delivered.get_or_create(&l).clone(),
             failed: self.failed.get_or_create(&l).clone(),
@@ -290,6 +300,7 @@ impl Metrics {
             &self.duplicates,
             &self.filtered,
             &self.filter_errors,
+            &self.dedupe_key_errors,
             &self.malformed,
             &self.delivered,
             &self.failed,

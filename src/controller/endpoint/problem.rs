@@ -14,6 +14,8 @@ pub enum EndpointProblem {
     Build(&'static str, String),
     /// `spec.filter` does not compile.
     FilterInvalid(String),
+    /// `spec.dedupe` does not compile.
+    DedupeInvalid(String),
     /// The data plane refused the configuration (token, header, signing secret).
     ConfigureRefused(&'static str, String),
     /// Events cannot leave at all, as the delivery worker found (e.g. a forbidden address).
@@ -31,6 +33,7 @@ impl EndpointProblem {
             | Self::ConfigureRefused(r, _)
             | Self::Destination(r, _) => r,
             Self::FilterInvalid(_) => reasons::FILTER_INVALID,
+            Self::DedupeInvalid(_) => reasons::DEDUPE_INVALID,
             Self::ReplayInvalid(_) => "ReplayInvalid",
         }
     }
@@ -44,6 +47,7 @@ impl EndpointProblem {
             | Self::Destination(_, m)
             | Self::ReplayInvalid(m) => m.clone(),
             Self::FilterInvalid(e) => format!("spec.filter: {e}"),
+            Self::DedupeInvalid(e) => format!("spec.dedupe: {e}"),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Step 3: everything that decides whether the endpoint can be delivered, in one place:
 //! tenant isolation of the destination, the build of the delivery settings from the
-//! Secrets, and `spec.filter`.
+//! Secrets, `spec.filter` and `spec.dedupe`.
 
 use kube::ResourceExt;
 
@@ -23,6 +23,17 @@ pub struct Validated {
     pub token: Option<String>,
     /// The signing secret in force, for its hash in status.
     pub signing_secret: Option<Vec<u8>>,
+}
+
+/// `spec.dedupe`, compiled; `Err` names the field at fault.
+pub fn dedupe_key(d: &crate::api::endpoint::Dedupe) -> Result<crate::ingress::DedupeKey, String> {
+    let window = d
+        .window
+        .as_deref()
+        .map(crate::api::duration::parse_go_duration)
+        .transpose()
+        .map_err(|e| format!("window: {e}"))?;
+    crate::ingress::DedupeKey::compile(&d.key, window).map_err(|e| format!("key: {e}"))
 }
 
 pub fn validate(ep: &WebhookEndpoint, ctx: &Context, rotated: &Rotated) -> Validated {
@@ -49,6 +60,9 @@ pub fn validate(ep: &WebhookEndpoint, ctx: &Context, rotated: &Rotated) -> Valid
     // the build's first problem already, whatever the filter.
     if let Some(Err(e)) = delivery.as_ref().map(|d| &d.filter) {
         problems.push(EndpointProblem::FilterInvalid(e.clone()));
+    }
+    if let Some(Err(e)) = ep.spec.dedupe.as_ref().map(dedupe_key) {
+        problems.push(EndpointProblem::DedupeInvalid(e));
     }
     let token = fetched
         .owned(&ep.metadata, &ep.ingress_secret_name())

@@ -1,24 +1,70 @@
 //! `spec.filter`: an optional CEL expression over one event that decides whether it is
 //! delivered. Compiled once per endpoint configuration; evaluated just before an event is
-//! sent. Variables: `payload` (the provider's JSON payload; its text when it is not JSON),
+//! sent. [`Expression`] is the CEL machinery it shares with `spec.dedupe.key`
+//! ([`crate::ingress::dedupe`]). Variables: `payload` (the provider's JSON payload; its text when it is not JSON),
 //! `eventType`, `subscription` and `headers` (the provider's request headers, lower-case
 //! names, credentials left out: see [`crate::ingress::kept_headers`]).
 
 use std::fmt;
 use std::sync::Arc;
 
-/// A compiled `spec.filter`.
+/// A compiled CEL expression over one event, the machinery `spec.filter` and
+/// `spec.dedupe.key` share: the same variables, compiled once per configuration.
 #[derive(Clone)]
-pub struct Filter {
+pub struct Expression {
     source: Arc<str>,
     program: Arc<cel::Program>,
 }
 
-impl fmt::Debug for Filter {
+impl fmt::Debug for Expression {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Filter").field(&self.source).finish()
+        f.debug_tuple("Expression").field(&self.source).finish()
     }
 }
+
+impl Expression {
+    /// Compiles `source`; `Err` carries the compiler's message.
+    pub fn compile(source: &str) -> Result<Self, String> {
+        let program = cel::Program::compile(source).map_err(|e| e.to_string())?;
+        Ok(Self {
+            source: source.into(),
+            program: Arc::new(program),
+        })
+    }
+
+    /// The expression's value for one event; `Err` when an input cannot be bound or the
+    /// evaluation fails. `headers`: the event's kept headers as stored (see
+    /// [`crate::queue::header_lines`]).
+    pub fn value(
+        &self,
+        payload: &[u8],
+        event_type: &str,
+        subscription: &str,
+        headers: &str,
+    ) -> Result<cel::Value, String> {
+        let payload = match serde_json::from_slice::<serde_json::Value>(payload) {
+            Ok(json) => json,
+            Err(_) => serde_json::Value::String(String::from_utf8_lossy(payload).into_owned()),
+        };
+        let headers: serde_json::Map<String, serde_json::Value> =
+            crate::queue::header_lines(headers)
+                .map(|(n, v)| (n.to_owned(), serde_json::Value::String(v.to_owned())))
+                .collect();
+        let mut ctx = cel::Context::default();
+        ctx.add_variable("payload", payload)
+            .and_then(|()| ctx.add_variable("eventType", event_type))
+            .and_then(|()| ctx.add_variable("subscription", subscription))
+            .and_then(|()| ctx.add_variable("headers", serde_json::Value::Object(headers)))
+            .map_err(|e| format!("input: {e}"))?;
+        self.program
+            .execute(&ctx)
+            .map_err(|e| format!("failed: {e}"))
+    }
+}
+
+/// A compiled `spec.filter`.
+#[derive(Clone, Debug)]
+pub struct Filter(Expression);
 
 /// What a filter said about one event.
 #[derive(Debug, PartialEq)]
@@ -32,11 +78,7 @@ pub enum Verdict {
 impl Filter {
     /// Compiles `source`; `Err` carries the compiler's message.
     pub fn compile(source: &str) -> Result<Self, String> {
-        let program = cel::Program::compile(source).map_err(|e| e.to_string())?;
-        Ok(Self {
-            source: source.into(),
-            program: Arc::new(program),
-        })
+        Expression::compile(source).map(Self)
     }
 
     /// `headers`: the event's kept headers as stored (see [`crate::queue::header_lines`]).
@@ -47,28 +89,11 @@ impl Filter {
         subscription: &str,
         headers: &str,
     ) -> Verdict {
-        let payload = match serde_json::from_slice::<serde_json::Value>(payload) {
-            Ok(json) => json,
-            Err(_) => serde_json::Value::String(String::from_utf8_lossy(payload).into_owned()),
-        };
-        let headers: serde_json::Map<String, serde_json::Value> =
-            crate::queue::header_lines(headers)
-                .map(|(n, v)| (n.to_owned(), serde_json::Value::String(v.to_owned())))
-                .collect();
-        let mut ctx = cel::Context::default();
-        let added = ctx
-            .add_variable("payload", payload)
-            .and_then(|()| ctx.add_variable("eventType", event_type))
-            .and_then(|()| ctx.add_variable("subscription", subscription))
-            .and_then(|()| ctx.add_variable("headers", serde_json::Value::Object(headers)));
-        if let Err(e) = added {
-            return Verdict::Error(format!("filter input: {e}"));
-        }
-        match self.program.execute(&ctx) {
+        match self.0.value(payload, event_type, subscription, headers) {
             Ok(cel::Value::Bool(true)) => Verdict::Deliver,
             Ok(cel::Value::Bool(false)) => Verdict::Skip,
             Ok(other) => Verdict::Error(format!("filter gave {:?}, not a bool", other.type_of())),
-            Err(e) => Verdict::Error(format!("filter failed: {e}")),
+            Err(e) => Verdict::Error(format!("filter {e}")),
         }
     }
 }

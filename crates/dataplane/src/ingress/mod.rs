@@ -6,6 +6,7 @@
 //! queued, and no answer is 2xx before the events are durable. Owns no provider format and
 //! never calls the Kubernetes API.
 
+pub mod dedupe;
 pub mod kept_headers;
 pub mod key_fetch;
 mod limits;
@@ -21,6 +22,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 
+pub use dedupe::DedupeKey;
 pub use limits::{ConcurrencyLimit, DiskSpace, Full, Limits};
 pub use rate::{Bucket, RateLimit};
 use routes::SubscriptionEntry;
@@ -167,8 +169,9 @@ async fn hook(
     };
     let now = SystemTime::now();
     let (span, traceparent) = receive_span(&ing, started, &parts.headers);
-    // Only an endpoint with a `spec.filter` reads them: others store none.
-    let headers = if route.keep_headers {
+    // Only an endpoint with a `spec.filter` reads them later: others store none. A
+    // `spec.dedupe` key reads them now.
+    let headers = if route.keep_headers || route.dedupe.is_some() {
         kept_headers::kept(&parts.headers, sub.keys.header_name.as_deref())
     } else {
         String::new()
@@ -318,19 +321,25 @@ fn to_batch(
         if !route.event_types.is_empty() && !route.event_types.contains(&ev.event_type) {
             continue;
         }
+        let (dedupe_key, dedupe_window) = if ev.test {
+            (EventKind::test_key(&ev.dedupe_key), None)
+        } else {
+            own_dedupe_key(route, subscription, &ev, &headers)
+        };
         batch.push(NewEvent {
             endpoint: route.key.clone(),
             subscription: subscription.to_string(),
             event_type: ev.event_type,
-            dedupe_key: if ev.test {
-                EventKind::test_key(&ev.dedupe_key)
-            } else {
-                ev.dedupe_key
-            },
+            dedupe_key,
+            dedupe_window,
             payload: ev.payload,
             received: now,
             traceparent: traceparent.clone(),
-            headers: headers.clone(),
+            headers: if route.keep_headers {
+                headers.clone()
+            } else {
+                String::new()
+            },
         });
     }
     batch.extend(parsed.malformed.into_iter().map(|m| NewEvent {
@@ -339,6 +348,27 @@ fn to_batch(
         ..malformed_event(&route.key, subscription, m, now)
     }));
     batch
+}
+
+/// The key and window the queue dedupes a provider's event on: the endpoint's
+/// `spec.dedupe` when it has one and it gives a key for this event, else the provider's id
+/// (and the failure is counted; the error is not logged, it may quote the payload).
+fn own_dedupe_key(
+    route: &EndpointRoute,
+    subscription: &str,
+    ev: &webhook_providers::inbound::InboundEvent,
+    headers: &str,
+) -> (String, Option<std::time::Duration>) {
+    let Some(dedupe) = &route.dedupe else {
+        return (ev.dedupe_key.clone(), None);
+    };
+    match dedupe.key(&ev.payload, &ev.event_type, subscription, headers) {
+        Ok(key) => (key, dedupe.window),
+        Err(_) => {
+            route.metrics.dedupe_key_errors.inc();
+            (ev.dedupe_key.clone(), None)
+        }
+    }
 }
 
 /// An unreadable batch element as a queue entry that delivery moves straight to the
@@ -357,6 +387,7 @@ fn malformed_event(
         subscription: subscription.to_string(),
         event_type: MALFORMED_EVENT_TYPE.to_string(),
         dedupe_key: EventKind::malformed_key(m.reason, &hex::encode(&digest[..16])),
+        dedupe_window: None,
         payload: m.raw,
         received: now,
         traceparent: None,

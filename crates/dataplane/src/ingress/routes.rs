@@ -84,6 +84,8 @@ pub struct EndpointRoute {
     pub max_queued_bytes: Option<u64>,
     /// The endpoint's ingress rate limit, if it sets one.
     pub rate_limit: Option<Arc<Bucket>>,
+    /// `spec.dedupe`: the endpoint's own dedupe key, if it sets one.
+    pub dedupe: Option<super::DedupeKey>,
 }
 
 impl EndpointRoute {
@@ -97,8 +99,16 @@ impl EndpointRoute {
     }
 }
 
-/// Token, event types, own bounds on waiting events and bytes, whether headers are kept.
-type DesiredEndpoint = (String, Vec<String>, Option<u64>, Option<u64>, bool);
+/// Token, event types, own bounds on waiting events and bytes, whether headers are kept,
+/// the dedupe key.
+type DesiredEndpoint = (
+    String,
+    Vec<String>,
+    Option<u64>,
+    Option<u64>,
+    bool,
+    Option<super::DedupeKey>,
+);
 
 #[derive(Default)]
 struct Desired {
@@ -168,6 +178,7 @@ impl RouteTable {
                 ep.max_queued_events,
                 ep.max_queued_bytes,
                 ep.filter.is_some(),
+                ep.dedupe.clone(),
             ),
         );
         match ep.ingress_rate_limit {
@@ -242,7 +253,7 @@ impl RouteTable {
     }
 
     fn rebuild(&self, d: &mut Desired, key: &EndpointKey) {
-        let Some((token, types, max_queued_events, max_queued_bytes, keep_headers)) =
+        let Some((token, types, max_queued_events, max_queued_bytes, keep_headers, dedupe)) =
             d.endpoints.get(key).cloned()
         else {
             return;
@@ -257,6 +268,7 @@ impl RouteTable {
             keep_headers,
             max_queued_bytes,
             rate_limit: d.buckets.get(key).cloned(),
+            dedupe,
         });
         let mut table = self.by_token.write().expect("routes lock");
         // A token change leaves the old one unroutable.
@@ -289,6 +301,7 @@ mod tests {
             ingress_rate_limit: None,
             format: Default::default(),
             filter: None,
+            dedupe: None,
         }
     }
 

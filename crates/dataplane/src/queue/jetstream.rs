@@ -21,7 +21,9 @@
 //! - **Dedupe across replicas.** The `Nats-Msg-Id` header is a hash of (endpoint, dedupe
 //!   key) and the events stream's `duplicate_window` is the dedupe window, so the *server*
 //!   refuses the second copy whichever replica's ingress got it; `PubAck.duplicate` maps
-//!   to [`EnqueueOutcome::Duplicate`].
+//!   to [`EnqueueOutcome::Duplicate`]. The server has one window per stream: an event's
+//!   shorter window (`spec.dedupe.window`) is kept by adding the slot of that length its
+//!   receipt falls in to the hash (see [`window_slot`]).
 //! - **Retry** is a NAK with the delay delivery chose (`-NAK {"delay":…}`): the server keeps
 //!   the message and redelivers it when due, to any replica. A NAK cannot carry data, so the
 //!   attempt count is the server's delivery count (`info.delivered - 1`) plus the count a
@@ -77,8 +79,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{
-    EndpointKey, EnqueueOutcome, EventKind, NewEvent, Queue, QueueDepth, QueueError, QueuedEvent,
-    Receipt, ReplayFilter, from_millis, to_millis,
+    EndpointKey, EnqueueOutcome, EventKind, ExportedEvent, NewEvent, Queue, QueueDepth, QueueError,
+    QueuedEvent, Receipt, ReplayFilter, from_millis, to_millis,
 };
 
 /// How to reach and authenticate to NATS. `Debug` never shows a secret.
@@ -866,8 +868,94 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The ids of `key`'s dead letters.
+    async fn dead_ids(&self, key: &EndpointKey) -> Result<HashSet<String>, QueueError> {
+        let mut ids = HashSet::new();
+        let mut from = 1;
+        while let Some(page) = self.next_dead_page(key, &mut from).await? {
+            ids.extend(page.into_iter().map(|(_, env, _)| env.id));
+        }
+        Ok(ids)
+    }
+
+    /// Stores one exported event (see [`Queue::import`]); a dead letter's caller has
+    /// checked that its endpoint has none with its id.
+    async fn import_one(&self, ev: &ExportedEvent) -> Result<EnqueueOutcome, QueueError> {
+        let key = ev.endpoint_key();
+        let payload = ev.payload_bytes().map_err(QueueError::Storage)?;
+        let env = Envelope {
+            id: ev.id.clone(),
+            ns: ev.namespace.clone(),
+            name: ev.endpoint.clone(),
+            sub: ev.subscription.clone(),
+            ty: ev.event_type.clone(),
+            key: ev.dedupe_key.clone(),
+            received_ms: ev.received_ms,
+            base_attempts: ev.attempts,
+            dead_ms: ev.dead_lettered_ms,
+            reason: ev.reason.clone().filter(|_| ev.is_dead()),
+            tp: ev.traceparent.clone(),
+            h: ev.headers.clone(),
+        };
+        let (subject, msg_id) = if ev.is_dead() {
+            (self.subject("dead", &key), format!("import-{}", ev.id))
+        } else {
+            // The id an enqueue of the same key would have: deduplicated against events
+            // the ingress stores as well as against an earlier import.
+            let digest = Sha256::digest(format!(
+                "{}\n{}\n{}",
+                ev.namespace, ev.endpoint, ev.dedupe_key
+            ));
+            (self.subject("events", &key), hex::encode(digest))
+        };
+        let ack = self
+            .publish_confirmed(subject, &msg_id, encode(&env, &payload))
+            .await?;
+        self.known.lock().expect("known lock").insert(key);
+        Ok(if ack.duplicate {
+            EnqueueOutcome::Duplicate
+        } else {
+            EnqueueOutcome::Accepted { id: ev.id.clone() }
+        })
+    }
+}
+
+/// The part of an event's `Nats-Msg-Id` its own dedupe window adds: the number of the
+/// slot of that length its receipt falls in, so that two receipts of one key in different
+/// slots are both stored. Receipts a window or more apart always fall in different slots
+/// (never a duplicate past the window); two a moment apart across a slot's end are both
+/// delivered (a duplicate delivery, as with any at-least-once delivery, never a lost event).
+fn window_slot(ev: &NewEvent) -> String {
+    match ev.dedupe_window.map(|w| w.as_millis() as u64) {
+        Some(w) if w > 0 => format!("\n{}", to_millis(ev.received) / w),
+        _ => String::new(),
+    }
+}
+
 #[async_trait::async_trait]
 impl Queue for JetStreamQueue {
+    async fn import(&self, events: Vec<ExportedEvent>) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        let mut dead: HashMap<EndpointKey, HashSet<String>> = HashMap::new();
+        let mut out = Vec::with_capacity(events.len());
+        for ev in &events {
+            let key = ev.endpoint_key();
+            if ev.is_dead() {
+                if !dead.contains_key(&key) {
+                    let ids = self.inner.dead_ids(&key).await?;
+                    dead.insert(key.clone(), ids);
+                }
+                let ids = dead.get_mut(&key).expect("read above");
+                if !ids.insert(ev.id.clone()) {
+                    out.push(EnqueueOutcome::Duplicate);
+                    continue;
+                }
+            }
+            out.push(self.inner.import_one(ev).await?);
+        }
+        Ok(out)
+    }
+
     async fn enqueue(&self, events: Vec<NewEvent>) -> Result<Vec<EnqueueOutcome>, QueueError> {
         let inner = &self.inner;
         let mut acks = Vec::with_capacity(events.len());
@@ -888,8 +976,11 @@ impl Queue for JetStreamQueue {
                 h: ev.headers.clone(),
             };
             let digest = Sha256::digest(format!(
-                "{}\n{}\n{}",
-                ev.endpoint.namespace, ev.endpoint.name, ev.dedupe_key
+                "{}\n{}\n{}{}",
+                ev.endpoint.namespace,
+                ev.endpoint.name,
+                ev.dedupe_key,
+                window_slot(ev)
             ));
             let ack = inner
                 .js

@@ -8,6 +8,7 @@
 //! Leasing, retry scheduling and dead letters live here; *when* to retry is delivery's
 //! decision, not the queue's.
 
+mod export;
 mod index;
 mod jetstream;
 mod record;
@@ -18,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
+pub use export::{ExportedEvent, read_lines, write_lines};
 pub use jetstream::{JetStreamOptions, JetStreamQueue, NatsAuth};
 pub use redb_queue::{RedbQueue, RedbQueueOptions};
 
@@ -68,6 +70,9 @@ pub struct NewEvent {
     pub event_type: String,
     /// Equal keys for the same endpoint within the dedupe window are duplicates.
     pub dedupe_key: String,
+    /// This event's dedupe window when shorter than the queue's (`spec.dedupe.window`);
+    /// `None`: the queue's.
+    pub dedupe_window: Option<Duration>,
     pub payload: Bytes,
     pub received: SystemTime,
     /// The provider's valid W3C `traceparent`, kept so deliveries continue its trace.
@@ -277,6 +282,19 @@ pub trait Queue: Send + Sync + 'static {
     /// Deletes every event of `endpoint`, pending and dead-lettered: its WebhookEndpoint
     /// was deleted. Returns how many.
     async fn purge(&self, endpoint: &EndpointKey) -> Result<u64, QueueError>;
+
+    /// The waiting (pending or leased) events and dead letters of `endpoint`, oldest
+    /// first, for a backup or a move to another queue (see [`ExportedEvent`]).
+    async fn export(&self, _endpoint: &EndpointKey) -> Result<Vec<ExportedEvent>, QueueError> {
+        Err(QueueError::Storage("this queue does not export".into()))
+    }
+
+    /// Stores exported events, ids and attempts kept: a waiting one due now and
+    /// deduplicated on its key like any enqueue, a dead letter as a dead letter (a
+    /// [`EnqueueOutcome::Duplicate`] when one with its id is there). Outcomes in input order.
+    async fn import(&self, _events: Vec<ExportedEvent>) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        Err(QueueError::Storage("this queue does not import".into()))
+    }
 
     /// Endpoints that hold events (pending, leased or dead).
     fn endpoints(&self) -> Vec<EndpointKey>;

@@ -19,8 +19,8 @@ use tokio::sync::oneshot;
 use super::index::Index;
 use super::record::{Head, Record, STATE_DEAD, STATE_PENDING};
 use super::{
-    CommitMetrics, EndpointKey, EnqueueOutcome, EventKind, NewEvent, Queue, QueueDepth, QueueError,
-    QueuedEvent, Receipt, ReplayFilter, from_millis, to_millis,
+    CommitMetrics, EndpointKey, EnqueueOutcome, EventKind, ExportedEvent, NewEvent, Queue,
+    QueueDepth, QueueError, QueuedEvent, Receipt, ReplayFilter, from_millis, to_millis,
 };
 
 mod dedupe;
@@ -334,6 +334,28 @@ impl Queue for RedbQueue {
         self.call(|r| Op::Enqueue(events, r)).await
     }
 
+    /// Reads one snapshot of the file: every event committed (every one the ingress
+    /// answered 2xx for) and not yet delivered is in it, whatever is written meanwhile.
+    async fn export(&self, endpoint: &EndpointKey) -> Result<Vec<ExportedEvent>, QueueError> {
+        let (db, nonce, endpoint) = (self.db.clone(), self.nonce, endpoint.clone());
+        let read = tokio::task::spawn_blocking(move || -> Result<_, QueueError> {
+            let txn = db.begin_read().map_err(storage)?;
+            let table = txn.open_table(EVENTS).map_err(storage)?;
+            let mut out = Vec::new();
+            for item in table.iter().map_err(storage)? {
+                let (seq, v) = item.map_err(storage)?;
+                let Some(rec) = Record::decode(v.value()) else {
+                    continue;
+                };
+                if rec.namespace == endpoint.namespace && rec.name == endpoint.name {
+                    out.push(exported(event_id(nonce, seq.value()), rec));
+                }
+            }
+            Ok(out)
+        });
+        read.await.map_err(storage)?
+    }
+
     async fn lease(
         &self,
         endpoint: &EndpointKey,
@@ -545,6 +567,25 @@ impl Queue for RedbQueue {
 
     fn commit_metrics(&self) -> Option<CommitMetrics> {
         Some(self.commits.clone())
+    }
+}
+
+fn exported(id: String, rec: Record) -> ExportedEvent {
+    let dead = rec.state == STATE_DEAD;
+    ExportedEvent {
+        id,
+        payload: ExportedEvent::encode_payload(&rec.payload),
+        namespace: rec.namespace,
+        endpoint: rec.name,
+        subscription: rec.subscription,
+        event_type: rec.event_type,
+        dedupe_key: rec.dedupe_key,
+        received_ms: rec.received_ms,
+        attempts: rec.attempts,
+        dead_lettered_ms: dead.then_some(rec.dead_ms),
+        reason: (!rec.last_error.is_empty()).then_some(rec.last_error),
+        traceparent: (!rec.traceparent.is_empty()).then_some(rec.traceparent),
+        headers: rec.headers,
     }
 }
 
@@ -901,6 +942,11 @@ impl Writer {
             let received = to_millis(ev.received);
             if !ev.dedupe_key.is_empty() {
                 let entry = dedupe_entry(&ev.endpoint.namespace, &ev.endpoint.name, &ev.dedupe_key);
+                // An event's own window may only shorten the queue's: keys are expired
+                // after the queue's.
+                let window = ev
+                    .dedupe_window
+                    .map_or(window, |w| window.min(w.as_millis() as u64));
                 match self.seen.received(&t.1, &entry)? {
                     Some(prev) if received.saturating_sub(prev) < window => {
                         out.push(EnqueueOutcome::Duplicate);

@@ -15,6 +15,7 @@ fn event(endpoint: &EndpointKey, dedupe: &str, received: SystemTime) -> NewEvent
         subscription: "sub".into(),
         event_type: "call_completed".into(),
         dedupe_key: dedupe.into(),
+        dedupe_window: None,
         payload: Bytes::from(format!("{{\"k\":\"{dedupe}\"}}")),
         received,
         traceparent: None,
@@ -110,6 +111,35 @@ async fn duplicates_are_dropped_within_the_window_per_endpoint() {
         .unwrap();
     assert!(matches!(later[0], EnqueueOutcome::Accepted { .. }));
     assert_eq!(q.endpoint_depth(&a).pending, 4);
+}
+
+/// `spec.dedupe.window`: an event's own window shortens the queue's, never lengthens it.
+#[tokio::test]
+async fn an_events_own_window_shortens_the_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RedbQueueOptions {
+        dedupe_window: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let q = RedbQueue::open(dir.path().join("q.redb"), opts).unwrap();
+    let a = ep("a");
+    let t0 = SystemTime::now();
+    let with_window = |key: &str, at: u64, window: u64| NewEvent {
+        dedupe_window: Some(Duration::from_secs(window)),
+        ..event(&a, key, t0 + Duration::from_secs(at))
+    };
+    let mut outcomes = Vec::new();
+    for ev in [
+        with_window("k", 0, 10),
+        with_window("k", 9, 10),   // within its 10 s: a duplicate
+        with_window("k", 11, 10),  // past them: stored
+        with_window("l", 0, 600),  // a window past the queue's 60 s ...
+        with_window("l", 61, 600), // ... is the queue's
+    ] {
+        let out = q.enqueue(vec![ev]).await.unwrap();
+        outcomes.push(out[0] == EnqueueOutcome::Duplicate);
+    }
+    assert_eq!(outcomes, [false, true, false, false, false]);
 }
 
 #[tokio::test]
