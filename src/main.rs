@@ -101,11 +101,12 @@ async fn run(config: OperatorConfig) -> anyhow::Result<()> {
         .leader
         .leader_election
         .then(|| config.leader_config(identity));
-    let ctx = Arc::new(controller::Context::new(
-        client.clone(),
-        config,
-        Arc::new(data_plane),
-    ));
+    let mut ctx = controller::Context::new(client.clone(), config, Arc::new(data_plane));
+    if let Some(election) = &election {
+        // Registrations wait until every replica routes the URL (the route handshake).
+        ctx = ctx.with_replicas(controller::replicas::ReplicaConfig::from_leader(election));
+    }
+    let ctx = Arc::new(ctx);
     match election {
         None => controller::run(ctx, shutdown).await,
         Some(election) => {

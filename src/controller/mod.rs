@@ -30,6 +30,7 @@ pub mod endpoint;
 pub mod event_recorder;
 pub mod isolation;
 pub mod memo;
+pub mod replicas;
 pub mod rotation;
 pub mod route_sync;
 pub mod routes;
@@ -80,6 +81,10 @@ pub struct Context {
     subscriptions: Mutex<Option<watches::Cache<WebhookSubscription>>>,
     /// Secret reads, validated against the shared Secret watch once [`run`] starts it.
     pub secrets: secrets::SecretStore,
+    /// With leader election: where the replica Leases of the route handshake live.
+    pub replica_config: Option<replicas::ReplicaConfig>,
+    /// The replica Leases, as the controllers [`run`] started last watch them.
+    replicas: Mutex<Option<Arc<replicas::Replicas>>>,
 }
 
 impl Context {
@@ -107,7 +112,20 @@ impl Context {
             endpoint_memo: Default::default(),
             endpoints: Mutex::default(),
             subscriptions: Mutex::default(),
+            replica_config: None,
+            replicas: Mutex::default(),
         }
+    }
+
+    /// Runs the route handshake with the other replicas (leader election on).
+    pub fn with_replicas(mut self, config: replicas::ReplicaConfig) -> Self {
+        self.replica_config = Some(config);
+        self
+    }
+
+    /// The replica Leases the leader waits on; `None` with a single replica.
+    pub fn replicas(&self) -> Option<Arc<replicas::Replicas>> {
+        self.replicas.lock().expect("replicas lock").clone()
     }
 
     /// A WebhookEndpoint as the controllers' cache holds it (no API request; the cache is
@@ -303,6 +321,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     *ctx.endpoints.lock().expect("endpoints lock") = Some(watches.endpoints.cache());
     *ctx.subscriptions.lock().expect("subscriptions lock") = Some(watches.subscriptions.cache());
     ctx.secrets.watch(watches.secrets.cache());
+    if let Some(config) = &ctx.replica_config {
+        let replicas = replicas::Replicas::start(ctx.client.clone(), config, &shutdown);
+        *ctx.replicas.lock().expect("replicas lock") = Some(Arc::new(replicas));
+    }
     route_sync::prime(&ctx, &watches, &shutdown).await;
     let ep_store = watches.endpoints.store.clone();
     let sub_store = watches.subscriptions.store.clone();

@@ -15,6 +15,7 @@ mod isolation;
 mod operator_run;
 mod plugin;
 mod powercut;
+mod routes_race;
 mod scaleout;
 mod subscription_sync;
 mod through_binary;

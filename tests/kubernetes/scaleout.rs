@@ -22,9 +22,9 @@ use crate::support::{TestEnv, test_env, wait_until};
 
 /// Receives deliveries; remembers the Atlas `callId` of each and counts every POST.
 #[derive(Default)]
-struct Received {
-    calls: HashSet<String>,
-    posts: u64,
+pub(crate) struct Received {
+    pub(crate) calls: HashSet<String>,
+    pub(crate) posts: u64,
     /// When each `callId` first arrived.
     first_at: HashMap<String, Instant>,
 }
@@ -54,19 +54,19 @@ async fn consumer() -> (u16, Arc<Mutex<Received>>) {
     (port, received)
 }
 
-struct Replica {
-    name: String,
+pub(crate) struct Replica {
+    pub(crate) name: String,
     child: Child,
     ingress_port: u16,
-    logs: Arc<Mutex<Vec<String>>>,
+    pub(crate) logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Replica {
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
     }
-    fn hook(&self, path: &str) -> String {
+    pub(crate) fn hook(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.ingress_port)
     }
 }
@@ -82,11 +82,11 @@ impl Drop for Replica {
     }
 }
 
-struct Cluster {
-    env: TestEnv,
+pub(crate) struct Cluster {
+    pub(crate) env: TestEnv,
     nats: NatsServer,
-    sandbox: SandboxHandle,
-    received: Arc<Mutex<Received>>,
+    pub(crate) sandbox: SandboxHandle,
+    pub(crate) received: Arc<Mutex<Received>>,
     consumer_port: u16,
     ports: [u16; 2],
     /// `--nats-ack-wait` of the replicas.
@@ -94,7 +94,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn new(prefix: &str) -> Cluster {
+    pub(crate) async fn new(prefix: &str) -> Cluster {
         let env = test_env(prefix).await;
         let nats = tokio::task::spawn_blocking(NatsServer::start)
             .await
@@ -115,7 +115,7 @@ impl Cluster {
         }
     }
 
-    fn start_replica(&self, index: usize) -> Replica {
+    pub(crate) fn start_replica(&self, index: usize) -> Replica {
         let name = format!("replica-{index}");
         let ns = &self.env.namespace;
         let mut child = Command::new(env!("CARGO_BIN_EXE_webhook-operator"))
@@ -209,7 +209,7 @@ impl Cluster {
         .await;
     }
 
-    async fn wait_ready(&self, name: &str, timeout: Duration) {
+    pub(crate) async fn wait_ready(&self, name: &str, timeout: Duration) {
         let api: Api<WebhookSubscription> =
             Api::namespaced(self.env.client.clone(), &self.env.namespace);
         let deadline = Instant::now() + timeout;
@@ -253,7 +253,7 @@ impl Cluster {
         .await
     }
 
-    async fn holder(&self) -> Option<String> {
+    pub(crate) async fn holder(&self) -> Option<String> {
         let leases: Api<Lease> = Api::namespaced(self.env.client.clone(), &self.env.namespace);
         leases
             .get_opt("webhook-operator")
@@ -261,6 +261,22 @@ impl Cluster {
             .ok()??
             .spec?
             .holder_identity
+    }
+
+    /// Waits until replica `name` follows with its routes loaded: its replica Lease exists
+    /// (the route handshake counts it from then on).
+    pub(crate) async fn wait_following(&self, name: &str) {
+        let leases: Api<Lease> = Api::namespaced(self.env.client.clone(), &self.env.namespace);
+        let lease = format!("webhook-operator-replica-{name}");
+        wait_until(
+            Duration::from_secs(60),
+            "the follower's replica Lease",
+            || {
+                let (leases, lease) = (leases.clone(), lease.clone());
+                async move { leases.get_opt(&lease).await.ok()?.map(|_| ()) }
+            },
+        )
+        .await
     }
 
     /// Atlas registrations at the provider for `campaign`.
@@ -284,7 +300,7 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    async fn wait_delivered(&self, ids: &HashSet<String>, timeout: Duration) {
+    pub(crate) async fn wait_delivered(&self, ids: &HashSet<String>, timeout: Duration) {
         let received = self.received.clone();
         let total = ids.len();
         let deadline = Instant::now() + timeout;
@@ -306,7 +322,7 @@ impl Cluster {
 }
 
 /// Atlas events in one POST body, each with a fresh `callId`.
-fn atlas_body(campaign: &str, call_ids: &[String]) -> Vec<u8> {
+pub(crate) fn atlas_body(campaign: &str, call_ids: &[String]) -> Vec<u8> {
     let events: Vec<Value> = call_ids
         .iter()
         .map(|id| {
@@ -317,11 +333,11 @@ fn atlas_body(campaign: &str, call_ids: &[String]) -> Vec<u8> {
     serde_json::to_vec(&events).unwrap()
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     format!("call_{:016x}", rand::random::<u64>())
 }
 
-async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<u16, String> {
+pub(crate) async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<u16, String> {
     http.post(url)
         .header("content-type", "application/json")
         .body(body)
@@ -332,22 +348,14 @@ async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<u16, S
         .map_err(|e| e.to_string())
 }
 
-/// Fires `n` single-event POSTs at `url`, retrying while the route is not there yet (404:
-/// a follower's route sync has not caught up) or the queue refuses (503).
+/// Fires `n` single-event POSTs at `url`, no retries: once the subscription is Ready
+/// every replica routes it (the route handshake), so anything but 200 is a failure.
 async fn fire(http: &reqwest::Client, url: &str, campaign: &str, n: usize) -> HashSet<String> {
     let mut acked = HashSet::new();
     for _ in 0..n {
         let id = new_id();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match post(http, url, atlas_body(campaign, std::slice::from_ref(&id))).await {
-                Ok(200) => break,
-                other => {
-                    assert!(Instant::now() < deadline, "{url} kept answering {other:?}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
+        let answer = post(http, url, atlas_body(campaign, std::slice::from_ref(&id))).await;
+        assert_eq!(answer, Ok(200), "{url}");
         acked.insert(id);
     }
     acked
@@ -365,6 +373,7 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
         .position(|r| r.name == leader)
         .expect("holder is one of ours");
     let fi = 1 - li;
+    c.wait_following(&replicas[fi].name).await;
     let path = c.hook_path().await;
     let http = reqwest::Client::new();
 
@@ -475,8 +484,11 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
 }
 
 /// Fires `total` events as POSTs of `per_post` at the replicas' ingresses with a fixed
-/// concurrency. A POST that is refused or fails is sent again (as a provider would) to the
-/// next ingress. Returns the callIds of every acknowledged (2xx) POST.
+/// concurrency. A POST that fails in transport (the SIGKILLed replica) or is answered 503
+/// (the ingress's backpressure, with `Retry-After`) is sent again to the next ingress, as
+/// a provider that retries does (Atlas retries on a best-effort basis); a 404 is never
+/// retried: every replica routes the subscription once it is Ready. Returns the callIds of
+/// every acknowledged (2xx) POST.
 async fn load(
     urls: Vec<String>,
     total: usize,
@@ -512,8 +524,10 @@ async fn load(
                 loop {
                     turn += 1;
                     let url = &urls[turn % urls.len()];
-                    if let Ok(200) = post(&http, url, atlas_body("camp-1", &ids)).await {
-                        break;
+                    match post(&http, url, atlas_body("camp-1", &ids)).await {
+                        Ok(200) => break,
+                        Ok(404) => panic!("{url} answered 404 to a routed subscription"),
+                        _ => {}
                     }
                     assert!(
                         Instant::now() < deadline,
@@ -542,6 +556,12 @@ async fn sigkill_of_a_replica_during_load_loses_no_acknowledged_event() {
     c.setup_objects(&[("atlas", "camp-1")]).await;
     let replicas = Arc::new(Mutex::new(vec![c.start_replica(0), c.start_replica(1)]));
     c.wait_ready("atlas", Duration::from_secs(60)).await;
+    let leader = wait_until(Duration::from_secs(30), "a Lease holder", || c.holder()).await;
+    let follower = ["replica-0", "replica-1"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    c.wait_following(follower).await;
     let path = c.hook_path().await;
     let urls: Vec<String> = {
         let r = replicas.lock().unwrap();

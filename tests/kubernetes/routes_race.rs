@@ -1,0 +1,190 @@
+//! Issue 44 item 1: a hook URL works on every replica from the moment the provider can use
+//! it. Two `webhook-operator run` replicas on JetStream (as in `scaleout`); a new
+//! WebhookSubscription is created again and again; the test polls the Atlas simulator's
+//! registrations every few milliseconds and, the moment the registration appears, fires
+//! one event at EACH replica (the Lease holder and the follower), once, with no retry (a
+//! provider that never retries). Atlas does not sign, so a refusal can only be about the
+//! route. Expected: no 404, no 503, every acknowledged event delivered.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::scaleout::{Cluster, atlas_body, new_id, post};
+use crate::support::wait_until;
+
+/// What the replicas answered, by role and status.
+#[derive(Default, Debug)]
+struct Answers {
+    by_role: BTreeMap<(&'static str, String), usize>,
+    acked: HashSet<String>,
+    /// From the registration's appearance to the last answer of the round, the slowest.
+    slowest_round: Duration,
+}
+
+impl Answers {
+    fn count(&self, status: &str) -> usize {
+        self.by_role
+            .iter()
+            .filter(|((_, s), _)| s == status)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// The hook URL of the Atlas registration for `campaign`, as soon as the simulator holds
+/// it (polled every 2 ms).
+async fn registered(c: &Cluster, http: &reqwest::Client, campaign: &str) -> String {
+    let url = format!("{}/_control/atlas/subscriptions", c.sandbox.base_url());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let v: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+        let found = v["subscriptions"].as_array().and_then(|subs| {
+            subs.iter()
+                .find(|s| s["campaignId"] == campaign)
+                .and_then(|s| s["hookUrl"].as_str().map(str::to_string))
+        });
+        if let Some(hook) = found {
+            return hook;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "campaign {campaign} never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn set_answer_delay(c: &Cluster, ms: u64) {
+    crate::fixtures::control(
+        &c.sandbox,
+        reqwest::Method::PUT,
+        "atlas/faults",
+        Some(json!({"answerDelayMs": ms})),
+    )
+    .await;
+}
+
+async fn apply_endpoint(c: &Cluster, name: &str) {
+    crate::fixtures::apply_endpoint(
+        &c.env,
+        name,
+        json!({"destination": {"service": {"name": "consumer", "port": 8080}}}),
+    )
+    .await;
+}
+
+/// `rounds` new subscriptions (each with a new endpoint unless `shared_endpoint`), each
+/// fired at both replicas the moment its registration appears.
+async fn race(prefix: &str, rounds: usize, answer_delay_ms: u64, shared_endpoint: bool) {
+    let c = Cluster::new(prefix).await;
+    crate::fixtures::create_secret(&c.env, "atlas-creds", json!({"apiKey": "atlas-test-key"}))
+        .await;
+    let replicas = [c.start_replica(0), c.start_replica(1)];
+    let leader = wait_until(Duration::from_secs(60), "a Lease holder", || c.holder()).await;
+    let li = replicas
+        .iter()
+        .position(|r| r.name == leader)
+        .expect("holder is one of ours");
+    let fi = 1 - li;
+    c.wait_following(&replicas[fi].name).await;
+    set_answer_delay(&c, answer_delay_ms).await;
+    if shared_endpoint {
+        apply_endpoint(&c, "shared").await;
+        // The endpoint is Ready (its ingress URL is published) before any subscription.
+        let eps: kube::Api<webhook_operator::api::WebhookEndpoint> =
+            kube::Api::namespaced(c.env.client.clone(), &c.env.namespace);
+        wait_until(Duration::from_secs(60), "the shared endpoint Ready", || {
+            let eps = eps.clone();
+            async move {
+                eps.get("shared")
+                    .await
+                    .ok()?
+                    .status?
+                    .ingress_url
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
+    let http = reqwest::Client::new();
+    let mut answers = Answers::default();
+    for i in 0..rounds {
+        let (ep, sub, campaign) = (
+            if shared_endpoint {
+                "shared".to_string()
+            } else {
+                format!("ep-{i}")
+            },
+            format!("sub-{i}"),
+            format!("camp-{i}"),
+        );
+        if !shared_endpoint {
+            apply_endpoint(&c, &ep).await;
+        }
+        crate::fixtures::apply_subscription(
+            &c.env,
+            &sub,
+            json!({"provider": "atlas", "credentialsRef": {"name": "atlas-creds"},
+                   "events": ["call_completed"], "atlas": {"campaignId": campaign},
+                   "endpointRef": {"name": ep}}),
+        )
+        .await;
+        let hook = registered(&c, &http, &campaign).await;
+        let seen = Instant::now();
+        let path = url::Url::parse(&hook).unwrap().path().to_string();
+        // One event at each replica, at once, never retried.
+        let shots = [(li, "leader"), (fi, "follower")].map(|(i, role)| {
+            let (http, url, id) = (http.clone(), replicas[i].hook(&path), new_id());
+            let body = atlas_body(&campaign, std::slice::from_ref(&id));
+            async move { (role, id, post(&http, &url, body).await) }
+        });
+        for (role, id, answer) in futures::future::join_all(shots).await {
+            let status = match answer {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("error: {e}"),
+            };
+            if status == "200" {
+                answers.acked.insert(id);
+            } else {
+                eprintln!("routes_race: round {i}: the {role} answered {status}");
+            }
+            *answers.by_role.entry((role, status)).or_default() += 1;
+        }
+        answers.slowest_round = answers.slowest_round.max(seen.elapsed());
+    }
+    c.wait_delivered(&answers.acked, Duration::from_secs(90))
+        .await;
+    let fired = 2 * rounds;
+    eprintln!(
+        "routes_race {prefix}: {rounds} new subscriptions{}, answer delay {answer_delay_ms} ms; {fired} events fired the moment each was registered: answers {:?}; 404: {}, 503: {}; {} acknowledged, all delivered",
+        if shared_endpoint {
+            " on an endpoint already Ready"
+        } else {
+            " each with a new endpoint"
+        },
+        answers.by_role,
+        answers.count("404"),
+        answers.count("503"),
+        answers.acked.len(),
+    );
+    assert_eq!(answers.count("404"), 0, "{:?}", answers.by_role);
+    assert_eq!(answers.count("503"), 0, "{:?}", answers.by_role);
+    assert_eq!(answers.acked.len(), fired, "{:?}", answers.by_role);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_race_new_endpoint_and_subscription_on_both_replicas() {
+    race("race-new", 20, 0, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_race_provider_answering_after_100ms() {
+    race("race-slow", 20, 100, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_race_new_subscription_on_a_ready_endpoint() {
+    race("race-sub", 10, 100, true).await;
+}
