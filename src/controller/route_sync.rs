@@ -429,16 +429,16 @@ fn changes(watches: &Watches) -> impl Stream<Item = Change> + Send + Unpin + 'st
     ])
 }
 
-/// The next burst of changes: the first, and whatever follows within [`COALESCE`].
-/// `None` once the watches have ended.
-async fn burst(changes: &mut (impl Stream<Item = Change> + Unpin)) -> Option<Changed> {
+/// A burst of changes: `first`, and whatever follows within [`COALESCE`]. Not awaited
+/// inside a `select!`: a cancelled burst would lose the changes it had taken.
+async fn burst(first: Change, changes: &mut (impl Stream<Item = Change> + Unpin)) -> Changed {
     let mut changed = Changed::default();
-    changed.add(changes.next().await?);
+    changed.add(first);
     let until = tokio::time::Instant::now() + COALESCE;
     while let Ok(Some(next)) = tokio::time::timeout_at(until, changes.next()).await {
         changed.add(next);
     }
-    Some(changed)
+    changed
 }
 
 /// Keeps the data plane's routes in step with the cluster, read-only, until `shutdown`.
@@ -467,8 +467,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            changed = burst(&mut changes) => match changed {
-                Some(changed) => caches.sync(&ctx, &mut applied, &changed).await,
+            // `next()` loses nothing when another branch wins; the burst runs unraced.
+            first = changes.next() => match first {
+                Some(first) => {
+                    let changed = burst(first, &mut changes).await;
+                    caches.sync(&ctx, &mut applied, &changed).await;
+                }
                 None => break,
             },
             _ = resync.tick() => caches.sync(&ctx, &mut applied, &Changed::default()).await,
@@ -645,5 +649,107 @@ mod tests {
         .map(|(n, s)| (n.to_string(), s.to_string()))
         .collect();
         assert_eq!(got, want);
+    }
+}
+
+#[cfg(test)]
+mod handshake_tests {
+    use super::*;
+    use kube::runtime::watcher;
+
+    fn sub(name: &str, provider: &str, routed: Option<(&str, &str)>) -> Arc<WebhookSubscription> {
+        let mut s: WebhookSubscription = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hooks.webhook-operator.dev/v1alpha1", "kind": "WebhookSubscription",
+            "metadata": {"name": name, "namespace": "a", "resourceVersion": "7"},
+            "spec": {"provider": provider, "events": ["x"], "endpointRef": {"name": "orders"}}
+        }))
+        .unwrap();
+        if let Some((status, reason)) = routed {
+            s.status = Some(
+                serde_json::from_value(serde_json::json!({"conditions": [{
+                "type": "Routed", "status": status, "reason": reason, "message": "",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}))
+                .unwrap(),
+            );
+        }
+        Arc::new(s)
+    }
+
+    fn cache(present: &[&str]) -> SecretCache {
+        let (meta, mut writer) = reflector::store::<PartialObjectMeta<Secret>>();
+        for name in present {
+            let m = PartialObjectMeta::<Secret> {
+                metadata: ObjectMeta {
+                    name: Some(name.to_string()),
+                    namespace: Some("a".into()),
+                    resource_version: Some("3".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            writer.apply_watcher_event(&watcher::Event::Apply(m));
+        }
+        SecretCache {
+            meta,
+            data: HashMap::new(),
+            ahead: HashMap::new(),
+            client: None,
+            require_label: false,
+        }
+    }
+
+    fn names(set: HashSet<SecretKey>) -> Vec<String> {
+        let mut v: Vec<String> = set.into_iter().map(|(_, n)| n).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_changed_subscription_gets_what_the_metadata_watch_lacks_and_all_while_the_leader_waits() {
+        let (endpoints, _) = reflector::store::<WebhookEndpoint>();
+        let secrets = cache(&["orders-ingress", "orders-signing", "s-provider-signing"]);
+        let mut changed = Changed::default();
+        changed.add(Change::Subscription(sub("s", "smallest", None)));
+        changed.add(Change::Subscription(sub(
+            "t",
+            "smallest",
+            Some(("True", reasons::ROUTES_LOADED)),
+        )));
+        assert_eq!(
+            names(forced_secrets(&changed, &endpoints, &secrets)),
+            vec!["t-provider-signing"],
+            "only what the watch does not show yet"
+        );
+        let mut changed = Changed::default();
+        changed.add(Change::Subscription(sub(
+            "s",
+            "smallest",
+            Some(("False", reasons::ROUTES_PENDING)),
+        )));
+        assert_eq!(
+            names(forced_secrets(&changed, &endpoints, &secrets)),
+            vec!["orders-ingress", "orders-signing", "s-provider-signing"],
+            "the leader waits: everything it routes with, read now"
+        );
+    }
+
+    #[test]
+    fn only_what_the_leader_registers_must_route() {
+        assert!(!must_route(&sub("s", "smallest", None)));
+        assert!(must_route(&sub(
+            "s",
+            "smallest",
+            Some(("False", reasons::ROUTES_PENDING))
+        )));
+        assert!(must_route(&sub(
+            "s",
+            "atlas",
+            Some(("True", reasons::ROUTES_LOADED))
+        )));
+        assert!(!must_route(&sub(
+            "s",
+            "atllas",
+            Some(("True", reasons::ROUTES_LOADED))
+        )));
     }
 }

@@ -10,8 +10,8 @@ use crate::controller::replicas::{self, HANDSHAKE_TIMEOUT};
 pub(super) enum Routing {
     /// No provider call is due (the inputs are not there).
     Skipped,
-    /// No wait: a single replica, a receive-only or observed subscription, or every
-    /// replica already routes this URL (`Routed=True` and the URL registered is this one).
+    /// No wait: a single replica, a receive-only or observed subscription, or the provider
+    /// has this URL from us already.
     NotNeeded,
     /// Every live replica reported the marker's resourceVersion.
     Routed,
@@ -19,7 +19,11 @@ pub(super) enum Routing {
     Pending(String),
 }
 
-/// Whether registering `hook_url` must wait for the replicas.
+/// Whether registering `hook_url` must wait for the replicas: the operator writes it to
+/// the provider (not Atllas, not ObserveOnly) and the provider does not have this URL from
+/// us yet (a new subscription, a new token, another endpoint, or a registration that
+/// failed). Re-creating the URL already registered (drift repair) does not wait: every
+/// replica routes it already.
 pub(super) fn needed(
     sub: &WebhookSubscription,
     current: &WebhookSubscriptionStatus,
@@ -30,17 +34,13 @@ pub(super) fn needed(
     {
         return false;
     }
-    let routed = current
-        .conditions
-        .iter()
-        .any(|c| c.type_ == types::ROUTED && c.status == "True");
     let registered: Option<String> = current
         .upstream
         .as_ref()
         .and_then(|u| u.applied.as_deref())
         .and_then(|s| serde_json::from_str::<DesiredSubscription>(s).ok())
         .map(|d| d.hook_url);
-    !routed || registered.as_deref() != Some(hook_url)
+    registered.as_deref() != Some(hook_url)
 }
 
 /// The leader's own ingress routes the subscription with the keys known now (possibly
@@ -199,4 +199,110 @@ pub(super) fn with_routed(
     );
     next.extend(set);
     next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::subscription::UpstreamStatus;
+
+    const URL: &str = "https://h.example.com/hooks/tok/sub";
+
+    fn sub(provider: &str, observe: bool) -> WebhookSubscription {
+        let mut spec = serde_json::json!({"provider": provider, "events": ["call.ended"],
+            "endpointRef": {"name": "orders"}});
+        if observe {
+            spec["managementPolicy"] = "ObserveOnly".into();
+        }
+        crate::controller::test_support::object("WebhookSubscription", "ns", "sub", spec)
+    }
+
+    fn registered(url: &str) -> WebhookSubscriptionStatus {
+        let s = sub("atlas", false);
+        let applied = translate("ns", "sub", &s.spec, url.into());
+        WebhookSubscriptionStatus {
+            upstream: Some(UpstreamStatus {
+                applied: serde_json::to_string(&applied).ok(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_a_url_the_provider_does_not_have_from_us_waits_for_the_replicas() {
+        let new = WebhookSubscriptionStatus::default();
+        assert!(needed(&sub("atlas", false), &new, URL), "new subscription");
+        assert!(
+            needed(
+                &sub("smallest", false),
+                &registered("https://h/old/sub"),
+                URL
+            ),
+            "a new token or endpoint"
+        );
+        assert!(
+            !needed(&sub("atlas", false), &registered(URL), URL),
+            "the same URL again (drift repair, resync)"
+        );
+        assert!(
+            !needed(&sub("atllas", false), &new, URL),
+            "nothing registered"
+        );
+        assert!(!needed(&sub("atlas", true), &new, URL), "ObserveOnly");
+    }
+
+    fn routed_of(
+        conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ) -> Option<(String, String)> {
+        conditions
+            .iter()
+            .find(|c| c.type_ == types::ROUTED)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    }
+
+    #[test]
+    fn the_routed_condition_follows_the_handshake_and_goes_with_the_endpoint() {
+        let s = sub("atlas", false);
+        let none = WebhookSubscriptionStatus::default();
+        let pending = |m: &str| Routing::Pending(m.into());
+        let failed = Outcome::Failed(ProviderError::Unavailable("down".into()));
+        let got = with_routed(vec![], &s, &none, &failed, &Routing::Routed);
+        assert_eq!(
+            routed_of(&got),
+            Some(("True".into(), reasons::ROUTES_LOADED.into()))
+        );
+        let mut after = none.clone();
+        after.conditions = got;
+        // A later pass that needs no handshake keeps it; one without an endpoint drops it.
+        let kept = with_routed(vec![], &s, &after, &failed, &Routing::NotNeeded);
+        assert_eq!(routed_of(&kept), routed_of(&after.conditions));
+        let gone = with_routed(
+            vec![],
+            &s,
+            &after,
+            &Outcome::EndpointNotReady(TargetError::EndpointMissing("orders".into())),
+            &Routing::Skipped,
+        );
+        assert_eq!(routed_of(&gone), None);
+        let waiting = with_routed(
+            vec![],
+            &s,
+            &after,
+            &Outcome::RoutesPending("r1".into()),
+            &pending("r1"),
+        );
+        assert_eq!(
+            routed_of(&waiting),
+            Some(("False".into(), reasons::ROUTES_PENDING.into()))
+        );
+        let manual = with_routed(
+            vec![],
+            &sub("atllas", false),
+            &after,
+            &failed,
+            &Routing::Routed,
+        );
+        assert_eq!(routed_of(&manual), None, "Atllas: nothing registered");
+    }
 }
