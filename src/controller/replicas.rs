@@ -198,7 +198,9 @@ impl Replicas {
                 };
                 match event {
                     None => return,
-                    Some(Err(e)) => tracing::debug!(error = %e, "replica lease watch"),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "replica lease watch failed; retrying")
+                    }
                     Some(Ok(watcher::Event::Init)) => listing.clear(),
                     Some(Ok(watcher::Event::InitApply(l))) => {
                         let old: Option<Seen> = tx

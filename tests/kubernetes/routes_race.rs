@@ -188,3 +188,155 @@ async fn routes_race_provider_answering_after_100ms() {
 async fn routes_race_new_subscription_on_a_ready_endpoint() {
     race("race-sub", 10, 100, true).await;
 }
+
+/// The hook URL of the `provider` (Smallest or Atomic) webhook registered for
+/// subscription `sub` once the provider would send to it (for Smallest: with an agent
+/// subscription attached), polled every 2 ms.
+async fn registered_signed(
+    c: &Cluster,
+    http: &reqwest::Client,
+    provider: &str,
+    sub: &str,
+) -> String {
+    let url = format!("{}/_control/{provider}/subscriptions", c.sandbox.base_url());
+    let suffix = format!("/{sub}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let v: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+        let found = v["webhooks"].as_array().and_then(|hooks| {
+            hooks.iter().find_map(|h| {
+                let (url, ready) = match provider {
+                    "smallest" => (
+                        h["url"].as_str(),
+                        h["subscriptions"].as_array().is_some_and(|s| !s.is_empty()),
+                    ),
+                    _ => (h["webhook"]["url"].as_str(), true),
+                };
+                url.filter(|u| ready && u.ends_with(&suffix))
+                    .map(str::to_string)
+            })
+        });
+        if let Some(hook) = found {
+            return hook;
+        }
+        assert!(Instant::now() < deadline, "{sub} never registered");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The same race for a provider that signs (its secret issued in the registration's
+/// answer): the simulator signs each event with the secret it holds and sends it to one
+/// replica (`baseUrl`). Without a key fetch on a signature that does not verify (issue 44
+/// item 2, branch r44-keys) the replicas answer 401 until the secret reaches them.
+async fn signed_race(prefix: &str, provider: &str, rounds: usize, answer_delay_ms: u64) {
+    let c = Cluster::new(prefix).await;
+    crate::fixtures::credentials(&c.env).await;
+    let replicas = [c.start_replica(0), c.start_replica(1)];
+    let leader = wait_until(Duration::from_secs(60), "a Lease holder", || c.holder()).await;
+    let li = replicas
+        .iter()
+        .position(|r| r.name == leader)
+        .expect("holder is one of ours");
+    let fi = 1 - li;
+    c.wait_following(&replicas[fi].name).await;
+    crate::fixtures::control(
+        &c.sandbox,
+        reqwest::Method::PUT,
+        &format!("{provider}/faults"),
+        Some(json!({"answerDelayMs": answer_delay_ms})),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let mut by_role: BTreeMap<(&'static str, String), usize> = BTreeMap::new();
+    let mut acked = 0u64;
+    for i in 0..rounds {
+        let (ep, sub) = (format!("ep-{i}"), format!("sub-{i}"));
+        apply_endpoint(&c, &ep).await;
+        let agent = format!("65f0c0ffee{i:014x}");
+        let (spec, fire) = match provider {
+            "smallest" => (
+                json!({"provider": "smallest", "credentialsRef": {"name": "smallest-creds"},
+                       "events": ["post-conversation"], "smallest": {"agentIds": [agent]},
+                       "endpointRef": {"name": ep}}),
+                json!({"event": "post-conversation", "agentId": agent}),
+            ),
+            _ => (
+                json!({"provider": "atomic", "credentialsRef": {"name": "atomic-creds"},
+                       "events": ["card-published"],
+                       "atomic": {"organizationId": format!("org{i}"), "environmentId": format!("env{i}")},
+                       "endpointRef": {"name": ep}}),
+                json!({"event": "card-published", "organizationId": format!("org{i}"),
+                       "environmentId": format!("env{i}")}),
+            ),
+        };
+        crate::fixtures::apply_subscription(&c.env, &sub, spec).await;
+        registered_signed(&c, &http, provider, &sub).await;
+        let shots = [(li, "leader"), (fi, "follower")].map(|(r, role)| {
+            let mut body = fire.clone();
+            body["baseUrl"] = format!("http://127.0.0.1:{}", replicas[r].ingress_port()).into();
+            let (http, url) = (
+                http.clone(),
+                format!("{}/_control/{provider}/fire", c.sandbox.base_url()),
+            );
+            async move {
+                let v: Value = http
+                    .post(&url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                (role, v["deliveries"][0]["status"].as_u64().unwrap_or(0))
+            }
+        });
+        for (role, status) in futures::future::join_all(shots).await {
+            if status == 200 {
+                acked += 1;
+            } else {
+                eprintln!("routes_race: {provider} round {i}: the {role} answered {status}");
+            }
+            *by_role.entry((role, status.to_string())).or_default() += 1;
+        }
+    }
+    let count = |s: &str| -> usize {
+        by_role
+            .iter()
+            .filter(|((_, x), _)| x == s)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    eprintln!(
+        "routes_race {prefix}: {rounds} new {provider} subscriptions each with a new endpoint, answer delay {answer_delay_ms} ms; {} events fired the moment each was registered: answers {by_role:?}; 404: {}, 503: {}, 401: {}",
+        2 * rounds,
+        count("404"),
+        count("503"),
+        count("401"),
+    );
+    let received = c.received.clone();
+    wait_until(
+        Duration::from_secs(90),
+        "every acknowledged event delivered",
+        || {
+            let posts = received.lock().unwrap().posts;
+            async move { (posts >= acked).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(count("404"), 0, "{by_role:?}");
+    assert_eq!(count("503"), 0, "{by_role:?}");
+    assert_eq!(acked as usize, 2 * rounds, "{by_role:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "401 until the key fetch of issue 44 item 2 (branch r44-keys) is merged"]
+async fn routes_race_smallest_provider_answering_after_100ms() {
+    signed_race("race-smallest", "smallest", 20, 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "401 until the key fetch of issue 44 item 2 (branch r44-keys) is merged"]
+async fn routes_race_atomic_provider_answering_after_100ms() {
+    signed_race("race-atomic", "atomic", 20, 100).await;
+}

@@ -66,6 +66,9 @@ impl Replica {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
     }
+    pub(crate) fn ingress_port(&self) -> u16 {
+        self.ingress_port
+    }
     pub(crate) fn hook(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.ingress_port)
     }

@@ -113,6 +113,22 @@ pub(crate) async fn faults_layer(
     answer
 }
 
+/// Where a fired event goes: the registered hook URL, or, when the fire request names a
+/// `baseUrl` (`http://host:port`), the same path and query on that origin (a test aiming
+/// at one replica of several behind one published URL).
+pub(crate) fn target(hook_url: &str, req: &serde_json::Value) -> String {
+    let Some(base) = req.get("baseUrl").and_then(serde_json::Value::as_str) else {
+        return hook_url.to_string();
+    };
+    match reqwest::Url::parse(hook_url) {
+        Ok(u) => {
+            let query = u.query().map(|q| format!("?{q}")).unwrap_or_default();
+            format!("{}{}{query}", base.trim_end_matches('/'), u.path())
+        }
+        Err(_) => hook_url.to_string(),
+    }
+}
+
 /// Result of firing an event: one entry per hook URL it was delivered to.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Delivery {
