@@ -36,14 +36,26 @@ impl Answers {
 /// The hook URL of the Atlas registration for `campaign`, as soon as the simulator holds
 /// it (polled every 2 ms).
 async fn registered(c: &Cluster, http: &reqwest::Client, campaign: &str) -> String {
+    registered_other_than(c, http, campaign, &HashSet::new()).await
+}
+
+/// The same, for a registration whose hook URL is none of `before`.
+async fn registered_other_than(
+    c: &Cluster,
+    http: &reqwest::Client,
+    campaign: &str,
+    before: &HashSet<String>,
+) -> String {
     let url = format!("{}/_control/atlas/subscriptions", c.sandbox.base_url());
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let v: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
         let found = v["subscriptions"].as_array().and_then(|subs| {
             subs.iter()
-                .find(|s| s["campaignId"] == campaign)
-                .and_then(|s| s["hookUrl"].as_str().map(str::to_string))
+                .filter(|s| s["campaignId"] == campaign)
+                .filter_map(|s| s["hookUrl"].as_str())
+                .find(|u| !before.contains(*u))
+                .map(str::to_string)
         });
         if let Some(hook) = found {
             return hook;
@@ -339,4 +351,78 @@ async fn routes_race_smallest_provider_answering_after_100ms() {
 #[ignore = "401 until the key fetch of issue 44 item 2 (branch r44-keys) is merged"]
 async fn routes_race_atomic_provider_answering_after_100ms() {
     signed_race("race-atomic", "atomic", 20, 100).await;
+}
+
+/// The hook URL changes (the endpoint's ingress token is rotated by deleting
+/// `<endpoint>-ingress`): the new URL is registered at Atlas only once both replicas route
+/// it. Fired at both the moment Atlas holds the new URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_race_token_rotation_on_both_replicas() {
+    let rotations = 5;
+    let c = Cluster::new("race-rot").await;
+    crate::fixtures::create_secret(&c.env, "atlas-creds", json!({"apiKey": "atlas-test-key"}))
+        .await;
+    let replicas = [c.start_replica(0), c.start_replica(1)];
+    let leader = wait_until(Duration::from_secs(60), "a Lease holder", || c.holder()).await;
+    let li = replicas
+        .iter()
+        .position(|r| r.name == leader)
+        .expect("holder is one of ours");
+    let fi = 1 - li;
+    c.wait_following(&replicas[fi].name).await;
+    set_answer_delay(&c, 100).await;
+    apply_endpoint(&c, "rotating").await;
+    crate::fixtures::apply_subscription(
+        &c.env,
+        "rot",
+        json!({"provider": "atlas", "credentialsRef": {"name": "atlas-creds"},
+               "events": ["call_completed"], "atlas": {"campaignId": "camp-rot"},
+               "endpointRef": {"name": "rotating"}}),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let mut seen: HashSet<String> = [registered(&c, &http, "camp-rot").await].into();
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(c.env.client.clone(), &c.env.namespace);
+    let mut answers = Answers::default();
+    for i in 0..rotations {
+        secrets
+            .delete("rotating-ingress", &Default::default())
+            .await
+            .unwrap();
+        // The old registration may still be listed a moment after the new one appears.
+        let hook = registered_other_than(&c, &http, "camp-rot", &seen).await;
+        seen.insert(hook.clone());
+        let path = url::Url::parse(&hook).unwrap().path().to_string();
+        let shots = [(li, "leader"), (fi, "follower")].map(|(r, role)| {
+            let (http, url, id) = (http.clone(), replicas[r].hook(&path), new_id());
+            let body = atlas_body("camp-rot", std::slice::from_ref(&id));
+            async move { (role, id, post(&http, &url, body).await) }
+        });
+        for (role, id, answer) in futures::future::join_all(shots).await {
+            let status = match answer {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("error: {e}"),
+            };
+            if status == "200" {
+                answers.acked.insert(id);
+            } else {
+                eprintln!("routes_race: rotation {i}: the {role} answered {status}");
+            }
+            *answers.by_role.entry((role, status)).or_default() += 1;
+        }
+    }
+    c.wait_delivered(&answers.acked, Duration::from_secs(90))
+        .await;
+    eprintln!(
+        "routes_race race-rot: {rotations} ingress token rotations, answer delay 100 ms; {} events fired at the new URL the moment it was registered: answers {:?}; 404: {}, 503: {}; {} acknowledged, all delivered",
+        2 * rotations,
+        answers.by_role,
+        answers.count("404"),
+        answers.count("503"),
+        answers.acked.len(),
+    );
+    assert_eq!(answers.count("404"), 0, "{:?}", answers.by_role);
+    assert_eq!(answers.count("503"), 0, "{:?}", answers.by_role);
+    assert_eq!(answers.acked.len(), 2 * rotations, "{:?}", answers.by_role);
 }
