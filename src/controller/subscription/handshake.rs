@@ -20,7 +20,8 @@ pub(super) enum Routing {
 }
 
 /// Whether registering `hook_url` must wait for the replicas: the operator writes it to
-/// the provider (not Atllas, not ObserveOnly) and the provider does not have this URL from
+/// the provider (not Atllas, not ObserveOnly), on an endpoint of ours (not `spec.url`),
+/// and the provider does not have this URL from
 /// us yet (a new subscription, a new token, another endpoint, or a registration that
 /// failed). Re-creating the URL already registered (drift repair) does not wait: every
 /// replica routes it already.
@@ -31,6 +32,7 @@ pub(super) fn needed(
 ) -> bool {
     if sub.spec.provider == Provider::Atllas
         || sub.spec.management_policy == ManagementPolicy::ObserveOnly
+        || sub.spec.endpoint_ref.is_none()
     {
         return false;
     }
@@ -250,6 +252,9 @@ mod tests {
             "nothing registered"
         );
         assert!(!needed(&sub("atlas", true), &new, URL), "ObserveOnly");
+        let mut external = sub("atlas", false);
+        external.spec.endpoint_ref = None;
+        assert!(!needed(&external, &new, URL), "spec.url: not our ingress");
     }
 
     fn routed_of(
