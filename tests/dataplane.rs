@@ -1858,3 +1858,97 @@ async fn idle_sockets_cannot_hold_the_connection_limit() {
         .expect("server stops within its grace period")
         .unwrap();
 }
+
+// ------------------------------------------------------------ fetch on a failed signature
+
+/// The provider's current secret, as a stand-in for the operator's provider read.
+struct StubKeys {
+    secret: &'static str,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl webhook_operator::ingress::key_fetch::KeySource for StubKeys {
+    async fn current_secrets(
+        &self,
+        _: &EndpointKey,
+        _: &str,
+    ) -> Result<Vec<Vec<u8>>, webhook_operator::ingress::key_fetch::KeyFetchError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(vec![self.secret.as_bytes().to_vec()])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_the_route_does_not_hold_is_fetched_once_and_then_accepted() {
+    let h = Harness::start(|_, _| {}).await;
+    h.dp.upsert_subscription(SubscriptionRoute {
+        endpoint: h.key.clone(),
+        name: "rotating".into(),
+        provider: Provider::Smallest,
+        keys: VerificationKeys {
+            secrets: vec![PROVIDER_SECRET.as_bytes().to_vec()],
+            ..Default::default()
+        },
+    });
+    let hook = format!("/hooks/{TOKEN}/rotating");
+    let body = |id: &str| ev(id, "call_completed").to_string();
+    // Without a key source (today's ingress): the provider's new secret is refused.
+    let (status, _) = h
+        .post_to(&hook, body("k0"), "rotated", "application/json")
+        .await;
+    assert_eq!(status, 401, "no source, no fetch");
+
+    let keys = Arc::new(StubKeys {
+        secret: "rotated",
+        calls: Default::default(),
+    });
+    h.dp.set_key_source(keys.clone());
+    for id in ["k1", "k2", "k3"] {
+        let (status, answer) = h
+            .post_to(&hook, body(id), "rotated", "application/json")
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    assert_eq!(
+        keys.calls.load(Ordering::SeqCst),
+        1,
+        "fetched once, then held"
+    );
+    // The secret the route held stays accepted (the overlap); a wrong one is refused
+    // after one more (bounded) fetch.
+    let (status, _) = h
+        .post_to(&hook, body("k4"), PROVIDER_SECRET, "application/json")
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = h
+        .post_to(&hook, body("k5"), "forged", "application/json")
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(keys.calls.load(Ordering::SeqCst), 2);
+    // Atlas does not sign with a provider-issued secret: nothing is fetched for it.
+    let (status, _) = h
+        .post_to(
+            &format!("/hooks/{TOKEN}/calls"),
+            body("k6"),
+            "forged",
+            "application/json",
+        )
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(keys.calls.load(Ordering::SeqCst), 2);
+    wait_for(
+        "the four accepted events delivered",
+        Duration::from_secs(20),
+        || h.consumer.requests().len() >= 4,
+    )
+    .await;
+    let metrics = h.metrics().await;
+    for line in [
+        "webhook_operator_key_fetches_total{provider=\"smallest\",result=\"fetched\"} 1",
+        "webhook_operator_key_fetches_total{provider=\"smallest\",result=\"unchanged\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert!(!metrics.contains("rotated"), "no secret in the metrics");
+}

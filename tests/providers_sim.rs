@@ -1588,3 +1588,88 @@ async fn answer_delay_comes_after_the_registration_is_stored() {
     })
     .await;
 }
+
+/// The read-only fetch behind the ingress's fetch on a failed signature: Smallest's
+/// secret after its dashboard regenerated it, from one list call (the list carries it)
+/// and with no write; nothing for a URL Smallest does not know.
+#[tokio::test]
+async fn smallest_signing_secrets_follow_a_rotation_at_the_provider_read_only() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Smallest);
+        let creds = Credentials::api_key(SMALLEST_KEY);
+        let d = smallest(
+            "https://hooks.example/sm/rot",
+            &[AGENT_X],
+            &["post-conversation"],
+            "ns/a",
+        );
+        let o = c.ensure(&creds, &d, None).await.unwrap();
+        let first = o.signing_secret.clone().unwrap();
+        let (status, _) = s
+            .post("/_control/smallest/rotate", json!({"id": o.id}))
+            .await;
+        assert_eq!(status, 204);
+        let (calls, writes) = (s.calls("smallest").await.0, s.writes("smallest").await);
+        let now = c.signing_secrets(&creds, &d).await.unwrap();
+        assert_eq!(now.len(), 1);
+        assert_ne!(now[0], first, "the rotated secret");
+        assert_eq!(s.calls("smallest").await.0 - calls, 1, "one list call");
+        assert_eq!(s.writes("smallest").await, writes, "no write");
+        let other = smallest("https://hooks.example/sm/none", &[AGENT_X], &[], "ns/b");
+        assert!(c.signing_secrets(&creds, &other).await.unwrap().is_empty());
+        // Atlas issues no secret: nothing to fetch, no call.
+        let atlas_client = s.clients.get(Provider::Atlas);
+        let before = s.calls("atlas").await.0;
+        assert!(
+            atlas_client
+                .signing_secrets(
+                    &Credentials::api_key(ATLAS_KEY),
+                    &atlas("https://h/a", "c", &["call_completed"])
+                )
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(s.calls("atlas").await.0, before);
+    })
+    .await;
+}
+
+/// Atomic replaced for new types: the replacement's secret, whichever types are asked
+/// for (a replica's cache may still show the old spec); the replaced, disabled webhook's
+/// secret is not returned.
+#[tokio::test]
+async fn atomic_signing_secrets_list_the_replacement_first_whatever_its_types() {
+    bounded(async {
+        let s = sim().await;
+        let c = s.clients.get(Provider::Atomic);
+        let creds = atomic_creds();
+        let d = atomic(
+            "https://hooks.example/atomic/sec",
+            &["card-published"],
+            AtomicMethod::Post,
+        );
+        let o = c.ensure(&creds, &d, None).await.unwrap();
+        assert_eq!(
+            c.signing_secrets(&creds, &d).await.unwrap(),
+            vec![o.signing_secret.clone().unwrap()]
+        );
+        let d2 = atomic(
+            &d.hook_url,
+            &["card-published", "card-completed"],
+            AtomicMethod::Post,
+        );
+        let o2 = c.ensure(&creds, &d2, Some(&d)).await.unwrap();
+        assert_eq!(o2.action, SyncAction::Replaced);
+        // Asked with the OLD spec's types (a replica whose cache lags): still the new one.
+        for asked in [&d, &d2] {
+            assert_eq!(
+                c.signing_secrets(&creds, asked).await.unwrap(),
+                vec![o2.signing_secret.clone().unwrap()],
+                "the replaced webhook is disabled: only the replacement's secret"
+            );
+        }
+    })
+    .await;
+}

@@ -29,6 +29,7 @@ pub mod dataplane_routes;
 pub mod endpoint;
 pub mod event_recorder;
 pub mod isolation;
+pub mod key_fetch;
 pub mod memo;
 pub mod replicas;
 pub mod rotation;
@@ -141,6 +142,22 @@ impl Context {
             return Ok(found);
         }
         let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), namespace);
+        Ok(api.get_opt(name).await?.map(Arc::new))
+    }
+}
+
+impl Context {
+    /// A WebhookSubscription as the controllers' cache holds it, or from the API server
+    /// while no controller runs (a follower).
+    pub async fn subscription(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Arc<WebhookSubscription>>, kube::Error> {
+        if let Some(found) = cached(&self.subscriptions, namespace, name) {
+            return Ok(found);
+        }
+        let api: Api<WebhookSubscription> = Api::namespaced(self.client.clone(), namespace);
         Ok(api.get_opt(name).await?.map(Arc::new))
     }
 }

@@ -12,6 +12,7 @@ mod delivery_e2e;
 mod filter;
 mod health_scripts;
 mod isolation;
+mod key_race;
 mod operator_run;
 mod plugin;
 mod powercut;

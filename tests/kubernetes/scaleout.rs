@@ -175,7 +175,7 @@ impl Cluster {
         }
     }
 
-    async fn setup_objects(&self, subs: &[(&str, &str)]) {
+    pub(crate) async fn setup_objects(&self, subs: &[(&str, &str)]) {
         let secrets: Api<Secret> = Api::namespaced(self.env.client.clone(), &self.env.namespace);
         let secret: Secret = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "atlas-creds"},
@@ -242,7 +242,7 @@ impl Cluster {
     }
 
     /// `/hooks/<token>` of the endpoint.
-    async fn hook_path(&self) -> String {
+    pub(crate) async fn hook_path(&self) -> String {
         let api: Api<WebhookEndpoint> =
             Api::namespaced(self.env.client.clone(), &self.env.namespace);
         wait_until(Duration::from_secs(30), "endpoint ingress URL", || {
@@ -489,9 +489,10 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
 /// Fires `total` events as POSTs of `per_post` at the replicas' ingresses with a fixed
 /// concurrency. A POST that fails in transport (the SIGKILLed replica) or is answered 503
 /// (the ingress's backpressure, with `Retry-After`) is sent again to the next ingress, as
-/// a provider that retries does (Atlas retries on a best-effort basis); a 404 is never
-/// retried: every replica routes the subscription once it is Ready. Returns the callIds of
-/// every acknowledged (2xx) POST.
+/// a provider that retries does: Atlas, which retries on a best-effort basis; a 404 is
+/// never retried: every replica routes the subscription once it is Ready. Atlas does not
+/// sign, so no 401 can hide here (what a refused signature costs is `key_race`'s, with no
+/// retries). Returns the callIds of every acknowledged (2xx) POST.
 async fn load(
     urls: Vec<String>,
     total: usize,

@@ -137,6 +137,7 @@ impl DataPlane {
             ),
             body_read_timeout: config.body_read_timeout,
             tracer: tracer.clone(),
+            key_fetch: Default::default(),
         });
         let dispatcher = Arc::new(Dispatcher::new(
             queue.clone(),
@@ -174,6 +175,13 @@ impl DataPlane {
             self.routes.clone(),
             self.metrics.clone(),
         )
+    }
+
+    /// Where the ingress fetches a provider's current signing secret when a request's
+    /// signature does not verify against the route's keys (see
+    /// [`ingress::key_fetch`]); without one, such a request is refused at once.
+    pub fn set_key_source(&self, source: Arc<dyn ingress::key_fetch::KeySource>) {
+        self.ingress.key_fetch.set_source(source);
     }
 
     /// The routes of every object that existed at start-up are configured: the ingress

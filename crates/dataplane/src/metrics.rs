@@ -40,6 +40,13 @@ pub struct ReconcileFailureLabels {
     pub reason: &'static str,
 }
 
+/// A fetch of a provider's current signing secret: the provider and what came of it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyFetchLabels {
+    pub provider: &'static str,
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: &'static str,
@@ -57,6 +64,7 @@ pub struct Metrics {
     received: EpCounter,
     rejected: Family<ReasonLabels, Counter>,
     signature_mismatches: Family<SubscriptionLabels, Counter>,
+    key_fetches: Family<KeyFetchLabels, Counter>,
     queued: EpCounter,
     duplicates: EpCounter,
     filtered: EpCounter,
@@ -109,6 +117,7 @@ impl Metrics {
             received: Family::default(),
             rejected: Family::default(),
             signature_mismatches: Family::default(),
+            key_fetches: Family::default(),
             queued: Family::default(),
             duplicates: Family::default(),
             filtered: Family::default(),
@@ -134,6 +143,11 @@ impl Metrics {
             "events_received",
             "Events accepted from providers (verified)",
             m.received.clone(),
+        );
+        r.register(
+            "key_fetches",
+            "Fetches of a provider's current signing secret after a signature failed to verify, by provider and result (fetched, unchanged, none, failed, timeout, limited)",
+            m.key_fetches.clone(),
         );
         r.register(
             "requests_rejected",
@@ -295,6 +309,21 @@ impl Metrics {
     /// `reason` must be a fixed string (see `inbound::Rejection::label`).
     pub fn rejected(&self, reason: &'static str) {
         self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A fetch of `provider`'s current signing secret ended in `result` (a fixed string).
+    pub fn key_fetch(&self, provider: &'static str, result: &'static str) {
+        self.key_fetches
+            .get_or_create(&KeyFetchLabels { provider, result })
+            .inc();
+    }
+
+    /// Fetches of `provider`'s secret that ended in `result` so far.
+    pub fn key_fetches(&self, provider: &'static str, result: &'static str) -> u64 {
+        self.key_fetches
+            .get(&KeyFetchLabels { provider, result })
+            .map(|c| c.get())
+            .unwrap_or(0)
     }
 
     /// A delivery for `subscription` (receiving on `endpoint`) failed signature checks.

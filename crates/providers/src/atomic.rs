@@ -590,6 +590,28 @@ impl ProviderApi for AtomicClient {
         }))
     }
 
+    /// Every webhook at the URL that may be enabled, whatever its types (a replacement
+    /// for changed `spec.events` has new types), newest first.
+    async fn signing_secrets(
+        &self,
+        creds: &Credentials,
+        desired: &DesiredSubscription,
+    ) -> Result<Vec<String>, ProviderError> {
+        let s = scope_of(desired)?;
+        let mut live: Vec<Webhook> = self
+            .list(creds, &s)
+            .await?
+            .into_iter()
+            .filter(|w| w.url == desired.hook_url && self.may_be_enabled(w))
+            .collect();
+        live.sort_by(|a, b| b.created.cmp(&a.created));
+        Ok(live
+            .into_iter()
+            .filter_map(|w| w.secret)
+            .filter(|k| !k.is_empty())
+            .collect())
+    }
+
     async fn delete(
         &self,
         creds: &Credentials,

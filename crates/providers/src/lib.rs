@@ -353,6 +353,18 @@ pub trait ProviderApi: Send + Sync {
         applied: &DesiredSubscription,
     ) -> Result<(), ProviderError>;
 
+    /// Read-only: the secrets the provider signs deliveries to `desired.hook_url` with
+    /// now, newest first; empty when it holds nothing for that URL, or issues no secret
+    /// (Atlas does not sign; Atllas's header value is the operator's). Called by the
+    /// ingress's fetch on a failed signature, on any replica: it never writes.
+    async fn signing_secrets(
+        &self,
+        _creds: &Credentials,
+        _desired: &DesiredSubscription,
+    ) -> Result<Vec<String>, ProviderError> {
+        Ok(Vec::new())
+    }
+
     /// Asks the provider to send its own test event to subscription `id`. `Ok(false)`:
     /// the provider has no such endpoint (the operator then sends a synthetic one).
     async fn send_test(

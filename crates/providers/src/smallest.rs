@@ -585,6 +585,23 @@ impl ProviderApi for SmallestClient {
         Ok(Some(o))
     }
 
+    /// The webhook at the URL (one per URL at Smallest), from the list, or a GET by id
+    /// when the list leaves `decryptedSecretKey` out.
+    async fn signing_secrets(
+        &self,
+        creds: &Credentials,
+        desired: &DesiredSubscription,
+    ) -> Result<Vec<String>, ProviderError> {
+        let Some(w) = self.find_by_url(creds, &desired.hook_url).await? else {
+            return Ok(Vec::new());
+        };
+        let w = self.with_secret(creds, w).await?;
+        Ok(w.decrypted_secret_key
+            .into_iter()
+            .filter(|k| !k.is_empty())
+            .collect())
+    }
+
     async fn delete(
         &self,
         creds: &Credentials,

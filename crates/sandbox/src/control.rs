@@ -32,6 +32,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/_control/{provider}/drop", post(drop_one))
         .route("/_control/{provider}/disable", post(disable_one))
         .route("/_control/{provider}/enable", post(enable_one))
+        .route("/_control/smallest/rotate", post(rotate_smallest))
         .route("/_control/atomic/revoke-tokens", post(revoke_tokens))
 }
 
@@ -158,6 +159,15 @@ async fn drop_one(
         _ => return bad("unknown provider or no state"),
     };
     if found {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
+}
+
+/// A new signing secret for a Smallest webhook (Smallest's dashboard can regenerate it).
+async fn rotate_smallest(State(s): State<AppState>, Json(b): Json<ById>) -> Response {
+    if smallest::rotate_secret(&s, &b.id) {
         StatusCode::NO_CONTENT.into_response()
     } else {
         StatusCode::NOT_FOUND.into_response()

@@ -460,6 +460,20 @@ pub(crate) fn drop_webhook(s: &Shared, id: &str) -> bool {
     st.hooks.len() != before
 }
 
+/// Gives a webhook a new signing secret, as a dashboard user regenerating it would: from
+/// now on deliveries are signed with it, and the list and get-by-id serve it.
+pub(crate) fn rotate_secret(s: &Shared, id: &str) -> bool {
+    let mut st = s.smallest.lock().expect("smallest state");
+    match st.hooks.iter_mut().find(|x| x.id == id) {
+        Some(hk) => {
+            hk.secret = random_hex(32);
+            hk.updated_at = now();
+            true
+        }
+        None => false,
+    }
+}
+
 /// Disables or re-enables a webhook, as a dashboard user would.
 pub(crate) fn set_enabled(s: &Shared, id: &str, enabled: bool) -> bool {
     let mut st = s.smallest.lock().expect("smallest state");

@@ -87,7 +87,7 @@ impl CredentialsError {
 
 /// The URL the provider must call: the endpoint's ingress URL plus the subscription name,
 /// or the external `url`. The inner `Err` says why it is not known yet.
-pub(super) async fn resolve_target(
+pub(crate) async fn resolve_target(
     sub: &WebhookSubscription,
     ctx: &Context,
 ) -> Result<Result<String, TargetError>, Error> {
@@ -124,7 +124,7 @@ pub(super) async fn resolve_target(
 }
 
 /// Credentials and the Secret's resourceVersion, or why they cannot be read.
-pub(super) async fn read_credentials(
+pub(crate) async fn read_credentials(
     ctx: &Context,
     ns: &str,
     spec: &WebhookSubscriptionSpec,

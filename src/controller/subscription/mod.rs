@@ -40,6 +40,7 @@ mod upstream;
 
 pub use gate::Schedule;
 pub use inputs::{CredentialsError, TargetError};
+pub(crate) use inputs::{read_credentials, resolve_target};
 pub use outcome::{Outcome, outcome_status};
 pub use upstream::translate;
 use {events::*, gate::*, inputs::*, upstream::*};

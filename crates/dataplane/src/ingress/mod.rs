@@ -7,6 +7,7 @@
 //! never calls the Kubernetes API.
 
 pub mod kept_headers;
+pub mod key_fetch;
 mod limits;
 mod rate;
 mod routes;
@@ -50,6 +51,8 @@ pub struct Ingress {
     pub body_read_timeout: std::time::Duration,
     /// Records the `receive` and `store` spans (disabled: records nothing).
     pub tracer: crate::spans::Tracer,
+    /// Fetches a provider's current secret when a signature fails (see [`key_fetch`]).
+    pub key_fetch: key_fetch::KeyFetcher,
 }
 
 impl Ingress {
@@ -134,6 +137,32 @@ async fn hook(
     };
     let parsed = match ing.parser.parse(sub.provider, &sub.keys, &inbound) {
         Ok(parsed) => parsed,
+        Err(rejection)
+            if rejection.is_signature_failure() && ing.key_fetch.applies(sub.provider) =>
+        {
+            // The provider may sign with a secret the route does not hold yet: fetch it
+            // (bounded) and verify again before answering.
+            let again = ing
+                .key_fetch
+                .verify_again(
+                    &sub.fetch,
+                    &ing.metrics,
+                    key_fetch::Subject {
+                        provider: sub.provider,
+                        endpoint: &route.key,
+                        subscription: &subscription,
+                    },
+                    &sub.keys,
+                    |keys| ing.parser.parse(sub.provider, keys, &inbound),
+                )
+                .await;
+            match again.unwrap_or(Err(rejection)) {
+                Ok(parsed) => parsed,
+                Err(rejection) => {
+                    return rejected(&ing, &route, &sub, &subscription, &rejection);
+                }
+            }
+        }
         Err(rejection) => return rejected(&ing, &route, &sub, &subscription, &rejection),
     };
     let now = SystemTime::now();

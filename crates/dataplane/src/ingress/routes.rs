@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use super::Bucket;
+use super::key_fetch::FetchState;
 use crate::config::{EndpointConfig, SubscriptionRoute};
 use crate::metrics::{EndpointMetrics, Metrics};
 use crate::queue::{EndpointKey, from_millis, to_millis};
@@ -59,6 +60,8 @@ pub struct SubscriptionEntry {
     pub provider: Provider,
     pub keys: VerificationKeys,
     pub counters: Arc<SubscriptionCounters>,
+    /// Secrets fetched from the provider after a signature failed (see [`super::key_fetch`]).
+    pub fetch: Arc<FetchState>,
 }
 
 /// One endpoint's subscriptions by name, shared by every version of the endpoint's route:
@@ -187,13 +190,14 @@ impl RouteTable {
         }
     }
 
-    /// Adds or replaces one subscription; its counters carry over a replacement.
+    /// Adds or replaces one subscription; its counters and the secrets fetched for it
+    /// carry over a replacement.
     pub fn upsert_subscription(&self, sub: &SubscriptionRoute) {
         let entries = self.entries(&sub.endpoint);
         let mut entries = entries.write().expect("routes lock");
-        let counters = entries
+        let (counters, fetch) = entries
             .get(&sub.name)
-            .map(|e| e.counters.clone())
+            .map(|e| (e.counters.clone(), e.fetch.clone()))
             .unwrap_or_default();
         entries.insert(
             sub.name.clone(),
@@ -201,6 +205,7 @@ impl RouteTable {
                 provider: sub.provider,
                 keys: sub.keys.clone(),
                 counters,
+                fetch,
             }),
         );
     }
@@ -343,5 +348,16 @@ mod tests {
         table.remove_subscription(&key, "calls");
         table.upsert_subscription(&subscription("calls", Provider::Atlas));
         assert_eq!(table.counters(&key, "calls").map(|c| c.get().0), Some(0));
+    }
+
+    #[test]
+    fn fetched_secrets_survive_a_subscriptions_replacement() {
+        let table = RouteTable::new(Arc::new(Metrics::new()));
+        table.upsert_endpoint(&endpoint("t1"));
+        table.upsert_subscription(&subscription("calls", Provider::Smallest));
+        let before = table.lookup("t1").unwrap().subscription("calls").unwrap();
+        table.upsert_subscription(&subscription("calls", Provider::Smallest));
+        let after = table.lookup("t1").unwrap().subscription("calls").unwrap();
+        assert!(Arc::ptr_eq(&before.fetch, &after.fetch));
     }
 }
