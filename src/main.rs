@@ -112,11 +112,12 @@ async fn run(config: OperatorConfig) -> anyhow::Result<()> {
         .leader
         .leader_election
         .then(|| config.leader_config(identity));
-    let ctx = Arc::new(controller::Context::new(
-        client.clone(),
-        config,
-        Arc::new(data_plane.clone()),
-    ));
+    let mut ctx = controller::Context::new(client.clone(), config, Arc::new(data_plane.clone()));
+    if let Some(election) = &election {
+        // Registrations wait until every replica routes the URL (the route handshake).
+        ctx = ctx.with_replicas(controller::replicas::ReplicaConfig::from_leader(election));
+    }
+    let ctx = Arc::new(ctx);
     // A signature that fails against a route's keys makes the ingress fetch the
     // provider's current secret (bounded; any replica, read-only).
     data_plane.set_key_source(Arc::new(controller::key_fetch::ProviderKeys::new(&ctx)));

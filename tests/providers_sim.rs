@@ -1546,6 +1546,49 @@ fn simulator_answers_read_back_field_for_field_through_the_clients_types() {
     );
 }
 
+/// `answerDelayMs` delays the answer, not the work: the registration is listed (the
+/// provider may send to it) while the caller still waits for the answer.
+#[tokio::test]
+async fn answer_delay_comes_after_the_registration_is_stored() {
+    bounded(async {
+        let s = Arc::new(sim().await);
+        s.faults("atlas", json!({"answerDelayMs": 1500})).await;
+        let d = atlas(
+            "https://hooks.example/atlas/late",
+            "late",
+            &["call_started"],
+        );
+        let started = std::time::Instant::now();
+        let call = tokio::spawn({
+            let s = s.clone();
+            async move {
+                s.clients
+                    .get(Provider::Atlas)
+                    .ensure(&Credentials::api_key(ATLAS_KEY), &d, None)
+                    .await
+                    .map(|_| started.elapsed())
+            }
+        });
+        let listed = loop {
+            let v = s.get("/_control/atlas/subscriptions").await;
+            if v["subscriptions"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["campaignId"] == "late"))
+            {
+                break started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert!(!call.is_finished(), "listed before the answer came");
+        let answered = call.await.unwrap().unwrap();
+        assert!(
+            answered >= Duration::from_millis(1500) && listed < answered,
+            "listed after {listed:?}, answered after {answered:?}"
+        );
+    })
+    .await;
+}
+
 /// The read-only fetch behind the ingress's fetch on a failed signature: Smallest's
 /// secret after its dashboard regenerated it, from one list call (the list carries it)
 /// and with no write; nothing for a URL Smallest does not know.

@@ -31,6 +31,7 @@ pub mod event_recorder;
 pub mod isolation;
 pub mod key_fetch;
 pub mod memo;
+pub mod replicas;
 pub mod rotation;
 pub mod route_sync;
 pub mod routes;
@@ -93,13 +94,18 @@ pub struct Memos {
 }
 
 /// The namespace the watches cover, how many passes of a kind run at once, and the
-/// caches of the controllers [`run`] started last (read by the passes).
+/// caches of the controllers [`run`] started last (read by the passes), the replica
+/// Leases among them.
 struct Watched {
     /// `--namespace`: `None` watches all.
     namespace: Option<String>,
     max_concurrent_reconciles: u16,
     endpoints: Mutex<Option<watches::Cache<WebhookEndpoint>>>,
     subscriptions: Mutex<Option<watches::Cache<WebhookSubscription>>>,
+    /// With leader election: where the replica Leases of the route handshake live.
+    replica_config: Option<replicas::ReplicaConfig>,
+    /// The replica Leases, as the controllers [`run`] started last watch them.
+    replicas: Mutex<Option<Arc<replicas::Replicas>>>,
 }
 
 impl Context {
@@ -132,8 +138,26 @@ impl Context {
                 max_concurrent_reconciles: config.max_concurrent_reconciles,
                 endpoints: Mutex::default(),
                 subscriptions: Mutex::default(),
+                replica_config: None,
+                replicas: Mutex::default(),
             },
         }
+    }
+
+    /// Runs the route handshake with the other replicas (leader election on).
+    pub fn with_replicas(mut self, config: replicas::ReplicaConfig) -> Self {
+        self.watched.replica_config = Some(config);
+        self
+    }
+
+    /// Where the replica Leases live; `None` with a single replica.
+    pub fn replica_config(&self) -> Option<&replicas::ReplicaConfig> {
+        self.watched.replica_config.as_ref()
+    }
+
+    /// The replica Leases the leader waits on; `None` with a single replica.
+    pub fn replicas(&self) -> Option<Arc<replicas::Replicas>> {
+        self.watched.replicas.lock().expect("replicas lock").clone()
     }
 
     /// A WebhookEndpoint as the controllers' cache holds it (no API request; the cache is
@@ -345,6 +369,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     *watched.subscriptions.lock().expect("subscriptions lock") =
         Some(watches.subscriptions.cache());
     ctx.secrets.watch(watches.secrets.cache());
+    if let Some(config) = &watched.replica_config {
+        let replicas = replicas::Replicas::start(ctx.client.clone(), config, &shutdown);
+        *watched.replicas.lock().expect("replicas lock") = Some(Arc::new(replicas));
+    }
     route_sync::prime(&ctx, &watches, &shutdown).await;
     let ep_store = watches.endpoints.store.clone();
     let sub_store = watches.subscriptions.store.clone();

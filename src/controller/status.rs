@@ -52,6 +52,13 @@ impl<S> Default for StatusMemory<S> {
     }
 }
 
+impl<S> Written<S> {
+    /// The resourceVersion our write produced, as the API server answered.
+    pub fn produced(&self) -> Option<&str> {
+        self.produced.as_deref()
+    }
+}
+
 impl<S: Clone> StatusMemory<S> {
     /// The write a pass computes its status from (see [`current`]).
     pub fn written(&self) -> Option<Written<S>> {

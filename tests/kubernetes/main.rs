@@ -17,6 +17,7 @@ mod key_race;
 mod operator_run;
 mod plugin;
 mod powercut;
+mod routes_race;
 mod scaleout;
 mod subscription_sync;
 mod through_binary;

@@ -24,7 +24,7 @@ use crate::support::{TestEnv, test_env, wait_until};
 #[derive(Default)]
 pub(crate) struct Received {
     pub(crate) calls: HashSet<String>,
-    posts: u64,
+    pub(crate) posts: u64,
     /// When each `callId` first arrived.
     first_at: HashMap<String, Instant>,
 }
@@ -62,9 +62,12 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
+    }
+    pub(crate) fn ingress_port(&self) -> u16 {
+        self.ingress_port
     }
     pub(crate) fn hook(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.ingress_port)
@@ -263,6 +266,22 @@ impl Cluster {
             .holder_identity
     }
 
+    /// Waits until replica `name` follows with its routes loaded: its replica Lease exists
+    /// (the route handshake counts it from then on).
+    pub(crate) async fn wait_following(&self, name: &str) {
+        let leases: Api<Lease> = Api::namespaced(self.env.client.clone(), &self.env.namespace);
+        let lease = format!("webhook-operator-replica-{name}");
+        wait_until(
+            Duration::from_secs(60),
+            "the follower's replica Lease",
+            || {
+                let (leases, lease) = (leases.clone(), lease.clone());
+                async move { leases.get_opt(&lease).await.ok()?.map(|_| ()) }
+            },
+        )
+        .await
+    }
+
     /// Atlas registrations at the provider for `campaign`.
     async fn registrations(&self, campaign: &str) -> usize {
         let v: Value = reqwest::get(format!(
@@ -306,7 +325,7 @@ impl Cluster {
 }
 
 /// Atlas events in one POST body, each with a fresh `callId`.
-fn atlas_body(campaign: &str, call_ids: &[String]) -> Vec<u8> {
+pub(crate) fn atlas_body(campaign: &str, call_ids: &[String]) -> Vec<u8> {
     let events: Vec<Value> = call_ids
         .iter()
         .map(|id| {
@@ -317,11 +336,11 @@ fn atlas_body(campaign: &str, call_ids: &[String]) -> Vec<u8> {
     serde_json::to_vec(&events).unwrap()
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     format!("call_{:016x}", rand::random::<u64>())
 }
 
-async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<u16, String> {
+pub(crate) async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<u16, String> {
     http.post(url)
         .header("content-type", "application/json")
         .body(body)
@@ -332,22 +351,14 @@ async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<u16, S
         .map_err(|e| e.to_string())
 }
 
-/// Fires `n` single-event POSTs at `url`, retrying while the route is not there yet (404:
-/// a follower's route sync has not caught up) or the queue refuses (503).
+/// Fires `n` single-event POSTs at `url`, no retries: once the subscription is Ready
+/// every replica routes it (the route handshake), so anything but 200 is a failure.
 async fn fire(http: &reqwest::Client, url: &str, campaign: &str, n: usize) -> HashSet<String> {
     let mut acked = HashSet::new();
     for _ in 0..n {
         let id = new_id();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match post(http, url, atlas_body(campaign, std::slice::from_ref(&id))).await {
-                Ok(200) => break,
-                other => {
-                    assert!(Instant::now() < deadline, "{url} kept answering {other:?}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
+        let answer = post(http, url, atlas_body(campaign, std::slice::from_ref(&id))).await;
+        assert_eq!(answer, Ok(200), "{url}");
         acked.insert(id);
     }
     acked
@@ -365,6 +376,7 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
         .position(|r| r.name == leader)
         .expect("holder is one of ours");
     let fi = 1 - li;
+    c.wait_following(&replicas[fi].name).await;
     let path = c.hook_path().await;
     let http = reqwest::Client::new();
 
@@ -475,10 +487,12 @@ async fn two_replicas_deliver_from_both_ingresses_and_fail_over() {
 }
 
 /// Fires `total` events as POSTs of `per_post` at the replicas' ingresses with a fixed
-/// concurrency. A POST that is refused or fails is sent again (as a provider would) to the
-/// next ingress. Returns the callIds of every acknowledged (2xx) POST. The retry models
-/// Atlas, which retries on a best-effort basis; Atlas does not sign, so no 401 can hide
-/// here (what a refused signature costs is `key_race`'s, with no retries).
+/// concurrency. A POST that fails in transport (the SIGKILLed replica) or is answered 503
+/// (the ingress's backpressure, with `Retry-After`) is sent again to the next ingress, as
+/// a provider that retries does: Atlas, which retries on a best-effort basis; a 404 is
+/// never retried: every replica routes the subscription once it is Ready. Atlas does not
+/// sign, so no 401 can hide here (what a refused signature costs is `key_race`'s, with no
+/// retries). Returns the callIds of every acknowledged (2xx) POST.
 async fn load(
     urls: Vec<String>,
     total: usize,
@@ -514,8 +528,10 @@ async fn load(
                 loop {
                     turn += 1;
                     let url = &urls[turn % urls.len()];
-                    if let Ok(200) = post(&http, url, atlas_body("camp-1", &ids)).await {
-                        break;
+                    match post(&http, url, atlas_body("camp-1", &ids)).await {
+                        Ok(200) => break,
+                        Ok(404) => panic!("{url} answered 404 to a routed subscription"),
+                        _ => {}
                     }
                     assert!(
                         Instant::now() < deadline,
@@ -544,6 +560,12 @@ async fn sigkill_of_a_replica_during_load_loses_no_acknowledged_event() {
     c.setup_objects(&[("atlas", "camp-1")]).await;
     let replicas = Arc::new(Mutex::new(vec![c.start_replica(0), c.start_replica(1)]));
     c.wait_ready("atlas", Duration::from_secs(60)).await;
+    let leader = wait_until(Duration::from_secs(30), "a Lease holder", || c.holder()).await;
+    let follower = ["replica-0", "replica-1"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    c.wait_following(follower).await;
     let path = c.hook_path().await;
     let urls: Vec<String> = {
         let r = replicas.lock().unwrap();

@@ -10,10 +10,18 @@ pub mod types {
     pub const STALLED: &str = "Stalled";
     /// Deliveries verify (present once a delivery has failed verification).
     pub const SIGNATURES_VERIFIED: &str = "SignaturesVerified";
+    /// Every ready replica's ingress routes the subscription's hook URL (present once the
+    /// leader registers, or is about to register, the URL at the provider).
+    pub const ROUTED: &str = "Routed";
 }
 
 /// Condition reasons (CamelCase, stable: tools and alerts match on them).
 pub mod reasons {
+    /// Not every ready replica routes the hook URL yet: the URL is not registered (or not
+    /// changed) at the provider until they do.
+    pub const ROUTES_PENDING: &str = "RoutesPending";
+    /// Every ready replica routes the hook URL.
+    pub const ROUTES_LOADED: &str = "RoutesLoaded";
     pub const SYNCED: &str = "Synced";
     pub const READY: &str = "Ready";
     pub const SIGNATURE_MISMATCH: &str = "SignatureMismatch";

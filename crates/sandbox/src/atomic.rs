@@ -430,7 +430,8 @@ pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, Strin
             .collect()
     };
     let mut out = Vec::new();
-    for hook in targets {
+    for mut hook in targets {
+        hook.url = super::faults::target(&hook.url, req);
         let events = if batched {
             vec![event(kind, card), event(kind, card)]
         } else {

@@ -26,8 +26,11 @@ pub struct Faults {
     /// Share of requests answered 429, with `Retry-After: retryAfterSecs` when set.
     pub rate_limit_ratio: f64,
     pub retry_after_secs: Option<u64>,
-    /// Added before every answer.
+    /// Added before every answer, before the handler runs.
     pub latency_ms: u64,
+    /// Added after the handler ran (a registration is stored, so the provider may already
+    /// send to it) and before the answer leaves: a provider that answers slowly.
+    pub answer_delay_ms: u64,
     /// Never answer (the caller's timeout must fire).
     pub hang: bool,
 }
@@ -103,7 +106,27 @@ pub(crate) async fn faults_layer(
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return error(status, "Internal server error");
     }
-    next.run(req).await
+    let answer = next.run(req).await;
+    if f.answer_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(f.answer_delay_ms)).await;
+    }
+    answer
+}
+
+/// Where a fired event goes: the registered hook URL, or, when the fire request names a
+/// `baseUrl` (`http://host:port`), the same path and query on that origin (a test aiming
+/// at one replica of several behind one published URL).
+pub(crate) fn target(hook_url: &str, req: &serde_json::Value) -> String {
+    let Some(base) = req.get("baseUrl").and_then(serde_json::Value::as_str) else {
+        return hook_url.to_string();
+    };
+    match reqwest::Url::parse(hook_url) {
+        Ok(u) => {
+            let query = u.query().map(|q| format!("?{q}")).unwrap_or_default();
+            format!("{}{}{query}", base.trim_end_matches('/'), u.path())
+        }
+        Err(_) => hook_url.to_string(),
+    }
 }
 
 /// Result of firing an event: one entry per hook URL it was delivered to.

@@ -519,7 +519,8 @@ pub(crate) async fn fire(s: &Shared, req: &Value) -> Result<Vec<Delivery>, Strin
         .expect("json");
         let signature = sign(hk.secret.as_bytes(), &body, SignatureEncoding::Hex);
         let headers = signed_headers(&hk.headers, (SIGNATURE_HEADER.to_string(), signature));
-        let status = deliver(&s.http, reqwest::Method::POST, &hk.url, &headers, body).await;
+        let to = super::faults::target(&hk.url, req);
+        let status = deliver(&s.http, reqwest::Method::POST, &to, &headers, body).await;
         out.push(Delivery {
             url: hk.url,
             status,

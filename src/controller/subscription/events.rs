@@ -75,6 +75,7 @@ pub(super) async fn publish_outcome_event(
             reasons::ENDPOINT_NOT_READY,
             why.to_string(),
         ),
+        Outcome::RoutesPending(why) => (EventType::Warning, reasons::ROUTES_PENDING, why.clone()),
         Outcome::MissingUpstream | Outcome::Manual { .. } => return,
     };
     if type_ == EventType::Warning && previous_reason.as_deref() == Some(reason) {

@@ -71,6 +71,8 @@ pub(super) fn next_pass(
         // before this object was in the store.
         Outcome::EndpointNotReady(_) => (Duration::from_secs(10), 0),
         Outcome::CredentialsMissing(_) => (Duration::from_secs(60), 0),
+        // The replicas' Leases are watched only during a pass: look again soon.
+        Outcome::RoutesPending(_) => (Duration::from_secs(5), 0),
         Outcome::Failed(err) => {
             let failures = failures_before + 1;
             (

@@ -32,6 +32,7 @@ use crate::providers::{
 
 mod events;
 mod gate;
+mod handshake;
 mod inputs;
 mod outcome;
 mod test_step;
@@ -56,11 +57,11 @@ async fn apply(
     api: &Api<WebhookSubscription>,
 ) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(sub);
-    let written = ctx.memos.subscriptions.read(&key, |m| m.status.written());
+    let mut written = ctx.memos.subscriptions.read(&key, |m| m.status.written());
     // Read after the memo: once it has dropped our last write, the cache holds it.
     let cached = super::newest(&ctx.watched.subscriptions, sub);
     let status_of = status::source(sub, written.as_ref(), cached.as_deref());
-    let current = status::current(status_of, written.as_ref())
+    let mut current = status::current(status_of, written.as_ref())
         .cloned()
         .unwrap_or_default();
     let resolved = resolve(sub, ctx).await?;
@@ -93,10 +94,21 @@ async fn apply(
     };
 
     let request = resolved.inputs.test_request.clone();
-    let (outcome, synced_as) =
-        provider_sync(sub, ctx, resolved.target, resolved.credentials, &current).await?;
+    // Routes first, registration second (the route handshake).
+    let routing = match (&resolved.target, &resolved.credentials) {
+        (Ok(url), Ok(_)) => {
+            handshake::ensure_routed(sub, ctx, api, status_of, &mut written, &mut current, url)
+                .await?
+        }
+        _ => handshake::Routing::Skipped,
+    };
+    let (outcome, synced_as) = match &routing {
+        handshake::Routing::Pending(why) => (Outcome::RoutesPending(why.clone()), None),
+        _ => provider_sync(sub, ctx, resolved.target, resolved.credentials, &current).await?,
+    };
     publish_outcome_event(ctx, sub, &current, &outcome).await;
     let mut next = next_status(sub, ctx, &current, &outcome);
+    next.conditions = handshake::with_routed(next.conditions, sub, &current, &outcome, &routing);
     next.last_test = test_step::run(sub, ctx, request, &outcome, synced_as.as_ref())
         .await
         .or(current.last_test);

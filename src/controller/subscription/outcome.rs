@@ -24,6 +24,8 @@ pub enum Outcome {
     },
     EndpointNotReady(TargetError),
     CredentialsMissing(CredentialsError),
+    /// Not every ready replica routes the hook URL yet: nothing registered this pass.
+    RoutesPending(String),
     Failed(ProviderError),
 }
 
@@ -75,6 +77,9 @@ pub fn outcome_status(
             true,
             why.to_string(),
         ),
+        Outcome::RoutesPending(why) => {
+            not_synced(reasons::ROUTES_PENDING, why.clone(), false, why.clone())
+        }
         Outcome::Failed(err) => failed_conditions(err),
     };
     next.conditions = conditions::merge(&current.conditions, &desired, generation, now);
