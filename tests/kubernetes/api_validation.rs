@@ -31,6 +31,7 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
                 max_age: "2h".into(),
             },
             max_in_flight: 4,
+            adaptive_concurrency: false,
             rate_per_second: 50,
             dead_letter: DeadLetterPolicy {
                 retention: "72h".into(),

@@ -13,6 +13,7 @@ mod filter;
 mod health_scripts;
 mod isolation;
 mod operator_run;
+mod pace;
 mod plugin;
 mod powercut;
 mod scaleout;

@@ -184,6 +184,11 @@ pub struct DeliveryPolicy {
     #[serde(default = "default_max_in_flight")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_in_flight: u32,
+    /// Adapt the deliveries in flight to the destination's pace, within maxInFlight:
+    /// halved on 429/503 or a latency rise, grown back by one per round of quick answers.
+    /// false: always maxInFlight.
+    #[serde(default = "default_true")]
+    pub adaptive_concurrency: bool,
     /// At most this many delivery attempts per second; 0 means unlimited.
     #[serde(default)]
     #[schemars(range(min = 0, max = 100000))]
@@ -199,6 +204,7 @@ impl Default for DeliveryPolicy {
             timeout: default_timeout(),
             retry: RetryPolicy::default(),
             max_in_flight: default_max_in_flight(),
+            adaptive_concurrency: true,
             rate_per_second: 0,
             dead_letter: DeadLetterPolicy::default(),
         }
@@ -419,6 +425,9 @@ fn default_timeout() -> String {
 }
 fn default_max_in_flight() -> u32 {
     16
+}
+fn default_true() -> bool {
+    true
 }
 fn default_max_attempts() -> i32 {
     8
