@@ -244,6 +244,7 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         ingress_rate_limit: None,
         format: Default::default(),
         filter: None,
+        tls: None,
     }
 }
 

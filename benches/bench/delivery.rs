@@ -892,6 +892,7 @@ async fn start_plane(dp: Arc<DataPlane>, max_in_flight: u32) -> anyhow::Result<P
         event_types: vec![],
         format: Default::default(),
         filter: None,
+        tls: None,
     })?;
     dp.upsert_subscription(SubscriptionRoute {
         endpoint: key.clone(),

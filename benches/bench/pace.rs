@@ -133,6 +133,7 @@ async fn phase(adaptive: bool, backlog: u64, seconds: u64) -> anyhow::Result<Pac
         event_types: vec![],
         format: Default::default(),
         filter: None,
+        tls: None,
     })?;
     dp.upsert_subscription(SubscriptionRoute {
         endpoint: key.clone(),

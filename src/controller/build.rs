@@ -19,9 +19,10 @@ use super::rotation;
 use super::routes::EndpointDelivery;
 use super::secrets::{self, OwnedSecretError, SecretData, SecretError, SecretStore};
 use crate::api::conditions::reasons;
-use crate::api::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY};
+use crate::api::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY, TLS_CERT_KEY, TLS_KEY_KEY};
 use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
 use crate::api::{Provider, WebhookEndpoint, WebhookSubscription};
+use crate::dataplane::DestinationTls;
 use crate::inbound::VerificationKeys;
 
 /// A reason a build cannot finish (condition reason, message without any value).
@@ -188,16 +189,61 @@ pub fn endpoint_delivery(
             Err(e) => problems.push((e.reason(), format!("header {}: {e}", h.name))),
         }
     }
-    match (token, signing) {
-        (Some(token), Some(signing_secrets)) if problems.is_empty() => Ok(EndpointDelivery {
-            key: (ns, ep.name_any()),
-            token: ingress_token(&token),
-            spec: ep.spec.clone(),
-            signing_secrets,
-            headers,
-        }),
+    let tls = destination_tls(ep, secrets, &ns)
+        .map_err(|p| problems.push(p))
+        .ok();
+    match (token, signing, tls) {
+        (Some(token), Some(signing_secrets), Some(tls)) if problems.is_empty() => {
+            Ok(EndpointDelivery {
+                key: (ns, ep.name_any()),
+                token: ingress_token(&token),
+                spec: ep.spec.clone(),
+                signing_secrets,
+                headers,
+                tls,
+            })
+        }
         _ => Err(problems),
     }
+}
+
+/// `spec.destination.tls` with its Secrets read: the CA bundle under its key, the client
+/// certificate and key of a `kubernetes.io/tls` Secret.
+fn destination_tls(
+    ep: &WebhookEndpoint,
+    secrets: &impl SecretRead,
+    ns: &str,
+) -> Result<Option<DestinationTls>, Problem> {
+    let Some(tls) = ep.spec.destination.tls.as_ref() else {
+        return Ok(None);
+    };
+    let ca_pem = match &tls.ca_secret_ref {
+        Some(r) => Some(
+            secrets
+                .referenced(ns, &r.name)
+                .and_then(|s| s.get(&r.key).map(<[u8]>::to_vec))
+                .map_err(|e| (e.reason(), format!("destination.tls.caSecretRef: {e}")))?,
+        ),
+        None => None,
+    };
+    let client_cert_pem = match &tls.client_cert_secret_ref {
+        Some(r) => {
+            let pair = secrets
+                .referenced(ns, &r.name)
+                .and_then(|s| Ok((s.get(TLS_CERT_KEY)?.to_vec(), s.get(TLS_KEY_KEY)?.to_vec())));
+            Some(pair.map_err(|e| {
+                (
+                    e.reason(),
+                    format!("destination.tls.clientCertSecretRef: {e}"),
+                )
+            })?)
+        }
+        None => None,
+    };
+    Ok(Some(DestinationTls {
+        ca_pem,
+        client_cert_pem,
+    }))
 }
 
 /// The keys the ingress verifies `sub`'s requests with: the Atllas header value, or the

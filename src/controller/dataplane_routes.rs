@@ -30,6 +30,7 @@ fn refusal(e: EndpointConfigError) -> Refusal {
             reasons::HEADER_INVALID
         }
         EndpointConfigError::NoSigningSecret => reasons::SECRET_MISSING,
+        EndpointConfigError::InvalidTls(_) => reasons::TLS_CONFIG_INVALID,
     };
     (reason, e.to_string())
 }
@@ -130,6 +131,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                     .map(crate::delivery::filter::Filter::compile)
                     .transpose()
                     .map_err(|e| (reasons::FILTER_INVALID, format!("spec.filter: {e}")))?,
+                tls: ep.tls.clone(),
             },
         )
         .map_err(refusal)

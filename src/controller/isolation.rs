@@ -75,6 +75,7 @@ mod tests {
                 path: None,
             }),
             url: None,
+            tls: None,
         }
     }
 
@@ -82,6 +83,7 @@ mod tests {
         ApiDestination {
             service: None,
             url: Some(u.into()),
+            tls: None,
         }
     }
 

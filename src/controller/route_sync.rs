@@ -129,6 +129,9 @@ fn needed_secrets(
         for h in &ep.spec.headers {
             needed.insert((ns.clone(), h.secret_key_ref.name.clone()));
         }
+        for name in ep.spec.tls_secret_names() {
+            needed.insert((ns.clone(), name.clone()));
+        }
     }
     for sub in subscriptions {
         let ns = sub.namespace().unwrap_or_default();

@@ -105,6 +105,8 @@ pub struct EndpointDelivery {
     pub signing_secrets: Vec<Vec<u8>>,
     /// Extra headers, values resolved from Secrets.
     pub headers: Vec<(String, String)>,
+    /// `spec.destination.tls`, its Secrets read.
+    pub tls: Option<crate::dataplane::DestinationTls>,
 }
 
 /// Delivery health as the status needs it.

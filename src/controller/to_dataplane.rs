@@ -128,6 +128,10 @@ mod tests {
                 reasons::DESTINATION_FORBIDDEN,
                 api_reasons::DESTINATION_FORBIDDEN,
             ),
+            (
+                reasons::TLS_HANDSHAKE_FAILED,
+                api_reasons::TLS_HANDSHAKE_FAILED,
+            ),
         ] {
             assert_eq!(ours, theirs);
         }

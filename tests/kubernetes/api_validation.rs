@@ -20,6 +20,7 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
                 path: Some("/events".into()),
             }),
             url: None,
+            tls: None,
         },
         delivery: DeliveryPolicy {
             timeout: "5s".into(),

@@ -19,6 +19,7 @@ mod powercut;
 mod scaleout;
 mod subscription_sync;
 mod through_binary;
+mod tls;
 
 #[path = "../common/nats.rs"]
 mod nats;

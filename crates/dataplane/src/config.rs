@@ -121,6 +121,27 @@ pub struct EndpointConfig {
     pub format: DeliveryFormat,
     /// `spec.filter`, compiled.
     pub filter: Option<Filter>,
+    /// `spec.destination.tls`, Secrets resolved; `None`: the platform's trust store and
+    /// no client certificate.
+    pub tls: Option<DestinationTls>,
+}
+
+/// TLS to an `https` destination, as PEM. Secret: redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DestinationTls {
+    /// CA certificates that verify the destination, instead of the platform's trust store.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain and its private key, presented when the destination asks.
+    pub client_cert_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for DestinationTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_cert", &self.client_cert_pem.is_some())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for EndpointConfig {
@@ -145,6 +166,7 @@ impl std::fmt::Debug for EndpointConfig {
             .field("ingress_rate_limit", &self.ingress_rate_limit)
             .field("format", &self.format)
             .field("filter", &self.filter)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -172,4 +194,7 @@ pub enum EndpointConfigError {
     InvalidHeaderValue(String),
     #[error("at least one signing secret is required")]
     NoSigningSecret,
+    /// The message names what is wrong, never the material.
+    #[error("destination.tls: {0}")]
+    InvalidTls(String),
 }

@@ -39,6 +39,8 @@ pub(crate) struct EndpointRuntime {
     pub filter: Option<super::filter::Filter>,
     pub metrics: EndpointMetrics,
     pub breaker: Arc<Breaker>,
+    /// The endpoint's own client when it has TLS settings; `None`: the shared one.
+    pub client: Option<super::client::DeliveryClient>,
 }
 
 /// How often an allowed destination is resolved and checked again.
@@ -364,8 +366,10 @@ async fn attempt(
     let headers =
         super::envelope::headers(rt.format, &rt.headers, &rt.secrets, &ev, ts, &traceparent);
     let sent = Instant::now();
-    let response = shared
+    let response = rt
         .client
+        .as_ref()
+        .unwrap_or(&shared.client)
         .post(url, headers, ev.payload.clone(), rt.policy.timeout)
         .await;
     let answered = Instant::now();

@@ -284,6 +284,7 @@ mod tests {
             ingress_rate_limit: None,
             format: Default::default(),
             filter: None,
+            tls: None,
         }
     }
 
