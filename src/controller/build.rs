@@ -348,6 +348,63 @@ mod tests {
     const SIGNING: (&str, Option<Pairs>) = ("orders-signing", Some(&[(SIGNING_KEY, b"gen")]));
 
     #[test]
+    fn destination_tls_from_its_secrets() {
+        let tls = serde_json::json!({"destination": {
+            "url": "https://sink.example/hook",
+            "tls": {"caSecretRef": {"name": "ca", "key": "ca.crt"}, "clientCertSecretRef": {"name": "cert"}},
+        }});
+        let ep = endpoint(tls);
+        let cert: Pairs = &[(TLS_CERT_KEY, b"CERT"), (TLS_KEY_KEY, b"KEY")];
+        let all = given(
+            &[INGRESS, SIGNING],
+            &[("ca", Some(&[("ca.crt", b"CA")])), ("cert", Some(cert))],
+        );
+        let d = endpoint_delivery(&ep, &all).map_err(|_| ()).unwrap();
+        assert_eq!(
+            d.tls,
+            Some(DestinationTls {
+                ca_pem: Some(b"CA".to_vec()),
+                client_cert_pem: Some((b"CERT".to_vec(), b"KEY".to_vec())),
+            })
+        );
+        // A client certificate Secret without its key, and a missing CA Secret: each named.
+        let partial = given(
+            &[INGRESS, SIGNING],
+            &[("cert", Some(&[(TLS_CERT_KEY, b"CERT")]))],
+        );
+        let problems = endpoint_delivery(&ep, &partial).err().unwrap();
+        assert_eq!(
+            problems,
+            vec![(
+                reasons::SECRET_MISSING,
+                "destination.tls.caSecretRef: Secret ca not found".to_string()
+            )]
+        );
+        let no_key = given(
+            &[INGRESS, SIGNING],
+            &[
+                ("ca", Some(&[("ca.crt", b"CA")])),
+                ("cert", Some(&[(TLS_CERT_KEY, b"CERT")])),
+            ],
+        );
+        let problems = endpoint_delivery(&ep, &no_key).err().unwrap();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0]
+                .1
+                .starts_with("destination.tls.clientCertSecretRef: ")
+                && problems[0].1.contains(TLS_KEY_KEY),
+            "{problems:?}"
+        );
+        // No tls: none.
+        let plain = endpoint(serde_json::json!({}));
+        let d = endpoint_delivery(&plain, &given(&[INGRESS, SIGNING], &[]))
+            .map_err(|_| ())
+            .unwrap();
+        assert_eq!(d.tls, None);
+    }
+
+    #[test]
     fn endpoint_delivery_from_the_secrets_it_names() {
         let header = serde_json::json!({"headers": [{"name": "X-Token", "secretKeyRef": {"name": "auth", "key": "t"}}]});
         let by_ref = serde_json::json!({"signing": {"secretRef": {"name": "mine", "key": "k"}}});

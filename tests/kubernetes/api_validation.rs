@@ -231,6 +231,18 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, serde_json::Value, &'stat
             "spec.destination.url",
         ),
         (
+            "TLS settings for a Service destination",
+            "WebhookEndpoint",
+            json!({"destination": {"service": {"name": "c", "port": 80}, "tls": {"clientCertSecretRef": {"name": "cert"}}}}),
+            "spec.destination",
+        ),
+        (
+            "TLS settings for an http URL",
+            "WebhookEndpoint",
+            json!({"destination": {"url": "http://consumer.apps.svc/hook", "tls": {"caSecretRef": {"name": "ca", "key": "ca.crt"}}}}),
+            "spec.destination",
+        ),
+        (
             "negative retry count",
             "WebhookEndpoint",
             json!({"destination": {"url": https}, "delivery": {"retry": {"maxAttempts": -1}}}),
