@@ -66,6 +66,7 @@ pub struct Metrics {
     failed: EpCounter,
     retries: EpCounter,
     dead_lettered: EpCounter,
+    in_flight_limit: Family<EndpointLabels, Gauge>,
     queue_depth: Family<StateLabels, Gauge>,
     subscription_synced: Family<SubscriptionLabels, Gauge>,
     dedupe_keys: Gauge,
@@ -92,6 +93,8 @@ pub struct EndpointMetrics {
     pub failed: Counter,
     pub retries: Counter,
     pub dead_lettered: Counter,
+    /// The adaptive in-flight limit now (see `delivery::pace`).
+    pub in_flight_limit: Gauge,
     /// Ingest to delivered, seconds.
     pub latency: Histogram,
 }
@@ -118,6 +121,7 @@ impl Metrics {
             failed: Family::default(),
             retries: Family::default(),
             dead_lettered: Family::default(),
+            in_flight_limit: Family::default(),
             queue_depth: Family::default(),
             subscription_synced: Family::default(),
             dedupe_keys: Gauge::default(),
@@ -185,6 +189,11 @@ impl Metrics {
             "events_dead_lettered",
             "Events moved to the dead-letter store",
             m.dead_lettered.clone(),
+        );
+        r.register(
+            "delivery_in_flight_limit",
+            "Deliveries the endpoint may have in flight now: maxInFlight, or less while adaptive concurrency holds back",
+            m.in_flight_limit.clone(),
         );
         r.register(
             "queue_depth",
@@ -260,6 +269,7 @@ impl Metrics {
             failed: self.failed.get_or_create(&l).clone(),
             retries: self.retries.get_or_create(&l).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&l).clone(),
+            in_flight_limit: self.in_flight_limit.get_or_create(&l).clone(),
             latency: self.latency.get_or_create(&l).clone(),
         }
     }
@@ -285,6 +295,7 @@ impl Metrics {
             f.remove(&l);
         }
         self.latency.remove(&l);
+        self.in_flight_limit.remove(&l);
     }
 
     /// Ingress requests being handled now.

@@ -167,8 +167,10 @@ pub(crate) async fn run(
 
         shared.health.set_breaker_open(&key, rt.breaker.is_open());
         let pace = pace_for(&mut pace, &rt.policy);
+        let limit = pace.limit();
+        rt.metrics.in_flight_limit.set(limit as i64);
         let busy = attempts.requests.load(Ordering::Acquire);
-        let (room, probe) = match lease_room(&rt, pace.limit(), busy, &mut bucket) {
+        let (room, probe) = match lease_room(&rt, limit, busy, &mut bucket) {
             Ok(room) => room,
             Err(wait) => {
                 if !idle!(wait) {
