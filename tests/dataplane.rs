@@ -245,6 +245,7 @@ fn endpoint(key: &EndpointKey, destination: Destination, policy: Policy) -> Endp
         format: Default::default(),
         filter: None,
         dedupe: None,
+        tls: None,
     }
 }
 
@@ -463,6 +464,17 @@ async fn events_are_delivered_once_and_signed_with_both_secrets() {
         ),
         "{metrics}"
     );
+    // The in-flight limit in force: maxInFlight (16) unless adaptive concurrency holds back.
+    let limit: i64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "webhook_operator_delivery_in_flight_limit{namespace=\"apps\",name=\"orders\"} ",
+            )
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the in-flight limit gauge");
+    assert!((1..=16).contains(&limit), "{limit}");
     assert!(
         metrics.contains(
             "webhook_operator_events_duplicate_total{namespace=\"apps\",name=\"orders\"} 1"

@@ -893,6 +893,7 @@ async fn start_plane(dp: Arc<DataPlane>, max_in_flight: u32) -> anyhow::Result<P
         format: Default::default(),
         filter: None,
         dedupe: None,
+        tls: None,
     })?;
     dp.upsert_subscription(SubscriptionRoute {
         endpoint: key.clone(),

@@ -8,7 +8,7 @@
 //! cargo bench --bench bench -- --smoke      # CI: 2 s per phase, 50 subscriptions
 //! ```
 //! Flags: `--smoke`, `--seconds N`, `--concurrency N`, `--subscriptions N`,
-//! `--only delivery|queue|reconcile|backlog`, `--out FILE`. `BENCH_SMOKE=1` is the same as `--smoke`.
+//! `--only delivery|queue|reconcile|backlog|pace`, `--out FILE`. `BENCH_SMOKE=1` is the same as `--smoke`.
 //! `BENCH_PLANE_WRAPPER="valgrind --tool=callgrind"` (or any command that takes the
 //! program and its arguments) runs the delivery phases' data-plane process under it.
 //! Smoke runs write `target/BENCHMARKS.smoke.md` unless `--out` says otherwise.
@@ -22,6 +22,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod backlog;
 mod commits;
 mod delivery;
+mod pace;
 mod proc_stats;
 mod queue;
 mod reconcile;
@@ -45,6 +46,7 @@ struct Opts {
     queue: bool,
     reconcile: bool,
     backlog: bool,
+    pace: bool,
     out: PathBuf,
     args: Vec<String>,
 }
@@ -67,6 +69,7 @@ fn opts() -> anyhow::Result<Opts> {
         queue: true,
         reconcile: true,
         backlog: true,
+        pace: true,
         out: if smoke {
             root.join("target/BENCHMARKS.smoke.md")
         } else {
@@ -93,8 +96,9 @@ fn opts() -> anyhow::Result<Opts> {
                 o.queue = only == "queue";
                 o.reconcile = only == "reconcile";
                 o.backlog = only == "backlog";
-                if !(o.delivery || o.queue || o.reconcile || o.backlog) {
-                    anyhow::bail!("--only delivery|queue|reconcile|backlog, not {only}");
+                o.pace = only == "pace";
+                if !(o.delivery || o.queue || o.reconcile || o.backlog || o.pace) {
+                    anyhow::bail!("--only delivery|queue|reconcile|backlog|pace, not {only}");
                 }
             }
             other => anyhow::bail!("unknown argument {other}"),
@@ -169,6 +173,7 @@ fn report(
     q: Option<&queue::QueueResults>,
     r: Option<&reconcile::ReconcileResults>,
     b: Option<&backlog::BacklogResults>,
+    p: Option<&pace::PaceResults>,
 ) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{BEGIN}");
@@ -196,6 +201,9 @@ fn report(
     }
     if let Some(b) = b {
         backlog_report(&mut s, b);
+    }
+    if let Some(p) = p {
+        p.report(&mut s);
     }
     let _ = writeln!(s, "{END}");
     s
@@ -284,7 +292,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     // The rate per slice shows decay over a phase.
     let slice = Duration::from_secs(if o.smoke { 1 } else { 5 });
-    let (d, q, r, b) = rt.block_on(async {
+    let (d, q, r, b, p) = rt.block_on(async {
         let d = if o.delivery {
             let timing = delivery::Timing {
                 duration: Duration::from_secs(o.seconds),
@@ -319,9 +327,21 @@ fn main() -> anyhow::Result<()> {
         } else {
             None
         };
-        anyhow::Ok((d, q, r, b))
+        let p = if o.pace {
+            Some(pace::run(if o.smoke { 2 } else { o.seconds.min(20) }).await?)
+        } else {
+            None
+        };
+        anyhow::Ok((d, q, r, b, p))
     })?;
-    let block = report(&o, d.as_ref(), q.as_ref(), r.as_ref(), b.as_ref());
+    let block = report(
+        &o,
+        d.as_ref(),
+        q.as_ref(),
+        r.as_ref(),
+        b.as_ref(),
+        p.as_ref(),
+    );
     println!("{block}");
     write_report(&o.out, &block)?;
     eprintln!("bench: wrote {}", o.out.display());

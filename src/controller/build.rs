@@ -19,9 +19,10 @@ use super::rotation;
 use super::routes::EndpointDelivery;
 use super::secrets::{self, OwnedSecretError, SecretData, SecretError, SecretStore};
 use crate::api::conditions::reasons;
-use crate::api::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY};
+use crate::api::endpoint::{INGRESS_SECRET_KEY, SIGNING_KEY, TLS_CERT_KEY, TLS_KEY_KEY};
 use crate::api::subscription::{HEADER_VALUE_KEY, SIGNING_SECRET_KEY};
 use crate::api::{Provider, WebhookEndpoint, WebhookSubscription};
+use crate::dataplane::DestinationTls;
 use crate::inbound::VerificationKeys;
 
 /// A reason a build cannot finish (condition reason, message without any value).
@@ -188,22 +189,67 @@ pub fn endpoint_delivery(
             Err(e) => problems.push((e.reason(), format!("header {}: {e}", h.name))),
         }
     }
-    match (token, signing) {
-        (Some(token), Some(signing_secrets)) if problems.is_empty() => Ok(EndpointDelivery {
-            key: super::routes::key_of(ep),
-            token: ingress_token(&token),
-            spec: ep.spec.clone(),
-            signing_secrets,
-            headers,
-            filter: ep
-                .spec
-                .filter
-                .as_deref()
-                .map(crate::delivery::filter::Filter::compile)
-                .transpose(),
-        }),
+    let tls = destination_tls(ep, secrets, &ns)
+        .map_err(|p| problems.push(p))
+        .ok();
+    match (token, signing, tls) {
+        (Some(token), Some(signing_secrets), Some(tls)) if problems.is_empty() => {
+            Ok(EndpointDelivery {
+                key: super::routes::key_of(ep),
+                token: ingress_token(&token),
+                spec: ep.spec.clone(),
+                signing_secrets,
+                headers,
+                filter: ep
+                    .spec
+                    .filter
+                    .as_deref()
+                    .map(crate::delivery::filter::Filter::compile)
+                    .transpose(),
+                tls,
+            })
+        }
         _ => Err(problems),
     }
+}
+
+/// `spec.destination.tls` with its Secrets read: the CA bundle under its key, the client
+/// certificate and key of a `kubernetes.io/tls` Secret.
+fn destination_tls(
+    ep: &WebhookEndpoint,
+    secrets: &impl SecretRead,
+    ns: &str,
+) -> Result<Option<DestinationTls>, Problem> {
+    let Some(tls) = ep.spec.destination.tls.as_ref() else {
+        return Ok(None);
+    };
+    let ca_pem = match &tls.ca_secret_ref {
+        Some(r) => Some(
+            secrets
+                .referenced(ns, &r.name)
+                .and_then(|s| s.get(&r.key).map(<[u8]>::to_vec))
+                .map_err(|e| (e.reason(), format!("destination.tls.caSecretRef: {e}")))?,
+        ),
+        None => None,
+    };
+    let client_cert_pem = match &tls.client_cert_secret_ref {
+        Some(r) => {
+            let pair = secrets
+                .referenced(ns, &r.name)
+                .and_then(|s| Ok((s.get(TLS_CERT_KEY)?.to_vec(), s.get(TLS_KEY_KEY)?.to_vec())));
+            Some(pair.map_err(|e| {
+                (
+                    e.reason(),
+                    format!("destination.tls.clientCertSecretRef: {e}"),
+                )
+            })?)
+        }
+        None => None,
+    };
+    Ok(Some(DestinationTls {
+        ca_pem,
+        client_cert_pem,
+    }))
 }
 
 /// The keys the ingress verifies `sub`'s requests with: the Atllas header value, or the
@@ -306,6 +352,63 @@ mod tests {
     const INGRESS: (&str, Option<Pairs>) =
         ("orders-ingress", Some(&[(INGRESS_SECRET_KEY, b"key")]));
     const SIGNING: (&str, Option<Pairs>) = ("orders-signing", Some(&[(SIGNING_KEY, b"gen")]));
+
+    #[test]
+    fn destination_tls_from_its_secrets() {
+        let tls = serde_json::json!({"destination": {
+            "url": "https://sink.example/hook",
+            "tls": {"caSecretRef": {"name": "ca", "key": "ca.crt"}, "clientCertSecretRef": {"name": "cert"}},
+        }});
+        let ep = endpoint(tls);
+        let cert: Pairs = &[(TLS_CERT_KEY, b"CERT"), (TLS_KEY_KEY, b"KEY")];
+        let all = given(
+            &[INGRESS, SIGNING],
+            &[("ca", Some(&[("ca.crt", b"CA")])), ("cert", Some(cert))],
+        );
+        let d = endpoint_delivery(&ep, &all).map_err(|_| ()).unwrap();
+        assert_eq!(
+            d.tls,
+            Some(DestinationTls {
+                ca_pem: Some(b"CA".to_vec()),
+                client_cert_pem: Some((b"CERT".to_vec(), b"KEY".to_vec())),
+            })
+        );
+        // A client certificate Secret without its key, and a missing CA Secret: each named.
+        let partial = given(
+            &[INGRESS, SIGNING],
+            &[("cert", Some(&[(TLS_CERT_KEY, b"CERT")]))],
+        );
+        let problems = endpoint_delivery(&ep, &partial).err().unwrap();
+        assert_eq!(
+            problems,
+            vec![(
+                reasons::SECRET_MISSING,
+                "destination.tls.caSecretRef: Secret ca not found".to_string()
+            )]
+        );
+        let no_key = given(
+            &[INGRESS, SIGNING],
+            &[
+                ("ca", Some(&[("ca.crt", b"CA")])),
+                ("cert", Some(&[(TLS_CERT_KEY, b"CERT")])),
+            ],
+        );
+        let problems = endpoint_delivery(&ep, &no_key).err().unwrap();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0]
+                .1
+                .starts_with("destination.tls.clientCertSecretRef: ")
+                && problems[0].1.contains(TLS_KEY_KEY),
+            "{problems:?}"
+        );
+        // No tls: none.
+        let plain = endpoint(serde_json::json!({}));
+        let d = endpoint_delivery(&plain, &given(&[INGRESS, SIGNING], &[]))
+            .map_err(|_| ())
+            .unwrap();
+        assert_eq!(d.tls, None);
+    }
 
     #[test]
     fn endpoint_delivery_from_the_secrets_it_names() {

@@ -25,6 +25,7 @@ fn refusal(e: EndpointConfigError) -> Refusal {
             reasons::HEADER_INVALID
         }
         EndpointConfigError::NoSigningSecret => reasons::SECRET_MISSING,
+        EndpointConfigError::InvalidTls(_) => reasons::TLS_CONFIG_INVALID,
     };
     (reason, e.to_string())
 }
@@ -129,6 +130,7 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                     .map(super::endpoint::dedupe_key)
                     .transpose()
                     .map_err(|e| (reasons::DEDUPE_INVALID, format!("spec.dedupe: {e}")))?,
+                tls: ep.tls.clone(),
             },
         )
         .map_err(refusal)

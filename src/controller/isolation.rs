@@ -96,6 +96,7 @@ mod tests {
                 path: None,
             }),
             url: None,
+            tls: None,
         }
     }
 
@@ -103,6 +104,7 @@ mod tests {
         ApiDestination {
             service: None,
             url: Some(u.into()),
+            tls: None,
         }
     }
 

@@ -199,6 +199,7 @@ fn endpoint_secrets(ep: &WebhookEndpoint) -> Vec<SecretKey> {
             .iter()
             .map(|h| h.secret_key_ref.name.clone()),
     );
+    names.extend(ep.spec.tls_secret_names().cloned());
     names.into_iter().map(|n| (ns.clone(), n)).collect()
 }
 

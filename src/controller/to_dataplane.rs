@@ -55,6 +55,7 @@ pub fn policy(p: &api::DeliveryPolicy) -> Result<Policy, DurationError> {
         max_delay: parse_go_duration(&p.retry.max_delay)?,
         max_age: parse_go_duration(&p.retry.max_age)?,
         max_in_flight: p.max_in_flight.max(1),
+        adaptive_concurrency: p.adaptive_concurrency,
         rate_per_second: p.rate_per_second,
         dead_letter_retention: parse_go_duration(&p.dead_letter.retention)?,
     })
@@ -126,6 +127,10 @@ mod tests {
             (
                 reasons::DESTINATION_FORBIDDEN,
                 api_reasons::DESTINATION_FORBIDDEN,
+            ),
+            (
+                reasons::TLS_HANDSHAKE_FAILED,
+                api_reasons::TLS_HANDSHAKE_FAILED,
             ),
         ] {
             assert_eq!(ours, theirs);

@@ -20,6 +20,7 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
                 path: Some("/events".into()),
             }),
             url: None,
+            tls: None,
         },
         delivery: DeliveryPolicy {
             timeout: "5s".into(),
@@ -31,6 +32,7 @@ fn full_endpoint_spec() -> WebhookEndpointSpec {
                 max_age: "2h".into(),
             },
             max_in_flight: 4,
+            adaptive_concurrency: false,
             rate_per_second: 50,
             dead_letter: DeadLetterPolicy {
                 retention: "72h".into(),
@@ -231,6 +233,18 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, serde_json::Value, &'stat
             "WebhookEndpoint",
             json!({"destination": {"url": "http://consumer.example.com/hook"}}),
             "spec.destination.url",
+        ),
+        (
+            "TLS settings for a Service destination",
+            "WebhookEndpoint",
+            json!({"destination": {"service": {"name": "c", "port": 80}, "tls": {"clientCertSecretRef": {"name": "cert"}}}}),
+            "spec.destination",
+        ),
+        (
+            "TLS settings for an http URL",
+            "WebhookEndpoint",
+            json!({"destination": {"url": "http://consumer.apps.svc/hook", "tls": {"caSecretRef": {"name": "ca", "key": "ca.crt"}}}}),
+            "spec.destination",
         ),
         (
             "negative retry count",

@@ -459,7 +459,11 @@ pub(crate) async fn setup_to_consumer(prefix: &str, extra: &[&str]) -> Setup {
 }
 
 pub(crate) async fn setup_with(prefix: &str, endpoint_spec: Value, extra: &[&str]) -> Setup {
-    let env = test_env(prefix).await;
+    setup_in(test_env(prefix).await, endpoint_spec, extra).await
+}
+
+/// [`setup_with`] in an environment the test prepared (Secrets the endpoint names).
+pub(crate) async fn setup_in(env: TestEnv, endpoint_spec: Value, extra: &[&str]) -> Setup {
     let sandbox = sandbox().await;
     let consumer = Consumer::start().await;
     credentials(&env).await;

@@ -15,12 +15,14 @@ mod health_scripts;
 mod isolation;
 mod key_race;
 mod operator_run;
+mod pace;
 mod plugin;
 mod powercut;
 mod routes_race;
 mod scaleout;
 mod subscription_sync;
 mod through_binary;
+mod tls;
 
 #[path = "../common/nats.rs"]
 mod nats;

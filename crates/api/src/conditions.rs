@@ -72,4 +72,10 @@ pub mod reasons {
     pub const INGRESS_TOKEN_INVALID: &str = "IngressTokenInvalid";
     /// A signing secret is not a Standard Webhooks secret (`whsec_` + base64).
     pub const SIGNING_SECRET_INVALID: &str = "SigningSecretInvalid";
+    /// The TLS handshake with an `https` destination fails: its certificate is not
+    /// trusted (`spec.destination.tls.caSecretRef`), or it refused the client certificate.
+    pub const TLS_HANDSHAKE_FAILED: &str = "TLSHandshakeFailed";
+    /// `spec.destination.tls` names PEM that does not parse (a CA bundle without a
+    /// certificate, a key that does not match its certificate).
+    pub const TLS_CONFIG_INVALID: &str = "TLSConfigInvalid";
 }

@@ -123,6 +123,27 @@ pub struct EndpointConfig {
     pub filter: Option<Filter>,
     /// `spec.dedupe`, compiled: the key that replaces the provider's id at ingress.
     pub dedupe: Option<crate::ingress::DedupeKey>,
+    /// `spec.destination.tls`, Secrets resolved; `None`: the platform's trust store and
+    /// no client certificate.
+    pub tls: Option<DestinationTls>,
+}
+
+/// TLS to an `https` destination, as PEM. Secret: redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DestinationTls {
+    /// CA certificates that verify the destination, instead of the platform's trust store.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain and its private key, presented when the destination asks.
+    pub client_cert_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for DestinationTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_cert", &self.client_cert_pem.is_some())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for EndpointConfig {
@@ -148,6 +169,7 @@ impl std::fmt::Debug for EndpointConfig {
             .field("format", &self.format)
             .field("filter", &self.filter)
             .field("dedupe", &self.dedupe)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -175,4 +197,7 @@ pub enum EndpointConfigError {
     InvalidHeaderValue(String),
     #[error("at least one signing secret is required")]
     NoSigningSecret,
+    /// The message names what is wrong, never the material.
+    #[error("destination.tls: {0}")]
+    InvalidTls(String),
 }

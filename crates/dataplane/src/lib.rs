@@ -25,7 +25,8 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 
 pub use config::{
-    DataPlaneConfig, EndpointConfig, EndpointConfigError, RateLimit, SubscriptionRoute,
+    DataPlaneConfig, DestinationTls, EndpointConfig, EndpointConfigError, RateLimit,
+    SubscriptionRoute,
 };
 
 pub use crate::health::EndpointHealth;
@@ -228,6 +229,17 @@ impl DataPlane {
             v.set_sensitive(true);
             headers.append(n, v);
         }
+        let client = match &ep.tls {
+            Some(tls) => Some(
+                self.dispatcher
+                    .tls_client(&ep.key, tls)
+                    .map_err(EndpointConfigError::InvalidTls)?,
+            ),
+            None => {
+                self.dispatcher.drop_tls_client(&ep.key);
+                None
+            }
+        };
         let url = ep.destination.url();
         let origin = url
             .as_ref()
@@ -244,6 +256,7 @@ impl DataPlane {
             filter: ep.filter,
             headers,
             metrics: self.metrics.endpoint(&ep.key),
+            client,
         });
         Ok(())
     }

@@ -75,6 +75,7 @@ pub struct Metrics {
     failed: EpCounter,
     retries: EpCounter,
     dead_lettered: EpCounter,
+    in_flight_limit: Family<EndpointLabels, Gauge>,
     queue_depth: Family<StateLabels, Gauge>,
     subscription_synced: Family<SubscriptionLabels, Gauge>,
     dedupe_keys: Gauge,
@@ -103,6 +104,8 @@ pub struct EndpointMetrics {
     pub failed: Counter,
     pub retries: Counter,
     pub dead_lettered: Counter,
+    /// The adaptive in-flight limit now (see `delivery::pace`).
+    pub in_flight_limit: Gauge,
     /// Ingest to delivered, seconds.
     pub latency: Histogram,
 }
@@ -131,6 +134,7 @@ impl Metrics {
             failed: Family::default(),
             retries: Family::default(),
             dead_lettered: Family::default(),
+            in_flight_limit: Family::default(),
             queue_depth: Family::default(),
             subscription_synced: Family::default(),
             dedupe_keys: Gauge::default(),
@@ -210,6 +214,11 @@ impl Metrics {
             m.dead_lettered.clone(),
         );
         r.register(
+            "delivery_in_flight_limit",
+            "Deliveries the endpoint may have in flight now: maxInFlight, or less while adaptive concurrency holds back",
+            m.in_flight_limit.clone(),
+        );
+        r.register(
             "queue_depth",
             "Events in the queue, by state",
             m.queue_depth.clone(),
@@ -284,6 +293,7 @@ impl Metrics {
             failed: self.failed.get_or_create(&l).clone(),
             retries: self.retries.get_or_create(&l).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&l).clone(),
+            in_flight_limit: self.in_flight_limit.get_or_create(&l).clone(),
             latency: self.latency.get_or_create(&l).clone(),
         }
     }
@@ -310,6 +320,7 @@ impl Metrics {
             f.remove(&l);
         }
         self.latency.remove(&l);
+        self.in_flight_limit.remove(&l);
     }
 
     /// Ingress requests being handled now.

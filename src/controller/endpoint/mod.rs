@@ -110,6 +110,7 @@ pub fn reads_secret(ep: &WebhookEndpoint, name: &str) -> bool {
             .headers
             .iter()
             .any(|h| h.secret_key_ref.name == name)
+        || ep.spec.tls_secret_names().any(|n| n == name)
 }
 
 /// What a subscription's pass reads of its endpoint, as one value that moves only when

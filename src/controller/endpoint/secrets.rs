@@ -50,7 +50,8 @@ pub async fn read(ep: &WebhookEndpoint, ctx: &Context) -> Result<SecretsRead, Er
         .filter(|_| owned.is_some())
         .map(|r| &r.name)
         .into_iter()
-        .chain(ep.spec.headers.iter().map(|h| &h.secret_key_ref.name));
+        .chain(ep.spec.headers.iter().map(|h| &h.secret_key_ref.name))
+        .chain(ep.spec.tls_secret_names());
     for name in referenced {
         fetched.read_referenced(&ctx.secrets, &ns, name).await;
     }

@@ -1,6 +1,6 @@
 //! The HTTP client deliveries go out on: hyper's pooled client over a connector that
 //! resolves names through the address policy, speaks TLS for `https` (the platform's
-//! trust store) and, with `proxyFromEnv`, goes through the HTTP proxy that `HTTP_PROXY`,
+//! trust store, or an endpoint's own CA and client certificate: [`DestinationTls`]) and, with `proxyFromEnv`, goes through the HTTP proxy that `HTTP_PROXY`,
 //! `HTTPS_PROXY` and `NO_PROXY` name. It follows no redirect: a redirect could lead past
 //! the destination guard.
 //!
@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tower::Service;
 
 use super::AddressPolicy;
+use crate::config::DestinationTls;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -47,6 +48,8 @@ pub(crate) enum SendError {
     Timeout,
     Connect,
     Request,
+    /// The TLS handshake failed (or the destination ended it with an alert): what about.
+    Tls(&'static str),
 }
 
 impl SendError {
@@ -55,7 +58,99 @@ impl SendError {
             SendError::Timeout => "timeout",
             SendError::Connect => "connection failed",
             SendError::Request => "request failed",
+            SendError::Tls(why) => why,
         }
+    }
+}
+
+/// The TLS failure somewhere in `e`'s chain of sources, if there is one. Each reason
+/// starts with [`crate::health::TLS_FAILURE`].
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<SendError> {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as R};
+    let mut next = Some(e);
+    while let Some(e) = next {
+        // An `io::Error`'s `source()` skips the error it wraps (hyper-rustls wraps
+        // tokio-rustls's, which wraps rustls's): step into it instead.
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+        if let Some(r) = e.downcast_ref::<R>() {
+            return Some(SendError::Tls(match r {
+                R::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+                    "TLS handshake failed: the destination's certificate is not signed by a trusted CA"
+                }
+                R::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+                    "TLS handshake failed: the destination's certificate is not valid for its host name"
+                }
+                R::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+                    "TLS handshake failed: the destination's certificate has expired"
+                }
+                R::InvalidCertificate(_) => {
+                    "TLS handshake failed: the destination's certificate is not valid"
+                }
+                R::AlertReceived(
+                    A::CertificateRequired
+                    | A::BadCertificate
+                    | A::UnknownCA
+                    | A::CertificateUnknown
+                    | A::UnsupportedCertificate
+                    | A::CertificateExpired
+                    | A::AccessDenied,
+                ) => "TLS handshake failed: the destination refused the client certificate",
+                R::AlertReceived(_) => "TLS handshake failed: the destination sent an alert",
+                _ => "TLS handshake failed",
+            }));
+        }
+    }
+    None
+}
+
+/// The rustls configuration of `tls`: its CA (else the platform's trust store) and its
+/// client certificate. Errors name what is wrong, never the material.
+pub(crate) fn client_tls_config(tls: &DestinationTls) -> Result<rustls::ClientConfig, String> {
+    use hyper_rustls::ConfigBuilderExt;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match &tls.ca_pem {
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|_| "the CA bundle is not valid PEM".to_string())?;
+                roots
+                    .add(cert)
+                    .map_err(|_| "the CA bundle holds a certificate that does not parse")?;
+            }
+            if roots.is_empty() {
+                return Err("the CA bundle holds no certificate".into());
+            }
+            builder.with_root_certificates(roots)
+        }
+        None => builder
+            .try_with_platform_verifier()
+            .map_err(|e| format!("the platform's trust store: {e}"))?,
+    };
+    match &tls.client_cert_pem {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| "tls.crt is not valid PEM".to_string())?;
+            if chain.is_empty() {
+                return Err("tls.crt holds no certificate".into());
+            }
+            let key = PrivateKeyDer::from_pem_slice(key)
+                .map_err(|_| "tls.key holds no PEM private key".to_string())?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|_| "tls.key does not fit tls.crt, or its kind is not supported".into())
+        }
+        None => Ok(builder.with_no_client_auth()),
     }
 }
 
@@ -75,10 +170,14 @@ impl DeliveryClient {
     /// `proxy` decides which destinations go through which proxy
     /// ([`Matcher::from_env`] for `proxyFromEnv`); a proxy connects for us, past the
     /// address policy.
+    ///
+    /// `tls`: an endpoint's own TLS settings ([`client_tls_config`]); `None`: the
+    /// platform's trust store, no client certificate.
     pub fn new(
         policy: AddressPolicy,
         overrides: Vec<(String, SocketAddr)>,
         proxy: Option<Matcher>,
+        tls: Option<rustls::ClientConfig>,
     ) -> anyhow::Result<Self> {
         let proxy = proxy.map(Arc::new);
         let mut direct = HttpConnector::new_with_resolver(GuardedResolver {
@@ -93,11 +192,14 @@ impl DeliveryClient {
             to_proxy,
             proxy: proxy.clone(),
         };
-        let tls = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_platform_verifier(rustls::crypto::ring::default_provider())?
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(dialer);
+        let tls = match tls {
+            Some(config) => hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config),
+            None => hyper_rustls::HttpsConnectorBuilder::new()
+                .with_provider_and_platform_verifier(rustls::crypto::ring::default_provider())?,
+        }
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(dialer);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -133,7 +235,9 @@ impl DeliveryClient {
         *request.headers_mut() = headers;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
-                if e.is_connect() {
+                if let Some(tls) = tls_failure(&e) {
+                    tls
+                } else if e.is_connect() {
                     SendError::Connect
                 } else {
                     SendError::Request
@@ -324,6 +428,82 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    /// An error as hyper's client gives it: its own, with the connector's below.
+    #[derive(Debug)]
+    struct Outer(Box<dyn std::error::Error + Send + Sync>);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    /// hyper-rustls wraps tokio-rustls's `io::Error`, which wraps rustls's error.
+    fn as_connector_gives(e: rustls::Error) -> Outer {
+        let tokio_rustls = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        Outer(Box::new(std::io::Error::other(tokio_rustls)))
+    }
+
+    #[test]
+    fn tls_failures_are_found_under_the_wrappers_and_named() {
+        use rustls::{AlertDescription as A, CertificateError as C, Error as R};
+        let cases = [
+            (
+                R::InvalidCertificate(C::UnknownIssuer),
+                "the destination's certificate is not signed by a trusted CA",
+            ),
+            (
+                R::InvalidCertificate(C::NotValidForName),
+                "the destination's certificate is not valid for its host name",
+            ),
+            (
+                R::AlertReceived(A::CertificateRequired),
+                "the destination refused the client certificate",
+            ),
+            (
+                R::AlertReceived(A::UnknownCA),
+                "the destination refused the client certificate",
+            ),
+        ];
+        for (e, why) in cases {
+            let reason = tls_failure(&as_connector_gives(e))
+                .expect("a TLS failure")
+                .reason();
+            assert!(reason.starts_with(crate::health::TLS_FAILURE), "{reason}");
+            assert!(reason.ends_with(why), "{reason}");
+        }
+        let refused = Outer(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert_eq!(tls_failure(&refused), None);
+    }
+
+    #[test]
+    fn tls_settings_that_do_not_parse_are_named_without_the_material() {
+        let none = DestinationTls {
+            ca_pem: Some(b"not pem".to_vec()),
+            client_cert_pem: None,
+        };
+        assert_eq!(
+            client_tls_config(&none).unwrap_err(),
+            "the CA bundle holds no certificate"
+        );
+        let bad_key = DestinationTls {
+            ca_pem: None,
+            client_cert_pem: Some((
+                b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_vec(),
+                b"secret-ish".to_vec(),
+            )),
+        };
+        let e = client_tls_config(&bad_key).unwrap_err();
+        assert!(!e.contains("secret-ish"), "{e}");
+        assert!(e.contains("tls.key") || e.contains("tls.crt"), "{e}");
+    }
+
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
     /// A loopback server that answers each request on a connection with `answer` and
@@ -379,7 +559,7 @@ mod tests {
     }
 
     fn client(policy: AddressPolicy, overrides: Vec<(String, SocketAddr)>) -> DeliveryClient {
-        DeliveryClient::new(policy, overrides, None).unwrap()
+        DeliveryClient::new(policy, overrides, None, None).unwrap()
     }
 
     fn uri(s: &str) -> Uri {
@@ -521,7 +701,7 @@ mod tests {
             .all(format!("http://user:pa55@{proxy}"))
             .no("skipped.example.test")
             .build();
-        DeliveryClient::new(AddressPolicy::default(), Vec::new(), Some(matcher)).unwrap()
+        DeliveryClient::new(AddressPolicy::default(), Vec::new(), Some(matcher), None).unwrap()
     }
 
     #[tokio::test]

@@ -9,9 +9,10 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use super::client::DeliveryClient;
+use super::client::{DeliveryClient, client_tls_config};
 use super::worker::{self, EndpointRuntime, Shared};
 use super::{Breaker, Resolver};
+use crate::config::DestinationTls;
 use crate::health::HealthRegistry;
 use crate::queue::{EndpointKey, Queue};
 
@@ -23,6 +24,9 @@ pub(crate) struct Dispatcher {
     /// Per endpoint and destination origin: one endpoint's failures never stop another's
     /// deliveries, even behind the same gateway; a new destination starts closed.
     breakers: Mutex<HashMap<EndpointKey, (String, Arc<Breaker>)>>,
+    /// The clients of endpoints with their own TLS settings, by the settings they use.
+    tls_clients: Mutex<HashMap<EndpointKey, (DestinationTls, DeliveryClient)>>,
+    proxy_from_env: bool,
     breaker_threshold: u32,
     breaker_cooldown: Duration,
     changed: Notify,
@@ -52,6 +56,7 @@ impl Dispatcher {
             s.resolver.https_overrides(),
             s.proxy_from_env
                 .then(hyper_util::client::proxy::matcher::Matcher::from_env),
+            None,
         )?;
         Ok(Self {
             shared: Arc::new(Shared {
@@ -64,6 +69,8 @@ impl Dispatcher {
             }),
             endpoints: Mutex::default(),
             breakers: Mutex::default(),
+            tls_clients: Mutex::default(),
+            proxy_from_env: s.proxy_from_env,
             breaker_threshold: s.breaker_threshold,
             breaker_cooldown: s.breaker_cooldown,
             changed: Notify::new(),
@@ -85,6 +92,40 @@ impl Dispatcher {
         }
     }
 
+    /// The client of `endpoint` with its own TLS settings: kept (with its pooled
+    /// connections) while they stay the same, new when they change (a Secret rotated).
+    /// The error names what is wrong with the settings, never the material.
+    pub fn tls_client(
+        &self,
+        endpoint: &EndpointKey,
+        tls: &DestinationTls,
+    ) -> Result<DeliveryClient, String> {
+        let mut clients = self.tls_clients.lock().expect("tls clients lock");
+        if let Some((used, client)) = clients.get(endpoint)
+            && used == tls
+        {
+            return Ok(client.clone());
+        }
+        let client = DeliveryClient::new(
+            self.shared.resolver.policy(),
+            self.shared.resolver.https_overrides(),
+            self.proxy_from_env
+                .then(hyper_util::client::proxy::matcher::Matcher::from_env),
+            Some(client_tls_config(tls)?),
+        )
+        .map_err(|e| e.to_string())?;
+        clients.insert(endpoint.clone(), (tls.clone(), client.clone()));
+        Ok(client)
+    }
+
+    /// Forgets the TLS client of an endpoint that no longer has TLS settings.
+    pub fn drop_tls_client(&self, endpoint: &EndpointKey) {
+        self.tls_clients
+            .lock()
+            .expect("tls clients lock")
+            .remove(endpoint);
+    }
+
     pub fn upsert(&self, rt: EndpointRuntime) {
         let key = rt.key.clone();
         let rt = Arc::new(rt);
@@ -102,6 +143,7 @@ impl Dispatcher {
 
     pub fn remove(&self, key: &EndpointKey) {
         self.breakers.lock().expect("breakers lock").remove(key);
+        self.drop_tls_client(key);
         if let Some(tx) = self.endpoints.lock().expect("endpoints lock").remove(key) {
             tx.send_replace(None);
         }

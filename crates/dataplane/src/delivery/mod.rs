@@ -9,6 +9,7 @@ mod client;
 mod destination;
 mod envelope;
 pub mod filter;
+mod pace;
 mod policy;
 mod signing;
 
@@ -16,7 +17,7 @@ pub use address_policy::AddressPolicy;
 pub use breaker::{Admission, Breaker};
 pub use destination::{Destination, DestinationError, Resolver, is_dns_label};
 pub use envelope::DeliveryFormat;
-pub use policy::{Backoff, Policy, parse_retry_after};
+pub use policy::{Backoff, Policy, RETRY_AFTER_CAP, parse_retry_after};
 pub use signing::{SecretError, SigningSecret, signature_header, verify as verify_signature};
 
 mod dispatcher;

@@ -27,6 +27,9 @@ pub struct Policy {
     /// Older events are dead-lettered instead of retried.
     pub max_age: Duration,
     pub max_in_flight: u32,
+    /// Adapt the requests in flight to the destination's answers, within `max_in_flight`
+    /// (see `pace`); off: always `max_in_flight`.
+    pub adaptive_concurrency: bool,
     /// 0: unlimited.
     pub rate_per_second: u32,
     pub dead_letter_retention: Duration,
@@ -44,6 +47,7 @@ impl Default for Policy {
             max_delay: Duration::from_secs(300),
             max_age: Duration::from_secs(24 * 3600),
             max_in_flight: 16,
+            adaptive_concurrency: true,
             rate_per_second: 0,
             dead_letter_retention: Duration::from_secs(168 * 3600),
         }
@@ -53,7 +57,8 @@ impl Default for Policy {
 impl Policy {
     /// Delay before the next attempt after `failed_attempts` failures (≥ 1): the backoff
     /// shape, ±20 % jitter so that retries of a burst spread out, capped at `max_delay`.
-    /// A destination's `Retry-After` lengthens it, but never past `max_delay`.
+    /// A destination's `Retry-After` (on `429`/`503`) sets it instead, whether shorter or
+    /// longer, capped at [`RETRY_AFTER_CAP`].
     pub fn retry_delay(
         &self,
         failed_attempts: u32,
@@ -72,11 +77,15 @@ impl Policy {
             .mul_f64(rng.random_range(0.8..=1.2))
             .min(self.max_delay);
         match retry_after {
-            Some(ra) => jittered.max(ra.min(self.max_delay)),
+            Some(ra) => ra.min(RETRY_AFTER_CAP),
             None => jittered,
         }
     }
 }
+
+/// The longest a destination's `Retry-After` may hold an event back (a longer one, or an
+/// HTTP date further away, waits this long).
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(600);
 
 /// Reads `Retry-After`: delay-seconds or an HTTP date.
 pub fn parse_retry_after(value: &str, now: jiff::Timestamp) -> Option<Duration> {
@@ -130,15 +139,33 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_honoured_within_max_delay() {
+    fn retry_after_sets_the_delay_capped_at_ten_minutes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let p = policy(Backoff::Exponential);
+        // Longer than the backoff, and longer than maxDelay (60 s): the consumer's word.
         let d = p.retry_delay(1, Some(Duration::from_secs(30)), &mut rng);
         assert_eq!(d, Duration::from_secs(30));
+        let d = p.retry_delay(1, Some(Duration::from_secs(120)), &mut rng);
+        assert_eq!(d, Duration::from_secs(120));
+        // Past the cap: the cap.
         let d = p.retry_delay(1, Some(Duration::from_secs(3600)), &mut rng);
-        assert_eq!(d, Duration::from_secs(60));
+        assert_eq!(d, RETRY_AFTER_CAP);
+        assert_eq!(RETRY_AFTER_CAP, Duration::from_secs(600));
+        // Shorter than the backoff (4 s ± 20 % at the third failure): sooner.
+        let d = p.retry_delay(3, Some(Duration::from_secs(1)), &mut rng);
+        assert_eq!(d, Duration::from_secs(1));
         let d = p.retry_delay(3, Some(Duration::ZERO), &mut rng);
-        assert!(d >= Duration::from_millis(3200));
+        assert_eq!(d, Duration::ZERO);
+    }
+
+    #[test]
+    fn an_http_date_past_the_cap_waits_the_cap() {
+        let now = jiff::Timestamp::from_second(784_111_777).unwrap(); // Sun, 06 Nov 1994 08:49:37 GMT
+        let ra = parse_retry_after("Sun, 06 Nov 1994 10:49:37 GMT", now);
+        assert_eq!(ra, Some(Duration::from_secs(7200)));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let d = policy(Backoff::Linear).retry_delay(1, ra, &mut rng);
+        assert_eq!(d, RETRY_AFTER_CAP);
     }
 
     #[test]
@@ -156,6 +183,10 @@ mod tests {
             parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
             Some(Duration::ZERO)
         );
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(parse_retry_after("1.5", now), None);
+        assert_eq!(parse_retry_after("", now), None);
     }
 }

@@ -1,7 +1,7 @@
 //! One worker task per configured endpoint: decides how many events may go now (destination
-//! allowed, breaker, `maxInFlight`, `ratePerSecond`), leases that many and runs one attempt
-//! task per event. Attempt outcomes go to the queue (ack / retry / dead letter), the
-//! breaker, health and metrics.
+//! allowed, breaker, the consumer's pace within `maxInFlight`, `ratePerSecond`), leases that
+//! many and runs one attempt task per event. Attempt outcomes go to the queue (ack / retry /
+//! dead letter), the breaker, the pace, health and metrics.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +12,7 @@ use tokio::sync::{Notify, watch};
 use url::Url;
 
 use super::envelope::DeliveryFormat;
+use super::pace::{Pace, Signal};
 use super::{Admission, Breaker, DestinationError, Policy, SigningSecret};
 use crate::health::Outcome;
 use crate::metrics::EndpointMetrics;
@@ -38,6 +39,8 @@ pub(crate) struct EndpointRuntime {
     pub filter: Option<super::filter::Filter>,
     pub metrics: EndpointMetrics,
     pub breaker: Arc<Breaker>,
+    /// The endpoint's own client when it has TLS settings; `None`: the shared one.
+    pub client: Option<super::client::DeliveryClient>,
 }
 
 /// How often an allowed destination is resolved and checked again.
@@ -126,6 +129,7 @@ pub(crate) async fn run(
 ) {
     let attempts = Arc::new(Attempts::default());
     let mut checked: Checked = None;
+    let mut pace: Option<Arc<Pace>> = None;
     let mut bucket = Bucket {
         tokens: 0.0,
         last: Instant::now(),
@@ -162,8 +166,11 @@ pub(crate) async fn run(
         let url = url.clone();
 
         shared.health.set_breaker_open(&key, rt.breaker.is_open());
+        let pace = pace_for(&mut pace, &rt.policy);
+        let limit = pace.limit();
+        rt.metrics.in_flight_limit.set(limit as i64);
         let busy = attempts.requests.load(Ordering::Acquire);
-        let (room, probe) = match lease_room(&rt, busy, &mut bucket) {
+        let (room, probe) = match lease_room(&rt, limit, busy, &mut bucket) {
             Ok(room) => room,
             Err(wait) => {
                 if !idle!(wait) {
@@ -191,11 +198,27 @@ pub(crate) async fn run(
         bucket.take(rt.policy.rate_per_second, events.len());
         for ev in events {
             let guard = InFlight::start(&attempts);
-            tokio::spawn(attempt(shared.clone(), rt.clone(), url.clone(), ev, guard));
+            let run = (rt.clone(), pace.clone());
+            tokio::spawn(attempt(shared.clone(), run, url.clone(), ev, guard));
         }
     }
 
     drain(&shared, &attempts).await;
+}
+
+/// The endpoint's pace: kept across configuration changes that keep `maxInFlight` and
+/// `adaptiveConcurrency`, new otherwise.
+fn pace_for(pace: &mut Option<Arc<Pace>>, policy: &Policy) -> Arc<Pace> {
+    let fits = pace
+        .as_ref()
+        .is_some_and(|p| p.fits(policy.max_in_flight, policy.adaptive_concurrency));
+    if !fits {
+        *pace = Some(Arc::new(Pace::new(
+            policy.max_in_flight,
+            policy.adaptive_concurrency,
+        )));
+    }
+    pace.clone().expect("set above")
 }
 
 /// Lets attempts under way finish (their outcome is stored); anything else is safe in
@@ -208,13 +231,14 @@ async fn drain(shared: &Shared, attempts: &Attempts) {
 }
 
 /// How many events to lease now, and whether the lease is the breaker's probe; or how
-/// long to wait before there is room (the breaker, `max_in_flight`, the rate).
+/// long to wait before there is room (the breaker, the in-flight `limit`, the rate).
 fn lease_room(
     rt: &EndpointRuntime,
+    limit: usize,
     busy: usize,
     bucket: &mut Bucket,
 ) -> Result<(usize, bool), Duration> {
-    let (room, probe) = breaker_room(rt, busy)?;
+    let (room, probe) = breaker_room(rt, limit, busy)?;
     if room == 0 {
         return Err(Duration::from_secs(1));
     }
@@ -274,12 +298,13 @@ async fn check_destination(
 
 /// How many events the breaker lets out now, and whether as its one probe; or how long
 /// to wait.
-fn breaker_room(rt: &EndpointRuntime, busy: usize) -> Result<(usize, bool), Duration> {
+fn breaker_room(
+    rt: &EndpointRuntime,
+    limit: usize,
+    busy: usize,
+) -> Result<(usize, bool), Duration> {
     match rt.breaker.admit(Instant::now()) {
-        Admission::Open => Ok((
-            (rt.policy.max_in_flight as usize).saturating_sub(busy),
-            false,
-        )),
+        Admission::Open => Ok((limit.saturating_sub(busy), false)),
         Admission::Probe if busy == 0 => Ok((1, true)),
         Admission::Probe => {
             rt.breaker.abandon_probe();
@@ -292,9 +317,16 @@ fn breaker_room(rt: &EndpointRuntime, busy: usize) -> Result<(usize, bool), Dura
 /// A failed attempt.
 struct Failure {
     error: String,
+    /// The destination's `Retry-After`, on a `429` or `503` only.
     retry_after: Option<Duration>,
     /// The destination refused this event itself (see [`refuses_this_event`]).
     permanent: bool,
+}
+
+/// Answers that ask for fewer requests: they lower the pace, and their `Retry-After` sets
+/// the next attempt.
+fn asks_to_slow_down(status: http::StatusCode) -> bool {
+    status == http::StatusCode::TOO_MANY_REQUESTS || status == http::StatusCode::SERVICE_UNAVAILABLE
 }
 
 /// Answers that refuse the event, not the moment: sending the same bytes again gets the
@@ -316,7 +348,7 @@ fn refuses_this_event(status: http::StatusCode) -> bool {
 
 async fn attempt(
     shared: Arc<Shared>,
-    rt: Arc<EndpointRuntime>,
+    (rt, pace): (Arc<EndpointRuntime>, Arc<Pace>),
     url: Uri,
     ev: QueuedEvent,
     mut in_flight: InFlight,
@@ -335,11 +367,23 @@ async fn attempt(
     let sent_at = span.as_ref().map(|_| SystemTime::now());
     let headers =
         super::envelope::headers(rt.format, &rt.headers, &rt.secrets, &ev, ts, &traceparent);
-    let response = shared
+    let sent = Instant::now();
+    let response = rt
         .client
+        .as_ref()
+        .unwrap_or(&shared.client)
         .post(url, headers, ev.payload.clone(), rt.policy.timeout)
         .await;
+    let answered = Instant::now();
     let status = response.as_ref().ok().map(|r| r.status.as_u16());
+    let signal = match &response {
+        Ok(r) if asks_to_slow_down(r.status) => Signal::Overloaded,
+        Ok(_) => Signal::Answered(answered - sent),
+        Err(_) => Signal::Nothing,
+    };
+    if pace.on_answer(sent, signal, answered) {
+        tracing::debug!(endpoint = %rt.key, limit = pace.limit(), "in-flight limit lowered");
+    }
     let failure = match response {
         Ok(answer) => failure_of(answer.status, &answer.headers),
         Err(e) => Some(Failure {
@@ -350,10 +394,12 @@ async fn attempt(
     };
     in_flight.answered();
     let now = SystemTime::now();
-    // The destination is up when it answers, even when it refuses this one event: no
-    // reason to hold back the others.
+    // The destination is up when it answers, even when it refuses this one event or asks
+    // for a slower pace (the pace and `Retry-After` answer that): no reason to hold back
+    // the others.
+    let throttled = status == Some(http::StatusCode::TOO_MANY_REQUESTS.as_u16());
     match &failure {
-        Some(f) if !f.permanent => {
+        Some(f) if !f.permanent && !throttled => {
             rt.breaker.on_failure(Instant::now());
         }
         _ => rt.breaker.on_success(),
@@ -377,6 +423,7 @@ fn failure_of(status: http::StatusCode, headers: &HeaderMap) -> Option<Failure> 
     }
     let retry_after = headers
         .get(http::header::RETRY_AFTER)
+        .filter(|_| asks_to_slow_down(status))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| super::parse_retry_after(v, jiff::Timestamp::now()));
     Some(Failure {

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-pub use verdict::{HealthThresholds, Verdict, VerdictInput, reasons, verdict};
+pub use verdict::{HealthThresholds, TLS_FAILURE, Verdict, VerdictInput, reasons, verdict};
 
 use crate::queue::EndpointKey;
 

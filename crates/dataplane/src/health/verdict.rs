@@ -11,7 +11,13 @@ pub mod reasons {
     pub const BACKLOGGED: &str = "Backlogged";
     pub const DESTINATION_UNRESOLVABLE: &str = "DestinationUnresolvable";
     pub const DESTINATION_FORBIDDEN: &str = "DestinationForbidden";
+    /// Failing, and the last failure was a TLS handshake (its error starts with
+    /// [`super::TLS_FAILURE`]).
+    pub const TLS_HANDSHAKE_FAILED: &str = "TLSHandshakeFailed";
 }
+
+/// How every TLS failure of a delivery attempt begins (the delivery client's errors).
+pub const TLS_FAILURE: &str = "TLS handshake failed";
 
 /// What the verdict is computed from.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -79,9 +85,17 @@ pub fn verdict(i: &VerdictInput, t: &HealthThresholds) -> Verdict {
         } else {
             ""
         };
+        let tls = i
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(TLS_FAILURE));
         return Verdict {
             healthy: false,
-            reason: reasons::DELIVERY_FAILING,
+            reason: if tls {
+                reasons::TLS_HANDSHAKE_FAILED
+            } else {
+                reasons::DELIVERY_FAILING
+            },
             message: format!(
                 "{} consecutive failed attempts{breaker}{last}",
                 i.consecutive_failures

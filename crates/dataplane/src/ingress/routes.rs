@@ -302,6 +302,7 @@ mod tests {
             format: Default::default(),
             filter: None,
             dedupe: None,
+            tls: None,
         }
     }
 
