@@ -206,6 +206,7 @@ pub fn endpoint_delivery(
                     .as_deref()
                     .map(crate::delivery::filter::Filter::compile)
                     .transpose(),
+                dedupe: ep.spec.dedupe.as_ref().map(dedupe_key).transpose(),
                 tls,
             })
         }
@@ -285,6 +286,17 @@ pub fn verification_keys(
         header_name: signature_header,
         signature_encoding,
     })
+}
+
+/// `spec.dedupe`, compiled; `Err` names the field at fault.
+fn dedupe_key(d: &crate::api::endpoint::Dedupe) -> Result<crate::ingress::DedupeKey, String> {
+    let window = d
+        .window
+        .as_deref()
+        .map(crate::api::duration::parse_go_duration)
+        .transpose()
+        .map_err(|e| format!("window: {e}"))?;
+    crate::ingress::DedupeKey::compile(&d.key, window).map_err(|e| format!("key: {e}"))
 }
 
 #[cfg(test)]

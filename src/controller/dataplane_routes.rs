@@ -124,11 +124,8 @@ impl IngressRoutes for std::sync::Arc<DataPlane> {
                     .clone()
                     .map_err(|e| (reasons::FILTER_INVALID, format!("spec.filter: {e}")))?,
                 dedupe: ep
-                    .spec
                     .dedupe
-                    .as_ref()
-                    .map(super::endpoint::dedupe_key)
-                    .transpose()
+                    .clone()
                     .map_err(|e| (reasons::DEDUPE_INVALID, format!("spec.dedupe: {e}")))?,
                 tls: ep.tls.clone(),
             },

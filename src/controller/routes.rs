@@ -112,6 +112,8 @@ pub struct EndpointDelivery {
     /// `spec.filter`, compiled once by the build: `Err` is why it does not compile (the
     /// endpoint is then not configured).
     pub filter: Result<Option<crate::delivery::filter::Filter>, String>,
+    /// `spec.dedupe`, compiled once by the build: `Err` names the field at fault.
+    pub dedupe: Result<Option<crate::ingress::DedupeKey>, String>,
     /// `spec.destination.tls`, its Secrets read.
     pub tls: Option<crate::dataplane::DestinationTls>,
 }

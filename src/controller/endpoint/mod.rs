@@ -26,7 +26,6 @@ pub use problem::EndpointProblem;
 pub use replay::replay_filter;
 pub use rotation::rotation_overlap;
 pub use status::{ingress_url, next_status, secret_hash};
-pub use validate::dedupe_key;
 
 pub const FINALIZER: &str = "hooks.webhook-operator.dev/delivery";
 pub use crate::api::{

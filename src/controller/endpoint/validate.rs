@@ -1,6 +1,6 @@
 //! Step 3: everything that decides whether the endpoint can be delivered, in one place:
 //! tenant isolation of the destination, the build of the delivery settings from the
-//! Secrets, `spec.filter` and `spec.dedupe`.
+//! Secrets, and `spec.filter` and `spec.dedupe` as the build compiled them.
 
 use kube::ResourceExt;
 
@@ -25,17 +25,6 @@ pub struct Validated {
     pub signing_secret: Option<Vec<u8>>,
 }
 
-/// `spec.dedupe`, compiled; `Err` names the field at fault.
-pub fn dedupe_key(d: &crate::api::endpoint::Dedupe) -> Result<crate::ingress::DedupeKey, String> {
-    let window = d
-        .window
-        .as_deref()
-        .map(crate::api::duration::parse_go_duration)
-        .transpose()
-        .map_err(|e| format!("window: {e}"))?;
-    crate::ingress::DedupeKey::compile(&d.key, window).map_err(|e| format!("key: {e}"))
-}
-
 pub fn validate(ep: &WebhookEndpoint, ctx: &Context, rotated: &Rotated) -> Validated {
     let fetched = &rotated.fetched;
     let mut problems = Vec::new();
@@ -56,13 +45,13 @@ pub fn validate(ep: &WebhookEndpoint, ctx: &Context, rotated: &Rotated) -> Valid
             problems.extend(p.into_iter().map(|(r, m)| EndpointProblem::Build(r, m)));
         })
         .ok();
-    // The build compiled `spec.filter`. Without a build the endpoint is not Ready for
-    // the build's first problem already, whatever the filter.
+    // The build compiled `spec.filter` and `spec.dedupe`. Without a build the endpoint is
+    // not Ready for the build's first problem already, whatever the expressions.
     if let Some(Err(e)) = delivery.as_ref().map(|d| &d.filter) {
         problems.push(EndpointProblem::FilterInvalid(e.clone()));
     }
-    if let Some(Err(e)) = ep.spec.dedupe.as_ref().map(dedupe_key) {
-        problems.push(EndpointProblem::DedupeInvalid(e));
+    if let Some(Err(e)) = delivery.as_ref().map(|d| &d.dedupe) {
+        problems.push(EndpointProblem::DedupeInvalid(e.clone()));
     }
     let token = fetched
         .owned(&ep.metadata, &ep.ingress_secret_name())
