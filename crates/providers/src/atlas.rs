@@ -4,18 +4,18 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use reqwest::{Method, RequestBuilder, Response};
+use reqwest::{Method, RequestBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::http::{self as phttp, USER_AGENT};
+use super::http as phttp;
 use super::inbound_util::require_json;
 use super::json_fields::{self, JsonObject};
-use super::{
+use crate::inbound::{InboundEvent, InboundRequest, MalformedEvent, Parsed, Rejection};
+use crate::model::{
     Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
     ProviderError, Scope, SyncAction, UpstreamState, classify,
 };
-use crate::inbound::{InboundEvent, InboundRequest, MalformedEvent, Parsed, Rejection};
 
 /// Where the list call is assumed to be (no Atlas document names it).
 pub const DEFAULT_LIST_PATH: &str = "/events-gateway/trigger/list";
@@ -77,33 +77,20 @@ fn extract_error(v: &serde_json::Value) -> Option<String> {
 }
 
 pub struct AtlasClient {
-    http: reqwest::Client,
-    base: String,
+    api: phttp::KeyedApi,
     list_path: String,
 }
 
 impl AtlasClient {
     pub fn new(endpoints: &ProviderEndpoints) -> Self {
         AtlasClient {
-            http: phttp::build_client(endpoints, USER_AGENT),
-            base: endpoints.atlas_base.trim_end_matches('/').to_string(),
+            api: phttp::KeyedApi::new(endpoints, &endpoints.atlas_base, extract_error),
             list_path: endpoints.atlas_list_path.clone(),
         }
     }
 
     fn request(&self, method: Method, path: &str, key: &str) -> RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base))
-            .header("api-key", key)
-    }
-
-    async fn send(
-        &self,
-        req: RequestBuilder,
-        what: &str,
-        creds: &Credentials,
-    ) -> Result<Response, ProviderError> {
-        phttp::send(req, what, creds, extract_error).await
+        self.api.request(method, path).header("api-key", key)
     }
 
     /// The campaign's subscriptions. The list call is an assumption: a 404, another
@@ -124,7 +111,7 @@ impl AtlasClient {
                 self.list_path
             ))
         };
-        match self.send(req, "atlas list", creds).await {
+        match self.api.send(req, "atlas list", creds).await {
             Ok(resp) => phttp::decode(resp, "atlas list").await.map_err(cannot),
             Err(e @ (ProviderError::NotFound(_) | ProviderError::Invalid(_))) => Err(cannot(e)),
             Err(e) => Err(e),
@@ -140,7 +127,7 @@ impl AtlasClient {
         let req = self
             .request(Method::POST, "/events-gateway/trigger/subscribe", key)
             .json(body);
-        let resp = self.send(req, "atlas subscribe", creds).await?;
+        let resp = self.api.send(req, "atlas subscribe", creds).await?;
         phttp::decode(resp, "atlas subscribe").await
     }
 
@@ -154,7 +141,7 @@ impl AtlasClient {
         let req = self
             .request(Method::DELETE, "/events-gateway/trigger/unsubscribe", key)
             .json(body);
-        match self.send(req, "atlas unsubscribe", creds).await {
+        match self.api.send(req, "atlas unsubscribe", creds).await {
             Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -164,7 +151,7 @@ impl AtlasClient {
 fn campaign_of(d: &DesiredSubscription) -> Result<&str, ProviderError> {
     match &d.scope {
         Scope::Atlas { campaign_id } if !campaign_id.is_empty() => Ok(campaign_id),
-        _ => Err(super::scope_mismatch(Provider::Atlas)),
+        _ => Err(crate::model::scope_mismatch(Provider::Atlas)),
     }
 }
 

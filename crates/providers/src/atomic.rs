@@ -14,11 +14,11 @@ use serde_json::value::RawValue;
 use super::http::{self as phttp, USER_AGENT};
 use super::inbound_util::{require_json, verify_signature};
 use super::json_fields::{self, JsonObject};
-use super::{
+use crate::inbound::{InboundEvent, InboundRequest, Rejection, VerificationKeys};
+use crate::model::{
     AtomicMethod, Credentials, DesiredSubscription, Observed, Provider, ProviderApi,
     ProviderEndpoints, ProviderError, Scope, SyncAction, UpstreamState, classify, method_str,
 };
-use crate::inbound::{InboundEvent, InboundRequest, Rejection, VerificationKeys};
 
 /// Signature header of deliveries.
 pub const SIGNATURE_HEADER: &str = "x-atomic-signature";
@@ -180,7 +180,7 @@ fn scope_of(d: &DesiredSubscription) -> Result<AtomicScope<'_>, ProviderError> {
                 method: *method,
             })
         }
-        _ => Err(super::scope_mismatch(Provider::Atomic)),
+        _ => Err(crate::model::scope_mismatch(Provider::Atomic)),
     }
 }
 

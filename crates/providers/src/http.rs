@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use reqwest::{Response, StatusCode};
+use reqwest::{RequestBuilder, Response, StatusCode};
 
-use super::{Credentials, ProviderEndpoints, ProviderError};
+use crate::model::{Credentials, ProviderEndpoints, ProviderError};
 
 /// Installs rustls' ring provider once per process. reqwest is built with
 /// `rustls-no-provider`, so a client cannot be built before this ran; a second install
@@ -101,6 +101,44 @@ pub(crate) async fn send(
         Ok(resp)
     } else {
         Err(error_from_response(resp, what, creds, &[], extract).await)
+    }
+}
+
+/// A provider's API at one base URL whose credential is one header (no token to
+/// refresh): builds requests under the base and sends them, reading an error answer with
+/// the provider's own `extract`. Each client adds its credential header.
+#[derive(Clone)]
+pub(crate) struct KeyedApi {
+    http: reqwest::Client,
+    base: String,
+    extract: fn(&serde_json::Value) -> Option<String>,
+}
+
+impl KeyedApi {
+    pub(crate) fn new(
+        endpoints: &ProviderEndpoints,
+        base: &str,
+        extract: fn(&serde_json::Value) -> Option<String>,
+    ) -> Self {
+        KeyedApi {
+            http: build_client(endpoints, USER_AGENT),
+            base: base.trim_end_matches('/').to_string(),
+            extract,
+        }
+    }
+
+    /// A request to `path` under the base, without credentials.
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base))
+    }
+
+    pub(crate) async fn send(
+        &self,
+        req: RequestBuilder,
+        what: &str,
+        creds: &Credentials,
+    ) -> Result<Response, ProviderError> {
+        send(req, what, creds, self.extract).await
     }
 }
 

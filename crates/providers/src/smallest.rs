@@ -6,19 +6,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use reqwest::{Method, RequestBuilder, Response};
+use reqwest::{Method, RequestBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::http::{self as phttp, USER_AGENT};
+use super::http as phttp;
 use super::inbound_util::{require_json, verify_signature};
 use super::json_fields::JsonObject;
 use super::list_rounds::ListRounds;
-use super::{
-    Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
-    ProviderError, Scope, SyncAction, UpstreamState, classify,
-};
 use crate::inbound::{
     InboundEvent, InboundRequest, Rejection, SignatureEncoding, VerificationKeys,
+};
+use crate::model::{
+    Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
+    ProviderError, Scope, SyncAction, UpstreamState, classify,
 };
 
 pub const SIGNATURE_HEADER: &str = "x-signature";
@@ -172,8 +172,7 @@ pub fn description_for(owner: &str) -> String {
 
 #[derive(Clone)]
 pub struct SmallestClient {
-    http: reqwest::Client,
-    base: String,
+    api: phttp::KeyedApi,
     /// `GET /webhook` lists the whole account: concurrent passes share one list.
     lists: Arc<ListRounds<Vec<Webhook>>>,
 }
@@ -193,7 +192,7 @@ fn scope_agents(d: &DesiredSubscription) -> Result<Vec<String>, ProviderError> {
             Ok(set.into_iter().collect())
         }
         Scope::Smallest { .. } => Err(ProviderError::Invalid("no agent ids".into())),
-        _ => Err(super::scope_mismatch(Provider::Smallest)),
+        _ => Err(crate::model::scope_mismatch(Provider::Smallest)),
     }
 }
 
@@ -244,30 +243,19 @@ fn observed(w: &Webhook, action: SyncAction) -> Observed {
 impl SmallestClient {
     pub fn new(endpoints: &ProviderEndpoints) -> Self {
         SmallestClient {
-            http: phttp::build_client(endpoints, USER_AGENT),
-            base: endpoints.smallest_base.trim_end_matches('/').to_string(),
+            api: phttp::KeyedApi::new(endpoints, &endpoints.smallest_base, extract_error),
             lists: Arc::default(),
         }
     }
 
     fn request(&self, method: Method, path: &str, key: &str) -> RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(key)
-    }
-
-    async fn send(
-        &self,
-        req: RequestBuilder,
-        what: &str,
-        creds: &Credentials,
-    ) -> Result<Response, ProviderError> {
-        phttp::send(req, what, creds, extract_error).await
+        self.api.request(method, path).bearer_auth(key)
     }
 
     async fn list(&self, creds: &Credentials) -> Result<Vec<Webhook>, ProviderError> {
         let key = creds.require_api_key()?;
         let resp = self
+            .api
             .send(
                 self.request(Method::GET, "/webhook", key),
                 "smallest list",
@@ -304,7 +292,7 @@ impl SmallestClient {
         let req = self
             .request(Method::GET, "/webhook", key)
             .query(&[("webhookId", id)]);
-        let resp = self.send(req, "smallest get", creds).await?;
+        let resp = self.api.send(req, "smallest get", creds).await?;
         match phttp::decode::<Envelope<OneOrMany>>(resp, "smallest get")
             .await?
             .data
@@ -371,7 +359,7 @@ impl SmallestClient {
     ) -> Result<String, ProviderError> {
         let key = creds.require_api_key()?;
         let req = self.request(Method::POST, "/webhook", key).json(body);
-        let resp = self.send(req, "smallest create", creds).await?;
+        let resp = self.api.send(req, "smallest create", creds).await?;
         Ok(phttp::decode::<Envelope<String>>(resp, "smallest create")
             .await?
             .data)
@@ -387,7 +375,7 @@ impl SmallestClient {
         let req = self
             .request(Method::PATCH, &format!("/webhook/{id}"), key)
             .json(body);
-        self.send(req, "smallest update", creds).await.map(drop)
+        self.api.send(req, "smallest update", creds).await.map(drop)
     }
 
     async fn agent_subscriptions(
@@ -402,6 +390,7 @@ impl SmallestClient {
             key,
         );
         let resp = self
+            .api
             .send(req, "smallest agent subscriptions", creds)
             .await?;
         Ok(
@@ -432,7 +421,8 @@ impl SmallestClient {
                 key,
             )
             .json(&body);
-        self.send(req, "smallest subscribe agent", creds)
+        self.api
+            .send(req, "smallest subscribe agent", creds)
             .await
             .map(drop)
     }
@@ -467,7 +457,11 @@ impl SmallestClient {
             &format!("/agent/{agent}/webhook-subscriptions"),
             key,
         );
-        match self.send(req, "smallest unsubscribe agent", creds).await {
+        match self
+            .api
+            .send(req, "smallest unsubscribe agent", creds)
+            .await
+        {
             Ok(_) | Err(ProviderError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
@@ -483,7 +477,7 @@ impl SmallestClient {
         }
         let key = creds.require_api_key()?;
         let req = self.request(Method::DELETE, &format!("/webhook/{}", w.id), key);
-        match self.send(req, "smallest delete", creds).await {
+        match self.api.send(req, "smallest delete", creds).await {
             Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
