@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use reqwest::{Method, RequestBuilder};
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -84,13 +84,14 @@ pub struct AtlasClient {
 impl AtlasClient {
     pub fn new(endpoints: &ProviderEndpoints) -> Self {
         AtlasClient {
-            api: phttp::KeyedApi::new(endpoints, &endpoints.atlas_base, extract_error),
+            api: phttp::KeyedApi::new(
+                endpoints,
+                &endpoints.atlas_base,
+                |r, key| r.header("api-key", key),
+                extract_error,
+            ),
             list_path: endpoints.atlas_list_path.clone(),
         }
-    }
-
-    fn request(&self, method: Method, path: &str, key: &str) -> RequestBuilder {
-        self.api.request(method, path).header("api-key", key)
     }
 
     /// The campaign's subscriptions. The list call is an assumption: a 404, another
@@ -101,9 +102,9 @@ impl AtlasClient {
         creds: &Credentials,
         campaign_id: &str,
     ) -> Result<Vec<TriggerSubscription>, ProviderError> {
-        let key = creds.require_api_key()?;
         let req = self
-            .request(Method::GET, &self.list_path, key)
+            .api
+            .request(Method::GET, &self.list_path, creds)?
             .query(&[("campaignId", campaign_id)]);
         let cannot = |e: ProviderError| {
             ProviderError::CannotObserve(format!(
@@ -123,11 +124,16 @@ impl AtlasClient {
         creds: &Credentials,
         body: &TriggerRequest,
     ) -> Result<SubscribeResponse, ProviderError> {
-        let key = creds.require_api_key()?;
-        let req = self
-            .request(Method::POST, "/events-gateway/trigger/subscribe", key)
-            .json(body);
-        let resp = self.api.send(req, "atlas subscribe", creds).await?;
+        let resp = self
+            .api
+            .send_json(
+                Method::POST,
+                "/events-gateway/trigger/subscribe",
+                body,
+                "atlas subscribe",
+                creds,
+            )
+            .await?;
         phttp::decode(resp, "atlas subscribe").await
     }
 
@@ -137,14 +143,17 @@ impl AtlasClient {
         creds: &Credentials,
         body: &TriggerRequest,
     ) -> Result<(), ProviderError> {
-        let key = creds.require_api_key()?;
-        let req = self
-            .request(Method::DELETE, "/events-gateway/trigger/unsubscribe", key)
-            .json(body);
-        match self.api.send(req, "atlas unsubscribe", creds).await {
-            Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        phttp::removed(
+            self.api
+                .send_json(
+                    Method::DELETE,
+                    "/events-gateway/trigger/unsubscribe",
+                    body,
+                    "atlas unsubscribe",
+                    creds,
+                )
+                .await,
+        )
     }
 }
 

@@ -407,13 +407,10 @@ impl AtomicClient {
         id: &str,
     ) -> Result<(), ProviderError> {
         let path = format!("/v1/{}/webhook/{}", s.env, urlencode(id));
-        match self
-            .call(creds, s.org, Method::DELETE, &path, None, "atomic disable")
-            .await
-        {
-            Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        phttp::removed(
+            self.call(creds, s.org, Method::DELETE, &path, None, "atomic disable")
+                .await,
+        )
     }
 
     /// Asks Atomic to send a test event to the webhook.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use reqwest::{Method, RequestBuilder};
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use super::http as phttp;
@@ -243,21 +243,21 @@ fn observed(w: &Webhook, action: SyncAction) -> Observed {
 impl SmallestClient {
     pub fn new(endpoints: &ProviderEndpoints) -> Self {
         SmallestClient {
-            api: phttp::KeyedApi::new(endpoints, &endpoints.smallest_base, extract_error),
+            api: phttp::KeyedApi::new(
+                endpoints,
+                &endpoints.smallest_base,
+                |r, key| r.bearer_auth(key),
+                extract_error,
+            ),
             lists: Arc::default(),
         }
     }
 
-    fn request(&self, method: Method, path: &str, key: &str) -> RequestBuilder {
-        self.api.request(method, path).bearer_auth(key)
-    }
-
     async fn list(&self, creds: &Credentials) -> Result<Vec<Webhook>, ProviderError> {
-        let key = creds.require_api_key()?;
         let resp = self
             .api
             .send(
-                self.request(Method::GET, "/webhook", key),
+                self.api.request(Method::GET, "/webhook", creds)?,
                 "smallest list",
                 creds,
             )
@@ -288,9 +288,9 @@ impl SmallestClient {
 
     /// Get by id: always carries the signing secret.
     async fn get(&self, creds: &Credentials, id: &str) -> Result<Webhook, ProviderError> {
-        let key = creds.require_api_key()?;
         let req = self
-            .request(Method::GET, "/webhook", key)
+            .api
+            .request(Method::GET, "/webhook", creds)?
             .query(&[("webhookId", id)]);
         let resp = self.api.send(req, "smallest get", creds).await?;
         match phttp::decode::<Envelope<OneOrMany>>(resp, "smallest get")
@@ -357,9 +357,10 @@ impl SmallestClient {
         creds: &Credentials,
         body: &CreateWebhook,
     ) -> Result<String, ProviderError> {
-        let key = creds.require_api_key()?;
-        let req = self.request(Method::POST, "/webhook", key).json(body);
-        let resp = self.api.send(req, "smallest create", creds).await?;
+        let resp = self
+            .api
+            .send_json(Method::POST, "/webhook", body, "smallest create", creds)
+            .await?;
         Ok(phttp::decode::<Envelope<String>>(resp, "smallest create")
             .await?
             .data)
@@ -371,11 +372,16 @@ impl SmallestClient {
         id: &str,
         body: &PatchWebhook,
     ) -> Result<(), ProviderError> {
-        let key = creds.require_api_key()?;
-        let req = self
-            .request(Method::PATCH, &format!("/webhook/{id}"), key)
-            .json(body);
-        self.api.send(req, "smallest update", creds).await.map(drop)
+        self.api
+            .send_json(
+                Method::PATCH,
+                &format!("/webhook/{id}"),
+                body,
+                "smallest update",
+                creds,
+            )
+            .await
+            .map(drop)
     }
 
     async fn agent_subscriptions(
@@ -383,12 +389,11 @@ impl SmallestClient {
         creds: &Credentials,
         agent: &str,
     ) -> Result<Vec<Subscription>, ProviderError> {
-        let key = creds.require_api_key()?;
-        let req = self.request(
+        let req = self.api.request(
             Method::GET,
             &format!("/agent/{agent}/webhook-subscriptions"),
-            key,
-        );
+            creds,
+        )?;
         let resp = self
             .api
             .send(req, "smallest agent subscriptions", creds)
@@ -409,20 +414,18 @@ impl SmallestClient {
         webhook_id: &str,
         types: &BTreeSet<String>,
     ) -> Result<(), ProviderError> {
-        let key = creds.require_api_key()?;
         let body = AgentSubscriptions {
             webhook_id: webhook_id.to_string(),
             event_types: types.iter().cloned().collect(),
         };
-        let req = self
-            .request(
+        self.api
+            .send_json(
                 Method::POST,
                 &format!("/agent/{agent}/webhook-subscriptions"),
-                key,
+                &body,
+                "smallest subscribe agent",
+                creds,
             )
-            .json(&body);
-        self.api
-            .send(req, "smallest subscribe agent", creds)
             .await
             .map(drop)
     }
@@ -451,20 +454,16 @@ impl SmallestClient {
                 .or_default()
                 .insert(s.event_type.clone());
         }
-        let key = creds.require_api_key()?;
-        let req = self.request(
+        let req = self.api.request(
             Method::DELETE,
             &format!("/agent/{agent}/webhook-subscriptions"),
-            key,
-        );
-        match self
-            .api
-            .send(req, "smallest unsubscribe agent", creds)
-            .await
-        {
-            Ok(_) | Err(ProviderError::NotFound(_)) => {}
-            Err(e) => return Err(e),
-        }
+            creds,
+        )?;
+        phttp::removed(
+            self.api
+                .send(req, "smallest unsubscribe agent", creds)
+                .await,
+        )?;
         for (other, types) in &others {
             self.set_agent(creds, agent, other, types).await?;
         }
@@ -475,12 +474,10 @@ impl SmallestClient {
         for agent in subscribed(w).keys() {
             self.remove_from_agent(creds, agent, &w.id).await?;
         }
-        let key = creds.require_api_key()?;
-        let req = self.request(Method::DELETE, &format!("/webhook/{}", w.id), key);
-        match self.api.send(req, "smallest delete", creds).await {
-            Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        let req = self
+            .api
+            .request(Method::DELETE, &format!("/webhook/{}", w.id), creds)?;
+        phttp::removed(self.api.send(req, "smallest delete", creds).await)
     }
 }
 
