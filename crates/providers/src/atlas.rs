@@ -42,15 +42,12 @@ pub struct SubscribeResponse {
     pub trigger_name: String,
 }
 
-/// One element of the list answer.
+/// One element of the list answer: the subscribed tuple, with its id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct TriggerSubscription {
     pub id: String,
-    pub hook_url: String,
-    pub campaign_id: String,
-    pub trigger_name: String,
-    pub provider: String,
+    #[serde(flatten)]
+    pub trigger: TriggerRequest,
 }
 
 /// Atlas' error shape.
@@ -188,6 +185,7 @@ fn tuple(d: &DesiredSubscription, campaign: &str, trigger: &str) -> TriggerReque
 /// `t` under either URL form: per trigger, or the bare hook URL `bare` (registered by
 /// earlier versions, or by hand) which is adopted as it is.
 fn matches(s: &TriggerSubscription, t: &TriggerRequest, bare: &str) -> bool {
+    let s = &s.trigger;
     (s.hook_url == t.hook_url || s.hook_url == bare)
         && s.campaign_id == t.campaign_id
         && s.trigger_name == t.trigger_name
@@ -203,7 +201,7 @@ fn registered_forms(
         .iter()
         .filter(|s| matches(s, t, bare))
         .map(|s| TriggerRequest {
-            hook_url: s.hook_url.clone(),
+            hook_url: s.trigger.hook_url.clone(),
             ..t.clone()
         })
         .collect();
