@@ -1,8 +1,9 @@
-//! What every provider client and parser shares, and nothing of any one provider: which
-//! provider, the subscription wanted upstream and what was observed there, credentials,
-//! the error, and the management API's trait. A leaf: it imports no module of this crate,
-//! so the clients, the inbound contract and the crate's face all import it, never the
-//! other way round.
+//! What every provider client and parser shares: which provider, the subscription
+//! wanted upstream (its `Scope` per provider) and what was observed there, credentials,
+//! where the APIs are (`ProviderEndpoints`; its defaults are set in `lib.rs`), the error,
+//! and the management API's trait. A leaf: it imports no module of this crate, so the
+//! clients, the inbound contract and the crate's face all import it, never the other way
+//! round.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
