@@ -4,18 +4,18 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use reqwest::{Method, RequestBuilder, Response};
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::http::{self as phttp, USER_AGENT};
+use super::http as phttp;
 use super::inbound_util::require_json;
 use super::json_fields::{self, JsonObject};
-use super::{
+use crate::inbound::{InboundEvent, InboundRequest, MalformedEvent, Parsed, Rejection};
+use crate::model::{
     Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
     ProviderError, Scope, SyncAction, UpstreamState, classify,
 };
-use crate::inbound::{InboundEvent, InboundRequest, MalformedEvent, Parsed, Rejection};
 
 /// Where the list call is assumed to be (no Atlas document names it).
 pub const DEFAULT_LIST_PATH: &str = "/events-gateway/trigger/list";
@@ -42,15 +42,12 @@ pub struct SubscribeResponse {
     pub trigger_name: String,
 }
 
-/// One element of the list answer.
+/// One element of the list answer: the subscribed tuple, with its id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct TriggerSubscription {
     pub id: String,
-    pub hook_url: String,
-    pub campaign_id: String,
-    pub trigger_name: String,
-    pub provider: String,
+    #[serde(flatten)]
+    pub trigger: TriggerRequest,
 }
 
 /// Atlas' error shape.
@@ -77,33 +74,21 @@ fn extract_error(v: &serde_json::Value) -> Option<String> {
 }
 
 pub struct AtlasClient {
-    http: reqwest::Client,
-    base: String,
+    api: phttp::KeyedApi,
     list_path: String,
 }
 
 impl AtlasClient {
     pub fn new(endpoints: &ProviderEndpoints) -> Self {
         AtlasClient {
-            http: phttp::build_client(endpoints, USER_AGENT),
-            base: endpoints.atlas_base.trim_end_matches('/').to_string(),
+            api: phttp::KeyedApi::new(
+                endpoints,
+                &endpoints.atlas_base,
+                |r, key| r.header("api-key", key),
+                extract_error,
+            ),
             list_path: endpoints.atlas_list_path.clone(),
         }
-    }
-
-    fn request(&self, method: Method, path: &str, key: &str) -> RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base))
-            .header("api-key", key)
-    }
-
-    async fn send(
-        &self,
-        req: RequestBuilder,
-        what: &str,
-        creds: &Credentials,
-    ) -> Result<Response, ProviderError> {
-        phttp::send(req, what, creds, extract_error).await
     }
 
     /// The campaign's subscriptions. The list call is an assumption: a 404, another
@@ -114,9 +99,9 @@ impl AtlasClient {
         creds: &Credentials,
         campaign_id: &str,
     ) -> Result<Vec<TriggerSubscription>, ProviderError> {
-        let key = creds.require_api_key()?;
         let req = self
-            .request(Method::GET, &self.list_path, key)
+            .api
+            .request(Method::GET, &self.list_path, creds)?
             .query(&[("campaignId", campaign_id)]);
         let cannot = |e: ProviderError| {
             ProviderError::CannotObserve(format!(
@@ -124,7 +109,7 @@ impl AtlasClient {
                 self.list_path
             ))
         };
-        match self.send(req, "atlas list", creds).await {
+        match self.api.send(req, "atlas list", creds).await {
             Ok(resp) => phttp::decode(resp, "atlas list").await.map_err(cannot),
             Err(e @ (ProviderError::NotFound(_) | ProviderError::Invalid(_))) => Err(cannot(e)),
             Err(e) => Err(e),
@@ -136,11 +121,16 @@ impl AtlasClient {
         creds: &Credentials,
         body: &TriggerRequest,
     ) -> Result<SubscribeResponse, ProviderError> {
-        let key = creds.require_api_key()?;
-        let req = self
-            .request(Method::POST, "/events-gateway/trigger/subscribe", key)
-            .json(body);
-        let resp = self.send(req, "atlas subscribe", creds).await?;
+        let resp = self
+            .api
+            .send_json(
+                Method::POST,
+                "/events-gateway/trigger/subscribe",
+                body,
+                "atlas subscribe",
+                creds,
+            )
+            .await?;
         phttp::decode(resp, "atlas subscribe").await
     }
 
@@ -150,21 +140,24 @@ impl AtlasClient {
         creds: &Credentials,
         body: &TriggerRequest,
     ) -> Result<(), ProviderError> {
-        let key = creds.require_api_key()?;
-        let req = self
-            .request(Method::DELETE, "/events-gateway/trigger/unsubscribe", key)
-            .json(body);
-        match self.send(req, "atlas unsubscribe", creds).await {
-            Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        phttp::removed(
+            self.api
+                .send_json(
+                    Method::DELETE,
+                    "/events-gateway/trigger/unsubscribe",
+                    body,
+                    "atlas unsubscribe",
+                    creds,
+                )
+                .await,
+        )
     }
 }
 
 fn campaign_of(d: &DesiredSubscription) -> Result<&str, ProviderError> {
     match &d.scope {
         Scope::Atlas { campaign_id } if !campaign_id.is_empty() => Ok(campaign_id),
-        _ => Err(super::scope_mismatch(Provider::Atlas)),
+        _ => Err(crate::model::scope_mismatch(Provider::Atlas)),
     }
 }
 
@@ -192,6 +185,7 @@ fn tuple(d: &DesiredSubscription, campaign: &str, trigger: &str) -> TriggerReque
 /// `t` under either URL form: per trigger, or the bare hook URL `bare` (registered by
 /// earlier versions, or by hand) which is adopted as it is.
 fn matches(s: &TriggerSubscription, t: &TriggerRequest, bare: &str) -> bool {
+    let s = &s.trigger;
     (s.hook_url == t.hook_url || s.hook_url == bare)
         && s.campaign_id == t.campaign_id
         && s.trigger_name == t.trigger_name
@@ -207,7 +201,7 @@ fn registered_forms(
         .iter()
         .filter(|s| matches(s, t, bare))
         .map(|s| TriggerRequest {
-            hook_url: s.hook_url.clone(),
+            hook_url: s.trigger.hook_url.clone(),
             ..t.clone()
         })
         .collect();

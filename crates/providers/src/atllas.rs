@@ -8,11 +8,11 @@ use async_trait::async_trait;
 
 use super::inbound_util::{require_json, verify_header_secret};
 use super::json_fields::JsonObject;
-use super::{
+use crate::inbound::{InboundEvent, InboundRequest, Rejection, VerificationKeys};
+use crate::model::{
     Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderError, Scope,
     SyncAction, UpstreamState,
 };
-use crate::inbound::{InboundEvent, InboundRequest, Rejection, VerificationKeys};
 
 /// Event types Atllas sends: real deliveries and the response webhook / Test button.
 pub const EVENT_TYPES: [&str; 2] = ["call.finished", "call.completed"];
@@ -24,7 +24,7 @@ pub struct AtllasClient;
 
 fn manual(d: &DesiredSubscription) -> Result<Observed, ProviderError> {
     let Scope::Atllas { header_name } = &d.scope else {
-        return Err(super::scope_mismatch(Provider::Atllas));
+        return Err(crate::model::scope_mismatch(Provider::Atllas));
     };
     Ok(Observed {
         id: "manual".into(),

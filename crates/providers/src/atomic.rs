@@ -14,11 +14,11 @@ use serde_json::value::RawValue;
 use super::http::{self as phttp, USER_AGENT};
 use super::inbound_util::{require_json, verify_signature};
 use super::json_fields::{self, JsonObject};
-use super::{
+use crate::inbound::{InboundEvent, InboundRequest, Rejection, VerificationKeys};
+use crate::model::{
     AtomicMethod, Credentials, DesiredSubscription, Observed, Provider, ProviderApi,
     ProviderEndpoints, ProviderError, Scope, SyncAction, UpstreamState, classify, method_str,
 };
-use crate::inbound::{InboundEvent, InboundRequest, Rejection, VerificationKeys};
 
 /// Signature header of deliveries.
 pub const SIGNATURE_HEADER: &str = "x-atomic-signature";
@@ -45,25 +45,16 @@ pub struct CreateWebhook {
     pub method: Option<AtomicMethod>,
 }
 
-/// A webhook as Atomic returns it.
+/// A webhook as Atomic returns it: what was created, with its id, secret and dates.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct Webhook {
     pub id: String,
-    pub types: Vec<String>,
-    pub url: String,
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub spec: CreateWebhook,
     #[serde(default)]
     pub secret: Option<String>,
     pub created: String,
     pub updated: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub card_template_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub action_flow_config_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<AtomicMethod>,
     /// Disabled webhooks stay listed with `enabled: false` (assumption). `None`: the
     /// provider did not say, which is never read as enabled when adopting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,7 +65,7 @@ impl std::fmt::Debug for Webhook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Webhook")
             .field("id", &self.id)
-            .field("types", &self.types)
+            .field("types", &self.spec.types)
             .field("enabled", &self.enabled)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .finish_non_exhaustive()
@@ -180,7 +171,7 @@ fn scope_of(d: &DesiredSubscription) -> Result<AtomicScope<'_>, ProviderError> {
                 method: *method,
             })
         }
-        _ => Err(super::scope_mismatch(Provider::Atomic)),
+        _ => Err(crate::model::scope_mismatch(Provider::Atomic)),
     }
 }
 
@@ -189,15 +180,15 @@ fn scope_of(d: &DesiredSubscription) -> Result<AtomicScope<'_>, ProviderError> {
 /// `method`) are compared only when the provider returned them, so a provider that does
 /// not echo them never makes us replace a webhook (PROVIDERS.md).
 fn identical(w: &Webhook, d: &DesiredSubscription, s: &AtomicScope<'_>) -> bool {
-    let mut types = w.types.clone();
+    let mut types = w.spec.types.clone();
     types.sort();
     types.dedup();
     let same_if_returned = |got: Option<&str>, want: Option<&str>| got.is_none() || got == want;
-    w.url == d.hook_url
+    w.spec.url == d.hook_url
         && types == d.event_set()
-        && same_if_returned(w.card_template_id.as_deref(), s.card)
-        && same_if_returned(w.action_flow_config_id.as_deref(), s.flow)
-        && w.method.is_none_or(|m| m == s.method)
+        && same_if_returned(w.spec.card_template_id.as_deref(), s.card)
+        && same_if_returned(w.spec.action_flow_config_id.as_deref(), s.flow)
+        && w.spec.method.is_none_or(|m| m == s.method)
 }
 
 /// Worth keeping for `d` (the caller also drops what is known to be disabled): ours
@@ -208,7 +199,8 @@ fn keepable(w: &Webhook, d: &DesiredSubscription, s: &AtomicScope<'_>) -> bool {
 }
 
 fn owned_by(w: &Webhook, owner: &str) -> bool {
-    w.headers
+    w.spec
+        .headers
         .iter()
         .any(|(k, v)| k.eq_ignore_ascii_case(OWNER_HEADER) && v == owner)
 }
@@ -216,21 +208,21 @@ fn owned_by(w: &Webhook, owner: &str) -> bool {
 fn echo(w: &Webhook, s: &AtomicScope<'_>) -> BTreeMap<String, String> {
     let mut e = BTreeMap::from([
         ("webhookId".to_string(), w.id.clone()),
-        ("types".to_string(), w.types.join(",")),
+        ("types".to_string(), w.spec.types.join(",")),
         ("environmentId".to_string(), s.env.to_string()),
         ("updated".to_string(), w.updated.clone()),
     ]);
     // Assumed fields: echoed only when the provider returned them.
-    if let Some(m) = w.method {
+    if let Some(m) = w.spec.method {
         e.insert("method".into(), method_str(m).into());
     }
     if let Some(en) = w.enabled {
         e.insert("enabled".into(), en.to_string());
     }
-    if let Some(c) = &w.card_template_id {
+    if let Some(c) = &w.spec.card_template_id {
         e.insert("cardTemplateId".into(), c.clone());
     }
-    if let Some(f) = &w.action_flow_config_id {
+    if let Some(f) = &w.spec.action_flow_config_id {
         e.insert("actionFlowConfigId".into(), f.clone());
     }
     e
@@ -407,13 +399,10 @@ impl AtomicClient {
         id: &str,
     ) -> Result<(), ProviderError> {
         let path = format!("/v1/{}/webhook/{}", s.env, urlencode(id));
-        match self
-            .call(creds, s.org, Method::DELETE, &path, None, "atomic disable")
-            .await
-        {
-            Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        phttp::removed(
+            self.call(creds, s.org, Method::DELETE, &path, None, "atomic disable")
+                .await,
+        )
     }
 
     /// Asks Atomic to send a test event to the webhook.
@@ -602,7 +591,7 @@ impl ProviderApi for AtomicClient {
             .list(creds, &s)
             .await?
             .into_iter()
-            .filter(|w| w.url == desired.hook_url && self.may_be_enabled(w))
+            .filter(|w| w.spec.url == desired.hook_url && self.may_be_enabled(w))
             .collect();
         live.sort_by(|a, b| b.created.cmp(&a.created));
         Ok(live

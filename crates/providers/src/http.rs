@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use reqwest::{Response, StatusCode};
+use reqwest::{RequestBuilder, Response, StatusCode};
 
-use super::{Credentials, ProviderEndpoints, ProviderError};
+use crate::model::{Credentials, ProviderEndpoints, ProviderError};
 
 /// Installs rustls' ring provider once per process. reqwest is built with
 /// `rustls-no-provider`, so a client cannot be built before this ran; a second install
@@ -101,6 +101,76 @@ pub(crate) async fn send(
         Ok(resp)
     } else {
         Err(error_from_response(resp, what, creds, &[], extract).await)
+    }
+}
+
+/// A provider's API at one base URL whose credential is the api key in one header (no
+/// token to refresh): builds requests under the base with the key, and sends them,
+/// reading an error answer with the provider's own `extract`.
+#[derive(Clone)]
+pub(crate) struct KeyedApi {
+    http: reqwest::Client,
+    base: String,
+    /// Puts the api key on a request, the provider's way.
+    authorize: fn(RequestBuilder, &str) -> RequestBuilder,
+    extract: fn(&serde_json::Value) -> Option<String>,
+}
+
+impl KeyedApi {
+    pub(crate) fn new(
+        endpoints: &ProviderEndpoints,
+        base: &str,
+        authorize: fn(RequestBuilder, &str) -> RequestBuilder,
+        extract: fn(&serde_json::Value) -> Option<String>,
+    ) -> Self {
+        KeyedApi {
+            http: build_client(endpoints, USER_AGENT),
+            base: base.trim_end_matches('/').to_string(),
+            authorize,
+            extract,
+        }
+    }
+
+    /// A request to `path` under the base, carrying the api key; `Invalid` without one.
+    pub(crate) fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        creds: &Credentials,
+    ) -> Result<RequestBuilder, ProviderError> {
+        let key = creds.require_api_key()?;
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        Ok((self.authorize)(req, key))
+    }
+
+    /// Sends `body` as JSON to `path` with the api key.
+    pub(crate) async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &impl serde::Serialize,
+        what: &str,
+        creds: &Credentials,
+    ) -> Result<Response, ProviderError> {
+        let req = self.request(method, path, creds)?.json(body);
+        self.send(req, what, creds).await
+    }
+
+    pub(crate) async fn send(
+        &self,
+        req: RequestBuilder,
+        what: &str,
+        creds: &Credentials,
+    ) -> Result<Response, ProviderError> {
+        send(req, what, creds, self.extract).await
+    }
+}
+
+/// The answer to a removal: `NotFound` upstream counts as done (it is already gone).
+pub(crate) fn removed<T>(answer: Result<T, ProviderError>) -> Result<(), ProviderError> {
+    match answer {
+        Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

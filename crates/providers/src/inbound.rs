@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use crate::Provider;
+use crate::model::Provider;
 
 /// How a signature's bytes are written in its header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -15,7 +15,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use sha2::{Digest, Sha256};
 
-use super::ProviderError;
+use crate::model::ProviderError;
 
 type Round<T> = Shared<BoxFuture<'static, Result<Arc<T>, ProviderError>>>;
 

@@ -6,19 +6,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use reqwest::{Method, RequestBuilder, Response};
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
-use super::http::{self as phttp, USER_AGENT};
+use super::http as phttp;
 use super::inbound_util::{require_json, verify_signature};
 use super::json_fields::JsonObject;
 use super::list_rounds::ListRounds;
-use super::{
-    Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
-    ProviderError, Scope, SyncAction, UpstreamState, classify,
-};
 use crate::inbound::{
     InboundEvent, InboundRequest, Rejection, SignatureEncoding, VerificationKeys,
+};
+use crate::model::{
+    Credentials, DesiredSubscription, Observed, Provider, ProviderApi, ProviderEndpoints,
+    ProviderError, Scope, SyncAction, UpstreamState, classify,
 };
 
 pub const SIGNATURE_HEADER: &str = "x-signature";
@@ -172,8 +172,7 @@ pub fn description_for(owner: &str) -> String {
 
 #[derive(Clone)]
 pub struct SmallestClient {
-    http: reqwest::Client,
-    base: String,
+    api: phttp::KeyedApi,
     /// `GET /webhook` lists the whole account: concurrent passes share one list.
     lists: Arc<ListRounds<Vec<Webhook>>>,
 }
@@ -193,7 +192,7 @@ fn scope_agents(d: &DesiredSubscription) -> Result<Vec<String>, ProviderError> {
             Ok(set.into_iter().collect())
         }
         Scope::Smallest { .. } => Err(ProviderError::Invalid("no agent ids".into())),
-        _ => Err(super::scope_mismatch(Provider::Smallest)),
+        _ => Err(crate::model::scope_mismatch(Provider::Smallest)),
     }
 }
 
@@ -244,32 +243,21 @@ fn observed(w: &Webhook, action: SyncAction) -> Observed {
 impl SmallestClient {
     pub fn new(endpoints: &ProviderEndpoints) -> Self {
         SmallestClient {
-            http: phttp::build_client(endpoints, USER_AGENT),
-            base: endpoints.smallest_base.trim_end_matches('/').to_string(),
+            api: phttp::KeyedApi::new(
+                endpoints,
+                &endpoints.smallest_base,
+                |r, key| r.bearer_auth(key),
+                extract_error,
+            ),
             lists: Arc::default(),
         }
     }
 
-    fn request(&self, method: Method, path: &str, key: &str) -> RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(key)
-    }
-
-    async fn send(
-        &self,
-        req: RequestBuilder,
-        what: &str,
-        creds: &Credentials,
-    ) -> Result<Response, ProviderError> {
-        phttp::send(req, what, creds, extract_error).await
-    }
-
     async fn list(&self, creds: &Credentials) -> Result<Vec<Webhook>, ProviderError> {
-        let key = creds.require_api_key()?;
         let resp = self
+            .api
             .send(
-                self.request(Method::GET, "/webhook", key),
+                self.api.request(Method::GET, "/webhook", creds)?,
                 "smallest list",
                 creds,
             )
@@ -300,11 +288,11 @@ impl SmallestClient {
 
     /// Get by id: always carries the signing secret.
     async fn get(&self, creds: &Credentials, id: &str) -> Result<Webhook, ProviderError> {
-        let key = creds.require_api_key()?;
         let req = self
-            .request(Method::GET, "/webhook", key)
+            .api
+            .request(Method::GET, "/webhook", creds)?
             .query(&[("webhookId", id)]);
-        let resp = self.send(req, "smallest get", creds).await?;
+        let resp = self.api.send(req, "smallest get", creds).await?;
         match phttp::decode::<Envelope<OneOrMany>>(resp, "smallest get")
             .await?
             .data
@@ -369,9 +357,10 @@ impl SmallestClient {
         creds: &Credentials,
         body: &CreateWebhook,
     ) -> Result<String, ProviderError> {
-        let key = creds.require_api_key()?;
-        let req = self.request(Method::POST, "/webhook", key).json(body);
-        let resp = self.send(req, "smallest create", creds).await?;
+        let resp = self
+            .api
+            .send_json(Method::POST, "/webhook", body, "smallest create", creds)
+            .await?;
         Ok(phttp::decode::<Envelope<String>>(resp, "smallest create")
             .await?
             .data)
@@ -383,11 +372,16 @@ impl SmallestClient {
         id: &str,
         body: &PatchWebhook,
     ) -> Result<(), ProviderError> {
-        let key = creds.require_api_key()?;
-        let req = self
-            .request(Method::PATCH, &format!("/webhook/{id}"), key)
-            .json(body);
-        self.send(req, "smallest update", creds).await.map(drop)
+        self.api
+            .send_json(
+                Method::PATCH,
+                &format!("/webhook/{id}"),
+                body,
+                "smallest update",
+                creds,
+            )
+            .await
+            .map(drop)
     }
 
     async fn agent_subscriptions(
@@ -395,13 +389,13 @@ impl SmallestClient {
         creds: &Credentials,
         agent: &str,
     ) -> Result<Vec<Subscription>, ProviderError> {
-        let key = creds.require_api_key()?;
-        let req = self.request(
+        let req = self.api.request(
             Method::GET,
             &format!("/agent/{agent}/webhook-subscriptions"),
-            key,
-        );
+            creds,
+        )?;
         let resp = self
+            .api
             .send(req, "smallest agent subscriptions", creds)
             .await?;
         Ok(
@@ -420,19 +414,18 @@ impl SmallestClient {
         webhook_id: &str,
         types: &BTreeSet<String>,
     ) -> Result<(), ProviderError> {
-        let key = creds.require_api_key()?;
         let body = AgentSubscriptions {
             webhook_id: webhook_id.to_string(),
             event_types: types.iter().cloned().collect(),
         };
-        let req = self
-            .request(
+        self.api
+            .send_json(
                 Method::POST,
                 &format!("/agent/{agent}/webhook-subscriptions"),
-                key,
+                &body,
+                "smallest subscribe agent",
+                creds,
             )
-            .json(&body);
-        self.send(req, "smallest subscribe agent", creds)
             .await
             .map(drop)
     }
@@ -461,16 +454,16 @@ impl SmallestClient {
                 .or_default()
                 .insert(s.event_type.clone());
         }
-        let key = creds.require_api_key()?;
-        let req = self.request(
+        let req = self.api.request(
             Method::DELETE,
             &format!("/agent/{agent}/webhook-subscriptions"),
-            key,
-        );
-        match self.send(req, "smallest unsubscribe agent", creds).await {
-            Ok(_) | Err(ProviderError::NotFound(_)) => {}
-            Err(e) => return Err(e),
-        }
+            creds,
+        )?;
+        phttp::removed(
+            self.api
+                .send(req, "smallest unsubscribe agent", creds)
+                .await,
+        )?;
         for (other, types) in &others {
             self.set_agent(creds, agent, other, types).await?;
         }
@@ -481,12 +474,10 @@ impl SmallestClient {
         for agent in subscribed(w).keys() {
             self.remove_from_agent(creds, agent, &w.id).await?;
         }
-        let key = creds.require_api_key()?;
-        let req = self.request(Method::DELETE, &format!("/webhook/{}", w.id), key);
-        match self.send(req, "smallest delete", creds).await {
-            Ok(_) | Err(ProviderError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        let req = self
+            .api
+            .request(Method::DELETE, &format!("/webhook/{}", w.id), creds)?;
+        phttp::removed(self.api.send(req, "smallest delete", creds).await)
     }
 }
 

@@ -71,7 +71,7 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
         .route_layer(from_fn_with_state(state.clone(), require_token))
         .route("/atomic/{org}/auth/token", post(token))
         .route_layer(axum::middleware::from_fn_with_state(
-            (state, Provider::Atomic, error as ErrorShape),
+            (state.control.clone(), Provider::Atomic, error as ErrorShape),
             faults_layer,
         ))
 }

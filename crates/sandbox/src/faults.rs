@@ -2,8 +2,8 @@
 //! management calls and applies them, and what firing an event returns. A leaf: the
 //! simulators and `/_control/` both use it, and it uses neither.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -12,7 +12,6 @@ use axum::middleware::Next;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::wire::Provider;
 
 /// Faults injected into one provider's API (token endpoint included). Ratios are the
@@ -59,7 +58,7 @@ pub(crate) type ErrorShape = fn(StatusCode, &str) -> Response;
 
 /// Counts the call, then applies the provider's faults, answering in `error`'s shape.
 pub(crate) async fn faults_layer(
-    State((state, provider, error)): State<(AppState, Provider, ErrorShape)>,
+    State((counters, provider, error)): State<(Arc<Counters>, Provider, ErrorShape)>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -67,15 +66,14 @@ pub(crate) async fn faults_layer(
         return next.run(req).await;
     };
     if req.uri().path().ends_with("/auth/token") {
-        state.control.token.fetch_add(1, Ordering::SeqCst);
+        counters.token.fetch_add(1, Ordering::SeqCst);
     } else {
-        state.control.management[i].fetch_add(1, Ordering::SeqCst);
+        counters.management[i].fetch_add(1, Ordering::SeqCst);
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
-            state.control.writes[i].fetch_add(1, Ordering::SeqCst);
+            counters.writes[i].fetch_add(1, Ordering::SeqCst);
         }
     }
-    let f = state
-        .control
+    let f = counters
         .faults
         .lock()
         .expect("faults")

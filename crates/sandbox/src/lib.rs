@@ -152,7 +152,7 @@ pub(crate) struct Shared {
     pub(crate) atlas: Mutex<atlas::Store>,
     pub(crate) atomic: Mutex<atomic::Store>,
     pub(crate) smallest: Mutex<smallest::Store>,
-    pub(crate) control: faults::Counters,
+    pub(crate) control: Arc<faults::Counters>,
     /// Client for simulated deliveries.
     pub(crate) http: reqwest::Client,
 }
@@ -208,7 +208,7 @@ pub async fn serve(listener: TcpListener, config: SandboxConfig) -> anyhow::Resu
         atlas: Mutex::default(),
         atomic: Mutex::default(),
         smallest: Mutex::default(),
-        control: faults::Counters::default(),
+        control: Arc::default(),
         http,
     });
     let addr = listener.local_addr()?;
@@ -254,7 +254,7 @@ pub(crate) fn guarded(
     routes
         .route_layer(from_fn_with_state((state.clone(), authorize), auth_layer))
         .route_layer(from_fn_with_state(
-            (state, provider, error),
+            (state.control.clone(), provider, error),
             faults::faults_layer,
         ))
 }
