@@ -122,7 +122,7 @@ pub struct EndpointConfig {
     /// `spec.filter`, compiled.
     pub filter: Option<Filter>,
     /// `spec.dedupe`, compiled: the key that replaces the provider's id at ingress.
-    pub dedupe: Option<crate::ingress::DedupeKey>,
+    pub dedupe: Option<crate::ingress::dedupe::DedupeKey>,
     /// `spec.destination.tls`, Secrets resolved; `None`: the platform's trust store and
     /// no client certificate.
     pub tls: Option<DestinationTls>,

@@ -137,35 +137,9 @@ async fn hook(
         query: parts.uri.query(),
         body: &body,
     };
-    let parsed = match ing.parser.parse(sub.provider, &sub.keys, &inbound) {
+    let parsed = match parse_verified(&ing, &route, &sub, &subscription, &inbound).await {
         Ok(parsed) => parsed,
-        Err(rejection)
-            if rejection.is_signature_failure() && ing.key_fetch.applies(sub.provider) =>
-        {
-            // The provider may sign with a secret the route does not hold yet: fetch it
-            // (bounded) and verify again before answering.
-            let again = ing
-                .key_fetch
-                .verify_again(
-                    &sub.fetch,
-                    &ing.metrics,
-                    key_fetch::Subject {
-                        provider: sub.provider,
-                        endpoint: &route.key,
-                        subscription: &subscription,
-                    },
-                    &sub.keys,
-                    |keys| ing.parser.parse(sub.provider, keys, &inbound),
-                )
-                .await;
-            match again.unwrap_or(Err(rejection)) {
-                Ok(parsed) => parsed,
-                Err(rejection) => {
-                    return rejected(&ing, &route, &sub, &subscription, &rejection);
-                }
-            }
-        }
-        Err(rejection) => return rejected(&ing, &route, &sub, &subscription, &rejection),
+        Err(refused) => return refused,
     };
     let now = SystemTime::now();
     let (span, traceparent) = receive_span(&ing, started, &parts.headers);
@@ -197,6 +171,43 @@ async fn hook(
         malformed,
     )
     .await
+}
+
+/// The provider's parser's reading of the request, verified with the route's keys; on a
+/// signature failure of a provider that issues its own secret, verified again after one
+/// bounded fetch of the current secret (the provider may sign with a secret the route
+/// does not hold yet). `Err` is the answer to a request still refused.
+async fn parse_verified(
+    ing: &Ingress,
+    route: &EndpointRoute,
+    sub: &SubscriptionEntry,
+    subscription: &str,
+    inbound: &InboundRequest<'_>,
+) -> Result<webhook_providers::inbound::Parsed, Response> {
+    let rejection = match ing.parser.parse(sub.provider, &sub.keys, inbound) {
+        Ok(parsed) => return Ok(parsed),
+        Err(rejection) => rejection,
+    };
+    if !(rejection.is_signature_failure() && ing.key_fetch.applies(sub.provider)) {
+        return Err(rejected(ing, route, sub, subscription, &rejection));
+    }
+    let again = ing
+        .key_fetch
+        .verify_again(
+            &sub.fetch,
+            &ing.metrics,
+            key_fetch::Subject {
+                provider: sub.provider,
+                endpoint: &route.key,
+                subscription,
+            },
+            &sub.keys,
+            |keys| ing.parser.parse(sub.provider, keys, inbound),
+        )
+        .await;
+    again
+        .unwrap_or(Err(rejection))
+        .map_err(|rejection| rejected(ing, route, sub, subscription, &rejection))
 }
 
 /// Answers a request the provider's parser refused, counting a signature failure.
